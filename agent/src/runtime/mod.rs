@@ -1,0 +1,114 @@
+//! Runtimes start one instance of an attempt and see it to its end: output
+//! streamed as it comes, cancel and timeout obeyed (SIGTERM, a grace period, then
+//! SIGKILL of the whole tree), and an outcome at the end.
+
+mod process;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+
+pub use process::ProcessRuntime;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    pub attempt_id: String,
+    pub instance: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub slot: Slot,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    pub timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+/// Why an instance is being stopped before it ends on its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Cancel(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    /// completed | failed | canceled | timed_out
+    pub outcome: &'static str,
+    pub message: String,
+}
+
+impl Outcome {
+    pub fn failed(message: impl Into<String>) -> Self {
+        Outcome {
+            exit_code: None,
+            outcome: "failed",
+            message: message.into(),
+        }
+    }
+
+    pub fn to_wire(&self) -> pb::Exited {
+        pb::Exited {
+            exit_code: self.exit_code,
+            outcome: self.outcome.to_string(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// Where a runtime sends what happens (it ends up on the agent's session).
+#[derive(Clone)]
+pub struct EventSink {
+    pub slot: Slot,
+    pub tx: mpsc::UnboundedSender<pb::AgentMessage>,
+}
+
+impl EventSink {
+    pub fn started(&self, pid: u32) {
+        self.event(pb::attempt_event::Kind::Started(pb::Started { pid }));
+    }
+
+    pub fn exited(&self, outcome: &Outcome) {
+        self.event(pb::attempt_event::Kind::Exited(outcome.to_wire()));
+    }
+
+    fn event(&self, kind: pb::attempt_event::Kind) {
+        let event = pb::AttemptEvent {
+            attempt_id: self.slot.attempt_id.clone(),
+            instance: self.slot.instance,
+            kind: Some(kind),
+        };
+        let _ = self.tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Event(event)),
+        });
+    }
+
+    pub fn log(&self, stream: &str, data: Vec<u8>) {
+        let log = pb::LogUp {
+            attempt_id: self.slot.attempt_id.clone(),
+            instance: self.slot.instance,
+            stream: stream.to_string(),
+            data,
+        };
+        let _ = self.tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Log(log)),
+        });
+    }
+}
+
+pub type RunFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+pub trait Runtime: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Runs the instance to its end. `stop` turning `Some` asks it to stop early.
+    fn run(&self, spec: RunSpec, sink: EventSink, stop: watch::Receiver<Option<Stop>>)
+    -> RunFuture;
+}

@@ -1,0 +1,275 @@
+//! The `process` runtime: the job's command as a child process in a process group
+//! of its own, so cancel and timeout reach every process it started.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{EventSink, Outcome, RunFuture, RunSpec, Runtime, Stop};
+
+#[derive(Clone, Debug, Default)]
+pub struct ProcessRuntime;
+
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn run(
+        &self,
+        spec: RunSpec,
+        sink: EventSink,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> RunFuture {
+        Box::pin(run(spec, sink, stop))
+    }
+}
+
+fn signal_group(pid: Pid, signal: Signal) {
+    // ESRCH: the whole group is gone already.
+    let _ = killpg(pid, signal);
+}
+
+async fn pump(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    stream: &'static str,
+    sink: EventSink,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => sink.log(stream, buffer[..n].to_vec()),
+        }
+    }
+}
+
+async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<Stop>>) -> Outcome {
+    let Some(program) = spec.argv.first() else {
+        return Outcome::failed("the job has an empty command");
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(&spec.argv[1..])
+        .envs(&spec.env)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "cannot start `{program}`: not found (is it installed on the node and on PATH?)"
+                )
+            } else {
+                format!("cannot start `{program}`: {e}")
+            };
+            return Outcome {
+                exit_code: Some(127),
+                outcome: "failed",
+                message: why,
+            };
+        }
+    };
+    let Some(pid) = child.id() else {
+        return Outcome::failed("the process ended before it could be watched");
+    };
+    let group = Pid::from_raw(pid as i32);
+    sink.started(pid);
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(tokio::spawn(pump(out, "stdout", sink.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(tokio::spawn(pump(err, "stderr", sink.clone())));
+    }
+
+    let timeout = async {
+        match spec.timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop_asked = async {
+        loop {
+            if let Some(reason) = stop.borrow_and_update().clone() {
+                return reason;
+            }
+            if stop.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
+    enum End {
+        Exited(std::io::Result<std::process::ExitStatus>),
+        TimedOut,
+        Stopped(Stop),
+    }
+    let end = tokio::select! {
+        status = child.wait() => End::Exited(status),
+        _ = timeout => End::TimedOut,
+        reason = stop_asked => End::Stopped(reason),
+    };
+    let (status, outcome, message) = match end {
+        End::Exited(status) => (status, None, String::new()),
+        other => {
+            signal_group(group, Signal::SIGTERM);
+            let status = match tokio::time::timeout(spec.stop_grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    warn!(attempt = %spec.slot.attempt_id, "still running after the grace period; killing");
+                    signal_group(group, Signal::SIGKILL);
+                    child.wait().await
+                }
+            };
+            match other {
+                End::TimedOut => {
+                    let limit = spec.timeout.unwrap_or_default().as_secs();
+                    (
+                        status,
+                        Some("timed_out"),
+                        format!("ran past its {limit} s timeout"),
+                    )
+                }
+                End::Stopped(Stop::Cancel(reason)) => (status, Some("canceled"), reason),
+                End::Exited(_) => unreachable!("handled above"),
+            }
+        }
+    };
+    // Whatever the command left behind in its group goes with it.
+    signal_group(group, Signal::SIGKILL);
+    for pump in pumps {
+        // A process that escaped the group may hold the pipe open: do not wait forever.
+        if tokio::time::timeout(Duration::from_secs(2), pump)
+            .await
+            .is_err()
+        {
+            debug!(attempt = %spec.slot.attempt_id, "output still open after exit; stopped reading");
+        }
+    }
+    let exit_code = match &status {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status.code().or_else(|| status.signal().map(|s| 128 + s))
+        }
+        Err(_) => None,
+    };
+    let outcome = outcome.unwrap_or(if exit_code == Some(0) {
+        "completed"
+    } else {
+        "failed"
+    });
+    let message = match (&status, message.is_empty()) {
+        (Err(e), _) => format!("could not wait for the process: {e}"),
+        (Ok(status), true) if outcome == "failed" => format!("exited with {status}"),
+        _ => message,
+    };
+    Outcome {
+        exit_code,
+        outcome,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Slot;
+    use shoal_proto::v1 as pb;
+    use std::collections::BTreeMap;
+    use tokio::sync::mpsc;
+
+    fn spec(script: &str, timeout: Option<Duration>) -> RunSpec {
+        RunSpec {
+            slot: Slot {
+                attempt_id: "job-1.1".into(),
+                instance: 0,
+            },
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::from([("GREETING".to_string(), "hello".to_string())]),
+            cwd: std::env::temp_dir(),
+            timeout,
+            stop_grace: Duration::from_millis(500),
+        }
+    }
+
+    fn sink() -> (EventSink, mpsc::UnboundedReceiver<pb::AgentMessage>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slot = Slot {
+            attempt_id: "job-1.1".into(),
+            instance: 0,
+        };
+        (EventSink { slot, tx }, rx)
+    }
+
+    fn output(rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>) -> String {
+        let mut text = Vec::new();
+        while let Ok(message) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Log(log)) = message.msg {
+                text.extend(log.data);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    #[tokio::test]
+    async fn runs_with_env_and_reports_the_exit_code() {
+        let (sink, mut rx) = sink();
+        let (_stop_tx, stop) = watch::channel(None);
+        let outcome = run(spec("echo $GREETING; exit 3", None), sink, stop).await;
+        assert_eq!(outcome.exit_code, Some(3));
+        assert_eq!(outcome.outcome, "failed");
+        assert_eq!(output(&mut rx), "hello\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_tree() {
+        let (sink, _rx) = sink();
+        let (_stop_tx, stop) = watch::channel(None);
+        let marker = std::env::temp_dir().join(format!("shoal-tree-{}", std::process::id()));
+        let script = format!("(sleep 30; touch {}) & sleep 30", marker.display());
+        let outcome = run(spec(&script, Some(Duration::from_millis(300))), sink, stop).await;
+        assert_eq!(outcome.outcome, "timed_out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!marker.exists());
+        let leftover = std::process::Command::new("pgrep")
+            .args(["-f", &format!("touch {}", marker.display())])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(!leftover, "a background child survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn cancel_escalates_to_sigkill_after_the_grace_period() {
+        let (sink, _rx) = sink();
+        let (stop_tx, stop) = watch::channel(None);
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(run(spec("trap '' TERM; sleep 30", None), sink, stop));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop_tx.send_replace(Some(Stop::Cancel("test".into())));
+        let outcome = task.await.expect("joined");
+        assert_eq!(outcome.outcome, "canceled");
+        assert_eq!(outcome.exit_code, Some(128 + 9));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_clear_failure() {
+        let (sink, _rx) = sink();
+        let (_stop_tx, stop) = watch::channel(None);
+        let mut missing = spec("", None);
+        missing.argv = vec!["definitely-not-a-program-xyz".into()];
+        let outcome = run(missing, sink, stop).await;
+        assert_eq!(outcome.exit_code, Some(127));
+        assert!(outcome.message.contains("not found"), "{}", outcome.message);
+    }
+}

@@ -1,0 +1,415 @@
+//! The agent's session loop and the life of each launched instance.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_proto::PROTOCOL_VERSION;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::agent_client::AgentClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
+use crate::telemetry::{self, Telemetry};
+use crate::{AgentConfig, AgentError, archive};
+
+/// How long an exit is remembered for re-registration, in case it was never delivered.
+const EXIT_MEMORY: Duration = Duration::from_secs(300);
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+struct Entry {
+    stop: watch::Sender<Option<Stop>>,
+    exited: Option<(pb::Exited, Instant)>,
+}
+
+#[derive(Clone)]
+struct Agent {
+    config: Arc<AgentConfig>,
+    client: AgentClient<Channel>,
+    runtime: Arc<dyn Runtime>,
+    attempts: Arc<Mutex<HashMap<Slot, Entry>>>,
+    events: mpsc::UnboundedSender<pb::AgentMessage>,
+    telemetry: Telemetry,
+    cores: u32,
+    memory_bytes: u64,
+    hostname: String,
+}
+
+enum SessionEnd {
+    /// Told to stop (by the coordinator or a signal); the work is stopped.
+    Stopped(String),
+    Rejected(String),
+    Lost(String),
+}
+
+/// Runs the agent until it is told to stop, `shutdown` resolves, or it gives up.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(config.work_dir.join("attempts"))
+        .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
+    let endpoint = Endpoint::from_shared(config.endpoint.clone())
+        .map_err(|e| AgentError::Endpoint(config.endpoint.clone(), e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let client = AgentClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (default_cores, default_memory) = telemetry::capacity();
+    let (events, mut events_rx) = mpsc::unbounded_channel();
+    let agent = Agent {
+        cores: config.cores.unwrap_or(default_cores),
+        memory_bytes: config.memory_bytes.unwrap_or(default_memory),
+        hostname: telemetry::hostname(),
+        config: Arc::new(config),
+        client,
+        runtime: Arc::new(ProcessRuntime),
+        attempts: Arc::default(),
+        events,
+        telemetry: Telemetry::start(Duration::from_secs(2)),
+    };
+    info!(node = %agent.config.node_id, endpoint = %agent.config.endpoint, cores = agent.cores, "agent starting");
+
+    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send + '_>> = Box::pin(shutdown);
+    let mut backoff = Duration::from_millis(50);
+    let mut last_contact = Instant::now();
+    loop {
+        let (end, registered) = agent.session(&mut events_rx, &mut shutdown).await;
+        if registered {
+            last_contact = Instant::now();
+            backoff = Duration::from_millis(50);
+        }
+        match end {
+            SessionEnd::Stopped(reason) => {
+                info!(%reason, "agent stopped");
+                return Ok(());
+            }
+            SessionEnd::Rejected(reason) => {
+                agent.stop_all("the coordinator refused this agent").await;
+                return Err(AgentError::Rejected(reason));
+            }
+            SessionEnd::Lost(why) => {
+                if last_contact.elapsed() > agent.config.give_up_after {
+                    agent.stop_all("the coordinator is gone").await;
+                    return Err(AgentError::CoordinatorLost {
+                        endpoint: agent.config.endpoint.clone(),
+                        seconds: agent.config.give_up_after.as_secs(),
+                        last: why,
+                    });
+                }
+                debug!(%why, retry_in = ?backoff, "session lost; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown => {
+                        agent.stop_all("the agent is stopping").await;
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn register_message(&self) -> pb::AgentMessage {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        attempts.retain(|_, e| {
+            e.exited
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() < EXIT_MEMORY)
+        });
+        let reports = attempts
+            .iter()
+            .map(|(slot, entry)| pb::AttemptReport {
+                attempt_id: slot.attempt_id.clone(),
+                instance: slot.instance,
+                exited: entry.exited.as_ref().map(|(e, _)| e.clone()),
+            })
+            .collect();
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: self.config.node_id.clone(),
+                cluster: self.config.cluster.clone(),
+                cores: self.cores,
+                memory_bytes: self.memory_bytes,
+                runtimes: vec![self.runtime.name().to_string()],
+                attempts: reports,
+                hostname: self.hostname.clone(),
+                pid: std::process::id(),
+            })),
+        }
+    }
+
+    fn heartbeat(&self) -> pb::AgentMessage {
+        let sample = self.telemetry.latest();
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                cpu_percent: sample.cpu_percent,
+                memory_used_bytes: sample.memory_used_bytes,
+                memory_total_bytes: sample.memory_total_bytes,
+            })),
+        }
+    }
+
+    /// One session; returns how it ended and whether it got as far as registering.
+    async fn session(
+        &self,
+        events_rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
+        shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send + '_>>,
+    ) -> (SessionEnd, bool) {
+        use pb::coordinator_message::Msg;
+        let (out_tx, out_rx) = mpsc::channel(4096);
+        let _ = out_tx.send(self.register_message()).await;
+        let mut client = self.client.clone();
+        let response = tokio::select! {
+            response = client.session(ReceiverStream::new(out_rx)) => response,
+            _ = shutdown.as_mut() => {
+                self.stop_all("the agent is stopping").await;
+                return (SessionEnd::Stopped("signal".into()), false);
+            }
+        };
+        let mut inbound = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let end = match status.code() {
+                    tonic::Code::NotFound
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument => {
+                        SessionEnd::Rejected(status.message().to_string())
+                    }
+                    _ => SessionEnd::Lost(status.to_string()),
+                };
+                return (end, false);
+            }
+        };
+        info!(node = %self.config.node_id, "registered");
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+        let mut stopping: Option<(String, Instant)> = None;
+        let mut check = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) => return (SessionEnd::Lost("the coordinator closed the session".into()), true),
+                        Err(status) => return (SessionEnd::Lost(status.to_string()), true),
+                    };
+                    match message.msg {
+                        Some(Msg::Registered(registered)) => {
+                            let period = Duration::from_millis(registered.heartbeat_interval_ms.max(200));
+                            heartbeat = tokio::time::interval(period);
+                        }
+                        Some(Msg::Launch(launch)) => self.launch(launch),
+                        Some(Msg::Cancel(cancel)) => {
+                            let slot = Slot { attempt_id: cancel.attempt_id, instance: cancel.instance };
+                            self.cancel(&slot, &cancel.reason);
+                        }
+                        Some(Msg::Shutdown(shutdown)) => {
+                            info!(reason = %shutdown.reason, "coordinator asked this agent to stop");
+                            self.cancel_all(&shutdown.reason);
+                            stopping.get_or_insert((shutdown.reason, Instant::now()));
+                        }
+                        None => {}
+                    }
+                }
+                Some(event) = events_rx.recv() => {
+                    if out_tx.send(event).await.is_err() {
+                        return (SessionEnd::Lost("the session's stream closed".into()), true);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if out_tx.send(self.heartbeat()).await.is_err() {
+                        return (SessionEnd::Lost("the session's stream closed".into()), true);
+                    }
+                }
+                _ = shutdown.as_mut(), if stopping.is_none() => {
+                    info!("stopping on signal");
+                    self.cancel_all("the agent is stopping");
+                    stopping = Some(("signal".into(), Instant::now()));
+                }
+                _ = check.tick(), if stopping.is_some() => {
+                    let all_exited = self.running_count() == 0;
+                    let waited = stopping.as_ref().map(|(_, at)| at.elapsed()).unwrap_or_default();
+                    if (all_exited && events_rx.is_empty()) || waited > self.config.stop_grace * 2 {
+                        // Let the last events reach the wire before the process ends.
+                        drop(out_tx);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let reason = stopping.map(|(r, _)| r).unwrap_or_default();
+                        return (SessionEnd::Stopped(reason), true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn running_count(&self) -> usize {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        attempts.values().filter(|e| e.exited.is_none()).count()
+    }
+
+    fn cancel(&self, slot: &Slot, reason: &str) {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = attempts.get(slot) {
+            info!(attempt = %slot.attempt_id, instance = slot.instance, reason, "canceling");
+            entry
+                .stop
+                .send_replace(Some(Stop::Cancel(reason.to_string())));
+        }
+    }
+
+    fn cancel_all(&self, reason: &str) {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in attempts.values().filter(|e| e.exited.is_none()) {
+            entry
+                .stop
+                .send_replace(Some(Stop::Cancel(reason.to_string())));
+        }
+    }
+
+    /// Stops everything with no session to report to, and waits (bounded) for it.
+    async fn stop_all(&self, reason: &str) {
+        self.cancel_all(reason);
+        let deadline = Instant::now() + self.config.stop_grace * 2;
+        while self.running_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn launch(&self, launch: pb::Launch) {
+        let slot = Slot {
+            attempt_id: launch.attempt_id.clone(),
+            instance: launch.instance,
+        };
+        let (stop, stop_rx) = watch::channel(None);
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if attempts.contains_key(&slot) {
+                debug!(attempt = %slot.attempt_id, "launch repeated; already running");
+                return;
+            }
+            attempts.insert(slot.clone(), Entry { stop, exited: None });
+        }
+        info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
+        let agent = self.clone();
+        tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
+    }
+
+    async fn run_instance(
+        self,
+        slot: Slot,
+        launch: pb::Launch,
+        stop: watch::Receiver<Option<Stop>>,
+    ) {
+        let sink = EventSink {
+            slot: slot.clone(),
+            tx: self.events.clone(),
+        };
+        let dir = self
+            .config
+            .work_dir
+            .join("attempts")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        let mut outcome = match self.prepare(&dir, &launch).await {
+            Err(why) => Outcome::failed(why),
+            Ok(()) => {
+                let mut env: std::collections::BTreeMap<String, String> =
+                    launch.env.into_iter().collect();
+                env.insert(
+                    "SHOAL_OUTPUT_DIR".into(),
+                    dir.join("outputs").to_string_lossy().into_owned(),
+                );
+                let spec = RunSpec {
+                    slot: slot.clone(),
+                    argv: launch.argv,
+                    env,
+                    cwd: dir.clone(),
+                    timeout: (launch.timeout_seconds > 0)
+                        .then(|| Duration::from_secs(launch.timeout_seconds)),
+                    stop_grace: self.config.stop_grace,
+                };
+                self.runtime.run(spec, sink.clone(), stop).await
+            }
+        };
+        if let Err(why) = self.upload_outputs(&slot, &dir.join("outputs")).await {
+            warn!(attempt = %slot.attempt_id, %why, "outputs not uploaded");
+            outcome.message = format!("{} (outputs not uploaded: {why})", outcome.message)
+                .trim()
+                .to_string();
+        }
+        info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = attempts.get_mut(&slot) {
+                entry.exited = Some((outcome.to_wire(), Instant::now()));
+            }
+        }
+        sink.exited(&outcome);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+
+    /// The working dir: a fresh copy of the job's code, with an empty `outputs/`.
+    async fn prepare(&self, dir: &std::path::Path, launch: &pb::Launch) -> Result<(), String> {
+        let code = if launch.has_code {
+            let mut client = self.client.clone();
+            let request = pb::JobRef {
+                id: launch.job_id.clone(),
+            };
+            let artifact = client
+                .fetch_code(request)
+                .await
+                .map_err(|s| format!("could not fetch the job's code: {}", s.message()))?;
+            Some(artifact.into_inner().data)
+        } else {
+            None
+        };
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("outputs"))
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if let Some(code) = code {
+                archive::unpack(&code, &dir)
+                    .map_err(|e| format!("cannot unpack the job's code: {e}"))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("preparing the working dir failed: {e}"))?
+    }
+
+    async fn upload_outputs(&self, slot: &Slot, outputs: &std::path::Path) -> Result<(), String> {
+        let outputs = outputs.to_path_buf();
+        let packed = tokio::task::spawn_blocking(move || archive::pack_dir(&outputs))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot pack outputs: {e}"))?;
+        let Some(data) = packed else {
+            return Ok(());
+        };
+        let upload = pb::OutputsUpload {
+            attempt_id: slot.attempt_id.clone(),
+            instance: slot.instance,
+            data,
+        };
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            let mut client = self.client.clone();
+            match client.upload_outputs(upload.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(status) => last = status.message().to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        Err(last)
+    }
+}

@@ -1,0 +1,52 @@
+//! `shoal agent`: the node agent in the foreground.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use shoal_agent::AgentConfig;
+
+use crate::client::normalize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The coordinator's address (host:port).
+    #[arg(long, env = "SHOAL_ENDPOINT", default_value = "127.0.0.1:7070")]
+    endpoint: String,
+    /// This node's id, as the coordinator knows it.
+    #[arg(long)]
+    node_id: String,
+    /// The cluster this node belongs to.
+    #[arg(long)]
+    cluster: String,
+    /// Where attempts get their working dirs.
+    #[arg(long)]
+    work_dir: PathBuf,
+    /// Cores to advertise (default: this machine's).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Memory to advertise, in bytes (default: this machine's).
+    #[arg(long)]
+    memory_bytes: Option<u64>,
+    /// Seconds a stopped job gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    stop_grace_seconds: u64,
+    /// Stop and exit after this many seconds without a coordinator.
+    #[arg(long, default_value_t = 600)]
+    give_up_after_seconds: u64,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = AgentConfig {
+        endpoint: normalize(&args.endpoint),
+        node_id: args.node_id,
+        cluster: args.cluster,
+        work_dir: args.work_dir,
+        cores: args.cores,
+        memory_bytes: args.memory_bytes,
+        stop_grace: Duration::from_secs(args.stop_grace_seconds),
+        give_up_after: Duration::from_secs(args.give_up_after_seconds),
+    };
+    shoal_agent::run(config, super::stop_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,308 @@
+//! `shoal cluster ...`: flags spelled as the managed service's CLIs spell them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde::Deserialize;
+use shoal_coordinator::view;
+use shoal_proto::v1 as pb;
+
+use super::key_value;
+use crate::client::{Client, status};
+use crate::output::{self, Format};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Create a cluster (nodes come and go with the work: min 0, max 4 by default).
+    Create(CreateArgs),
+    /// Show one cluster: its settings, node counts, allocation state and errors.
+    Show(NameArg),
+    /// List clusters.
+    List,
+    /// Change min/max nodes, idle timeout, description or tags.
+    Update(UpdateArgs),
+    /// Delete a cluster and remove its nodes (it must have no queued or running jobs).
+    Delete(NameArg),
+}
+
+#[derive(clap::Args)]
+pub struct NameArg {
+    /// The cluster's name.
+    #[arg(required_unless_present = "name_flag")]
+    name: Option<String>,
+    #[arg(long = "name", short = 'n', hide = true)]
+    name_flag: Option<String>,
+}
+
+impl NameArg {
+    fn get(self) -> String {
+        self.name.or(self.name_flag).unwrap_or_default()
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// 2-16 letters, digits and hyphens, starting with a letter.
+    #[arg(long, short = 'n')]
+    name: Option<String>,
+    /// A VM size from `shoal vm-size list` (case-insensitive).
+    #[arg(long, short = 's', visible_alias = "size")]
+    vm_size: Option<String>,
+    /// Nodes kept even when idle [default: 0].
+    #[arg(long, visible_alias = "min-instances")]
+    min_nodes: Option<u32>,
+    /// Nodes at most [default: 4; at most 100 with inter-node communication].
+    #[arg(long, visible_alias = "max-instances")]
+    max_nodes: Option<u32>,
+    /// dedicated or lowpriority [default: dedicated].
+    #[arg(long, visible_alias = "tier")]
+    vm_priority: Option<String>,
+    /// Seconds a node stays idle before it is removed [default: 120].
+    #[arg(long, visible_alias = "idle-time-before-scale-down")]
+    idle_seconds_before_scaledown: Option<u64>,
+    #[arg(long)]
+    description: Option<String>,
+    /// A tag, KEY=VALUE; repeat for more.
+    #[arg(long = "tag", value_parser = key_value)]
+    tags: Vec<(String, String)>,
+    /// What creates the nodes [default: local].
+    #[arg(long)]
+    provider: Option<String>,
+    /// true: MPI works, at most 100 nodes; false: up to 4000 nodes, no distributed jobs.
+    #[arg(long)]
+    internode_communication: Option<bool>,
+    /// A cluster YAML (`name`, `size`, `min_instances`, `max_instances`, `tier`,
+    /// `idle_time_before_scale_down`, ...); flags override it.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    #[arg(required_unless_present = "name_flag")]
+    name: Option<String>,
+    #[arg(long = "name", short = 'n', hide = true)]
+    name_flag: Option<String>,
+    #[arg(long, visible_alias = "min-instances")]
+    min_nodes: Option<u32>,
+    #[arg(long, visible_alias = "max-instances")]
+    max_nodes: Option<u32>,
+    #[arg(long, visible_alias = "idle-time-before-scale-down")]
+    idle_seconds_before_scaledown: Option<u64>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Add or change a tag, KEY=VALUE.
+    #[arg(long = "tag", value_parser = key_value)]
+    tags: Vec<(String, String)>,
+    /// Fixed at creation: refused with a reason.
+    #[arg(long, short = 's', visible_alias = "size")]
+    vm_size: Option<String>,
+    /// Fixed at creation: refused with a reason.
+    #[arg(long, visible_alias = "tier")]
+    vm_priority: Option<String>,
+}
+
+/// The managed service's compute YAML, as far as it applies here.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    #[serde(rename = "$schema", default)]
+    _schema: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, alias = "vm_size")]
+    size: Option<String>,
+    #[serde(default, alias = "min_nodes")]
+    min_instances: Option<u32>,
+    #[serde(default, alias = "max_nodes")]
+    max_instances: Option<u32>,
+    #[serde(default, alias = "vm_priority")]
+    tier: Option<String>,
+    #[serde(default, alias = "idle_seconds_before_scaledown")]
+    idle_time_before_scale_down: Option<u64>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    internode_communication: Option<bool>,
+}
+
+fn read_cluster_file(path: &PathBuf) -> anyhow::Result<ClusterFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: ClusterFile = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid cluster file {}: {e}", path.display()))?;
+    if let Some(kind) = file.kind.as_deref()
+        && kind != "amlcompute"
+    {
+        anyhow::bail!(
+            "invalid type in {}: `{kind}` clusters are not supported; use `amlcompute`",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        return output::json(&view::Cluster::from(cluster));
+    }
+    let counts = cluster.node_state_counts.clone().unwrap_or_default();
+    println!("name:                          {}", cluster.name);
+    println!("vm_size:                       {}", cluster.vm_size);
+    println!("vm_priority:                   {}", cluster.vm_priority);
+    println!("provider:                      {}", cluster.provider);
+    println!(
+        "min_nodes / max_nodes:         {} / {}",
+        cluster.min_nodes, cluster.max_nodes
+    );
+    println!(
+        "idle_seconds_before_scaledown: {}",
+        cluster.idle_seconds_before_scaledown
+    );
+    println!(
+        "internode_communication:       {}",
+        cluster.internode_communication
+    );
+    println!(
+        "allocation_state:              {} ({} → {} nodes)",
+        cluster.allocation_state, cluster.current_node_count, cluster.target_node_count
+    );
+    println!(
+        "nodes:                         idle {}, running {}, preparing {}, leaving {}, preempted {}, unusable {}",
+        counts.idle,
+        counts.running,
+        counts.preparing,
+        counts.leaving,
+        counts.preempted,
+        counts.unusable
+    );
+    if !cluster.description.is_empty() {
+        println!("description:                   {}", cluster.description);
+    }
+    if !cluster.tags.is_empty() {
+        let tags: BTreeMap<_, _> = cluster.tags.iter().collect();
+        let text: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("tags:                          {}", text.join(", "));
+    }
+    for error in &cluster.errors {
+        println!("error:                         {error}");
+    }
+    Ok(())
+}
+
+pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(endpoint).await?;
+    let mut clusters = client.clusters();
+    match command {
+        Command::Create(args) => {
+            let file = match &args.file {
+                Some(path) => read_cluster_file(path)?,
+                None => ClusterFile::default(),
+            };
+            let mut tags: HashMap<String, String> = file.tags.into_iter().collect();
+            tags.extend(args.tags);
+            let spec = pb::ClusterSpec {
+                name: args.name.or(file.name).unwrap_or_default(),
+                vm_size: args.vm_size.or(file.size).unwrap_or_default(),
+                vm_priority: args.vm_priority.or(file.tier).unwrap_or_default(),
+                min_nodes: args.min_nodes.or(file.min_instances),
+                max_nodes: args.max_nodes.or(file.max_instances),
+                idle_seconds_before_scaledown: args
+                    .idle_seconds_before_scaledown
+                    .or(file.idle_time_before_scale_down),
+                description: args.description.or(file.description).unwrap_or_default(),
+                tags,
+                provider: args.provider.or(file.provider).unwrap_or_default(),
+                internode_communication: args
+                    .internode_communication
+                    .or(file.internode_communication),
+            };
+            let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
+            print_cluster(&cluster, format)?;
+        }
+        Command::Show(name) => {
+            let cluster = clusters
+                .get(pb::ClusterRef { name: name.get() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_cluster(&cluster, format)?;
+        }
+        Command::List => {
+            let list = clusters
+                .list(pb::ListClustersRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                let views: Vec<view::Cluster> =
+                    list.clusters.iter().map(view::Cluster::from).collect();
+                return output::json(&views).map(|_| ExitCode::SUCCESS);
+            }
+            let mut table = output::table(&[
+                "NAME", "VM SIZE", "PRIORITY", "NODES", "MIN", "MAX", "STATE", "IDLE", "RUNNING",
+            ]);
+            for c in &list.clusters {
+                let counts = c.node_state_counts.clone().unwrap_or_default();
+                table.add_row(vec![
+                    c.name.clone(),
+                    c.vm_size.clone(),
+                    c.vm_priority.clone(),
+                    format!("{} → {}", c.current_node_count, c.target_node_count),
+                    c.min_nodes.to_string(),
+                    c.max_nodes.to_string(),
+                    c.allocation_state.clone(),
+                    counts.idle.to_string(),
+                    counts.running.to_string(),
+                ]);
+            }
+            if list.clusters.is_empty() {
+                eprintln!(
+                    "no clusters yet; create one with `shoal cluster create --name cpu-cluster --vm-size Standard_D2_v2`"
+                );
+            } else {
+                println!("{table}");
+            }
+        }
+        Command::Update(args) => {
+            let update = pb::ClusterUpdate {
+                name: args.name.or(args.name_flag).unwrap_or_default(),
+                min_nodes: args.min_nodes,
+                max_nodes: args.max_nodes,
+                idle_seconds_before_scaledown: args.idle_seconds_before_scaledown,
+                description: args.description,
+                set_tags: args.tags.into_iter().collect(),
+                vm_size: args.vm_size,
+                vm_priority: args.vm_priority,
+                provider: None,
+                internode_communication: None,
+            };
+            let cluster = clusters.update(update).await.map_err(status)?.into_inner();
+            print_cluster(&cluster, format)?;
+        }
+        Command::Delete(name) => {
+            let cluster = clusters
+                .delete(pb::ClusterRef { name: name.get() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&view::Cluster::from(&cluster))?;
+            } else {
+                println!(
+                    "deleted cluster {} (its {} node(s) are being removed)",
+                    cluster.name, cluster.current_node_count
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

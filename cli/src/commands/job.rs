@@ -1,0 +1,587 @@
+//! `shoal job ...`: submit (flags or the managed service's job YAML), follow, cancel,
+//! download outputs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_coordinator::jobfile::JobFile;
+use shoal_coordinator::view;
+use shoal_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use super::key_value;
+use crate::client::{Client, status};
+use crate::output::{self, Format};
+
+/// The coordinator's default limit; it checks again.
+const MAX_CODE_BYTES: u64 = 64 << 20;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Submit a job: `-f job.yaml`, or flags and the command after `--`.
+    #[command(after_help = "Examples:\n  \
+        shoal job submit --cluster cpu-cluster --instance-count 2 -- python3 train.py --epochs 3\n  \
+        shoal job submit -f job.yaml --wait\n\n\
+        job.yaml (the managed service's command-job names):\n  \
+        command: python3 train.py --epochs 3     # run with `sh -c` in the code folder\n  \
+        code: ./src                              # snapshotted at submit (honours .gitignore/.amlignore)\n  \
+        environment_variables: {EPOCHS: 3}\n  \
+        compute: azureml:cpu-cluster\n  \
+        resources: {instance_count: 2}\n  \
+        limits: {timeout: 3600}                  # seconds")]
+    Submit(SubmitArgs),
+    /// Show a job: status, why it waits or how it ended, instances and attempts.
+    Show { id: String },
+    /// List jobs, oldest first.
+    List {
+        #[arg(long, visible_alias = "compute")]
+        cluster: Option<String>,
+    },
+    /// Print a job's logs; `-f` follows them live until the job ends.
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this instance's log.
+        #[arg(long)]
+        instance: Option<u32>,
+    },
+    /// Cancel a queued or running job (its processes get SIGTERM, then SIGKILL).
+    Cancel { id: String },
+    /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
+    Download {
+        id: String,
+        #[arg(
+            long,
+            short = 'p',
+            visible_alias = "download-path",
+            default_value = "."
+        )]
+        output: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// A job YAML; flags given too override its values.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+    /// The cluster to run on.
+    #[arg(long, visible_alias = "compute")]
+    cluster: Option<String>,
+    /// Instances, each on its own node, started together.
+    #[arg(long)]
+    instance_count: Option<u32>,
+    #[arg(long, visible_alias = "display-name")]
+    name: Option<String>,
+    /// An environment variable, KEY=VALUE; repeat for more.
+    #[arg(long = "env", short = 'e', value_parser = key_value)]
+    env: Vec<(String, String)>,
+    /// A folder snapshotted now; each instance runs in its own copy of it.
+    #[arg(long)]
+    code: Option<PathBuf>,
+    /// Seconds before the job is stopped and marked timed_out.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Follow the job (progress and logs) until it ends; exit non-zero unless it completed.
+    #[arg(long)]
+    wait: bool,
+    /// The command and its arguments, run as they are (no shell).
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+/// Packs a code folder, honouring .gitignore, .amlignore and .shoalignore.
+pub fn snapshot(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    if !dir.is_dir() {
+        bail!("invalid code: {} is not a folder", dir.display());
+    }
+    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    builder.follow_symlinks(false);
+    let walker = ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .git_ignore(true)
+        .require_git(false)
+        .add_custom_ignore_filename(".amlignore")
+        .add_custom_ignore_filename(".shoalignore")
+        .filter_entry(|e| e.file_name() != ".git")
+        .build();
+    let mut raw_bytes = 0u64;
+    for entry in walker {
+        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        let path = entry.path();
+        let Ok(relative) = path.strip_prefix(dir) else {
+            continue;
+        };
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if meta.is_file() {
+            raw_bytes += meta.len();
+            if raw_bytes > MAX_CODE_BYTES * 4 {
+                bail!(
+                    "invalid code: {} holds over {} MiB; keep data out of the code folder (list it in .shoalignore or .gitignore)",
+                    dir.display(),
+                    MAX_CODE_BYTES * 4 >> 20
+                );
+            }
+        }
+        builder
+            .append_path_with_name(path, relative)
+            .with_context(|| format!("cannot add {} to the snapshot", path.display()))?;
+    }
+    let data = builder.into_inner()?.finish()?;
+    if data.len() as u64 > MAX_CODE_BYTES {
+        bail!(
+            "invalid code: the snapshot of {} is {} MiB compressed, above the {} MiB limit; list large files in .shoalignore or .gitignore",
+            dir.display(),
+            data.len() >> 20,
+            MAX_CODE_BYTES >> 20
+        );
+    }
+    Ok(data)
+}
+
+fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
+    let (file, base) = match &args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read job file {}", path.display()))?;
+            let file =
+                JobFile::from_yaml(&text).map_err(|e| anyhow!("{e} (in {})", path.display()))?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (file, base)
+        }
+        None => (JobFile::default(), PathBuf::new()),
+    };
+    file.check_supported()?;
+    let code_dir = match (&args.code, &file.code) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(dir)) => Some(base.join(dir)),
+        (None, None) => None,
+    };
+    let code = match code_dir {
+        Some(dir) => snapshot(&dir)?,
+        None => Vec::new(),
+    };
+    let mut env: BTreeMap<String, String> = file.env();
+    env.extend(args.env);
+    let argv = if args.argv.is_empty() {
+        file.argv.clone()
+    } else {
+        args.argv
+    };
+    // `--` words replace a YAML command line.
+    let command = if argv.is_empty() {
+        file.command.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let spec = pb::JobSpec {
+        name: args.name.unwrap_or_else(|| file.job_name()),
+        cluster: args.cluster.or_else(|| file.cluster()).unwrap_or_default(),
+        argv,
+        command,
+        environment_variables: env.into_iter().collect(),
+        instance_count: args
+            .instance_count
+            .or(file.resources.as_ref().and_then(|r| r.instance_count))
+            .unwrap_or(1),
+        timeout_seconds: args
+            .timeout
+            .or(file.limits.as_ref().and_then(|l| l.timeout))
+            .unwrap_or(0),
+        code,
+    };
+    if spec.cluster.is_empty() {
+        bail!(
+            "invalid compute: which cluster? give --cluster NAME (or `compute:` in the job file)"
+        );
+    }
+    if spec.instance_count == 0 {
+        bail!("invalid resources.instance_count: must be at least 1");
+    }
+    Ok((spec, args.wait))
+}
+
+pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        return output::json(&view::Job::from(job));
+    }
+    println!("id:        {}", job.id);
+    if job.name != job.id {
+        println!("name:      {}", job.name);
+    }
+    println!("cluster:   {}", job.cluster);
+    println!("status:    {}", job.status);
+    if !job.reason.is_empty() {
+        println!("reason:    {}", job.reason);
+    }
+    let command = if job.command.is_empty() {
+        job.argv.join(" ")
+    } else {
+        job.command.clone()
+    };
+    println!("command:   {command}");
+    println!("instances: {}", job.instance_count);
+    println!("created:   {}", output::ago(job.created_at_ms));
+    if job.started_at_ms > 0 {
+        let end = if job.ended_at_ms > 0 {
+            job.ended_at_ms
+        } else {
+            now_ms()
+        };
+        println!(
+            "ran:       {} (started {})",
+            output::short_duration(end - job.started_at_ms),
+            output::ago(job.started_at_ms)
+        );
+    }
+    for attempt in &job.attempts {
+        println!(
+            "attempt {} ({}): {}{}",
+            attempt.number,
+            attempt.id,
+            attempt.status,
+            if attempt.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" - {}", attempt.reason)
+            }
+        );
+        for i in &attempt.instances {
+            let code = i.exit_code.map_or("-".to_string(), |c| c.to_string());
+            let message = if i.message.is_empty() {
+                String::new()
+            } else {
+                format!("  {}", i.message)
+            };
+            println!(
+                "  instance {} on {}: {} (exit code {code}){message}",
+                i.index, i.node, i.status
+            );
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Splits log chunks into lines per instance and stream, so interleaved output of
+/// several instances stays readable.
+#[derive(Default)]
+pub struct LogPrinter {
+    partial: HashMap<(u32, String), Vec<u8>>,
+    prefix: bool,
+}
+
+impl LogPrinter {
+    pub fn new(prefix: bool) -> Self {
+        LogPrinter {
+            partial: HashMap::new(),
+            prefix,
+        }
+    }
+
+    fn line(&self, instance: u32, bytes: &[u8]) -> String {
+        let text = String::from_utf8_lossy(bytes);
+        if self.prefix {
+            format!("[{instance}] {text}")
+        } else {
+            text.into_owned()
+        }
+    }
+
+    pub fn push(&mut self, chunk: &pb::LogChunk, out: &mut dyn FnMut(String)) {
+        let key = (chunk.instance, chunk.stream.clone());
+        let buffer = self.partial.entry(key).or_default();
+        buffer.extend_from_slice(&chunk.data);
+        let mut lines = Vec::new();
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            lines.push(line[..line.len() - 1].to_vec());
+        }
+        for line in lines {
+            out(self.line(chunk.instance, &line));
+        }
+    }
+
+    pub fn finish(&mut self, out: &mut dyn FnMut(String)) {
+        let rest: Vec<((u32, String), Vec<u8>)> = self.partial.drain().collect();
+        for ((instance, _), bytes) in rest {
+            if !bytes.is_empty() {
+                out(self.line(instance, &bytes));
+            }
+        }
+    }
+}
+
+pub fn spinner() -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner:.cyan} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn progress_text(job: &pb::Job) -> String {
+    let instances = job.attempts.last().map(|a| &a.instances[..]).unwrap_or(&[]);
+    let running = instances.iter().filter(|i| i.status == "running").count();
+    let detail = if job.reason.is_empty() {
+        String::new()
+    } else {
+        format!(" · {}", job.reason)
+    };
+    format!(
+        "{} {} · {running}/{} instances running{detail}",
+        job.id, job.status, job.instance_count
+    )
+}
+
+/// Follows a job until it is settled: progress on the spinner, logs printed above it.
+pub async fn follow(
+    client: &Client,
+    job_id: &str,
+    bar: &ProgressBar,
+    show_logs: bool,
+) -> anyhow::Result<pb::Job> {
+    let mut jobs = client.jobs();
+    let mut watch = jobs
+        .watch(pb::JobRef {
+            id: job_id.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut logs = client
+        .jobs()
+        .logs(pb::LogsRequest {
+            job_id: job_id.to_string(),
+            instance: None,
+            follow: true,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut printer: Option<LogPrinter> = None;
+    let mut last: Option<pb::Job> = None;
+    let mut logs_open = show_logs;
+    let mut watch_open = true;
+    // `suspend` prints even when the bar is hidden (no terminal).
+    let mut print = |line: String| bar.suspend(|| println!("{line}"));
+    while watch_open || logs_open {
+        tokio::select! {
+            update = watch.next(), if watch_open => match update {
+                Some(Ok(job)) => {
+                    bar.set_message(progress_text(&job));
+                    if printer.is_none() {
+                        printer = Some(LogPrinter::new(job.instance_count > 1));
+                    }
+                    last = Some(job);
+                }
+                Some(Err(e)) => return Err(status(e)),
+                None => watch_open = false,
+            },
+            chunk = logs.next(), if logs_open => match chunk {
+                Some(Ok(chunk)) => {
+                    printer.get_or_insert_with(|| LogPrinter::new(true)).push(&chunk, &mut print);
+                }
+                Some(Err(e)) => return Err(status(e)),
+                None => logs_open = false,
+            },
+        }
+    }
+    if let Some(printer) = printer.as_mut() {
+        printer.finish(&mut print);
+    }
+    last.ok_or_else(|| anyhow!("the coordinator ended the watch of {job_id} without a word"))
+}
+
+pub async fn download(client: &Client, job_id: &str, into: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let outputs = client
+        .jobs()
+        .download_outputs(pb::JobRef {
+            id: job_id.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .outputs;
+    let mut written = Vec::new();
+    for output in outputs {
+        let dir = into
+            .join(job_id)
+            .join(format!("instance-{}", output.instance));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        shoal_agent::archive::unpack(&output.data, &dir).with_context(|| {
+            format!(
+                "cannot unpack outputs of instance {} into {}",
+                output.instance,
+                dir.display()
+            )
+        })?;
+        written.push(dir);
+    }
+    Ok(written)
+}
+
+pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
+    if let Command::Submit(args) = command {
+        // Check the spec before bothering the coordinator.
+        let (spec, wait) = build_spec(args)?;
+        let client = Client::connect(endpoint).await?;
+        let job = client
+            .jobs()
+            .submit(spec)
+            .await
+            .map_err(status)?
+            .into_inner();
+        if !wait {
+            if format == Format::Json {
+                output::json(&view::Job::from(&job))?;
+            } else {
+                println!(
+                    "submitted {} to {}; follow it with `shoal job logs -f {}`",
+                    job.id, job.cluster, job.id
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let bar = spinner();
+        let job = follow(&client, &job.id, &bar, format == Format::Table).await?;
+        bar.finish_and_clear();
+        print_job(&job, format)?;
+        return Ok(if job.status == "completed" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let client = Client::connect(endpoint).await?;
+    let mut jobs = client.jobs();
+    match command {
+        Command::Submit(_) => unreachable!("handled above"),
+        Command::Show { id } => {
+            let job = jobs
+                .get(pb::JobRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_job(&job, format)?;
+        }
+        Command::List { cluster } => {
+            let list = jobs
+                .list(pb::ListJobsRequest {
+                    cluster: cluster.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .jobs;
+            if format == Format::Json {
+                let views: Vec<view::Job> = list.iter().map(view::Job::from).collect();
+                output::json(&views)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if list.is_empty() {
+                eprintln!(
+                    "no jobs yet; submit one with `shoal job submit --cluster NAME -- COMMAND`"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = output::table(&[
+                "ID",
+                "NAME",
+                "CLUSTER",
+                "STATUS",
+                "INSTANCES",
+                "ATTEMPTS",
+                "CREATED",
+                "REASON",
+            ]);
+            for j in &list {
+                table.add_row(vec![
+                    j.id.clone(),
+                    j.name.clone(),
+                    j.cluster.clone(),
+                    j.status.clone(),
+                    j.instance_count.to_string(),
+                    j.attempts.len().to_string(),
+                    output::ago(j.created_at_ms),
+                    j.reason.clone(),
+                ]);
+            }
+            println!("{table}");
+        }
+        Command::Logs {
+            id,
+            follow,
+            instance,
+        } => {
+            let mut stream = jobs
+                .logs(pb::LogsRequest {
+                    job_id: id.clone(),
+                    instance,
+                    follow,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let job = jobs
+                .get(pb::JobRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut printer = LogPrinter::new(instance.is_none() && job.instance_count > 1);
+            let stdout = std::io::stdout();
+            let mut print = |line: String| {
+                let _ = writeln!(stdout.lock(), "{line}");
+            };
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(status)?;
+                printer.push(&chunk, &mut print);
+            }
+            printer.finish(&mut print);
+        }
+        Command::Cancel { id } => {
+            let job = jobs
+                .cancel(pb::JobRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&view::Job::from(&job))?;
+            } else {
+                println!("canceled {}", job.id);
+            }
+        }
+        Command::Download { id, output: into } => {
+            let written = download(&client, &id, &into).await?;
+            if written.is_empty() {
+                eprintln!("{id} has no outputs (nothing was written to ./outputs)");
+            }
+            for dir in written {
+                println!("{}", dir.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

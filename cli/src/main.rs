@@ -1,0 +1,115 @@
+//! `shoal`: self-hosted compute clusters for ML training and batch inference.
+//! One binary: the coordinator (`up`), the node agent (`agent`), and the CLI.
+
+mod client;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use commands::{agent, cluster, job, node, quickstart, serve};
+use output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Self-hosted compute clusters for ML training and batch inference",
+    long_about = "Self-hosted compute clusters for ML training and batch inference.\n\n\
+        Create a cluster, submit jobs to it, watch them run, and see it scale back \
+        down when the work is done.\n\n\
+        Try it:    shoal quickstart\n\
+        Run it:    shoal up            (coordinator on 127.0.0.1:7070, in the foreground)\n\
+        Use it:    shoal cluster create --name cpu-cluster --vm-size Standard_D2_v2 --max-nodes 2\n\
+        \u{20}          shoal job submit --cluster cpu-cluster --instance-count 2 --wait -- echo hello\n\
+        \u{20}          shoal job logs job-1"
+)]
+struct Cli {
+    /// The coordinator to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_ENDPOINT",
+        default_value = "127.0.0.1:7070"
+    )]
+    endpoint: String,
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a 2-node job end to end on an embedded coordinator, then scale to zero.
+    Quickstart(quickstart::Args),
+    /// Run the coordinator (and the nodes it starts) in the foreground.
+    Up(serve::Args),
+    /// Same as `up`: the coordinator, in the foreground.
+    Coordinator(serve::Args),
+    /// Run a node agent (the coordinator's `local` provider starts these for you).
+    Agent(agent::Args),
+    /// Create, inspect, update and delete clusters.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
+    /// Submit jobs, follow their logs, cancel them, download their outputs.
+    #[command(subcommand)]
+    Job(job::Command),
+    /// See the nodes of your clusters.
+    #[command(subcommand)]
+    Node(node::Command),
+    /// The VM sizes clusters can be made of.
+    #[command(subcommand, name = "vm-size")]
+    VmSize(node::VmSizeCommand),
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_server = matches!(
+        cli.command,
+        Command::Up(_) | Command::Coordinator(_) | Command::Agent(_)
+    );
+    init_logging(if is_server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let format = cli.output;
+        let endpoint = cli.endpoint;
+        match cli.command {
+            Command::Quickstart(args) => quickstart::run(args).await,
+            Command::Up(args) | Command::Coordinator(args) => serve::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
+            Command::Cluster(command) => cluster::run(command, &endpoint, format).await,
+            Command::Job(command) => job::run(command, &endpoint, format).await,
+            Command::Node(command) => node::run(command, &endpoint, format).await,
+            Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

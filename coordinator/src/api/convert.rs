@@ -1,0 +1,224 @@
+//! The one place where wire types meet domain types, in both directions.
+//! Anything malformed becomes `Error::InvalidArgument` naming the field.
+
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+
+use crate::control::{AttemptReport, ClusterInfo, ExitReport, Registration, ToAgent};
+use crate::model::{ClusterRequest, ClusterUpdate, InstanceRun, Job, JobRequest, Node, Slot};
+use crate::vmsize::VmSize;
+
+pub fn cluster_request(spec: pb::ClusterSpec) -> ClusterRequest {
+    ClusterRequest {
+        name: spec.name,
+        vm_size: spec.vm_size,
+        vm_priority: spec.vm_priority,
+        min_nodes: spec.min_nodes,
+        max_nodes: spec.max_nodes,
+        idle_seconds_before_scaledown: spec.idle_seconds_before_scaledown,
+        description: spec.description,
+        tags: spec.tags.into_iter().collect(),
+        provider: spec.provider,
+        internode_communication: spec.internode_communication,
+    }
+}
+
+pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
+    ClusterUpdate {
+        name: update.name,
+        min_nodes: update.min_nodes,
+        max_nodes: update.max_nodes,
+        idle_seconds_before_scaledown: update.idle_seconds_before_scaledown,
+        description: update.description,
+        set_tags: update.set_tags.into_iter().collect(),
+        vm_size: update.vm_size,
+        vm_priority: update.vm_priority,
+        provider: update.provider,
+        internode_communication: update.internode_communication,
+    }
+}
+
+/// The code bytes are taken out by the API first (they go to the artifact store).
+pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
+    JobRequest {
+        name: spec.name,
+        cluster: spec.cluster,
+        argv: spec.argv,
+        command: spec.command,
+        environment_variables: spec.environment_variables.into_iter().collect(),
+        instance_count: spec.instance_count,
+        timeout_seconds: spec.timeout_seconds,
+        code_path,
+    }
+}
+
+pub fn cluster(info: &ClusterInfo) -> pb::Cluster {
+    let spec = &info.cluster.spec;
+    let counts = &info.counts;
+    pb::Cluster {
+        name: spec.name.clone(),
+        vm_size: spec.vm_size.clone(),
+        vm_priority: spec.vm_priority.as_str().into(),
+        min_nodes: spec.min_nodes,
+        max_nodes: spec.max_nodes,
+        idle_seconds_before_scaledown: spec.idle_seconds_before_scaledown,
+        description: spec.description.clone(),
+        tags: spec.tags.clone().into_iter().collect(),
+        provider: spec.provider.as_str().into(),
+        internode_communication: spec.internode_communication,
+        allocation_state: if info.resizing { "resizing" } else { "steady" }.into(),
+        current_node_count: info.current_node_count,
+        target_node_count: info.target_node_count,
+        node_state_counts: Some(pb::NodeStateCounts {
+            idle: counts.idle,
+            running: counts.running,
+            preparing: counts.preparing,
+            leaving: counts.leaving,
+            preempted: counts.preempted,
+            unusable: counts.unusable,
+        }),
+        errors: info.cluster.errors.clone(),
+        created_at_ms: info.cluster.created_at,
+    }
+}
+
+fn instance(run: &InstanceRun) -> pb::Instance {
+    pb::Instance {
+        index: run.index,
+        node: run.node.clone(),
+        status: run.status.as_str().into(),
+        exit_code: run.exit_code,
+        message: run.message.clone(),
+    }
+}
+
+pub fn job(job: &Job) -> pb::Job {
+    pb::Job {
+        id: job.id.clone(),
+        name: job.spec.name.clone(),
+        cluster: job.spec.cluster.clone(),
+        status: job.status.as_str().into(),
+        argv: job.spec.argv.clone(),
+        command: job.spec.command.clone(),
+        environment_variables: job.spec.environment_variables.clone().into_iter().collect(),
+        instance_count: job.spec.instance_count,
+        timeout_seconds: job.spec.timeout_seconds.unwrap_or(0),
+        has_code: job.spec.code_path.is_some(),
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| pb::Attempt {
+                id: a.id.clone(),
+                number: a.number,
+                status: a.status().into(),
+                instances: a.instances.iter().map(instance).collect(),
+                started_at_ms: a.started_at,
+                ended_at_ms: a.ended_at,
+                reason: a.reason.clone(),
+            })
+            .collect(),
+        created_at_ms: job.created_at,
+        started_at_ms: job.started_at,
+        ended_at_ms: job.ended_at,
+        reason: job.reason.clone(),
+    }
+}
+
+pub fn node(node: &Node) -> pb::Node {
+    let (attempt_id, instance) = node
+        .running
+        .as_ref()
+        .map(|s| (s.attempt_id.clone(), s.instance))
+        .unwrap_or_default();
+    pb::Node {
+        id: node.id.clone(),
+        cluster: node.cluster.clone(),
+        state: node.state.as_str().into(),
+        attempt_id,
+        instance,
+        cores: node.cores,
+        memory_bytes: node.memory_bytes,
+        cpu_percent: node.cpu_percent,
+        memory_used_bytes: node.memory_used_bytes,
+        last_heartbeat_ms: node.last_heartbeat,
+        hostname: node.hostname.clone(),
+        message: node.message.clone(),
+        created_at_ms: node.created_at,
+    }
+}
+
+pub fn vm_size(size: &VmSize) -> pb::VmSize {
+    pb::VmSize {
+        name: size.name.clone(),
+        cores: size.cores,
+        memory_gib: size.memory_gib,
+        gpus: size.gpus,
+        gpu_model: size.gpu_model.clone(),
+        family: size.family.clone(),
+    }
+}
+
+fn exit_report(exited: pb::Exited) -> ExitReport {
+    ExitReport {
+        exit_code: exited.exit_code,
+        outcome: exited.outcome,
+        message: exited.message,
+    }
+}
+
+pub fn registration(register: pb::Register) -> Registration {
+    Registration {
+        node_id: register.node_id,
+        cluster: register.cluster,
+        cores: register.cores,
+        memory_bytes: register.memory_bytes,
+        hostname: register.hostname,
+        pid: register.pid,
+        attempts: register
+            .attempts
+            .into_iter()
+            .map(|r| AttemptReport {
+                slot: Slot {
+                    attempt_id: r.attempt_id,
+                    instance: r.instance,
+                },
+                exited: r.exited.map(exit_report),
+            })
+            .collect(),
+    }
+}
+
+pub fn exited(exited: pb::Exited) -> ExitReport {
+    exit_report(exited)
+}
+
+pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
+    use pb::coordinator_message::Msg;
+    let msg = match message {
+        ToAgent::Registered { heartbeat_interval } => Msg::Registered(pb::Registered {
+            node_id: String::new(),
+            heartbeat_interval_ms: duration_ms(heartbeat_interval),
+        }),
+        ToAgent::Launch(order) => Msg::Launch(pb::Launch {
+            attempt_id: order.slot.attempt_id,
+            job_id: order.job_id,
+            instance: order.slot.instance,
+            argv: order.argv,
+            env: order.env.into_iter().collect(),
+            timeout_seconds: order.timeout_seconds.unwrap_or(0),
+            has_code: order.has_code,
+        }),
+        ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
+            attempt_id: slot.attempt_id,
+            instance: slot.instance,
+            reason,
+        }),
+        ToAgent::Shutdown { reason } => Msg::Shutdown(pb::Shutdown { reason }),
+    };
+    pb::CoordinatorMessage { msg: Some(msg) }
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}

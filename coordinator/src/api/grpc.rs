@@ -1,0 +1,532 @@
+//! gRPC services. Handlers convert at the edge, ask the control loop, convert back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::Stream;
+use shoal_proto::PROTOCOL_VERSION;
+use shoal_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use super::convert;
+use crate::artifacts::Artifacts;
+use crate::control::{Change, Command, ControlHandle};
+use crate::model::Slot;
+use crate::vmsize::Catalog;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Shared by every service (and the HTTP API).
+#[derive(Clone)]
+pub struct Api {
+    pub control: ControlHandle,
+    pub catalog: Catalog,
+    pub artifacts: Artifacts,
+    pub max_code_bytes: usize,
+    sessions: Arc<AtomicU64>,
+}
+
+impl Api {
+    pub fn new(
+        control: ControlHandle,
+        catalog: Catalog,
+        artifacts: Artifacts,
+        max_code_bytes: usize,
+    ) -> Self {
+        Api {
+            control,
+            catalog,
+            artifacts,
+            max_code_bytes,
+            sessions: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub async fn submit(&self, mut spec: pb::JobSpec) -> Result<pb::Job, Status> {
+        let code = std::mem::take(&mut spec.code);
+        if code.len() > self.max_code_bytes {
+            return Err(crate::Error::invalid(
+                "code",
+                format!(
+                    "the snapshot is {} MiB, above the {} MiB limit; keep data out of the code folder",
+                    code.len() >> 20,
+                    self.max_code_bytes >> 20
+                ),
+            )
+            .into());
+        }
+        let code_path = if code.is_empty() {
+            None
+        } else {
+            Some(self.artifacts.put_code(code).await?)
+        };
+        let request = convert::job_request(spec, code_path.clone());
+        match self.control.submit_job(request).await {
+            Ok(job) => Ok(convert::job(&job)),
+            Err(e) => {
+                if let Some(path) = code_path {
+                    Artifacts::discard(&path).await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    pub async fn outputs(&self, job_id: String) -> Result<pb::OutputsList, Status> {
+        let job = self.control.get_job(job_id).await?;
+        for attempt in job.attempts.iter().rev() {
+            let found = self
+                .artifacts
+                .outputs(&attempt.id, attempt.instances.len() as u32)
+                .await?;
+            if !found.is_empty() {
+                let outputs = found
+                    .into_iter()
+                    .map(|(instance, data)| pb::InstanceOutputs {
+                        attempt_id: attempt.id.clone(),
+                        instance,
+                        data,
+                    })
+                    .collect();
+                return Ok(pb::OutputsList { outputs });
+            }
+        }
+        Ok(pb::OutputsList::default())
+    }
+
+    /// Every chunk of the job's log, then (with `follow`) new chunks until the job
+    /// is settled. Subscribes before reading, so nothing falls between the two.
+    pub fn log_stream(
+        &self,
+        request: pb::LogsRequest,
+    ) -> mpsc::Receiver<Result<pb::LogChunk, Status>> {
+        let (tx, rx) = mpsc::channel(256);
+        let control = self.control.clone();
+        let mut live = control.subscribe_logs();
+        let mut changes = control.subscribe_changes();
+        tokio::spawn(async move {
+            let job_id = request.job_id.clone();
+            let wanted = |instance: u32| request.instance.is_none_or(|i| i == instance);
+            let mut last_seq = 0i64;
+            let send_stored = |last_seq: &mut i64| {
+                let control = control.clone();
+                let tx = tx.clone();
+                let job_id = job_id.clone();
+                let instance = request.instance;
+                let start = *last_seq;
+                async move {
+                    let mut cursor = start;
+                    loop {
+                        let chunk = control.read_logs(job_id.clone(), instance, cursor).await?;
+                        let full = chunk.len() >= 10_000;
+                        for log in chunk {
+                            cursor = log.seq;
+                            let message = pb::LogChunk {
+                                attempt_id: log.attempt_id,
+                                instance: log.instance,
+                                stream: log.stream,
+                                data: log.data,
+                            };
+                            if tx.send(Ok(message)).await.is_err() {
+                                return Ok::<i64, crate::Error>(cursor);
+                            }
+                        }
+                        if !full {
+                            return Ok(cursor);
+                        }
+                    }
+                }
+            };
+            match send_stored(&mut last_seq).await {
+                Ok(seq) => last_seq = seq,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+            if !request.follow {
+                return;
+            }
+            loop {
+                match control.get_job(job_id.clone()).await {
+                    Ok(job) if job.is_settled() => {
+                        let _ = send_stored(&mut last_seq).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+                tokio::select! {
+                    log = live.recv() => match log {
+                        Ok(log) => {
+                            if log.job_id == job_id && log.seq > last_seq && wanted(log.instance) {
+                                last_seq = log.seq;
+                                let message = pb::LogChunk {
+                                    attempt_id: log.attempt_id.clone(),
+                                    instance: log.instance,
+                                    stream: log.stream.clone(),
+                                    data: log.data.clone(),
+                                };
+                                if tx.send(Ok(message)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            match send_stored(&mut last_seq).await {
+                                Ok(seq) => last_seq = seq,
+                                Err(_) => return,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    change = changes.recv() => match change {
+                        Ok(Change::Job(id)) if id == job_id => {}
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        rx
+    }
+
+    /// The job now, then each time it changes, until it is settled.
+    pub fn job_watch(&self, job_id: String) -> mpsc::Receiver<Result<pb::Job, Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let control = self.control.clone();
+        let mut changes = control.subscribe_changes();
+        tokio::spawn(async move {
+            loop {
+                let job = match control.get_job(job_id.clone()).await {
+                    Ok(job) => job,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let settled = job.is_settled();
+                if tx.send(Ok(convert::job(&job))).await.is_err() || settled {
+                    return;
+                }
+                if !wait_for(&mut changes, |c| *c == Change::Job(job_id.clone())).await {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    pub fn cluster_watch(&self, name: String) -> mpsc::Receiver<Result<pb::Cluster, Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        let control = self.control.clone();
+        let mut changes = control.subscribe_changes();
+        tokio::spawn(async move {
+            loop {
+                let info = match control.get_cluster(name.clone()).await {
+                    Ok(info) => info,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(convert::cluster(&info))).await.is_err() {
+                    return;
+                }
+                if !wait_for(&mut changes, |c| *c == Change::Cluster(name.clone())).await {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Waits for a matching change (or a lag, after which the caller re-reads anyway).
+async fn wait_for(
+    changes: &mut broadcast::Receiver<Change>,
+    matches: impl Fn(&Change) -> bool,
+) -> bool {
+    loop {
+        match changes.recv().await {
+            Ok(change) if matches(&change) => return true,
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+    }
+}
+
+fn stream_of<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> ResponseStream<T> {
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::clusters_server::Clusters for Api {
+    async fn create(
+        &self,
+        request: Request<pb::ClusterSpec>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        let info = self
+            .control
+            .create_cluster(convert::cluster_request(request.into_inner()))
+            .await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
+
+    async fn get(&self, request: Request<pb::ClusterRef>) -> Result<Response<pb::Cluster>, Status> {
+        let info = self.control.get_cluster(request.into_inner().name).await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ClusterList>, Status> {
+        let clusters = self.control.list_clusters().await?;
+        Ok(Response::new(pb::ClusterList {
+            clusters: clusters.iter().map(convert::cluster).collect(),
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::ClusterUpdate>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        let info = self
+            .control
+            .update_cluster(convert::cluster_update(request.into_inner()))
+            .await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::ClusterRef>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        let info = self
+            .control
+            .delete_cluster(request.into_inner().name)
+            .await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
+
+    type WatchStream = ResponseStream<pb::Cluster>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::ClusterRef>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.cluster_watch(request.into_inner().name),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for Api {
+    async fn submit(&self, request: Request<pb::JobSpec>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(
+            Api::submit(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let job = self.control.get_job(request.into_inner().id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::JobList>, Status> {
+        let cluster = Some(request.into_inner().cluster).filter(|c| !c.is_empty());
+        let jobs = self.control.list_jobs(cluster).await?;
+        Ok(Response::new(pb::JobList {
+            jobs: jobs.iter().map(convert::job).collect(),
+        }))
+    }
+
+    async fn cancel(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let job = self.control.cancel_job(request.into_inner().id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    type WatchStream = ResponseStream<pb::Job>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Ok(Response::new(stream_of(
+            self.job_watch(request.into_inner().id),
+        )))
+    }
+
+    type LogsStream = ResponseStream<pb::LogChunk>;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        // Unknown job: fail the call itself, not the first stream item.
+        self.control.get_job(request.job_id.clone()).await?;
+        Ok(Response::new(stream_of(self.log_stream(request))))
+    }
+
+    async fn download_outputs(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::OutputsList>, Status> {
+        Ok(Response::new(self.outputs(request.into_inner().id).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::nodes_server::Nodes for Api {
+    async fn list(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::NodeList>, Status> {
+        let cluster = Some(request.into_inner().cluster).filter(|c| !c.is_empty());
+        let nodes = self.control.list_nodes(cluster).await?;
+        Ok(Response::new(pb::NodeList {
+            nodes: nodes.iter().map(convert::node).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::vm_sizes_server::VmSizes for Api {
+    async fn list(
+        &self,
+        _: Request<pb::ListVmSizesRequest>,
+    ) -> Result<Response<pb::VmSizeList>, Status> {
+        Ok(Response::new(pb::VmSizeList {
+            sizes: self.catalog.all().iter().map(convert::vm_size).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for Api {
+    type SessionStream = ResponseStream<pb::CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        use pb::agent_message::Msg;
+        let mut inbound = request.into_inner();
+        let Some(Msg::Register(register)) = inbound.message().await?.and_then(|m| m.msg) else {
+            return Err(Status::invalid_argument(
+                "an agent session must start with Register",
+            ));
+        };
+        if register.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol v{}, this coordinator v{PROTOCOL_VERSION}; run the same shoal version on both",
+                register.protocol_version
+            )));
+        }
+        let node_id = register.node_id.clone();
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed);
+        let (link, outbound) = mpsc::unbounded_channel();
+        self.control
+            .register_agent(convert::registration(register), session, link)
+            .await?;
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(node = %node_id, %status, "agent stream ended");
+                        break;
+                    }
+                };
+                let command = match message.msg {
+                    Some(Msg::Heartbeat(hb)) => Command::Heartbeat {
+                        node_id: node_id.clone(),
+                        cpu_percent: hb.cpu_percent,
+                        memory_used_bytes: hb.memory_used_bytes,
+                    },
+                    Some(Msg::Event(event)) => {
+                        let slot = Slot {
+                            attempt_id: event.attempt_id,
+                            instance: event.instance,
+                        };
+                        match event.kind {
+                            Some(pb::attempt_event::Kind::Started(_)) => Command::InstanceStarted {
+                                node_id: node_id.clone(),
+                                slot,
+                            },
+                            Some(pb::attempt_event::Kind::Exited(exited)) => {
+                                Command::InstanceExited {
+                                    node_id: node_id.clone(),
+                                    slot,
+                                    exit: convert::exited(exited),
+                                }
+                            }
+                            None => continue,
+                        }
+                    }
+                    Some(Msg::Log(log)) => Command::Log {
+                        slot: Slot {
+                            attempt_id: log.attempt_id,
+                            instance: log.instance,
+                        },
+                        stream: log.stream,
+                        data: log.data,
+                    },
+                    Some(Msg::Register(_)) => {
+                        warn!(node = %node_id, "second Register on one session ignored");
+                        continue;
+                    }
+                    None => continue,
+                };
+                if !control.send(command).await {
+                    break;
+                }
+            }
+            control.send(Command::AgentGone { node_id, session }).await;
+        });
+        let stream = UnboundedReceiverStream::new(outbound).map(|m| Ok(convert::to_agent(m)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_code(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::Artifact>, Status> {
+        let job = self.control.get_job(request.into_inner().id).await?;
+        let Some(path) = job.spec.code_path else {
+            return Err(Status::not_found(format!(
+                "job `{}` has no code snapshot",
+                job.id
+            )));
+        };
+        let data = Artifacts::read(&path).await?;
+        Ok(Response::new(pb::Artifact { data }))
+    }
+
+    async fn upload_outputs(
+        &self,
+        request: Request<pb::OutputsUpload>,
+    ) -> Result<Response<pb::UploadAck>, Status> {
+        let upload = request.into_inner();
+        self.artifacts
+            .put_outputs(&upload.attempt_id, upload.instance, upload.data)
+            .await?;
+        Ok(Response::new(pb::UploadAck {}))
+    }
+}

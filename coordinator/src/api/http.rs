@@ -1,0 +1,305 @@
+//! The JSON HTTP API under `/api/v1/`: the same operations as gRPC, through the
+//! same code paths, with the JSON shapes of `view`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use shoal_proto::v1 as pb;
+
+use super::{Api, convert};
+use crate::jobfile::JobFile;
+use crate::model::{ClusterRequest, ClusterUpdate};
+use crate::view;
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
+        .route(
+            "/api/v1/clusters/{name}",
+            get(get_cluster)
+                .patch(update_cluster)
+                .delete(delete_cluster),
+        )
+        .route("/api/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/jobs/{id}/logs", get(job_logs))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/vm-sizes", get(list_vm_sizes))
+        .with_state(api)
+}
+
+/// Errors as `{"error": "...", "code": "..."}` with the status that fits.
+pub struct ApiError(tonic::Status);
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        ApiError(s)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self.0.code() {
+            tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::AlreadyExists => StatusCode::CONFLICT,
+            tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = serde_json::json!({
+            "error": self.0.message(),
+            "code": format!("{:?}", self.0.code()),
+        });
+        (status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A body that does not parse is a 400 naming the problem, never a panic.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(crate::Error::invalid("body", e.to_string()).into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterBody {
+    name: String,
+    #[serde(alias = "size")]
+    vm_size: String,
+    #[serde(default, alias = "tier")]
+    vm_priority: String,
+    #[serde(default, alias = "min_instances")]
+    min_nodes: Option<u32>,
+    #[serde(default, alias = "max_instances")]
+    max_nodes: Option<u32>,
+    #[serde(default, alias = "idle_time_before_scale_down")]
+    idle_seconds_before_scaledown: Option<u64>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    provider: String,
+    #[serde(default)]
+    internode_communication: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterPatch {
+    #[serde(default, alias = "min_instances")]
+    min_nodes: Option<u32>,
+    #[serde(default, alias = "max_instances")]
+    max_nodes: Option<u32>,
+    #[serde(default, alias = "idle_time_before_scale_down")]
+    idle_seconds_before_scaledown: Option<u64>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default, alias = "size")]
+    vm_size: Option<String>,
+    #[serde(default, alias = "tier")]
+    vm_priority: Option<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    internode_communication: Option<bool>,
+}
+
+async fn list_clusters(State(api): State<Api>) -> ApiResult<Vec<view::Cluster>> {
+    let clusters = api.control.list_clusters().await?;
+    Ok(Json(
+        clusters
+            .iter()
+            .map(|c| view::Cluster::from(&convert::cluster(c)))
+            .collect(),
+    ))
+}
+
+async fn create_cluster(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<view::Cluster>), ApiError> {
+    let body: ClusterBody = parse(&body)?;
+    let request = ClusterRequest {
+        name: body.name,
+        vm_size: body.vm_size,
+        vm_priority: body.vm_priority,
+        min_nodes: body.min_nodes,
+        max_nodes: body.max_nodes,
+        idle_seconds_before_scaledown: body.idle_seconds_before_scaledown,
+        description: body.description,
+        tags: body.tags,
+        provider: body.provider,
+        internode_communication: body.internode_communication,
+    };
+    let info = api.control.create_cluster(request).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(view::Cluster::from(&convert::cluster(&info))),
+    ))
+}
+
+async fn get_cluster(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<view::Cluster> {
+    let info = api.control.get_cluster(name).await?;
+    Ok(Json(view::Cluster::from(&convert::cluster(&info))))
+}
+
+async fn update_cluster(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<view::Cluster> {
+    let patch: ClusterPatch = parse(&body)?;
+    let update = ClusterUpdate {
+        name,
+        min_nodes: patch.min_nodes,
+        max_nodes: patch.max_nodes,
+        idle_seconds_before_scaledown: patch.idle_seconds_before_scaledown,
+        description: patch.description,
+        set_tags: patch.tags,
+        vm_size: patch.vm_size,
+        vm_priority: patch.vm_priority,
+        provider: patch.provider,
+        internode_communication: patch.internode_communication,
+    };
+    let info = api.control.update_cluster(update).await?;
+    Ok(Json(view::Cluster::from(&convert::cluster(&info))))
+}
+
+async fn delete_cluster(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> ApiResult<view::Cluster> {
+    let info = api.control.delete_cluster(name).await?;
+    Ok(Json(view::Cluster::from(&convert::cluster(&info))))
+}
+
+#[derive(Deserialize)]
+struct ClusterFilter {
+    #[serde(default)]
+    cluster: Option<String>,
+}
+
+async fn list_jobs(
+    State(api): State<Api>,
+    Query(filter): Query<ClusterFilter>,
+) -> ApiResult<Vec<view::Job>> {
+    let jobs = api.control.list_jobs(filter.cluster).await?;
+    Ok(Json(
+        jobs.iter()
+            .map(|j| view::Job::from(&convert::job(j)))
+            .collect(),
+    ))
+}
+
+/// Takes the job file's shape as JSON (`command`, `compute`, `resources.instance_count`...).
+async fn submit_job(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<view::Job>), ApiError> {
+    let file: JobFile = parse(&body)?;
+    file.check_supported()?;
+    if file.code.is_some() {
+        return Err(crate::Error::invalid(
+            "code",
+            "code snapshots are uploaded through gRPC (`shoal job submit --code DIR`); the HTTP API takes jobs without code",
+        )
+        .into());
+    }
+    let spec = pb::JobSpec {
+        name: file.job_name(),
+        cluster: file.cluster().unwrap_or_default(),
+        argv: file.argv.clone(),
+        command: file.command.clone().unwrap_or_default(),
+        environment_variables: file.env().into_iter().collect(),
+        instance_count: file
+            .resources
+            .as_ref()
+            .and_then(|r| r.instance_count)
+            .unwrap_or(1),
+        timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
+        code: Vec::new(),
+    };
+    let job = api.submit(spec).await?;
+    Ok((StatusCode::CREATED, Json(view::Job::from(&job))))
+}
+
+async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
+    let job = api.control.get_job(id).await?;
+    Ok(Json(view::Job::from(&convert::job(&job))))
+}
+
+async fn cancel_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
+    let job = api.control.cancel_job(id).await?;
+    Ok(Json(view::Job::from(&convert::job(&job))))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    instance: Option<u32>,
+}
+
+/// The stored log as text (all instances interleaved in arrival order, or one).
+async fn job_logs(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Result<String, ApiError> {
+    let mut text = Vec::new();
+    let mut after = 0;
+    loop {
+        let chunk = api
+            .control
+            .read_logs(id.clone(), query.instance, after)
+            .await?;
+        let Some(last) = chunk.last() else { break };
+        after = last.seq;
+        for log in &chunk {
+            text.extend_from_slice(&log.data);
+        }
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+async fn list_nodes(
+    State(api): State<Api>,
+    Query(filter): Query<ClusterFilter>,
+) -> ApiResult<Vec<view::Node>> {
+    let nodes = api.control.list_nodes(filter.cluster).await?;
+    Ok(Json(
+        nodes
+            .iter()
+            .map(|n| view::Node::from(&convert::node(n)))
+            .collect(),
+    ))
+}
+
+async fn list_vm_sizes(State(api): State<Api>) -> ApiResult<Vec<view::VmSize>> {
+    Ok(Json(
+        api.catalog
+            .all()
+            .iter()
+            .map(|s| view::VmSize::from(&convert::vm_size(s)))
+            .collect(),
+    ))
+}

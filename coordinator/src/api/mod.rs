@@ -1,0 +1,7 @@
+//! The gRPC services (user API and agent session) and the JSON HTTP API, on one port.
+
+pub mod convert;
+mod grpc;
+pub mod http;
+
+pub use grpc::Api;

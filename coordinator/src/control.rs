@@ -1,0 +1,1518 @@
+//! The control loop: the one owner of cluster, node and job state. API handlers and
+//! agent sessions send it commands; it drains its inbox, applies the batch, asks the
+//! scheduler and autoscaler (pure functions) what to do, commits everything in one
+//! transaction, and only then replies, launches, and calls providers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::autoscaler;
+use crate::model::*;
+use crate::provider::{NodeLaunch, NodeProvider};
+use crate::scheduler;
+use crate::store::{Batch, NewLog, Store, StoredLog};
+use crate::vmsize::Catalog;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub catalog: Catalog,
+    /// A node whose agent stays disconnected this long is given up (its work requeued).
+    pub agent_grace: Duration,
+    /// A new node must register within this.
+    pub register_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// Attempts a job may use up through lost nodes before it fails.
+    pub max_attempts: u32,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            catalog: Catalog::default(),
+            agent_grace: Duration::from_secs(30),
+            register_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(5),
+            max_attempts: 5,
+        }
+    }
+}
+
+/// What the coordinator tells an agent (converted to the wire in `api`).
+#[derive(Clone, Debug)]
+pub enum ToAgent {
+    Registered { heartbeat_interval: Duration },
+    Launch(LaunchOrder),
+    Cancel { slot: Slot, reason: String },
+    Shutdown { reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct LaunchOrder {
+    pub slot: Slot,
+    pub job_id: String,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_seconds: Option<u64>,
+    pub has_code: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExitReport {
+    pub exit_code: Option<i32>,
+    pub outcome: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct AttemptReport {
+    pub slot: Slot,
+    /// None: still running.
+    pub exited: Option<ExitReport>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub node_id: String,
+    pub cluster: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub hostname: String,
+    pub pid: u32,
+    pub attempts: Vec<AttemptReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    pub idle: u32,
+    pub running: u32,
+    pub preparing: u32,
+    pub leaving: u32,
+    pub preempted: u32,
+    pub unusable: u32,
+}
+
+/// A cluster with what the autoscaler and nodes say about it now.
+#[derive(Clone, Debug)]
+pub struct ClusterInfo {
+    pub cluster: Cluster,
+    pub counts: NodeCounts,
+    pub current_node_count: u32,
+    pub target_node_count: u32,
+    pub resizing: bool,
+}
+
+/// Something changed; watchers fetch what they care about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Job(String),
+    Cluster(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+pub enum Command {
+    CreateCluster(ClusterRequest, Reply<ClusterInfo>),
+    UpdateCluster(ClusterUpdate, Reply<ClusterInfo>),
+    DeleteCluster(String, Reply<ClusterInfo>),
+    GetCluster(String, Reply<ClusterInfo>),
+    ListClusters(Reply<Vec<ClusterInfo>>),
+    SubmitJob(JobRequest, Reply<Job>),
+    GetJob(String, Reply<Job>),
+    ListJobs(Option<String>, Reply<Vec<Job>>),
+    CancelJob(String, Reply<Job>),
+    ListNodes(Option<String>, Reply<Vec<Node>>),
+    ReadLogs {
+        job_id: String,
+        instance: Option<u32>,
+        after_seq: i64,
+        reply: Reply<Vec<StoredLog>>,
+    },
+    AgentRegister {
+        registration: Registration,
+        session: u64,
+        link: mpsc::UnboundedSender<ToAgent>,
+        reply: Reply<()>,
+    },
+    AgentGone {
+        node_id: String,
+        session: u64,
+    },
+    Heartbeat {
+        node_id: String,
+        cpu_percent: f32,
+        memory_used_bytes: u64,
+    },
+    InstanceStarted {
+        node_id: String,
+        slot: Slot,
+    },
+    InstanceExited {
+        node_id: String,
+        slot: Slot,
+        exit: ExitReport,
+    },
+    Log {
+        slot: Slot,
+        stream: String,
+        data: Vec<u8>,
+    },
+    NodeStarted {
+        node_id: String,
+        pid: Option<u32>,
+    },
+    NodeFailed {
+        node_id: String,
+        error: String,
+    },
+    NodeRemoved {
+        node_id: String,
+    },
+}
+
+/// Cheap to clone; every API handler holds one.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<Command>,
+    changes: broadcast::Sender<Change>,
+    logs: broadcast::Sender<Arc<StoredLog>>,
+}
+
+fn stopped() -> Error {
+    Error::Internal("the coordinator is shutting down".into())
+}
+
+impl ControlHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Fire-and-forget (agent events); false once the loop is gone.
+    pub async fn send(&self, command: Command) -> bool {
+        self.tx.send(command).await.is_ok()
+    }
+
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    pub fn subscribe_logs(&self) -> broadcast::Receiver<Arc<StoredLog>> {
+        self.logs.subscribe()
+    }
+
+    pub async fn create_cluster(&self, request: ClusterRequest) -> Result<ClusterInfo> {
+        self.ask(|r| Command::CreateCluster(request, r)).await
+    }
+    pub async fn update_cluster(&self, update: ClusterUpdate) -> Result<ClusterInfo> {
+        self.ask(|r| Command::UpdateCluster(update, r)).await
+    }
+    pub async fn delete_cluster(&self, name: String) -> Result<ClusterInfo> {
+        self.ask(|r| Command::DeleteCluster(name, r)).await
+    }
+    pub async fn get_cluster(&self, name: String) -> Result<ClusterInfo> {
+        self.ask(|r| Command::GetCluster(name, r)).await
+    }
+    pub async fn list_clusters(&self) -> Result<Vec<ClusterInfo>> {
+        self.ask(Command::ListClusters).await
+    }
+    pub async fn submit_job(&self, request: JobRequest) -> Result<Job> {
+        self.ask(|r| Command::SubmitJob(request, r)).await
+    }
+    pub async fn get_job(&self, id: String) -> Result<Job> {
+        self.ask(|r| Command::GetJob(id, r)).await
+    }
+    pub async fn list_jobs(&self, cluster: Option<String>) -> Result<Vec<Job>> {
+        self.ask(|r| Command::ListJobs(cluster, r)).await
+    }
+    pub async fn cancel_job(&self, id: String) -> Result<Job> {
+        self.ask(|r| Command::CancelJob(id, r)).await
+    }
+    pub async fn list_nodes(&self, cluster: Option<String>) -> Result<Vec<Node>> {
+        self.ask(|r| Command::ListNodes(cluster, r)).await
+    }
+    pub async fn read_logs(
+        &self,
+        job_id: String,
+        instance: Option<u32>,
+        after_seq: i64,
+    ) -> Result<Vec<StoredLog>> {
+        self.ask(|reply| Command::ReadLogs {
+            job_id,
+            instance,
+            after_seq,
+            reply,
+        })
+        .await
+    }
+    pub async fn register_agent(
+        &self,
+        registration: Registration,
+        session: u64,
+        link: mpsc::UnboundedSender<ToAgent>,
+    ) -> Result<()> {
+        self.ask(|reply| Command::AgentRegister {
+            registration,
+            session,
+            link,
+            reply,
+        })
+        .await
+    }
+}
+
+type Deferred = Box<dyn FnOnce(Option<&str>) + Send>;
+
+pub struct Control {
+    config: ControlConfig,
+    store: Box<dyn Store>,
+    provider: Arc<dyn NodeProvider>,
+    own_tx: mpsc::Sender<Command>,
+    changes_tx: broadcast::Sender<Change>,
+    logs_tx: broadcast::Sender<Arc<StoredLog>>,
+
+    clusters: BTreeMap<String, Cluster>,
+    nodes: BTreeMap<String, Node>,
+    jobs: HashMap<String, Job>,
+    /// Queued jobs, oldest first: seq -> id.
+    queue: BTreeMap<u64, String>,
+    links: HashMap<String, (u64, mpsc::UnboundedSender<ToAgent>)>,
+    disconnected_since: HashMap<String, Millis>,
+    targets: HashMap<String, u32>,
+    next_job_seq: u64,
+    next_node_seq: u64,
+    wake_at: Option<Millis>,
+
+    // What this batch changed, written and announced by `flush`.
+    dirty_clusters: BTreeSet<String>,
+    deleted_clusters: BTreeSet<String>,
+    dirty_nodes: BTreeSet<String>,
+    deleted_nodes: BTreeSet<String>,
+    dirty_jobs: BTreeSet<String>,
+    seqs_dirty: bool,
+    new_logs: Vec<NewLog>,
+    replies: Vec<Deferred>,
+    outbox: Vec<(String, ToAgent)>,
+    to_create: Vec<NodeLaunch>,
+    to_remove: Vec<(String, Option<u32>)>,
+}
+
+impl Control {
+    /// Loads the stored state; returns the loop (to `run`) and a handle to it.
+    pub fn new(
+        config: ControlConfig,
+        mut store: Box<dyn Store>,
+        provider: Arc<dyn NodeProvider>,
+    ) -> Result<(Control, ControlHandle, mpsc::Receiver<Command>)> {
+        let snapshot = store.load()?;
+        let (tx, rx) = mpsc::channel(16_384);
+        let (changes_tx, _) = broadcast::channel(4096);
+        let (logs_tx, _) = broadcast::channel(4096);
+        let handle = ControlHandle {
+            tx: tx.clone(),
+            changes: changes_tx.clone(),
+            logs: logs_tx.clone(),
+        };
+        let now = now_ms();
+        let mut control = Control {
+            config,
+            store,
+            provider,
+            own_tx: tx,
+            changes_tx,
+            logs_tx,
+            clusters: snapshot
+                .clusters
+                .into_iter()
+                .map(|c| (c.spec.name.clone(), c))
+                .collect(),
+            nodes: BTreeMap::new(),
+            jobs: HashMap::new(),
+            queue: BTreeMap::new(),
+            links: HashMap::new(),
+            disconnected_since: HashMap::new(),
+            targets: HashMap::new(),
+            next_job_seq: snapshot.next_job_seq,
+            next_node_seq: snapshot.next_node_seq,
+            wake_at: None,
+            dirty_clusters: BTreeSet::new(),
+            deleted_clusters: BTreeSet::new(),
+            dirty_nodes: BTreeSet::new(),
+            deleted_nodes: BTreeSet::new(),
+            dirty_jobs: BTreeSet::new(),
+            seqs_dirty: false,
+            new_logs: Vec::new(),
+            replies: Vec::new(),
+            outbox: Vec::new(),
+            to_create: Vec::new(),
+            to_remove: Vec::new(),
+        };
+        for mut node in snapshot.nodes {
+            // Agents of an earlier run reconnect on their own; until then they are
+            // disconnected, and given up after the grace period.
+            node.connected = false;
+            control.disconnected_since.insert(node.id.clone(), now);
+            if node.state == NodeState::Leaving {
+                control.to_remove.push((node.id.clone(), node.pid));
+            }
+            control.nodes.insert(node.id.clone(), node);
+        }
+        for job in snapshot.jobs {
+            if job.status == JobStatus::Queued {
+                control.queue.insert(job.seq, job.id.clone());
+            }
+            control.jobs.insert(job.id.clone(), job);
+        }
+        info!(
+            clusters = control.clusters.len(),
+            nodes = control.nodes.len(),
+            jobs = control.jobs.len(),
+            queued = control.queue.len(),
+            "state loaded"
+        );
+        Ok((control, handle, rx))
+    }
+
+    /// Runs until `shutdown` resolves, then stops every node and returns.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands = Vec::with_capacity(1024);
+        loop {
+            let now = now_ms();
+            self.decide(now);
+            self.flush().await;
+            let wake_in = self
+                .wake_at
+                .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                received = inbox.recv_many(&mut commands, 1024) => {
+                    if received == 0 { break; }
+                }
+                _ = housekeeping.tick() => {}
+                _ = tokio::time::sleep(wake_in) => {}
+                _ = &mut shutdown => break,
+            }
+            let now = now_ms();
+            for command in commands.drain(..) {
+                self.handle(command, now);
+            }
+            self.housekeep(now);
+        }
+        self.stop_all_nodes().await;
+    }
+
+    // ------------------------------------------------------------- commands
+
+    fn defer<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T>) {
+        self.replies.push(Box::new(move |failed: Option<&str>| {
+            let answer = match failed {
+                Some(why) => Err(Error::Internal(format!("not stored: {why}"))),
+                None => result,
+            };
+            let _ = reply.send(answer);
+        }));
+    }
+
+    fn handle(&mut self, command: Command, now: Millis) {
+        match command {
+            Command::CreateCluster(request, reply) => {
+                let result = self.create_cluster(request, now);
+                self.defer(reply, result);
+            }
+            Command::UpdateCluster(update, reply) => {
+                let result = self.update_cluster(update);
+                self.defer(reply, result);
+            }
+            Command::DeleteCluster(name, reply) => {
+                let result = self.delete_cluster(&name);
+                self.defer(reply, result);
+            }
+            Command::GetCluster(name, reply) => {
+                let result = self.cluster_info(&name);
+                self.defer(reply, result);
+            }
+            Command::ListClusters(reply) => {
+                let names: Vec<String> = self.clusters.keys().cloned().collect();
+                let result = names.iter().map(|n| self.cluster_info(n)).collect();
+                self.defer(reply, result);
+            }
+            Command::SubmitJob(request, reply) => {
+                let result = self.submit_job(request, now);
+                self.defer(reply, result);
+            }
+            Command::GetJob(id, reply) => {
+                let result = self.job(&id).cloned();
+                self.defer(reply, result);
+            }
+            Command::ListJobs(cluster, reply) => {
+                let mut jobs: Vec<Job> = self
+                    .jobs
+                    .values()
+                    .filter(|j| cluster.as_ref().is_none_or(|c| &j.spec.cluster == c))
+                    .cloned()
+                    .collect();
+                jobs.sort_by_key(|j| j.seq);
+                self.defer(reply, Ok(jobs));
+            }
+            Command::CancelJob(id, reply) => {
+                let result = self.cancel_job(&id, now);
+                self.defer(reply, result);
+            }
+            Command::ListNodes(cluster, reply) => {
+                let nodes = self
+                    .nodes
+                    .values()
+                    .filter(|n| cluster.as_ref().is_none_or(|c| &n.cluster == c))
+                    .cloned()
+                    .collect();
+                self.defer(reply, Ok(nodes));
+            }
+            Command::ReadLogs {
+                job_id,
+                instance,
+                after_seq,
+                reply,
+            } => {
+                let result = match self.job(&job_id) {
+                    Ok(_) => self.store.read_logs(&job_id, instance, after_seq, 10_000),
+                    Err(e) => Err(e),
+                };
+                // Logs already committed: no need to wait for this batch.
+                let _ = reply.send(result);
+            }
+            Command::AgentRegister {
+                registration,
+                session,
+                link,
+                reply,
+            } => {
+                let result = self.register(registration, session, link, now);
+                self.defer(reply, result);
+            }
+            Command::AgentGone { node_id, session } => self.agent_gone(&node_id, session, now),
+            Command::Heartbeat {
+                node_id,
+                cpu_percent,
+                memory_used_bytes,
+            } => {
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    node.cpu_percent = cpu_percent;
+                    node.memory_used_bytes = memory_used_bytes;
+                    node.last_heartbeat = now;
+                }
+            }
+            Command::InstanceStarted { node_id, slot } => {
+                self.instance_started(&node_id, &slot, now)
+            }
+            Command::InstanceExited {
+                node_id,
+                slot,
+                exit,
+            } => self.instance_exited(&node_id, &slot, exit, now),
+            Command::Log { slot, stream, data } => {
+                if let Some(job_id) = job_of_attempt(&slot.attempt_id)
+                    && self.jobs.contains_key(job_id)
+                {
+                    self.new_logs.push(NewLog {
+                        job_id: job_id.to_string(),
+                        attempt_id: slot.attempt_id,
+                        instance: slot.instance,
+                        stream,
+                        data,
+                    });
+                }
+            }
+            Command::NodeStarted { node_id, pid } => {
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    node.pid = pid;
+                    self.dirty_nodes.insert(node_id);
+                }
+            }
+            Command::NodeFailed { node_id, error } => {
+                if self
+                    .nodes
+                    .get(&node_id)
+                    .is_some_and(|n| n.state == NodeState::Leaving)
+                {
+                    self.forget_node(&node_id);
+                } else {
+                    self.node_unusable(&node_id, &error, now);
+                }
+            }
+            Command::NodeRemoved { node_id } => self.forget_node(&node_id),
+        }
+    }
+
+    fn cluster(&self, name: &str) -> Result<&Cluster> {
+        self.clusters.get(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "cluster `{name}` not found; `shoal cluster list` shows the clusters"
+            ))
+        })
+    }
+
+    fn job(&self, id: &str) -> Result<&Job> {
+        self.jobs.get(id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "job `{id}` not found; `shoal job list` shows the jobs"
+            ))
+        })
+    }
+
+    fn cluster_info(&self, name: &str) -> Result<ClusterInfo> {
+        let cluster = self.cluster(name)?.clone();
+        let mut counts = NodeCounts::default();
+        for node in self.nodes.values().filter(|n| n.cluster == name) {
+            let counter = match node.state {
+                NodeState::Idle => &mut counts.idle,
+                NodeState::Running => &mut counts.running,
+                NodeState::Preparing => &mut counts.preparing,
+                NodeState::Leaving => &mut counts.leaving,
+                NodeState::Preempted => &mut counts.preempted,
+                NodeState::Unusable => &mut counts.unusable,
+            };
+            *counter += 1;
+        }
+        let current = counts.idle + counts.running + counts.preparing + counts.leaving;
+        let target = self
+            .targets
+            .get(name)
+            .copied()
+            .unwrap_or(cluster.spec.min_nodes);
+        Ok(ClusterInfo {
+            resizing: current != target || counts.preparing > 0 || counts.leaving > 0,
+            cluster,
+            counts,
+            current_node_count: current,
+            target_node_count: target,
+        })
+    }
+
+    fn create_cluster(&mut self, request: ClusterRequest, now: Millis) -> Result<ClusterInfo> {
+        let spec = ClusterSpec::from_request(request, &self.config.catalog)?;
+        if self.clusters.contains_key(&spec.name) {
+            return Err(Error::AlreadyExists(format!(
+                "cluster `{}` already exists; pick another name or `shoal cluster update` it",
+                spec.name
+            )));
+        }
+        let name = spec.name.clone();
+        info!(cluster = %name, size = %spec.vm_size, min = spec.min_nodes, max = spec.max_nodes, "cluster created");
+        self.clusters.insert(
+            name.clone(),
+            Cluster {
+                spec,
+                created_at: now,
+                errors: Vec::new(),
+            },
+        );
+        self.dirty_clusters.insert(name.clone());
+        self.cluster_info(&name)
+    }
+
+    fn update_cluster(&mut self, update: ClusterUpdate) -> Result<ClusterInfo> {
+        let next = self.cluster(&update.name)?.spec.apply(&update)?;
+        if let Some(cluster) = self.clusters.get_mut(&update.name) {
+            cluster.spec = next;
+        }
+        self.dirty_clusters.insert(update.name.clone());
+        self.cluster_info(&update.name)
+    }
+
+    fn delete_cluster(&mut self, name: &str) -> Result<ClusterInfo> {
+        let info = self.cluster_info(name)?;
+        let active = self
+            .jobs
+            .values()
+            .filter(|j| j.spec.cluster == name && !j.status.is_final())
+            .count();
+        if active > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "cluster `{name}` has {active} job(s) queued or running; cancel them first (`shoal job list --cluster {name}`)"
+            )));
+        }
+        let node_ids: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.cluster == name && n.state != NodeState::Leaving)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in node_ids {
+            self.remove_node(&id, "cluster deleted");
+        }
+        self.clusters.remove(name);
+        self.targets.remove(name);
+        self.deleted_clusters.insert(name.to_string());
+        info!(cluster = %name, "cluster deleted");
+        Ok(info)
+    }
+
+    fn submit_job(&mut self, request: JobRequest, now: Millis) -> Result<Job> {
+        let cluster = self.clusters.get(&request.cluster).ok_or_else(|| {
+            Error::invalid(
+                "compute",
+                format!(
+                    "cluster `{}` does not exist; create it with `shoal cluster create` or see `shoal cluster list`",
+                    request.cluster
+                ),
+            )
+        })?;
+        let spec = JobSpec::from_request(request, &cluster.spec)?;
+        let seq = self.next_job_seq;
+        self.next_job_seq += 1;
+        self.seqs_dirty = true;
+        let id = format!("job-{seq}");
+        let job = Job {
+            id: id.clone(),
+            seq,
+            spec: JobSpec {
+                name: if spec.name.is_empty() {
+                    id.clone()
+                } else {
+                    spec.name.clone()
+                },
+                ..spec
+            },
+            status: JobStatus::Queued,
+            attempts: Vec::new(),
+            created_at: now,
+            started_at: 0,
+            ended_at: 0,
+            reason: "queued".into(),
+        };
+        debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
+        self.queue.insert(seq, id.clone());
+        self.jobs.insert(id.clone(), job.clone());
+        self.dirty_jobs.insert(id);
+        Ok(job)
+    }
+
+    fn cancel_job(&mut self, id: &str, now: Millis) -> Result<Job> {
+        let job = self.job(id)?;
+        if job.status.is_final() {
+            return Err(Error::FailedPrecondition(format!(
+                "job `{id}` already ended ({}); nothing to cancel",
+                job.status.as_str()
+            )));
+        }
+        let seq = job.seq;
+        self.queue.remove(&seq);
+        self.end_job(id, JobStatus::Canceled, "canceled by user".into(), now);
+        self.stop_live_instances(id, "job canceled");
+        self.job(id).cloned()
+    }
+
+    // ---------------------------------------------------------- agent events
+
+    fn register(
+        &mut self,
+        registration: Registration,
+        session: u64,
+        link: mpsc::UnboundedSender<ToAgent>,
+        now: Millis,
+    ) -> Result<()> {
+        let node_id = registration.node_id.clone();
+        let Some(node) = self.nodes.get_mut(&node_id) else {
+            return Err(Error::NotFound(format!(
+                "node `{node_id}` is not part of this coordinator's clusters; the agent should stop"
+            )));
+        };
+        if node.cluster != registration.cluster {
+            return Err(Error::FailedPrecondition(format!(
+                "node `{node_id}` belongs to cluster `{}`, not `{}`",
+                node.cluster, registration.cluster
+            )));
+        }
+        if matches!(node.state, NodeState::Leaving | NodeState::Unusable) {
+            return Err(Error::FailedPrecondition(format!(
+                "node `{node_id}` is {} and may not rejoin; the agent should stop",
+                node.state.as_str()
+            )));
+        }
+        node.connected = true;
+        node.cores = registration.cores;
+        node.memory_bytes = registration.memory_bytes;
+        node.hostname = registration.hostname.clone();
+        node.pid = Some(registration.pid);
+        node.last_heartbeat = now;
+        if node.state == NodeState::Preparing {
+            node.state = NodeState::Idle;
+            node.state_since = now;
+        }
+        node.message.clear();
+        let cluster = node.cluster.clone();
+        self.dirty_nodes.insert(node_id.clone());
+        self.disconnected_since.remove(&node_id);
+        self.links.insert(node_id.clone(), (session, link));
+        self.outbox.push((
+            node_id.clone(),
+            ToAgent::Registered {
+                heartbeat_interval: self.config.heartbeat_interval,
+            },
+        ));
+        if let Some(c) = self.clusters.get_mut(&cluster)
+            && !c.errors.is_empty()
+        {
+            c.errors.clear();
+            self.dirty_clusters.insert(cluster);
+        }
+        info!(node = %node_id, reported = registration.attempts.len(), "agent registered");
+        self.reconcile(&node_id, registration.attempts, now);
+        Ok(())
+    }
+
+    /// Brings what the agent says it runs and what we think it runs together.
+    fn reconcile(&mut self, node_id: &str, reports: Vec<AttemptReport>, now: Millis) {
+        let mut reported = BTreeSet::new();
+        for report in reports {
+            reported.insert(report.slot.clone());
+            let wanted = self.instance_wanted_on(node_id, &report.slot);
+            match (report.exited, wanted) {
+                (Some(exit), _) => self.instance_exited(node_id, &report.slot, exit, now),
+                (None, true) => self.instance_started(node_id, &report.slot, now),
+                (None, false) => {
+                    warn!(node = %node_id, attempt = %report.slot.attempt_id, "agent runs an attempt that is no longer wanted; canceling it");
+                    self.outbox.push((
+                        node_id.to_string(),
+                        ToAgent::Cancel {
+                            slot: report.slot,
+                            reason: "this attempt is no longer wanted".into(),
+                        },
+                    ));
+                }
+            }
+        }
+        let expected = self.nodes.get(node_id).and_then(|n| n.running.clone());
+        if let Some(slot) = expected
+            && !reported.contains(&slot)
+        {
+            self.instance_lost(&slot, &format!("node {node_id} restarted without it"), now);
+        }
+    }
+
+    /// The instance is placed on this node and should still run.
+    fn instance_wanted_on(&self, node_id: &str, slot: &Slot) -> bool {
+        self.instance(slot).is_some_and(|(job, instance)| {
+            instance.node == node_id && !instance.status.is_final() && !job.status.is_final()
+        })
+    }
+
+    fn instance(&self, slot: &Slot) -> Option<(&Job, &InstanceRun)> {
+        let job = self.jobs.get(job_of_attempt(&slot.attempt_id)?)?;
+        let attempt = job.attempts.iter().find(|a| a.id == slot.attempt_id)?;
+        let instance = attempt.instances.get(slot.instance as usize)?;
+        Some((job, instance))
+    }
+
+    fn instance_mut(&mut self, slot: &Slot) -> Option<(&mut Job, usize)> {
+        let job = self.jobs.get_mut(job_of_attempt(&slot.attempt_id)?)?;
+        let index = job.attempts.iter().position(|a| a.id == slot.attempt_id)?;
+        job.attempts[index].instances.get(slot.instance as usize)?;
+        Some((job, index))
+    }
+
+    fn agent_gone(&mut self, node_id: &str, session: u64, now: Millis) {
+        if self.links.get(node_id).is_some_and(|(s, _)| *s == session) {
+            self.links.remove(node_id);
+            if let Some(node) = self.nodes.get_mut(node_id) {
+                node.connected = false;
+                self.disconnected_since.insert(node_id.to_string(), now);
+                if node.state == NodeState::Leaving {
+                    debug!(node = %node_id, "leaving agent disconnected");
+                } else {
+                    warn!(node = %node_id, "agent disconnected");
+                }
+            }
+        }
+    }
+
+    fn instance_started(&mut self, node_id: &str, slot: &Slot, now: Millis) {
+        if !self.instance_wanted_on(node_id, slot) {
+            return;
+        }
+        let Some((job, index)) = self.instance_mut(slot) else {
+            return;
+        };
+        let attempt = &mut job.attempts[index];
+        attempt.instances[slot.instance as usize].status = InstanceStatus::Running;
+        let all_running = attempt
+            .instances
+            .iter()
+            .all(|i| i.status == InstanceStatus::Running);
+        if all_running && job.status == JobStatus::Preparing {
+            attempt.started_at = now;
+            job.status = JobStatus::Running;
+            job.reason.clear();
+            if job.started_at == 0 {
+                job.started_at = now;
+            }
+        }
+        let id = job.id.clone();
+        self.dirty_jobs.insert(id);
+    }
+
+    fn instance_exited(&mut self, node_id: &str, slot: &Slot, exit: ExitReport, now: Millis) {
+        self.free_node(node_id, slot, now);
+        let Some((job, index)) = self.instance_mut(slot) else {
+            return;
+        };
+        let instance = &mut job.attempts[index].instances[slot.instance as usize];
+        if instance.status.is_final() || instance.node != node_id {
+            return; // a repeat, or a stale report
+        }
+        let status = InstanceStatus::from_outcome(&exit.outcome, exit.exit_code);
+        let job_id = job.id.clone();
+        let job_final = job.status.is_final();
+        if status == InstanceStatus::Canceled && !job_final {
+            // Stopped under us (the agent shut down): not the job's fault.
+            self.instance_lost(
+                slot,
+                &format!("stopped on node {node_id}: {}", exit.message),
+                now,
+            );
+            return;
+        }
+        instance.status = status;
+        instance.exit_code = exit.exit_code;
+        instance.message = exit.message.clone();
+        let attempt = &mut job.attempts[index];
+        if attempt.is_settled() {
+            attempt.ended_at = now;
+        }
+        self.dirty_jobs.insert(job_id.clone());
+        if job_final {
+            return;
+        }
+        let code = exit
+            .exit_code
+            .map_or("no exit code".to_string(), |c| format!("exit code {c}"));
+        match status {
+            InstanceStatus::Completed => {
+                let done = self.jobs[&job_id].attempts[index]
+                    .instances
+                    .iter()
+                    .all(|i| i.status == InstanceStatus::Completed);
+                if done {
+                    self.end_job(&job_id, JobStatus::Completed, String::new(), now);
+                }
+            }
+            InstanceStatus::TimedOut => {
+                let reason = format!(
+                    "instance {} on node {node_id} timed out: {}",
+                    slot.instance, exit.message
+                );
+                self.end_job(&job_id, JobStatus::TimedOut, reason, now);
+                self.stop_live_instances(&job_id, "another instance timed out");
+            }
+            _ => {
+                let detail = if exit.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", exit.message)
+                };
+                let reason = format!(
+                    "instance {} on node {node_id} failed with {code}{detail}",
+                    slot.instance
+                );
+                self.end_job(&job_id, JobStatus::Failed, reason, now);
+                self.stop_live_instances(&job_id, "another instance failed");
+            }
+        }
+    }
+
+    /// The node no longer runs `slot`.
+    fn free_node(&mut self, node_id: &str, slot: &Slot, now: Millis) {
+        if let Some(node) = self.nodes.get_mut(node_id)
+            && node.running.as_ref() == Some(slot)
+        {
+            node.running = None;
+            if node.state == NodeState::Running {
+                node.state = NodeState::Idle;
+                node.state_since = now;
+            }
+            self.dirty_nodes.insert(node_id.to_string());
+        }
+    }
+
+    /// An instance's node went away: the attempt is over, and the job is requeued
+    /// as a new attempt (a gang as a whole) unless it used up its attempts.
+    fn instance_lost(&mut self, slot: &Slot, why: &str, now: Millis) {
+        let Some((job, index)) = self.instance_mut(slot) else {
+            return;
+        };
+        let instance = &mut job.attempts[index].instances[slot.instance as usize];
+        if instance.status.is_final() {
+            return;
+        }
+        instance.status = InstanceStatus::Lost;
+        instance.message = why.to_string();
+        let node_id = instance.node.clone();
+        let attempt = &mut job.attempts[index];
+        attempt.reason = why.to_string();
+        if attempt.is_settled() {
+            attempt.ended_at = now;
+        }
+        let job_id = job.id.clone();
+        let attempts_used = job.attempts.len() as u32;
+        let job_final = job.status.is_final();
+        let seq = job.seq;
+        self.dirty_jobs.insert(job_id.clone());
+        self.free_node(&node_id, slot, now);
+        if job_final {
+            return;
+        }
+        self.stop_live_instances(&job_id, "another instance was lost");
+        if attempts_used >= self.config.max_attempts {
+            let reason =
+                format!("gave up after {attempts_used} attempts; the last one was lost: {why}");
+            self.end_job(&job_id, JobStatus::Failed, reason, now);
+            return;
+        }
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            warn!(job = %job_id, attempt = %slot.attempt_id, why, "attempt lost; requeued");
+            job.status = JobStatus::Queued;
+            job.reason = format!("requeued: attempt {} lost ({why})", attempts_used);
+            self.queue.insert(seq, job_id);
+        }
+    }
+
+    /// Sends cancel to every instance of the job's current attempt that still runs.
+    fn stop_live_instances(&mut self, job_id: &str, reason: &str) {
+        let Some(attempt) = self.jobs.get(job_id).and_then(Job::current_attempt) else {
+            return;
+        };
+        for instance in attempt.instances.iter().filter(|i| !i.status.is_final()) {
+            let slot = Slot {
+                attempt_id: attempt.id.clone(),
+                instance: instance.index,
+            };
+            self.outbox.push((
+                instance.node.clone(),
+                ToAgent::Cancel {
+                    slot,
+                    reason: reason.to_string(),
+                },
+            ));
+        }
+    }
+
+    fn end_job(&mut self, job_id: &str, status: JobStatus, reason: String, now: Millis) {
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            info!(job = %job_id, status = status.as_str(), %reason, "job ended");
+            job.status = status;
+            job.reason = reason;
+            job.ended_at = now;
+            self.dirty_jobs.insert(job_id.to_string());
+        }
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    fn node_unusable(&mut self, node_id: &str, why: &str, now: Millis) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        warn!(node = %node_id, why, "node unusable");
+        node.state = NodeState::Unusable;
+        node.state_since = now;
+        node.message = why.to_string();
+        node.connected = false;
+        let running = node.running.clone();
+        let cluster = node.cluster.clone();
+        let pid = node.pid;
+        self.dirty_nodes.insert(node_id.to_string());
+        self.links.remove(node_id);
+        if let Some(slot) = running {
+            self.instance_lost(&slot, &format!("node {node_id} is unusable: {why}"), now);
+        }
+        if let Some(c) = self.clusters.get_mut(&cluster) {
+            c.errors.push(format!("node {node_id}: {why}"));
+            let excess = c.errors.len().saturating_sub(5);
+            c.errors.drain(..excess);
+            self.dirty_clusters.insert(cluster);
+        }
+        // Make sure nothing of it keeps running.
+        self.to_remove.push((node_id.to_string(), pid));
+    }
+
+    fn remove_node(&mut self, node_id: &str, why: &str) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        info!(node = %node_id, why, "removing node");
+        node.state = NodeState::Leaving;
+        node.message = why.to_string();
+        let pid = node.pid;
+        self.dirty_nodes.insert(node_id.to_string());
+        self.outbox.push((
+            node_id.to_string(),
+            ToAgent::Shutdown {
+                reason: why.to_string(),
+            },
+        ));
+        self.to_remove.push((node_id.to_string(), pid));
+    }
+
+    fn forget_node(&mut self, node_id: &str) {
+        let Some(node) = self.nodes.get(node_id) else {
+            return;
+        };
+        if node.state == NodeState::Leaving {
+            // The cluster's counts change: it is rewritten and announced too.
+            self.dirty_clusters.insert(node.cluster.clone());
+            self.nodes.remove(node_id);
+            self.links.remove(node_id);
+            self.disconnected_since.remove(node_id);
+            self.dirty_nodes.remove(node_id);
+            self.deleted_nodes.insert(node_id.to_string());
+        }
+    }
+
+    /// Timeouts that no event announces: agents that never register or never come
+    /// back, and unusable nodes kept for a while so people can see them.
+    fn housekeep(&mut self, now: Millis) {
+        let grace = self.config.agent_grace.as_millis() as i64;
+        let register = self.config.register_timeout.as_millis() as i64;
+        let mut unusable = Vec::new();
+        let mut forget = Vec::new();
+        for node in self.nodes.values() {
+            let disconnected = self.disconnected_since.get(&node.id).copied();
+            match node.state {
+                NodeState::Preparing if now - node.state_since > register => unusable.push((
+                    node.id.clone(),
+                    format!("its agent did not register within {} s", register / 1000),
+                )),
+                NodeState::Idle | NodeState::Running if !node.connected => {
+                    if let Some(since) = disconnected
+                        && now - since > grace
+                    {
+                        unusable.push((
+                            node.id.clone(),
+                            format!("its agent stayed disconnected for {} s", grace / 1000),
+                        ));
+                    }
+                }
+                NodeState::Unusable if now - node.state_since > 60_000 => {
+                    forget.push(node.id.clone())
+                }
+                _ => {}
+            }
+        }
+        for (id, why) in unusable {
+            self.node_unusable(&id, &why, now);
+        }
+        for id in forget {
+            if let Some(node) = self.nodes.remove(&id) {
+                self.dirty_clusters.insert(node.cluster);
+            }
+            self.disconnected_since.remove(&id);
+            self.deleted_nodes.insert(id);
+        }
+    }
+
+    // ----------------------------------------------------------- decisions
+
+    fn decide(&mut self, now: Millis) {
+        let schedulable: Vec<&Job> = self
+            .queue
+            .values()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.current_attempt().is_none_or(Attempt::is_settled))
+            .collect();
+        let node_refs: Vec<&Node> = self.nodes.values().collect();
+        let placements = scheduler::place(schedulable, &node_refs);
+        for placement in placements {
+            self.start_attempt(&placement, now);
+        }
+
+        let mut waiting: HashMap<String, (u32, u32)> = HashMap::new();
+        for job in self.queue.values().filter_map(|id| self.jobs.get(id)) {
+            let entry = waiting.entry(job.spec.cluster.clone()).or_default();
+            entry.0 += job.spec.instance_count;
+            entry.1 = entry.1.max(job.spec.instance_count);
+        }
+        self.wake_at = None;
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            let (waiting_instances, widest) = waiting.get(&name).copied().unwrap_or_default();
+            let spec = self.clusters[&name].spec.clone();
+            let nodes: Vec<&Node> = self.nodes.values().filter(|n| n.cluster == name).collect();
+            let free = nodes.iter().filter(|n| n.is_free()).count();
+            let decision = autoscaler::decide(&spec, &nodes, waiting_instances, now);
+            if let Some(at) = decision.wake_at {
+                self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+            }
+            let active = nodes
+                .iter()
+                .filter(|n| {
+                    matches!(
+                        n.state,
+                        NodeState::Preparing | NodeState::Idle | NodeState::Running
+                    )
+                })
+                .count() as u32;
+            let previous = self.targets.insert(name.clone(), decision.target);
+            if previous != Some(decision.target) {
+                self.dirty_clusters.insert(name.clone());
+            }
+            for _ in 0..decision.create {
+                self.create_node(&name, now);
+            }
+            for id in &decision.remove {
+                self.remove_node(id, "idle past idle_seconds_before_scaledown");
+            }
+            if waiting_instances > 0 {
+                let reason = waiting_reason(&spec, active, decision.target, free as u32, widest);
+                self.set_queued_reasons(&name, &reason);
+            }
+        }
+    }
+
+    fn set_queued_reasons(&mut self, cluster: &str, reason: &str) {
+        for id in self.queue.values() {
+            if let Some(job) = self.jobs.get_mut(id)
+                && job.spec.cluster == cluster
+                && job.reason != reason
+                && !job.reason.starts_with("requeued")
+            {
+                job.reason = reason.to_string();
+                self.dirty_jobs.insert(id.clone());
+            }
+        }
+    }
+
+    fn create_node(&mut self, cluster: &str, now: Millis) {
+        let size = self
+            .clusters
+            .get(cluster)
+            .and_then(|c| self.config.catalog.get(&c.spec.vm_size).cloned());
+        let Some(size) = size else {
+            error!(cluster, "cluster has a vm size the catalog no longer knows");
+            return;
+        };
+        let id = format!("{cluster}-n{}", self.next_node_seq);
+        self.next_node_seq += 1;
+        self.seqs_dirty = true;
+        let node = Node {
+            id: id.clone(),
+            cluster: cluster.to_string(),
+            state: NodeState::Preparing,
+            cores: size.cores,
+            memory_bytes: size.memory_bytes(),
+            created_at: now,
+            state_since: now,
+            running: None,
+            hostname: String::new(),
+            pid: None,
+            message: String::new(),
+            connected: false,
+            cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            last_heartbeat: 0,
+        };
+        info!(node = %id, cluster, "creating node");
+        self.to_create.push(NodeLaunch {
+            node_id: id.clone(),
+            cluster: cluster.to_string(),
+            cores: node.cores,
+            memory_bytes: node.memory_bytes,
+        });
+        self.nodes.insert(id.clone(), node);
+        self.dirty_nodes.insert(id);
+    }
+
+    fn start_attempt(&mut self, placement: &scheduler::Placement, now: Millis) {
+        let Some(job) = self.jobs.get_mut(&placement.job_id) else {
+            return;
+        };
+        let number = job.attempts.len() as u32 + 1;
+        let attempt_id = format!("{}.{number}", job.id);
+        let master = placement
+            .nodes
+            .first()
+            .and_then(|id| self.nodes.get(id))
+            .map(|n| {
+                if n.hostname.is_empty() {
+                    "127.0.0.1".to_string()
+                } else {
+                    n.hostname.clone()
+                }
+            })
+            .unwrap_or_default();
+        let mut instances = Vec::new();
+        for (index, node_id) in placement.nodes.iter().enumerate() {
+            let slot = Slot {
+                attempt_id: attempt_id.clone(),
+                instance: index as u32,
+            };
+            let mut env = job.spec.environment_variables.clone();
+            for (key, value) in [
+                ("SHOAL_JOB_ID", job.id.clone()),
+                ("SHOAL_ATTEMPT", number.to_string()),
+                ("SHOAL_ATTEMPT_ID", attempt_id.clone()),
+                ("SHOAL_INSTANCE", index.to_string()),
+                ("SHOAL_NODE_RANK", index.to_string()),
+                ("SHOAL_NUM_NODES", job.spec.instance_count.to_string()),
+                ("SHOAL_NODE_ID", node_id.clone()),
+                ("SHOAL_CLUSTER", job.spec.cluster.clone()),
+                ("SHOAL_MASTER_NODE", master.clone()),
+            ] {
+                env.insert(key.to_string(), value);
+            }
+            self.outbox.push((
+                node_id.clone(),
+                ToAgent::Launch(LaunchOrder {
+                    slot: slot.clone(),
+                    job_id: job.id.clone(),
+                    argv: job.spec.argv.clone(),
+                    env,
+                    timeout_seconds: job.spec.timeout_seconds,
+                    has_code: job.spec.code_path.is_some(),
+                }),
+            ));
+            if let Some(node) = self.nodes.get_mut(node_id) {
+                node.state = NodeState::Running;
+                node.state_since = now;
+                node.running = Some(slot);
+                self.dirty_nodes.insert(node_id.clone());
+            }
+            instances.push(InstanceRun {
+                index: index as u32,
+                node: node_id.clone(),
+                status: InstanceStatus::Launching,
+                exit_code: None,
+                message: String::new(),
+            });
+        }
+        debug!(job = %job.id, attempt = %attempt_id, nodes = ?placement.nodes, "placed");
+        job.attempts.push(Attempt {
+            id: attempt_id,
+            number,
+            instances,
+            started_at: 0,
+            ended_at: 0,
+            reason: String::new(),
+        });
+        job.status = JobStatus::Preparing;
+        job.reason = format!("starting on {}", placement.nodes.join(", "));
+        self.queue.remove(&job.seq);
+        self.dirty_jobs.insert(placement.job_id.clone());
+    }
+
+    // ---------------------------------------------------------------- apply
+
+    /// Commits the batch, then (and only then) answers, launches and scales.
+    async fn flush(&mut self) {
+        let clusters_touched: BTreeSet<String> = self
+            .dirty_nodes
+            .iter()
+            .chain(self.deleted_nodes.iter())
+            .filter_map(|id| self.nodes.get(id).map(|n| n.cluster.clone()))
+            .chain(self.dirty_clusters.iter().cloned())
+            .chain(self.deleted_clusters.iter().cloned())
+            .collect();
+        let batch = Batch {
+            clusters: self
+                .dirty_clusters
+                .iter()
+                .filter_map(|n| self.clusters.get(n).cloned())
+                .collect(),
+            deleted_clusters: self.deleted_clusters.iter().cloned().collect(),
+            nodes: self
+                .dirty_nodes
+                .iter()
+                .filter_map(|id| self.nodes.get(id).cloned())
+                .collect(),
+            deleted_nodes: self.deleted_nodes.iter().cloned().collect(),
+            jobs: self
+                .dirty_jobs
+                .iter()
+                .filter_map(|id| self.jobs.get(id).cloned())
+                .collect(),
+            logs: std::mem::take(&mut self.new_logs),
+            next_job_seq: self.seqs_dirty.then_some(self.next_job_seq),
+            next_node_seq: self.seqs_dirty.then_some(self.next_node_seq),
+        };
+        let committed = if batch.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.store.commit(&batch)
+        };
+        let failure = committed.as_ref().err().map(|e| e.to_string());
+        if let Some(why) = &failure {
+            error!(error = %why, "commit failed; replying with errors");
+        }
+        for reply in self.replies.drain(..) {
+            reply(failure.as_deref());
+        }
+        self.dirty_clusters.clear();
+        self.deleted_clusters.clear();
+        self.dirty_nodes.clear();
+        self.deleted_nodes.clear();
+        self.seqs_dirty = false;
+        let jobs_touched = std::mem::take(&mut self.dirty_jobs);
+        if failure.is_some() {
+            self.outbox.clear();
+            return;
+        }
+        if let Ok(seqs) = committed {
+            for (log, seq) in batch.logs.into_iter().zip(seqs) {
+                let _ = self.logs_tx.send(Arc::new(StoredLog {
+                    seq,
+                    job_id: log.job_id,
+                    attempt_id: log.attempt_id,
+                    instance: log.instance,
+                    stream: log.stream,
+                    data: log.data,
+                }));
+            }
+        }
+        for (node_id, message) in self.outbox.drain(..) {
+            if let Some((_, link)) = self.links.get(&node_id) {
+                let _ = link.send(message);
+            }
+        }
+        for id in jobs_touched {
+            let _ = self.changes_tx.send(Change::Job(id));
+        }
+        for name in clusters_touched {
+            let _ = self.changes_tx.send(Change::Cluster(name));
+        }
+        for launch in self.to_create.drain(..) {
+            let provider = self.provider.clone();
+            let events = self.own_tx.clone();
+            tokio::spawn(async move {
+                let node_id = launch.node_id.clone();
+                match provider.create(launch).await {
+                    Ok(started) => {
+                        let _ = events
+                            .send(Command::NodeStarted {
+                                node_id: node_id.clone(),
+                                pid: started.pid,
+                            })
+                            .await;
+                        let how = started.exited.await;
+                        let _ = events
+                            .send(Command::NodeFailed {
+                                node_id,
+                                error: how,
+                            })
+                            .await;
+                    }
+                    Err(error) => {
+                        let _ = events.send(Command::NodeFailed { node_id, error }).await;
+                    }
+                }
+            });
+        }
+        for (node_id, pid) in self.to_remove.drain(..) {
+            let provider = self.provider.clone();
+            let events = self.own_tx.clone();
+            tokio::spawn(async move {
+                provider.remove(node_id.clone(), pid).await;
+                let _ = events.send(Command::NodeRemoved { node_id }).await;
+            });
+        }
+    }
+
+    /// Clean shutdown: running attempts are requeued (their processes stop with
+    /// their nodes), and every node is stopped and forgotten.
+    async fn stop_all_nodes(&mut self) {
+        let now = now_ms();
+        let running: Vec<Slot> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.running.clone())
+            .collect();
+        for slot in running {
+            self.instance_lost(&slot, "the coordinator stopped", now);
+        }
+        let ids: Vec<(String, Option<u32>)> =
+            self.nodes.values().map(|n| (n.id.clone(), n.pid)).collect();
+        for (id, _) in &ids {
+            if let Some((_, link)) = self.links.get(id) {
+                let _ = link.send(ToAgent::Shutdown {
+                    reason: "the coordinator is stopping".into(),
+                });
+            }
+            self.deleted_nodes.insert(id.clone());
+        }
+        self.nodes.clear();
+        self.outbox.clear();
+        self.to_create.clear();
+        self.to_remove.clear();
+        self.flush().await;
+        info!(nodes = ids.len(), "stopping nodes");
+        let removals = ids
+            .into_iter()
+            .map(|(id, pid)| self.provider.remove(id, pid));
+        futures::future::join_all(removals).await;
+    }
+}
+
+/// `job-12.3` -> `job-12`.
+pub fn job_of_attempt(attempt_id: &str) -> Option<&str> {
+    attempt_id.rsplit_once('.').map(|(job, _)| job)
+}
+
+/// Why queued jobs of a cluster still wait, in words a person can act on.
+pub fn waiting_reason(
+    spec: &ClusterSpec,
+    active: u32,
+    target: u32,
+    free: u32,
+    widest: u32,
+) -> String {
+    if active < target {
+        return format!("waiting for nodes: scaling {active} → {target}");
+    }
+    if active >= spec.max_nodes && free < widest {
+        return format!(
+            "max_nodes {} reached; waiting for running jobs to free nodes ({free} free, {widest} needed)",
+            spec.max_nodes
+        );
+    }
+    if widest > 1 && free < widest {
+        return format!("gang of {widest} needs {widest} nodes, {free} ready");
+    }
+    format!("waiting for nodes to start ({free} ready)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::ClusterBuilder;
+
+    #[test]
+    fn attempt_ids_name_their_job() {
+        assert_eq!(job_of_attempt("job-12.3"), Some("job-12"));
+        assert_eq!(job_of_attempt("nonsense"), None);
+    }
+
+    #[test]
+    fn waiting_reasons_name_the_blocker() {
+        let spec = ClusterBuilder::new("c").max(2).build();
+        assert_eq!(
+            waiting_reason(&spec, 0, 2, 0, 2),
+            "waiting for nodes: scaling 0 → 2"
+        );
+        assert!(waiting_reason(&spec, 2, 2, 0, 1).starts_with("max_nodes 2 reached"));
+        let wide = ClusterBuilder::new("c").max(4).build();
+        assert_eq!(
+            waiting_reason(&wide, 3, 3, 1, 3),
+            "gang of 3 needs 3 nodes, 1 ready"
+        );
+    }
+}

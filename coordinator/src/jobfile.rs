@@ -1,0 +1,177 @@
+//! The job file: the managed service's v2 command-job YAML (`command`, `code`,
+//! `environment_variables`, `compute`, `resources.instance_count`, `limits.timeout`).
+//! Unknown keys are errors that name the key. The HTTP API takes the same shape as JSON.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    #[serde(rename = "$schema", default)]
+    pub schema: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub experiment_name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Exact argv, for the HTTP API and scripts (YAML users write `command`).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    #[serde(default)]
+    pub environment_variables: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    pub compute: Option<String>,
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    #[serde(default)]
+    pub limits: Option<Limits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub instance_count: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Seconds.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// YAML values people write for env vars and tags: `1`, `true`, `"x"` all become text.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Text(s) => f.write_str(s),
+            Scalar::Int(i) => write!(f, "{i}"),
+            Scalar::Float(x) => write!(f, "{x}"),
+            Scalar::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl JobFile {
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        serde_saphyr::from_str(text).map_err(|e| Error::invalid("job file", e.to_string()))
+    }
+
+    /// Refuses what this build cannot run yet, rather than ignoring it.
+    pub fn check_supported(&self) -> Result<()> {
+        if let Some(kind) = self.kind.as_deref()
+            && kind != "command"
+        {
+            return Err(Error::invalid(
+                "type",
+                format!("`{kind}` jobs are not supported yet; use `type: command`"),
+            ));
+        }
+        if self
+            .environment
+            .as_ref()
+            .and_then(|e| e.image.as_ref())
+            .is_some()
+        {
+            return Err(Error::invalid(
+                "environment.image",
+                "container images need the docker runtime, which this build does not have yet; drop `environment.image` to run the command as a process",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `azureml:cpu-cluster` and `cpu-cluster` both name the cluster `cpu-cluster`.
+    pub fn cluster(&self) -> Option<String> {
+        self.compute
+            .as_deref()
+            .map(|c| c.strip_prefix("azureml:").unwrap_or(c).to_string())
+    }
+
+    pub fn env(&self) -> BTreeMap<String, String> {
+        self.environment_variables
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+
+    pub fn job_name(&self) -> String {
+        self.display_name
+            .clone()
+            .or_else(|| self.name.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_managed_service_names() {
+        let file = JobFile::from_yaml(
+            "$schema: https://example/commandJob.schema.json\n\
+             command: python3 train.py --epochs 3\n\
+             code: ./src\n\
+             environment_variables: {EPOCHS: 3, DEBUG: true}\n\
+             compute: azureml:cpu-cluster\n\
+             resources: {instance_count: 2}\n\
+             limits: {timeout: 600}\n",
+        )
+        .expect("valid");
+        assert_eq!(file.cluster().as_deref(), Some("cpu-cluster"));
+        assert_eq!(file.env().get("EPOCHS").map(String::as_str), Some("3"));
+        assert_eq!(file.resources.and_then(|r| r.instance_count), Some(2));
+        assert_eq!(file.limits.and_then(|l| l.timeout), Some(600));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = JobFile::from_yaml("command: x\ninstance_cout: 2\n").unwrap_err();
+        assert!(err.to_string().contains("instance_cout"), "{err}");
+        let err = JobFile::from_yaml("command: x\nresources: {gpus: 1}\n").unwrap_err();
+        assert!(err.to_string().contains("gpus"), "{err}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_not_a_panic() {
+        for text in ["command: [unclosed", ": :", "- a\n- b", "command: {a: 1}"] {
+            assert!(JobFile::from_yaml(text).is_err(), "{text}");
+        }
+    }
+}

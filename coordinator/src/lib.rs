@@ -1,0 +1,22 @@
+//! Shoal's control plane: the domain model, the decision core (scheduler and
+//! autoscaler, pure functions), the control loop that owns all state, node
+//! providers, the SQLite store, and the gRPC + HTTP APIs on one port.
+
+pub mod api;
+pub mod artifacts;
+pub mod autoscaler;
+pub mod control;
+pub mod error;
+pub mod jobfile;
+pub mod model;
+pub mod provider;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod view;
+pub mod vmsize;
+
+#[cfg(test)]
+mod testing;
+
+pub use error::{Error, Result};

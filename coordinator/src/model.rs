@@ -1,0 +1,673 @@
+//! Domain types: clusters, nodes, jobs and attempts, and the rules that check a
+//! user's input before anything is stored. Wire types never leak in here.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vmsize::Catalog;
+use crate::{Error, Result};
+
+/// Unix milliseconds: the one clock unit of the model (0 = not yet).
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// A cluster has at most this many nodes with inter-node communication on.
+pub const MAX_NODES_WITH_INTERNODE: u32 = 100;
+/// ... and at most this many with it off.
+pub const MAX_NODES_WITHOUT_INTERNODE: u32 = 4000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Dedicated,
+    #[serde(alias = "low_priority")]
+    LowPriority,
+}
+
+impl Priority {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "" | "dedicated" => Ok(Priority::Dedicated),
+            "lowpriority" | "low_priority" | "low-priority" => Ok(Priority::LowPriority),
+            other => Err(Error::invalid(
+                "vm_priority",
+                format!("`{other}` is neither `dedicated` nor `lowpriority`"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Dedicated => "dedicated",
+            Priority::LowPriority => "lowpriority",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+}
+
+impl ProviderKind {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "" | "local" => Ok(ProviderKind::Local),
+            "docker" | "static" | "command" => Err(Error::invalid(
+                "provider",
+                format!("the `{text}` provider is not available in this build yet; use `local`"),
+            )),
+            other => Err(Error::invalid(
+                "provider",
+                format!("unknown provider `{other}`; the providers are: local"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+        }
+    }
+}
+
+/// What a user asks for; `Option`s are "use the default".
+#[derive(Clone, Debug, Default)]
+pub struct ClusterRequest {
+    pub name: String,
+    pub vm_size: String,
+    pub vm_priority: String,
+    pub min_nodes: Option<u32>,
+    pub max_nodes: Option<u32>,
+    pub idle_seconds_before_scaledown: Option<u64>,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub provider: String,
+    pub internode_communication: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub vm_size: String,
+    pub vm_priority: Priority,
+    pub min_nodes: u32,
+    pub max_nodes: u32,
+    pub idle_seconds_before_scaledown: u64,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub provider: ProviderKind,
+    pub internode_communication: bool,
+}
+
+impl ClusterSpec {
+    /// Checks a request and fills in the defaults (min 0, max 4, idle 120 s, dedicated, local).
+    pub fn from_request(request: ClusterRequest, catalog: &Catalog) -> Result<Self> {
+        validate_cluster_name(&request.name)?;
+        if request.vm_size.is_empty() {
+            return Err(Error::invalid(
+                "vm_size",
+                "required; `shoal vm-size list` shows the sizes",
+            ));
+        }
+        let size = catalog.resolve(&request.vm_size)?;
+        let spec = ClusterSpec {
+            name: request.name,
+            vm_size: size.name.clone(),
+            vm_priority: Priority::parse(&request.vm_priority)?,
+            min_nodes: request.min_nodes.unwrap_or(0),
+            max_nodes: request.max_nodes.unwrap_or(4),
+            idle_seconds_before_scaledown: request.idle_seconds_before_scaledown.unwrap_or(120),
+            description: request.description,
+            tags: request.tags,
+            provider: ProviderKind::parse(&request.provider)?,
+            internode_communication: request.internode_communication.unwrap_or(true),
+        };
+        spec.validate_sizes()?;
+        validate_tags(&spec.tags)?;
+        Ok(spec)
+    }
+
+    /// The node-count rules, checked at creation and after every update.
+    pub fn validate_sizes(&self) -> Result<()> {
+        let cap = self.node_cap();
+        if self.max_nodes == 0 {
+            return Err(Error::invalid("max_nodes", "must be at least 1"));
+        }
+        if self.min_nodes > self.max_nodes {
+            return Err(Error::invalid(
+                "min_nodes",
+                format!(
+                    "{} is above max_nodes {}; min_nodes must be <= max_nodes",
+                    self.min_nodes, self.max_nodes
+                ),
+            ));
+        }
+        if self.max_nodes > cap {
+            let why = if self.internode_communication {
+                "the cap with internode_communication on; turn it off for up to 4000 nodes"
+            } else {
+                "the cap for a cluster"
+            };
+            return Err(Error::invalid(
+                "max_nodes",
+                format!("{} is above {cap}, {why}", self.max_nodes),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn node_cap(&self) -> u32 {
+        if self.internode_communication {
+            MAX_NODES_WITH_INTERNODE
+        } else {
+            MAX_NODES_WITHOUT_INTERNODE
+        }
+    }
+
+    /// Applies an update; the immutable fields are refused with a reason.
+    pub fn apply(&self, update: &ClusterUpdate) -> Result<Self> {
+        let immutable = [
+            ("vm_size", update.vm_size.is_some()),
+            ("vm_priority", update.vm_priority.is_some()),
+            ("provider", update.provider.is_some()),
+            (
+                "internode_communication",
+                update.internode_communication.is_some(),
+            ),
+        ];
+        if let Some((field, _)) = immutable.iter().find(|(_, set)| *set) {
+            return Err(Error::invalid(
+                *field,
+                "is fixed when the cluster is created; create a new cluster to change it",
+            ));
+        }
+        let mut next = self.clone();
+        if let Some(min) = update.min_nodes {
+            next.min_nodes = min;
+        }
+        if let Some(max) = update.max_nodes {
+            next.max_nodes = max;
+        }
+        if let Some(idle) = update.idle_seconds_before_scaledown {
+            next.idle_seconds_before_scaledown = idle;
+        }
+        if let Some(description) = &update.description {
+            next.description = description.clone();
+        }
+        next.tags.extend(update.set_tags.clone());
+        next.validate_sizes()?;
+        validate_tags(&next.tags)?;
+        Ok(next)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterUpdate {
+    pub name: String,
+    pub min_nodes: Option<u32>,
+    pub max_nodes: Option<u32>,
+    pub idle_seconds_before_scaledown: Option<u64>,
+    pub description: Option<String>,
+    pub set_tags: BTreeMap<String, String>,
+    pub vm_size: Option<String>,
+    pub vm_priority: Option<String>,
+    pub provider: Option<String>,
+    pub internode_communication: Option<bool>,
+}
+
+/// 2-16 characters: letters, digits and hyphens, starting with a letter.
+pub fn validate_cluster_name(name: &str) -> Result<()> {
+    let reason = if name.len() < 2 || name.len() > 16 {
+        Some(format!("`{name}` must be 2 to 16 characters long"))
+    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        Some(format!("`{name}` must start with a letter"))
+    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        Some(format!(
+            "`{name}` may hold only letters, digits and hyphens"
+        ))
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::invalid("name", reason)),
+        None => Ok(()),
+    }
+}
+
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
+    if tags.len() > 50 {
+        return Err(Error::invalid("tags", "at most 50 tags"));
+    }
+    if let Some(key) = tags.keys().find(|k| k.is_empty() || k.len() > 128) {
+        return Err(Error::invalid(
+            "tags",
+            format!("key `{key}` must be 1 to 128 characters"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub created_at: Millis,
+    /// Problems that stop the cluster from reaching its target (kept current).
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+// ------------------------------------------------------------------ nodes
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Preparing,
+    Idle,
+    Running,
+    Leaving,
+    Preempted,
+    Unusable,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Preparing => "preparing",
+            NodeState::Idle => "idle",
+            NodeState::Running => "running",
+            NodeState::Leaving => "leaving",
+            NodeState::Preempted => "preempted",
+            NodeState::Unusable => "unusable",
+        }
+    }
+}
+
+/// One instance of one attempt, as placed on a node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Slot {
+    pub attempt_id: String,
+    pub instance: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+    pub state: NodeState,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub created_at: Millis,
+    /// When the node entered its current state (idle since, preparing since, ...).
+    pub state_since: Millis,
+    pub running: Option<Slot>,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub message: String,
+    /// Runtime-only facts, rebuilt from heartbeats and sessions.
+    #[serde(skip)]
+    pub connected: bool,
+    #[serde(skip)]
+    pub cpu_percent: f32,
+    #[serde(skip)]
+    pub memory_used_bytes: u64,
+    #[serde(skip)]
+    pub last_heartbeat: Millis,
+}
+
+impl Node {
+    /// Can take an instance now.
+    pub fn is_free(&self) -> bool {
+        self.state == NodeState::Idle && self.connected && self.running.is_none()
+    }
+
+    /// Counts toward the cluster's size (and so toward max_nodes).
+    pub fn is_allocated(&self) -> bool {
+        matches!(
+            self.state,
+            NodeState::Preparing | NodeState::Idle | NodeState::Running | NodeState::Leaving
+        )
+    }
+}
+
+// ------------------------------------------------------------------- jobs
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Preparing,
+    Running,
+    Completed,
+    Failed,
+    Canceled,
+    TimedOut,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Canceled | JobStatus::TimedOut
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Preparing => "preparing",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+            JobStatus::TimedOut => "timed_out",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Sent to the node, not yet started.
+    Launching,
+    Running,
+    Completed,
+    Failed,
+    Canceled,
+    TimedOut,
+    /// Its node went away: the attempt is requeued.
+    Lost,
+}
+
+impl InstanceStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, InstanceStatus::Launching | InstanceStatus::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Launching => "launching",
+            InstanceStatus::Running => "running",
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Canceled => "canceled",
+            InstanceStatus::TimedOut => "timed_out",
+            InstanceStatus::Lost => "lost",
+        }
+    }
+
+    /// The outcome words agents report.
+    pub fn from_outcome(outcome: &str, exit_code: Option<i32>) -> Self {
+        match outcome {
+            "canceled" => InstanceStatus::Canceled,
+            "timed_out" => InstanceStatus::TimedOut,
+            "completed" if exit_code == Some(0) => InstanceStatus::Completed,
+            _ => InstanceStatus::Failed,
+        }
+    }
+}
+
+/// What a job runs, after validation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub cluster: String,
+    /// The exact argv each instance runs (a YAML `command` becomes `sh -c <command>`).
+    pub argv: Vec<String>,
+    /// The command line as the user wrote it, when given as one.
+    pub command: String,
+    pub environment_variables: BTreeMap<String, String>,
+    pub instance_count: u32,
+    pub timeout_seconds: Option<u64>,
+    /// Where the coordinator keeps the code snapshot, when there is one.
+    pub code_path: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobRequest {
+    pub name: String,
+    pub cluster: String,
+    pub argv: Vec<String>,
+    pub command: String,
+    pub environment_variables: BTreeMap<String, String>,
+    pub instance_count: u32,
+    pub timeout_seconds: u64,
+    pub code_path: Option<String>,
+}
+
+impl JobSpec {
+    /// Checks a request against the cluster it names.
+    pub fn from_request(request: JobRequest, cluster: &ClusterSpec) -> Result<Self> {
+        let argv = match (request.argv.is_empty(), request.command.trim().is_empty()) {
+            (false, true) => request.argv,
+            (true, false) => vec!["sh".into(), "-c".into(), request.command.clone()],
+            (false, false) => {
+                return Err(Error::invalid(
+                    "command",
+                    "give either a command line or an argv, not both",
+                ));
+            }
+            (true, true) => {
+                return Err(Error::invalid(
+                    "command",
+                    "a job needs a command (YAML `command:`, or the words after `--`)",
+                ));
+            }
+        };
+        if argv[0].is_empty() {
+            return Err(Error::invalid("command", "the program name is empty"));
+        }
+        let instance_count = if request.instance_count == 0 {
+            1
+        } else {
+            request.instance_count
+        };
+        if instance_count > cluster.max_nodes {
+            return Err(Error::invalid(
+                "resources.instance_count",
+                format!(
+                    "{instance_count} instances need {instance_count} nodes, but cluster `{}` has max_nodes {}",
+                    cluster.name, cluster.max_nodes
+                ),
+            ));
+        }
+        if let Some(key) = request
+            .environment_variables
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(Error::invalid(
+                "environment_variables",
+                format!("`{key}` is not a valid variable name"),
+            ));
+        }
+        if request.name.len() > 256 {
+            return Err(Error::invalid("name", "at most 256 characters"));
+        }
+        Ok(JobSpec {
+            name: request.name,
+            cluster: cluster.name.clone(),
+            argv,
+            command: request.command,
+            environment_variables: request.environment_variables,
+            instance_count,
+            timeout_seconds: (request.timeout_seconds > 0).then_some(request.timeout_seconds),
+            code_path: request.code_path,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceRun {
+    pub index: u32,
+    pub node: String,
+    pub status: InstanceStatus,
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub id: String,
+    pub number: u32,
+    pub instances: Vec<InstanceRun>,
+    pub started_at: Millis,
+    pub ended_at: Millis,
+    pub reason: String,
+}
+
+impl Attempt {
+    pub fn is_settled(&self) -> bool {
+        self.instances.iter().all(|i| i.status.is_final())
+    }
+
+    /// The attempt's status, derived from its instances.
+    pub fn status(&self) -> &'static str {
+        let statuses = || self.instances.iter().map(|i| i.status);
+        if statuses().any(|s| s == InstanceStatus::Lost) {
+            return "lost";
+        }
+        for bad in [
+            InstanceStatus::TimedOut,
+            InstanceStatus::Failed,
+            InstanceStatus::Canceled,
+        ] {
+            if statuses().any(|s| s == bad) {
+                return bad.as_str();
+            }
+        }
+        if statuses().all(|s| s == InstanceStatus::Completed) {
+            "completed"
+        } else if statuses().all(|s| s == InstanceStatus::Running) {
+            "running"
+        } else {
+            "preparing"
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub seq: u64,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub attempts: Vec<Attempt>,
+    pub created_at: Millis,
+    pub started_at: Millis,
+    pub ended_at: Millis,
+    /// Why it waits, or why it ended.
+    pub reason: String,
+}
+
+impl Job {
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Final, and no instance of any attempt still runs: nothing more can happen to it.
+    pub fn is_settled(&self) -> bool {
+        self.status.is_final() && self.attempts.iter().all(Attempt::is_settled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(name: &str) -> ClusterRequest {
+        ClusterRequest {
+            name: name.into(),
+            vm_size: "standard_d2_v2".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cluster_defaults_match_the_managed_service() {
+        let spec =
+            ClusterSpec::from_request(request("cpu-cluster"), &Catalog::default()).expect("valid");
+        assert_eq!((spec.min_nodes, spec.max_nodes), (0, 4));
+        assert_eq!(spec.idle_seconds_before_scaledown, 120);
+        assert_eq!(spec.vm_priority, Priority::Dedicated);
+        assert_eq!(spec.vm_size, "Standard_D2_v2");
+        assert!(spec.internode_communication);
+    }
+
+    #[test]
+    fn bad_cluster_names_are_refused() {
+        for bad in ["a", "1abc", "has_underscore", "seventeen-chars-x", "sp ace"] {
+            let err = ClusterSpec::from_request(request(bad), &Catalog::default()).unwrap_err();
+            assert!(err.to_string().starts_with("invalid name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_cap_depends_on_internode_communication() {
+        let mut req = request("big");
+        req.max_nodes = Some(101);
+        let err = ClusterSpec::from_request(req.clone(), &Catalog::default()).unwrap_err();
+        assert!(err.to_string().contains("max_nodes"), "{err}");
+        req.internode_communication = Some(false);
+        assert!(ClusterSpec::from_request(req, &Catalog::default()).is_ok());
+    }
+
+    #[test]
+    fn immutable_fields_refuse_updates() {
+        let spec = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
+        let update = ClusterUpdate {
+            vm_size: Some("Standard_D3_v2".into()),
+            ..Default::default()
+        };
+        let err = spec.apply(&update).unwrap_err();
+        assert!(err.to_string().contains("vm_size"), "{err}");
+        let update = ClusterUpdate {
+            min_nodes: Some(9),
+            ..Default::default()
+        };
+        assert!(
+            spec.apply(&update)
+                .unwrap_err()
+                .to_string()
+                .contains("min_nodes")
+        );
+    }
+
+    #[test]
+    fn job_needs_a_command_and_fits_the_cluster() {
+        let cluster = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
+        let empty = JobRequest::default();
+        assert!(
+            JobSpec::from_request(empty, &cluster)
+                .unwrap_err()
+                .to_string()
+                .contains("command")
+        );
+        let too_wide = JobRequest {
+            command: "true".into(),
+            instance_count: 5,
+            ..Default::default()
+        };
+        let err = JobSpec::from_request(too_wide, &cluster).unwrap_err();
+        assert!(err.to_string().contains("instance_count"), "{err}");
+        let shell = JobRequest {
+            command: "echo hi".into(),
+            ..Default::default()
+        };
+        let spec = JobSpec::from_request(shell, &cluster).expect("valid");
+        assert_eq!(spec.argv, vec!["sh", "-c", "echo hi"]);
+        assert_eq!(spec.instance_count, 1);
+    }
+}

@@ -1,0 +1,142 @@
+//! Placement: a pure function from queued jobs and nodes to placements. Each
+//! instance gets a node of its own; a job is placed whole (a gang) or not at all.
+
+use std::collections::HashMap;
+
+use crate::model::{Job, Node};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub job_id: String,
+    /// Node of instance 0, 1, ... in order.
+    pub nodes: Vec<String>,
+}
+
+/// Places `queued` (oldest first) on free nodes of their own cluster.
+///
+/// A job that does not fit is skipped, and later jobs may still use the free nodes
+/// (backfill); the autoscaler sizes the cluster for everything that waits.
+pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> Vec<Placement> {
+    let mut free: HashMap<&str, Vec<&Node>> = HashMap::new();
+    for node in nodes.iter().filter(|n| n.is_free()) {
+        free.entry(node.cluster.as_str()).or_default().push(node);
+    }
+    // Most recently busy last, so `pop` reuses warm nodes and the longest-idle ones
+    // can reach their scale-down time.
+    for list in free.values_mut() {
+        list.sort_by(|a, b| a.state_since.cmp(&b.state_since).then(a.id.cmp(&b.id)));
+    }
+    let mut placements = Vec::new();
+    for job in queued {
+        let Some(list) = free.get_mut(job.spec.cluster.as_str()) else {
+            continue;
+        };
+        let wanted = job.spec.instance_count as usize;
+        if list.len() < wanted {
+            continue;
+        }
+        let chosen = list.split_off(list.len() - wanted);
+        placements.push(Placement {
+            job_id: job.id.clone(),
+            nodes: chosen.iter().rev().map(|n| n.id.clone()).collect(),
+        });
+    }
+    placements
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NodeState;
+    use crate::testing::{JobBuilder, NodeBuilder};
+    use std::collections::HashSet;
+
+    #[test]
+    fn instances_go_to_distinct_nodes() {
+        let nodes = [
+            NodeBuilder::new("n1").build(),
+            NodeBuilder::new("n2").build(),
+            NodeBuilder::new("n3").build(),
+        ];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let job = JobBuilder::new("job-1").instances(3).build();
+        let placements = place([&job], &node_refs);
+        assert_eq!(placements.len(), 1);
+        let distinct: HashSet<&String> = placements[0].nodes.iter().collect();
+        assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn a_gang_is_placed_whole_or_not_at_all() {
+        let nodes = [
+            NodeBuilder::new("n1").build(),
+            NodeBuilder::new("n2").build(),
+        ];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let wide = JobBuilder::new("job-1").instances(3).build();
+        let narrow = JobBuilder::new("job-2").instances(2).build();
+        let placements = place([&wide, &narrow], &node_refs);
+        assert_eq!(placements.len(), 1, "{placements:?}");
+        assert_eq!(placements[0].job_id, "job-2");
+    }
+
+    #[test]
+    fn busy_preparing_and_other_cluster_nodes_are_not_used() {
+        let nodes = [
+            NodeBuilder::new("busy").state(NodeState::Running).build(),
+            NodeBuilder::new("warming")
+                .state(NodeState::Preparing)
+                .build(),
+            NodeBuilder::new("elsewhere").cluster("other").build(),
+            NodeBuilder::new("gone").disconnected().build(),
+        ];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let job = JobBuilder::new("job-1").build();
+        assert!(place([&job], &node_refs).is_empty());
+    }
+
+    #[test]
+    fn warm_nodes_are_reused_first() {
+        let nodes = [
+            NodeBuilder::new("old").idle_since(1_000).build(),
+            NodeBuilder::new("warm").idle_since(9_000).build(),
+        ];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let job = JobBuilder::new("job-1").build();
+        assert_eq!(place([&job], &node_refs)[0].nodes, vec!["warm".to_string()]);
+    }
+
+    proptest::proptest! {
+        /// However jobs and nodes are mixed, no node is given twice and every
+        /// placement is whole.
+        #[test]
+        fn never_double_books_and_places_gangs_whole(
+            free in 0usize..12,
+            widths in proptest::collection::vec(1u32..5, 0..10),
+        ) {
+            let nodes: Vec<Node> = (0..free).map(|i| NodeBuilder::new(&format!("n{i}")).build()).collect();
+            let node_refs: Vec<&Node> = nodes.iter().collect();
+            let jobs: Vec<Job> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, w)| JobBuilder::new(&format!("job-{i}")).instances(*w).build())
+                .collect();
+            let placements = place(jobs.iter(), &node_refs);
+            let mut used = HashSet::new();
+            for p in &placements {
+                let job = jobs.iter().find(|j| j.id == p.job_id).expect("placed job exists");
+                proptest::prop_assert_eq!(p.nodes.len(), job.spec.instance_count as usize);
+                for node in &p.nodes {
+                    proptest::prop_assert!(used.insert(node.clone()), "node {} used twice", node);
+                }
+            }
+            // Nothing that fits in what is left was skipped.
+            let left = free - used.len();
+            for job in &jobs {
+                if placements.iter().all(|p| p.job_id != job.id) {
+                    proptest::prop_assert!(job.spec.instance_count as usize > left);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Wires the coordinator together: store, provider, control loop, and the gRPC and
+//! HTTP APIs on one listener. Takes an already-bound listener and a shutdown future.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use serde::Deserialize;
+use shoal_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::api::{Api, http};
+use crate::artifacts::Artifacts;
+use crate::control::{Control, ControlConfig};
+use crate::provider::LocalProvider;
+use crate::store::SqliteStore;
+use crate::vmsize::{Catalog, VmSize};
+use crate::{Error, Result};
+
+/// Largest gRPC message (a code snapshot or outputs upload travels as one).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The optional `shoal.yaml` in the data dir (or `--config`). Unknown keys are errors.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Sizes added to (or replacing) the built-in catalog.
+    #[serde(default)]
+    pub vm_sizes: Vec<VmSize>,
+    /// Seconds a disconnected agent is waited for before its work is requeued.
+    #[serde(default)]
+    pub agent_grace_seconds: Option<u64>,
+    /// Largest code snapshot accepted at submit, in MiB.
+    #[serde(default)]
+    pub max_code_mib: Option<usize>,
+}
+
+impl ConfigFile {
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        serde_saphyr::from_str(text).map_err(|e| Error::invalid("config", e.to_string()))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub data_dir: PathBuf,
+    /// The `shoal` binary local nodes run as `shoal agent`.
+    pub agent_program: PathBuf,
+    pub file: ConfigFile,
+    pub control: ControlConfig,
+}
+
+impl CoordinatorConfig {
+    pub fn new(data_dir: PathBuf, agent_program: PathBuf, file: ConfigFile) -> Self {
+        let mut control = ControlConfig {
+            catalog: Catalog::with_extra(&file.vm_sizes),
+            ..ControlConfig::default()
+        };
+        if let Some(grace) = file.agent_grace_seconds {
+            control.agent_grace = Duration::from_secs(grace);
+        }
+        CoordinatorConfig {
+            data_dir,
+            agent_program,
+            file,
+            control,
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves; then stops every node it started and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create data dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
+    let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
+    let provider = LocalProvider {
+        program: config.agent_program.clone(),
+        endpoint: format!("http://{address}"),
+        work_root: config.data_dir.join("nodes"),
+        stop_grace: Duration::from_secs(15),
+    };
+    let catalog = config.control.catalog.clone();
+    let (control, handle, inbox) =
+        Control::new(config.control.clone(), Box::new(store), Arc::new(provider))?;
+    let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
+    let api = Api::new(
+        handle,
+        catalog,
+        Artifacts::new(config.data_dir.join("artifacts")),
+        max_code,
+    );
+
+    // The control loop commits to SQLite: it gets a thread of its own so those
+    // writes never block the async workers.
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let runtime = tokio::runtime::Handle::current();
+    let control_thread = tokio::task::spawn_blocking(move || {
+        runtime.block_on(control.run(inbox, shutdown));
+        let _ = stopped_tx.send(true);
+    });
+
+    let grpc = tonic::service::Routes::new(
+        pb::clusters_server::ClustersServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        pb::jobs_server::JobsServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(pb::nodes_server::NodesServer::new(api.clone()))
+    .add_service(pb::vm_sizes_server::VmSizesServer::new(api.clone()))
+    .add_service(
+        pb::agent_server::AgentServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let app = grpc.into_axum_router().merge(http::router(api));
+    info!(%address, data_dir = %config.data_dir.display(), "coordinator listening");
+
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let mut graceful = stopped_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stopped| *stopped).await;
+    });
+    // Followers of logs and watches may hold connections open: after the control
+    // loop is done they get a moment to finish, then the server stops anyway.
+    let mut hard_stop = stopped_rx;
+    tokio::select! {
+        result = server => result.map_err(|e| Error::Internal(format!("server: {e}")))?,
+        _ = async move {
+            let _ = hard_stop.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => {}
+    }
+    let _ = control_thread.await;
+    info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Builders for the decision-core tests: a scenario in a few lines.
+
+use std::collections::BTreeMap;
+
+use crate::model::{
+    ClusterSpec, Job, JobSpec, JobStatus, Millis, Node, NodeState, Priority, ProviderKind,
+};
+
+pub struct ClusterBuilder(ClusterSpec);
+
+impl ClusterBuilder {
+    pub fn new(name: &str) -> Self {
+        ClusterBuilder(ClusterSpec {
+            name: name.into(),
+            vm_size: "Standard_D2_v2".into(),
+            vm_priority: Priority::Dedicated,
+            min_nodes: 0,
+            max_nodes: 4,
+            idle_seconds_before_scaledown: 120,
+            description: String::new(),
+            tags: BTreeMap::new(),
+            provider: ProviderKind::Local,
+            internode_communication: true,
+        })
+    }
+    pub fn min(mut self, n: u32) -> Self {
+        self.0.min_nodes = n;
+        self
+    }
+    pub fn max(mut self, n: u32) -> Self {
+        self.0.max_nodes = n;
+        self
+    }
+    pub fn idle_seconds(mut self, s: u64) -> Self {
+        self.0.idle_seconds_before_scaledown = s;
+        self
+    }
+    pub fn build(self) -> ClusterSpec {
+        self.0
+    }
+}
+
+pub struct NodeBuilder(Node);
+
+impl NodeBuilder {
+    /// An idle, connected node of cluster `c`.
+    pub fn new(id: &str) -> Self {
+        NodeBuilder(Node {
+            id: id.into(),
+            cluster: "c".into(),
+            state: NodeState::Idle,
+            cores: 2,
+            memory_bytes: 1 << 30,
+            created_at: 0,
+            state_since: 0,
+            running: None,
+            hostname: String::new(),
+            pid: None,
+            message: String::new(),
+            connected: true,
+            cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            last_heartbeat: 0,
+        })
+    }
+    pub fn cluster(mut self, name: &str) -> Self {
+        self.0.cluster = name.into();
+        self
+    }
+    pub fn state(mut self, state: NodeState) -> Self {
+        self.0.state = state;
+        self
+    }
+    pub fn idle_since(mut self, at: Millis) -> Self {
+        self.0.state_since = at;
+        self
+    }
+    pub fn disconnected(mut self) -> Self {
+        self.0.connected = false;
+        self
+    }
+    pub fn build(self) -> Node {
+        self.0
+    }
+}
+
+pub struct JobBuilder(Job);
+
+impl JobBuilder {
+    /// A queued one-instance job on cluster `c`.
+    pub fn new(id: &str) -> Self {
+        JobBuilder(Job {
+            id: id.into(),
+            seq: 0,
+            spec: JobSpec {
+                name: id.into(),
+                cluster: "c".into(),
+                argv: vec!["true".into()],
+                command: String::new(),
+                environment_variables: BTreeMap::new(),
+                instance_count: 1,
+                timeout_seconds: None,
+                code_path: None,
+            },
+            status: JobStatus::Queued,
+            attempts: Vec::new(),
+            created_at: 0,
+            started_at: 0,
+            ended_at: 0,
+            reason: String::new(),
+        })
+    }
+    pub fn instances(mut self, n: u32) -> Self {
+        self.0.spec.instance_count = n;
+        self
+    }
+    pub fn build(self) -> Job {
+        self.0
+    }
+}
