@@ -1,1 +1,384 @@
+//! End to end: a real coordinator process, real agent processes, real jobs.
 
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use shoal_proto::v1 as pb;
+use support::{TestCluster, process_alive};
+use tokio_stream::StreamExt;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn submit(cluster: &TestCluster, args: &[&str]) -> String {
+    let mut all = vec!["job", "submit"];
+    all.extend_from_slice(args);
+    let job = cluster.shoal_json(&all);
+    job["id"].as_str().expect("job id").to_string()
+}
+
+#[tokio::test]
+async fn two_instance_job_runs_on_two_nodes_and_keeps_outputs() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster(
+        "cpu",
+        &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
+    );
+    let code = tc.scratch("code");
+    std::fs::create_dir_all(&code).expect("code dir");
+    std::fs::write(code.join("train.sh"), "echo rank $SHOAL_NODE_RANK of $SHOAL_NUM_NODES; echo \"w=$SHOAL_NODE_RANK\" > outputs/model.txt\n")
+        .expect("write code");
+    let job = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "cpu",
+        "--instance-count",
+        "2",
+        "--wait",
+        "--code",
+        code.to_str().expect("utf8"),
+        "--",
+        "sh",
+        "train.sh",
+    ]);
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let instances = job["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2);
+    let nodes: BTreeSet<&str> = instances
+        .iter()
+        .map(|i| i["node"].as_str().expect("node"))
+        .collect();
+    assert_eq!(nodes.len(), 2, "instances share a node: {job:#}");
+    for instance in instances {
+        assert_eq!(instance["exit_code"], 0);
+    }
+    for field in ["created_at", "started_at", "ended_at"] {
+        assert!(job[field].is_string(), "{field} missing: {job:#}");
+    }
+    let id = job["id"].as_str().expect("id");
+
+    let logs = tc.shoal(&["job", "logs", id]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("[0] rank 0 of 2") && text.contains("[1] rank 1 of 2"),
+        "{text}"
+    );
+
+    let into = tc.scratch("downloads");
+    let out = tc.shoal(&[
+        "job",
+        "download",
+        id,
+        "--download-path",
+        into.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rank in 0..2 {
+        let model =
+            std::fs::read_to_string(into.join(id).join(format!("instance-{rank}/model.txt")))
+                .expect("model");
+        assert_eq!(model.trim(), format!("w={rank}"));
+    }
+
+    let http = http_get(&tc, &format!("/api/v1/jobs/{id}")).await;
+    let over_http: serde_json::Value = serde_json::from_str(&http).expect("json over http");
+    assert_eq!(over_http["status"], "completed");
+    assert_eq!(over_http["instances"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn failing_instance_fails_the_job_with_its_exit_code() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let out = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "cpu",
+        "--instance-count",
+        "2",
+        "--wait",
+        "-o",
+        "json",
+        "--",
+        "sh",
+        "-c",
+        "if [ $SHOAL_NODE_RANK = 1 ]; then exit 7; fi; sleep 30",
+    ]);
+    assert!(!out.status.success(), "a failed job must exit non-zero");
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert!(
+        job["reason"].as_str().unwrap_or("").contains("exit code 7"),
+        "{job:#}"
+    );
+    let statuses: BTreeMap<u64, &str> = job["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| {
+            (
+                i["index"].as_u64().expect("index"),
+                i["status"].as_str().expect("status"),
+            )
+        })
+        .collect();
+    assert_eq!(statuses.get(&1), Some(&"failed"));
+    assert_eq!(
+        statuses.get(&0),
+        Some(&"canceled"),
+        "the other instance is stopped: {job:#}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_process_tree() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let pids = tc.scratch("pids");
+    let script = format!(
+        "sleep 300 & echo $! > {p}.child; echo $$ > {p}.shell; wait",
+        p = pids.display()
+    );
+    let id = submit(&tc, &["--cluster", "cpu", "--", "sh", "-c", &script]);
+    let read_pid = |suffix: &str| -> Option<i32> {
+        std::fs::read_to_string(format!("{}.{suffix}", pids.display()))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (shell, child) = support::eventually("the job writes its pids", LIMIT, || async {
+        Some((read_pid("shell")?, read_pid("child")?))
+    })
+    .await;
+    assert!(process_alive(shell) && process_alive(child));
+
+    let out = tc.shoal(&["job", "cancel", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = tc.wait_status(&id, "canceled", LIMIT).await;
+    assert_eq!(job.attempts[0].instances[0].status, "canceled");
+    support::eventually(
+        "the job's processes are gone",
+        Duration::from_secs(10),
+        || async { (!process_alive(shell) && !process_alive(child)).then_some(()) },
+    )
+    .await;
+    let again = tc.shoal(&["job", "cancel", &id]);
+    assert!(!again.status.success(), "canceling an ended job is refused");
+}
+
+#[tokio::test]
+async fn timeout_marks_the_job_timed_out() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let started = Instant::now();
+    let id = submit(
+        &tc,
+        &["--cluster", "cpu", "--timeout", "1", "--", "sleep", "60"],
+    );
+    let job = tc.wait_status(&id, "timed_out", LIMIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(job.reason.contains("timed out"), "{job:#?}");
+    assert_eq!(job.attempts[0].instances[0].status, "timed_out");
+}
+
+#[tokio::test]
+async fn logs_follow_live_while_the_job_runs() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let gate = tc.scratch("gate");
+    let script = format!(
+        "echo first; while [ ! -e {} ]; do sleep 0.05; done; echo second",
+        gate.display()
+    );
+    let id = submit(&tc, &["--cluster", "cpu", "--", "sh", "-c", &script]);
+    let mut stream = tc
+        .jobs()
+        .await
+        .logs(pb::LogsRequest {
+            job_id: id.clone(),
+            instance: None,
+            follow: true,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let first = tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .expect("a first chunk in time");
+    let first = first.expect("stream open").expect("chunk");
+    assert_eq!(first.data, b"first\n");
+    // The job cannot end before the gate exists: the line arrived live.
+    assert_eq!(tc.job(&id).await.status, "running");
+    std::fs::write(&gate, "").expect("open the gate");
+    let mut rest = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .expect("stream ends in time")
+    {
+        rest.extend(chunk.expect("chunk").data);
+    }
+    assert_eq!(String::from_utf8_lossy(&rest), "second\n");
+    assert_eq!(tc.job(&id).await.status, "completed");
+}
+
+#[tokio::test]
+async fn sigkill_mid_queue_loses_nothing_and_runs_nothing_twice() {
+    let mut tc = TestCluster::start().await;
+    tc.create_cluster(
+        "cpu",
+        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
+    );
+    let ledger = tc.scratch("ledger");
+    let gate = tc.scratch("gate");
+    let script = format!(
+        "echo $SHOAL_JOB_ID >> {l}; while [ ! -e {g} ]; do sleep 0.05; done",
+        l = ledger.display(),
+        g = gate.display()
+    );
+    let ids: Vec<String> = (0..3)
+        .map(|_| submit(&tc, &["--cluster", "cpu", "--", "sh", "-c", &script]))
+        .collect();
+    tc.wait_job(&ids[0], "running", LIMIT, |j| j.status == "running")
+        .await;
+    assert_eq!(tc.job(&ids[1]).await.status, "queued");
+
+    tc.kill9();
+    // The agent keeps running its job while the coordinator is down.
+    tc.restart().await;
+    for id in &ids[1..] {
+        assert_eq!(
+            tc.job(id).await.status,
+            "queued",
+            "queued jobs survive the crash"
+        );
+    }
+    std::fs::write(&gate, "").expect("open the gate");
+    for id in &ids {
+        let job = tc.wait_status(id, "completed", LIMIT).await;
+        assert_eq!(
+            job.attempts.len(),
+            1,
+            "{id} ran {} times",
+            job.attempts.len()
+        );
+    }
+    let ledger = std::fs::read_to_string(&ledger).expect("ledger");
+    let runs: Vec<&str> = ledger.lines().collect();
+    let distinct: BTreeSet<&str> = runs.iter().copied().collect();
+    assert_eq!(runs.len(), 3, "each job runs exactly once: {runs:?}");
+    assert_eq!(distinct.len(), 3, "{runs:?}");
+}
+
+#[tokio::test]
+async fn cluster_scales_to_demand_then_back_to_min_nodes() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster(
+        "cpu",
+        &[
+            "--min-nodes",
+            "1",
+            "--max-nodes",
+            "3",
+            "--idle-seconds-before-scaledown",
+            "2",
+        ],
+    );
+    tc.wait_cluster("cpu", "min_nodes kept", LIMIT, |c| {
+        c.current_node_count == 1 && c.node_state_counts.as_ref().is_some_and(|n| n.idle == 1)
+    })
+    .await;
+    let job = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "cpu",
+        "--instance-count",
+        "3",
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(job["status"], "completed");
+    let ended = Instant::now();
+    let cluster = tc
+        .wait_cluster("cpu", "scale down to min_nodes", LIMIT, |c| {
+            c.current_node_count == 1 && c.allocation_state == "steady"
+        })
+        .await;
+    assert!(
+        ended.elapsed() >= Duration::from_millis(1500),
+        "removed before the idle timeout: {:?}",
+        ended.elapsed()
+    );
+    assert_eq!(cluster.target_node_count, 1);
+    // And it stays there: min_nodes are never removed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(tc.cluster("cpu").await.current_node_count, 1);
+}
+
+#[tokio::test]
+async fn killed_agent_gets_its_attempt_requeued_elsewhere() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster(
+        "cpu",
+        &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
+    );
+    let marker = tc.scratch("attempts");
+    let script = format!(
+        "echo $SHOAL_ATTEMPT >> {m}; if [ $SHOAL_ATTEMPT = 1 ]; then echo $$ > {m}.pid; exec sleep 300; fi",
+        m = marker.display()
+    );
+    let id = submit(&tc, &["--cluster", "cpu", "--", "sh", "-c", &script]);
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let node = job.attempts[0].instances[0].node.clone();
+    let orphan: i32 = support::eventually("attempt 1 writes its pid", LIMIT, || async {
+        std::fs::read_to_string(format!("{}.pid", marker.display()))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+    .await;
+    // SIGKILL the node's agent (found by its work dir), as the OOM killer would.
+    support::kill_matching(&tc.data_dir().join("nodes").join(&node));
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 2, "{job:#?}");
+    assert_eq!(job.attempts[0].status, "lost");
+    let runs = std::fs::read_to_string(&marker).expect("marker");
+    assert_eq!(runs.lines().collect::<Vec<_>>(), vec!["1", "2"]);
+    assert!(!process_alive(orphan), "attempt 1 outlived its agent");
+}
+
+/// A plain HTTP/1.1 GET on the coordinator's port (the JSON API shares it with gRPC).
+async fn http_get(tc: &TestCluster, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}

@@ -62,6 +62,16 @@ async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<St
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // If the agent dies, the job's leader dies with it rather than running on
+    // unsupervised (and again, elsewhere, once its attempt is requeued).
+    // SAFETY: runs between fork and exec, and calls only prctl(2), which is
+    // async-signal-safe; it touches no memory of the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {

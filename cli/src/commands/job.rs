@@ -58,13 +58,9 @@ pub enum Command {
     /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
     Download {
         id: String,
-        #[arg(
-            long,
-            short = 'p',
-            visible_alias = "download-path",
-            default_value = "."
-        )]
-        output: PathBuf,
+        /// The folder DIR to download into.
+        #[arg(long, short = 'p', default_value = ".")]
+        download_path: PathBuf,
     },
 }
 
@@ -573,7 +569,10 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 println!("canceled {}", job.id);
             }
         }
-        Command::Download { id, output: into } => {
+        Command::Download {
+            id,
+            download_path: into,
+        } => {
             let written = download(&client, &id, &into).await?;
             if written.is_empty() {
                 eprintln!("{id} has no outputs (nothing was written to ./outputs)");

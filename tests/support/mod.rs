@@ -1,0 +1,319 @@
+//! `TestCluster`: a real `shoal up` coordinator process on a loopback port with its
+//! own data dir; its local provider starts real `shoal agent` processes. Every wait
+//! is bounded. Dropping it stops the coordinator and anything it left behind.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::{
+    clusters_client::ClustersClient, jobs_client::JobsClient, nodes_client::NodesClient,
+};
+use tonic::transport::Channel;
+
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    coordinator: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("address").port()
+}
+
+impl TestCluster {
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut cluster = TestCluster {
+            dir,
+            port: free_port(),
+            coordinator: None,
+        };
+        cluster.start_coordinator().await;
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn start_coordinator(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .expect("coordinator log");
+        let child = Command::new(SHOAL)
+            .args(["up", "--listen", &self.endpoint(), "--data-dir"])
+            .arg(self.data_dir())
+            .env("SHOAL_LOG", "info,shoal_coordinator=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start shoal up");
+        self.coordinator = Some(child);
+        let endpoint = format!("http://{}", self.endpoint());
+        eventually(
+            "the coordinator accepts connections",
+            Duration::from_secs(20),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    Channel::from_shared(endpoint)
+                        .ok()?
+                        .connect()
+                        .await
+                        .ok()
+                        .map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL: no clean shutdown, agents keep running and will reconnect.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.start_coordinator().await;
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.endpoint()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the coordinator")
+    }
+
+    pub async fn clusters(&self) -> ClustersClient<Channel> {
+        ClustersClient::new(self.channel().await)
+    }
+
+    pub async fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.channel().await)
+    }
+
+    pub async fn nodes(&self) -> NodesClient<Channel> {
+        NodesClient::new(self.channel().await)
+    }
+
+    /// Runs the CLI against this coordinator.
+    pub fn shoal(&self, args: &[&str]) -> Output {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_ENDPOINT", self.endpoint())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run shoal")
+    }
+
+    /// Runs the CLI and parses its `-o json` output; panics with stderr on failure.
+    pub fn shoal_json(&self, args: &[&str]) -> serde_json::Value {
+        // Global flags go first: anything after `--` belongs to the job.
+        let mut all: Vec<&str> = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let output = self.shoal(&all);
+        assert!(
+            output.status.success(),
+            "shoal {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.coordinator_log()
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "shoal {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    pub fn create_cluster(&self, name: &str, extra: &[&str]) {
+        let mut args = vec![
+            "cluster",
+            "create",
+            "--name",
+            name,
+            "--vm-size",
+            "Standard_D2_v2",
+        ];
+        args.extend_from_slice(extra);
+        self.shoal_json(&args);
+    }
+
+    pub async fn job(&self, id: &str) -> pb::Job {
+        self.jobs()
+            .await
+            .get(pb::JobRef { id: id.to_string() })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&pb::Job) -> bool,
+    ) -> pb::Job {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job(id).await;
+            if done(&job) {
+                return job;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{id}: {what} did not happen in {limit:?}; last: {job:#?}\n{}",
+                    self.coordinator_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str, limit: Duration) -> pb::Job {
+        let what = format!("status {status}");
+        self.wait_job(id, &what, limit, |j| {
+            j.status == status && all_instances_ended(j)
+        })
+        .await
+    }
+
+    pub async fn cluster(&self, name: &str) -> pb::Cluster {
+        self.clusters()
+            .await
+            .get(pb::ClusterRef {
+                name: name.to_string(),
+            })
+            .await
+            .expect("get cluster")
+            .into_inner()
+    }
+
+    pub async fn wait_cluster(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&pb::Cluster) -> bool,
+    ) -> pb::Cluster {
+        let deadline = Instant::now() + limit;
+        loop {
+            let cluster = self.cluster(name).await;
+            if done(&cluster) {
+                return cluster;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name}: {what} did not happen in {limit:?}; last: {cluster:#?}\n{}",
+                    self.coordinator_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- coordinator log (last 60 lines) ---\n{}",
+            tail.join("\n")
+        )
+    }
+
+    /// A path under the test's scratch dir (not the coordinator's data dir).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+pub fn all_instances_ended(job: &pb::Job) -> bool {
+    job.attempts.iter().all(|a| {
+        a.instances
+            .iter()
+            .all(|i| i.status != "running" && i.status != "launching")
+    })
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            // SIGTERM: a clean stop also stops the agents it started.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Agents orphaned by a SIGKILL test: find them by their work dir.
+        kill_matching(&self.data_dir());
+    }
+}
+
+pub fn kill_matching(path: &Path) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &path.display().to_string()])
+        .status();
+}
+
+/// Polls `probe` until it yields, or panics naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, probe: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Alive and not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+        Err(_) => false,
+    }
+}
