@@ -46,7 +46,7 @@ pub struct Cluster {
 
 impl From<&pb::Cluster> for Cluster {
     fn from(c: &pb::Cluster) -> Self {
-        let counts = c.node_state_counts.clone().unwrap_or_default();
+        let counts = c.node_state_counts.unwrap_or_default();
         Cluster {
             name: c.name.clone(),
             vm_size: c.vm_size.clone(),

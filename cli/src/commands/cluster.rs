@@ -154,7 +154,7 @@ pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()
     if format == Format::Json {
         return output::json(&view::Cluster::from(cluster));
     }
-    let counts = cluster.node_state_counts.clone().unwrap_or_default();
+    let counts = cluster.node_state_counts.unwrap_or_default();
     println!("name:                          {}", cluster.name);
     println!("vm_size:                       {}", cluster.vm_size);
     println!("vm_priority:                   {}", cluster.vm_priority);
@@ -251,7 +251,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 "NAME", "VM SIZE", "PRIORITY", "NODES", "MIN", "MAX", "STATE", "IDLE", "RUNNING",
             ]);
             for c in &list.clusters {
-                let counts = c.node_state_counts.clone().unwrap_or_default();
+                let counts = c.node_state_counts.unwrap_or_default();
                 table.add_row(vec![
                     c.name.clone(),
                     c.vm_size.clone(),

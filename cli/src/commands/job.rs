@@ -128,7 +128,7 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Vec<u8>> {
                 bail!(
                     "invalid code: {} holds over {} MiB; keep data out of the code folder (list it in .shoalignore or .gitignore)",
                     dir.display(),
-                    MAX_CODE_BYTES * 4 >> 20
+                    (MAX_CODE_BYTES * 4) >> 20
                 );
             }
         }

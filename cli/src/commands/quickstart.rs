@@ -168,7 +168,7 @@ async fn drive(
                 "{}: {} nodes ({} idle), target {} · idle nodes leave after {} s",
                 c.name,
                 c.current_node_count,
-                c.node_state_counts.clone().unwrap_or_default().idle,
+                c.node_state_counts.unwrap_or_default().idle,
                 c.target_node_count,
                 c.idle_seconds_before_scaledown
             ));
