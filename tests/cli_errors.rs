@@ -9,7 +9,11 @@ use support::TestCluster;
 fn refused(tc: &TestCluster, args: &[&str]) -> String {
     let output = tc.shoal(args);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!output.status.success(), "shoal {args:?} should fail; printed {}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        !output.status.success(),
+        "shoal {args:?} should fail; printed {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     assert!(stderr.starts_with("error: "), "shoal {args:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "shoal {args:?}: {stderr}");
     stderr
@@ -32,10 +36,34 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     };
 
     let e = create(&["--name", "c2", "--vm-size", "Standard_D3_v9"]);
-    assert_mentions(&e, &["vm_size", "Standard_D3_v9", "did you mean", "Standard_D3_v2"]);
-    let e = create(&["--name", "c2", "--vm-size", "Standard_D2_v2", "--min-nodes", "3", "--max-nodes", "2"]);
+    assert_mentions(
+        &e,
+        &[
+            "vm_size",
+            "Standard_D3_v9",
+            "did you mean",
+            "Standard_D3_v2",
+        ],
+    );
+    let e = create(&[
+        "--name",
+        "c2",
+        "--vm-size",
+        "Standard_D2_v2",
+        "--min-nodes",
+        "3",
+        "--max-nodes",
+        "2",
+    ]);
     assert_mentions(&e, &["min_nodes", "max_nodes"]);
-    let e = create(&["--name", "c2", "--vm-size", "Standard_D2_v2", "--max-nodes", "101"]);
+    let e = create(&[
+        "--name",
+        "c2",
+        "--vm-size",
+        "Standard_D2_v2",
+        "--max-nodes",
+        "101",
+    ]);
     assert_mentions(&e, &["max_nodes", "100"]);
     let e = create(&["--name", "9lives", "--vm-size", "Standard_D2_v2"]);
     assert_mentions(&e, &["name", "start with a letter"]);
@@ -43,12 +71,22 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     assert_mentions(&e, &["name", "letters, digits and hyphens"]);
     let e = create(&["--name", "cpu", "--vm-size", "Standard_D2_v2"]);
     assert_mentions(&e, &["cpu", "already exists"]);
-    let e = create(&["--name", "c2", "--vm-size", "Standard_D2_v2", "--vm-priority", "spot"]);
+    let e = create(&[
+        "--name",
+        "c2",
+        "--vm-size",
+        "Standard_D2_v2",
+        "--vm-priority",
+        "spot",
+    ]);
     assert_mentions(&e, &["vm_priority", "spot"]);
     let e = create(&["--name", "c2"]);
     assert_mentions(&e, &["vm_size", "required"]);
 
-    let e = refused(&tc, &["cluster", "update", "cpu", "--vm-size", "Standard_D3_v2"]);
+    let e = refused(
+        &tc,
+        &["cluster", "update", "cpu", "--vm-size", "Standard_D3_v2"],
+    );
     assert_mentions(&e, &["vm_size", "fixed when the cluster is created"]);
     let e = refused(&tc, &["cluster", "update", "cpu", "--tier", "lowpriority"]);
     assert_mentions(&e, &["vm_priority"]);
@@ -80,7 +118,10 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
         std::fs::write(&path, text).expect("write yaml");
         path.to_string_lossy().into_owned()
     };
-    let unknown = yaml("unknown.yaml", "command: echo hi\ncompute: cpu\nresources: {instance_cout: 2}\n");
+    let unknown = yaml(
+        "unknown.yaml",
+        "command: echo hi\ncompute: cpu\nresources: {instance_cout: 2}\n",
+    );
     let e = submit(&["-f", &unknown]);
     assert_mentions(&e, &["instance_cout"]);
     let top = yaml("top.yaml", "command: echo hi\ncompute: cpu\nretries: 3\n");
@@ -91,7 +132,14 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     assert_mentions(&e, &["job file"]);
     let e = submit(&["-f", &tc.scratch("absent.yaml").to_string_lossy()]);
     assert_mentions(&e, &["cannot read job file"]);
-    let e = submit(&["--cluster", "cpu", "--code", &tc.scratch("no-such-dir").to_string_lossy(), "--", "true"]);
+    let e = submit(&[
+        "--cluster",
+        "cpu",
+        "--code",
+        &tc.scratch("no-such-dir").to_string_lossy(),
+        "--",
+        "true",
+    ]);
     assert_mentions(&e, &["code", "not a folder"]);
 
     for verb in ["show", "cancel", "logs"] {
@@ -101,16 +149,30 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
 
     // Nothing of the above was stored.
     let clusters = tc.shoal_json(&["cluster", "list"]);
-    let names: Vec<&str> = clusters.as_array().expect("list").iter().map(|c| c["name"].as_str().expect("name")).collect();
+    let names: Vec<&str> = clusters
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
     assert_eq!(names, vec!["cpu"]);
-    assert_eq!(clusters[0]["min_nodes"], 0, "the refused update changed nothing");
+    assert_eq!(
+        clusters[0]["min_nodes"], 0,
+        "the refused update changed nothing"
+    );
     assert_eq!(clusters[0]["vm_size"], "Standard_D2_v2");
     let jobs = tc.shoal_json(&["job", "list"]);
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs:#}");
 
     // The coordinator is still there and well.
     let sizes = tc.shoal_json(&["vm-size", "list"]);
-    assert!(sizes.as_array().expect("sizes").iter().any(|s| s["name"] == "Standard_NC6"));
+    assert!(
+        sizes
+            .as_array()
+            .expect("sizes")
+            .iter()
+            .any(|s| s["name"] == "Standard_NC6")
+    );
 }
 
 #[tokio::test]
@@ -121,7 +183,10 @@ async fn an_unreachable_coordinator_is_named_with_what_to_do() {
         .expect("run shoal");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot reach the coordinator") && stderr.contains("shoal up"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the coordinator") && stderr.contains("shoal up"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -133,5 +198,8 @@ async fn a_public_listen_address_is_refused_without_tls() {
         .expect("run shoal");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("TLS") && stderr.contains("127.0.0.1"), "{stderr}");
+    assert!(
+        stderr.contains("TLS") && stderr.contains("127.0.0.1"),
+        "{stderr}"
+    );
 }

@@ -118,3 +118,44 @@ impl JobBuilder {
         self.0
     }
 }
+
+/// A provider that creates nothing: it records what it was asked, and its nodes
+/// "run" until the test registers a fake agent for them.
+#[derive(Clone, Default)]
+pub struct FakeProvider {
+    pub created: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub removed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl crate::provider::NodeProvider for FakeProvider {
+    fn create(
+        &self,
+        launch: crate::provider::NodeLaunch,
+    ) -> futures::future::BoxFuture<'static, Result<crate::provider::StartedNode, String>> {
+        use futures::FutureExt;
+        self.created
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(launch.node_id);
+        async {
+            Ok(crate::provider::StartedNode {
+                pid: None,
+                exited: std::future::pending().boxed(),
+            })
+        }
+        .boxed()
+    }
+
+    fn remove(
+        &self,
+        node_id: String,
+        _pid: Option<u32>,
+    ) -> futures::future::BoxFuture<'static, ()> {
+        use futures::FutureExt;
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(node_id);
+        async {}.boxed()
+    }
+}

@@ -73,6 +73,9 @@ pub struct CreateArgs {
     /// true: MPI works, at most 100 nodes; false: up to 4000 nodes, no distributed jobs.
     #[arg(long)]
     internode_communication: Option<bool>,
+    /// Show progress until the cluster is steady (its min_nodes up).
+    #[arg(long)]
+    wait: bool,
     /// A cluster YAML (`name`, `size`, `min_instances`, `max_instances`, `tier`,
     /// `idle_time_before_scale_down`, ...); flags override it.
     #[arg(long, short = 'f')]
@@ -102,6 +105,9 @@ pub struct UpdateArgs {
     /// Fixed at creation: refused with a reason.
     #[arg(long, visible_alias = "tier")]
     vm_priority: Option<String>,
+    /// Show progress until the cluster is steady again.
+    #[arg(long)]
+    wait: bool,
 }
 
 /// The managed service's compute YAML, as far as it applies here.
@@ -198,6 +204,40 @@ pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()
     Ok(())
 }
 
+/// Follows a cluster until it is steady, with a progress line.
+async fn wait_steady(client: &Client, cluster: pb::Cluster) -> anyhow::Result<pb::Cluster> {
+    use tokio_stream::StreamExt;
+    let bar = super::job::spinner();
+    let mut watch = client
+        .clusters()
+        .watch(pb::ClusterRef {
+            name: cluster.name.clone(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut last = cluster;
+    while let Some(update) = watch.next().await {
+        last = update.map_err(status)?;
+        let counts = last.node_state_counts.unwrap_or_default();
+        bar.set_message(format!(
+            "{}: {} → {} nodes (preparing {}, idle {}, running {}, leaving {})",
+            last.name,
+            last.current_node_count,
+            last.target_node_count,
+            counts.preparing,
+            counts.idle,
+            counts.running,
+            counts.leaving
+        ));
+        if last.allocation_state == "steady" && last.current_node_count >= last.min_nodes {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(last)
+}
+
 pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
     let client = Client::connect(endpoint).await?;
     let mut clusters = client.clusters();
@@ -226,6 +266,11 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                     .or(file.internode_communication),
             };
             let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
+            let cluster = if args.wait {
+                wait_steady(&client, cluster).await?
+            } else {
+                cluster
+            };
             print_cluster(&cluster, format)?;
         }
         Command::Show(name) => {
@@ -286,6 +331,11 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 internode_communication: None,
             };
             let cluster = clusters.update(update).await.map_err(status)?.into_inner();
+            let cluster = if args.wait {
+                wait_steady(&client, cluster).await?
+            } else {
+                cluster
+            };
             print_cluster(&cluster, format)?;
         }
         Command::Delete(name) => {

@@ -591,8 +591,10 @@ impl Control {
             .get(name)
             .copied()
             .unwrap_or(cluster.spec.min_nodes);
+        // Idle nodes waiting out their idle timeout are not a resize in progress.
+        let active = counts.idle + counts.running + counts.preparing;
         Ok(ClusterInfo {
-            resizing: current != target || counts.preparing > 0 || counts.leaving > 0,
+            resizing: active < target || counts.preparing > 0 || counts.leaving > 0,
             cluster,
             counts,
             current_node_count: current,
@@ -980,7 +982,9 @@ impl Control {
             self.end_job(&job_id, JobStatus::Failed, reason, now);
             return;
         }
-        if let Some(job) = self.jobs.get_mut(&job_id) {
+        if let Some(job) = self.jobs.get_mut(&job_id)
+            && job.status != JobStatus::Queued
+        {
             warn!(job = %job_id, attempt = %slot.attempt_id, why, "attempt lost; requeued");
             job.status = JobStatus::Queued;
             job.reason = format!("requeued: attempt {} lost ({why})", attempts_used);
@@ -1491,28 +1495,4 @@ pub fn waiting_reason(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::ClusterBuilder;
-
-    #[test]
-    fn attempt_ids_name_their_job() {
-        assert_eq!(job_of_attempt("job-12.3"), Some("job-12"));
-        assert_eq!(job_of_attempt("nonsense"), None);
-    }
-
-    #[test]
-    fn waiting_reasons_name_the_blocker() {
-        let spec = ClusterBuilder::new("c").max(2).build();
-        assert_eq!(
-            waiting_reason(&spec, 0, 2, 0, 2),
-            "waiting for nodes: scaling 0 → 2"
-        );
-        assert!(waiting_reason(&spec, 2, 2, 0, 1).starts_with("max_nodes 2 reached"));
-        let wide = ClusterBuilder::new("c").max(4).build();
-        assert_eq!(
-            waiting_reason(&wide, 3, 3, 1, 3),
-            "gang of 3 needs 3 nodes, 1 ready"
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,247 @@
+//! The control loop on an in-memory store, a fake provider and channel agents.
+use super::*;
+use crate::store::SqliteStore;
+use crate::testing::{ClusterBuilder, FakeProvider};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// The control loop on an in-memory store and a fake provider; agents are channels.
+struct Harness {
+    handle: ControlHandle,
+    provider: FakeProvider,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn harness() -> Harness {
+    let provider = FakeProvider::default();
+    let store = SqliteStore::in_memory().expect("store");
+    let (control, handle, inbox) = Control::new(
+        ControlConfig::default(),
+        Box::new(store),
+        Arc::new(provider.clone()),
+    )
+    .expect("control");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(control.run(inbox, async move {
+        let _ = stopped.await;
+    }));
+    Harness {
+        handle,
+        provider,
+        _stop: stop,
+    }
+}
+
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..400 {
+        if let Some(value) = probe() {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{what} did not happen within 2 s");
+}
+
+impl Harness {
+    async fn cluster(&self, max: u32, idle_seconds: u64) {
+        self.handle
+            .create_cluster(ClusterRequest {
+                name: "cl".into(),
+                vm_size: "Standard_D2_v2".into(),
+                max_nodes: Some(max),
+                idle_seconds_before_scaledown: Some(idle_seconds),
+                ..Default::default()
+            })
+            .await
+            .expect("cluster");
+    }
+
+    async fn submit(&self) -> String {
+        let request = JobRequest {
+            cluster: "cl".into(),
+            command: "true".into(),
+            ..Default::default()
+        };
+        self.handle.submit_job(request).await.expect("submit").id
+    }
+
+    async fn created_node(&self, index: usize) -> String {
+        let created = self.provider.created.clone();
+        eventually("node creation", || created.lock().ok()?.get(index).cloned()).await
+    }
+
+    async fn register(
+        &self,
+        node_id: &str,
+        session: u64,
+        attempts: Vec<AttemptReport>,
+    ) -> UnboundedReceiver<ToAgent> {
+        let (link, rx) = mpsc::unbounded_channel();
+        let registration = Registration {
+            node_id: node_id.into(),
+            cluster: "cl".into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            hostname: "localhost".into(),
+            pid: 1,
+            attempts,
+        };
+        self.handle
+            .register_agent(registration, session, link)
+            .await
+            .expect("register");
+        rx
+    }
+
+    async fn job_status(&self, id: &str, status: JobStatus) -> Job {
+        for _ in 0..400 {
+            let job = self.handle.get_job(id.to_string()).await.expect("job");
+            if job.status == status {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{id} never became {status:?}");
+    }
+}
+
+async fn next_launch(rx: &mut UnboundedReceiver<ToAgent>) -> LaunchOrder {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("link open");
+        if let ToAgent::Launch(order) = message {
+            return order;
+        }
+    }
+}
+
+fn exit(code: i32) -> ExitReport {
+    ExitReport {
+        exit_code: Some(code),
+        outcome: if code == 0 { "completed" } else { "failed" }.into(),
+        message: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_job_scales_a_node_up_runs_and_the_node_leaves_when_idle() {
+    let h = harness().await;
+    h.cluster(1, 0).await;
+    let id = h.submit().await;
+    let node = h.created_node(0).await;
+    let mut agent = h.register(&node, 1, vec![]).await;
+    let order = next_launch(&mut agent).await;
+    assert_eq!(order.slot.attempt_id, format!("{id}.1"));
+    assert_eq!(
+        order.env.get("SHOAL_NUM_NODES").map(String::as_str),
+        Some("1")
+    );
+    h.handle
+        .send(Command::InstanceStarted {
+            node_id: node.clone(),
+            slot: order.slot.clone(),
+        })
+        .await;
+    h.job_status(&id, JobStatus::Running).await;
+    h.handle
+        .send(Command::InstanceExited {
+            node_id: node.clone(),
+            slot: order.slot,
+            exit: exit(0),
+        })
+        .await;
+    let job = h.job_status(&id, JobStatus::Completed).await;
+    assert_eq!(job.attempts[0].instances[0].exit_code, Some(0));
+    let removed = h.provider.removed.clone();
+    eventually("idle node removal", || {
+        removed.lock().ok()?.contains(&node).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requeue_after_agent_restart_without_the_attempt() {
+    let h = harness().await;
+    h.cluster(1, 60).await;
+    let id = h.submit().await;
+    let node = h.created_node(0).await;
+    let mut first = h.register(&node, 1, vec![]).await;
+    let order = next_launch(&mut first).await;
+    // The agent restarts and no longer knows the attempt: it is lost, and the
+    // job runs again as attempt 2.
+    let mut second = h.register(&node, 2, vec![]).await;
+    let again = next_launch(&mut second).await;
+    assert_eq!(again.slot.attempt_id, format!("{id}.2"));
+    let job = h.handle.get_job(id.clone()).await.expect("job");
+    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Lost);
+    assert_ne!(order.slot, again.slot);
+    assert_eq!(
+        again.env.get("SHOAL_ATTEMPT").map(String::as_str),
+        Some("2")
+    );
+}
+
+#[tokio::test]
+async fn an_exit_reported_at_registration_is_applied_once() {
+    let h = harness().await;
+    h.cluster(1, 60).await;
+    let id = h.submit().await;
+    let node = h.created_node(0).await;
+    let mut first = h.register(&node, 1, vec![]).await;
+    let order = next_launch(&mut first).await;
+    let report = AttemptReport {
+        slot: order.slot.clone(),
+        exited: Some(exit(3)),
+    };
+    let _second = h.register(&node, 2, vec![report.clone()]).await;
+    let job = h.job_status(&id, JobStatus::Failed).await;
+    assert!(job.reason.contains("exit code 3"), "{}", job.reason);
+    // Reported again (the agent did not know it was delivered): nothing changes.
+    let _third = h.register(&node, 3, vec![report]).await;
+    let again = h.handle.get_job(id).await.expect("job");
+    assert_eq!(again.attempts.len(), 1);
+    assert_eq!(again.ended_at, job.ended_at);
+}
+
+#[tokio::test]
+async fn an_unknown_agent_is_refused() {
+    let h = harness().await;
+    let (link, _rx) = mpsc::unbounded_channel();
+    let registration = Registration {
+        node_id: "stranger".into(),
+        cluster: "cl".into(),
+        cores: 1,
+        memory_bytes: 1,
+        hostname: String::new(),
+        pid: 1,
+        attempts: vec![],
+    };
+    let err = h
+        .handle
+        .register_agent(registration, 1, link)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stranger"), "{err}");
+}
+
+#[test]
+fn attempt_ids_name_their_job() {
+    assert_eq!(job_of_attempt("job-12.3"), Some("job-12"));
+    assert_eq!(job_of_attempt("nonsense"), None);
+}
+
+#[test]
+fn waiting_reasons_name_the_blocker() {
+    let spec = ClusterBuilder::new("c").max(2).build();
+    assert_eq!(
+        waiting_reason(&spec, 0, 2, 0, 2),
+        "waiting for nodes: scaling 0 → 2"
+    );
+    assert!(waiting_reason(&spec, 2, 2, 0, 1).starts_with("max_nodes 2 reached"));
+    let wide = ClusterBuilder::new("c").max(4).build();
+    assert_eq!(
+        waiting_reason(&wide, 3, 3, 1, 3),
+        "gang of 3 needs 3 nodes, 1 ready"
+    );
+}
