@@ -367,18 +367,134 @@ async fn killed_agent_gets_its_attempt_requeued_elsewhere() {
     assert!(!process_alive(orphan), "attempt 1 outlived its agent");
 }
 
-/// A plain HTTP/1.1 GET on the coordinator's port (the JSON API shares it with gRPC).
-async fn http_get(tc: &TestCluster, path: &str) -> String {
+#[tokio::test]
+async fn restart_requeues_work_of_a_node_that_never_comes_back() {
+    // A short grace, and a VM size of our own from the config file.
+    let config = "agent_grace_seconds: 2\nvm_sizes:\n  - {name: Local_Tiny, cores: 1, memory_gib: 0.5, family: local}\n";
+    let mut tc = TestCluster::start_with_config(config).await;
+    let cluster = tc.shoal_json(&[
+        "cluster",
+        "create",
+        "--name",
+        "tiny",
+        "--vm-size",
+        "local_tiny",
+        "--max-nodes",
+        "1",
+    ]);
+    assert_eq!(cluster["vm_size"], "Local_Tiny");
+    let marker = tc.scratch("attempts");
+    let script = format!(
+        "echo $SHOAL_ATTEMPT >> {m}; if [ $SHOAL_ATTEMPT = 1 ]; then exec sleep 300; fi",
+        m = marker.display()
+    );
+    let id = submit(&tc, &["--cluster", "tiny", "--", "sh", "-c", &script]);
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let node = job.attempts[0].instances[0].node.clone();
+
+    // The coordinator and the node die together; only the coordinator comes back.
+    tc.kill9();
+    support::kill_matching(&tc.data_dir().join("nodes").join(&node));
+    tc.restart().await;
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 2, "{job:#?}");
+    assert_eq!(job.attempts[0].status, "lost");
+    assert_ne!(
+        job.attempts[1].instances[0].node, node,
+        "a new node ran attempt 2"
+    );
+    let runs = std::fs::read_to_string(&marker).expect("marker");
+    assert_eq!(runs.lines().collect::<Vec<_>>(), vec!["1", "2"]);
+}
+
+#[tokio::test]
+async fn the_http_api_does_what_grpc_does() {
+    let tc = TestCluster::start().await;
+    let (status, body) = http(
+        &tc,
+        "POST",
+        "/api/v1/clusters",
+        r#"{"name": "web", "vm_size": "Standard_D2_v2", "max_nodes": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http(
+        &tc,
+        "POST",
+        "/api/v1/clusters",
+        r#"{"name": "web2", "vm_size": "Standard_D2_v2", "max_nodes": 1, "min_nodes": 5}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("min_nodes"), "{body}");
+    let (status, body) = http(
+        &tc,
+        "POST",
+        "/api/v1/clusters",
+        r#"{"name": "web3", "vm_sise": "x"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("vm_sise"), "{body}");
+    let (status, body) = http(
+        &tc,
+        "PATCH",
+        "/api/v1/clusters/web",
+        r#"{"vm_size": "Standard_D3_v2"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    let (status, body) = http(
+        &tc,
+        "POST",
+        "/api/v1/jobs",
+        r#"{"command": "sleep 300", "compute": "web"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let job: serde_json::Value = serde_json::from_str(&body).expect("job json");
+    let id = job["id"].as_str().expect("id").to_string();
+    tc.wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let (status, body) = http(&tc, "POST", &format!("/api/v1/jobs/{id}/cancel"), "").await;
+    assert_eq!(status, 200, "{body}");
+    tc.wait_status(&id, "canceled", LIMIT).await;
+    let (status, _) = http(&tc, "GET", "/api/v1/jobs/job-404", "").await;
+    assert_eq!(status, 404);
+    let (status, body) = http(&tc, "GET", "/api/v1/clusters/web", "").await;
+    assert_eq!(status, 200);
+    let cluster: serde_json::Value = serde_json::from_str(&body).expect("cluster json");
+    assert_eq!(cluster["max_nodes"], 1);
+}
+
+/// A plain HTTP/1.1 request on the coordinator's port (the JSON API shares it with gRPC).
+async fn http(tc: &TestCluster, method: &str, path: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
         .await
         .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("read");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, body.to_string())
+}
+
+async fn http_get(tc: &TestCluster, path: &str) -> String {
+    let (status, body) = http(tc, "GET", path, "").await;
+    assert_eq!(status, 200, "{body}");
+    body
 }

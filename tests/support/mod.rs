@@ -30,6 +30,11 @@ fn free_port() -> u16 {
 
 impl TestCluster {
     pub async fn start() -> Self {
+        Self::start_with_config("").await
+    }
+
+    /// With `config` as the coordinator's `shoal.yaml` (empty: none).
+    pub async fn start_with_config(config: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shoal-test-")
             .tempdir()
@@ -39,6 +44,10 @@ impl TestCluster {
             port: free_port(),
             coordinator: None,
         };
+        if !config.is_empty() {
+            std::fs::create_dir_all(cluster.data_dir()).expect("data dir");
+            std::fs::write(cluster.data_dir().join("shoal.yaml"), config).expect("config");
+        }
         cluster.start_coordinator().await;
         cluster
     }
