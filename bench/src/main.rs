@@ -1,0 +1,377 @@
+//! Shoal's benchmarks. Run from the repository root:
+//!
+//!   cargo build --release && cargo run --release -p shoal-bench -- all
+//!
+//! `placements`: durable job placements per second through the real control loop
+//! and SQLite store (synchronous=FULL), with in-process agents that finish each
+//! instance at once (zero-work jobs): the coordinator's own cost.
+//! `latency`: submit → completed for a trivial job (`true`) on a warm local node,
+//! through gRPC on loopback with a real agent process; and the same through the
+//! `shoal job submit --wait` CLI process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use shoal_coordinator::control::{
+    Command, Control, ControlConfig, ControlHandle, ExitReport, Registration, ToAgent,
+};
+use shoal_coordinator::model::{ClusterRequest, JobRequest, JobStatus};
+use shoal_coordinator::provider::{NodeLaunch, NodeProvider, StartedNode};
+use shoal_coordinator::server::{ConfigFile, CoordinatorConfig, serve};
+use shoal_coordinator::store::SqliteStore;
+use shoal_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+
+/// Nodes come up as in-process agents registered by the bench itself.
+#[derive(Clone)]
+struct InProcessProvider {
+    created: mpsc::UnboundedSender<String>,
+}
+
+impl NodeProvider for InProcessProvider {
+    fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
+        let _ = self.created.send(launch.node_id);
+        async {
+            Ok(StartedNode {
+                pid: None,
+                exited: std::future::pending().boxed(),
+            })
+        }
+        .boxed()
+    }
+
+    fn remove(&self, _node_id: String, _pid: Option<u32>) -> BoxFuture<'static, ()> {
+        async {}.boxed()
+    }
+}
+
+/// An agent that "runs" each launch by reporting it started and exited 0 at once.
+async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
+    let (link, mut orders) = mpsc::unbounded_channel();
+    let registration = Registration {
+        node_id: node_id.clone(),
+        cluster: "bench".into(),
+        cores: 2,
+        memory_bytes: 1 << 30,
+        hostname: "localhost".into(),
+        pid: std::process::id(),
+        attempts: vec![],
+    };
+    if handle
+        .register_agent(registration, session, link)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    while let Some(order) = orders.recv().await {
+        if let ToAgent::Launch(order) = order {
+            handle
+                .send(Command::InstanceStarted {
+                    node_id: node_id.clone(),
+                    slot: order.slot.clone(),
+                })
+                .await;
+            handle
+                .send(Command::InstanceExited {
+                    node_id: node_id.clone(),
+                    slot: order.slot,
+                    exit: ExitReport {
+                        exit_code: Some(0),
+                        outcome: "completed".into(),
+                        message: String::new(),
+                    },
+                })
+                .await;
+        }
+    }
+}
+
+async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join("shoal.db"))?;
+    let (created_tx, mut created) = mpsc::unbounded_channel();
+    let provider = InProcessProvider {
+        created: created_tx,
+    };
+    let (control, handle, inbox) = Control::new(
+        ControlConfig::default(),
+        Box::new(store),
+        Arc::new(provider),
+    )?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runtime = tokio::runtime::Handle::current();
+    let control_thread = tokio::task::spawn_blocking(move || {
+        runtime.block_on(control.run(inbox, async move {
+            let _ = stopped.await;
+        }))
+    });
+    handle
+        .create_cluster(ClusterRequest {
+            name: "bench".into(),
+            vm_size: "Standard_D2_v2".into(),
+            min_nodes: Some(nodes),
+            max_nodes: Some(nodes),
+            ..Default::default()
+        })
+        .await?;
+    for session in 0..nodes {
+        let node_id = created.recv().await.context("node creation")?;
+        tokio::spawn(instant_agent(handle.clone(), node_id, u64::from(session)));
+    }
+    // Let every agent register before the clock starts.
+    loop {
+        let nodes_up = handle.list_nodes(None).await?;
+        if nodes_up.iter().all(|n| n.connected) && nodes_up.len() == nodes as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = Instant::now();
+    let submitters = 64;
+    let per = jobs / submitters;
+    let mut tasks = Vec::new();
+    for _ in 0..submitters {
+        let handle = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(per);
+            for _ in 0..per {
+                let request = JobRequest {
+                    cluster: "bench".into(),
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                };
+                ids.push(handle.submit_job(request).await.map(|j| j.id));
+            }
+            ids
+        }));
+    }
+    let mut submitted = 0;
+    for task in tasks {
+        for id in task.await? {
+            id?;
+            submitted += 1;
+        }
+    }
+    let submit_time = started.elapsed();
+    loop {
+        let all = handle.list_jobs(None).await?;
+        let done = all
+            .iter()
+            .filter(|j| j.status == JobStatus::Completed)
+            .count();
+        if done == submitted {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("only {done} of {submitted} jobs completed in 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = started.elapsed();
+    println!(
+        "placements: {submitted} zero-work jobs on {nodes} nodes: submitted in {:.2} s ({:.0}/s, each acked after its commit), all completed in {:.2} s ({:.0} jobs/s placed, run and recorded)",
+        submit_time.as_secs_f64(),
+        submitted as f64 / submit_time.as_secs_f64(),
+        total.as_secs_f64(),
+        submitted as f64 / total.as_secs_f64()
+    );
+    let _ = stop.send(());
+    let _ = control_thread.await;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name}: n={} median {:.1} ms, p95 {:.1} ms, min {:.1} ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1000.0,
+        percentile(&samples, 0.95).as_secs_f64() * 1000.0,
+        samples[0].as_secs_f64() * 1000.0
+    );
+}
+
+async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let config = CoordinatorConfig::new(
+        dir.path().join("data"),
+        shoal.clone(),
+        ConfigFile::default(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
+    let mut jobs = pb::jobs_client::JobsClient::new(channel);
+    clusters
+        .create(pb::ClusterSpec {
+            name: "warm".into(),
+            vm_size: "Standard_D2_v2".into(),
+            min_nodes: Some(1),
+            max_nodes: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    let mut run_once = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let job = jobs
+            .submit(pb::JobSpec {
+                cluster: "warm".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
+        while let Some(update) = watch.next().await {
+            let job = update?;
+            if job.status == "completed" {
+                return Ok(started.elapsed());
+            }
+            if job.status == "failed" {
+                bail!("the trivial job failed: {}", job.reason);
+            }
+        }
+        bail!("the watch ended early")
+    };
+    // The first run also waits for the node to come up: not counted.
+    run_once().await?;
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        samples.push(run_once().await?);
+    }
+    summary(
+        "latency (gRPC submit → watch completed, `true` on a warm node)",
+        samples,
+    );
+
+    let mut cli = Vec::new();
+    for _ in 0..runs.min(30) {
+        let started = Instant::now();
+        let status = tokio::process::Command::new(&shoal)
+            .args([
+                "job",
+                "submit",
+                "--cluster",
+                "warm",
+                "--wait",
+                "--endpoint",
+                &address,
+                "-o",
+                "json",
+                "--",
+                "true",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("`shoal job submit --wait` failed");
+        }
+        cli.push(started.elapsed());
+    }
+    summary(
+        "latency (`shoal job submit --wait -- true` process, start to exit)",
+        cli,
+    );
+
+    // Throughput of real `true` processes on two warm local nodes.
+    clusters
+        .update(pb::ClusterUpdate {
+            name: "warm".into(),
+            min_nodes: Some(2),
+            max_nodes: Some(2),
+            ..Default::default()
+        })
+        .await?;
+    let mut warm = clusters
+        .watch(pb::ClusterRef {
+            name: "warm".into(),
+        })
+        .await?
+        .into_inner();
+    while let Some(update) = warm.next().await {
+        let c = update?;
+        if c.node_state_counts.is_some_and(|n| n.idle + n.running == 2) {
+            break;
+        }
+    }
+    let count = 2_000;
+    let started = Instant::now();
+    let mut last = String::new();
+    for _ in 0..count {
+        last = jobs
+            .submit(pb::JobSpec {
+                cluster: "warm".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .id;
+    }
+    // Jobs run in order of submission on two nodes: wait for every one.
+    let listing = loop {
+        let all = jobs
+            .list(pb::ListJobsRequest {
+                cluster: "warm".into(),
+            })
+            .await?
+            .into_inner()
+            .jobs;
+        if all.iter().all(|j| j.status == "completed") {
+            break all;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let elapsed = started.elapsed();
+    println!(
+        "processes: {count} `true` jobs on 2 warm local nodes (one instance per node at a time) in {:.2} s: {:.0} processes/s (last {last}, {} jobs total)",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64(),
+        listing.len()
+    );
+    let _ = stop.send(());
+    let _ = server.await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let shoal = std::env::var_os("SHOAL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("target/release/shoal"));
+    if matches!(what, "placements" | "all") {
+        placements(20_000, 100).await?;
+    }
+    if matches!(what, "latency" | "all") {
+        if !shoal.exists() {
+            bail!(
+                "{} not found: run `cargo build --release` first, or set SHOAL_BIN",
+                shoal.display()
+            );
+        }
+        latency(50, shoal).await?;
+    }
+    Ok(())
+}
