@@ -123,6 +123,8 @@ impl JobBuilder {
 /// "run" until the test registers a fake agent for them.
 #[derive(Clone, Default)]
 pub struct FakeProvider {
+    /// When set, every node fails to start.
+    pub fail: bool,
     pub created: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub removed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -137,7 +139,11 @@ impl crate::provider::NodeProvider for FakeProvider {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(launch.node_id);
-        async {
+        let fail = self.fail;
+        async move {
+            if fail {
+                return Err("cannot start the agent: no such file".to_string());
+            }
             Ok(crate::provider::StartedNode {
                 pid: None,
                 exited: std::future::pending().boxed(),

@@ -284,6 +284,8 @@ pub struct Control {
     links: HashMap<String, (u64, mpsc::UnboundedSender<ToAgent>)>,
     disconnected_since: HashMap<String, Millis>,
     targets: HashMap<String, u32>,
+    /// Per cluster: node failures in a row, and no new node before this time.
+    create_backoff: HashMap<String, (u32, Millis)>,
     next_job_seq: u64,
     next_node_seq: u64,
     wake_at: Option<Millis>,
@@ -337,6 +339,7 @@ impl Control {
             links: HashMap::new(),
             disconnected_since: HashMap::new(),
             targets: HashMap::new(),
+            create_backoff: HashMap::new(),
             next_job_seq: snapshot.next_job_seq,
             next_node_seq: snapshot.next_node_seq,
             wake_at: None,
@@ -764,6 +767,7 @@ impl Control {
                 heartbeat_interval: self.config.heartbeat_interval,
             },
         ));
+        self.create_backoff.remove(&cluster);
         if let Some(c) = self.clusters.get_mut(&cluster)
             && !c.errors.is_empty()
         {
@@ -1041,8 +1045,16 @@ impl Control {
         if let Some(slot) = running {
             self.instance_lost(&slot, &format!("node {node_id} is unusable: {why}"), now);
         }
+        // Nodes that keep failing must not be replaced in a tight loop.
+        let failures = self.create_backoff.get(&cluster).map_or(0, |(n, _)| *n) + 1;
+        let delay_ms = 1000i64 << failures.min(6);
+        self.create_backoff
+            .insert(cluster.clone(), (failures, now + delay_ms));
         if let Some(c) = self.clusters.get_mut(&cluster) {
-            c.errors.push(format!("node {node_id}: {why}"));
+            c.errors.push(format!(
+                "node {node_id}: {why} (new nodes wait {} s)",
+                delay_ms / 1000
+            ));
             let excess = c.errors.len().saturating_sub(5);
             c.errors.drain(..excess);
             self.dirty_clusters.insert(cluster);
@@ -1171,8 +1183,16 @@ impl Control {
             if previous != Some(decision.target) {
                 self.dirty_clusters.insert(name.clone());
             }
-            for _ in 0..decision.create {
-                self.create_node(&name, now);
+            let backoff_until = self.create_backoff.get(&name).map(|(_, until)| *until);
+            match backoff_until {
+                Some(until) if decision.create > 0 && now < until => {
+                    self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
+                }
+                _ => {
+                    for _ in 0..decision.create {
+                        self.create_node(&name, now);
+                    }
+                }
             }
             for id in &decision.remove {
                 self.remove_node(id, "idle past idle_seconds_before_scaledown");

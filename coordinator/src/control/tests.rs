@@ -12,7 +12,10 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    let provider = FakeProvider::default();
+    harness_with(FakeProvider::default()).await
+}
+
+async fn harness_with(provider: FakeProvider) -> Harness {
     let store = SqliteStore::in_memory().expect("store");
     let (control, handle, inbox) = Control::new(
         ControlConfig::default(),
@@ -243,5 +246,31 @@ fn waiting_reasons_name_the_blocker() {
     assert_eq!(
         waiting_reason(&wide, 3, 3, 1, 3),
         "gang of 3 needs 3 nodes, 1 ready"
+    );
+}
+
+#[tokio::test]
+async fn nodes_that_fail_to_start_are_retried_with_backoff() {
+    let h = harness_with(FakeProvider {
+        fail: true,
+        ..Default::default()
+    })
+    .await;
+    h.cluster(1, 60).await;
+    let id = h.submit().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let attempts = h.provider.created.lock().map(|c| c.len()).unwrap_or(0);
+    assert!(
+        (1..=2).contains(&attempts),
+        "{attempts} node starts in 0.8 s"
+    );
+    let cluster = h.handle.get_cluster("cl".into()).await.expect("cluster");
+    let error = cluster.cluster.errors.first().cloned().unwrap_or_default();
+    assert!(error.contains("cannot start the agent"), "{error}");
+    let job = h.handle.get_job(id).await.expect("job");
+    assert_eq!(
+        job.status,
+        JobStatus::Queued,
+        "the job waits, it does not fail"
     );
 }
