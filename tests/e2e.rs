@@ -333,7 +333,7 @@ async fn cluster_scales_to_demand_then_back_to_min_nodes() {
 }
 
 #[tokio::test]
-async fn killed_agent_gets_its_attempt_requeued_elsewhere() {
+async fn killed_agent_requeues_its_process_attempt() {
     let tc = TestCluster::start().await;
     tc.create_cluster(
         "cpu",

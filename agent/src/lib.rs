@@ -19,6 +19,8 @@ pub struct AgentConfig {
     pub endpoint: String,
     pub node_id: String,
     pub cluster: String,
+    /// The id of the coordinator that owns this node (labels its containers).
+    pub owner: String,
     /// Attempts work in `<work_dir>/attempts/<attempt>-<instance>`.
     pub work_dir: PathBuf,
     /// Capacity to advertise; None: what this machine has.
@@ -28,6 +30,8 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// With no coordinator for this long, stop the work and exit.
     pub give_up_after: Duration,
+    /// A Docker network job containers join (set by the docker provider).
+    pub docker_network: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

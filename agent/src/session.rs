@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
+use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
 use crate::telemetry::{self, Telemetry};
 use crate::{AgentConfig, AgentError, archive};
@@ -31,7 +32,9 @@ struct Entry {
 struct Agent {
     config: Arc<AgentConfig>,
     client: AgentClient<Channel>,
-    runtime: Arc<dyn Runtime>,
+    process: Arc<ProcessRuntime>,
+    /// The docker runtime, or why this node has none.
+    docker: Result<DockerRuntime, String>,
     attempts: Arc<Mutex<HashMap<Slot, Entry>>>,
     events: mpsc::UnboundedSender<pb::AgentMessage>,
     telemetry: Telemetry,
@@ -65,19 +68,30 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (default_cores, default_memory) = telemetry::capacity();
     let (events, mut events_rx) = mpsc::unbounded_channel();
+    let cores = config.cores.unwrap_or(default_cores);
+    let memory_bytes = config.memory_bytes.unwrap_or(default_memory);
+    let network = config.docker_network.clone();
+    let docker =
+        DockerRuntime::connect(&config.owner, &config.node_id, cores, memory_bytes, network).await;
+    match &docker {
+        Ok(_) => info!("docker runtime ready"),
+        Err(why) => info!(%why, "no docker runtime: jobs with an image fail on this node"),
+    }
     let agent = Agent {
-        cores: config.cores.unwrap_or(default_cores),
-        memory_bytes: config.memory_bytes.unwrap_or(default_memory),
+        cores,
+        memory_bytes,
+        docker,
         hostname: telemetry::hostname(),
         config: Arc::new(config),
         client,
-        runtime: Arc::new(ProcessRuntime),
+        process: Arc::new(ProcessRuntime),
         attempts: Arc::default(),
         events,
         telemetry: Telemetry::start(Duration::from_secs(2)),
     };
     info!(node = %agent.config.node_id, endpoint = %agent.config.endpoint, cores = agent.cores, "agent starting");
 
+    agent.recover_containers().await;
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send + '_>> = Box::pin(shutdown);
     let mut backoff = Duration::from_millis(50);
     let mut last_contact = Instant::now();
@@ -142,11 +156,56 @@ impl Agent {
                 cluster: self.config.cluster.clone(),
                 cores: self.cores,
                 memory_bytes: self.memory_bytes,
-                runtimes: vec![self.runtime.name().to_string()],
+                runtimes: self.runtimes(),
                 attempts: reports,
                 hostname: self.hostname.clone(),
                 pid: std::process::id(),
             })),
+        }
+    }
+
+    fn runtimes(&self) -> Vec<String> {
+        let mut runtimes = vec![self.process.name().to_string()];
+        if let Ok(docker) = &self.docker {
+            runtimes.push(docker.name().to_string());
+        }
+        runtimes
+    }
+
+    /// Containers an earlier agent of this node started: watched to their end as if
+    /// this agent had launched them, and reported at registration.
+    async fn recover_containers(&self) {
+        let Ok(docker) = &self.docker else {
+            return;
+        };
+        for found in docker.recover().await {
+            let (stop, stop_rx) = watch::channel(None);
+            {
+                let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+                attempts.insert(found.slot.clone(), Entry { stop, exited: None });
+            }
+            info!(attempt = %found.slot.attempt_id, instance = found.slot.instance, "recovered a container");
+            let agent = self.clone();
+            let docker = docker.clone();
+            tokio::spawn(async move {
+                let sink = EventSink {
+                    slot: found.slot.clone(),
+                    tx: agent.events.clone(),
+                };
+                let since = docker::recovery_since();
+                let grace = agent.config.stop_grace;
+                let outcome = docker
+                    .follow(
+                        found.container,
+                        sink.clone(),
+                        stop_rx,
+                        found.deadline,
+                        grace,
+                        since,
+                    )
+                    .await;
+                agent.finish(found.slot, sink, outcome).await;
+            });
         }
     }
 
@@ -319,7 +378,7 @@ impl Agent {
             .work_dir
             .join("attempts")
             .join(format!("{}-{}", slot.attempt_id, slot.instance));
-        let mut outcome = match self.prepare(&dir, &launch).await {
+        let outcome = match self.prepare(&dir, &launch).await {
             Err(why) => Outcome::failed(why),
             Ok(()) => {
                 let mut env: std::collections::BTreeMap<String, String> =
@@ -328,6 +387,7 @@ impl Agent {
                     "SHOAL_OUTPUT_DIR".into(),
                     dir.join("outputs").to_string_lossy().into_owned(),
                 );
+                let image = (!launch.image.is_empty()).then_some(launch.image);
                 let spec = RunSpec {
                     slot: slot.clone(),
                     argv: launch.argv,
@@ -336,10 +396,29 @@ impl Agent {
                     timeout: (launch.timeout_seconds > 0)
                         .then(|| Duration::from_secs(launch.timeout_seconds)),
                     stop_grace: self.config.stop_grace,
+                    image,
+                    gpus: Vec::new(),
                 };
-                self.runtime.run(spec, sink.clone(), stop).await
+                match (&spec.image, &self.docker) {
+                    (None, _) => self.process.run(spec, sink.clone(), stop).await,
+                    (Some(_), Ok(docker)) => docker.run(spec, sink.clone(), stop).await,
+                    (Some(image), Err(why)) => Outcome::failed(format!(
+                        "node {} cannot run image `{image}`: {why}",
+                        self.config.node_id
+                    )),
+                }
             }
         };
+        self.finish(slot, sink, outcome).await;
+    }
+
+    /// Uploads outputs, records and reports the exit, and clears the working dir.
+    async fn finish(&self, slot: Slot, sink: EventSink, mut outcome: Outcome) {
+        let dir = self
+            .config
+            .work_dir
+            .join("attempts")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
         if let Err(why) = self.upload_outputs(&slot, &dir.join("outputs")).await {
             warn!(attempt = %slot.attempt_id, %why, "outputs not uploaded");
             outcome.message = format!("{} (outputs not uploaded: {why})", outcome.message)

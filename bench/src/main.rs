@@ -59,6 +59,7 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
         memory_bytes: 1 << 30,
         hostname: "localhost".into(),
         pid: std::process::id(),
+        runtimes: vec!["process".into()],
         attempts: vec![],
     };
     if handle

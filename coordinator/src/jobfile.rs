@@ -102,17 +102,6 @@ impl JobFile {
                 format!("`{kind}` jobs are not supported yet; use `type: command`"),
             ));
         }
-        if self
-            .environment
-            .as_ref()
-            .and_then(|e| e.image.as_ref())
-            .is_some()
-        {
-            return Err(Error::invalid(
-                "environment.image",
-                "container images need the docker runtime, which this build does not have yet; drop `environment.image` to run the command as a process",
-            ));
-        }
         Ok(())
     }
 
@@ -128,6 +117,13 @@ impl JobFile {
             .iter()
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect()
+    }
+
+    pub fn image(&self) -> String {
+        self.environment
+            .as_ref()
+            .and_then(|e| e.image.clone())
+            .unwrap_or_default()
     }
 
     pub fn job_name(&self) -> String {

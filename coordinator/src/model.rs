@@ -316,6 +316,9 @@ pub struct Node {
     pub pid: Option<u32>,
     #[serde(default)]
     pub message: String,
+    /// What its agent can run jobs with (`process`, `docker`), from registration.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
     /// Runtime-only facts, rebuilt from heartbeats and sessions.
     #[serde(skip)]
     pub connected: bool,
@@ -331,6 +334,11 @@ impl Node {
     /// Can take an instance now.
     pub fn is_free(&self) -> bool {
         self.state == NodeState::Idle && self.connected && self.running.is_none()
+    }
+
+    /// Can run this job's instances: containers need the docker runtime.
+    pub fn can_run(&self, job: &JobSpec) -> bool {
+        job.image.is_none() || self.runtimes.iter().any(|r| r == "docker")
     }
 
     /// Counts toward the cluster's size (and so toward max_nodes).
@@ -433,6 +441,9 @@ pub struct JobSpec {
     pub timeout_seconds: Option<u64>,
     /// Where the coordinator keeps the code snapshot, when there is one.
     pub code_path: Option<String>,
+    /// The container image it runs in; None: a plain process.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -445,6 +456,7 @@ pub struct JobRequest {
     pub instance_count: u32,
     pub timeout_seconds: u64,
     pub code_path: Option<String>,
+    pub image: String,
 }
 
 impl JobSpec {
@@ -493,6 +505,13 @@ impl JobSpec {
                 format!("`{key}` is not a valid variable name"),
             ));
         }
+        let image = request.image.trim().to_string();
+        if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(
+                "environment.image",
+                format!("`{image}` is not an image name"),
+            ));
+        }
         if request.name.len() > 256 {
             return Err(Error::invalid("name", "at most 256 characters"));
         }
@@ -505,6 +524,7 @@ impl JobSpec {
             instance_count,
             timeout_seconds: (request.timeout_seconds > 0).then_some(request.timeout_seconds),
             code_path: request.code_path,
+            image: (!image.is_empty()).then_some(image),
         })
     }
 }

@@ -32,13 +32,22 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             continue;
         };
         let wanted = job.spec.instance_count as usize;
-        if list.len() < wanted {
+        let eligible = list.iter().filter(|n| n.can_run(&job.spec)).count();
+        if eligible < wanted {
             continue;
         }
-        let chosen = list.split_off(list.len() - wanted);
+        // Take the warmest eligible nodes, leaving the rest for later jobs.
+        let mut chosen = Vec::with_capacity(wanted);
+        let mut index = list.len();
+        while chosen.len() < wanted && index > 0 {
+            index -= 1;
+            if list[index].can_run(&job.spec) {
+                chosen.push(list.remove(index).id.clone());
+            }
+        }
         placements.push(Placement {
             job_id: job.id.clone(),
-            nodes: chosen.iter().rev().map(|n| n.id.clone()).collect(),
+            nodes: chosen,
         });
     }
     placements
@@ -93,6 +102,20 @@ mod tests {
         let node_refs: Vec<&Node> = nodes.iter().collect();
         let job = JobBuilder::new("job-1").build();
         assert!(place([&job], &node_refs).is_empty());
+    }
+
+    #[test]
+    fn container_jobs_only_go_to_nodes_with_docker() {
+        let mut docker = NodeBuilder::new("docker").idle_since(1).build();
+        docker.runtimes.push("docker".into());
+        let nodes = [docker, NodeBuilder::new("plain").idle_since(9).build()];
+        let node_refs: Vec<&Node> = nodes.iter().collect();
+        let mut boxed = JobBuilder::new("job-1").build();
+        boxed.spec.image = Some("shoal/base".into());
+        let plain = JobBuilder::new("job-2").build();
+        let placements = place([&boxed, &plain], &node_refs);
+        assert_eq!(placements[0].nodes, vec!["docker".to_string()]);
+        assert_eq!(placements[1].nodes, vec!["plain".to_string()]);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct ConfigFile {
     /// Largest code snapshot accepted at submit, in MiB.
     #[serde(default)]
     pub max_code_mib: Option<usize>,
+    /// Seconds a stopped job gets between SIGTERM and SIGKILL (default 10).
+    #[serde(default)]
+    pub job_stop_grace_seconds: Option<u64>,
 }
 
 impl ConfigFile {
@@ -70,6 +73,29 @@ impl CoordinatorConfig {
     }
 }
 
+/// This coordinator's id: made once, kept in the data dir. It tells apart the
+/// containers of coordinators that share a Docker Engine.
+pub fn owner_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("owner-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(id.to_string());
+        }
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        ^ (u128::from(std::process::id()) << 64);
+    let id = format!("{:08x}", (seed ^ (seed >> 32) ^ (seed >> 64)) as u32);
+    let tmp = data_dir.join("owner-id.tmp");
+    std::fs::write(&tmp, &id)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::Internal(format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
 /// Serves until `shutdown` resolves; then stops every node it started and returns.
 pub async fn serve(
     listener: TcpListener,
@@ -86,12 +112,14 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
     let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
-    let provider = LocalProvider {
-        program: config.agent_program.clone(),
-        endpoint: format!("http://{address}"),
-        work_root: config.data_dir.join("nodes"),
-        stop_grace: Duration::from_secs(15),
-    };
+    let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
+    let provider = LocalProvider::new(
+        owner_id(&config.data_dir)?,
+        config.agent_program.clone(),
+        format!("http://{address}"),
+        config.data_dir.join("nodes"),
+        job_stop_grace,
+    );
     let catalog = config.control.catalog.clone();
     let (control, handle, inbox) =
         Control::new(config.control.clone(), Box::new(store), Arc::new(provider))?;

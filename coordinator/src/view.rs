@@ -120,6 +120,7 @@ pub struct Job {
     pub instance_count: u32,
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
+    pub image: Option<String>,
     /// The instances of the latest attempt.
     pub instances: Vec<Instance>,
     pub attempts: Vec<Attempt>,
@@ -160,6 +161,7 @@ impl From<&pb::Job> for Job {
             instance_count: j.instance_count,
             timeout_seconds: (j.timeout_seconds > 0).then_some(j.timeout_seconds),
             has_code: j.has_code,
+            image: (!j.image.is_empty()).then(|| j.image.clone()),
             instances,
             attempts,
             created_at: time(j.created_at_ms),

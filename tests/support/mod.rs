@@ -326,3 +326,55 @@ pub fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Whether Docker tests can run. With SHOAL_REQUIRE_DOCKER=1 (CI) a missing engine
+/// fails the test; without it the test is skipped with a loud message. Builds the
+/// example images when they are missing.
+pub fn docker_ready() -> bool {
+    let required = std::env::var("SHOAL_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+    let engine = Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !engine.is_ok_and(|s| s.success()) {
+        assert!(
+            !required,
+            "SHOAL_REQUIRE_DOCKER=1 but no Docker Engine answers `docker info`"
+        );
+        eprintln!(
+            "\n!!! SKIPPED: no Docker Engine here; set SHOAL_REQUIRE_DOCKER=1 to make this a failure !!!\n"
+        );
+        return false;
+    }
+    let images_present = Command::new("docker")
+        .args(["image", "inspect", "shoal/base", "shoal/train"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !images_present {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+        let built = Command::new("bash")
+            .arg(script)
+            .status()
+            .expect("run images/build.sh");
+        assert!(built.success(), "images/build.sh failed");
+    }
+    true
+}
+
+/// Container ids (running or not) of this test's coordinator carrying `label`
+/// (tests run side by side on one engine: their attempt ids look alike).
+pub fn containers_with(tc: &TestCluster, label: &str) -> Vec<String> {
+    let owner = std::fs::read_to_string(tc.data_dir().join("owner-id")).expect("owner id");
+    let output = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={label}")])
+        .args(["--filter", &format!("label=shoal.owner={}", owner.trim())])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

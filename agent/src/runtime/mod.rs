@@ -2,6 +2,7 @@
 //! streamed as it comes, cancel and timeout obeyed (SIGTERM, a grace period, then
 //! SIGKILL of the whole tree), and an outcome at the end.
 
+pub mod docker;
 mod process;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use shoal_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 
+pub use docker::DockerRuntime;
 pub use process::ProcessRuntime;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,6 +32,10 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
     /// Between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// The container image (docker runtime); None for a process.
+    pub image: Option<String>,
+    /// GPU ids assigned to this instance.
+    pub gpus: Vec<String>,
 }
 
 /// Why an instance is being stopped before it ends on its own.

@@ -208,6 +208,8 @@ mod tests {
             cwd: std::env::temp_dir(),
             timeout,
             stop_grace: Duration::from_millis(500),
+            image: None,
+            gpus: Vec::new(),
         }
     }
 

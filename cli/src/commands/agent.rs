@@ -19,6 +19,9 @@ pub struct Args {
     /// The cluster this node belongs to.
     #[arg(long)]
     cluster: String,
+    /// The id of the coordinator that owns this node (it labels the node's containers).
+    #[arg(long, default_value = "default")]
+    owner: String,
     /// Where attempts get their working dirs.
     #[arg(long)]
     work_dir: PathBuf,
@@ -34,6 +37,9 @@ pub struct Args {
     /// Stop and exit after this many seconds without a coordinator.
     #[arg(long, default_value_t = 600)]
     give_up_after_seconds: u64,
+    /// A Docker network that job containers join.
+    #[arg(long, env = "SHOAL_DOCKER_NETWORK")]
+    docker_network: Option<String>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -41,11 +47,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         endpoint: normalize(&args.endpoint),
         node_id: args.node_id,
         cluster: args.cluster,
+        owner: args.owner,
         work_dir: args.work_dir,
         cores: args.cores,
         memory_bytes: args.memory_bytes,
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         give_up_after: Duration::from_secs(args.give_up_after_seconds),
+        docker_network: args.docker_network,
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

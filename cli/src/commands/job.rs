@@ -83,6 +83,9 @@ pub struct SubmitArgs {
     /// A folder snapshotted now; each instance runs in its own copy of it.
     #[arg(long)]
     code: Option<PathBuf>,
+    /// Run in a container of this image (built with `images/build.sh`), not as a process.
+    #[arg(long, visible_alias = "environment")]
+    image: Option<String>,
     /// Seconds before the job is stopped and marked timed_out.
     #[arg(long)]
     timeout: Option<u64>,
@@ -198,6 +201,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
             .or(file.limits.as_ref().and_then(|l| l.timeout))
             .unwrap_or(0),
         code,
+        image: args.image.unwrap_or_else(|| file.image()),
     };
     if spec.cluster.is_empty() {
         bail!(

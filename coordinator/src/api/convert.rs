@@ -50,6 +50,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
         instance_count: spec.instance_count,
         timeout_seconds: spec.timeout_seconds,
         code_path,
+        image: spec.image,
     }
 }
 
@@ -122,6 +123,7 @@ pub fn job(job: &Job) -> pb::Job {
         started_at_ms: job.started_at,
         ended_at_ms: job.ended_at,
         reason: job.reason.clone(),
+        image: job.spec.image.clone().unwrap_or_default(),
     }
 }
 
@@ -175,6 +177,7 @@ pub fn registration(register: pb::Register) -> Registration {
         memory_bytes: register.memory_bytes,
         hostname: register.hostname,
         pid: register.pid,
+        runtimes: register.runtimes,
         attempts: register
             .attempts
             .into_iter()
@@ -208,6 +211,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             env: order.env.into_iter().collect(),
             timeout_seconds: order.timeout_seconds.unwrap_or(0),
             has_code: order.has_code,
+            image: order.image.unwrap_or_default(),
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

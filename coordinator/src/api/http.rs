@@ -238,6 +238,7 @@ async fn submit_job(
             .unwrap_or(1),
         timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
         code: Vec::new(),
+        image: file.image(),
     };
     let job = api.submit(spec).await?;
     Ok((StatusCode::CREATED, Json(view::Job::from(&job))))

@@ -59,6 +59,7 @@ pub struct LaunchOrder {
     pub env: BTreeMap<String, String>,
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
+    pub image: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,6 +84,7 @@ pub struct Registration {
     pub memory_bytes: u64,
     pub hostname: String,
     pub pid: u32,
+    pub runtimes: Vec<String>,
     pub attempts: Vec<AttemptReport>,
 }
 
@@ -751,6 +753,7 @@ impl Control {
         node.memory_bytes = registration.memory_bytes;
         node.hostname = registration.hostname.clone();
         node.pid = Some(registration.pid);
+        node.runtimes = registration.runtimes.clone();
         node.last_heartbeat = now;
         if node.state == NodeState::Preparing {
             node.state = NodeState::Idle;
@@ -901,9 +904,6 @@ impl Control {
         if job_final {
             return;
         }
-        let code = exit
-            .exit_code
-            .map_or("no exit code".to_string(), |c| format!("exit code {c}"));
         match status {
             InstanceStatus::Completed => {
                 let done = self.jobs[&job_id].attempts[index]
@@ -923,15 +923,14 @@ impl Control {
                 self.stop_live_instances(&job_id, "another instance timed out");
             }
             _ => {
-                let detail = if exit.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", exit.message)
+                let how = match (exit.exit_code, exit.message.is_empty()) {
+                    (Some(code), true) => format!("failed with exit code {code}"),
+                    (Some(code), false) => {
+                        format!("failed with exit code {code}: {}", exit.message)
+                    }
+                    (None, _) => format!("failed: {}", exit.message),
                 };
-                let reason = format!(
-                    "instance {} on node {node_id} failed with {code}{detail}",
-                    slot.instance
-                );
+                let reason = format!("instance {} on node {node_id} {how}", slot.instance);
                 self.end_job(&job_id, JobStatus::Failed, reason, now);
                 self.stop_live_instances(&job_id, "another instance failed");
             }
@@ -1241,6 +1240,7 @@ impl Control {
             hostname: String::new(),
             pid: None,
             message: String::new(),
+            runtimes: Vec::new(),
             connected: false,
             cpu_percent: 0.0,
             memory_used_bytes: 0,
@@ -1304,6 +1304,7 @@ impl Control {
                     env,
                     timeout_seconds: job.spec.timeout_seconds,
                     has_code: job.spec.code_path.is_some(),
+                    image: job.spec.image.clone(),
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {

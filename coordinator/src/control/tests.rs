@@ -86,6 +86,7 @@ impl Harness {
             memory_bytes: 1 << 30,
             hostname: "localhost".into(),
             pid: 1,
+            runtimes: vec!["process".into()],
             attempts,
         };
         self.handle
@@ -218,6 +219,7 @@ async fn an_unknown_agent_is_refused() {
         memory_bytes: 1,
         hostname: String::new(),
         pid: 1,
+        runtimes: vec!["process".into()],
         attempts: vec![],
     };
     let err = h

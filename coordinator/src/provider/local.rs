@@ -1,9 +1,12 @@
 //! The `local` provider: each node is a `shoal agent` process on this machine with
 //! its own work dir, in its own process group (Ctrl-C in a terminal reaches the
-//! coordinator, which then stops its agents cleanly).
+//! coordinator, which then stops its agents cleanly). An agent that crashes is
+//! restarted, as systemd would: it finds its containers again and re-registers.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -12,7 +15,13 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use super::{NodeLaunch, NodeProvider, StartedNode};
+use super::{NodeLaunch, NodeProvider, StartedNode, docker};
+
+/// Node id → the pid of its agent now, and whether it is being removed.
+type AgentProcess = (Option<u32>, bool);
+
+/// Restarts of one node's agent before the node is given up.
+const MAX_RESTARTS: u32 = 5;
 
 #[derive(Clone, Debug)]
 pub struct LocalProvider {
@@ -22,46 +31,118 @@ pub struct LocalProvider {
     pub endpoint: String,
     /// Each node works in `<root>/<node id>`.
     pub work_root: PathBuf,
-    /// How long an agent gets to stop its jobs before it is killed.
+    /// How long an agent gets to stop before it is killed.
     pub stop_grace: Duration,
+    /// How long a job gets between SIGTERM and SIGKILL (passed to the agents).
+    pub job_stop_grace: Duration,
+    /// This coordinator's id (see `server::owner_id`).
+    pub owner: String,
+    nodes: Arc<Mutex<HashMap<String, AgentProcess>>>,
+}
+
+impl LocalProvider {
+    pub fn new(
+        owner: String,
+        program: PathBuf,
+        endpoint: String,
+        work_root: PathBuf,
+        job_stop_grace: Duration,
+    ) -> Self {
+        LocalProvider {
+            owner,
+            program,
+            endpoint,
+            work_root,
+            stop_grace: job_stop_grace + Duration::from_secs(5),
+            job_stop_grace,
+            nodes: Arc::default(),
+        }
+    }
+
+    fn spawn(&self, launch: &NodeLaunch) -> Result<tokio::process::Child, String> {
+        let work_dir = self.work_root.join(&launch.node_id);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
+        let log_path = work_dir.join("agent.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        tokio::process::Command::new(&self.program)
+            .arg("agent")
+            .args(["--endpoint", &self.endpoint])
+            .args(["--node-id", &launch.node_id])
+            .args(["--cluster", &launch.cluster])
+            .args(["--owner", &self.owner])
+            .arg("--work-dir")
+            .arg(&work_dir)
+            .args(["--cores", &launch.cores.to_string()])
+            .args(["--memory-bytes", &launch.memory_bytes.to_string()])
+            .args([
+                "--stop-grace-seconds",
+                &self.job_stop_grace.as_secs().to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.program.display()))
+    }
+
+    fn set(&self, node_id: &str, pid: Option<u32>) {
+        if let Ok(mut nodes) = self.nodes.lock() {
+            let removing = nodes.get(node_id).is_some_and(|(_, r)| *r);
+            nodes.insert(node_id.to_string(), (pid, removing));
+        }
+    }
+
+    fn removing(&self, node_id: &str) -> bool {
+        self.nodes
+            .lock()
+            .map(|n| n.get(node_id).is_some_and(|(_, r)| *r))
+            .unwrap_or(true)
+    }
 }
 
 impl NodeProvider for LocalProvider {
     fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
         let this = self.clone();
         async move {
-            let work_dir = this.work_root.join(&launch.node_id);
-            std::fs::create_dir_all(&work_dir)
-                .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
-            let log_path = work_dir.join("agent.log");
-            let log = std::fs::File::create(&log_path)
-                .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-            let log_err = log
-                .try_clone()
-                .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-            let mut command = tokio::process::Command::new(&this.program);
-            command
-                .arg("agent")
-                .args(["--endpoint", &this.endpoint])
-                .args(["--node-id", &launch.node_id])
-                .args(["--cluster", &launch.cluster])
-                .arg("--work-dir")
-                .arg(&work_dir)
-                .args(["--cores", &launch.cores.to_string()])
-                .args(["--memory-bytes", &launch.memory_bytes.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log_err))
-                .process_group(0);
-            let mut child = command
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", this.program.display()))?;
+            let mut child = this.spawn(&launch)?;
             let pid = child.id();
+            this.set(&launch.node_id, pid);
             info!(node = %launch.node_id, ?pid, "local node started");
             let exited = async move {
-                match child.wait().await {
-                    Ok(status) => format!("agent exited ({status})"),
-                    Err(e) => format!("agent could not be waited for: {e}"),
+                let node = launch.node_id.clone();
+                let mut restarts = 0;
+                loop {
+                    let status = match child.wait().await {
+                        Ok(status) => status,
+                        Err(e) => break format!("agent could not be waited for: {e}"),
+                    };
+                    if this.removing(&node) || status.success() {
+                        break format!("agent exited ({status})");
+                    }
+                    restarts += 1;
+                    if restarts > MAX_RESTARTS {
+                        break format!("agent crashed {restarts} times; last: {status}");
+                    }
+                    warn!(node = %node, %status, restarts, "agent crashed; restarting it");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(restarts))).await;
+                    match this.spawn(&launch) {
+                        Ok(next) => {
+                            child = next;
+                            this.set(&node, child.id());
+                        }
+                        Err(e) => {
+                            break format!("agent crashed ({status}) and could not restart: {e}");
+                        }
+                    }
                 }
             }
             .boxed();
@@ -72,26 +153,45 @@ impl NodeProvider for LocalProvider {
 
     fn remove(&self, node_id: String, pid: Option<u32>) -> BoxFuture<'static, ()> {
         let grace = self.stop_grace;
+        let known = self.nodes.lock().ok().and_then(|mut nodes| {
+            let entry = nodes.entry(node_id.clone()).or_insert((pid, true));
+            entry.1 = true;
+            entry.0
+        });
+        let nodes = self.nodes.clone();
+        let owner = self.owner.clone();
         async move {
-            let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw) else {
-                return;
-            };
-            if kill(pid, Signal::SIGTERM).is_err() {
-                return; // already gone
+            if let Some(pid) = known
+                .or(pid)
+                .and_then(|p| i32::try_from(p).ok())
+                .map(Pid::from_raw)
+            {
+                stop_process(&node_id, pid, grace).await;
             }
-            let deadline = tokio::time::Instant::now() + grace;
-            while tokio::time::Instant::now() < deadline {
-                if !is_alive(pid) {
-                    info!(node = %node_id, "local node stopped");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            // Containers the node's jobs ran in go with it.
+            docker::remove_node_containers(&owner, &node_id).await;
+            if let Ok(mut nodes) = nodes.lock() {
+                nodes.remove(&node_id);
             }
-            warn!(node = %node_id, "agent did not stop in time; killing it");
-            let _ = kill(pid, Signal::SIGKILL);
         }
         .boxed()
     }
+}
+
+async fn stop_process(node_id: &str, pid: Pid, grace: Duration) {
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return; // already gone
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if !is_alive(pid) {
+            info!(node = %node_id, "local node stopped");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    warn!(node = %node_id, "agent did not stop in time; killing it");
+    let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// A zombie (exited, not yet reaped by its waiter) counts as gone.

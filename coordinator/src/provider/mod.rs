@@ -1,6 +1,7 @@
 //! Node providers: what creates and removes the machines (or processes) a cluster
 //! is made of. The control loop decides; a provider only carries it out.
 
+pub mod docker;
 mod local;
 
 pub use local::LocalProvider;

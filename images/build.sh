@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds Shoal's images with no registry: every image starts FROM scratch or FROM one
+# built here. Usage: images/build.sh [NAME...]   (default: all; NAME is a folder here)
+#   base   shoal/base:  a shell and coreutils (Debian's static busybox)
+#   train  shoal/train: an example training workload that reports progress
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+busybox="${BUSYBOX:-/bin/busybox}"
+
+build() {
+  local name="$1" context
+  context="$(mktemp -d)"
+  trap 'rm -rf "$context"' RETURN
+  cp -r "$here/$name/." "$context/"
+  case "$name" in
+    base)
+      if [ ! -x "$busybox" ] || ! "$busybox" --list >/dev/null 2>&1; then
+        echo "images/build.sh: $busybox is missing; install it with: apt-get install busybox-static" >&2
+        exit 1
+      fi
+      cp "$busybox" "$context/busybox" ;;
+    *)
+      docker image inspect shoal/base >/dev/null 2>&1 || build base ;;
+  esac
+  echo "building shoal/$name"
+  local log
+  log="$(mktemp)"
+  if ! DOCKER_BUILDKIT=0 docker build --tag "shoal/$name" "$context" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "images/build.sh: building shoal/$name failed" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+
+if [ "$#" -eq 0 ]; then set -- base train; fi
+for name in "$@"; do
+  if [ ! -f "$here/$name/Dockerfile" ]; then
+    echo "images/build.sh: no image \`$name\` (the images are: $(cd "$here" && ls -d */ | tr -d / | tr '\n' ' '))" >&2
+    exit 1
+  fi
+  build "$name"
+done

@@ -1,0 +1,313 @@
+//! The docker runtime on the real Docker Engine, with images built by images/build.sh.
+//! CI sets SHOAL_REQUIRE_DOCKER=1: there a missing engine fails these tests.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use shoal_proto::v1 as pb;
+use support::{TestCluster, containers_with, docker_ready};
+use tokio_stream::StreamExt;
+
+const LIMIT: Duration = Duration::from_secs(60);
+/// Jobs get 1 s between SIGTERM and SIGKILL here.
+const CONFIG: &str = "job_stop_grace_seconds: 1\n";
+
+fn submit(tc: &TestCluster, args: &[&str]) -> String {
+    let mut all = vec!["job", "submit"];
+    all.extend_from_slice(args);
+    tc.shoal_json(&all)["id"]
+        .as_str()
+        .expect("job id")
+        .to_string()
+}
+
+/// Where the agent of `node` keeps the working dir of an instance (mounted at /job).
+fn job_dir(tc: &TestCluster, job: &pb::Job, instance: usize) -> std::path::PathBuf {
+    let attempt = job.attempts.last().expect("an attempt");
+    let node = &attempt.instances[instance].node;
+    tc.data_dir()
+        .join("nodes")
+        .join(node)
+        .join("attempts")
+        .join(format!("{}-{instance}", attempt.id))
+}
+
+#[tokio::test]
+async fn container_jobs_stream_logs_live_and_record_exit_codes() {
+    if !docker_ready() {
+        return;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "box",
+        &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
+    );
+    let job = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "box",
+        "--image",
+        "shoal/train",
+        "--instance-count",
+        "2",
+        "--wait",
+        "--",
+        "sh",
+        "/app/train.sh",
+        "5",
+    ]);
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let id = job["id"].as_str().expect("id");
+    let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned();
+    assert!(
+        logs.contains("[0] epoch 5/5") && logs.contains("[1] epoch 5/5"),
+        "{logs}"
+    );
+    let into = tc.scratch("downloads");
+    let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
+    assert!(out.status.success());
+    let model = std::fs::read_to_string(into.join(id).join("instance-1/model.txt"))
+        .expect("model from the container");
+    assert!(model.starts_with("w="), "{model}");
+
+    let failing = tc.shoal(&[
+        "-o",
+        "json",
+        "job",
+        "submit",
+        "--cluster",
+        "box",
+        "--image",
+        "shoal/base",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    assert!(!failing.status.success());
+    let failed: serde_json::Value = serde_json::from_slice(&failing.stdout).expect("json");
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["instances"][0]["exit_code"], 3, "{failed:#}");
+
+    // Live: the second line cannot exist before the test opens the gate.
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--",
+            "sh",
+            "-c",
+            "echo first; while [ ! -e /job/gate ]; do sleep 0.05; done; echo second",
+        ],
+    );
+    let mut stream = tc
+        .jobs()
+        .await
+        .logs(pb::LogsRequest {
+            job_id: id.clone(),
+            instance: None,
+            follow: true,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let first = tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("chunk");
+    assert_eq!(first.data, b"first\n");
+    let job = tc.job(&id).await;
+    assert_eq!(job.status, "running");
+    std::fs::write(job_dir(&tc, &job, 0).join("gate"), "").expect("gate");
+    let mut rest = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(LIMIT, stream.next())
+        .await
+        .expect("ends in time")
+    {
+        rest.extend(chunk.expect("chunk").data);
+    }
+    assert_eq!(String::from_utf8_lossy(&rest), "second\n");
+    assert!(
+        containers_with(&tc, &format!("shoal.job={id}")).is_empty(),
+        "the container is removed"
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
+    if !docker_ready() {
+        return;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "box",
+        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
+    );
+    // `sleep` as PID 1 ignores SIGTERM: only the SIGKILL after the grace stops it.
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--",
+            "sleep",
+            "300",
+        ],
+    );
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let label = format!("shoal.attempt={}", job.attempts[0].id);
+    let containers = containers_with(&tc, &label);
+    assert_eq!(containers.len(), 1);
+
+    // Limits of the node's VM size (Standard_D2_v2: 2 cores, 7 GiB) and the labels.
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", &containers[0]])
+        .output()
+        .expect("inspect");
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect json");
+    let container = &inspect[0];
+    assert_eq!(container["HostConfig"]["NanoCpus"], 2_000_000_000i64);
+    assert_eq!(container["HostConfig"]["Memory"], 7i64 << 30);
+    let labels = &container["Config"]["Labels"];
+    assert_eq!(labels["shoal.job"], id.as_str());
+    assert_eq!(
+        labels["shoal.node"],
+        job.attempts[0].instances[0].node.as_str()
+    );
+    assert_eq!(labels["shoal.instance"], "0");
+
+    let asked = Instant::now();
+    assert!(tc.shoal(&["job", "cancel", &id]).status.success());
+    let job = tc.wait_status(&id, "canceled", LIMIT).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "cancel took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        job.attempts[0].instances[0].exit_code,
+        Some(137),
+        "SIGKILL after the grace"
+    );
+    assert!(
+        containers_with(&tc, &label).is_empty(),
+        "no container left after cancel"
+    );
+
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--timeout",
+            "1",
+            "--",
+            "sleep",
+            "300",
+        ],
+    );
+    let job = tc.wait_status(&id, "timed_out", LIMIT).await;
+    let label = format!("shoal.attempt={}", job.attempts[0].id);
+    assert!(
+        containers_with(&tc, &label).is_empty(),
+        "no container left after timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_the_job_and_the_node_stays_usable() {
+    if !docker_ready() {
+        return;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "box",
+        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
+    );
+    let out = tc.shoal(&[
+        "-o",
+        "json",
+        "job",
+        "submit",
+        "--cluster",
+        "box",
+        "--image",
+        "shoal/missing:2",
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("shoal/missing:2") && reason.contains("images/build.sh missing"),
+        "{reason}"
+    );
+    let next = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "box",
+        "--image",
+        "shoal/base",
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(next["status"], "completed");
+    assert_eq!(
+        next["instances"][0]["node"], job["instances"][0]["node"],
+        "the same node ran the next job"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_agent_recovers_its_running_container() {
+    if !docker_ready() {
+        return;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "box",
+        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
+    );
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--",
+            "sh",
+            "-c",
+            "while [ ! -e /job/gate ]; do sleep 0.05; done; echo finished",
+        ],
+    );
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let node = job.attempts[0].instances[0].node.clone();
+    // SIGKILL the agent; the local provider restarts it, as systemd would.
+    support::kill_matching(&tc.data_dir().join("nodes").join(&node));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(job_dir(&tc, &job, 0).join("gate"), "").expect("gate");
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 1, "recovered, not rerun: {job:#?}");
+    assert_eq!(job.attempts[0].instances[0].node, node);
+    assert!(containers_with(&tc, &format!("shoal.job={id}")).is_empty());
+}
