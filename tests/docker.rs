@@ -311,3 +311,109 @@ async fn a_restarted_agent_recovers_its_running_container() {
     assert_eq!(job.attempts[0].instances[0].node, node);
     assert!(containers_with(&tc, &format!("shoal.job={id}")).is_empty());
 }
+
+#[tokio::test]
+async fn the_docker_provider_scales_node_containers_up_and_back_to_zero() {
+    if !docker_ready() {
+        return;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "dk",
+        &[
+            "--provider",
+            "docker",
+            "--max-nodes",
+            "2",
+            "--idle-seconds-before-scaledown",
+            "2",
+        ],
+    );
+    let owner = std::fs::read_to_string(tc.data_dir().join("owner-id")).expect("owner id");
+    let node_containers = || containers_with(&tc, "shoal.node-container");
+    assert!(node_containers().is_empty(), "0 nodes before any work");
+
+    let gate = "while [ ! -e /job/gate ]; do sleep 0.05; done; echo ip=$(hostname -i)";
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "dk",
+            "--image",
+            "shoal/base",
+            "--instance-count",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            gate,
+        ],
+    );
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    // Two node containers, each with its own address on the cluster's network.
+    let nodes = node_containers();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let network = format!("shoal-{}-dk", owner.trim());
+    let mut node_ips: Vec<String> = nodes
+        .iter()
+        .map(|id| {
+            let format =
+                format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+            let out = std::process::Command::new("docker")
+                .args(["inspect", "-f", &format, id])
+                .output()
+                .expect("inspect");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .collect();
+    node_ips.sort();
+    node_ips.dedup();
+    assert_eq!(node_ips.len(), 2, "distinct node IPs: {node_ips:?}");
+    assert!(node_ips.iter().all(|ip| !ip.is_empty()));
+    for instance in 0..2 {
+        std::fs::write(job_dir(&tc, &job, instance).join("gate"), "").expect("gate");
+    }
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    let nodes_used: std::collections::BTreeSet<&str> = job.attempts[0]
+        .instances
+        .iter()
+        .map(|i| i.node.as_str())
+        .collect();
+    assert_eq!(nodes_used.len(), 2);
+    let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", &id]).stdout).into_owned();
+    let mut job_ips: Vec<&str> = logs.lines().filter_map(|l| l.split("ip=").nth(1)).collect();
+    job_ips.sort();
+    job_ips.dedup();
+    assert_eq!(
+        job_ips.len(),
+        2,
+        "the instances ran at two addresses: {logs}"
+    );
+
+    tc.wait_cluster("dk", "scale back to 0", LIMIT, |c| {
+        c.current_node_count == 0 && c.allocation_state == "steady"
+    })
+    .await;
+    support::eventually(
+        "node containers removed",
+        Duration::from_secs(20),
+        || async { node_containers().is_empty().then_some(()) },
+    )
+    .await;
+    let networks = std::process::Command::new("docker")
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={network}"),
+        ])
+        .output()
+        .expect("docker network ls");
+    assert!(
+        networks.stdout.is_empty(),
+        "the cluster's network goes with its last node"
+    );
+}

@@ -19,7 +19,7 @@ use shoal_coordinator::control::{
     Command, Control, ControlConfig, ControlHandle, ExitReport, Registration, ToAgent,
 };
 use shoal_coordinator::model::{ClusterRequest, JobRequest, JobStatus};
-use shoal_coordinator::provider::{NodeLaunch, NodeProvider, StartedNode};
+use shoal_coordinator::provider::{NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
 use shoal_coordinator::server::{ConfigFile, CoordinatorConfig, serve};
 use shoal_coordinator::store::SqliteStore;
 use shoal_proto::v1 as pb;
@@ -44,7 +44,7 @@ impl NodeProvider for InProcessProvider {
         .boxed()
     }
 
-    fn remove(&self, _node_id: String, _pid: Option<u32>) -> BoxFuture<'static, ()> {
+    fn remove(&self, _node: NodeRemoval) -> BoxFuture<'static, ()> {
         async {}.boxed()
     }
 }

@@ -52,23 +52,28 @@ impl Priority {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
+    #[default]
     Local,
+    Docker,
 }
 
 impl ProviderKind {
     pub fn parse(text: &str) -> Result<Self> {
         match text.to_ascii_lowercase().as_str() {
             "" | "local" => Ok(ProviderKind::Local),
-            "docker" | "static" | "command" => Err(Error::invalid(
+            "docker" => Ok(ProviderKind::Docker),
+            "static" | "command" => Err(Error::invalid(
                 "provider",
-                format!("the `{text}` provider is not available in this build yet; use `local`"),
+                format!(
+                    "the `{text}` provider is not available in this build yet; use `local` or `docker`"
+                ),
             )),
             other => Err(Error::invalid(
                 "provider",
-                format!("unknown provider `{other}`; the providers are: local"),
+                format!("unknown provider `{other}`; the providers are: local, docker"),
             )),
         }
     }
@@ -76,6 +81,7 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Local => "local",
+            ProviderKind::Docker => "docker",
         }
     }
 }
@@ -319,6 +325,9 @@ pub struct Node {
     /// What its agent can run jobs with (`process`, `docker`), from registration.
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// What created it (and so removes it).
+    #[serde(default)]
+    pub provider: ProviderKind,
     /// Runtime-only facts, rebuilt from heartbeats and sessions.
     #[serde(skip)]
     pub connected: bool,

@@ -14,7 +14,7 @@ use tracing::info;
 use crate::api::{Api, http};
 use crate::artifacts::Artifacts;
 use crate::control::{Control, ControlConfig};
-use crate::provider::LocalProvider;
+use crate::provider::{DockerProvider, LocalProvider, Providers};
 use crate::store::SqliteStore;
 use crate::vmsize::{Catalog, VmSize};
 use crate::{Error, Result};
@@ -96,6 +96,19 @@ pub fn owner_id(data_dir: &std::path::Path) -> Result<String> {
     Ok(id)
 }
 
+/// The Unix socket `<dir>/shoal.sock`, for this machine's node containers only
+/// (the folder is 0700: only this user and the containers it mounts it into).
+fn bind_unix(dir: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| Error::Internal(format!("unix socket in {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let path = dir.join("shoal.sock");
+    // A socket left by a coordinator that was killed.
+    let _ = std::fs::remove_file(&path);
+    tokio::net::UnixListener::bind(&path).map_err(io)
+}
+
 /// Serves until `shutdown` resolves; then stops every node it started and returns.
 pub async fn serve(
     listener: TcpListener,
@@ -113,13 +126,27 @@ pub async fn serve(
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
     let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
-    let provider = LocalProvider::new(
-        owner_id(&config.data_dir)?,
-        config.agent_program.clone(),
-        format!("http://{address}"),
-        config.data_dir.join("nodes"),
-        job_stop_grace,
-    );
+    let owner = owner_id(&config.data_dir)?;
+    // Node containers reach the coordinator through this socket, mounted in.
+    let socket_dir = config.data_dir.join("run");
+    let unix_listener = bind_unix(&socket_dir)?;
+    let provider = Providers {
+        local: LocalProvider::new(
+            owner.clone(),
+            config.agent_program.clone(),
+            format!("http://{address}"),
+            config.data_dir.join("nodes"),
+            job_stop_grace,
+        ),
+        docker: DockerProvider {
+            owner,
+            program: config.agent_program.clone(),
+            socket_dir,
+            work_root: config.data_dir.join("nodes"),
+            job_stop_grace,
+            network_lock: Arc::default(),
+        },
+    };
     let catalog = config.control.catalog.clone();
     let (control, handle, inbox) =
         Control::new(config.control.clone(), Box::new(store), Arc::new(provider))?;
@@ -163,8 +190,16 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
     });
     let mut graceful = stopped_rx.clone();
+    let unix_app = app.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = graceful.wait_for(|stopped| *stopped).await;
+    });
+    let mut unix_graceful = stopped_rx.clone();
+    let unix_server = tokio::spawn(async move {
+        let served = axum::serve(unix_listener, unix_app).with_graceful_shutdown(async move {
+            let _ = unix_graceful.wait_for(|stopped| *stopped).await;
+        });
+        let _ = served.await;
     });
     // Followers of logs and watches may hold connections open: after the control
     // loop is done they get a moment to finish, then the server stops anyway.
@@ -177,6 +212,7 @@ pub async fn serve(
         } => {}
     }
     let _ = control_thread.await;
+    unix_server.abort();
     info!("coordinator stopped");
     Ok(())
 }

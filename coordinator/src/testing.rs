@@ -62,6 +62,7 @@ impl NodeBuilder {
             cpu_percent: 0.0,
             memory_used_bytes: 0,
             last_heartbeat: 0,
+            provider: ProviderKind::Local,
         })
     }
     pub fn cluster(mut self, name: &str) -> Self {
@@ -156,9 +157,9 @@ impl crate::provider::NodeProvider for FakeProvider {
 
     fn remove(
         &self,
-        node_id: String,
-        _pid: Option<u32>,
+        node: crate::provider::NodeRemoval,
     ) -> futures::future::BoxFuture<'static, ()> {
+        let node_id = node.node_id;
         use futures::FutureExt;
         self.removed
             .lock()

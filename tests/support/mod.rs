@@ -348,7 +348,13 @@ pub fn docker_ready() -> bool {
         return false;
     }
     let images_present = Command::new("docker")
-        .args(["image", "inspect", "shoal/base", "shoal/train"])
+        .args([
+            "image",
+            "inspect",
+            "shoal/base",
+            "shoal/train",
+            "shoal/node",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -357,6 +363,7 @@ pub fn docker_ready() -> bool {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
         let built = Command::new("bash")
             .arg(script)
+            .env("SHOAL_BIN", SHOAL)
             .status()
             .expect("run images/build.sh");
         assert!(built.success(), "images/build.sh failed");

@@ -47,6 +47,24 @@ impl Api {
         }
     }
 
+    /// Creates a cluster; a docker-provider cluster only where that provider can work.
+    pub async fn create_cluster(
+        &self,
+        request: crate::model::ClusterRequest,
+    ) -> Result<crate::control::ClusterInfo, crate::Error> {
+        if request.provider.eq_ignore_ascii_case("docker") {
+            crate::provider::docker::check_ready()
+                .await
+                .map_err(|why| {
+                    crate::Error::invalid(
+                        "provider",
+                        format!("the docker provider cannot work here: {why}"),
+                    )
+                })?;
+        }
+        self.control.create_cluster(request).await
+    }
+
     pub async fn submit(&self, mut spec: pb::JobSpec) -> Result<pb::Job, Status> {
         let code = std::mem::take(&mut spec.code);
         if code.len() > self.max_code_bytes {
@@ -275,7 +293,6 @@ impl pb::clusters_server::Clusters for Api {
         request: Request<pb::ClusterSpec>,
     ) -> Result<Response<pb::Cluster>, Status> {
         let info = self
-            .control
             .create_cluster(convert::cluster_request(request.into_inner()))
             .await?;
         Ok(Response::new(convert::cluster(&info)))

@@ -151,7 +151,7 @@ async fn create_cluster(
         provider: body.provider,
         internode_communication: body.internode_communication,
     };
-    let info = api.control.create_cluster(request).await?;
+    let info = api.create_cluster(request).await?;
     Ok((
         StatusCode::CREATED,
         Json(view::Cluster::from(&convert::cluster(&info))),

@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::autoscaler;
 use crate::model::*;
-use crate::provider::{NodeLaunch, NodeProvider};
+use crate::provider::{NodeLaunch, NodeProvider, NodeRemoval};
 use crate::scheduler;
 use crate::store::{Batch, NewLog, Store, StoredLog};
 use crate::vmsize::Catalog;
@@ -303,7 +303,7 @@ pub struct Control {
     replies: Vec<Deferred>,
     outbox: Vec<(String, ToAgent)>,
     to_create: Vec<NodeLaunch>,
-    to_remove: Vec<(String, Option<u32>)>,
+    to_remove: Vec<NodeRemoval>,
 }
 
 impl Control {
@@ -363,7 +363,7 @@ impl Control {
             node.connected = false;
             control.disconnected_since.insert(node.id.clone(), now);
             if node.state == NodeState::Leaving {
-                control.to_remove.push((node.id.clone(), node.pid));
+                control.to_remove.push(removal(&node));
             }
             control.nodes.insert(node.id.clone(), node);
         }
@@ -390,6 +390,9 @@ impl Control {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        // Leftovers of an earlier run (containers of nodes no longer known) go.
+        let keep: Vec<String> = self.nodes.keys().cloned().collect();
+        tokio::spawn(self.provider.cleanup(keep));
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands = Vec::with_capacity(1024);
@@ -752,7 +755,10 @@ impl Control {
         node.cores = registration.cores;
         node.memory_bytes = registration.memory_bytes;
         node.hostname = registration.hostname.clone();
-        node.pid = Some(registration.pid);
+        if node.provider == ProviderKind::Local {
+            // A container's agent reports a pid of its own namespace: not ours to signal.
+            node.pid = Some(registration.pid);
+        }
         node.runtimes = registration.runtimes.clone();
         node.last_heartbeat = now;
         if node.state == NodeState::Preparing {
@@ -1038,7 +1044,7 @@ impl Control {
         node.connected = false;
         let running = node.running.clone();
         let cluster = node.cluster.clone();
-        let pid = node.pid;
+        let gone = removal(node);
         self.dirty_nodes.insert(node_id.to_string());
         self.links.remove(node_id);
         if let Some(slot) = running {
@@ -1059,7 +1065,7 @@ impl Control {
             self.dirty_clusters.insert(cluster);
         }
         // Make sure nothing of it keeps running.
-        self.to_remove.push((node_id.to_string(), pid));
+        self.to_remove.push(gone);
     }
 
     fn remove_node(&mut self, node_id: &str, why: &str) {
@@ -1069,7 +1075,7 @@ impl Control {
         info!(node = %node_id, why, "removing node");
         node.state = NodeState::Leaving;
         node.message = why.to_string();
-        let pid = node.pid;
+        let gone = removal(node);
         self.dirty_nodes.insert(node_id.to_string());
         self.outbox.push((
             node_id.to_string(),
@@ -1077,7 +1083,7 @@ impl Control {
                 reason: why.to_string(),
             },
         ));
-        self.to_remove.push((node_id.to_string(), pid));
+        self.to_remove.push(gone);
     }
 
     fn forget_node(&mut self, node_id: &str) {
@@ -1217,6 +1223,11 @@ impl Control {
     }
 
     fn create_node(&mut self, cluster: &str, now: Millis) {
+        let provider = self
+            .clusters
+            .get(cluster)
+            .map(|c| c.spec.provider)
+            .unwrap_or_default();
         let size = self
             .clusters
             .get(cluster)
@@ -1241,6 +1252,7 @@ impl Control {
             pid: None,
             message: String::new(),
             runtimes: Vec::new(),
+            provider,
             connected: false,
             cpu_percent: 0.0,
             memory_used_bytes: 0,
@@ -1248,6 +1260,7 @@ impl Control {
         };
         info!(node = %id, cluster, "creating node");
         self.to_create.push(NodeLaunch {
+            provider,
             node_id: id.clone(),
             cluster: cluster.to_string(),
             cores: node.cores,
@@ -1442,11 +1455,12 @@ impl Control {
                 }
             });
         }
-        for (node_id, pid) in self.to_remove.drain(..) {
+        for gone in self.to_remove.drain(..) {
             let provider = self.provider.clone();
             let events = self.own_tx.clone();
             tokio::spawn(async move {
-                provider.remove(node_id.clone(), pid).await;
+                let node_id = gone.node_id.clone();
+                provider.remove(gone).await;
                 let _ = events.send(Command::NodeRemoved { node_id }).await;
             });
         }
@@ -1464,9 +1478,8 @@ impl Control {
         for slot in running {
             self.instance_lost(&slot, "the coordinator stopped", now);
         }
-        let ids: Vec<(String, Option<u32>)> =
-            self.nodes.values().map(|n| (n.id.clone(), n.pid)).collect();
-        for (id, _) in &ids {
+        let removals: Vec<NodeRemoval> = self.nodes.values().map(removal).collect();
+        for id in removals.iter().map(|r| &r.node_id) {
             if let Some((_, link)) = self.links.get(id) {
                 let _ = link.send(ToAgent::Shutdown {
                     reason: "the coordinator is stopping".into(),
@@ -1479,11 +1492,17 @@ impl Control {
         self.to_create.clear();
         self.to_remove.clear();
         self.flush().await;
-        info!(nodes = ids.len(), "stopping nodes");
-        let removals = ids
-            .into_iter()
-            .map(|(id, pid)| self.provider.remove(id, pid));
+        info!(nodes = removals.len(), "stopping nodes");
+        let removals = removals.into_iter().map(|r| self.provider.remove(r));
         futures::future::join_all(removals).await;
+    }
+}
+
+fn removal(node: &Node) -> NodeRemoval {
+    NodeRemoval {
+        provider: node.provider,
+        node_id: node.id.clone(),
+        pid: node.pid,
     }
 }
 

@@ -51,3 +51,301 @@ pub async fn remove_node_containers(owner: &str, node_id: &str) {
         }
     }
 }
+
+/// The image node containers run (`images/build.sh node`): a shell and the C
+/// libraries `shoal` links; the binary itself is mounted from this coordinator.
+pub const NODE_IMAGE: &str = "shoal/node";
+/// Marks a node container (value: the node id).
+pub const LABEL_NODE_CONTAINER: &str = "shoal.node-container";
+
+/// Checks that the docker provider can work here, in words a person can act on.
+pub async fn check_ready() -> Result<(), String> {
+    let docker = connect().await?;
+    match docker.inspect_image(NODE_IMAGE).await {
+        Ok(_) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Err(format!(
+            "image `{NODE_IMAGE}` is missing; build it with `images/build.sh node`"
+        )),
+        Err(e) => Err(format!("cannot inspect `{NODE_IMAGE}`: {e}")),
+    }
+}
+
+/// The `docker` provider: each node is a container running `shoal agent` on a
+/// private network of its cluster (its own hostname and IP), with the Docker socket
+/// mounted so its jobs run as sibling containers on the same network. The agent
+/// reaches the coordinator through its Unix socket, mounted in: nothing listens
+/// beyond loopback.
+#[derive(Clone, Debug)]
+pub struct DockerProvider {
+    pub owner: String,
+    /// The `shoal` binary mounted into node containers.
+    pub program: std::path::PathBuf,
+    /// The folder holding the coordinator's Unix socket `shoal.sock`.
+    pub socket_dir: std::path::PathBuf,
+    /// Node work dirs: `<root>/<node id>`, mounted at the same path (job containers
+    /// are siblings: the engine resolves their mounts on the host).
+    pub work_root: std::path::PathBuf,
+    pub job_stop_grace: Duration,
+    /// One network creation at a time: the engine allows two networks of one name.
+    pub network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DockerProvider {
+    pub fn network(&self, cluster: &str) -> String {
+        format!("shoal-{}-{cluster}", self.owner)
+    }
+
+    fn container_name(&self, node_id: &str) -> String {
+        format!("shoal-{}-node-{node_id}", self.owner)
+    }
+
+    async fn ensure_network(&self, docker: &Docker, cluster: &str) -> Result<String, String> {
+        let _one_at_a_time = self.network_lock.lock().await;
+        let name = self.network(cluster);
+        let filters = HashMap::from([("name", vec![name.clone()])]);
+        let options = bollard::query_parameters::ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let existing = docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| format!("cannot list networks: {e}"))?;
+        // `name` filters by substring: keep exact matches.
+        let mut same: Vec<String> = existing
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name.as_str()))
+            .filter_map(|n| n.id)
+            .collect();
+        if !same.is_empty() {
+            // Duplicates (left by an older race) make the name ambiguous: keep one.
+            for extra in same.split_off(1) {
+                let _ = docker.remove_network(&extra).await;
+            }
+            return Ok(name);
+        }
+        let request = bollard::models::NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(HashMap::from([(
+                LABEL_OWNER.to_string(),
+                self.owner.clone(),
+            )])),
+            ..Default::default()
+        };
+        match docker.create_network(request).await {
+            Ok(_) => Ok(name),
+            // Created meanwhile by the creation of another node.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(name),
+            Err(e) => Err(format!("cannot create network {name}: {e}")),
+        }
+    }
+
+    async fn start_node(
+        &self,
+        docker: &Docker,
+        launch: &super::NodeLaunch,
+    ) -> Result<String, String> {
+        let network = self.ensure_network(docker, &launch.cluster).await?;
+        let work_dir = self.work_root.join(&launch.node_id);
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
+        let work = work_dir.to_string_lossy().into_owned();
+        let cmd = vec![
+            "/usr/local/bin/shoal".to_string(),
+            "agent".into(),
+            "--endpoint".into(),
+            "unix:///run/shoal/shoal.sock".into(),
+            "--node-id".into(),
+            launch.node_id.clone(),
+            "--cluster".into(),
+            launch.cluster.clone(),
+            "--owner".into(),
+            self.owner.clone(),
+            "--work-dir".into(),
+            work.clone(),
+            "--cores".into(),
+            launch.cores.to_string(),
+            "--memory-bytes".into(),
+            launch.memory_bytes.to_string(),
+            "--stop-grace-seconds".into(),
+            self.job_stop_grace.as_secs().to_string(),
+            "--docker-network".into(),
+            network.clone(),
+        ];
+        let labels = HashMap::from([
+            (LABEL_OWNER.to_string(), self.owner.clone()),
+            (LABEL_NODE_CONTAINER.to_string(), launch.node_id.clone()),
+            ("shoal.cluster".to_string(), launch.cluster.clone()),
+        ]);
+        let endpoint = bollard::models::EndpointSettings {
+            aliases: Some(vec![launch.node_id.clone()]),
+            ..Default::default()
+        };
+        let body = bollard::models::ContainerCreateBody {
+            image: Some(NODE_IMAGE.into()),
+            hostname: Some(launch.node_id.clone()),
+            cmd: Some(cmd),
+            env: Some(vec!["SHOAL_LOG=info".into()]),
+            labels: Some(labels),
+            host_config: Some(bollard::models::HostConfig {
+                binds: Some(vec![
+                    format!("{}:/usr/local/bin/shoal:ro", self.program.display()),
+                    "/var/run/docker.sock:/var/run/docker.sock".into(),
+                    format!("{}:/run/shoal", self.socket_dir.display()),
+                    format!("{work}:{work}"),
+                ]),
+                nano_cpus: Some(i64::from(launch.cores.max(1)) * 1_000_000_000),
+                memory: i64::try_from(launch.memory_bytes).ok(),
+                network_mode: Some(network.clone()),
+                ..Default::default()
+            }),
+            networking_config: Some(bollard::models::NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(network, endpoint)])),
+            }),
+            ..Default::default()
+        };
+        let name = self.container_name(&launch.node_id);
+        let options = bollard::query_parameters::CreateContainerOptionsBuilder::default()
+            .name(&name)
+            .build();
+        let id = docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| format!("cannot create node container {name}: {e}"))?
+            .id;
+        if let Err(e) = docker.start_container(&id, None).await {
+            let _ = remove_container(docker, &id).await;
+            return Err(format!("cannot start node container {name}: {e}"));
+        }
+        Ok(id)
+    }
+}
+
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error> {
+    let options = RemoveContainerOptionsBuilder::default().force(true).build();
+    match docker.remove_container(id, Some(options)).await {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        other => other,
+    }
+}
+
+impl super::NodeProvider for DockerProvider {
+    fn create(
+        &self,
+        launch: super::NodeLaunch,
+    ) -> futures::future::BoxFuture<'static, Result<super::StartedNode, String>> {
+        use futures::{FutureExt, StreamExt};
+        let this = self.clone();
+        async move {
+            let docker = connect().await?;
+            let id = this.start_node(&docker, &launch).await?;
+            tracing::info!(node = %launch.node_id, container = %id, "docker node started");
+            let exited = async move {
+                let mut wait = docker
+                    .wait_container(&id, None::<bollard::query_parameters::WaitContainerOptions>);
+                match wait.next().await {
+                    Some(Ok(r)) => format!("node container exited with code {}", r.status_code),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError {
+                        code, ..
+                    })) => {
+                        format!("node container exited with code {code}")
+                    }
+                    Some(Err(e)) => format!("node container is gone: {e}"),
+                    None => "node container is gone".to_string(),
+                }
+            }
+            .boxed();
+            Ok(super::StartedNode { pid: None, exited })
+        }
+        .boxed()
+    }
+
+    fn remove(&self, node: super::NodeRemoval) -> futures::future::BoxFuture<'static, ()> {
+        use futures::FutureExt;
+        let this = self.clone();
+        let node_id = node.node_id;
+        async move {
+            let Ok(docker) = connect().await else {
+                return;
+            };
+            let name = this.container_name(&node_id);
+            let cluster = docker
+                .inspect_container(
+                    &name,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+                .ok()
+                .and_then(|c| c.config?.labels?.get("shoal.cluster").cloned());
+            let seconds = i32::try_from(this.job_stop_grace.as_secs() + 5).unwrap_or(15);
+            let options = bollard::query_parameters::StopContainerOptionsBuilder::default()
+                .t(seconds)
+                .build();
+            let _ = docker.stop_container(&name, Some(options)).await;
+            remove_node_containers(&this.owner, &node_id).await;
+            // Removal and the network check under one lock: of nodes removed together,
+            // the last one finds the network unused and removes it (the engine
+            // refuses while any container still uses it).
+            let _one_at_a_time = this.network_lock.lock().await;
+            if let Err(e) = remove_container(&docker, &name).await {
+                warn!(node = %node_id, error = %e, "cannot remove node container");
+            }
+            if let Some(cluster) = cluster {
+                let _ = docker.remove_network(&this.network(&cluster)).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn cleanup(&self, keep: Vec<String>) -> futures::future::BoxFuture<'static, ()> {
+        use futures::FutureExt;
+        let owner = self.owner.clone();
+        async move {
+            let Ok(docker) = connect().await else {
+                return;
+            };
+            let filters = HashMap::from([("label", vec![format!("{LABEL_OWNER}={owner}")])]);
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build();
+            let Ok(containers) = docker.list_containers(Some(options)).await else {
+                return;
+            };
+            // Networks of clusters whose nodes are all gone (in use: the engine refuses).
+            let filters = HashMap::from([("label", vec![format!("{LABEL_OWNER}={owner}")])]);
+            let options = bollard::query_parameters::ListNetworksOptionsBuilder::default()
+                .filters(&filters)
+                .build();
+            let networks = docker
+                .list_networks(Some(options))
+                .await
+                .unwrap_or_default();
+            for container in containers {
+                let labels = container.labels.unwrap_or_default();
+                let node = labels
+                    .get(LABEL_NODE_CONTAINER)
+                    .or_else(|| labels.get(LABEL_NODE))
+                    .cloned()
+                    .unwrap_or_default();
+                if keep.contains(&node) {
+                    continue;
+                }
+                if let Some(id) = container.id {
+                    tracing::info!(node = %node, container = %id, "removing a leftover container");
+                    let _ = remove_container(&docker, &id).await;
+                }
+            }
+            for network in networks.into_iter().filter_map(|n| n.id) {
+                let _ = docker.remove_network(&network).await;
+            }
+        }
+        .boxed()
+    }
+}

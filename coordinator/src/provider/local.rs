@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use super::{NodeLaunch, NodeProvider, StartedNode, docker};
+use super::{NodeLaunch, NodeProvider, NodeRemoval, StartedNode, docker};
 
 /// Node id → the pid of its agent now, and whether it is being removed.
 type AgentProcess = (Option<u32>, bool);
@@ -151,7 +151,8 @@ impl NodeProvider for LocalProvider {
         .boxed()
     }
 
-    fn remove(&self, node_id: String, pid: Option<u32>) -> BoxFuture<'static, ()> {
+    fn remove(&self, node: NodeRemoval) -> BoxFuture<'static, ()> {
+        let NodeRemoval { node_id, pid, .. } = node;
         let grace = self.stop_grace;
         let known = self.nodes.lock().ok().and_then(|mut nodes| {
             let entry = nodes.entry(node_id.clone()).or_insert((pid, true));

@@ -4,17 +4,31 @@
 pub mod docker;
 mod local;
 
+pub use docker::DockerProvider;
 pub use local::LocalProvider;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
+
+use crate::model::ProviderKind;
 
 /// What a provider needs to bring up one node.
 #[derive(Clone, Debug)]
 pub struct NodeLaunch {
+    pub provider: ProviderKind,
     pub node_id: String,
     pub cluster: String,
     pub cores: u32,
     pub memory_bytes: u64,
+}
+
+/// A node to stop and remove.
+#[derive(Clone, Debug)]
+pub struct NodeRemoval {
+    pub provider: ProviderKind,
+    pub node_id: String,
+    /// The agent's host pid (local nodes), also for nodes of an earlier run.
+    pub pid: Option<u32>,
 }
 
 /// A node the provider started.
@@ -27,6 +41,40 @@ pub struct StartedNode {
 pub trait NodeProvider: Send + Sync + 'static {
     fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>>;
     /// Stops the node (its agent first gets a chance to stop its work) and returns
-    /// once it is gone. `pid` is what `create` reported, for nodes of an earlier run.
-    fn remove(&self, node_id: String, pid: Option<u32>) -> BoxFuture<'static, ()>;
+    /// once it is gone.
+    fn remove(&self, node: NodeRemoval) -> BoxFuture<'static, ()>;
+    /// At start: removes what an earlier run left behind, except the nodes in `keep`.
+    fn cleanup(&self, keep: Vec<String>) -> BoxFuture<'static, ()> {
+        let _ = keep;
+        async {}.boxed()
+    }
+}
+
+/// Every provider of this coordinator; nodes go to their cluster's.
+pub struct Providers {
+    pub local: LocalProvider,
+    pub docker: DockerProvider,
+}
+
+impl Providers {
+    fn of(&self, kind: ProviderKind) -> &dyn NodeProvider {
+        match kind {
+            ProviderKind::Local => &self.local,
+            ProviderKind::Docker => &self.docker,
+        }
+    }
+}
+
+impl NodeProvider for Providers {
+    fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
+        self.of(launch.provider).create(launch)
+    }
+
+    fn remove(&self, node: NodeRemoval) -> BoxFuture<'static, ()> {
+        self.of(node.provider).remove(node)
+    }
+
+    fn cleanup(&self, keep: Vec<String>) -> BoxFuture<'static, ()> {
+        self.docker.cleanup(keep)
+    }
 }
