@@ -417,3 +417,51 @@ async fn the_docker_provider_scales_node_containers_up_and_back_to_zero() {
         "the cluster's network goes with its last node"
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_docker_engine_fails_image_jobs_and_the_node_stays_usable() {
+    // No engine is needed: this one points the node's agent at a socket that is not there.
+    let tc = TestCluster::start_full(
+        CONFIG,
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    )
+    .await;
+    tc.create_cluster(
+        "nodock",
+        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
+    );
+    let out = tc.shoal(&[
+        "-o",
+        "json",
+        "job",
+        "submit",
+        "--cluster",
+        "nodock",
+        "--image",
+        "shoal/base",
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("cannot run image `shoal/base`") && reason.contains("Docker Engine"),
+        "{reason}"
+    );
+    let next = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "nodock",
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(next["status"], "completed");
+    assert_eq!(
+        next["instances"][0]["node"], job["instances"][0]["node"],
+        "the node stayed usable"
+    );
+}

@@ -355,6 +355,94 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Submit → running and submit → completed of a `true` container on a warm local
+/// node, side by side with `docker run --rm` of the same image.
+async fn docker(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let config = CoordinatorConfig::new(dir.path().join("data"), shoal, ConfigFile::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
+    let mut jobs = pb::jobs_client::JobsClient::new(channel);
+    clusters
+        .create(pb::ClusterSpec {
+            name: "warm".into(),
+            vm_size: "Standard_D2_v2".into(),
+            min_nodes: Some(1),
+            max_nodes: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    let mut to_running = Vec::new();
+    let mut to_done = Vec::new();
+    // One more than counted: the first also waits for the node to come up.
+    for run in 0..=runs {
+        let started = Instant::now();
+        let job = jobs
+            .submit(pb::JobSpec {
+                cluster: "warm".into(),
+                image: "shoal/base".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
+        let mut running_at = None;
+        while let Some(update) = watch.next().await {
+            let job = update?;
+            if running_at.is_none() && (job.started_at_ms > 0 || job.status == "completed") {
+                running_at = Some(started.elapsed());
+            }
+            if job.status == "completed" {
+                break;
+            }
+            if job.status == "failed" {
+                bail!(
+                    "the container job failed: {} (build the image: images/build.sh base)",
+                    job.reason
+                );
+            }
+        }
+        if run > 0 {
+            to_running.push(running_at.unwrap_or_else(|| started.elapsed()));
+            to_done.push(started.elapsed());
+        }
+    }
+    summary(
+        "docker: shoal submit → running (container started), warm node",
+        to_running,
+    );
+    summary(
+        "docker: shoal submit → completed (`true`, container removed)",
+        to_done,
+    );
+    let mut plain = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let status = tokio::process::Command::new("docker")
+            .args(["run", "--rm", "shoal/base", "true"])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("docker run failed");
+        }
+        plain.push(started.elapsed());
+    }
+    summary("docker: plain `docker run --rm shoal/base true`", plain);
+    let _ = stop.send(());
+    let _ = server.await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -365,14 +453,17 @@ async fn main() -> anyhow::Result<()> {
     if matches!(what, "placements" | "all") {
         placements(20_000, 100).await?;
     }
+    if matches!(what, "latency" | "docker" | "all") && !shoal.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first, or set SHOAL_BIN",
+            shoal.display()
+        );
+    }
     if matches!(what, "latency" | "all") {
-        if !shoal.exists() {
-            bail!(
-                "{} not found: run `cargo build --release` first, or set SHOAL_BIN",
-                shoal.display()
-            );
-        }
-        latency(50, shoal).await?;
+        latency(50, shoal.clone()).await?;
+    }
+    if matches!(what, "docker" | "all") {
+        docker(20, shoal).await?;
     }
     Ok(())
 }

@@ -12,7 +12,8 @@ pub struct Placement {
     pub nodes: Vec<String>,
 }
 
-/// Places `queued` (oldest first) on free nodes of their own cluster.
+/// Places `queued` (oldest first) on free nodes of their own cluster, preferring
+/// nodes that have the job's runtime.
 ///
 /// A job that does not fit is skipped, and later jobs may still use the free nodes
 /// (backfill); the autoscaler sizes the cluster for everything that waits.
@@ -32,17 +33,19 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             continue;
         };
         let wanted = job.spec.instance_count as usize;
-        let eligible = list.iter().filter(|n| n.can_run(&job.spec)).count();
-        if eligible < wanted {
+        if list.len() < wanted {
             continue;
         }
-        // Take the warmest eligible nodes, leaving the rest for later jobs.
+        // The warmest nodes that have the job's runtime first; then others, whose
+        // agent fails the job with the reason rather than leave it waiting forever.
         let mut chosen = Vec::with_capacity(wanted);
-        let mut index = list.len();
-        while chosen.len() < wanted && index > 0 {
-            index -= 1;
-            if list[index].can_run(&job.spec) {
-                chosen.push(list.remove(index).id.clone());
+        for capable in [true, false] {
+            let mut index = list.len();
+            while chosen.len() < wanted && index > 0 {
+                index -= 1;
+                if list[index].can_run(&job.spec) == capable {
+                    chosen.push(list.remove(index).id.clone());
+                }
             }
         }
         placements.push(Placement {
@@ -105,7 +108,7 @@ mod tests {
     }
 
     #[test]
-    fn container_jobs_only_go_to_nodes_with_docker() {
+    fn container_jobs_go_to_nodes_with_docker_first() {
         let mut docker = NodeBuilder::new("docker").idle_since(1).build();
         docker.runtimes.push("docker".into());
         let nodes = [docker, NodeBuilder::new("plain").idle_since(9).build()];
@@ -116,6 +119,10 @@ mod tests {
         let placements = place([&boxed, &plain], &node_refs);
         assert_eq!(placements[0].nodes, vec!["docker".to_string()]);
         assert_eq!(placements[1].nodes, vec!["plain".to_string()]);
+        // With no docker node at all, the job still goes out (and fails with why).
+        let plain_only = [NodeBuilder::new("plain").build()];
+        let refs: Vec<&Node> = plain_only.iter().collect();
+        assert_eq!(place([&boxed], &refs)[0].nodes, vec!["plain".to_string()]);
     }
 
     #[test]

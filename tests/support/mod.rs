@@ -21,6 +21,7 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
     coordinator: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -35,6 +36,11 @@ impl TestCluster {
 
     /// With `config` as the coordinator's `shoal.yaml` (empty: none).
     pub async fn start_with_config(config: &str) -> Self {
+        Self::start_full(config, &[]).await
+    }
+
+    /// With a config and extra environment for the coordinator (and so its agents).
+    pub async fn start_full(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shoal-test-")
             .tempdir()
@@ -43,6 +49,10 @@ impl TestCluster {
             dir,
             port: free_port(),
             coordinator: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         if !config.is_empty() {
             std::fs::create_dir_all(cluster.data_dir()).expect("data dir");
@@ -70,6 +80,7 @@ impl TestCluster {
             .args(["up", "--listen", &self.endpoint(), "--data-dir"])
             .arg(self.data_dir())
             .env("SHOAL_LOG", "info,shoal_coordinator=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
