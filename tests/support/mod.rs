@@ -358,6 +358,9 @@ pub fn docker_ready() -> bool {
         );
         return false;
     }
+    // Tests run side by side: one of them builds, the others wait for it.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_builder = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let images_present = Command::new("docker")
         .args([
             "image",

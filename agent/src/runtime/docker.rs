@@ -187,14 +187,7 @@ impl DockerRuntime {
                 .unwrap_or(0);
             labels.insert(LABEL_DEADLINE.to_string(), secs.to_string());
         }
-        let device_requests = (!spec.gpus.is_empty()).then(|| {
-            vec![DeviceRequest {
-                driver: Some("nvidia".into()),
-                device_ids: Some(spec.gpus.clone()),
-                capabilities: Some(vec![vec!["gpu".into()]]),
-                ..Default::default()
-            }]
-        });
+        let device_requests = device_requests(&spec.gpus);
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: Some(spec.argv.clone()),
@@ -380,6 +373,18 @@ impl DockerRuntime {
     }
 }
 
+/// The GPUs assigned to an instance, as a Docker device request for exactly those ids.
+pub fn device_requests(gpus: &[String]) -> Option<Vec<DeviceRequest>> {
+    (!gpus.is_empty()).then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(gpus.to_vec()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]
+    })
+}
+
 fn now_unix() -> i32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -433,6 +438,19 @@ pub fn recovery_since() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_become_an_nvidia_device_request_for_exactly_those_ids() {
+        assert!(device_requests(&[]).is_none());
+        let requests = device_requests(&["1".into(), "3".into()]).expect("a request");
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            requests[0].device_ids,
+            Some(vec!["1".to_string(), "3".to_string()])
+        );
+        assert_eq!(requests[0].count, None, "ids, not a count");
+    }
 
     #[test]
     fn image_folders_name_the_build_target() {
