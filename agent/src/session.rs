@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_client::AgentClient;
+use shoal_proto::v1::jobs_client::JobsClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -32,6 +33,7 @@ struct Entry {
 struct Agent {
     config: Arc<AgentConfig>,
     client: AgentClient<Channel>,
+    jobs: JobsClient<Channel>,
     process: Arc<ProcessRuntime>,
     /// The docker runtime, or why this node has none.
     docker: Result<DockerRuntime, String>,
@@ -63,7 +65,11 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let client = AgentClient::new(endpoint.connect_lazy())
+    let channel = endpoint.connect_lazy();
+    let client = AgentClient::new(channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let jobs = JobsClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (default_cores, default_memory) = telemetry::capacity();
@@ -84,6 +90,7 @@ pub async fn run(
         hostname: telemetry::hostname(),
         config: Arc::new(config),
         client,
+        jobs,
         process: Arc::new(ProcessRuntime),
         attempts: Arc::default(),
         events,
@@ -273,6 +280,11 @@ impl Agent {
                             let slot = Slot { attempt_id: cancel.attempt_id, instance: cancel.instance };
                             self.cancel(&slot, &cancel.reason);
                         }
+                        Some(Msg::Preempt(preempt)) => {
+                            let notice = Duration::from_millis(preempt.notice_ms);
+                            warn!(reason = %preempt.reason, notice_s = notice.as_secs(), "node preempted; stopping its jobs");
+                            self.stop_every(Stop::Preempt { reason: preempt.reason, notice });
+                        }
                         Some(Msg::Shutdown(shutdown)) => {
                             info!(reason = %shutdown.reason, "coordinator asked this agent to stop");
                             self.cancel_all(&shutdown.reason);
@@ -327,11 +339,13 @@ impl Agent {
     }
 
     fn cancel_all(&self, reason: &str) {
+        self.stop_every(Stop::Cancel(reason.to_string()));
+    }
+
+    fn stop_every(&self, stop: Stop) {
         let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         for entry in attempts.values().filter(|e| e.exited.is_none()) {
-            entry
-                .stop
-                .send_replace(Some(Stop::Cancel(reason.to_string())));
+            entry.stop.send_replace(Some(stop.clone()));
         }
     }
 
@@ -451,6 +465,28 @@ impl Agent {
         } else {
             None
         };
+        // A rerun (after a preemption or a lost node) starts from the outputs, and so
+        // the checkpoints, that this instance's last attempt left.
+        let previous = if launch.restore_outputs {
+            let mut jobs = self.jobs.clone();
+            let request = pb::JobRef {
+                id: launch.job_id.clone(),
+            };
+            let outputs = jobs.download_outputs(request).await.map_err(|s| {
+                format!(
+                    "could not fetch the last attempt's outputs: {}",
+                    s.message()
+                )
+            })?;
+            outputs
+                .into_inner()
+                .outputs
+                .into_iter()
+                .find(|o| o.instance == launch.instance)
+                .map(|o| o.data)
+        } else {
+            None
+        };
         let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&dir);
@@ -459,6 +495,10 @@ impl Agent {
             if let Some(code) = code {
                 archive::unpack(&code, &dir)
                     .map_err(|e| format!("cannot unpack the job's code: {e}"))?;
+            }
+            if let Some(outputs) = previous {
+                archive::unpack(&outputs, &dir.join("outputs"))
+                    .map_err(|e| format!("cannot restore the last attempt's outputs: {e}"))?;
             }
             Ok(())
         })

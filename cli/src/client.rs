@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use shoal_proto::v1::{
     clusters_client::ClustersClient, jobs_client::JobsClient, nodes_client::NodesClient,
-    vm_sizes_client::VmSizesClient,
+    quotas_client::QuotasClient, vm_sizes_client::VmSizesClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -55,6 +55,10 @@ impl Client {
 
     pub fn nodes(&self) -> NodesClient<Channel> {
         NodesClient::new(self.channel.clone())
+    }
+
+    pub fn quotas(&self) -> QuotasClient<Channel> {
+        QuotasClient::new(self.channel.clone())
     }
 
     pub fn vm_sizes(&self) -> VmSizesClient<Channel> {

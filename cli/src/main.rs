@@ -64,6 +64,9 @@ enum Command {
     /// The VM sizes clusters can be made of.
     #[command(subcommand, name = "vm-size")]
     VmSize(node::VmSizeCommand),
+    /// Core quotas per VM family, low-priority and total.
+    #[command(subcommand)]
+    Quota(node::QuotaCommand),
 }
 
 fn init_logging(default: &str) {
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
             Command::Job(command) => job::run(command, &endpoint, format).await,
             Command::Node(command) => node::run(command, &endpoint, format).await,
             Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
+            Command::Quota(command) => node::run_quota(command, &endpoint, format).await,
         }
     });
     match result {

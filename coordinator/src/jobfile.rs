@@ -42,6 +42,9 @@ pub struct JobFile {
     pub resources: Option<Resources>,
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// Preemptions the job is requeued after before it fails (default 10).
+    #[serde(default)]
+    pub max_preemptions: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod autoscaler;
 pub mod control;
 pub mod error;
+pub mod governance;
 pub mod jobfile;
 pub mod model;
 pub mod provider;

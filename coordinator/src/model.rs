@@ -270,6 +270,37 @@ pub struct Cluster {
     /// Problems that stop the cluster from reaching its target (kept current).
     #[serde(default)]
     pub errors: Vec<String>,
+    #[serde(default)]
+    pub lock: Option<LockKind>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockKind {
+    /// No scaling, no updates, no deletion.
+    ReadOnly,
+    /// No deletion.
+    CannotDelete,
+}
+
+impl LockKind {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().replace('_', "-").as_str() {
+            "read-only" | "readonly" => Ok(LockKind::ReadOnly),
+            "cannot-delete" | "cannotdelete" => Ok(LockKind::CannotDelete),
+            other => Err(Error::invalid(
+                "kind",
+                format!("`{other}` is neither `read-only` nor `cannot-delete`"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::ReadOnly => "read-only",
+            LockKind::CannotDelete => "cannot-delete",
+        }
+    }
 }
 
 // ------------------------------------------------------------------ nodes
@@ -406,6 +437,8 @@ pub enum InstanceStatus {
     TimedOut,
     /// Its node went away: the attempt is requeued.
     Lost,
+    /// Its low-priority node was preempted: the job is requeued.
+    Preempted,
 }
 
 impl InstanceStatus {
@@ -422,6 +455,7 @@ impl InstanceStatus {
             InstanceStatus::Canceled => "canceled",
             InstanceStatus::TimedOut => "timed_out",
             InstanceStatus::Lost => "lost",
+            InstanceStatus::Preempted => "preempted",
         }
     }
 
@@ -430,6 +464,7 @@ impl InstanceStatus {
         match outcome {
             "canceled" => InstanceStatus::Canceled,
             "timed_out" => InstanceStatus::TimedOut,
+            "preempted" => InstanceStatus::Preempted,
             "completed" if exit_code == Some(0) => InstanceStatus::Completed,
             _ => InstanceStatus::Failed,
         }
@@ -453,6 +488,15 @@ pub struct JobSpec {
     /// The container image it runs in; None: a plain process.
     #[serde(default)]
     pub image: Option<String>,
+    /// Preemptions it is requeued after before it fails.
+    #[serde(default = "default_max_preemptions")]
+    pub max_preemptions: u32,
+}
+
+pub const DEFAULT_MAX_PREEMPTIONS: u32 = 10;
+
+fn default_max_preemptions() -> u32 {
+    DEFAULT_MAX_PREEMPTIONS
 }
 
 #[derive(Clone, Debug, Default)]
@@ -466,6 +510,7 @@ pub struct JobRequest {
     pub timeout_seconds: u64,
     pub code_path: Option<String>,
     pub image: String,
+    pub max_preemptions: Option<u32>,
 }
 
 impl JobSpec {
@@ -534,6 +579,7 @@ impl JobSpec {
             timeout_seconds: (request.timeout_seconds > 0).then_some(request.timeout_seconds),
             code_path: request.code_path,
             image: (!image.is_empty()).then_some(image),
+            max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
         })
     }
 }
@@ -565,6 +611,9 @@ impl Attempt {
     /// The attempt's status, derived from its instances.
     pub fn status(&self) -> &'static str {
         let statuses = || self.instances.iter().map(|i| i.status);
+        if statuses().any(|s| s == InstanceStatus::Preempted) {
+            return "preempted";
+        }
         if statuses().any(|s| s == InstanceStatus::Lost) {
             return "lost";
         }
@@ -599,6 +648,9 @@ pub struct Job {
     pub ended_at: Millis,
     /// Why it waits, or why it ended.
     pub reason: String,
+    /// Times a preemption sent it back to the queue.
+    #[serde(default)]
+    pub preemptions: u32,
 }
 
 impl Job {

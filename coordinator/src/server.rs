@@ -38,6 +38,15 @@ pub struct ConfigFile {
     /// Seconds a stopped job gets between SIGTERM and SIGKILL (default 10).
     #[serde(default)]
     pub job_stop_grace_seconds: Option<u64>,
+    /// Core quotas (until `shoal quota set` stores others).
+    #[serde(default)]
+    pub quotas: Option<crate::governance::Quotas>,
+    /// Seconds of notice a preempted node's jobs get (default 30).
+    #[serde(default)]
+    pub preemption_notice_seconds: Option<u64>,
+    /// Chaos testing: preempt a random low-priority node every this many seconds.
+    #[serde(default)]
+    pub chaos_preempt_every_seconds: Option<u64>,
 }
 
 impl ConfigFile {
@@ -64,6 +73,16 @@ impl CoordinatorConfig {
         if let Some(grace) = file.agent_grace_seconds {
             control.agent_grace = Duration::from_secs(grace);
         }
+        if let Some(quotas) = &file.quotas {
+            control.quotas = quotas.clone();
+        }
+        if let Some(notice) = file.preemption_notice_seconds {
+            control.preemption_notice = Duration::from_secs(notice);
+        }
+        control.chaos_preempt_every = file
+            .chaos_preempt_every_seconds
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
         CoordinatorConfig {
             data_dir,
             agent_program,
@@ -178,6 +197,7 @@ pub async fn serve(
     )
     .add_service(pb::nodes_server::NodesServer::new(api.clone()))
     .add_service(pb::vm_sizes_server::VmSizesServer::new(api.clone()))
+    .add_service(pb::quotas_server::QuotasServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::governance::Quotas;
 use crate::model::{Cluster, Job, Node};
 use crate::{Error, Result};
 
@@ -19,6 +20,8 @@ pub struct Snapshot {
     pub jobs: Vec<Job>,
     pub next_job_seq: u64,
     pub next_node_seq: u64,
+    /// Quotas set at run time (`shoal quota set`); None: the config's.
+    pub quotas: Option<Quotas>,
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +54,7 @@ pub struct Batch {
     pub logs: Vec<NewLog>,
     pub next_job_seq: Option<u64>,
     pub next_node_seq: Option<u64>,
+    pub quotas: Option<Quotas>,
 }
 
 impl Batch {
@@ -63,6 +67,7 @@ impl Batch {
             && self.logs.is_empty()
             && self.next_job_seq.is_none()
             && self.next_node_seq.is_none()
+            && self.quotas.is_none()
     }
 }
 
@@ -94,6 +99,8 @@ const MIGRATIONS: &[&str] = &[
                         attempt_id TEXT NOT NULL, instance INTEGER NOT NULL,
                         stream TEXT NOT NULL, data BLOB NOT NULL);
      CREATE INDEX logs_by_job ON logs (job_id, seq);",
+    // 2: settings changed at run time (quotas)
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);",
 ];
 
 pub struct SqliteStore {
@@ -170,6 +177,15 @@ impl Store for SqliteStore {
             jobs: load_table(&self.conn, "SELECT id, body FROM jobs ORDER BY seq", "job")?,
             next_job_seq: self.meta("next_job_seq")?.max(1),
             next_node_seq: self.meta("next_node_seq")?.max(1),
+            quotas: {
+                let body: Option<String> = self
+                    .conn
+                    .query_row("SELECT body FROM settings WHERE key = 'quotas'", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                body.map(|b| decode("settings", "quotas", &b)).transpose()?
+            },
         })
     }
 
@@ -232,6 +248,12 @@ impl Store for SqliteStore {
             if let Some(seq) = batch.next_node_seq {
                 put_meta.execute(params!["next_node_seq", seq as i64])?;
             }
+            if let Some(quotas) = &batch.quotas {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO settings (key, body) VALUES ('quotas', ?1)",
+                )?
+                .execute([encode(quotas)?])?;
+            }
         }
         tx.commit()?;
         Ok(log_seqs)
@@ -279,6 +301,7 @@ mod tests {
                     spec: ClusterBuilder::new("c").build(),
                     created_at: 1,
                     errors: vec![],
+                    lock: None,
                 }],
                 nodes: vec![NodeBuilder::new("c-n1").build()],
                 jobs: vec![JobBuilder::new("job-1").build()],

@@ -104,6 +104,7 @@ impl JobBuilder {
                 timeout_seconds: None,
                 code_path: None,
                 image: None,
+                max_preemptions: 10,
             },
             status: JobStatus::Queued,
             attempts: Vec::new(),
@@ -111,6 +112,7 @@ impl JobBuilder {
             started_at: 0,
             ended_at: 0,
             reason: String::new(),
+            preemptions: 0,
         })
     }
     pub fn instances(mut self, n: u32) -> Self {

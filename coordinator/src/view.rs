@@ -41,6 +41,7 @@ pub struct Cluster {
     pub target_node_count: u32,
     pub node_state_counts: NodeStateCounts,
     pub errors: Vec<String>,
+    pub lock: Option<String>,
     pub created_at: Option<String>,
 }
 
@@ -70,6 +71,7 @@ impl From<&pb::Cluster> for Cluster {
                 unusable: counts.unusable,
             },
             errors: c.errors.clone(),
+            lock: (!c.lock.is_empty()).then(|| c.lock.clone()),
             created_at: time(c.created_at_ms),
         }
     }
@@ -121,6 +123,8 @@ pub struct Job {
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
     pub image: Option<String>,
+    pub preemptions: u32,
+    pub max_preemptions: u32,
     /// The instances of the latest attempt.
     pub instances: Vec<Instance>,
     pub attempts: Vec<Attempt>,
@@ -162,6 +166,8 @@ impl From<&pb::Job> for Job {
             timeout_seconds: (j.timeout_seconds > 0).then_some(j.timeout_seconds),
             has_code: j.has_code,
             image: (!j.image.is_empty()).then(|| j.image.clone()),
+            preemptions: j.preemptions,
+            max_preemptions: j.max_preemptions,
             instances,
             attempts,
             created_at: time(j.created_at_ms),

@@ -324,10 +324,10 @@ impl DockerRuntime {
                 let exit = self.stop(&container, grace).await;
                 (exit, Some("timed_out"), "ran past its timeout".to_string())
             }
-            reason = stop_asked => {
+            stop = stop_asked => {
+                let (grace, outcome, reason) = stop.terms(grace);
                 let exit = self.stop(&container, grace).await;
-                let Stop::Cancel(reason) = reason;
-                (exit, Some("canceled"), reason)
+                (exit, Some(outcome), reason)
             }
         };
         if tokio::time::timeout(Duration::from_secs(2), pump)

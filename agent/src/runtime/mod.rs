@@ -42,6 +42,21 @@ pub struct RunSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stop {
     Cancel(String),
+    /// The node is preempted: SIGTERM now, SIGKILL once `notice` is over.
+    Preempt {
+        reason: String,
+        notice: Duration,
+    },
+}
+
+impl Stop {
+    /// Between SIGTERM and SIGKILL, and the outcome and message it ends with.
+    pub fn terms(&self, grace: Duration) -> (Duration, &'static str, String) {
+        match self {
+            Stop::Cancel(reason) => (grace, "canceled", reason.clone()),
+            Stop::Preempt { reason, notice } => (*notice, "preempted", reason.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

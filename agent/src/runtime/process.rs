@@ -131,8 +131,12 @@ async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<St
     let (status, outcome, message) = match end {
         End::Exited(status) => (status, None, String::new()),
         other => {
+            let grace = match &other {
+                End::Stopped(stop) => stop.terms(spec.stop_grace).0,
+                _ => spec.stop_grace,
+            };
             signal_group(group, Signal::SIGTERM);
-            let status = match tokio::time::timeout(spec.stop_grace, child.wait()).await {
+            let status = match tokio::time::timeout(grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
                     warn!(attempt = %spec.slot.attempt_id, "still running after the grace period; killing");
@@ -149,7 +153,10 @@ async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<St
                         format!("ran past its {limit} s timeout"),
                     )
                 }
-                End::Stopped(Stop::Cancel(reason)) => (status, Some("canceled"), reason),
+                End::Stopped(stop) => {
+                    let (_, outcome, reason) = stop.terms(spec.stop_grace);
+                    (status, Some(outcome), reason)
+                }
                 End::Exited(_) => unreachable!("handled above"),
             }
         }

@@ -25,6 +25,14 @@ pub enum Command {
     Update(UpdateArgs),
     /// Delete a cluster and remove its nodes (it must have no queued or running jobs).
     Delete(NameArg),
+    /// Lock a cluster: read-only (no scaling, updates or deletion) or cannot-delete.
+    Lock {
+        name: String,
+        #[arg(long)]
+        kind: String,
+    },
+    /// Remove a cluster's lock.
+    Unlock { name: String },
 }
 
 #[derive(clap::Args)]
@@ -177,6 +185,9 @@ pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()
         "internode_communication:       {}",
         cluster.internode_communication
     );
+    if !cluster.lock.is_empty() {
+        println!("lock:                          {}", cluster.lock);
+    }
     println!(
         "allocation_state:              {} ({} → {} nodes)",
         cluster.allocation_state, cluster.current_node_count, cluster.target_node_count
@@ -336,6 +347,22 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             } else {
                 cluster
             };
+            print_cluster(&cluster, format)?;
+        }
+        Command::Lock { name, kind } => {
+            let cluster = clusters
+                .lock(pb::ClusterLock { name, kind })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_cluster(&cluster, format)?;
+        }
+        Command::Unlock { name } => {
+            let cluster = clusters
+                .unlock(pb::ClusterRef { name })
+                .await
+                .map_err(status)?
+                .into_inner();
             print_cluster(&cluster, format)?;
         }
         Command::Delete(name) => {

@@ -53,6 +53,8 @@ pub enum Command {
         #[arg(long)]
         instance: Option<u32>,
     },
+    /// Why the job is where it is: what the scheduler and autoscaler see, what blocks.
+    Why { id: String },
     /// Cancel a queued or running job (its processes get SIGTERM, then SIGKILL).
     Cancel { id: String },
     /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
@@ -89,6 +91,9 @@ pub struct SubmitArgs {
     /// Seconds before the job is stopped and marked timed_out.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Preemptions the job is requeued after before it fails [default: 10].
+    #[arg(long)]
+    max_preemptions: Option<u32>,
     /// Follow the job (progress and logs) until it ends; exit non-zero unless it completed.
     #[arg(long)]
     wait: bool,
@@ -202,6 +207,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
             .unwrap_or(0),
         code,
         image: args.image.unwrap_or_else(|| file.image()),
+        max_preemptions: args.max_preemptions.or(file.max_preemptions),
     };
     if spec.cluster.is_empty() {
         bail!(
@@ -234,6 +240,12 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     };
     println!("command:   {command}");
     println!("instances: {}", job.instance_count);
+    if job.preemptions > 0 {
+        println!(
+            "preempted: {} of at most {} times",
+            job.preemptions, job.max_preemptions
+        );
+    }
     println!("created:   {}", output::ago(job.created_at_ms));
     if job.started_at_ms > 0 {
         let end = if job.ended_at_ms > 0 {
@@ -560,6 +572,21 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 printer.push(&chunk, &mut print);
             }
             printer.finish(&mut print);
+        }
+        Command::Why { id } => {
+            let lines = jobs
+                .why(pb::JobRef { id })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .lines;
+            if format == Format::Json {
+                output::json(&lines)?;
+            } else {
+                for line in lines {
+                    println!("{line}");
+                }
+            }
         }
         Command::Cancel { id } => {
             let job = jobs

@@ -51,6 +51,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
         timeout_seconds: spec.timeout_seconds,
         code_path,
         image: spec.image,
+        max_preemptions: spec.max_preemptions,
     }
 }
 
@@ -81,6 +82,11 @@ pub fn cluster(info: &ClusterInfo) -> pb::Cluster {
         }),
         errors: info.cluster.errors.clone(),
         created_at_ms: info.cluster.created_at,
+        lock: info
+            .cluster
+            .lock
+            .map(|l| l.as_str().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -124,6 +130,8 @@ pub fn job(job: &Job) -> pb::Job {
         ended_at_ms: job.ended_at,
         reason: job.reason.clone(),
         image: job.spec.image.clone().unwrap_or_default(),
+        preemptions: job.preemptions,
+        max_preemptions: job.spec.max_preemptions,
     }
 }
 
@@ -147,6 +155,20 @@ pub fn node(node: &Node) -> pb::Node {
         hostname: node.hostname.clone(),
         message: node.message.clone(),
         created_at_ms: node.created_at,
+    }
+}
+
+pub fn quota_report(report: &crate::control::QuotaReport) -> pb::QuotaReport {
+    pb::QuotaReport {
+        lines: report
+            .lines
+            .iter()
+            .map(|(scope, limit, used)| pb::QuotaLine {
+                scope: scope.clone(),
+                limit: *limit,
+                used: *used,
+            })
+            .collect(),
     }
 }
 
@@ -212,6 +234,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             timeout_seconds: order.timeout_seconds.unwrap_or(0),
             has_code: order.has_code,
             image: order.image.unwrap_or_default(),
+            restore_outputs: order.restore_outputs,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,
@@ -219,6 +242,10 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             reason,
         }),
         ToAgent::Shutdown { reason } => Msg::Shutdown(pb::Shutdown { reason }),
+        ToAgent::Preempt { notice, reason } => Msg::Preempt(pb::Preempt {
+            notice_ms: duration_ms(notice),
+            reason,
+        }),
     };
     pb::CoordinatorMessage { msg: Some(msg) }
 }

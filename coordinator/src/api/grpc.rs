@@ -345,6 +345,27 @@ impl pb::clusters_server::Clusters for Api {
             self.cluster_watch(request.into_inner().name),
         )))
     }
+
+    async fn lock(
+        &self,
+        request: Request<pb::ClusterLock>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        let lock = request.into_inner();
+        let kind = crate::model::LockKind::parse(&lock.kind)?;
+        let info = self.control.lock_cluster(lock.name, Some(kind)).await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
+
+    async fn unlock(
+        &self,
+        request: Request<pb::ClusterRef>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        let info = self
+            .control
+            .lock_cluster(request.into_inner().name, None)
+            .await?;
+        Ok(Response::new(convert::cluster(&info)))
+    }
 }
 
 #[tonic::async_trait]
@@ -399,6 +420,11 @@ impl pb::jobs_server::Jobs for Api {
         Ok(Response::new(stream_of(self.log_stream(request))))
     }
 
+    async fn why(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Explanation>, Status> {
+        let lines = self.control.explain(request.into_inner().id).await?;
+        Ok(Response::new(pb::Explanation { lines }))
+    }
+
     async fn download_outputs(
         &self,
         request: Request<pb::JobRef>,
@@ -418,6 +444,18 @@ impl pb::nodes_server::Nodes for Api {
         Ok(Response::new(pb::NodeList {
             nodes: nodes.iter().map(convert::node).collect(),
         }))
+    }
+
+    async fn preempt(
+        &self,
+        request: Request<pb::PreemptRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let request = request.into_inner();
+        let node = self
+            .control
+            .preempt_node(request.node_id, request.notice_seconds.map(u64::from))
+            .await?;
+        Ok(Response::new(convert::node(&node)))
     }
 }
 
@@ -545,5 +583,38 @@ impl pb::agent_server::Agent for Api {
             .put_outputs(&upload.attempt_id, upload.instance, upload.data)
             .await?;
         Ok(Response::new(pb::UploadAck {}))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::quotas_server::Quotas for Api {
+    async fn get(&self, _: Request<pb::QuotaRequest>) -> Result<Response<pb::QuotaReport>, Status> {
+        let report = self.control.quotas().await?;
+        Ok(Response::new(convert::quota_report(&report)))
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::QuotaUpdate>,
+    ) -> Result<Response<pb::QuotaReport>, Status> {
+        let update = request.into_inner();
+        let family = match (update.family.trim(), update.family_cores) {
+            ("", None) => None,
+            (family, Some(cores)) if !family.is_empty() => Some((family.to_string(), cores)),
+            _ => {
+                return Err(crate::Error::invalid(
+                    "family",
+                    "a family quota needs both the family and its cores (--family NAME --cores N)",
+                )
+                .into());
+            }
+        };
+        let change = crate::control::QuotaChange {
+            family,
+            low_priority_cores: update.low_priority_cores,
+            total_cores: update.total_cores,
+        };
+        let report = self.control.set_quotas(change).await?;
+        Ok(Response::new(convert::quota_report(&report)))
     }
 }

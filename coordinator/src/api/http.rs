@@ -239,6 +239,7 @@ async fn submit_job(
         timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
         code: Vec::new(),
         image: file.image(),
+        max_preemptions: file.max_preemptions,
     };
     let job = api.submit(spec).await?;
     Ok((StatusCode::CREATED, Json(view::Job::from(&job))))

@@ -28,6 +28,12 @@ pub struct ControlConfig {
     pub heartbeat_interval: Duration,
     /// Attempts a job may use up through lost nodes before it fails.
     pub max_attempts: u32,
+    /// Quotas until `shoal quota set` stores others.
+    pub quotas: crate::governance::Quotas,
+    /// Notice a preempted node's jobs get between SIGTERM and SIGKILL.
+    pub preemption_notice: Duration,
+    /// Chaos: preempt a random low-priority node this often.
+    pub chaos_preempt_every: Option<Duration>,
 }
 
 impl Default for ControlConfig {
@@ -38,6 +44,9 @@ impl Default for ControlConfig {
             register_timeout: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(5),
             max_attempts: 5,
+            quotas: crate::governance::Quotas::default(),
+            preemption_notice: Duration::from_secs(30),
+            chaos_preempt_every: None,
         }
     }
 }
@@ -45,10 +54,22 @@ impl Default for ControlConfig {
 /// What the coordinator tells an agent (converted to the wire in `api`).
 #[derive(Clone, Debug)]
 pub enum ToAgent {
-    Registered { heartbeat_interval: Duration },
+    Registered {
+        heartbeat_interval: Duration,
+    },
     Launch(LaunchOrder),
-    Cancel { slot: Slot, reason: String },
-    Shutdown { reason: String },
+    Cancel {
+        slot: Slot,
+        reason: String,
+    },
+    Shutdown {
+        reason: String,
+    },
+    /// Stop everything: SIGTERM now, SIGKILL after `notice`.
+    Preempt {
+        notice: Duration,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -60,6 +81,8 @@ pub struct LaunchOrder {
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
     pub image: Option<String>,
+    /// A rerun: the instance starts from the outputs of the last attempt.
+    pub restore_outputs: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +131,20 @@ pub struct ClusterInfo {
     pub resizing: bool,
 }
 
+/// Quota limits with what is used now, scope by scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaReport {
+    /// (scope, limit, used): `family NAME`, `low-priority`, `total`.
+    pub lines: Vec<(String, u32, u32)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct QuotaChange {
+    pub family: Option<(String, u32)>,
+    pub low_priority_cores: Option<u32>,
+    pub total_cores: Option<u32>,
+}
+
 /// Something changed; watchers fetch what they care about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -128,6 +165,11 @@ pub enum Command {
     ListJobs(Option<String>, Reply<Vec<Job>>),
     CancelJob(String, Reply<Job>),
     ListNodes(Option<String>, Reply<Vec<Node>>),
+    LockCluster(String, Option<LockKind>, Reply<ClusterInfo>),
+    PreemptNode(String, Option<u64>, Reply<Node>),
+    GetQuotas(Reply<QuotaReport>),
+    SetQuotas(QuotaChange, Reply<QuotaReport>),
+    Explain(String, Reply<Vec<String>>),
     ReadLogs {
         job_id: String,
         instance: Option<u32>,
@@ -235,6 +277,23 @@ impl ControlHandle {
     pub async fn cancel_job(&self, id: String) -> Result<Job> {
         self.ask(|r| Command::CancelJob(id, r)).await
     }
+    /// `None` unlocks.
+    pub async fn lock_cluster(&self, name: String, kind: Option<LockKind>) -> Result<ClusterInfo> {
+        self.ask(|r| Command::LockCluster(name, kind, r)).await
+    }
+    pub async fn preempt_node(&self, node_id: String, notice_seconds: Option<u64>) -> Result<Node> {
+        self.ask(|r| Command::PreemptNode(node_id, notice_seconds, r))
+            .await
+    }
+    pub async fn quotas(&self) -> Result<QuotaReport> {
+        self.ask(Command::GetQuotas).await
+    }
+    pub async fn set_quotas(&self, change: QuotaChange) -> Result<QuotaReport> {
+        self.ask(|r| Command::SetQuotas(change, r)).await
+    }
+    pub async fn explain(&self, job_id: String) -> Result<Vec<String>> {
+        self.ask(|r| Command::Explain(job_id, r)).await
+    }
     pub async fn list_nodes(&self, cluster: Option<String>) -> Result<Vec<Node>> {
         self.ask(|r| Command::ListNodes(cluster, r)).await
     }
@@ -291,6 +350,14 @@ pub struct Control {
     next_job_seq: u64,
     next_node_seq: u64,
     wake_at: Option<Millis>,
+    quotas: crate::governance::Quotas,
+    quotas_dirty: bool,
+    /// Per cluster: what blocks scale-up now (lock, quota), for reasons and `why`.
+    blocked: HashMap<String, String>,
+    /// Preempted nodes: when their notice ends.
+    preempt_deadlines: HashMap<String, Millis>,
+    next_chaos: Millis,
+    chaos_state: u64,
 
     // What this batch changed, written and announced by `flush`.
     dirty_clusters: BTreeSet<String>,
@@ -323,6 +390,14 @@ impl Control {
             logs: logs_tx.clone(),
         };
         let now = now_ms();
+        let quotas = snapshot
+            .quotas
+            .clone()
+            .unwrap_or_else(|| config.quotas.clone());
+        let next_chaos = now
+            + config
+                .chaos_preempt_every
+                .map_or(0, |d| d.as_millis() as i64);
         let mut control = Control {
             config,
             store,
@@ -345,6 +420,12 @@ impl Control {
             next_job_seq: snapshot.next_job_seq,
             next_node_seq: snapshot.next_node_seq,
             wake_at: None,
+            quotas,
+            quotas_dirty: false,
+            blocked: HashMap::new(),
+            preempt_deadlines: HashMap::new(),
+            next_chaos,
+            chaos_state: (now as u64) | 1,
             dirty_clusters: BTreeSet::new(),
             deleted_clusters: BTreeSet::new(),
             dirty_nodes: BTreeSet::new(),
@@ -560,6 +641,27 @@ impl Control {
                 }
             }
             Command::NodeRemoved { node_id } => self.forget_node(&node_id),
+            Command::LockCluster(name, kind, reply) => {
+                let result = self.lock_cluster(&name, kind);
+                self.defer(reply, result);
+            }
+            Command::PreemptNode(node_id, notice, reply) => {
+                let notice = notice.map_or(self.config.preemption_notice, Duration::from_secs);
+                let result = self.preempt_node(&node_id, notice, "preempted on request", now);
+                self.defer(reply, result);
+            }
+            Command::GetQuotas(reply) => {
+                let result = Ok(self.quota_report());
+                self.defer(reply, result);
+            }
+            Command::SetQuotas(change, reply) => {
+                let result = self.set_quotas(change);
+                self.defer(reply, result);
+            }
+            Command::Explain(job_id, reply) => {
+                let result = self.explain(&job_id);
+                self.defer(reply, result);
+            }
         }
     }
 
@@ -626,6 +728,7 @@ impl Control {
                 spec,
                 created_at: now,
                 errors: Vec::new(),
+                lock: None,
             },
         );
         self.dirty_clusters.insert(name.clone());
@@ -633,7 +736,14 @@ impl Control {
     }
 
     fn update_cluster(&mut self, update: ClusterUpdate) -> Result<ClusterInfo> {
-        let next = self.cluster(&update.name)?.spec.apply(&update)?;
+        let cluster = self.cluster(&update.name)?;
+        if cluster.lock == Some(LockKind::ReadOnly) {
+            return Err(Error::FailedPrecondition(format!(
+                "cluster `{}` is locked read-only; `shoal cluster unlock {}` first",
+                update.name, update.name
+            )));
+        }
+        let next = cluster.spec.apply(&update)?;
         if let Some(cluster) = self.clusters.get_mut(&update.name) {
             cluster.spec = next;
         }
@@ -643,6 +753,12 @@ impl Control {
 
     fn delete_cluster(&mut self, name: &str) -> Result<ClusterInfo> {
         let info = self.cluster_info(name)?;
+        if let Some(lock) = info.cluster.lock {
+            return Err(Error::FailedPrecondition(format!(
+                "cluster `{name}` is locked {}; `shoal cluster unlock {name}` first",
+                lock.as_str()
+            )));
+        }
         let active = self
             .jobs
             .values()
@@ -701,6 +817,7 @@ impl Control {
             started_at: 0,
             ended_at: 0,
             reason: "queued".into(),
+            preemptions: 0,
         };
         debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
         self.queue.insert(seq, id.clone());
@@ -777,11 +894,13 @@ impl Control {
             },
         ));
         self.create_backoff.remove(&cluster);
-        if let Some(c) = self.clusters.get_mut(&cluster)
-            && !c.errors.is_empty()
-        {
-            c.errors.clear();
-            self.dirty_clusters.insert(cluster);
+        // A node that starts clears the node failures; what blocks scaling stays.
+        if let Some(c) = self.clusters.get_mut(&cluster) {
+            let before = c.errors.len();
+            c.errors.retain(|e| e.starts_with("scale-up blocked: "));
+            if c.errors.len() != before {
+                self.dirty_clusters.insert(cluster);
+            }
         }
         info!(node = %node_id, reported = registration.attempts.len(), "agent registered");
         self.reconcile(&node_id, registration.attempts, now);
@@ -920,6 +1039,9 @@ impl Control {
                     self.end_job(&job_id, JobStatus::Completed, String::new(), now);
                 }
             }
+            InstanceStatus::Preempted => {
+                self.requeue_preempted(&job_id, node_id, slot, now);
+            }
             InstanceStatus::TimedOut => {
                 let reason = format!(
                     "instance {} on node {node_id} timed out: {}",
@@ -976,7 +1098,7 @@ impl Control {
             attempt.ended_at = now;
         }
         let job_id = job.id.clone();
-        let attempts_used = job.attempts.len() as u32;
+        let attempts_used = job.attempts.iter().filter(|a| a.status() == "lost").count() as u32;
         let job_final = job.status.is_final();
         let seq = job.seq;
         self.dirty_jobs.insert(job_id.clone());
@@ -1134,6 +1256,30 @@ impl Control {
         for (id, why) in unusable {
             self.node_unusable(&id, &why, now);
         }
+        // Preempted nodes go once their work has stopped, or when the notice is over.
+        let preempted: Vec<(String, bool)> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Preempted)
+            .map(|n| {
+                let overdue = self
+                    .preempt_deadlines
+                    .get(&n.id)
+                    .is_none_or(|deadline| now > deadline + 10_000);
+                (n.id.clone(), n.running.is_none() || overdue)
+            })
+            .collect();
+        for (id, gone) in preempted {
+            if gone {
+                let running = self.nodes.get(&id).and_then(|n| n.running.clone());
+                if let Some(slot) = running {
+                    self.instance_lost(&slot, &format!("node {id} was preempted"), now);
+                }
+                self.preempt_deadlines.remove(&id);
+                self.remove_node(&id, "preempted");
+            }
+        }
+        self.chaos(now);
         for id in forget {
             if let Some(node) = self.nodes.remove(&id) {
                 self.dirty_clusters.insert(node.cluster);
@@ -1188,25 +1334,386 @@ impl Control {
             if previous != Some(decision.target) {
                 self.dirty_clusters.insert(name.clone());
             }
+            // Read-only: neither up nor down, and say so; else the quotas decide.
+            let (allowed, block, removals) =
+                match crate::governance::lock_block(&self.clusters[&name]) {
+                    Some(block) => {
+                        let wanted = decision.create > 0 || !decision.remove.is_empty();
+                        (0, wanted.then_some(block), Vec::new())
+                    }
+                    None => {
+                        let (allowed, block) = self.quota_room(&name, decision.create);
+                        (allowed, block, decision.remove.clone())
+                    }
+                };
             let backoff_until = self.create_backoff.get(&name).map(|(_, until)| *until);
             match backoff_until {
-                Some(until) if decision.create > 0 && now < until => {
+                Some(until) if allowed > 0 && now < until => {
                     self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
                 }
                 _ => {
-                    for _ in 0..decision.create {
+                    for _ in 0..allowed {
                         self.create_node(&name, now);
                     }
                 }
             }
-            for id in &decision.remove {
+            // A quota's words count the nodes just created too.
+            let block = match block {
+                Some(quota) if quota.starts_with("quota:") => {
+                    self.quota_room(&name, 1).1.or(Some(quota))
+                }
+                other => other,
+            };
+            self.set_block(&name, block);
+            for id in &removals {
                 self.remove_node(id, "idle past idle_seconds_before_scaledown");
             }
             if waiting_instances > 0 {
-                let reason = waiting_reason(&spec, active, decision.target, free as u32, widest);
+                let reason = match self.blocked.get(&name) {
+                    Some(block) => block.clone(),
+                    None => waiting_reason(&spec, active, decision.target, free as u32, widest),
+                };
                 self.set_queued_reasons(&name, &reason);
             }
         }
+    }
+
+    /// Records (or clears) what blocks a cluster's scale-up, in its errors too.
+    fn set_block(&mut self, cluster: &str, block: Option<String>) {
+        let previous = match &block {
+            Some(why) => self.blocked.insert(cluster.to_string(), why.clone()),
+            None => self.blocked.remove(cluster),
+        };
+        if previous == block {
+            return;
+        }
+        if let Some(c) = self.clusters.get_mut(cluster) {
+            c.errors.retain(|e| !e.starts_with("scale-up blocked: "));
+            if let Some(why) = &block {
+                info!(cluster, why = %why, "scale-up blocked");
+                c.errors.push(format!("scale-up blocked: {why}"));
+            }
+            self.dirty_clusters.insert(cluster.to_string());
+        }
+    }
+
+    /// How many of `wanted` new nodes the quotas allow, and which quota says no.
+    fn quota_room(&self, cluster: &str, wanted: u32) -> (u32, Option<String>) {
+        let Some(c) = self.clusters.get(cluster) else {
+            return (0, None);
+        };
+        let Some(size) = self.config.catalog.get(&c.spec.vm_size) else {
+            return (0, None);
+        };
+        let nodes: Vec<&Node> = self.nodes.values().collect();
+        let used = crate::governance::usage(&self.clusters, &nodes, &self.config.catalog);
+        crate::governance::room(
+            &self.quotas,
+            &used,
+            &size.family,
+            c.spec.vm_priority,
+            size.cores,
+            wanted,
+        )
+    }
+
+    fn quota_report(&self) -> QuotaReport {
+        let nodes: Vec<&Node> = self.nodes.values().collect();
+        let used = crate::governance::usage(&self.clusters, &nodes, &self.config.catalog);
+        let mut families: BTreeSet<String> = self.quotas.family_cores.keys().cloned().collect();
+        families.extend(used.family.keys().cloned());
+        for cluster in self.clusters.values() {
+            if cluster.spec.vm_priority == Priority::Dedicated
+                && let Some(size) = self.config.catalog.get(&cluster.spec.vm_size)
+            {
+                families.insert(size.family.clone());
+            }
+        }
+        let mut lines: Vec<(String, u32, u32)> = families
+            .into_iter()
+            .map(|f| {
+                let in_use = used.family.get(&f).copied().unwrap_or(0);
+                (format!("family {f}"), self.quotas.family_limit(&f), in_use)
+            })
+            .collect();
+        lines.push((
+            "low-priority".into(),
+            self.quotas.low_priority_cores,
+            used.low_priority,
+        ));
+        lines.push(("total".into(), self.quotas.total_cores, used.total));
+        QuotaReport { lines }
+    }
+
+    fn set_quotas(&mut self, change: QuotaChange) -> Result<QuotaReport> {
+        if let Some((family, _)) = &change.family
+            && family.trim().is_empty()
+        {
+            return Err(Error::invalid(
+                "family",
+                "name the VM family (`shoal vm-size list` shows them)",
+            ));
+        }
+        if let Some((family, cores)) = change.family {
+            self.quotas.family_cores.insert(family, cores);
+        }
+        if let Some(cores) = change.low_priority_cores {
+            self.quotas.low_priority_cores = cores;
+        }
+        if let Some(cores) = change.total_cores {
+            self.quotas.total_cores = cores;
+        }
+        self.quotas_dirty = true;
+        info!(quotas = ?self.quotas, "quotas changed");
+        Ok(self.quota_report())
+    }
+
+    fn lock_cluster(&mut self, name: &str, kind: Option<LockKind>) -> Result<ClusterInfo> {
+        let cluster = self.clusters.get_mut(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "cluster `{name}` not found; `shoal cluster list` shows the clusters"
+            ))
+        })?;
+        cluster.lock = kind;
+        if kind != Some(LockKind::ReadOnly) {
+            cluster
+                .errors
+                .retain(|e| !e.starts_with("scale-up blocked: cluster locked"));
+            self.blocked.remove(name);
+        }
+        info!(
+            cluster = name,
+            lock = kind.map_or("none", LockKind::as_str),
+            "lock changed"
+        );
+        self.dirty_clusters.insert(name.to_string());
+        self.cluster_info(name)
+    }
+
+    /// The real preemption path: the agent stops its jobs (SIGTERM now, SIGKILL when
+    /// `notice` is over), the node goes, and the work is requeued.
+    fn preempt_node(
+        &mut self,
+        node_id: &str,
+        notice: Duration,
+        why: &str,
+        now: Millis,
+    ) -> Result<Node> {
+        let node = self.nodes.get(node_id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "node `{node_id}` not found; `shoal node list` shows the nodes"
+            ))
+        })?;
+        let low_priority = self
+            .clusters
+            .get(&node.cluster)
+            .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority);
+        if !low_priority {
+            return Err(Error::FailedPrecondition(format!(
+                "node `{node_id}` is in a dedicated cluster; only low-priority nodes are preempted"
+            )));
+        }
+        if !matches!(
+            node.state,
+            NodeState::Idle | NodeState::Running | NodeState::Preparing
+        ) {
+            return Err(Error::FailedPrecondition(format!(
+                "node `{node_id}` is {}; only a live node can be preempted",
+                node.state.as_str()
+            )));
+        }
+        let busy = node.running.is_some();
+        warn!(
+            node = node_id,
+            notice_s = notice.as_secs(),
+            why,
+            "node preempted"
+        );
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.state = NodeState::Preempted;
+            node.state_since = now;
+            node.message = format!("{why}; {} s notice", notice.as_secs());
+        }
+        self.dirty_nodes.insert(node_id.to_string());
+        self.preempt_deadlines
+            .insert(node_id.to_string(), now + notice.as_millis() as i64);
+        self.outbox.push((
+            node_id.to_string(),
+            ToAgent::Preempt {
+                notice,
+                reason: why.to_string(),
+            },
+        ));
+        let node = self.nodes.get(node_id).cloned();
+        if !busy {
+            self.preempt_deadlines.remove(node_id);
+            self.remove_node(node_id, "preempted");
+        }
+        node.ok_or_else(|| Error::Internal("preempted node vanished".into()))
+    }
+
+    /// A preempted instance: the job goes back to the queue as a whole (the rest of
+    /// a gang is stopped), unless it used up `max_preemptions`.
+    fn requeue_preempted(&mut self, job_id: &str, node_id: &str, slot: &Slot, now: Millis) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if job.status == JobStatus::Queued {
+            return; // another instance of the gang got here first
+        }
+        job.preemptions += 1;
+        let count = job.preemptions;
+        let limit = job.spec.max_preemptions;
+        let seq = job.seq;
+        self.dirty_jobs.insert(job_id.to_string());
+        self.stop_live_instances(job_id, "another instance was preempted");
+        if count > limit {
+            let reason = format!("preempted {count} times, more than max_preemptions {limit}");
+            self.end_job(job_id, JobStatus::Failed, reason, now);
+            return;
+        }
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.status = JobStatus::Queued;
+            job.reason = format!(
+                "requeued: preempted on node {node_id} (attempt {}, preemption {count} of at most {limit})",
+                slot.attempt_id
+            );
+            self.queue.insert(seq, job_id.to_string());
+        }
+    }
+
+    /// Chaos: now and then a random low-priority node is preempted.
+    fn chaos(&mut self, now: Millis) {
+        let Some(every) = self.config.chaos_preempt_every else {
+            return;
+        };
+        if now < self.next_chaos {
+            self.wake_at = Some(
+                self.wake_at
+                    .map_or(self.next_chaos, |w| w.min(self.next_chaos)),
+            );
+            return;
+        }
+        self.next_chaos = now + every.as_millis() as i64;
+        let candidates: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| matches!(n.state, NodeState::Idle | NodeState::Running) && n.connected)
+            .filter(|n| {
+                self.clusters
+                    .get(&n.cluster)
+                    .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority)
+            })
+            .map(|n| n.id.clone())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        // xorshift: no need for more randomness than this.
+        self.chaos_state ^= self.chaos_state << 13;
+        self.chaos_state ^= self.chaos_state >> 7;
+        self.chaos_state ^= self.chaos_state << 17;
+        let pick = candidates[(self.chaos_state % candidates.len() as u64) as usize].clone();
+        let notice = self.config.preemption_notice;
+        let _ = self.preempt_node(&pick, notice, "preempted by chaos", now);
+    }
+
+    /// Why a job is where it is: every fact the scheduler and autoscaler used.
+    fn explain(&self, job_id: &str) -> Result<Vec<String>> {
+        let job = self.job(job_id)?;
+        let mut lines = vec![format!("{} is {}", job.id, job.status.as_str())];
+        if !job.reason.is_empty() {
+            lines.push(format!("reason: {}", job.reason));
+        }
+        let attempts = job.attempts.len();
+        if attempts > 0 {
+            let lost = job.attempts.iter().filter(|a| a.status() == "lost").count();
+            lines.push(format!(
+                "attempts: {attempts} ({lost} lost, {} preemptions of at most {})",
+                job.preemptions, job.spec.max_preemptions
+            ));
+        }
+        let Ok(info) = self.cluster_info(&job.spec.cluster) else {
+            lines.push(format!("cluster `{}` no longer exists", job.spec.cluster));
+            return Ok(lines);
+        };
+        let spec = &info.cluster.spec;
+        let counts = &info.counts;
+        lines.push(format!(
+            "cluster {}: {} {}, {} node(s) now (idle {}, running {}, preparing {}, leaving {}, preempted {}, unusable {}), target {}, min {}, max {}",
+            spec.name, spec.vm_size, spec.vm_priority.as_str(), info.current_node_count, counts.idle, counts.running,
+            counts.preparing, counts.leaving, counts.preempted, counts.unusable, info.target_node_count, spec.min_nodes, spec.max_nodes
+        ));
+        if job.status == JobStatus::Queued {
+            let free = self
+                .nodes
+                .values()
+                .filter(|n| n.cluster == spec.name && n.is_free())
+                .count();
+            let need = job.spec.instance_count;
+            let gang = if need > 1 {
+                format!(" at once (a gang of {need})")
+            } else {
+                String::new()
+            };
+            lines.push(format!("needs {need} free node(s){gang}; {free} free now"));
+            let ahead = self
+                .queue
+                .iter()
+                .take_while(|(seq, _)| **seq < job.seq)
+                .filter(|(_, id)| {
+                    self.jobs
+                        .get(*id)
+                        .is_some_and(|j| j.spec.cluster == spec.name)
+                })
+                .count();
+            lines.push(format!("queue: {ahead} job(s) of this cluster ahead of it"));
+            if let Some(current) = job.current_attempt()
+                && !current.is_settled()
+            {
+                lines.push(format!(
+                    "waits for attempt {} to finish stopping",
+                    current.id
+                ));
+            }
+        }
+        lines.push(format!(
+            "lock: {}",
+            info.cluster.lock.map_or("none", LockKind::as_str)
+        ));
+        if let Some(size) = self.config.catalog.get(&spec.vm_size) {
+            let report = self.quota_report();
+            let scope = match spec.vm_priority {
+                Priority::Dedicated => format!("family {}", size.family),
+                Priority::LowPriority => "low-priority".to_string(),
+            };
+            for (name, limit, used) in report
+                .lines
+                .iter()
+                .filter(|(n, _, _)| *n == scope || n == "total")
+            {
+                lines.push(format!(
+                    "quota {name}: {used}/{limit} cores used; a node needs {}",
+                    size.cores
+                ));
+            }
+        }
+        if let Some(block) = self.blocked.get(&spec.name) {
+            lines.push(format!("autoscaler: blocked: {block}"));
+        }
+        let backoff = self.create_backoff.get(&spec.name);
+        if let Some((failures, until)) = backoff
+            && now_ms() < *until
+        {
+            lines.push(format!(
+                "autoscaler: {failures} node(s) failed to start in a row; next try in {} s",
+                (until - now_ms()) / 1000 + 1
+            ));
+        }
+        for error in &info.cluster.errors {
+            lines.push(format!("cluster error: {error}"));
+        }
+        Ok(lines)
     }
 
     fn set_queued_reasons(&mut self, cluster: &str, reason: &str) {
@@ -1276,6 +1783,11 @@ impl Control {
         };
         let number = job.attempts.len() as u32 + 1;
         let attempt_id = format!("{}.{number}", job.id);
+        let low_priority = self
+            .clusters
+            .get(&job.spec.cluster)
+            .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority);
+        let preemption_notice = self.config.preemption_notice.as_secs().to_string();
         let master = placement
             .nodes
             .first()
@@ -1305,8 +1817,12 @@ impl Control {
                 ("SHOAL_NODE_ID", node_id.clone()),
                 ("SHOAL_CLUSTER", job.spec.cluster.clone()),
                 ("SHOAL_MASTER_NODE", master.clone()),
+                ("SHOAL_PREEMPTION_DEADLINE", preemption_notice.clone()),
             ] {
                 env.insert(key.to_string(), value);
+            }
+            if !low_priority {
+                env.remove("SHOAL_PREEMPTION_DEADLINE");
             }
             self.outbox.push((
                 node_id.clone(),
@@ -1318,6 +1834,7 @@ impl Control {
                     timeout_seconds: job.spec.timeout_seconds,
                     has_code: job.spec.code_path.is_some(),
                     image: job.spec.image.clone(),
+                    restore_outputs: number > 1,
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -1382,6 +1899,7 @@ impl Control {
             logs: std::mem::take(&mut self.new_logs),
             next_job_seq: self.seqs_dirty.then_some(self.next_job_seq),
             next_node_seq: self.seqs_dirty.then_some(self.next_node_seq),
+            quotas: std::mem::take(&mut self.quotas_dirty).then(|| self.quotas.clone()),
         };
         let committed = if batch.is_empty() {
             Ok(Vec::new())

@@ -276,3 +276,136 @@ async fn nodes_that_fail_to_start_are_retried_with_backoff() {
         "the job waits, it does not fail"
     );
 }
+
+async fn job_reason(h: &Harness, id: &str, contains: &str) -> String {
+    for _ in 0..400 {
+        let job = h.handle.get_job(id.to_string()).await.expect("job");
+        if job.reason.contains(contains) {
+            return job.reason;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{id}: no reason with `{contains}`");
+}
+
+#[tokio::test]
+async fn a_read_only_lock_holds_scaling_and_says_so() {
+    let h = harness().await;
+    h.cluster(2, 60).await;
+    h.handle
+        .lock_cluster("cl".into(), Some(LockKind::ReadOnly))
+        .await
+        .expect("lock");
+    let id = h.submit().await;
+    let reason = job_reason(&h, &id, "locked").await;
+    assert_eq!(
+        reason,
+        "cluster locked read-only; `shoal cluster unlock cl` lets it scale"
+    );
+    assert!(h.provider.created.lock().expect("created").is_empty());
+    h.handle
+        .lock_cluster("cl".into(), None)
+        .await
+        .expect("unlock");
+    h.created_node(0).await;
+}
+
+#[tokio::test]
+async fn a_quota_names_the_scope_and_the_numbers() {
+    let provider = FakeProvider::default();
+    let store = SqliteStore::in_memory().expect("store");
+    let config = ControlConfig {
+        quotas: crate::governance::Quotas {
+            total_cores: 2,
+            ..Default::default()
+        },
+        ..ControlConfig::default()
+    };
+    let (control, handle, inbox) =
+        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(control.run(inbox, async move {
+        let _ = stopped.await;
+    }));
+    let h = Harness {
+        handle,
+        provider,
+        _stop: stop,
+    };
+    h.cluster(4, 60).await;
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "true".into(),
+        instance_count: 2,
+        ..Default::default()
+    };
+    let id = h.handle.submit_job(request).await.expect("submit").id;
+    let reason = job_reason(&h, &id, "quota").await;
+    assert_eq!(reason, "quota: total 2/2 cores used; a node needs 2");
+    assert_eq!(h.provider.created.lock().expect("created").len(), 1);
+    let report = h.handle.quotas().await.expect("quotas");
+    assert!(
+        report.lines.contains(&("total".to_string(), 2, 2)),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn preemption_requeues_the_job_until_max_preemptions() {
+    let h = harness().await;
+    h.handle
+        .create_cluster(ClusterRequest {
+            name: "cl".into(),
+            vm_size: "Standard_D2_v2".into(),
+            vm_priority: "lowpriority".into(),
+            max_nodes: Some(1),
+            ..Default::default()
+        })
+        .await
+        .expect("cluster");
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "true".into(),
+        max_preemptions: Some(1),
+        ..Default::default()
+    };
+    let id = h.handle.submit_job(request).await.expect("submit").id;
+    let preempted = ExitReport {
+        exit_code: Some(143),
+        outcome: "preempted".into(),
+        message: "preempted on request".into(),
+    };
+    for round in 0..2 {
+        let node = h.created_node(round).await;
+        let mut agent = h.register(&node, round as u64 + 1, vec![]).await;
+        let order = next_launch(&mut agent).await;
+        assert_eq!(
+            order
+                .env
+                .get("SHOAL_PREEMPTION_DEADLINE")
+                .map(String::as_str),
+            Some("30")
+        );
+        assert_eq!(order.restore_outputs, round > 0);
+        let node_now = h
+            .handle
+            .preempt_node(node.clone(), Some(5))
+            .await
+            .expect("preempt");
+        assert_eq!(node_now.state, NodeState::Preempted);
+        h.handle
+            .send(Command::InstanceExited {
+                node_id: node,
+                slot: order.slot,
+                exit: preempted.clone(),
+            })
+            .await;
+        if round == 0 {
+            let reason = job_reason(&h, &id, "requeued").await;
+            assert!(reason.contains("preempted on node"), "{reason}");
+        }
+    }
+    let job = h.job_status(&id, JobStatus::Failed).await;
+    assert_eq!(job.preemptions, 2);
+    assert!(job.reason.contains("max_preemptions 1"), "{}", job.reason);
+}

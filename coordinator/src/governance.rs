@@ -1,0 +1,267 @@
+//! Cost and governance: core quotas (dedicated per VM family, low-priority for the
+//! whole deployment, and a total) and what blocks a cluster from growing, as pure
+//! functions of the nodes, the catalog and the limits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Cluster, LockKind, Node, Priority};
+use crate::vmsize::Catalog;
+
+/// Core limits. Usage counts the cores of allocated nodes (preparing, idle, running,
+/// leaving, preempted: a node counts until it is gone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Dedicated cores per VM family; families not listed get `default_family_cores`.
+    #[serde(default)]
+    pub family_cores: BTreeMap<String, u32>,
+    #[serde(default = "default_family")]
+    pub default_family_cores: u32,
+    #[serde(default = "default_low_priority")]
+    pub low_priority_cores: u32,
+    #[serde(default = "default_total")]
+    pub total_cores: u32,
+}
+
+fn default_family() -> u32 {
+    200
+}
+fn default_low_priority() -> u32 {
+    200
+}
+fn default_total() -> u32 {
+    400
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            family_cores: BTreeMap::new(),
+            default_family_cores: default_family(),
+            low_priority_cores: default_low_priority(),
+            total_cores: default_total(),
+        }
+    }
+}
+
+impl Quotas {
+    pub fn family_limit(&self, family: &str) -> u32 {
+        self.family_cores
+            .get(family)
+            .copied()
+            .unwrap_or(self.default_family_cores)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Dedicated cores per family.
+    pub family: BTreeMap<String, u32>,
+    pub low_priority: u32,
+    pub total: u32,
+}
+
+/// Cores in use now, by scope.
+pub fn usage(clusters: &BTreeMap<String, Cluster>, nodes: &[&Node], catalog: &Catalog) -> Usage {
+    let mut used = Usage::default();
+    for node in nodes
+        .iter()
+        .filter(|n| n.state != crate::model::NodeState::Unusable)
+    {
+        let Some(cluster) = clusters.get(&node.cluster) else {
+            continue;
+        };
+        used.total += node.cores;
+        match cluster.spec.vm_priority {
+            Priority::LowPriority => used.low_priority += node.cores,
+            Priority::Dedicated => {
+                let family = catalog
+                    .get(&cluster.spec.vm_size)
+                    .map(|s| s.family.clone())
+                    .unwrap_or_default();
+                *used.family.entry(family).or_default() += node.cores;
+            }
+        }
+    }
+    used
+}
+
+/// How many more nodes of `cores` cores the quotas allow for a cluster of this
+/// family and tier, and, when that is fewer than `wanted`, which quota says so.
+pub fn room(
+    quotas: &Quotas,
+    used: &Usage,
+    family: &str,
+    priority: Priority,
+    cores: u32,
+    wanted: u32,
+) -> (u32, Option<String>) {
+    let cores = cores.max(1);
+    let (scope, limit, in_use) = match priority {
+        Priority::Dedicated => (
+            format!("family {family}"),
+            quotas.family_limit(family),
+            used.family.get(family).copied().unwrap_or(0),
+        ),
+        Priority::LowPriority => (
+            "low-priority".to_string(),
+            quotas.low_priority_cores,
+            used.low_priority,
+        ),
+    };
+    let by_scope = limit.saturating_sub(in_use) / cores;
+    let by_total = quotas.total_cores.saturating_sub(used.total) / cores;
+    let fits = by_scope.min(by_total);
+    if fits >= wanted {
+        return (wanted, None);
+    }
+    let why = if by_scope <= by_total {
+        format!("quota: {scope} {in_use}/{limit} cores used; a node needs {cores}")
+    } else {
+        format!(
+            "quota: total {}/{} cores used; a node needs {cores}",
+            used.total, quotas.total_cores
+        )
+    };
+    (fits, Some(why))
+}
+
+/// What stops a cluster from scaling at all.
+pub fn lock_block(cluster: &Cluster) -> Option<String> {
+    (cluster.lock == Some(LockKind::ReadOnly)).then(|| {
+        format!(
+            "cluster locked read-only; `shoal cluster unlock {}` lets it scale",
+            cluster.spec.name
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ClusterBuilder, NodeBuilder};
+
+    fn clusters(priority: Priority) -> BTreeMap<String, Cluster> {
+        let mut spec = ClusterBuilder::new("c").build();
+        spec.vm_priority = priority;
+        spec.vm_size = "Standard_D3_v2".into();
+        BTreeMap::from([(
+            "c".to_string(),
+            Cluster {
+                spec,
+                created_at: 0,
+                errors: vec![],
+                lock: None,
+            },
+        )])
+    }
+
+    fn four_core_nodes(n: usize) -> Vec<Node> {
+        (0..n)
+            .map(|i| {
+                let mut node = NodeBuilder::new(&format!("n{i}")).build();
+                node.cores = 4;
+                node
+            })
+            .collect()
+    }
+
+    #[test]
+    fn family_quota_caps_dedicated_nodes_and_names_itself() {
+        let catalog = Catalog::default();
+        let quotas = Quotas {
+            family_cores: BTreeMap::from([("standardDv2Family".to_string(), 8)]),
+            ..Quotas::default()
+        };
+        let nodes = four_core_nodes(2);
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let used = usage(&clusters(Priority::Dedicated), &refs, &catalog);
+        assert_eq!(used.family.get("standardDv2Family"), Some(&8));
+        let (fits, why) = room(
+            &quotas,
+            &used,
+            "standardDv2Family",
+            Priority::Dedicated,
+            4,
+            1,
+        );
+        assert_eq!(fits, 0);
+        assert_eq!(
+            why.as_deref(),
+            Some("quota: family standardDv2Family 8/8 cores used; a node needs 4")
+        );
+        let (fits, why) = room(
+            &quotas,
+            &Usage::default(),
+            "standardDv2Family",
+            Priority::Dedicated,
+            4,
+            3,
+        );
+        assert_eq!((fits, why.is_some()), (2, true), "two of three fit");
+    }
+
+    #[test]
+    fn low_priority_and_total_quotas_apply_too() {
+        let catalog = Catalog::default();
+        let quotas = Quotas {
+            low_priority_cores: 4,
+            total_cores: 100,
+            ..Quotas::default()
+        };
+        let nodes = four_core_nodes(1);
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let used = usage(&clusters(Priority::LowPriority), &refs, &catalog);
+        let (fits, why) = room(&quotas, &used, "x", Priority::LowPriority, 4, 1);
+        assert_eq!(fits, 0);
+        assert!(why.is_some_and(|w| w.starts_with("quota: low-priority 4/4")));
+        let tight = Quotas {
+            total_cores: 4,
+            ..Quotas::default()
+        };
+        let (fits, why) = room(&tight, &used, "x", Priority::Dedicated, 4, 1);
+        assert_eq!(fits, 0);
+        assert!(why.is_some_and(|w| w.starts_with("quota: total 4/4")));
+    }
+
+    #[test]
+    fn only_a_read_only_lock_blocks_scaling() {
+        let mut cluster = clusters(Priority::Dedicated).remove("c").expect("cluster");
+        assert!(lock_block(&cluster).is_none());
+        cluster.lock = Some(LockKind::CannotDelete);
+        assert!(lock_block(&cluster).is_none());
+        cluster.lock = Some(LockKind::ReadOnly);
+        assert_eq!(
+            lock_block(&cluster).as_deref(),
+            Some("cluster locked read-only; `shoal cluster unlock c` lets it scale")
+        );
+    }
+
+    proptest::proptest! {
+        /// Creating what `room` allows never takes usage past a limit.
+        #[test]
+        fn room_never_exceeds_a_quota(
+            family_limit in 0u32..64, total in 0u32..96, used_family in 0u32..64,
+            used_total_extra in 0u32..32, cores in 1u32..9, wanted in 0u32..20,
+        ) {
+            let quotas = Quotas {
+                family_cores: BTreeMap::from([("f".to_string(), family_limit)]),
+                total_cores: total,
+                ..Quotas::default()
+            };
+            let used = Usage {
+                family: BTreeMap::from([("f".to_string(), used_family)]),
+                low_priority: 0,
+                total: used_family + used_total_extra,
+            };
+            let (fits, _) = room(&quotas, &used, "f", Priority::Dedicated, cores, wanted);
+            proptest::prop_assert!(fits <= wanted);
+            if fits > 0 {
+                proptest::prop_assert!(used_family + fits * cores <= family_limit);
+                proptest::prop_assert!(used.total + fits * cores <= total);
+            }
+        }
+    }
+}
