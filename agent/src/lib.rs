@@ -4,6 +4,7 @@
 //! reports the attempts it still runs.
 
 pub mod archive;
+pub mod gpu;
 pub mod runtime;
 mod session;
 pub mod telemetry;
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub give_up_after: Duration,
     /// A Docker network job containers join (set by the docker provider).
     pub docker_network: Option<String>,
+    /// How often CPU, memory, disk, network and GPUs are sampled.
+    pub telemetry_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

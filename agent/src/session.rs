@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
+use crate::gpu::{GpuAllocator, Usage};
 use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
 use crate::telemetry::{self, Telemetry};
@@ -27,6 +28,64 @@ const MAX_MESSAGE_BYTES: usize = 256 << 20;
 struct Entry {
     stop: watch::Sender<Option<Stop>>,
     exited: Option<(pb::Exited, Instant)>,
+    /// GPUs it holds.
+    gpus: Vec<u32>,
+    /// Its process group (its leader's pid), once started.
+    group: Option<i32>,
+    usage: Usage,
+}
+
+impl Entry {
+    fn new(stop: watch::Sender<Option<Stop>>, gpus: Vec<u32>) -> Self {
+        Entry {
+            stop,
+            exited: None,
+            gpus,
+            group: None,
+            usage: Usage::default(),
+        }
+    }
+}
+
+/// The variables that show a process exactly its GPUs.
+fn gpu_env(gpus: &[u32]) -> Vec<(String, String)> {
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
+    let ids = ids.join(",");
+    vec![
+        ("CUDA_VISIBLE_DEVICES".into(), ids.clone()),
+        ("NVIDIA_VISIBLE_DEVICES".into(), ids),
+    ]
+}
+
+fn usage_to_wire(usage: &Usage) -> pb::Usage {
+    pb::Usage {
+        samples: usage.samples,
+        gpu_utilization_avg_percent: usage.average_utilization_percent(),
+        gpu_utilization_peak_percent: usage.peak_utilization_percent,
+        gpu_memory_peak_bytes: usage.peak_memory_bytes,
+        gpu_energy_joules: usage.energy_joules(),
+        cpu_seconds: usage.cpu_seconds,
+        gpu_utilization_percent: usage.current_utilization_percent,
+        gpu_memory_bytes: usage.current_memory_bytes,
+    }
+}
+
+fn gpu_stat(s: &crate::gpu::GpuSample) -> pb::GpuStat {
+    pb::GpuStat {
+        index: s.index,
+        uuid: s.uuid.clone(),
+        model: s.model.clone(),
+        utilization_percent: s.utilization_percent,
+        memory_used_bytes: s.memory_used_bytes,
+        memory_total_bytes: s.memory_total_bytes,
+        temperature_c: s.temperature_c,
+        power_milliwatts: s.power_milliwatts,
+        energy_millijoules: s.energy_millijoules,
+        process_ids: s.process_ids.clone(),
+    }
 }
 
 #[derive(Clone)]
@@ -40,6 +99,7 @@ struct Agent {
     attempts: Arc<Mutex<HashMap<Slot, Entry>>>,
     events: mpsc::UnboundedSender<pb::AgentMessage>,
     telemetry: Telemetry,
+    gpu_allocator: Arc<Mutex<GpuAllocator>>,
     cores: u32,
     memory_bytes: u64,
     hostname: String,
@@ -83,6 +143,13 @@ pub async fn run(
         Ok(_) => info!("docker runtime ready"),
         Err(why) => info!(%why, "no docker runtime: jobs with an image fail on this node"),
     }
+    let (gpus, gpu_reason) = crate::gpu::detect();
+    let telemetry = Telemetry::start(
+        config.telemetry_interval,
+        config.work_dir.clone(),
+        gpus,
+        gpu_reason,
+    );
     let agent = Agent {
         cores,
         memory_bytes,
@@ -94,8 +161,18 @@ pub async fn run(
         process: Arc::new(ProcessRuntime),
         attempts: Arc::default(),
         events,
-        telemetry: Telemetry::start(Duration::from_secs(2)),
+        gpu_allocator: Arc::default(),
+        telemetry,
     };
+    *agent
+        .gpu_allocator
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) =
+        GpuAllocator::new(agent.telemetry.gpus.iter().map(|g| g.index));
+    match &agent.telemetry.gpu_reason {
+        Some(why) => info!(%why, "this node reports 0 GPUs"),
+        None => info!(gpus = agent.telemetry.gpus.len(), "GPUs found"),
+    }
     info!(node = %agent.config.node_id, endpoint = %agent.config.endpoint, cores = agent.cores, "agent starting");
 
     agent.recover_containers().await;
@@ -167,6 +244,19 @@ impl Agent {
                 attempts: reports,
                 hostname: self.hostname.clone(),
                 pid: std::process::id(),
+                gpus: self
+                    .telemetry
+                    .gpus
+                    .iter()
+                    .map(|g| pb::GpuStat {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        model: g.model.clone(),
+                        memory_total_bytes: g.memory_total_bytes,
+                        ..Default::default()
+                    })
+                    .collect(),
+                gpu_reason: self.telemetry.gpu_reason.clone().unwrap_or_default(),
             })),
         }
     }
@@ -189,7 +279,7 @@ impl Agent {
             let (stop, stop_rx) = watch::channel(None);
             {
                 let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-                attempts.insert(found.slot.clone(), Entry { stop, exited: None });
+                attempts.insert(found.slot.clone(), Entry::new(stop, Vec::new()));
             }
             info!(attempt = %found.slot.attempt_id, instance = found.slot.instance, "recovered a container");
             let agent = self.clone();
@@ -198,6 +288,7 @@ impl Agent {
                 let sink = EventSink {
                     slot: found.slot.clone(),
                     tx: agent.events.clone(),
+                    gpus: Vec::new(),
                 };
                 let since = docker::recovery_since();
                 let grace = agent.config.stop_grace;
@@ -216,14 +307,59 @@ impl Agent {
         }
     }
 
+    /// The latest sample, with each running instance's usage brought up to date.
     fn heartbeat(&self) -> pb::AgentMessage {
         let sample = self.telemetry.latest();
+        let mut usage = Vec::new();
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            for (slot, entry) in attempts.iter_mut().filter(|(_, e)| e.exited.is_none()) {
+                entry.usage.observe(&sample.gpus, &entry.gpus);
+                if let Some(seconds) = entry
+                    .group
+                    .and_then(|g| sample.cpu_seconds_by_group.get(&g))
+                {
+                    entry.usage.cpu_seconds = entry.usage.cpu_seconds.max(*seconds);
+                }
+                usage.push(pb::InstanceUsage {
+                    attempt_id: slot.attempt_id.clone(),
+                    instance: slot.instance,
+                    usage: Some(usage_to_wire(&entry.usage)),
+                });
+            }
+        }
         pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                 cpu_percent: sample.cpu_percent,
                 memory_used_bytes: sample.memory_used_bytes,
                 memory_total_bytes: sample.memory_total_bytes,
+                per_core_percent: sample.per_core_percent,
+                disk_free_bytes: sample.disk_free_bytes,
+                disk_total_bytes: sample.disk_total_bytes,
+                network_rx_bytes: sample.network_rx_bytes,
+                network_tx_bytes: sample.network_tx_bytes,
+                gpus: sample.gpus.iter().map(gpu_stat).collect(),
+                usage,
             })),
+        }
+    }
+
+    /// Remembers an instance's process group when it starts (for its CPU time).
+    fn note_start(&self, event: &pb::AgentMessage) {
+        if let Some(pb::agent_message::Msg::Event(pb::AttemptEvent {
+            attempt_id,
+            instance,
+            kind: Some(pb::attempt_event::Kind::Started(started)),
+        })) = &event.msg
+        {
+            let slot = Slot {
+                attempt_id: attempt_id.clone(),
+                instance: *instance,
+            };
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = attempts.get_mut(&slot) {
+                entry.group = i32::try_from(started.pid).ok().filter(|p| *p > 0);
+            }
         }
     }
 
@@ -294,6 +430,7 @@ impl Agent {
                     }
                 }
                 Some(event) = events_rx.recv() => {
+                    self.note_start(&event);
                     if out_tx.send(event).await.is_err() {
                         return (SessionEnd::Lost("the session's stream closed".into()), true);
                     }
@@ -370,7 +507,33 @@ impl Agent {
                 debug!(attempt = %slot.attempt_id, "launch repeated; already running");
                 return;
             }
-            attempts.insert(slot.clone(), Entry { stop, exited: None });
+            // Exact GPUs, never shared; None if this node has too few free.
+            let gpus = self
+                .gpu_allocator
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .allocate(launch.gpus);
+            attempts.insert(
+                slot.clone(),
+                Entry::new(stop, gpus.clone().unwrap_or_default()),
+            );
+            if gpus.is_none() {
+                let free = self.gpu_allocator.lock().map(|g| g.free()).unwrap_or(0);
+                let why = format!(
+                    "node {} has {free} free GPU(s); the job needs {} per instance",
+                    self.config.node_id, launch.gpus
+                );
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let sink = EventSink {
+                        slot: slot.clone(),
+                        tx: agent.events.clone(),
+                        gpus: Vec::new(),
+                    };
+                    agent.finish(slot, sink, Outcome::failed(why)).await;
+                });
+                return;
+            }
         }
         info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
         let agent = self.clone();
@@ -383,9 +546,17 @@ impl Agent {
         launch: pb::Launch,
         stop: watch::Receiver<Option<Stop>>,
     ) {
+        let gpus = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(&slot)
+                .map(|e| e.gpus.clone())
+                .unwrap_or_default()
+        };
         let sink = EventSink {
             slot: slot.clone(),
             tx: self.events.clone(),
+            gpus: gpus.clone(),
         };
         let dir = self
             .config
@@ -401,6 +572,7 @@ impl Agent {
                     "SHOAL_OUTPUT_DIR".into(),
                     dir.join("outputs").to_string_lossy().into_owned(),
                 );
+                env.extend(gpu_env(&gpus));
                 let image = (!launch.image.is_empty()).then_some(launch.image);
                 let spec = RunSpec {
                     slot: slot.clone(),
@@ -411,7 +583,7 @@ impl Agent {
                         .then(|| Duration::from_secs(launch.timeout_seconds)),
                     stop_grace: self.config.stop_grace,
                     image,
-                    gpus: Vec::new(),
+                    gpus: gpus.iter().map(u32::to_string).collect(),
                 };
                 match (&spec.image, &self.docker) {
                     (None, _) => self.process.run(spec, sink.clone(), stop).await,
@@ -440,13 +612,27 @@ impl Agent {
                 .to_string();
         }
         info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        let mut exited = outcome.to_wire();
+        let sample = self.telemetry.latest();
         {
             let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(entry) = attempts.get_mut(&slot) {
-                entry.exited = Some((outcome.to_wire(), Instant::now()));
+                // The last sample may be newer than the last heartbeat.
+                if let Some(seconds) = entry
+                    .group
+                    .and_then(|g| sample.cpu_seconds_by_group.get(&g))
+                {
+                    entry.usage.cpu_seconds = entry.usage.cpu_seconds.max(*seconds);
+                }
+                exited.usage = Some(usage_to_wire(&entry.usage));
+                self.gpu_allocator
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&std::mem::take(&mut entry.gpus));
+                entry.exited = Some((exited.clone(), Instant::now()));
             }
         }
-        sink.exited(&outcome);
+        sink.exited(exited);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
     }
 
@@ -530,5 +716,23 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_env_names_exactly_the_assigned_ids() {
+        assert!(gpu_env(&[]).is_empty());
+        let env = gpu_env(&[1, 3]);
+        assert_eq!(
+            env,
+            vec![
+                ("CUDA_VISIBLE_DEVICES".to_string(), "1,3".to_string()),
+                ("NVIDIA_VISIBLE_DEVICES".to_string(), "1,3".to_string()),
+            ]
+        );
     }
 }

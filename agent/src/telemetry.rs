@@ -1,28 +1,56 @@
-//! Node telemetry from sysinfo, sampled on a thread of its own (sysinfo blocks and
-//! needs time between CPU readings); the session reads the latest sample.
+//! Node telemetry, sampled on a thread of its own (sysinfo and NVML block, and CPU
+//! readings need time between them): CPU total and per core, memory, the work dir's
+//! disk, network bytes, every GPU, and the CPU time of each job's process group.
+//! The session reads the latest sample.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System};
 
-#[derive(Clone, Copy, Debug, Default)]
+use crate::gpu::{GpuInfo, GpuSample, GpuSource};
+
+#[derive(Clone, Debug, Default)]
 pub struct Sample {
     pub cpu_percent: f32,
+    pub per_core_percent: Vec<f32>,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub network_rx_bytes: u64,
+    pub network_tx_bytes: u64,
+    pub gpus: Vec<GpuSample>,
+    /// Process group → CPU seconds of its processes (and their reaped children).
+    pub cpu_seconds_by_group: HashMap<i32, f64>,
 }
 
 #[derive(Clone, Default)]
 pub struct Telemetry {
     latest: Arc<Mutex<Sample>>,
+    /// The node's GPUs, read once at start.
+    pub gpus: Vec<GpuInfo>,
+    /// Why there are none, when there are none.
+    pub gpu_reason: Option<String>,
 }
 
 impl Telemetry {
     /// Starts sampling every `interval` until the process ends.
-    pub fn start(interval: Duration) -> Self {
-        let telemetry = Telemetry::default();
-        let latest = telemetry.latest.clone();
+    pub fn start(
+        interval: Duration,
+        work_dir: PathBuf,
+        gpus: Box<dyn GpuSource>,
+        gpu_reason: Option<String>,
+    ) -> Self {
+        let latest: Arc<Mutex<Sample>> = Arc::default();
+        let telemetry = Telemetry {
+            latest: latest.clone(),
+            gpus: gpus.gpus(),
+            gpu_reason,
+        };
+        let mut gpus = gpus;
         let spawned = std::thread::Builder::new()
             .name("telemetry".into())
             .spawn(move || {
@@ -36,13 +64,38 @@ impl Telemetry {
                         return;
                     }
                 };
+                let mut disks = Disks::new_with_refreshed_list().ok();
+                let mut networks = Networks::new_with_refreshed_list().ok();
                 loop {
                     std::thread::sleep(interval.max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL));
                     system.refresh_specifics(kind);
+                    let (disk_free_bytes, disk_total_bytes) = disks
+                        .as_mut()
+                        .map(|d| {
+                            d.refresh(true);
+                            disk_of(d, &work_dir)
+                        })
+                        .unwrap_or_default();
+                    let (network_rx_bytes, network_tx_bytes) = networks
+                        .as_mut()
+                        .map(|n| {
+                            n.refresh(true);
+                            n.values().fold((0, 0), |(rx, tx), data| {
+                                (rx + data.total_received(), tx + data.total_transmitted())
+                            })
+                        })
+                        .unwrap_or_default();
                     let sample = Sample {
                         cpu_percent: system.global_cpu_usage(),
+                        per_core_percent: system.cpus().iter().map(|c| c.usage()).collect(),
                         memory_used_bytes: system.used_memory(),
                         memory_total_bytes: system.total_memory(),
+                        disk_free_bytes,
+                        disk_total_bytes,
+                        network_rx_bytes,
+                        network_tx_bytes,
+                        gpus: gpus.sample(),
+                        cpu_seconds_by_group: cpu_seconds_by_group(),
                     };
                     if let Ok(mut slot) = latest.lock() {
                         *slot = sample;
@@ -56,8 +109,56 @@ impl Telemetry {
     }
 
     pub fn latest(&self) -> Sample {
-        self.latest.lock().map(|s| *s).unwrap_or_default()
+        self.latest.lock().map(|s| s.clone()).unwrap_or_default()
     }
+}
+
+/// Free and total bytes of the disk holding `path` (the longest matching mount).
+fn disk_of(disks: &Disks, path: &std::path::Path) -> (u64, u64) {
+    disks
+        .iter()
+        .filter(|d| path.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())
+        .map_or((0, 0), |d| (d.available_space(), d.total_space()))
+}
+
+/// CPU seconds per process group, from /proc (utime + stime + the children reaped).
+fn cpu_seconds_by_group() -> HashMap<i32, f64> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut groups = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // After the command: state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime ...
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let number = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let Some(group) = fields.get(2).and_then(|f| f.parse::<i32>().ok()) else {
+            continue;
+        };
+        let seconds = (number(11) + number(12) + number(13) + number(14)) / ticks;
+        *groups.entry(group).or_insert(0.0) += seconds;
+    }
+    groups
 }
 
 /// This machine's cores and memory, for an agent not told its capacity.
@@ -71,4 +172,28 @@ pub fn capacity() -> (u32, u64) {
 /// This machine's name, as other nodes would reach it.
 pub fn hostname() -> String {
     System::host_name().unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_process_group_accumulates_cpu_seconds() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let group = child.id() as i32;
+        std::thread::sleep(Duration::from_millis(600));
+        let seconds = cpu_seconds_by_group().get(&group).copied().unwrap_or(0.0);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            seconds > 0.1,
+            "a busy loop used {seconds} CPU seconds in 0.6 s"
+        );
+    }
 }

@@ -61,6 +61,8 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
         pid: std::process::id(),
         runtimes: vec!["process".into()],
         attempts: vec![],
+        gpus: Vec::new(),
+        gpu_reason: String::new(),
     };
     if handle
         .register_agent(registration, session, link)
@@ -75,6 +77,7 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
                 .send(Command::InstanceStarted {
                     node_id: node_id.clone(),
                     slot: order.slot.clone(),
+                    gpus: Vec::new(),
                 })
                 .await;
             handle
@@ -85,6 +88,7 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
                         exit_code: Some(0),
                         outcome: "completed".into(),
                         message: String::new(),
+                        usage: None,
                     },
                 })
                 .await;

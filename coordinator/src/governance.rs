@@ -128,6 +128,22 @@ pub fn room(
     (fits, Some(why))
 }
 
+/// Tracks low GPU utilization: returns when it has been low since (None: it is not)
+/// and whether it has now been low for `after` milliseconds or more.
+pub fn idle_gpu(
+    low_since: Option<i64>,
+    utilization_percent: f64,
+    threshold_percent: f64,
+    now: i64,
+    after: i64,
+) -> (Option<i64>, bool) {
+    if utilization_percent >= threshold_percent {
+        return (None, false);
+    }
+    let since = low_since.unwrap_or(now);
+    (Some(since), now - since >= after)
+}
+
 /// What stops a cluster from scaling at all.
 pub fn lock_block(cluster: &Cluster) -> Option<String> {
     (cluster.lock == Some(LockKind::ReadOnly)).then(|| {
@@ -224,6 +240,20 @@ mod tests {
         let (fits, why) = room(&tight, &used, "x", Priority::Dedicated, 4, 1);
         assert_eq!(fits, 0);
         assert!(why.is_some_and(|w| w.starts_with("quota: total 4/4")));
+    }
+
+    #[test]
+    fn idle_gpu_is_flagged_exactly_after_the_configured_time() {
+        let after = 600_000;
+        let (since, idle) = idle_gpu(None, 2.0, 5.0, 1_000, after);
+        assert_eq!((since, idle), (Some(1_000), false));
+        let (since, idle) = idle_gpu(since, 4.9, 5.0, 1_000 + after - 1, after);
+        assert_eq!((since, idle), (Some(1_000), false), "one millisecond early");
+        let (_, idle) = idle_gpu(since, 0.0, 5.0, 1_000 + after, after);
+        assert!(idle, "exactly at the configured time");
+        // Busy again: the clock starts over.
+        let (since, idle) = idle_gpu(since, 60.0, 5.0, 1_000 + after + 1, after);
+        assert_eq!((since, idle), (None, false));
     }
 
     #[test]

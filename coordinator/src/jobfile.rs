@@ -59,6 +59,9 @@ pub struct Environment {
 pub struct Resources {
     #[serde(default)]
     pub instance_count: Option<u32>,
+    /// GPUs each instance gets, exclusively.
+    #[serde(default, alias = "gpu_count")]
+    pub gpus_per_instance: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

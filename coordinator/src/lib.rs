@@ -9,6 +9,7 @@ pub mod control;
 pub mod error;
 pub mod governance;
 pub mod jobfile;
+pub mod metrics;
 pub mod model;
 pub mod provider;
 pub mod scheduler;

@@ -99,6 +99,7 @@ pub struct ClusterRequest {
     pub tags: BTreeMap<String, String>,
     pub provider: String,
     pub internode_communication: Option<bool>,
+    pub cancel_idle_gpu_jobs: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,6 +114,9 @@ pub struct ClusterSpec {
     pub tags: BTreeMap<String, String>,
     pub provider: ProviderKind,
     pub internode_communication: bool,
+    /// Policy: cancel a job whose GPUs sit idle past the idle-GPU time.
+    #[serde(default)]
+    pub cancel_idle_gpu_jobs: bool,
 }
 
 impl ClusterSpec {
@@ -137,6 +141,7 @@ impl ClusterSpec {
             tags: request.tags,
             provider: ProviderKind::parse(&request.provider)?,
             internode_communication: request.internode_communication.unwrap_or(true),
+            cancel_idle_gpu_jobs: request.cancel_idle_gpu_jobs.unwrap_or(false),
         };
         spec.validate_sizes()?;
         validate_tags(&spec.tags)?;
@@ -211,6 +216,9 @@ impl ClusterSpec {
             next.description = description.clone();
         }
         next.tags.extend(update.set_tags.clone());
+        if let Some(cancel) = update.cancel_idle_gpu_jobs {
+            next.cancel_idle_gpu_jobs = cancel;
+        }
         next.validate_sizes()?;
         validate_tags(&next.tags)?;
         Ok(next)
@@ -229,6 +237,7 @@ pub struct ClusterUpdate {
     pub vm_priority: Option<String>,
     pub provider: Option<String>,
     pub internode_communication: Option<bool>,
+    pub cancel_idle_gpu_jobs: Option<bool>,
 }
 
 /// 2-16 characters: letters, digits and hyphens, starting with a letter.
@@ -359,6 +368,15 @@ pub struct Node {
     /// What created it (and so removes it).
     #[serde(default)]
     pub provider: ProviderKind,
+    /// Its GPUs, as its agent found them.
+    #[serde(default)]
+    pub gpus: Vec<GpuStat>,
+    /// Why its agent found none.
+    #[serde(default)]
+    pub gpu_reason: String,
+    /// The latest telemetry beyond CPU and memory.
+    #[serde(skip)]
+    pub stats: NodeStats,
     /// Runtime-only facts, rebuilt from heartbeats and sessions.
     #[serde(skip)]
     pub connected: bool,
@@ -370,7 +388,50 @@ pub struct Node {
     pub last_heartbeat: Millis,
 }
 
+/// One GPU, as registered or sampled.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuStat {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub utilization_percent: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub temperature_c: u32,
+    pub power_milliwatts: u32,
+    pub energy_millijoules: u64,
+    pub process_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeStats {
+    pub per_core_percent: Vec<f32>,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub network_rx_bytes: u64,
+    pub network_tx_bytes: u64,
+    pub gpus: Vec<GpuStat>,
+}
+
+/// What an instance used (live while it runs, final after).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub samples: u32,
+    pub gpu_utilization_avg_percent: f64,
+    pub gpu_utilization_peak_percent: u32,
+    pub gpu_memory_peak_bytes: u64,
+    pub gpu_energy_joules: f64,
+    pub cpu_seconds: f64,
+    pub gpu_utilization_percent: u32,
+    pub gpu_memory_bytes: u64,
+}
+
 impl Node {
+    /// Has the GPUs the job asks for (a hard requirement, unlike the runtime).
+    pub fn has_gpus_for(&self, job: &JobSpec) -> bool {
+        self.gpus.len() as u32 >= job.gpus_per_instance
+    }
+
     /// Can take an instance now.
     pub fn is_free(&self) -> bool {
         self.state == NodeState::Idle && self.connected && self.running.is_none()
@@ -491,6 +552,8 @@ pub struct JobSpec {
     /// Preemptions it is requeued after before it fails.
     #[serde(default = "default_max_preemptions")]
     pub max_preemptions: u32,
+    #[serde(default)]
+    pub gpus_per_instance: u32,
 }
 
 pub const DEFAULT_MAX_PREEMPTIONS: u32 = 10;
@@ -511,11 +574,21 @@ pub struct JobRequest {
     pub code_path: Option<String>,
     pub image: String,
     pub max_preemptions: Option<u32>,
+    pub gpus_per_instance: u32,
 }
 
 impl JobSpec {
-    /// Checks a request against the cluster it names.
-    pub fn from_request(request: JobRequest, cluster: &ClusterSpec) -> Result<Self> {
+    /// Checks a request against the cluster it names (whose VM size has `vm_gpus`).
+    pub fn from_request(request: JobRequest, cluster: &ClusterSpec, vm_gpus: u32) -> Result<Self> {
+        if request.gpus_per_instance > vm_gpus {
+            return Err(Error::invalid(
+                "resources.gpus_per_instance",
+                format!(
+                    "{} GPU(s) per instance, but cluster `{}` is made of {} with {vm_gpus}",
+                    request.gpus_per_instance, cluster.name, cluster.vm_size
+                ),
+            ));
+        }
         let argv = match (request.argv.is_empty(), request.command.trim().is_empty()) {
             (false, true) => request.argv,
             (true, false) => vec!["sh".into(), "-c".into(), request.command.clone()],
@@ -580,6 +653,7 @@ impl JobSpec {
             code_path: request.code_path,
             image: (!image.is_empty()).then_some(image),
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
+            gpus_per_instance: request.gpus_per_instance,
         })
     }
 }
@@ -591,6 +665,11 @@ pub struct InstanceRun {
     pub status: InstanceStatus,
     pub exit_code: Option<i32>,
     pub message: String,
+    /// GPU indices it holds on its node.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -651,6 +730,9 @@ pub struct Job {
     /// Times a preemption sent it back to the queue.
     #[serde(default)]
     pub preemptions: u32,
+    /// Things worth a look (an idle GPU).
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 impl Job {
@@ -731,7 +813,7 @@ mod tests {
         let cluster = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
         let empty = JobRequest::default();
         assert!(
-            JobSpec::from_request(empty, &cluster)
+            JobSpec::from_request(empty, &cluster, 0)
                 .unwrap_err()
                 .to_string()
                 .contains("command")
@@ -741,13 +823,13 @@ mod tests {
             instance_count: 5,
             ..Default::default()
         };
-        let err = JobSpec::from_request(too_wide, &cluster).unwrap_err();
+        let err = JobSpec::from_request(too_wide, &cluster, 0).unwrap_err();
         assert!(err.to_string().contains("instance_count"), "{err}");
         let shell = JobRequest {
             command: "echo hi".into(),
             ..Default::default()
         };
-        let spec = JobSpec::from_request(shell, &cluster).expect("valid");
+        let spec = JobSpec::from_request(shell, &cluster, 0).expect("valid");
         assert_eq!(spec.argv, vec!["sh", "-c", "echo hi"]);
         assert_eq!(spec.instance_count, 1);
     }

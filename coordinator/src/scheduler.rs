@@ -33,7 +33,9 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             continue;
         };
         let wanted = job.spec.instance_count as usize;
-        if list.len() < wanted {
+        // GPUs are a hard requirement; the runtime is a preference.
+        let with_gpus = list.iter().filter(|n| n.has_gpus_for(&job.spec)).count();
+        if with_gpus < wanted {
             continue;
         }
         // The warmest nodes that have the job's runtime first; then others, whose
@@ -43,7 +45,8 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             let mut index = list.len();
             while chosen.len() < wanted && index > 0 {
                 index -= 1;
-                if list[index].can_run(&job.spec) == capable {
+                let node = &list[index];
+                if node.has_gpus_for(&job.spec) && node.can_run(&job.spec) == capable {
                     chosen.push(list.remove(index).id.clone());
                 }
             }
@@ -123,6 +126,31 @@ mod tests {
         let plain_only = [NodeBuilder::new("plain").build()];
         let refs: Vec<&Node> = plain_only.iter().collect();
         assert_eq!(place([&boxed], &refs)[0].nodes, vec!["plain".to_string()]);
+    }
+
+    #[test]
+    fn gpu_jobs_go_only_to_nodes_with_enough_gpus() {
+        let gpu = |index| crate::model::GpuStat {
+            index,
+            ..Default::default()
+        };
+        let mut two = NodeBuilder::new("two-gpus").build();
+        two.gpus = vec![gpu(0), gpu(1)];
+        let mut one = NodeBuilder::new("one-gpu").idle_since(9).build();
+        one.gpus = vec![gpu(0)];
+        let nodes = [
+            two,
+            one,
+            NodeBuilder::new("cpu-only").idle_since(10).build(),
+        ];
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let mut wants_two = JobBuilder::new("job-1").build();
+        wants_two.spec.gpus_per_instance = 2;
+        let mut wants_three = JobBuilder::new("job-2").build();
+        wants_three.spec.gpus_per_instance = 3;
+        let placements = place([&wants_three, &wants_two], &refs);
+        assert_eq!(placements.len(), 1, "{placements:?}");
+        assert_eq!(placements[0].nodes, vec!["two-gpus".to_string()]);
     }
 
     #[test]

@@ -47,6 +47,13 @@ pub struct ConfigFile {
     /// Chaos testing: preempt a random low-priority node every this many seconds.
     #[serde(default)]
     pub chaos_preempt_every_seconds: Option<u64>,
+    /// A job whose GPUs stay below this utilization (default 5) ...
+    #[serde(default)]
+    pub idle_gpu_threshold_percent: Option<f64>,
+    /// ... for this many minutes (default 10) is flagged (and canceled where the
+    /// cluster's `cancel_idle_gpu_jobs` policy says so).
+    #[serde(default)]
+    pub idle_gpu_minutes: Option<u64>,
 }
 
 impl ConfigFile {
@@ -78,6 +85,12 @@ impl CoordinatorConfig {
         }
         if let Some(notice) = file.preemption_notice_seconds {
             control.preemption_notice = Duration::from_secs(notice);
+        }
+        if let Some(threshold) = file.idle_gpu_threshold_percent {
+            control.idle_gpu_threshold_percent = threshold;
+        }
+        if let Some(minutes) = file.idle_gpu_minutes {
+            control.idle_gpu_after = Duration::from_secs(minutes * 60);
         }
         control.chaos_preempt_every = file
             .chaos_preempt_every_seconds

@@ -21,6 +21,7 @@ impl ClusterBuilder {
             tags: BTreeMap::new(),
             provider: ProviderKind::Local,
             internode_communication: true,
+            cancel_idle_gpu_jobs: false,
         })
     }
     pub fn min(mut self, n: u32) -> Self {
@@ -63,6 +64,9 @@ impl NodeBuilder {
             memory_used_bytes: 0,
             last_heartbeat: 0,
             provider: ProviderKind::Local,
+            gpus: Vec::new(),
+            gpu_reason: String::new(),
+            stats: Default::default(),
         })
     }
     pub fn cluster(mut self, name: &str) -> Self {
@@ -105,6 +109,7 @@ impl JobBuilder {
                 code_path: None,
                 image: None,
                 max_preemptions: 10,
+                gpus_per_instance: 0,
             },
             status: JobStatus::Queued,
             attempts: Vec::new(),
@@ -113,6 +118,7 @@ impl JobBuilder {
             ended_at: 0,
             reason: String::new(),
             preemptions: 0,
+            flags: Vec::new(),
         })
     }
     pub fn instances(mut self, n: u32) -> Self {

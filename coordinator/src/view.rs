@@ -84,6 +84,66 @@ pub struct Instance {
     pub status: String,
     pub exit_code: Option<i32>,
     pub message: String,
+    pub gpus: Vec<u32>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+pub struct Usage {
+    pub samples: u32,
+    pub cpu_seconds: f64,
+    pub gpu_utilization_avg_percent: f64,
+    pub gpu_utilization_peak_percent: u32,
+    pub gpu_memory_peak_bytes: u64,
+    pub gpu_energy_joules: f64,
+    pub gpu_utilization_percent: u32,
+    pub gpu_memory_bytes: u64,
+}
+
+impl From<&pb::Usage> for Usage {
+    fn from(u: &pb::Usage) -> Self {
+        Usage {
+            samples: u.samples,
+            cpu_seconds: u.cpu_seconds,
+            gpu_utilization_avg_percent: u.gpu_utilization_avg_percent,
+            gpu_utilization_peak_percent: u.gpu_utilization_peak_percent,
+            gpu_memory_peak_bytes: u.gpu_memory_peak_bytes,
+            gpu_energy_joules: u.gpu_energy_joules,
+            gpu_utilization_percent: u.gpu_utilization_percent,
+            gpu_memory_bytes: u.gpu_memory_bytes,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub utilization_percent: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub temperature_c: u32,
+    pub power_watts: f64,
+    pub energy_joules: f64,
+    pub process_ids: Vec<u32>,
+}
+
+impl From<&pb::GpuStat> for Gpu {
+    fn from(g: &pb::GpuStat) -> Self {
+        Gpu {
+            index: g.index,
+            uuid: g.uuid.clone(),
+            model: g.model.clone(),
+            utilization_percent: g.utilization_percent,
+            memory_used_bytes: g.memory_used_bytes,
+            memory_total_bytes: g.memory_total_bytes,
+            temperature_c: g.temperature_c,
+            power_watts: f64::from(g.power_milliwatts) / 1000.0,
+            energy_joules: g.energy_millijoules as f64 / 1000.0,
+            process_ids: g.process_ids.clone(),
+        }
+    }
 }
 
 impl From<&pb::Instance> for Instance {
@@ -94,6 +154,8 @@ impl From<&pb::Instance> for Instance {
             status: i.status.clone(),
             exit_code: i.exit_code,
             message: i.message.clone(),
+            gpus: i.gpus.clone(),
+            usage: i.usage.as_ref().map(Usage::from),
         }
     }
 }
@@ -125,6 +187,8 @@ pub struct Job {
     pub image: Option<String>,
     pub preemptions: u32,
     pub max_preemptions: u32,
+    pub gpus_per_instance: u32,
+    pub flags: Vec<String>,
     /// The instances of the latest attempt.
     pub instances: Vec<Instance>,
     pub attempts: Vec<Attempt>,
@@ -168,6 +232,8 @@ impl From<&pb::Job> for Job {
             image: (!j.image.is_empty()).then(|| j.image.clone()),
             preemptions: j.preemptions,
             max_preemptions: j.max_preemptions,
+            gpus_per_instance: j.gpus_per_instance,
+            flags: j.flags.clone(),
             instances,
             attempts,
             created_at: time(j.created_at_ms),
@@ -192,6 +258,13 @@ pub struct Node {
     pub message: String,
     pub last_heartbeat: Option<String>,
     pub created_at: Option<String>,
+    pub gpus: Vec<Gpu>,
+    pub gpu_reason: String,
+    pub per_core_percent: Vec<f32>,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub network_rx_bytes: u64,
+    pub network_tx_bytes: u64,
 }
 
 impl From<&pb::Node> for Node {
@@ -211,6 +284,13 @@ impl From<&pb::Node> for Node {
             message: n.message.clone(),
             last_heartbeat: time(n.last_heartbeat_ms),
             created_at: time(n.created_at_ms),
+            gpus: n.gpus.iter().map(Gpu::from).collect(),
+            gpu_reason: n.gpu_reason.clone(),
+            per_core_percent: n.per_core_percent.clone(),
+            disk_free_bytes: n.disk_free_bytes,
+            disk_total_bytes: n.disk_total_bytes,
+            network_rx_bytes: n.network_rx_bytes,
+            network_tx_bytes: n.network_tx_bytes,
         }
     }
 }

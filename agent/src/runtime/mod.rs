@@ -81,6 +81,7 @@ impl Outcome {
             exit_code: self.exit_code,
             outcome: self.outcome.to_string(),
             message: self.message.clone(),
+            usage: None,
         }
     }
 }
@@ -90,15 +91,20 @@ impl Outcome {
 pub struct EventSink {
     pub slot: Slot,
     pub tx: mpsc::UnboundedSender<pb::AgentMessage>,
+    /// The GPUs the instance holds (reported with its start).
+    pub gpus: Vec<u32>,
 }
 
 impl EventSink {
     pub fn started(&self, pid: u32) {
-        self.event(pb::attempt_event::Kind::Started(pb::Started { pid }));
+        self.event(pb::attempt_event::Kind::Started(pb::Started {
+            pid,
+            gpus: self.gpus.clone(),
+        }));
     }
 
-    pub fn exited(&self, outcome: &Outcome) {
-        self.event(pb::attempt_event::Kind::Exited(outcome.to_wire()));
+    pub fn exited(&self, exited: pb::Exited) {
+        self.event(pb::attempt_event::Kind::Exited(exited));
     }
 
     fn event(&self, kind: pb::attempt_event::Kind) {

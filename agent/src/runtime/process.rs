@@ -226,7 +226,14 @@ mod tests {
             attempt_id: "job-1.1".into(),
             instance: 0,
         };
-        (EventSink { slot, tx }, rx)
+        (
+            EventSink {
+                slot,
+                tx,
+                gpus: Vec::new(),
+            },
+            rx,
+        )
     }
 
     fn output(rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>) -> String {

@@ -40,6 +40,9 @@ pub struct Args {
     /// A Docker network that job containers join.
     #[arg(long, env = "SHOAL_DOCKER_NETWORK")]
     docker_network: Option<String>,
+    /// Seconds between telemetry samples (CPU, memory, disk, network, GPUs).
+    #[arg(long, env = "SHOAL_TELEMETRY_INTERVAL_SECONDS", default_value_t = 5)]
+    telemetry_interval_seconds: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -54,6 +57,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         give_up_after: Duration::from_secs(args.give_up_after_seconds),
         docker_network: args.docker_network,
+        telemetry_interval: Duration::from_secs(args.telemetry_interval_seconds.max(1)),
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -81,6 +81,9 @@ pub struct CreateArgs {
     /// true: MPI works, at most 100 nodes; false: up to 4000 nodes, no distributed jobs.
     #[arg(long)]
     internode_communication: Option<bool>,
+    /// Policy: cancel jobs whose GPUs stay idle (see `idle_gpu_*` in shoal.yaml).
+    #[arg(long)]
+    cancel_idle_gpu_jobs: Option<bool>,
     /// Show progress until the cluster is steady (its min_nodes up).
     #[arg(long)]
     wait: bool,
@@ -113,6 +116,9 @@ pub struct UpdateArgs {
     /// Fixed at creation: refused with a reason.
     #[arg(long, visible_alias = "tier")]
     vm_priority: Option<String>,
+    /// Policy: cancel jobs whose GPUs stay idle.
+    #[arg(long)]
+    cancel_idle_gpu_jobs: Option<bool>,
     /// Show progress until the cluster is steady again.
     #[arg(long)]
     wait: bool,
@@ -275,6 +281,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 internode_communication: args
                     .internode_communication
                     .or(file.internode_communication),
+                cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
             };
             let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
             let cluster = if args.wait {
@@ -340,6 +347,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 vm_priority: args.vm_priority,
                 provider: None,
                 internode_communication: None,
+                cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
             };
             let cluster = clusters.update(update).await.map_err(status)?.into_inner();
             let cluster = if args.wait {

@@ -91,6 +91,9 @@ pub struct SubmitArgs {
     /// Seconds before the job is stopped and marked timed_out.
     #[arg(long)]
     timeout: Option<u64>,
+    /// GPUs each instance gets, exclusively (CUDA_VISIBLE_DEVICES / Docker device request).
+    #[arg(long, visible_alias = "gpus")]
+    gpus_per_instance: Option<u32>,
     /// Preemptions the job is requeued after before it fails [default: 10].
     #[arg(long)]
     max_preemptions: Option<u32>,
@@ -208,6 +211,10 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
         code,
         image: args.image.unwrap_or_else(|| file.image()),
         max_preemptions: args.max_preemptions.or(file.max_preemptions),
+        gpus_per_instance: args
+            .gpus_per_instance
+            .or(file.resources.as_ref().and_then(|r| r.gpus_per_instance))
+            .unwrap_or(0),
     };
     if spec.cluster.is_empty() {
         bail!(
@@ -259,6 +266,12 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
             output::ago(job.started_at_ms)
         );
     }
+    for flag in &job.flags {
+        println!("flag:      {flag}");
+    }
+    if let Some(summary) = usage_summary(job) {
+        println!("usage:     {summary}");
+    }
     for attempt in &job.attempts {
         println!(
             "attempt {} ({}): {}{}",
@@ -285,6 +298,64 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The job's use of its resources: live while it runs, the summary once it ended.
+fn usage_summary(job: &pb::Job) -> Option<String> {
+    let attempt = job.attempts.last()?;
+    let usages: Vec<&pb::Usage> = attempt
+        .instances
+        .iter()
+        .filter_map(|i| i.usage.as_ref())
+        .collect();
+    if usages.is_empty() {
+        return None;
+    }
+    let cpu: f64 = usages.iter().map(|u| u.cpu_seconds).sum();
+    let mut text = format!("{cpu:.1} CPU-seconds");
+    if job.gpus_per_instance > 0 {
+        let n = usages.len() as f64;
+        let avg = usages
+            .iter()
+            .map(|u| u.gpu_utilization_avg_percent)
+            .sum::<f64>()
+            / n;
+        let peak = usages
+            .iter()
+            .map(|u| u.gpu_utilization_peak_percent)
+            .max()
+            .unwrap_or(0);
+        let memory = usages
+            .iter()
+            .map(|u| u.gpu_memory_peak_bytes)
+            .max()
+            .unwrap_or(0);
+        let energy: f64 = usages.iter().map(|u| u.gpu_energy_joules).sum();
+        text.push_str(&format!(
+            ", GPU {avg:.0}% average / {peak}% peak, {} peak GPU memory, {energy:.0} J",
+            output::bytes(memory)
+        ));
+        if job.ended_at_ms == 0 {
+            let now: u32 = usages
+                .iter()
+                .map(|u| u.gpu_utilization_percent)
+                .sum::<u32>()
+                / usages.len() as u32;
+            text.push_str(&format!(" (now {now}%)"));
+        }
+    }
+    let end = if job.ended_at_ms > 0 {
+        job.ended_at_ms
+    } else {
+        now_ms()
+    };
+    if attempt.started_at_ms > 0 {
+        text.push_str(&format!(
+            ", {}",
+            output::short_duration(end - attempt.started_at_ms)
+        ));
+    }
+    Some(text)
 }
 
 fn now_ms() -> i64 {

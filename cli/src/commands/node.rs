@@ -16,6 +16,8 @@ pub enum Command {
         #[arg(long, visible_alias = "compute")]
         cluster: Option<String>,
     },
+    /// Everything a node reports: CPU per core, memory, disk, network, every GPU.
+    Show { node: String },
     /// Preempt a low-priority node the way an eviction does: its jobs get SIGTERM,
     /// SIGKILL after the notice, and are requeued automatically.
     Preempt {
@@ -57,6 +59,82 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
     let client = Client::connect(endpoint).await?;
     let cluster = match command {
         Command::List { cluster } => cluster,
+        Command::Show { node } => {
+            let nodes = client
+                .nodes()
+                .list(pb::ListNodesRequest {
+                    cluster: String::new(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .nodes;
+            let Some(n) = nodes.into_iter().find(|n| n.id == node) else {
+                anyhow::bail!("node `{node}` not found; `shoal node list` shows the nodes");
+            };
+            if format == Format::Json {
+                output::json(&view::Node::from(&n))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("node:      {} ({}, cluster {})", n.id, n.state, n.cluster);
+            if !n.message.is_empty() {
+                println!("message:   {}", n.message);
+            }
+            let cores: Vec<String> = n
+                .per_core_percent
+                .iter()
+                .map(|c| format!("{c:.0}%"))
+                .collect();
+            println!(
+                "cpu:       {:.0}% of {} cores (per core: {})",
+                n.cpu_percent,
+                n.cores,
+                cores.join(" ")
+            );
+            println!(
+                "memory:    {} / {}",
+                output::bytes(n.memory_used_bytes),
+                output::bytes(n.memory_bytes)
+            );
+            println!(
+                "disk:      {} free of {}",
+                output::bytes(n.disk_free_bytes),
+                output::bytes(n.disk_total_bytes)
+            );
+            println!(
+                "network:   {} in, {} out",
+                output::bytes(n.network_rx_bytes),
+                output::bytes(n.network_tx_bytes)
+            );
+            if n.gpus.is_empty() {
+                let why = if n.gpu_reason.is_empty() {
+                    "-".to_string()
+                } else {
+                    n.gpu_reason.clone()
+                };
+                println!("gpus:      0 ({why})");
+            }
+            for g in &n.gpus {
+                println!(
+                    "gpu {}:     {} {} · {}% · {} / {} · {} C · {:.0} W · {:.0} J · pids {:?}",
+                    g.index,
+                    g.model,
+                    g.uuid,
+                    g.utilization_percent,
+                    output::bytes(g.memory_used_bytes),
+                    output::bytes(g.memory_total_bytes),
+                    g.temperature_c,
+                    f64::from(g.power_milliwatts) / 1000.0,
+                    g.energy_millijoules as f64 / 1000.0,
+                    g.process_ids
+                );
+            }
+            if !n.attempt_id.is_empty() {
+                println!("running:   {}#{}", n.attempt_id, n.instance);
+            }
+            println!("heartbeat: {}", output::ago(n.last_heartbeat_ms));
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Preempt { node, notice } => {
             let node = client
                 .nodes()
@@ -101,6 +179,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         "CORES",
         "CPU",
         "MEMORY",
+        "GPU",
         "HEARTBEAT",
         "MESSAGE",
     ]);
@@ -122,6 +201,16 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 output::bytes(n.memory_used_bytes),
                 output::bytes(n.memory_bytes)
             ),
+            if n.gpus.is_empty() {
+                "-".to_string()
+            } else {
+                let util: Vec<String> = n
+                    .gpus
+                    .iter()
+                    .map(|g| format!("{}%", g.utilization_percent))
+                    .collect();
+                format!("{}× {}", n.gpus.len(), util.join(" "))
+            },
             output::ago(n.last_heartbeat_ms),
             n.message.clone(),
         ]);

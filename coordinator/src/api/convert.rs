@@ -6,7 +6,10 @@ use std::time::Duration;
 use shoal_proto::v1 as pb;
 
 use crate::control::{AttemptReport, ClusterInfo, ExitReport, Registration, ToAgent};
-use crate::model::{ClusterRequest, ClusterUpdate, InstanceRun, Job, JobRequest, Node, Slot};
+use crate::model::{
+    ClusterRequest, ClusterUpdate, GpuStat, InstanceRun, Job, JobRequest, Node, NodeStats, Slot,
+    Usage,
+};
 use crate::vmsize::VmSize;
 
 pub fn cluster_request(spec: pb::ClusterSpec) -> ClusterRequest {
@@ -21,6 +24,7 @@ pub fn cluster_request(spec: pb::ClusterSpec) -> ClusterRequest {
         tags: spec.tags.into_iter().collect(),
         provider: spec.provider,
         internode_communication: spec.internode_communication,
+        cancel_idle_gpu_jobs: spec.cancel_idle_gpu_jobs,
     }
 }
 
@@ -36,6 +40,7 @@ pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
         vm_priority: update.vm_priority,
         provider: update.provider,
         internode_communication: update.internode_communication,
+        cancel_idle_gpu_jobs: update.cancel_idle_gpu_jobs,
     }
 }
 
@@ -52,6 +57,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
         code_path,
         image: spec.image,
         max_preemptions: spec.max_preemptions,
+        gpus_per_instance: spec.gpus_per_instance,
     }
 }
 
@@ -87,6 +93,7 @@ pub fn cluster(info: &ClusterInfo) -> pb::Cluster {
             .lock
             .map(|l| l.as_str().to_string())
             .unwrap_or_default(),
+        cancel_idle_gpu_jobs: spec.cancel_idle_gpu_jobs,
     }
 }
 
@@ -97,6 +104,8 @@ fn instance(run: &InstanceRun) -> pb::Instance {
         status: run.status.as_str().into(),
         exit_code: run.exit_code,
         message: run.message.clone(),
+        gpus: run.gpus.clone(),
+        usage: run.usage.as_ref().map(usage),
     }
 }
 
@@ -132,6 +141,8 @@ pub fn job(job: &Job) -> pb::Job {
         image: job.spec.image.clone().unwrap_or_default(),
         preemptions: job.preemptions,
         max_preemptions: job.spec.max_preemptions,
+        gpus_per_instance: job.spec.gpus_per_instance,
+        flags: job.flags.clone(),
     }
 }
 
@@ -155,6 +166,17 @@ pub fn node(node: &Node) -> pb::Node {
         hostname: node.hostname.clone(),
         message: node.message.clone(),
         created_at_ms: node.created_at,
+        gpus: if node.stats.gpus.is_empty() {
+            node.gpus.iter().map(gpu_to_wire).collect()
+        } else {
+            node.stats.gpus.iter().map(gpu_to_wire).collect()
+        },
+        gpu_reason: node.gpu_reason.clone(),
+        per_core_percent: node.stats.per_core_percent.clone(),
+        disk_free_bytes: node.stats.disk_free_bytes,
+        disk_total_bytes: node.stats.disk_total_bytes,
+        network_rx_bytes: node.stats.network_rx_bytes,
+        network_tx_bytes: node.stats.network_tx_bytes,
     }
 }
 
@@ -188,7 +210,88 @@ fn exit_report(exited: pb::Exited) -> ExitReport {
         exit_code: exited.exit_code,
         outcome: exited.outcome,
         message: exited.message,
+        usage: exited.usage.map(usage_from_wire),
     }
+}
+
+pub fn usage(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        samples: u.samples,
+        gpu_utilization_avg_percent: u.gpu_utilization_avg_percent,
+        gpu_utilization_peak_percent: u.gpu_utilization_peak_percent,
+        gpu_memory_peak_bytes: u.gpu_memory_peak_bytes,
+        gpu_energy_joules: u.gpu_energy_joules,
+        cpu_seconds: u.cpu_seconds,
+        gpu_utilization_percent: u.gpu_utilization_percent,
+        gpu_memory_bytes: u.gpu_memory_bytes,
+    }
+}
+
+pub fn usage_from_wire(u: pb::Usage) -> Usage {
+    Usage {
+        samples: u.samples,
+        gpu_utilization_avg_percent: u.gpu_utilization_avg_percent,
+        gpu_utilization_peak_percent: u.gpu_utilization_peak_percent,
+        gpu_memory_peak_bytes: u.gpu_memory_peak_bytes,
+        gpu_energy_joules: u.gpu_energy_joules,
+        cpu_seconds: u.cpu_seconds,
+        gpu_utilization_percent: u.gpu_utilization_percent,
+        gpu_memory_bytes: u.gpu_memory_bytes,
+    }
+}
+
+pub fn gpu_to_wire(g: &GpuStat) -> pb::GpuStat {
+    pb::GpuStat {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        model: g.model.clone(),
+        utilization_percent: g.utilization_percent,
+        memory_used_bytes: g.memory_used_bytes,
+        memory_total_bytes: g.memory_total_bytes,
+        temperature_c: g.temperature_c,
+        power_milliwatts: g.power_milliwatts,
+        energy_millijoules: g.energy_millijoules,
+        process_ids: g.process_ids.clone(),
+    }
+}
+
+pub fn gpu_from_wire(g: pb::GpuStat) -> GpuStat {
+    GpuStat {
+        index: g.index,
+        uuid: g.uuid,
+        model: g.model,
+        utilization_percent: g.utilization_percent,
+        memory_used_bytes: g.memory_used_bytes,
+        memory_total_bytes: g.memory_total_bytes,
+        temperature_c: g.temperature_c,
+        power_milliwatts: g.power_milliwatts,
+        energy_millijoules: g.energy_millijoules,
+        process_ids: g.process_ids,
+    }
+}
+
+/// The node stats and per-instance usage a heartbeat carries.
+pub fn heartbeat(hb: pb::Heartbeat) -> (NodeStats, Vec<(Slot, Usage)>) {
+    let usage = hb
+        .usage
+        .into_iter()
+        .map(|u| {
+            let slot = Slot {
+                attempt_id: u.attempt_id,
+                instance: u.instance,
+            };
+            (slot, u.usage.map(usage_from_wire).unwrap_or_default())
+        })
+        .collect();
+    let stats = NodeStats {
+        per_core_percent: hb.per_core_percent,
+        disk_free_bytes: hb.disk_free_bytes,
+        disk_total_bytes: hb.disk_total_bytes,
+        network_rx_bytes: hb.network_rx_bytes,
+        network_tx_bytes: hb.network_tx_bytes,
+        gpus: hb.gpus.into_iter().map(gpu_from_wire).collect(),
+    };
+    (stats, usage)
 }
 
 pub fn registration(register: pb::Register) -> Registration {
@@ -200,6 +303,8 @@ pub fn registration(register: pb::Register) -> Registration {
         hostname: register.hostname,
         pid: register.pid,
         runtimes: register.runtimes,
+        gpus: register.gpus.into_iter().map(gpu_from_wire).collect(),
+        gpu_reason: register.gpu_reason,
         attempts: register
             .attempts
             .into_iter()
@@ -235,6 +340,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             has_code: order.has_code,
             image: order.image.unwrap_or_default(),
             restore_outputs: order.restore_outputs,
+            gpus: order.gpus,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

@@ -510,21 +510,31 @@ impl pb::agent_server::Agent for Api {
                     }
                 };
                 let command = match message.msg {
-                    Some(Msg::Heartbeat(hb)) => Command::Heartbeat {
-                        node_id: node_id.clone(),
-                        cpu_percent: hb.cpu_percent,
-                        memory_used_bytes: hb.memory_used_bytes,
-                    },
+                    Some(Msg::Heartbeat(hb)) => {
+                        let cpu_percent = hb.cpu_percent;
+                        let memory_used_bytes = hb.memory_used_bytes;
+                        let (stats, usage) = convert::heartbeat(hb);
+                        Command::Heartbeat {
+                            node_id: node_id.clone(),
+                            cpu_percent,
+                            memory_used_bytes,
+                            stats,
+                            usage,
+                        }
+                    }
                     Some(Msg::Event(event)) => {
                         let slot = Slot {
                             attempt_id: event.attempt_id,
                             instance: event.instance,
                         };
                         match event.kind {
-                            Some(pb::attempt_event::Kind::Started(_)) => Command::InstanceStarted {
-                                node_id: node_id.clone(),
-                                slot,
-                            },
+                            Some(pb::attempt_event::Kind::Started(started)) => {
+                                Command::InstanceStarted {
+                                    node_id: node_id.clone(),
+                                    slot,
+                                    gpus: started.gpus,
+                                }
+                            }
                             Some(pb::attempt_event::Kind::Exited(exited)) => {
                                 Command::InstanceExited {
                                     node_id: node_id.clone(),

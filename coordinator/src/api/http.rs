@@ -19,6 +19,7 @@ use crate::view;
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
         .route(
             "/api/v1/clusters/{name}",
@@ -99,6 +100,8 @@ struct ClusterBody {
     provider: String,
     #[serde(default)]
     internode_communication: Option<bool>,
+    #[serde(default)]
+    cancel_idle_gpu_jobs: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +125,8 @@ struct ClusterPatch {
     provider: Option<String>,
     #[serde(default)]
     internode_communication: Option<bool>,
+    #[serde(default)]
+    cancel_idle_gpu_jobs: Option<bool>,
 }
 
 async fn list_clusters(State(api): State<Api>) -> ApiResult<Vec<view::Cluster>> {
@@ -150,6 +155,7 @@ async fn create_cluster(
         tags: body.tags,
         provider: body.provider,
         internode_communication: body.internode_communication,
+        cancel_idle_gpu_jobs: body.cancel_idle_gpu_jobs,
     };
     let info = api.create_cluster(request).await?;
     Ok((
@@ -180,6 +186,7 @@ async fn update_cluster(
         vm_priority: patch.vm_priority,
         provider: patch.provider,
         internode_communication: patch.internode_communication,
+        cancel_idle_gpu_jobs: patch.cancel_idle_gpu_jobs,
     };
     let info = api.control.update_cluster(update).await?;
     Ok(Json(view::Cluster::from(&convert::cluster(&info))))
@@ -240,6 +247,11 @@ async fn submit_job(
         code: Vec::new(),
         image: file.image(),
         max_preemptions: file.max_preemptions,
+        gpus_per_instance: file
+            .resources
+            .as_ref()
+            .and_then(|r| r.gpus_per_instance)
+            .unwrap_or(0),
     };
     let job = api.submit(spec).await?;
     Ok((StatusCode::CREATED, Json(view::Job::from(&job))))
@@ -294,6 +306,12 @@ async fn list_nodes(
             .map(|n| view::Node::from(&convert::node(n)))
             .collect(),
     ))
+}
+
+async fn metrics(State(api): State<Api>) -> Result<Response, ApiError> {
+    let text = api.control.metrics().await?;
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 async fn list_vm_sizes(State(api): State<Api>) -> ApiResult<Vec<view::VmSize>> {

@@ -34,6 +34,10 @@ pub struct ControlConfig {
     pub preemption_notice: Duration,
     /// Chaos: preempt a random low-priority node this often.
     pub chaos_preempt_every: Option<Duration>,
+    /// A job whose GPUs stay below this utilization ...
+    pub idle_gpu_threshold_percent: f64,
+    /// ... this long is flagged.
+    pub idle_gpu_after: Duration,
 }
 
 impl Default for ControlConfig {
@@ -47,6 +51,8 @@ impl Default for ControlConfig {
             quotas: crate::governance::Quotas::default(),
             preemption_notice: Duration::from_secs(30),
             chaos_preempt_every: None,
+            idle_gpu_threshold_percent: 5.0,
+            idle_gpu_after: Duration::from_secs(600),
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct LaunchOrder {
     pub image: Option<String>,
     /// A rerun: the instance starts from the outputs of the last attempt.
     pub restore_outputs: bool,
+    /// GPUs the agent assigns to it.
+    pub gpus: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +98,7 @@ pub struct ExitReport {
     pub exit_code: Option<i32>,
     pub outcome: String,
     pub message: String,
+    pub usage: Option<Usage>,
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +118,8 @@ pub struct Registration {
     pub pid: u32,
     pub runtimes: Vec<String>,
     pub attempts: Vec<AttemptReport>,
+    pub gpus: Vec<GpuStat>,
+    pub gpu_reason: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -170,6 +181,7 @@ pub enum Command {
     GetQuotas(Reply<QuotaReport>),
     SetQuotas(QuotaChange, Reply<QuotaReport>),
     Explain(String, Reply<Vec<String>>),
+    Metrics(Reply<String>),
     ReadLogs {
         job_id: String,
         instance: Option<u32>,
@@ -190,10 +202,13 @@ pub enum Command {
         node_id: String,
         cpu_percent: f32,
         memory_used_bytes: u64,
+        stats: NodeStats,
+        usage: Vec<(Slot, Usage)>,
     },
     InstanceStarted {
         node_id: String,
         slot: Slot,
+        gpus: Vec<u32>,
     },
     InstanceExited {
         node_id: String,
@@ -291,6 +306,10 @@ impl ControlHandle {
     pub async fn set_quotas(&self, change: QuotaChange) -> Result<QuotaReport> {
         self.ask(|r| Command::SetQuotas(change, r)).await
     }
+    /// Prometheus text of the whole deployment.
+    pub async fn metrics(&self) -> Result<String> {
+        self.ask(Command::Metrics).await
+    }
     pub async fn explain(&self, job_id: String) -> Result<Vec<String>> {
         self.ask(|r| Command::Explain(job_id, r)).await
     }
@@ -358,6 +377,12 @@ pub struct Control {
     preempt_deadlines: HashMap<String, Millis>,
     next_chaos: Millis,
     chaos_state: u64,
+    /// Instances holding GPUs: since when their utilization has been low.
+    gpu_low_since: HashMap<Slot, Millis>,
+    /// Control-loop timings, for /metrics.
+    batches_total: u64,
+    decide_seconds_total: f64,
+    commit_seconds_total: f64,
 
     // What this batch changed, written and announced by `flush`.
     dirty_clusters: BTreeSet<String>,
@@ -425,6 +450,10 @@ impl Control {
             blocked: HashMap::new(),
             preempt_deadlines: HashMap::new(),
             next_chaos,
+            gpu_low_since: HashMap::new(),
+            batches_total: 0,
+            decide_seconds_total: 0.0,
+            commit_seconds_total: 0.0,
             chaos_state: (now as u64) | 1,
             dirty_clusters: BTreeSet::new(),
             deleted_clusters: BTreeSet::new(),
@@ -479,8 +508,13 @@ impl Control {
         let mut commands = Vec::with_capacity(1024);
         loop {
             let now = now_ms();
+            let started = std::time::Instant::now();
             self.decide(now);
+            self.decide_seconds_total += started.elapsed().as_secs_f64();
+            let started = std::time::Instant::now();
             self.flush().await;
+            self.commit_seconds_total += started.elapsed().as_secs_f64();
+            self.batches_total += 1;
             let wake_in = self
                 .wake_at
                 .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
@@ -595,14 +629,27 @@ impl Control {
                 node_id,
                 cpu_percent,
                 memory_used_bytes,
+                stats,
+                usage,
             } => {
                 if let Some(node) = self.nodes.get_mut(&node_id) {
                     node.cpu_percent = cpu_percent;
                     node.memory_used_bytes = memory_used_bytes;
                     node.last_heartbeat = now;
+                    node.stats = stats;
+                }
+                for (slot, used) in usage {
+                    self.observe_usage(&node_id, &slot, used, now);
                 }
             }
-            Command::InstanceStarted { node_id, slot } => {
+            Command::InstanceStarted {
+                node_id,
+                slot,
+                gpus,
+            } => {
+                if let Some((job, index)) = self.instance_mut(&slot) {
+                    job.attempts[index].instances[slot.instance as usize].gpus = gpus;
+                }
                 self.instance_started(&node_id, &slot, now)
             }
             Command::InstanceExited {
@@ -661,6 +708,10 @@ impl Control {
             Command::Explain(job_id, reply) => {
                 let result = self.explain(&job_id);
                 self.defer(reply, result);
+            }
+            Command::Metrics(reply) => {
+                // Read-only: no need to wait for the batch's commit.
+                let _ = reply.send(Ok(self.metrics()));
             }
         }
     }
@@ -795,7 +846,12 @@ impl Control {
                 ),
             )
         })?;
-        let spec = JobSpec::from_request(request, &cluster.spec)?;
+        let vm_gpus = self
+            .config
+            .catalog
+            .get(&cluster.spec.vm_size)
+            .map_or(0, |s| s.gpus);
+        let spec = JobSpec::from_request(request, &cluster.spec, vm_gpus)?;
         let seq = self.next_job_seq;
         self.next_job_seq += 1;
         self.seqs_dirty = true;
@@ -818,6 +874,7 @@ impl Control {
             ended_at: 0,
             reason: "queued".into(),
             preemptions: 0,
+            flags: Vec::new(),
         };
         debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
         self.queue.insert(seq, id.clone());
@@ -877,6 +934,8 @@ impl Control {
             node.pid = Some(registration.pid);
         }
         node.runtimes = registration.runtimes.clone();
+        node.gpus = registration.gpus.clone();
+        node.gpu_reason = registration.gpu_reason.clone();
         node.last_heartbeat = now;
         if node.state == NodeState::Preparing {
             node.state = NodeState::Idle;
@@ -999,6 +1058,7 @@ impl Control {
 
     fn instance_exited(&mut self, node_id: &str, slot: &Slot, exit: ExitReport, now: Millis) {
         self.free_node(node_id, slot, now);
+        self.gpu_low_since.remove(slot);
         let Some((job, index)) = self.instance_mut(slot) else {
             return;
         };
@@ -1020,6 +1080,9 @@ impl Control {
         }
         instance.status = status;
         instance.exit_code = exit.exit_code;
+        if exit.usage.is_some() {
+            instance.usage = exit.usage.clone();
+        }
         instance.message = exit.message.clone();
         let attempt = &mut job.attempts[index];
         if attempt.is_settled() {
@@ -1374,6 +1437,74 @@ impl Control {
                     None => waiting_reason(&spec, active, decision.target, free as u32, widest),
                 };
                 self.set_queued_reasons(&name, &reason);
+                self.explain_missing_gpus(&name);
+            }
+        }
+    }
+
+    /// Live usage of a running instance; flags (and, by the cluster's policy,
+    /// cancels) a job whose GPUs sit idle too long.
+    fn observe_usage(&mut self, node_id: &str, slot: &Slot, used: Usage, now: Millis) {
+        if !self.instance_wanted_on(node_id, slot) {
+            return;
+        }
+        let holds_gpus = self
+            .instance(slot)
+            .is_some_and(|(_, instance)| !instance.gpus.is_empty());
+        let utilization = f64::from(used.gpu_utilization_percent);
+        let samples = used.samples;
+        if let Some((job, index)) = self.instance_mut(slot) {
+            job.attempts[index].instances[slot.instance as usize].usage = Some(used);
+        }
+        if !holds_gpus || samples == 0 {
+            return;
+        }
+        let threshold = self.config.idle_gpu_threshold_percent;
+        let after = self.config.idle_gpu_after.as_millis() as i64;
+        let low_since = self.gpu_low_since.get(slot).copied();
+        let (low_since, idle) =
+            crate::governance::idle_gpu(low_since, utilization, threshold, now, after);
+        match low_since {
+            Some(since) => self.gpu_low_since.insert(slot.clone(), since),
+            None => self.gpu_low_since.remove(slot),
+        };
+        if !idle {
+            return;
+        }
+        let Some(job_id) = job_of_attempt(&slot.attempt_id).map(str::to_string) else {
+            return;
+        };
+        let flag = format!(
+            "idle GPU: instance {} below {threshold}% GPU utilization for {} min",
+            slot.instance,
+            after / 60_000
+        );
+        let cancel = self
+            .jobs
+            .get(&job_id)
+            .and_then(|j| self.clusters.get(&j.spec.cluster))
+            .is_some_and(|c| c.spec.cancel_idle_gpu_jobs);
+        if let Some(job) = self.jobs.get_mut(&job_id)
+            && !job.flags.contains(&flag)
+        {
+            warn!(job = %job_id, %flag, "job flagged");
+            job.flags.push(flag.clone());
+            self.dirty_jobs.insert(job_id.clone());
+            self.new_logs.push(NewLog {
+                job_id: job_id.clone(),
+                attempt_id: slot.attempt_id.clone(),
+                instance: slot.instance,
+                stream: "shoal".into(),
+                data: format!("[shoal] {flag}\n").into_bytes(),
+            });
+            if cancel {
+                self.end_job(
+                    &job_id,
+                    JobStatus::Canceled,
+                    format!("canceled by the cluster's idle-GPU policy: {flag}"),
+                    now,
+                );
+                self.stop_live_instances(&job_id, "idle GPU");
             }
         }
     }
@@ -1618,6 +1749,172 @@ impl Control {
         let _ = self.preempt_node(&pick, notice, "preempted by chaos", now);
     }
 
+    fn metrics(&self) -> String {
+        use crate::metrics::MetricsBuilder;
+        use prometheus_client::registry::Unit;
+        let mut m = MetricsBuilder::default();
+        let states = [
+            NodeState::Idle,
+            NodeState::Running,
+            NodeState::Preparing,
+            NodeState::Leaving,
+            NodeState::Preempted,
+            NodeState::Unusable,
+        ];
+        for name in self.clusters.keys() {
+            for state in states {
+                let count = self
+                    .nodes
+                    .values()
+                    .filter(|n| &n.cluster == name && n.state == state)
+                    .count();
+                m.gauge(
+                    "nodes",
+                    "Nodes by cluster and state",
+                    None,
+                    &[("cluster", name), ("state", state.as_str())],
+                    count as f64,
+                );
+            }
+            let cores: u32 = self
+                .nodes
+                .values()
+                .filter(|n| &n.cluster == name && n.state != NodeState::Unusable)
+                .map(|n| n.cores)
+                .sum();
+            m.gauge(
+                "cluster_cores",
+                "Cores of a cluster's allocated nodes",
+                None,
+                &[("cluster", name)],
+                f64::from(cores),
+            );
+        }
+        for (scope, limit, used) in self.quota_report().lines {
+            m.gauge(
+                "quota_limit_cores",
+                "Core quota by scope",
+                None,
+                &[("scope", &scope)],
+                f64::from(limit),
+            );
+            m.gauge(
+                "quota_used_cores",
+                "Cores counted against a quota",
+                None,
+                &[("scope", &scope)],
+                f64::from(used),
+            );
+        }
+        for node in self.nodes.values() {
+            let labels = [
+                ("cluster", node.cluster.as_str()),
+                ("node", node.id.as_str()),
+            ];
+            m.gauge(
+                "node_cpu_utilization_ratio",
+                "CPU busy, 0 to 1",
+                None,
+                &labels,
+                f64::from(node.cpu_percent) / 100.0,
+            );
+            m.gauge(
+                "node_memory_used",
+                "Memory in use",
+                Some(Unit::Bytes),
+                &labels,
+                node.memory_used_bytes as f64,
+            );
+            m.gauge(
+                "node_memory",
+                "Memory of the node",
+                Some(Unit::Bytes),
+                &labels,
+                node.memory_bytes as f64,
+            );
+            let job_of_gpu = |index: u32| -> String {
+                node.running
+                    .as_ref()
+                    .and_then(|slot| self.instance(slot))
+                    .filter(|(_, run)| run.gpus.contains(&index))
+                    .map(|(job, _)| job.id.clone())
+                    .unwrap_or_default()
+            };
+            for gpu in &node.stats.gpus {
+                let index = gpu.index.to_string();
+                let job = job_of_gpu(gpu.index);
+                let labels = [
+                    ("cluster", node.cluster.as_str()),
+                    ("node", node.id.as_str()),
+                    ("gpu", index.as_str()),
+                    ("job", job.as_str()),
+                ];
+                m.gauge(
+                    "gpu_utilization_ratio",
+                    "GPU busy, 0 to 1",
+                    None,
+                    &labels,
+                    f64::from(gpu.utilization_percent) / 100.0,
+                );
+                m.gauge(
+                    "gpu_memory_used",
+                    "GPU memory in use",
+                    Some(Unit::Bytes),
+                    &labels,
+                    gpu.memory_used_bytes as f64,
+                );
+                m.gauge(
+                    "gpu_power",
+                    "GPU power draw",
+                    Some(Unit::Other("watts".into())),
+                    &labels,
+                    f64::from(gpu.power_milliwatts) / 1000.0,
+                );
+                m.gauge(
+                    "gpu_temperature",
+                    "GPU temperature",
+                    Some(Unit::Celsius),
+                    &labels,
+                    f64::from(gpu.temperature_c),
+                );
+            }
+        }
+        for status in [
+            JobStatus::Queued,
+            JobStatus::Preparing,
+            JobStatus::Running,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Canceled,
+            JobStatus::TimedOut,
+        ] {
+            let count = self.jobs.values().filter(|j| j.status == status).count();
+            m.gauge(
+                "jobs",
+                "Jobs by state",
+                None,
+                &[("state", status.as_str())],
+                count as f64,
+            );
+        }
+        m.counter(
+            "control_batches",
+            "Batches the control loop has applied",
+            self.batches_total,
+        );
+        m.counter_seconds(
+            "scheduler_decide",
+            "Time spent in scheduling and autoscaling decisions",
+            self.decide_seconds_total,
+        );
+        m.counter_seconds(
+            "store_commit",
+            "Time spent committing batches to the store",
+            self.commit_seconds_total,
+        );
+        m.encode()
+    }
+
     /// Why a job is where it is: every fact the scheduler and autoscaler used.
     fn explain(&self, job_id: &str) -> Result<Vec<String>> {
         let job = self.job(job_id)?;
@@ -1716,10 +2013,59 @@ impl Control {
         Ok(lines)
     }
 
-    fn set_queued_reasons(&mut self, cluster: &str, reason: &str) {
+    /// Queued GPU jobs of a cluster whose live nodes have too few GPUs say so.
+    fn explain_missing_gpus(&mut self, cluster: &str) {
+        let live: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.cluster == cluster && matches!(n.state, NodeState::Idle | NodeState::Running)
+            })
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let most = live.iter().map(|n| n.gpus.len() as u32).max().unwrap_or(0);
+        let why = live
+            .iter()
+            .find(|n| !n.gpu_reason.is_empty())
+            .map(|n| format!(" ({}: {})", n.id, n.gpu_reason))
+            .unwrap_or_default();
         for id in self.queue.values() {
             if let Some(job) = self.jobs.get_mut(id)
                 && job.spec.cluster == cluster
+                && job.spec.gpus_per_instance > most
+            {
+                let reason = if most == 0 {
+                    format!("no node in cluster {cluster} has GPUs{why}")
+                } else {
+                    format!(
+                        "no node in cluster {cluster} has {} GPUs (at most {most})",
+                        job.spec.gpus_per_instance
+                    )
+                };
+                if job.reason != reason {
+                    job.reason = reason;
+                    self.dirty_jobs.insert(id.clone());
+                }
+            }
+        }
+    }
+
+    fn set_queued_reasons(&mut self, cluster: &str, reason: &str) {
+        // Jobs no live node has the GPUs for get their own reason.
+        let most_gpus = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.cluster == cluster && matches!(n.state, NodeState::Idle | NodeState::Running)
+            })
+            .map(|n| n.gpus.len() as u32)
+            .max();
+        for id in self.queue.values() {
+            if let Some(job) = self.jobs.get_mut(id)
+                && job.spec.cluster == cluster
+                && most_gpus.is_none_or(|most| job.spec.gpus_per_instance <= most)
                 && job.reason != reason
                 && !job.reason.starts_with("requeued")
             {
@@ -1760,6 +2106,9 @@ impl Control {
             message: String::new(),
             runtimes: Vec::new(),
             provider,
+            gpus: Vec::new(),
+            gpu_reason: String::new(),
+            stats: NodeStats::default(),
             connected: false,
             cpu_percent: 0.0,
             memory_used_bytes: 0,
@@ -1835,6 +2184,7 @@ impl Control {
                     has_code: job.spec.code_path.is_some(),
                     image: job.spec.image.clone(),
                     restore_outputs: number > 1,
+                    gpus: job.spec.gpus_per_instance,
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -1849,6 +2199,8 @@ impl Control {
                 status: InstanceStatus::Launching,
                 exit_code: None,
                 message: String::new(),
+                gpus: Vec::new(),
+                usage: None,
             });
         }
         debug!(job = %job.id, attempt = %attempt_id, nodes = ?placement.nodes, "placed");

@@ -88,6 +88,8 @@ impl Harness {
             pid: 1,
             runtimes: vec!["process".into()],
             attempts,
+            gpus: Vec::new(),
+            gpu_reason: String::new(),
         };
         self.handle
             .register_agent(registration, session, link)
@@ -125,6 +127,7 @@ fn exit(code: i32) -> ExitReport {
         exit_code: Some(code),
         outcome: if code == 0 { "completed" } else { "failed" }.into(),
         message: String::new(),
+        usage: None,
     }
 }
 
@@ -145,6 +148,7 @@ async fn a_job_scales_a_node_up_runs_and_the_node_leaves_when_idle() {
         .send(Command::InstanceStarted {
             node_id: node.clone(),
             slot: order.slot.clone(),
+            gpus: Vec::new(),
         })
         .await;
     h.job_status(&id, JobStatus::Running).await;
@@ -221,6 +225,8 @@ async fn an_unknown_agent_is_refused() {
         pid: 1,
         runtimes: vec!["process".into()],
         attempts: vec![],
+        gpus: Vec::new(),
+        gpu_reason: String::new(),
     };
     let err = h
         .handle
@@ -374,6 +380,7 @@ async fn preemption_requeues_the_job_until_max_preemptions() {
         exit_code: Some(143),
         outcome: "preempted".into(),
         message: "preempted on request".into(),
+        usage: None,
     };
     for round in 0..2 {
         let node = h.created_node(round).await;
@@ -408,4 +415,97 @@ async fn preemption_requeues_the_job_until_max_preemptions() {
     let job = h.job_status(&id, JobStatus::Failed).await;
     assert_eq!(job.preemptions, 2);
     assert!(job.reason.contains("max_preemptions 1"), "{}", job.reason);
+}
+
+#[tokio::test]
+async fn a_job_whose_gpu_idles_is_flagged_and_canceled_by_the_cluster_policy() {
+    let provider = FakeProvider::default();
+    let store = SqliteStore::in_memory().expect("store");
+    let config = ControlConfig {
+        idle_gpu_after: Duration::ZERO,
+        ..ControlConfig::default()
+    };
+    let (control, handle, inbox) =
+        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(control.run(inbox, async move {
+        let _ = stopped.await;
+    }));
+    let h = Harness {
+        handle,
+        provider,
+        _stop: stop,
+    };
+    h.handle
+        .create_cluster(ClusterRequest {
+            name: "cl".into(),
+            vm_size: "Standard_NC6".into(),
+            max_nodes: Some(1),
+            cancel_idle_gpu_jobs: Some(true),
+            ..Default::default()
+        })
+        .await
+        .expect("cluster");
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "train".into(),
+        gpus_per_instance: 1,
+        ..Default::default()
+    };
+    let id = h.handle.submit_job(request).await.expect("submit").id;
+    let node = h.created_node(0).await;
+    let (link, mut agent) = mpsc::unbounded_channel();
+    let registration = Registration {
+        node_id: node.clone(),
+        cluster: "cl".into(),
+        cores: 6,
+        memory_bytes: 1 << 30,
+        hostname: "localhost".into(),
+        pid: 1,
+        runtimes: vec!["process".into()],
+        attempts: vec![],
+        gpus: vec![crate::model::GpuStat {
+            index: 0,
+            model: "Fake".into(),
+            ..Default::default()
+        }],
+        gpu_reason: String::new(),
+    };
+    h.handle
+        .register_agent(registration, 1, link)
+        .await
+        .expect("register");
+    let order = next_launch(&mut agent).await;
+    assert_eq!(order.gpus, 1);
+    h.handle
+        .send(Command::InstanceStarted {
+            node_id: node.clone(),
+            slot: order.slot.clone(),
+            gpus: vec![0],
+        })
+        .await;
+    h.job_status(&id, JobStatus::Running).await;
+    let idle = Usage {
+        samples: 3,
+        gpu_utilization_percent: 1,
+        ..Default::default()
+    };
+    h.handle
+        .send(Command::Heartbeat {
+            node_id: node,
+            cpu_percent: 1.0,
+            memory_used_bytes: 0,
+            stats: NodeStats::default(),
+            usage: vec![(order.slot, idle)],
+        })
+        .await;
+    let job = h.job_status(&id, JobStatus::Canceled).await;
+    assert!(
+        job.flags
+            .iter()
+            .any(|f| f.starts_with("idle GPU: instance 0 below 5% GPU utilization")),
+        "{:?}",
+        job.flags
+    );
+    assert!(job.reason.contains("idle-GPU policy"), "{}", job.reason);
 }

@@ -1,0 +1,173 @@
+//! Telemetry end to end: no NVIDIA driver here, so nodes report 0 GPUs with the
+//! reason and GPU jobs wait (or are refused); /metrics parses as Prometheus text.
+
+mod support;
+
+use std::time::Duration;
+
+use support::TestCluster;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn without_a_driver_nodes_report_no_gpus_and_gpu_jobs_wait_or_are_refused() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--min-nodes", "1", "--max-nodes", "1"]);
+    tc.shoal_json(&[
+        "cluster",
+        "create",
+        "--name",
+        "gpu",
+        "--vm-size",
+        "Standard_NC6",
+        "--max-nodes",
+        "1",
+    ]);
+
+    // A CPU size has no GPUs: refused at submit, with the numbers.
+    let out = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "cpu",
+        "--gpus-per-instance",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gpus_per_instance") && stderr.contains("Standard_D2_v2 with 0"),
+        "{stderr}"
+    );
+
+    // A GPU size on a machine whose agent finds none: the job waits and says why.
+    let id = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "gpu",
+        "--gpus-per-instance",
+        "1",
+        "--",
+        "true",
+    ])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let job = tc
+        .wait_job(&id, "the no-GPU reason", LIMIT, |j| {
+            j.reason.starts_with("no node in cluster gpu has GPUs")
+        })
+        .await;
+    assert!(
+        job.reason.contains("NVML"),
+        "the agent's own reason is named: {}",
+        job.reason
+    );
+    assert_eq!(job.status, "queued");
+
+    let nodes = tc.shoal_json(&["node", "list", "--cluster", "gpu"]);
+    let node = &nodes[0];
+    assert_eq!(node["gpus"].as_array().map(Vec::len), Some(0));
+    assert!(
+        node["gpu_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("NVML")),
+        "{node:#}"
+    );
+
+    // CPU jobs run and keep a usage summary; nodes report their telemetry.
+    let done = tc.shoal_json(&["job", "submit", "--cluster", "cpu", "--wait", "--", "true"]);
+    assert_eq!(done["status"], "completed");
+    assert!(done["instances"][0]["usage"].is_object(), "{done:#}");
+    let cpu_node = tc
+        .wait_job(
+            done["id"].as_str().expect("id"),
+            "settled",
+            LIMIT,
+            support::all_instances_ended,
+        )
+        .await
+        .attempts[0]
+        .instances[0]
+        .node
+        .clone();
+    let shown =
+        String::from_utf8_lossy(&tc.shoal(&["node", "show", &cpu_node]).stdout).into_owned();
+    assert!(
+        shown.contains("per core") && shown.contains("disk:") && shown.contains("gpus:      0"),
+        "{shown}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_parse_and_carry_node_and_job_states() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("m1", &["--min-nodes", "1", "--max-nodes", "2"]);
+    tc.wait_cluster("m1", "a node up", LIMIT, |c| {
+        c.current_node_count == 1 && c.allocation_state == "steady"
+    })
+    .await;
+    let done = tc.shoal_json(&["job", "submit", "--cluster", "m1", "--wait", "--", "true"]);
+    assert_eq!(done["status"], "completed");
+
+    let body = http_get(&tc, "/metrics").await;
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("shoal_nodes", &[("cluster", "m1"), ("state", "idle")]),
+        Some(1.0),
+        "{body}"
+    );
+    for state in ["running", "preparing", "leaving", "preempted", "unusable"] {
+        assert!(
+            value("shoal_nodes", &[("cluster", "m1"), ("state", state)]).is_some(),
+            "{state}: {body}"
+        );
+    }
+    assert_eq!(value("shoal_jobs", &[("state", "completed")]), Some(1.0));
+    assert_eq!(value("shoal_jobs", &[("state", "queued")]), Some(0.0));
+    assert_eq!(
+        value("shoal_quota_used_cores", &[("scope", "total")]),
+        Some(2.0)
+    );
+    assert!(
+        value("shoal_control_batches_total", &[]).is_some_and(|v| v > 0.0),
+        "{body}"
+    );
+    assert!(value("shoal_node_memory_bytes", &[("cluster", "m1")]).is_some_and(|v| v > 0.0));
+}
+
+async fn http_get(tc: &TestCluster, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    body.to_string()
+}
