@@ -609,7 +609,13 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                     j.instance_count.to_string(),
                     j.attempts.len().to_string(),
                     output::ago(j.created_at_ms),
-                    j.reason.clone(),
+                    if j.flags.is_empty() {
+                        j.reason.clone()
+                    } else {
+                        format!("{} [{}]", j.reason, j.flags.join("; "))
+                            .trim()
+                            .to_string()
+                    },
                 ]);
             }
             println!("{table}");
