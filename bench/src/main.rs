@@ -191,6 +191,57 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An embedded coordinator with a cluster `warm` of one local node (min 1, max 1).
+struct Warm {
+    _dir: tempfile::TempDir,
+    address: String,
+    clusters: pb::clusters_client::ClustersClient<tonic::transport::Channel>,
+    jobs: pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<shoal_coordinator::Result<()>>,
+}
+
+impl Warm {
+    async fn start(shoal: std::path::PathBuf) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let config = CoordinatorConfig::new(dir.path().join("data"), shoal, ConfigFile::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
+        let jobs = pb::jobs_client::JobsClient::new(channel);
+        clusters
+            .create(pb::ClusterSpec {
+                name: "warm".into(),
+                vm_size: "Standard_D2_v2".into(),
+                min_nodes: Some(1),
+                max_nodes: Some(1),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Warm {
+            _dir: dir,
+            address,
+            clusters,
+            jobs,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -208,33 +259,8 @@ fn summary(name: &str, mut samples: Vec<Duration>) {
 }
 
 async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?.to_string();
-    let config = CoordinatorConfig::new(
-        dir.path().join("data"),
-        shoal.clone(),
-        ConfigFile::default(),
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
-    let mut jobs = pb::jobs_client::JobsClient::new(channel);
-    clusters
-        .create(pb::ClusterSpec {
-            name: "warm".into(),
-            vm_size: "Standard_D2_v2".into(),
-            min_nodes: Some(1),
-            max_nodes: Some(1),
-            ..Default::default()
-        })
-        .await?;
+    let warm = Warm::start(shoal.clone()).await?;
+    let (mut clusters, mut jobs) = (warm.clusters.clone(), warm.jobs.clone());
     let mut run_once = async || -> anyhow::Result<Duration> {
         let started = Instant::now();
         let job = jobs
@@ -279,7 +305,7 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
                 "warm",
                 "--wait",
                 "--endpoint",
-                &address,
+                &warm.address,
                 "-o",
                 "json",
                 "--",
@@ -307,13 +333,13 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
-    let mut warm = clusters
+    let mut warming = clusters
         .watch(pb::ClusterRef {
             name: "warm".into(),
         })
         .await?
         .into_inner();
-    while let Some(update) = warm.next().await {
+    while let Some(update) = warming.next().await {
         let c = update?;
         if c.node_state_counts.is_some_and(|n| n.idle + n.running == 2) {
             break;
@@ -354,37 +380,15 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
         count as f64 / elapsed.as_secs_f64(),
         listing.len()
     );
-    let _ = stop.send(());
-    let _ = server.await;
+    warm.stop().await;
     Ok(())
 }
 
 /// Submit → running and submit → completed of a `true` container on a warm local
 /// node, side by side with `docker run --rm` of the same image.
 async fn docker(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?.to_string();
-    let config = CoordinatorConfig::new(dir.path().join("data"), shoal, ConfigFile::default());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
-    let mut jobs = pb::jobs_client::JobsClient::new(channel);
-    clusters
-        .create(pb::ClusterSpec {
-            name: "warm".into(),
-            vm_size: "Standard_D2_v2".into(),
-            min_nodes: Some(1),
-            max_nodes: Some(1),
-            ..Default::default()
-        })
-        .await?;
+    let warm = Warm::start(shoal).await?;
+    let mut jobs = warm.jobs.clone();
     let mut to_running = Vec::new();
     let mut to_done = Vec::new();
     // One more than counted: the first also waits for the node to come up.
@@ -442,8 +446,7 @@ async fn docker(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
         plain.push(started.elapsed());
     }
     summary("docker: plain `docker run --rm shoal/base true`", plain);
-    let _ = stop.send(());
-    let _ = server.await;
+    warm.stop().await;
     Ok(())
 }
 

@@ -1530,6 +1530,9 @@ impl Control {
 
     /// How many of `wanted` new nodes the quotas allow, and which quota says no.
     fn quota_room(&self, cluster: &str, wanted: u32) -> (u32, Option<String>) {
+        if wanted == 0 {
+            return (0, None);
+        }
         let Some(c) = self.clusters.get(cluster) else {
             return (0, None);
         };

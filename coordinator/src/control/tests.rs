@@ -16,13 +16,17 @@ async fn harness() -> Harness {
 }
 
 async fn harness_with(provider: FakeProvider) -> Harness {
+    harness_full(provider, ControlConfig::default()).await
+}
+
+async fn harness_config(config: ControlConfig) -> Harness {
+    harness_full(FakeProvider::default(), config).await
+}
+
+async fn harness_full(provider: FakeProvider, config: ControlConfig) -> Harness {
     let store = SqliteStore::in_memory().expect("store");
-    let (control, handle, inbox) = Control::new(
-        ControlConfig::default(),
-        Box::new(store),
-        Arc::new(provider.clone()),
-    )
-    .expect("control");
+    let (control, handle, inbox) =
+        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(control.run(inbox, async move {
         let _ = stopped.await;
@@ -318,26 +322,14 @@ async fn a_read_only_lock_holds_scaling_and_says_so() {
 
 #[tokio::test]
 async fn a_quota_names_the_scope_and_the_numbers() {
-    let provider = FakeProvider::default();
-    let store = SqliteStore::in_memory().expect("store");
-    let config = ControlConfig {
+    let h = harness_config(ControlConfig {
         quotas: crate::governance::Quotas {
             total_cores: 2,
             ..Default::default()
         },
         ..ControlConfig::default()
-    };
-    let (control, handle, inbox) =
-        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(control.run(inbox, async move {
-        let _ = stopped.await;
-    }));
-    let h = Harness {
-        handle,
-        provider,
-        _stop: stop,
-    };
+    })
+    .await;
     h.cluster(4, 60).await;
     let request = JobRequest {
         cluster: "cl".into(),
@@ -419,23 +411,11 @@ async fn preemption_requeues_the_job_until_max_preemptions() {
 
 #[tokio::test]
 async fn a_job_whose_gpu_idles_is_flagged_and_canceled_by_the_cluster_policy() {
-    let provider = FakeProvider::default();
-    let store = SqliteStore::in_memory().expect("store");
-    let config = ControlConfig {
+    let h = harness_config(ControlConfig {
         idle_gpu_after: Duration::ZERO,
         ..ControlConfig::default()
-    };
-    let (control, handle, inbox) =
-        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(control.run(inbox, async move {
-        let _ = stopped.await;
-    }));
-    let h = Harness {
-        handle,
-        provider,
-        _stop: stop,
-    };
+    })
+    .await;
     h.handle
         .create_cluster(ClusterRequest {
             name: "cl".into(),
