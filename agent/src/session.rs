@@ -584,18 +584,100 @@ impl Agent {
                     stop_grace: self.config.stop_grace,
                     image,
                     gpus: gpus.iter().map(u32::to_string).collect(),
+                    rank: None,
                 };
-                match (&spec.image, &self.docker) {
-                    (None, _) => self.process.run(spec, sink.clone(), stop).await,
-                    (Some(_), Ok(docker)) => docker.run(spec, sink.clone(), stop).await,
-                    (Some(image), Err(why)) => Outcome::failed(format!(
-                        "node {} cannot run image `{image}`: {why}",
-                        self.config.node_id
-                    )),
-                }
+                self.run_ranks(spec, launch.processes, sink.clone(), stop)
+                    .await
             }
         };
         self.finish(slot, sink, outcome).await;
+    }
+
+    /// One process of an instance, in the runtime its image asks for.
+    async fn run_one(
+        &self,
+        spec: RunSpec,
+        sink: EventSink,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        match (&spec.image, &self.docker) {
+            (None, _) => self.process.run(spec, sink, stop).await,
+            (Some(_), Ok(docker)) => docker.run(spec, sink, stop).await,
+            (Some(image), Err(why)) => Outcome::failed(format!(
+                "node {} cannot run image `{image}`: {why}",
+                self.config.node_id
+            )),
+        }
+    }
+
+    /// `processes` processes of one instance (a distributed job's ranks on this node):
+    /// each gets LOCAL_RANK and RANK; the first to fail stops the others and names
+    /// itself in the outcome.
+    async fn run_ranks(
+        &self,
+        spec: RunSpec,
+        processes: u32,
+        sink: EventSink,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        use futures::StreamExt;
+        if processes <= 1 {
+            return self.run_one(spec, sink, stop).await;
+        }
+        let node_rank: u32 = spec
+            .env
+            .get("NODE_RANK")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let (ranks_stop, ranks_stop_rx) = watch::channel(None);
+        let forward = {
+            let ranks_stop = ranks_stop.clone();
+            let mut stop = stop;
+            tokio::spawn(async move {
+                loop {
+                    if let Some(reason) = stop.borrow_and_update().clone() {
+                        ranks_stop.send_replace(Some(reason));
+                        return;
+                    }
+                    if stop.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut runs = futures::stream::FuturesUnordered::new();
+        for local in 0..processes {
+            let mut spec = spec.clone();
+            let rank = node_rank * processes + local;
+            spec.env.insert("LOCAL_RANK".into(), local.to_string());
+            spec.env.insert("RANK".into(), rank.to_string());
+            spec.rank = Some(local);
+            let run = self.run_one(spec, sink.clone(), ranks_stop_rx.clone());
+            runs.push(async move { (rank, local, run.await) });
+        }
+        let mut first_bad: Option<(u32, u32, Outcome)> = None;
+        while let Some((rank, local, outcome)) = runs.next().await {
+            if outcome.outcome != "completed" && first_bad.is_none() {
+                ranks_stop.send_replace(Some(Stop::Cancel(format!(
+                    "rank {rank} ended: {}",
+                    outcome.outcome
+                ))));
+                first_bad = Some((rank, local, outcome));
+            }
+        }
+        forward.abort();
+        match first_bad {
+            None => Outcome {
+                exit_code: Some(0),
+                outcome: "completed",
+                message: String::new(),
+            },
+            Some((rank, local, outcome)) => Outcome {
+                exit_code: outcome.exit_code,
+                outcome: outcome.outcome,
+                message: format!("rank {rank} (local rank {local}): {}", outcome.message),
+            },
+        }
     }
 
     /// Uploads outputs, records and reports the exit, and clears the working dir.

@@ -45,6 +45,9 @@ pub struct JobFile {
     /// Preemptions the job is requeued after before it fails (default 10).
     #[serde(default)]
     pub max_preemptions: Option<u32>,
+    /// `{type: pytorch, process_count_per_instance: 2}`, `{type: tensorflow, worker_count: 2, parameter_server_count: 1}`.
+    #[serde(default)]
+    pub distribution: Option<crate::model::Distribution>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +133,12 @@ impl JobFile {
             .as_ref()
             .and_then(|e| e.image.clone())
             .unwrap_or_default()
+    }
+
+    pub fn distribution_wire(&self) -> Option<shoal_proto::v1::Distribution> {
+        self.distribution
+            .as_ref()
+            .map(crate::api::convert::distribution_to_wire)
     }
 
     pub fn job_name(&self) -> String {

@@ -240,6 +240,58 @@ pub struct ClusterUpdate {
     pub cancel_idle_gpu_jobs: Option<bool>,
 }
 
+/// The instance count a job gets, once its distribution checks out.
+fn check_distribution(request: &JobRequest, cluster: &ClusterSpec) -> Result<u32> {
+    let asked = request.instance_count;
+    let Some(distribution) = &request.distribution else {
+        return Ok(asked.max(1));
+    };
+    if !cluster.internode_communication {
+        return Err(Error::invalid(
+            "distribution",
+            format!(
+                "cluster `{}` has internode_communication off, so its nodes cannot talk to each other; run {} jobs on a cluster created with --internode-communication true",
+                cluster.name,
+                distribution.kind()
+            ),
+        ));
+    }
+    match distribution {
+        Distribution::Mpi { .. } => Err(Error::invalid(
+            "distribution.type",
+            "mpi jobs are not available in this build yet; use pytorch or tensorflow",
+        )),
+        Distribution::Pytorch {
+            process_count_per_instance,
+        } if *process_count_per_instance == 0 => Err(Error::invalid(
+            "distribution.process_count_per_instance",
+            "must be at least 1",
+        )),
+        Distribution::Pytorch { .. } => Ok(asked.max(1)),
+        Distribution::Tensorflow {
+            worker_count,
+            parameter_server_count,
+        } => {
+            if *worker_count == 0 {
+                return Err(Error::invalid(
+                    "distribution.worker_count",
+                    "must be at least 1",
+                ));
+            }
+            let tasks = worker_count + parameter_server_count;
+            if asked != 0 && asked != tasks {
+                return Err(Error::invalid(
+                    "resources.instance_count",
+                    format!(
+                        "{asked}, but worker_count {worker_count} + parameter_server_count {parameter_server_count} = {tasks}: one instance per task"
+                    ),
+                ));
+            }
+            Ok(tasks)
+        }
+    }
+}
+
 /// 2-16 characters: letters, digits and hyphens, starting with a letter.
 pub fn validate_cluster_name(name: &str) -> Result<()> {
     let reason = if name.len() < 2 || name.len() > 16 {
@@ -554,6 +606,57 @@ pub struct JobSpec {
     pub max_preemptions: u32,
     #[serde(default)]
     pub gpus_per_instance: u32,
+    #[serde(default)]
+    pub distribution: Option<Distribution>,
+}
+
+/// How a distributed job's processes find each other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Distribution {
+    /// P processes per instance with MASTER_ADDR/PORT, WORLD_SIZE, RANK, LOCAL_RANK...
+    Pytorch {
+        #[serde(default = "one")]
+        process_count_per_instance: u32,
+    },
+    /// One task per instance: workers first, then parameter servers; TF_CONFIG.
+    Tensorflow {
+        #[serde(default = "one")]
+        worker_count: u32,
+        #[serde(default)]
+        parameter_server_count: u32,
+    },
+    Mpi {
+        #[serde(default = "one")]
+        process_count_per_instance: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Distribution {
+    /// Processes each instance runs.
+    pub fn processes_per_instance(&self) -> u32 {
+        match self {
+            Distribution::Pytorch {
+                process_count_per_instance,
+            }
+            | Distribution::Mpi {
+                process_count_per_instance,
+            } => *process_count_per_instance,
+            Distribution::Tensorflow { .. } => 1,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Distribution::Pytorch { .. } => "pytorch",
+            Distribution::Tensorflow { .. } => "tensorflow",
+            Distribution::Mpi { .. } => "mpi",
+        }
+    }
 }
 
 pub const DEFAULT_MAX_PREEMPTIONS: u32 = 10;
@@ -575,11 +678,13 @@ pub struct JobRequest {
     pub image: String,
     pub max_preemptions: Option<u32>,
     pub gpus_per_instance: u32,
+    pub distribution: Option<Distribution>,
 }
 
 impl JobSpec {
     /// Checks a request against the cluster it names (whose VM size has `vm_gpus`).
     pub fn from_request(request: JobRequest, cluster: &ClusterSpec, vm_gpus: u32) -> Result<Self> {
+        let instance_count = check_distribution(&request, cluster)?;
         if request.gpus_per_instance > vm_gpus {
             return Err(Error::invalid(
                 "resources.gpus_per_instance",
@@ -608,11 +713,6 @@ impl JobSpec {
         if argv[0].is_empty() {
             return Err(Error::invalid("command", "the program name is empty"));
         }
-        let instance_count = if request.instance_count == 0 {
-            1
-        } else {
-            request.instance_count
-        };
         if instance_count > cluster.max_nodes {
             return Err(Error::invalid(
                 "resources.instance_count",
@@ -654,6 +754,7 @@ impl JobSpec {
             image: (!image.is_empty()).then_some(image),
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
             gpus_per_instance: request.gpus_per_instance,
+            distribution: request.distribution,
         })
     }
 }

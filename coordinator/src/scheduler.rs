@@ -129,6 +129,36 @@ mod tests {
     }
 
     #[test]
+    fn two_gangs_on_room_for_one_take_turns_without_deadlock() {
+        let mut nodes = vec![
+            NodeBuilder::new("n1").build(),
+            NodeBuilder::new("n2").build(),
+        ];
+        let first = JobBuilder::new("job-1").instances(2).build();
+        let second = JobBuilder::new("job-2").instances(2).build();
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let round1 = place([&first, &second], &refs);
+        assert_eq!(round1.len(), 1);
+        assert_eq!(
+            round1[0].job_id, "job-1",
+            "the older gang goes first, whole"
+        );
+        // While job-1 runs, job-2 holds nothing and waits.
+        for node in &mut nodes {
+            node.state = NodeState::Running;
+        }
+        let refs: Vec<&Node> = nodes.iter().collect();
+        assert!(place([&second], &refs).is_empty());
+        // job-1 ends: job-2 gets both nodes.
+        for node in &mut nodes {
+            node.state = NodeState::Idle;
+        }
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let round3 = place([&second], &refs);
+        assert_eq!(round3[0].nodes.len(), 2);
+    }
+
+    #[test]
     fn gpu_jobs_go_only_to_nodes_with_enough_gpus() {
         let gpu = |index| crate::model::GpuStat {
             index,

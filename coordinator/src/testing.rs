@@ -110,6 +110,7 @@ impl JobBuilder {
                 image: None,
                 max_preemptions: 10,
                 gpus_per_instance: 0,
+                distribution: None,
             },
             status: JobStatus::Queued,
             attempts: Vec::new(),

@@ -102,8 +102,12 @@ impl DockerRuntime {
         })
     }
 
-    pub fn container_name(&self, slot: &Slot) -> String {
-        format!("shoal-{}-{}-{}", self.owner, slot.attempt_id, slot.instance)
+    pub fn container_name(&self, slot: &Slot, rank: Option<u32>) -> String {
+        let base = format!("shoal-{}-{}-{}", self.owner, slot.attempt_id, slot.instance);
+        match rank {
+            Some(rank) => format!("{base}-r{rank}"),
+            None => base,
+        }
     }
 
     /// Containers of this node left by an earlier agent, running or ended.
@@ -160,7 +164,7 @@ impl DockerRuntime {
             }
             Err(e) => return Err(format!("docker: cannot inspect image `{image}`: {e}")),
         }
-        let name = self.container_name(&spec.slot);
+        let name = self.container_name(&spec.slot, spec.rank);
         let host_dir = spec.cwd.to_string_lossy().into_owned();
         let mut env: Vec<String> = spec
             .env

@@ -36,6 +36,8 @@ pub struct RunSpec {
     pub image: Option<String>,
     /// GPU ids assigned to this instance.
     pub gpus: Vec<String>,
+    /// Which process of the instance, when it runs several.
+    pub rank: Option<u32>,
 }
 
 /// Why an instance is being stopped before it ends on its own.

@@ -217,6 +217,7 @@ mod tests {
             stop_grace: Duration::from_millis(500),
             image: None,
             gpus: Vec::new(),
+            rank: None,
         }
     }
 

@@ -177,6 +177,9 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
         (None, Some(dir)) => Some(base.join(dir)),
         (None, None) => None,
     };
+    let explicit_instances = args
+        .instance_count
+        .or(file.resources.as_ref().and_then(|r| r.instance_count));
     let code = match code_dir {
         Some(dir) => snapshot(&dir)?,
         None => Vec::new(),
@@ -200,10 +203,11 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
         argv,
         command,
         environment_variables: env.into_iter().collect(),
+        // 0: one, or one per task of a tensorflow distribution.
         instance_count: args
             .instance_count
             .or(file.resources.as_ref().and_then(|r| r.instance_count))
-            .unwrap_or(1),
+            .unwrap_or(0),
         timeout_seconds: args
             .timeout
             .or(file.limits.as_ref().and_then(|l| l.timeout))
@@ -215,13 +219,14 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
             .gpus_per_instance
             .or(file.resources.as_ref().and_then(|r| r.gpus_per_instance))
             .unwrap_or(0),
+        distribution: file.distribution_wire(),
     };
     if spec.cluster.is_empty() {
         bail!(
             "invalid compute: which cluster? give --cluster NAME (or `compute:` in the job file)"
         );
     }
-    if spec.instance_count == 0 {
+    if explicit_instances == Some(0) {
         bail!("invalid resources.instance_count: must be at least 1");
     }
     Ok((spec, args.wait))

@@ -7,8 +7,8 @@ use shoal_proto::v1 as pb;
 
 use crate::control::{AttemptReport, ClusterInfo, ExitReport, Registration, ToAgent};
 use crate::model::{
-    ClusterRequest, ClusterUpdate, GpuStat, InstanceRun, Job, JobRequest, Node, NodeStats, Slot,
-    Usage,
+    ClusterRequest, ClusterUpdate, Distribution, GpuStat, InstanceRun, Job, JobRequest, Node,
+    NodeStats, Slot, Usage,
 };
 use crate::vmsize::VmSize;
 
@@ -45,8 +45,9 @@ pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
 }
 
 /// The code bytes are taken out by the API first (they go to the artifact store).
-pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
-    JobRequest {
+pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Result<JobRequest> {
+    let distribution = spec.distribution.map(distribution).transpose()?;
+    Ok(JobRequest {
         name: spec.name,
         cluster: spec.cluster,
         argv: spec.argv,
@@ -58,6 +59,51 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> JobRequest {
         image: spec.image,
         max_preemptions: spec.max_preemptions,
         gpus_per_instance: spec.gpus_per_instance,
+        distribution,
+    })
+}
+
+/// The wire's distribution, checked: an unknown type is an error naming it.
+pub fn distribution(d: pb::Distribution) -> crate::Result<Distribution> {
+    match d.r#type.to_ascii_lowercase().as_str() {
+        "pytorch" => Ok(Distribution::Pytorch {
+            process_count_per_instance: d.process_count_per_instance,
+        }),
+        "tensorflow" => Ok(Distribution::Tensorflow {
+            worker_count: d.worker_count,
+            parameter_server_count: d.parameter_server_count,
+        }),
+        "mpi" => Ok(Distribution::Mpi {
+            process_count_per_instance: d.process_count_per_instance,
+        }),
+        other => Err(crate::Error::invalid(
+            "distribution.type",
+            format!("`{other}` is not one of pytorch, tensorflow, mpi"),
+        )),
+    }
+}
+
+pub fn distribution_to_wire(d: &Distribution) -> pb::Distribution {
+    match d {
+        Distribution::Pytorch {
+            process_count_per_instance,
+        }
+        | Distribution::Mpi {
+            process_count_per_instance,
+        } => pb::Distribution {
+            r#type: d.kind().into(),
+            process_count_per_instance: *process_count_per_instance,
+            ..Default::default()
+        },
+        Distribution::Tensorflow {
+            worker_count,
+            parameter_server_count,
+        } => pb::Distribution {
+            r#type: d.kind().into(),
+            worker_count: *worker_count,
+            parameter_server_count: *parameter_server_count,
+            ..Default::default()
+        },
     }
 }
 
@@ -143,6 +189,7 @@ pub fn job(job: &Job) -> pb::Job {
         max_preemptions: job.spec.max_preemptions,
         gpus_per_instance: job.spec.gpus_per_instance,
         flags: job.flags.clone(),
+        distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
     }
 }
 
@@ -341,6 +388,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             image: order.image.unwrap_or_default(),
             restore_outputs: order.restore_outputs,
             gpus: order.gpus,
+            processes: order.processes,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

@@ -83,7 +83,15 @@ impl Api {
         } else {
             Some(self.artifacts.put_code(code).await?)
         };
-        let request = convert::job_request(spec, code_path.clone());
+        let request = match convert::job_request(spec, code_path.clone()) {
+            Ok(request) => request,
+            Err(e) => {
+                if let Some(path) = code_path {
+                    Artifacts::discard(&path).await;
+                }
+                return Err(e.into());
+            }
+        };
         match self.control.submit_job(request).await {
             Ok(job) => Ok(convert::job(&job)),
             Err(e) => {

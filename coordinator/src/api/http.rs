@@ -252,6 +252,7 @@ async fn submit_job(
             .as_ref()
             .and_then(|r| r.gpus_per_instance)
             .unwrap_or(0),
+        distribution: file.distribution_wire(),
     };
     let job = api.submit(spec).await?;
     Ok((StatusCode::CREATED, Json(view::Job::from(&job))))

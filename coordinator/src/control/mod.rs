@@ -91,6 +91,8 @@ pub struct LaunchOrder {
     pub restore_outputs: bool,
     /// GPUs the agent assigns to it.
     pub gpus: u32,
+    /// Processes the instance runs (each with LOCAL_RANK and RANK); 1 for most jobs.
+    pub processes: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -2140,18 +2142,25 @@ impl Control {
             .get(&job.spec.cluster)
             .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority);
         let preemption_notice = self.config.preemption_notice.as_secs().to_string();
-        let master = placement
+        // How instances reach each other: local nodes share this machine's loopback;
+        // other nodes are reached by the name their agent registered.
+        let hosts: Vec<String> = placement
             .nodes
-            .first()
-            .and_then(|id| self.nodes.get(id))
-            .map(|n| {
-                if n.hostname.is_empty() {
-                    "127.0.0.1".to_string()
-                } else {
+            .iter()
+            .map(|id| match self.nodes.get(id) {
+                Some(n) if n.provider != ProviderKind::Local && !n.hostname.is_empty() => {
                     n.hostname.clone()
                 }
+                _ => "127.0.0.1".to_string(),
             })
-            .unwrap_or_default();
+            .collect();
+        let master = hosts.first().cloned().unwrap_or_default();
+        let distributed = distribution_env(&job.spec, &hosts);
+        let processes = job
+            .spec
+            .distribution
+            .as_ref()
+            .map_or(1, Distribution::processes_per_instance);
         let mut instances = Vec::new();
         for (index, node_id) in placement.nodes.iter().enumerate() {
             let slot = Slot {
@@ -2176,6 +2185,13 @@ impl Control {
             if !low_priority {
                 env.remove("SHOAL_PREEMPTION_DEADLINE");
             }
+            env.insert("SHOAL_NODES".into(), hosts.join(","));
+            if let Some(per_instance) = distributed.get(index) {
+                for (key, value) in per_instance {
+                    // The job's own settings win (MASTER_PORT, say).
+                    env.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
             self.outbox.push((
                 node_id.clone(),
                 ToAgent::Launch(LaunchOrder {
@@ -2188,6 +2204,7 @@ impl Control {
                     image: job.spec.image.clone(),
                     restore_outputs: number > 1,
                     gpus: job.spec.gpus_per_instance,
+                    processes,
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -2379,6 +2396,70 @@ fn removal(node: &Node) -> NodeRemoval {
     }
 }
 
+/// PyTorch master port unless the job sets MASTER_PORT.
+pub const PYTORCH_MASTER_PORT: u16 = 6105;
+/// TensorFlow task i listens on this port plus i (distinct on a shared machine).
+pub const TENSORFLOW_BASE_PORT: u16 = 2222;
+
+/// The environment of each instance of a distributed job, instance by instance.
+/// PyTorch's per-process RANK and LOCAL_RANK are the agent's to add.
+pub fn distribution_env(spec: &JobSpec, hosts: &[String]) -> Vec<Vec<(String, String)>> {
+    let Some(distribution) = &spec.distribution else {
+        return Vec::new();
+    };
+    let pairs = |items: Vec<(&str, String)>| -> Vec<(String, String)> {
+        items.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    };
+    match distribution {
+        Distribution::Pytorch {
+            process_count_per_instance,
+        }
+        | Distribution::Mpi {
+            process_count_per_instance,
+        } => {
+            let per = *process_count_per_instance;
+            let master_port = spec
+                .environment_variables
+                .get("MASTER_PORT")
+                .cloned()
+                .unwrap_or_else(|| PYTORCH_MASTER_PORT.to_string());
+            (0..hosts.len())
+                .map(|rank| {
+                    pairs(vec![
+                        ("MASTER_ADDR", hosts[0].clone()),
+                        ("MASTER_PORT", master_port.clone()),
+                        ("WORLD_SIZE", (hosts.len() as u32 * per).to_string()),
+                        ("NODE_RANK", rank.to_string()),
+                        ("LOCAL_WORLD_SIZE", per.to_string()),
+                    ])
+                })
+                .collect()
+        }
+        Distribution::Tensorflow { worker_count, .. } => {
+            let workers = *worker_count as usize;
+            let address = |i: usize| format!("{}:{}", hosts[i], TENSORFLOW_BASE_PORT as usize + i);
+            let cluster = serde_json::json!({
+                "worker": (0..workers.min(hosts.len())).map(address).collect::<Vec<_>>(),
+                "ps": (workers..hosts.len()).map(address).collect::<Vec<_>>(),
+            });
+            (0..hosts.len())
+                .map(|i| {
+                    let (kind, index) = if i < workers {
+                        ("worker", i)
+                    } else {
+                        ("ps", i - workers)
+                    };
+                    let config = serde_json::json!({
+                        "cluster": cluster,
+                        "task": {"type": kind, "index": index},
+                    });
+                    pairs(vec![("TF_CONFIG", config.to_string())])
+                })
+                .collect()
+        }
+    }
+}
+
 /// `job-12.3` -> `job-12`.
 pub fn job_of_attempt(attempt_id: &str) -> Option<&str> {
     attempt_id.rsplit_once('.').map(|(job, _)| job)
@@ -2409,3 +2490,49 @@ pub fn waiting_reason(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod distribution_tests {
+    use super::*;
+    use crate::testing::JobBuilder;
+
+    #[test]
+    fn pytorch_env_names_master_world_and_node_rank() {
+        let mut job = JobBuilder::new("job-1").instances(2).build();
+        job.spec.distribution = Some(Distribution::Pytorch {
+            process_count_per_instance: 4,
+        });
+        job.spec
+            .environment_variables
+            .insert("MASTER_PORT".into(), "7000".into());
+        let hosts = vec!["a".to_string(), "b".to_string()];
+        let env = distribution_env(&job.spec, &hosts);
+        let second: BTreeMap<_, _> = env[1].iter().cloned().collect();
+        assert_eq!(second["MASTER_ADDR"], "a");
+        assert_eq!(second["MASTER_PORT"], "7000", "the job's own port wins");
+        assert_eq!(second["WORLD_SIZE"], "8");
+        assert_eq!(second["NODE_RANK"], "1");
+        assert_eq!(second["LOCAL_WORLD_SIZE"], "4");
+    }
+
+    #[test]
+    fn tensorflow_env_lists_workers_then_parameter_servers() {
+        let mut job = JobBuilder::new("job-1").instances(3).build();
+        job.spec.distribution = Some(Distribution::Tensorflow {
+            worker_count: 2,
+            parameter_server_count: 1,
+        });
+        let hosts = vec!["h".to_string(); 3];
+        let env = distribution_env(&job.spec, &hosts);
+        let config: serde_json::Value = serde_json::from_str(&env[2][0].1).expect("json");
+        assert_eq!(
+            config["task"],
+            serde_json::json!({"type": "ps", "index": 0})
+        );
+        assert_eq!(
+            config["cluster"]["worker"],
+            serde_json::json!(["h:2222", "h:2223"])
+        );
+        assert_eq!(config["cluster"]["ps"], serde_json::json!(["h:2224"]));
+    }
+}

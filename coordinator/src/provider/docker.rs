@@ -173,8 +173,11 @@ impl DockerProvider {
             launch.memory_bytes.to_string(),
             "--stop-grace-seconds".into(),
             self.job_stop_grace.as_secs().to_string(),
+            // Job containers share the node container's network namespace: the node's
+            // address (and name on the cluster network) is theirs, for process and
+            // container jobs alike.
             "--docker-network".into(),
-            network.clone(),
+            format!("container:{}", self.container_name(&launch.node_id)),
         ];
         let labels = HashMap::from([
             (LABEL_OWNER.to_string(), self.owner.clone()),
