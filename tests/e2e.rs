@@ -86,6 +86,10 @@ async fn two_instance_job_runs_on_two_nodes_and_keeps_outputs() {
         assert_eq!(model.trim(), format!("w={rank}"));
     }
 
+    let (status, _) = http(&tc, "GET", &format!("/api/v1/jobs/{id}/outputs/1"), "").await;
+    assert_eq!(status, 200, "outputs over HTTP");
+    let (status, body) = http(&tc, "GET", &format!("/api/v1/jobs/{id}/outputs/7"), "").await;
+    assert_eq!(status, 404, "{body}");
     let http = http_get(&tc, &format!("/api/v1/jobs/{id}")).await;
     let over_http: serde_json::Value = serde_json::from_str(&http).expect("json over http");
     assert_eq!(over_http["status"], "completed");

@@ -31,6 +31,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/jobs/{id}", get(get_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/logs", get(job_logs))
+        .route("/api/v1/jobs/{id}/outputs/{instance}", get(job_outputs))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/vm-sizes", get(list_vm_sizes))
         .with_state(api)
@@ -294,6 +295,32 @@ async fn job_logs(
         }
     }
     Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// One instance's ./outputs as a tar.gz (the latest attempt that uploaded any).
+async fn job_outputs(
+    State(api): State<Api>,
+    Path((id, instance)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
+    let outputs = api.outputs(id.clone()).await?;
+    let Some(found) = outputs.outputs.into_iter().find(|o| o.instance == instance) else {
+        return Err(crate::Error::NotFound(format!(
+            "job `{id}` has no outputs of instance {instance}"
+        ))
+        .into());
+    };
+    let disposition = format!("attachment; filename=\"{id}-instance-{instance}.tar.gz\"");
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/gzip".to_string(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        found.data,
+    )
+        .into_response())
 }
 
 async fn list_nodes(
