@@ -130,7 +130,7 @@ async fn chaos_on_a_low_priority_cluster_loses_no_job() {
         ],
     );
     let ids: Vec<String> = (0..20)
-        .map(|_| submit(&tc, &["--cluster", "lp", "--", "sleep", "0.6"]))
+        .map(|_| submit(&tc, &["--cluster", "lp", "--", "sleep", "1.5"]))
         .collect();
     let mut preemptions = 0;
     for id in &ids {
