@@ -116,6 +116,52 @@ pub fn detect() -> (Box<dyn GpuSource>, Option<String>) {
     }
 }
 
+/// A node's share of a machine's GPUs: slice `slice` of `per_node` GPUs each, so
+/// several nodes on one machine never see the same GPU.
+pub struct Slice {
+    inner: Box<dyn GpuSource>,
+    allowed: Vec<u32>,
+}
+
+impl Slice {
+    /// The source restricted to its slice, and why it has fewer GPUs than asked.
+    pub fn of(inner: Box<dyn GpuSource>, slice: u32, per_node: u32) -> (Slice, Option<String>) {
+        let mut all: Vec<u32> = inner.gpus().iter().map(|g| g.index).collect();
+        all.sort_unstable();
+        let start = (slice * per_node) as usize;
+        let allowed: Vec<u32> = all
+            .iter()
+            .skip(start)
+            .take(per_node as usize)
+            .copied()
+            .collect();
+        let short = (allowed.len() < per_node as usize).then(|| {
+            format!(
+                "this node is slice {slice} of {per_node} GPU(s) each, and the machine has {} GPU(s)",
+                all.len()
+            )
+        });
+        (Slice { inner, allowed }, short)
+    }
+}
+
+impl GpuSource for Slice {
+    fn gpus(&self) -> Vec<GpuInfo> {
+        self.inner
+            .gpus()
+            .into_iter()
+            .filter(|g| self.allowed.contains(&g.index))
+            .collect()
+    }
+    fn sample(&mut self) -> Vec<GpuSample> {
+        self.inner
+            .sample()
+            .into_iter()
+            .filter(|g| self.allowed.contains(&g.index))
+            .collect()
+    }
+}
+
 /// Which GPU indices are free on this node; instances get exact ids, never shared.
 #[derive(Clone, Debug, Default)]
 pub struct GpuAllocator {
@@ -254,6 +300,26 @@ mod tests {
         if source.gpus().is_empty() {
             assert!(reason.is_some_and(|r| !r.is_empty()));
         }
+    }
+
+    #[test]
+    fn slices_split_a_machine_without_overlap() {
+        let (first, why) = Slice::of(Box::new(FakeGpus::two()), 0, 1);
+        assert!(why.is_none());
+        let (mut second, _) = Slice::of(Box::new(FakeGpus::two()), 1, 1);
+        assert_eq!(
+            first.gpus().iter().map(|g| g.index).collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert_eq!(
+            second.sample().iter().map(|g| g.index).collect::<Vec<_>>(),
+            vec![1]
+        );
+        let (third, why) = Slice::of(Box::new(FakeGpus::two()), 2, 1);
+        assert!(third.gpus().is_empty());
+        assert!(why.is_some_and(|w| w.contains("machine has 2")));
+        let (cpu_only, _) = Slice::of(Box::new(FakeGpus::two()), 0, 0);
+        assert!(cpu_only.gpus().is_empty(), "a CPU size sees no GPU");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub docker_network: Option<String>,
     /// How often CPU, memory, disk, network and GPUs are sampled.
     pub telemetry_interval: Duration,
+    /// This node's share of the machine's GPUs: (slice, GPUs per node); None: all.
+    pub gpu_slice: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -143,7 +143,15 @@ pub async fn run(
         Ok(_) => info!("docker runtime ready"),
         Err(why) => info!(%why, "no docker runtime: jobs with an image fail on this node"),
     }
-    let (gpus, gpu_reason) = crate::gpu::detect();
+    let (gpus, mut gpu_reason) = crate::gpu::detect();
+    let gpus: Box<dyn crate::gpu::GpuSource> = match config.gpu_slice {
+        Some((slice, per_node)) if gpu_reason.is_none() => {
+            let (sliced, short) = crate::gpu::Slice::of(gpus, slice, per_node);
+            gpu_reason = short;
+            Box::new(sliced)
+        }
+        _ => gpus,
+    };
     let telemetry = Telemetry::start(
         config.telemetry_interval,
         config.work_dir.clone(),

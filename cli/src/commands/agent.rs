@@ -40,6 +40,12 @@ pub struct Args {
     /// A Docker network that job containers join.
     #[arg(long, env = "SHOAL_DOCKER_NETWORK")]
     docker_network: Option<String>,
+    /// Use only slice N of this machine's GPUs (with --gpus-per-node).
+    #[arg(long, requires = "gpus_per_node")]
+    gpu_slice: Option<u32>,
+    /// GPUs in each slice (the VM size's GPU count; 0: none).
+    #[arg(long, requires = "gpu_slice")]
+    gpus_per_node: Option<u32>,
     /// Seconds between telemetry samples (CPU, memory, disk, network, GPUs).
     #[arg(long, env = "SHOAL_TELEMETRY_INTERVAL_SECONDS", default_value_t = 5)]
     telemetry_interval_seconds: u64,
@@ -58,6 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         give_up_after: Duration::from_secs(args.give_up_after_seconds),
         docker_network: args.docker_network,
         telemetry_interval: Duration::from_secs(args.telemetry_interval_seconds.max(1)),
+        gpu_slice: args.gpu_slice.zip(args.gpus_per_node),
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -2126,6 +2126,7 @@ impl Control {
             cluster: cluster.to_string(),
             cores: node.cores,
             memory_bytes: node.memory_bytes,
+            gpus: size.gpus,
         });
         self.nodes.insert(id.clone(), node);
         self.dirty_nodes.insert(id);

@@ -38,6 +38,8 @@ pub struct LocalProvider {
     /// This coordinator's id (see `server::owner_id`).
     pub owner: String,
     nodes: Arc<Mutex<HashMap<String, AgentProcess>>>,
+    /// Node id → its slice of this machine's GPUs (nodes of GPU sizes only).
+    gpu_slices: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl LocalProvider {
@@ -56,7 +58,20 @@ impl LocalProvider {
             stop_grace: job_stop_grace + Duration::from_secs(5),
             job_stop_grace,
             nodes: Arc::default(),
+            gpu_slices: Arc::default(),
         }
+    }
+
+    /// The lowest GPU slice no other node of this machine holds.
+    fn gpu_slice(&self, node_id: &str) -> u32 {
+        let mut slices = self.gpu_slices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slice) = slices.get(node_id) {
+            return *slice;
+        }
+        let taken: std::collections::BTreeSet<u32> = slices.values().copied().collect();
+        let slice = (0..).find(|s| !taken.contains(s)).unwrap_or(0);
+        slices.insert(node_id.to_string(), slice);
+        slice
     }
 
     fn spawn(&self, launch: &NodeLaunch) -> Result<tokio::process::Child, String> {
@@ -72,8 +87,16 @@ impl LocalProvider {
         let log_err = log
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        // Nodes share this machine: each gets its own GPUs (none for CPU sizes).
+        let slice = if launch.gpus > 0 {
+            self.gpu_slice(&launch.node_id)
+        } else {
+            0
+        };
         tokio::process::Command::new(&self.program)
             .arg("agent")
+            .args(["--gpu-slice", &slice.to_string()])
+            .args(["--gpus-per-node", &launch.gpus.to_string()])
             .args(["--endpoint", &self.endpoint])
             .args(["--node-id", &launch.node_id])
             .args(["--cluster", &launch.cluster])
@@ -160,6 +183,7 @@ impl NodeProvider for LocalProvider {
             entry.0
         });
         let nodes = self.nodes.clone();
+        let gpu_slices = self.gpu_slices.clone();
         let owner = self.owner.clone();
         async move {
             if let Some(pid) = known
@@ -173,6 +197,9 @@ impl NodeProvider for LocalProvider {
             docker::remove_node_containers(&owner, &node_id).await;
             if let Ok(mut nodes) = nodes.lock() {
                 nodes.remove(&node_id);
+            }
+            if let Ok(mut slices) = gpu_slices.lock() {
+                slices.remove(&node_id);
             }
         }
         .boxed()

@@ -20,6 +20,8 @@ pub struct NodeLaunch {
     pub cluster: String,
     pub cores: u32,
     pub memory_bytes: u64,
+    /// GPUs its VM size has.
+    pub gpus: u32,
 }
 
 /// A node to stop and remove.
