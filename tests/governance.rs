@@ -130,7 +130,21 @@ async fn chaos_on_a_low_priority_cluster_loses_no_job() {
         ],
     );
     let ids: Vec<String> = (0..20)
-        .map(|_| submit(&tc, &["--cluster", "lp", "--", "sleep", "1.5"]))
+        // The bound on preemptions has its own test: here no job may be lost to it.
+        .map(|_| {
+            submit(
+                &tc,
+                &[
+                    "--cluster",
+                    "lp",
+                    "--max-preemptions",
+                    "100",
+                    "--",
+                    "sleep",
+                    "1.5",
+                ],
+            )
+        })
         .collect();
     let mut preemptions = 0;
     for id in &ids {
