@@ -252,7 +252,7 @@ pub fn vm_size(size: &VmSize) -> pb::VmSize {
     }
 }
 
-fn exit_report(exited: pb::Exited) -> ExitReport {
+pub fn exited(exited: pb::Exited) -> ExitReport {
     ExitReport {
         exit_code: exited.exit_code,
         outcome: exited.outcome,
@@ -360,14 +360,10 @@ pub fn registration(register: pb::Register) -> Registration {
                     attempt_id: r.attempt_id,
                     instance: r.instance,
                 },
-                exited: r.exited.map(exit_report),
+                exited: r.exited.map(exited),
             })
             .collect(),
     }
-}
-
-pub fn exited(exited: pb::Exited) -> ExitReport {
-    exit_report(exited)
 }
 
 pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {

@@ -132,92 +132,56 @@ impl Api {
         request: pb::LogsRequest,
     ) -> mpsc::Receiver<Result<pb::LogChunk, Status>> {
         let (tx, rx) = mpsc::channel(256);
-        let control = self.control.clone();
-        let mut live = control.subscribe_logs();
-        let mut changes = control.subscribe_changes();
+        let mut live = self.control.subscribe_logs();
+        let mut changes = self.control.subscribe_changes();
+        let follower = LogFollower {
+            control: self.control.clone(),
+            tx,
+            job_id: request.job_id.clone(),
+            instance: request.instance,
+        };
         tokio::spawn(async move {
-            let job_id = request.job_id.clone();
-            let wanted = |instance: u32| request.instance.is_none_or(|i| i == instance);
-            let mut last_seq = 0i64;
-            let send_stored = |last_seq: &mut i64| {
-                let control = control.clone();
-                let tx = tx.clone();
-                let job_id = job_id.clone();
-                let instance = request.instance;
-                let start = *last_seq;
-                async move {
-                    let mut cursor = start;
-                    loop {
-                        let chunk = control.read_logs(job_id.clone(), instance, cursor).await?;
-                        let full = chunk.len() >= 10_000;
-                        for log in chunk {
-                            cursor = log.seq;
-                            let message = pb::LogChunk {
-                                attempt_id: log.attempt_id,
-                                instance: log.instance,
-                                stream: log.stream,
-                                data: log.data,
-                            };
-                            if tx.send(Ok(message)).await.is_err() {
-                                return Ok::<i64, crate::Error>(cursor);
-                            }
-                        }
-                        if !full {
-                            return Ok(cursor);
-                        }
-                    }
-                }
-            };
-            match send_stored(&mut last_seq).await {
-                Ok(seq) => last_seq = seq,
+            let mut last_seq = match follower.send_stored(0).await {
+                Ok(seq) => seq,
                 Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
+                    let _ = follower.tx.send(Err(e.into())).await;
                     return;
                 }
-            }
-            if !request.follow {
+            };
+            if !request.follow || follower.settled().await {
+                let _ = follower.send_stored(last_seq).await;
                 return;
             }
             loop {
-                match control.get_job(job_id.clone()).await {
-                    Ok(job) if job.is_settled() => {
-                        let _ = send_stored(&mut last_seq).await;
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
                 tokio::select! {
                     log = live.recv() => match log {
                         Ok(log) => {
-                            if log.job_id == job_id && log.seq > last_seq && wanted(log.instance) {
+                            if log.job_id == follower.job_id && log.seq > last_seq && follower.wants(log.instance) {
                                 last_seq = log.seq;
-                                let message = pb::LogChunk {
-                                    attempt_id: log.attempt_id.clone(),
-                                    instance: log.instance,
-                                    stream: log.stream.clone(),
-                                    data: log.data.clone(),
-                                };
-                                if tx.send(Ok(message)).await.is_err() {
+                                if follower.tx.send(Ok(chunk(&log))).await.is_err() {
                                     return;
                                 }
                             }
-                            continue;
                         }
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            match send_stored(&mut last_seq).await {
-                                Ok(seq) => last_seq = seq,
-                                Err(_) => return,
-                            }
-                        }
+                        // Fell behind the broadcast: catch up from the store.
+                        Err(broadcast::error::RecvError::Lagged(_)) => match follower.send_stored(last_seq).await {
+                            Ok(seq) => last_seq = seq,
+                            Err(_) => return,
+                        },
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    change = changes.recv() => match change {
-                        Ok(Change::Job(id)) if id == job_id => {}
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                    change = changes.recv() => {
+                        let ours = match change {
+                            Ok(Change::Job(id)) => id == follower.job_id,
+                            Ok(_) => false,
+                            Err(broadcast::error::RecvError::Lagged(_)) => true,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        if ours && follower.settled().await {
+                            let _ = follower.send_stored(last_seq).await;
+                            return;
+                        }
+                    }
                 }
             }
         });
@@ -272,6 +236,58 @@ impl Api {
             }
         });
         rx
+    }
+}
+
+fn chunk(log: &crate::store::StoredLog) -> pb::LogChunk {
+    pb::LogChunk {
+        attempt_id: log.attempt_id.clone(),
+        instance: log.instance,
+        stream: log.stream.clone(),
+        data: log.data.clone(),
+    }
+}
+
+/// One `logs` call: what it follows and where it sends.
+struct LogFollower {
+    control: ControlHandle,
+    tx: mpsc::Sender<Result<pb::LogChunk, Status>>,
+    job_id: String,
+    instance: Option<u32>,
+}
+
+impl LogFollower {
+    fn wants(&self, instance: u32) -> bool {
+        self.instance.is_none_or(|i| i == instance)
+    }
+
+    /// Nothing more can be logged: the job ended and no instance still runs.
+    async fn settled(&self) -> bool {
+        self.control
+            .get_job(self.job_id.clone())
+            .await
+            .map_or(true, |job| job.is_settled())
+    }
+
+    /// Sends the stored chunks after `after`; returns the last sequence sent.
+    async fn send_stored(&self, after: i64) -> crate::Result<i64> {
+        let mut cursor = after;
+        loop {
+            let stored = self
+                .control
+                .read_logs(self.job_id.clone(), self.instance, cursor)
+                .await?;
+            let full = stored.len() >= 10_000;
+            for log in &stored {
+                cursor = log.seq;
+                if self.tx.send(Ok(chunk(log))).await.is_err() {
+                    return Ok(cursor);
+                }
+            }
+            if !full {
+                return Ok(cursor);
+            }
+        }
     }
 }
 

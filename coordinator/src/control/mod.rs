@@ -3,7 +3,7 @@
 //! scheduler and autoscaler (pure functions) what to do, commits everything in one
 //! transaction, and only then replies, launches, and calls providers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -377,6 +377,9 @@ pub struct Control {
     blocked: HashMap<String, String>,
     /// Preempted nodes: when their notice ends.
     preempt_deadlines: HashMap<String, Millis>,
+    /// Nodes taken by a preemption, until they are gone: whatever of theirs ends
+    /// unfinished was preempted, not lost.
+    preempted_nodes: HashSet<String>,
     next_chaos: Millis,
     chaos_state: u64,
     /// Instances holding GPUs: since when their utilization has been low.
@@ -451,6 +454,7 @@ impl Control {
             quotas_dirty: false,
             blocked: HashMap::new(),
             preempt_deadlines: HashMap::new(),
+            preempted_nodes: HashSet::new(),
             next_chaos,
             gpu_low_since: HashMap::new(),
             batches_total: 0,
@@ -1147,6 +1151,13 @@ impl Control {
     /// An instance's node went away: the attempt is over, and the job is requeued
     /// as a new attempt (a gang as a whole) unless it used up its attempts.
     fn instance_lost(&mut self, slot: &Slot, why: &str, now: Millis) {
+        let on_preempted_node = self
+            .instance(slot)
+            .is_some_and(|(_, run)| self.preempted_nodes.contains(&run.node));
+        if on_preempted_node {
+            self.instance_preempted(slot, now);
+            return;
+        }
         let Some((job, index)) = self.instance_mut(slot) else {
             return;
         };
@@ -1278,6 +1289,7 @@ impl Control {
             return;
         };
         if node.state == NodeState::Leaving {
+            self.preempted_nodes.remove(node_id);
             // The cluster's counts change: it is rewritten and announced too.
             self.dirty_clusters.insert(node.cluster.clone());
             self.nodes.remove(node_id);
@@ -1673,6 +1685,7 @@ impl Control {
         self.dirty_nodes.insert(node_id.to_string());
         self.preempt_deadlines
             .insert(node_id.to_string(), now + notice.as_millis() as i64);
+        self.preempted_nodes.insert(node_id.to_string());
         self.outbox.push((
             node_id.to_string(),
             ToAgent::Preempt {
@@ -1686,6 +1699,31 @@ impl Control {
             self.remove_node(node_id, "preempted");
         }
         node.ok_or_else(|| Error::Internal("preempted node vanished".into()))
+    }
+
+    /// An instance whose node was preempted before it could report its own end.
+    fn instance_preempted(&mut self, slot: &Slot, now: Millis) {
+        let Some((job, index)) = self.instance_mut(slot) else {
+            return;
+        };
+        let instance = &mut job.attempts[index].instances[slot.instance as usize];
+        if instance.status.is_final() {
+            return;
+        }
+        instance.status = InstanceStatus::Preempted;
+        instance.message = "its node was preempted".into();
+        let node_id = instance.node.clone();
+        let attempt = &mut job.attempts[index];
+        if attempt.is_settled() {
+            attempt.ended_at = now;
+        }
+        let job_id = job.id.clone();
+        let job_final = job.status.is_final();
+        self.dirty_jobs.insert(job_id.clone());
+        self.free_node(&node_id, slot, now);
+        if !job_final {
+            self.requeue_preempted(&job_id, &node_id, slot, now);
+        }
     }
 
     /// A preempted instance: the job goes back to the queue as a whole (the rest of
