@@ -128,7 +128,7 @@ impl Slice {
     pub fn of(inner: Box<dyn GpuSource>, slice: u32, per_node: u32) -> (Slice, Option<String>) {
         let mut all: Vec<u32> = inner.gpus().iter().map(|g| g.index).collect();
         all.sort_unstable();
-        let start = (slice * per_node) as usize;
+        let start = slice.saturating_mul(per_node) as usize;
         let allowed: Vec<u32> = all
             .iter()
             .skip(start)
@@ -294,12 +294,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_driver_means_no_gpus_and_a_reason() {
-        // This machine has no NVIDIA driver; a GPU machine passes too (no reason).
+    fn gpus_or_a_reason_never_neither() {
+        // Here (no NVIDIA driver): no GPUs and NVML's reason. On a GPU machine: GPUs
+        // and no reason. Either way exactly one of the two.
         let (source, reason) = detect();
-        if source.gpus().is_empty() {
-            assert!(reason.is_some_and(|r| !r.is_empty()));
-        }
+        let has_gpus = !source.gpus().is_empty();
+        assert_ne!(
+            has_gpus,
+            reason.is_some(),
+            "gpus: {has_gpus}, reason: {reason:?}"
+        );
+        assert!(reason.is_none_or(|r| !r.is_empty()));
     }
 
     #[test]

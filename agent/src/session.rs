@@ -656,7 +656,7 @@ impl Agent {
         let mut runs = futures::stream::FuturesUnordered::new();
         for local in 0..processes {
             let mut spec = spec.clone();
-            let rank = node_rank * processes + local;
+            let rank = node_rank.saturating_mul(processes).saturating_add(local);
             spec.env.insert("LOCAL_RANK".into(), local.to_string());
             spec.env.insert("RANK".into(), rank.to_string());
             spec.rank = Some(local);

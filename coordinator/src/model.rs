@@ -19,6 +19,12 @@ pub fn now_ms() -> Millis {
         .unwrap_or(0)
 }
 
+/// Time limits (job timeout, idle timeout) above a year are refused: they are typos,
+/// and they would overflow clock arithmetic.
+pub const MAX_TIMEOUT_SECONDS: u64 = 366 * 24 * 3600;
+/// Processes one instance of a distributed job may run.
+pub const MAX_PROCESSES_PER_INSTANCE: u32 = 1024;
+
 /// A cluster has at most this many nodes with inter-node communication on.
 pub const MAX_NODES_WITH_INTERNODE: u32 = 100;
 /// ... and at most this many with it off.
@@ -151,6 +157,15 @@ impl ClusterSpec {
     /// The node-count rules, checked at creation and after every update.
     pub fn validate_sizes(&self) -> Result<()> {
         let cap = self.node_cap();
+        if self.idle_seconds_before_scaledown > MAX_TIMEOUT_SECONDS {
+            return Err(Error::invalid(
+                "idle_seconds_before_scaledown",
+                format!(
+                    "{} s is more than a year; use min_nodes to keep nodes",
+                    self.idle_seconds_before_scaledown
+                ),
+            ));
+        }
         if self.max_nodes == 0 {
             return Err(Error::invalid("max_nodes", "must be at least 1"));
         }
@@ -263,10 +278,12 @@ fn check_distribution(request: &JobRequest, cluster: &ClusterSpec) -> Result<u32
         )),
         Distribution::Pytorch {
             process_count_per_instance,
-        } if *process_count_per_instance == 0 => Err(Error::invalid(
-            "distribution.process_count_per_instance",
-            "must be at least 1",
-        )),
+        } if !(1..=MAX_PROCESSES_PER_INSTANCE).contains(process_count_per_instance) => {
+            Err(Error::invalid(
+                "distribution.process_count_per_instance",
+                format!("must be 1 to {MAX_PROCESSES_PER_INSTANCE}"),
+            ))
+        }
         Distribution::Pytorch { .. } => Ok(asked.max(1)),
         Distribution::Tensorflow {
             worker_count,
@@ -278,7 +295,8 @@ fn check_distribution(request: &JobRequest, cluster: &ClusterSpec) -> Result<u32
                     "must be at least 1",
                 ));
             }
-            let tasks = worker_count + parameter_server_count;
+            // Saturating: absurd counts are refused below, never an overflow.
+            let tasks = worker_count.saturating_add(*parameter_server_count);
             if asked != 0 && asked != tasks {
                 return Err(Error::invalid(
                     "resources.instance_count",
@@ -739,6 +757,15 @@ impl JobSpec {
                 format!("`{image}` is not an image name"),
             ));
         }
+        if request.timeout_seconds > MAX_TIMEOUT_SECONDS {
+            return Err(Error::invalid(
+                "limits.timeout",
+                format!(
+                    "{} s is more than a year ({MAX_TIMEOUT_SECONDS} s); leave it out for no limit",
+                    request.timeout_seconds
+                ),
+            ));
+        }
         if request.name.len() > 256 {
             return Err(Error::invalid("name", "at most 256 characters"));
         }
@@ -906,6 +933,47 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("min_nodes")
+        );
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_not_overflowed() {
+        let cluster = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
+        let forever = JobRequest {
+            command: "true".into(),
+            timeout_seconds: u64::MAX,
+            ..Default::default()
+        };
+        let err = JobSpec::from_request(forever, &cluster, 0).unwrap_err();
+        assert!(err.to_string().contains("limits.timeout"), "{err}");
+        let ranks = JobRequest {
+            command: "true".into(),
+            distribution: Some(Distribution::Pytorch {
+                process_count_per_instance: u32::MAX,
+            }),
+            ..Default::default()
+        };
+        let err = JobSpec::from_request(ranks, &cluster, 0).unwrap_err();
+        assert!(
+            err.to_string().contains("process_count_per_instance"),
+            "{err}"
+        );
+        let tasks = JobRequest {
+            command: "true".into(),
+            distribution: Some(Distribution::Tensorflow {
+                worker_count: u32::MAX,
+                parameter_server_count: u32::MAX,
+            }),
+            ..Default::default()
+        };
+        let err = JobSpec::from_request(tasks, &cluster, 0).unwrap_err();
+        assert!(err.to_string().contains("instance_count"), "{err}");
+        let mut idle = request("c2");
+        idle.idle_seconds_before_scaledown = Some(u64::MAX);
+        let err = ClusterSpec::from_request(idle, &Catalog::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("idle_seconds_before_scaledown"),
+            "{err}"
         );
     }
 

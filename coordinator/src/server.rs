@@ -90,7 +90,7 @@ impl CoordinatorConfig {
             control.idle_gpu_threshold_percent = threshold;
         }
         if let Some(minutes) = file.idle_gpu_minutes {
-            control.idle_gpu_after = Duration::from_secs(minutes * 60);
+            control.idle_gpu_after = Duration::from_secs(minutes.saturating_mul(60));
         }
         control.chaos_preempt_every = file
             .chaos_preempt_every_seconds
