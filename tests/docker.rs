@@ -22,6 +22,25 @@ fn submit(tc: &TestCluster, args: &[&str]) -> String {
         .to_string()
 }
 
+/// A coordinator with a cluster `box` of up to `max_nodes` local nodes, or None
+/// (skipped loudly) where there is no Docker and CI does not require it.
+async fn box_cluster(max_nodes: &str) -> Option<TestCluster> {
+    if !docker_ready() {
+        return None;
+    }
+    let tc = TestCluster::start_with_config(CONFIG).await;
+    tc.create_cluster(
+        "box",
+        &[
+            "--max-nodes",
+            max_nodes,
+            "--idle-seconds-before-scaledown",
+            "60",
+        ],
+    );
+    Some(tc)
+}
+
 /// Where the agent of `node` keeps the working dir of an instance (mounted at /job).
 fn job_dir(tc: &TestCluster, job: &pb::Job, instance: usize) -> std::path::PathBuf {
     let attempt = job.attempts.last().expect("an attempt");
@@ -35,14 +54,9 @@ fn job_dir(tc: &TestCluster, job: &pb::Job, instance: usize) -> std::path::PathB
 
 #[tokio::test]
 async fn container_jobs_stream_logs_live_and_record_exit_codes() {
-    if !docker_ready() {
+    let Some(tc) = box_cluster("2").await else {
         return;
-    }
-    let tc = TestCluster::start_with_config(CONFIG).await;
-    tc.create_cluster(
-        "box",
-        &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
-    );
+    };
     let job = tc.shoal_json(&[
         "job",
         "submit",
@@ -142,14 +156,9 @@ async fn container_jobs_stream_logs_live_and_record_exit_codes() {
 
 #[tokio::test]
 async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
-    if !docker_ready() {
+    let Some(tc) = box_cluster("1").await else {
         return;
-    }
-    let tc = TestCluster::start_with_config(CONFIG).await;
-    tc.create_cluster(
-        "box",
-        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
-    );
+    };
     // `sleep` as PID 1 ignores SIGTERM: only the SIGKILL after the grace stops it.
     let id = submit(
         &tc,
@@ -229,14 +238,9 @@ async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
 
 #[tokio::test]
 async fn a_missing_image_fails_the_job_and_the_node_stays_usable() {
-    if !docker_ready() {
+    let Some(tc) = box_cluster("1").await else {
         return;
-    }
-    let tc = TestCluster::start_with_config(CONFIG).await;
-    tc.create_cluster(
-        "box",
-        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
-    );
+    };
     let out = tc.shoal(&[
         "-o",
         "json",
@@ -277,14 +281,9 @@ async fn a_missing_image_fails_the_job_and_the_node_stays_usable() {
 
 #[tokio::test]
 async fn a_restarted_agent_recovers_its_running_container() {
-    if !docker_ready() {
+    let Some(tc) = box_cluster("1").await else {
         return;
-    }
-    let tc = TestCluster::start_with_config(CONFIG).await;
-    tc.create_cluster(
-        "box",
-        &["--max-nodes", "1", "--idle-seconds-before-scaledown", "60"],
-    );
+    };
     let id = submit(
         &tc,
         &[

@@ -343,16 +343,7 @@ async fn killed_agent_requeues_its_process_attempt() {
         "cpu",
         &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
     );
-    let marker = tc.scratch("attempts");
-    let script = format!(
-        "echo $SHOAL_ATTEMPT >> {m}; if [ $SHOAL_ATTEMPT = 1 ]; then echo $$ > {m}.pid; exec sleep 300; fi",
-        m = marker.display()
-    );
-    let id = submit(&tc, &["--cluster", "cpu", "--", "sh", "-c", &script]);
-    let job = tc
-        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
-        .await;
-    let node = job.attempts[0].instances[0].node.clone();
+    let (id, node, marker) = job_whose_first_attempt_hangs(&tc, "cpu").await;
     let orphan: i32 = support::eventually("attempt 1 writes its pid", LIMIT, || async {
         std::fs::read_to_string(format!("{}.pid", marker.display()))
             .ok()?
@@ -387,16 +378,7 @@ async fn restart_requeues_work_of_a_node_that_never_comes_back() {
         "1",
     ]);
     assert_eq!(cluster["vm_size"], "Local_Tiny");
-    let marker = tc.scratch("attempts");
-    let script = format!(
-        "echo $SHOAL_ATTEMPT >> {m}; if [ $SHOAL_ATTEMPT = 1 ]; then exec sleep 300; fi",
-        m = marker.display()
-    );
-    let id = submit(&tc, &["--cluster", "tiny", "--", "sh", "-c", &script]);
-    let job = tc
-        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
-        .await;
-    let node = job.attempts[0].instances[0].node.clone();
+    let (id, node, marker) = job_whose_first_attempt_hangs(&tc, "tiny").await;
 
     // The coordinator and the node die together; only the coordinator comes back.
     tc.kill9();
@@ -472,6 +454,26 @@ async fn the_http_api_does_what_grpc_does() {
     assert_eq!(status, 200);
     let cluster: serde_json::Value = serde_json::from_str(&body).expect("cluster json");
     assert_eq!(cluster["max_nodes"], 1);
+}
+
+/// A job whose attempt 1 hangs (its pid in `<marker>.pid`) and whose later attempts
+/// finish at once; each attempt appends its number to `marker`. Returns the job id,
+/// the node of attempt 1, once it runs, and the marker.
+async fn job_whose_first_attempt_hangs(
+    tc: &TestCluster,
+    cluster: &str,
+) -> (String, String, std::path::PathBuf) {
+    let marker = tc.scratch("attempts");
+    let script = format!(
+        "echo $SHOAL_ATTEMPT >> {m}; if [ $SHOAL_ATTEMPT = 1 ]; then echo $$ > {m}.pid; exec sleep 300; fi",
+        m = marker.display()
+    );
+    let id = submit(tc, &["--cluster", cluster, "--", "sh", "-c", &script]);
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let node = job.attempts[0].instances[0].node.clone();
+    (id, node, marker)
 }
 
 /// A plain HTTP/1.1 request on the coordinator's port (the JSON API shares it with gRPC).
