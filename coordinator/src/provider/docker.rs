@@ -151,7 +151,8 @@ impl DockerProvider {
     ) -> Result<String, String> {
         let network = self.ensure_network(docker, &launch.cluster).await?;
         let work_dir = self.work_root.join(&launch.node_id);
-        std::fs::create_dir_all(&work_dir)
+        tokio::fs::create_dir_all(&work_dir)
+            .await
             .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
         let work = work_dir.to_string_lossy().into_owned();
         let cmd = vec![

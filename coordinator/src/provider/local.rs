@@ -74,19 +74,26 @@ impl LocalProvider {
         slice
     }
 
-    fn spawn(&self, launch: &NodeLaunch) -> Result<tokio::process::Child, String> {
+    /// Starts the node's agent; its work dir and log file are made off the runtime.
+    async fn spawn(&self, launch: &NodeLaunch) -> Result<tokio::process::Child, String> {
         let work_dir = self.work_root.join(&launch.node_id);
-        std::fs::create_dir_all(&work_dir)
-            .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
-        let log_path = work_dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        let dir = work_dir.clone();
+        let (log, log_err) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create work dir {}: {e}", dir.display()))?;
+            let log_path = dir.join("agent.log");
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+            let log_err = log
+                .try_clone()
+                .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+            Ok((log, log_err))
+        })
+        .await
+        .map_err(|e| format!("preparing the node's work dir failed: {e}"))??;
         // Nodes share this machine: each gets its own GPUs (none for CPU sizes).
         let slice = if launch.gpus > 0 {
             self.gpu_slice(&launch.node_id)
@@ -136,7 +143,7 @@ impl NodeProvider for LocalProvider {
     fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
         let this = self.clone();
         async move {
-            let mut child = this.spawn(&launch)?;
+            let mut child = this.spawn(&launch).await?;
             let pid = child.id();
             this.set(&launch.node_id, pid);
             info!(node = %launch.node_id, ?pid, "local node started");
@@ -157,7 +164,7 @@ impl NodeProvider for LocalProvider {
                     }
                     warn!(node = %node, %status, restarts, "agent crashed; restarting it");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(restarts))).await;
-                    match this.spawn(&launch) {
+                    match this.spawn(&launch).await {
                         Ok(next) => {
                             child = next;
                             this.set(&node, child.id());
