@@ -4,6 +4,7 @@
 //! reports the attempts it still runs.
 
 pub mod archive;
+pub mod exec;
 pub mod gpu;
 pub mod runtime;
 mod session;

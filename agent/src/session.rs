@@ -100,6 +100,7 @@ struct Agent {
     events: mpsc::UnboundedSender<pb::AgentMessage>,
     telemetry: Telemetry,
     gpu_allocator: Arc<Mutex<GpuAllocator>>,
+    execs: crate::exec::Execs,
     cores: u32,
     memory_bytes: u64,
     hostname: String,
@@ -158,7 +159,9 @@ pub async fn run(
         gpus,
         gpu_reason,
     );
+    let execs = crate::exec::Execs::new(&config.node_id, events.clone(), docker.clone().ok());
     let agent = Agent {
+        execs,
         cores,
         memory_bytes,
         docker,
@@ -429,6 +432,7 @@ impl Agent {
                             warn!(reason = %preempt.reason, notice_s = notice.as_secs(), "node preempted; stopping its jobs");
                             self.stop_every(Stop::Preempt { reason: preempt.reason, notice });
                         }
+                        Some(Msg::Exec(frame)) => self.execs.frame(frame),
                         Some(Msg::Shutdown(shutdown)) => {
                             info!(reason = %shutdown.reason, "coordinator asked this agent to stop");
                             self.cancel_all(&shutdown.reason);
@@ -582,9 +586,23 @@ impl Agent {
                 );
                 env.extend(gpu_env(&gpus));
                 let image = (!launch.image.is_empty()).then_some(launch.image);
+                let mut argv = launch.argv;
+                let mut mounts = Vec::new();
+                if launch.mpi {
+                    match self.mpi_sandbox(&slot, &launch.job_id, image.is_some(), &mut env) {
+                        Ok((wrapped, extra)) => {
+                            argv = wrapped.into_iter().chain(argv).collect();
+                            mounts = extra;
+                        }
+                        Err(why) => {
+                            self.finish(slot, sink, Outcome::failed(why)).await;
+                            return;
+                        }
+                    }
+                }
                 let spec = RunSpec {
                     slot: slot.clone(),
-                    argv: launch.argv,
+                    argv,
                     env,
                     cwd: dir.clone(),
                     timeout: (launch.timeout_seconds > 0)
@@ -593,7 +611,21 @@ impl Agent {
                     image,
                     gpus: gpus.iter().map(u32::to_string).collect(),
                     rank: None,
+                    mounts,
                 };
+                if launch.mpi {
+                    let sandbox = match (&spec.image, &self.docker) {
+                        (Some(_), Ok(docker)) => crate::exec::Sandbox::Container {
+                            name: docker.container_name(&slot, None),
+                            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                        },
+                        _ => crate::exec::Sandbox::Process {
+                            env: spec.env.clone(),
+                            cwd: dir.clone(),
+                        },
+                    };
+                    self.execs.sandbox_ready(slot.clone(), sandbox);
+                }
                 self.run_ranks(spec, launch.processes, sink.clone(), stop)
                     .await
             }
@@ -688,8 +720,96 @@ impl Agent {
         }
     }
 
+    /// An MPI instance's sandbox: the command to put before the job's (the launcher
+    /// on instance 0, a holder on the others), the settings that give each node's
+    /// daemons their own folders, and the mounts a container needs for them.
+    #[allow(clippy::type_complexity)]
+    fn mpi_sandbox(
+        &self,
+        slot: &Slot,
+        job_id: &str,
+        container: bool,
+        env: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<(Vec<String>, Vec<(std::path::PathBuf, String)>), String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find the shoal binary for the MPI helper: {e}"))?;
+        // Replaced while running (a rebuild, an upgrade): the new one is at the path.
+        let exe = match exe.to_string_lossy().strip_suffix(" (deleted)") {
+            Some(path) => std::path::PathBuf::from(path),
+            None => exe,
+        };
+        let run = self
+            .config
+            .work_dir
+            .join("run")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        let tmp = run.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let socket = run.join("exec.sock");
+        let (helper, socket_inside, tmp_inside, mounts) = if container {
+            (
+                "/shoal/bin/shoal".to_string(),
+                "/shoal/run/exec.sock".to_string(),
+                "/tmp".to_string(),
+                vec![
+                    (exe.clone(), "/shoal/bin/shoal".to_string()),
+                    (run.clone(), "/shoal/run".to_string()),
+                ],
+            )
+        } else {
+            let tmp = tmp.to_string_lossy().into_owned();
+            (
+                exe.to_string_lossy().into_owned(),
+                socket.to_string_lossy().into_owned(),
+                tmp,
+                Vec::new(),
+            )
+        };
+        let mut set = |key: &str, value: String| {
+            env.entry(key.to_string()).or_insert(value);
+        };
+        set("OMPI_MCA_plm_rsh_agent", format!("{helper} mpi rsh"));
+        set("TMPDIR", tmp_inside.clone());
+        set("OMPI_MCA_orte_tmpdir_base", tmp_inside.clone());
+        set("OMPI_MCA_btl_vader_backing_directory", tmp_inside);
+        if !container && let Some(interface) = crate::telemetry::default_route_interface() {
+            set("OMPI_MCA_btl_tcp_if_include", interface.clone());
+            set("OMPI_MCA_oob_tcp_if_include", interface);
+        }
+        if slot.instance == 0 {
+            self.execs
+                .serve_launcher(slot.clone(), job_id.to_string(), &socket)
+                .map_err(|e| {
+                    format!(
+                        "cannot open the MPI launcher socket {}: {e}",
+                        socket.display()
+                    )
+                })?;
+            env.insert("SHOAL_EXEC_SOCKET".into(), socket_inside);
+            Ok((
+                vec![helper, "mpi".into(), "launch".into(), "--".into()],
+                mounts,
+            ))
+        } else {
+            // The holder replaces the job's command: mpirun starts the ranks here.
+            Ok((
+                vec![helper, "mpi".into(), "hold".into(), "--".into()],
+                mounts,
+            ))
+        }
+    }
+
     /// Uploads outputs, records and reports the exit, and clears the working dir.
     async fn finish(&self, slot: Slot, sink: EventSink, mut outcome: Outcome) {
+        self.execs.instance_ended(&slot);
+        let run = self
+            .config
+            .work_dir
+            .join("run")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        if run.exists() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(run)).await;
+        }
         let dir = self
             .config
             .work_dir

@@ -197,3 +197,30 @@ mod tests {
         );
     }
 }
+
+/// The interface of the default route (where other machines are reached), from
+/// /proc/net/route; None when there is none.
+pub fn default_route_interface() -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    default_route_in(&table)
+}
+
+fn default_route_in(table: &str) -> Option<String> {
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let interface = fields.next()?;
+        (fields.next()? == "00000000").then(|| interface.to_string())
+    })
+}
+
+#[cfg(test)]
+mod route_tests {
+    #[test]
+    fn the_default_route_names_its_interface() {
+        let table = "Iface\tDestination\tGateway\n\
+                     docker0\t000011AC\t00000000\n\
+                     eth0\t00000000\t010200C0\n";
+        assert_eq!(super::default_route_in(table).as_deref(), Some("eth0"));
+        assert_eq!(super::default_route_in("Iface\tDestination\n"), None);
+    }
+}

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{agent, cluster, job, node, quickstart, serve};
+use commands::{agent, cluster, job, mpi, node, quickstart, serve};
 use output::Format;
 
 #[derive(Parser)]
@@ -67,6 +67,9 @@ enum Command {
     /// Core quotas per VM family, low-priority and total.
     #[command(subcommand)]
     Quota(node::QuotaCommand),
+    /// Helpers MPI jobs run in their sandboxes (started by the agents, not by hand).
+    #[command(subcommand)]
+    Mpi(mpi::Command),
 }
 
 fn init_logging(default: &str) {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             Command::Node(command) => node::run(command, &endpoint, format).await,
             Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
             Command::Quota(command) => node::run_quota(command, &endpoint, format).await,
+            Command::Mpi(command) => mpi::run(command).await,
         }
     });
     match result {

@@ -272,11 +272,10 @@ fn check_distribution(request: &JobRequest, cluster: &ClusterSpec) -> Result<u32
         ));
     }
     match distribution {
-        Distribution::Mpi { .. } => Err(Error::invalid(
-            "distribution.type",
-            "mpi jobs are not available in this build yet; use pytorch or tensorflow",
-        )),
         Distribution::Pytorch {
+            process_count_per_instance,
+        }
+        | Distribution::Mpi {
             process_count_per_instance,
         } if !(1..=MAX_PROCESSES_PER_INSTANCE).contains(process_count_per_instance) => {
             Err(Error::invalid(
@@ -284,7 +283,7 @@ fn check_distribution(request: &JobRequest, cluster: &ClusterSpec) -> Result<u32
                 format!("must be 1 to {MAX_PROCESSES_PER_INSTANCE}"),
             ))
         }
-        Distribution::Pytorch { .. } => Ok(asked.max(1)),
+        Distribution::Pytorch { .. } | Distribution::Mpi { .. } => Ok(asked.max(1)),
         Distribution::Tensorflow {
             worker_count,
             parameter_server_count,
@@ -665,6 +664,14 @@ impl Distribution {
                 process_count_per_instance,
             } => *process_count_per_instance,
             Distribution::Tensorflow { .. } => 1,
+        }
+    }
+
+    /// Processes the agent starts per instance: mpirun starts an MPI job's ranks.
+    pub fn agent_processes(&self) -> u32 {
+        match self {
+            Distribution::Mpi { .. } => 1,
+            other => other.processes_per_instance(),
         }
     }
 

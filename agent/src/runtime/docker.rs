@@ -110,6 +110,71 @@ impl DockerRuntime {
         }
     }
 
+    /// Runs `sh -c command` inside the container (an MPI daemon) with `env` added;
+    /// each chunk of output goes to `output(stream, data)`; the exit code at the end.
+    pub async fn exec(
+        &self,
+        container: &str,
+        command: &str,
+        env: Vec<String>,
+        output: impl Fn(&'static str, Vec<u8>),
+    ) -> Result<i64, String> {
+        use bollard::container::LogOutput;
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(vec![
+                        "sh".to_string(),
+                        "-c".to_string(),
+                        command.to_string(),
+                    ]),
+                    env: Some(env),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("docker exec in {container}: {e}"))?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(|e| format!("docker exec in {container}: {e}"))?;
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = started
+        {
+            while let Some(Ok(chunk)) = stream.next().await {
+                match chunk {
+                    LogOutput::StdErr { message } => output("stderr", message.to_vec()),
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        output("stdout", message.to_vec())
+                    }
+                    LogOutput::StdIn { .. } => {}
+                }
+            }
+        }
+        let inspected = self
+            .docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| format!("docker exec in {container}: {e}"))?;
+        inspected
+            .exit_code
+            .ok_or_else(|| format!("docker exec in {container} ended with no exit code"))
+    }
+
     /// Containers of this node left by an earlier agent, running or ended.
     pub async fn recover(&self) -> Vec<Recovered> {
         let filters = HashMap::from([(
@@ -192,6 +257,15 @@ impl DockerRuntime {
             labels.insert(LABEL_DEADLINE.to_string(), secs.to_string());
         }
         let device_requests = device_requests(&spec.gpus);
+        let mut binds = vec![
+            format!("{host_dir}:/job:ro"),
+            format!("{host_dir}/outputs:/job/outputs:rw"),
+        ];
+        binds.extend(
+            spec.mounts
+                .iter()
+                .map(|(host, inside)| format!("{}:{inside}:ro", host.display())),
+        );
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: Some(spec.argv.clone()),
@@ -199,10 +273,7 @@ impl DockerRuntime {
             working_dir: Some("/job".into()),
             labels: Some(labels),
             host_config: Some(HostConfig {
-                binds: Some(vec![
-                    format!("{host_dir}:/job:ro"),
-                    format!("{host_dir}/outputs:/job/outputs:rw"),
-                ]),
+                binds: Some(binds),
                 nano_cpus: Some(self.nano_cpus),
                 memory: Some(self.memory_bytes),
                 network_mode: self.network.clone(),

@@ -3,7 +3,7 @@
 //! SIGKILL of the whole tree), and an outcome at the end.
 
 pub mod docker;
-mod process;
+pub(crate) mod process;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,6 +38,8 @@ pub struct RunSpec {
     pub gpus: Vec<String>,
     /// Which process of the instance, when it runs several.
     pub rank: Option<u32>,
+    /// Extra read-only mounts (host path, path inside) for the docker runtime.
+    pub mounts: Vec<(PathBuf, String)>,
 }
 
 /// Why an instance is being stopped before it ends on its own.

@@ -30,7 +30,20 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-fn signal_group(pid: Pid, signal: Signal) {
+/// If the agent dies, the child dies with it rather than running on unsupervised
+/// (and again, elsewhere, once its attempt is requeued).
+pub(crate) fn die_with_agent(command: &mut tokio::process::Command) {
+    // SAFETY: runs between fork and exec, and calls only prctl(2), which is
+    // async-signal-safe; it touches no memory of the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+pub(crate) fn signal_group(pid: Pid, signal: Signal) {
     // ESRCH: the whole group is gone already.
     let _ = killpg(pid, signal);
 }
@@ -62,16 +75,7 @@ async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<St
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // If the agent dies, the job's leader dies with it rather than running on
-    // unsupervised (and again, elsewhere, once its attempt is requeued).
-    // SAFETY: runs between fork and exec, and calls only prctl(2), which is
-    // async-signal-safe; it touches no memory of the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
+    die_with_agent(&mut command);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -218,6 +222,7 @@ mod tests {
             image: None,
             gpus: Vec::new(),
             rank: None,
+            mounts: Vec::new(),
         }
     }
 

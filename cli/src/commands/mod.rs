@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod job;
+pub mod mpi;
 pub mod node;
 pub mod quickstart;
 pub mod serve;

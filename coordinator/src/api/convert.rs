@@ -385,6 +385,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             restore_outputs: order.restore_outputs,
             gpus: order.gpus,
             processes: order.processes,
+            mpi: order.mpi,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,
@@ -396,6 +397,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             notice_ms: duration_ms(notice),
             reason,
         }),
+        ToAgent::Exec(frame) => Msg::Exec(frame),
     };
     pb::CoordinatorMessage { msg: Some(msg) }
 }

@@ -29,6 +29,7 @@ pub struct Api {
     pub artifacts: Artifacts,
     pub max_code_bytes: usize,
     sessions: Arc<AtomicU64>,
+    exec: super::exec::ExecRelay,
 }
 
 impl Api {
@@ -44,6 +45,7 @@ impl Api {
             artifacts,
             max_code_bytes,
             sessions: Arc::new(AtomicU64::new(1)),
+            exec: super::exec::ExecRelay::default(),
         }
     }
 
@@ -520,9 +522,11 @@ impl pb::agent_server::Agent for Api {
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let (link, outbound) = mpsc::unbounded_channel();
         self.control
-            .register_agent(convert::registration(register), session, link)
+            .register_agent(convert::registration(register), session, link.clone())
             .await?;
+        self.exec.attach(&node_id, session, link);
         let control = self.control.clone();
+        let exec = self.exec.clone();
         tokio::spawn(async move {
             loop {
                 let message = match inbound.message().await {
@@ -577,6 +581,10 @@ impl pb::agent_server::Agent for Api {
                         stream: log.stream,
                         data: log.data,
                     },
+                    Some(Msg::Exec(frame)) => {
+                        exec.frame(&node_id, &control, frame).await;
+                        continue;
+                    }
                     Some(Msg::Register(_)) => {
                         warn!(node = %node_id, "second Register on one session ignored");
                         continue;
@@ -587,6 +595,7 @@ impl pb::agent_server::Agent for Api {
                     break;
                 }
             }
+            exec.detach(&node_id, session);
             control.send(Command::AgentGone { node_id, session }).await;
         });
         let stream = UnboundedReceiverStream::new(outbound).map(|m| Ok(convert::to_agent(m)));

@@ -1,6 +1,7 @@
 //! The gRPC services (user API and agent session) and the JSON HTTP API, on one port.
 
 pub mod convert;
+mod exec;
 mod grpc;
 pub mod http;
 

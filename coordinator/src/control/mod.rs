@@ -76,6 +76,8 @@ pub enum ToAgent {
         notice: Duration,
         reason: String,
     },
+    /// A frame of a remote exec (an MPI daemon's launch), relayed as is.
+    Exec(shoal_proto::v1::ExecFrame),
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +95,8 @@ pub struct LaunchOrder {
     pub gpus: u32,
     /// Processes the instance runs (each with LOCAL_RANK and RANK); 1 for most jobs.
     pub processes: u32,
+    /// An MPI job: instance 0 runs mpirun, the others hold a sandbox for its daemons.
+    pub mpi: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -1072,9 +1076,14 @@ impl Control {
         if instance.status.is_final() || instance.node != node_id {
             return; // a repeat, or a stale report
         }
-        let status = InstanceStatus::from_outcome(&exit.outcome, exit.exit_code);
+        let mut status = InstanceStatus::from_outcome(&exit.outcome, exit.exit_code);
         let job_id = job.id.clone();
         let job_final = job.status.is_final();
+        let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
+        if mpi && job.status == JobStatus::Completed && status == InstanceStatus::Canceled {
+            // A worker released when mpirun finished: its part is done.
+            status = InstanceStatus::Completed;
+        }
         if status == InstanceStatus::Canceled && !job_final {
             // Stopped under us (the agent shut down): not the job's fault.
             self.instance_lost(
@@ -1106,6 +1115,10 @@ impl Control {
                     .all(|i| i.status == InstanceStatus::Completed);
                 if done {
                     self.end_job(&job_id, JobStatus::Completed, String::new(), now);
+                } else if mpi && slot.instance == 0 {
+                    // mpirun ended well: every rank did; the workers only held sandboxes.
+                    self.end_job(&job_id, JobStatus::Completed, String::new(), now);
+                    self.stop_live_instances(&job_id, MPI_RELEASE);
                 }
             }
             InstanceStatus::Preempted => {
@@ -2199,7 +2212,8 @@ impl Control {
             .spec
             .distribution
             .as_ref()
-            .map_or(1, Distribution::processes_per_instance);
+            .map_or(1, Distribution::agent_processes);
+        let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
         let mut instances = Vec::new();
         for (index, node_id) in placement.nodes.iter().enumerate() {
             let slot = Slot {
@@ -2225,6 +2239,7 @@ impl Control {
                 env.remove("SHOAL_PREEMPTION_DEADLINE");
             }
             env.insert("SHOAL_NODES".into(), hosts.join(","));
+            env.insert("SHOAL_NODE_IDS".into(), placement.nodes.join(","));
             if let Some(per_instance) = distributed.get(index) {
                 for (key, value) in per_instance {
                     // The job's own settings win (MASTER_PORT, say).
@@ -2244,6 +2259,7 @@ impl Control {
                     restore_outputs: number > 1,
                     gpus: job.spec.gpus_per_instance,
                     processes,
+                    mpi,
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -2435,6 +2451,9 @@ fn removal(node: &Node) -> NodeRemoval {
     }
 }
 
+/// Why an MPI job's workers are stopped once mpirun has finished.
+pub const MPI_RELEASE: &str = "released: the MPI launcher finished";
+
 /// PyTorch master port unless the job sets MASTER_PORT.
 pub const PYTORCH_MASTER_PORT: u16 = 6105;
 /// TensorFlow task i listens on this port plus i (distinct on a shared machine).
@@ -2450,10 +2469,28 @@ pub fn distribution_env(spec: &JobSpec, hosts: &[String]) -> Vec<Vec<(String, St
         items.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     };
     match distribution {
-        Distribution::Pytorch {
+        Distribution::Mpi {
             process_count_per_instance,
+        } => {
+            let common = pairs(vec![
+                (
+                    "SHOAL_MPI_PROCESSES_PER_NODE",
+                    process_count_per_instance.to_string(),
+                ),
+                // Containers run as root; Open MPI refuses that unless told twice.
+                ("OMPI_ALLOW_RUN_AS_ROOT", "1".into()),
+                ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1".into()),
+                // Daemons are started one by one through the agents (no tree of
+                // remote shells) and stay attached to their exec, so that they
+                // end with it and their output is carried back.
+                ("OMPI_MCA_plm_rsh_no_tree_spawn", "1".into()),
+                ("OMPI_MCA_orte_leave_session_attached", "1".into()),
+                // Each daemon keeps its own node's settings (temporary dirs).
+                ("OMPI_MCA_plm_rsh_pass_environ_mca_params", "0".into()),
+            ]);
+            vec![common; hosts.len()]
         }
-        | Distribution::Mpi {
+        Distribution::Pytorch {
             process_count_per_instance,
         } => {
             let per = *process_count_per_instance;
