@@ -176,8 +176,8 @@ async fn distributed_jobs_that_cannot_work_are_refused_at_submit() {
         ),
         (
             "pt",
-            "distribution: {type: mpi, process_count_per_instance: 1}",
-            "mpi",
+            "distribution: {type: mpi, process_count_per_instance: 0}",
+            "process_count_per_instance",
         ),
         ("pt", "distribution: {type: horovod}", "horovod"),
         (

@@ -300,6 +300,7 @@ impl Agent {
                     slot: found.slot.clone(),
                     tx: agent.events.clone(),
                     gpus: Vec::new(),
+                    rank_failure: None,
                 };
                 let since = docker::recovery_since();
                 let grace = agent.config.stop_grace;
@@ -541,6 +542,7 @@ impl Agent {
                         slot: slot.clone(),
                         tx: agent.events.clone(),
                         gpus: Vec::new(),
+                        rank_failure: None,
                     };
                     agent.finish(slot, sink, Outcome::failed(why)).await;
                 });
@@ -569,6 +571,7 @@ impl Agent {
             slot: slot.clone(),
             tx: self.events.clone(),
             gpus: gpus.clone(),
+            rank_failure: (launch.mpi && slot.instance == 0).then(Arc::default),
         };
         let dir = self
             .config
@@ -802,6 +805,11 @@ impl Agent {
     /// Uploads outputs, records and reports the exit, and clears the working dir.
     async fn finish(&self, slot: Slot, sink: EventSink, mut outcome: Outcome) {
         self.execs.instance_ended(&slot);
+        if outcome.outcome == "failed"
+            && let Some(line) = sink.rank_failure()
+        {
+            outcome.message = format!("mpirun: {line}");
+        }
         let run = self
             .config
             .work_dir

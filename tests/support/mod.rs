@@ -399,3 +399,62 @@ pub fn containers_with(tc: &TestCluster, label: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The MPI example program (`images/mpi-train`), built on first use, or None when
+/// this machine has no Open MPI. With SHOAL_REQUIRE_MPI=1 (CI) that is a failure;
+/// without it the test is skipped with a loud message.
+pub fn mpi_train() -> Option<PathBuf> {
+    let required = std::env::var("SHOAL_REQUIRE_MPI").is_ok_and(|v| v == "1");
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("mpirun") || !have("mpicc") {
+        assert!(
+            !required,
+            "SHOAL_REQUIRE_MPI=1 but Open MPI is missing (apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+        );
+        eprintln!(
+            "\n!!! SKIPPED: no Open MPI here (apt-get install openmpi-bin libopenmpi-dev libclang-dev); set SHOAL_REQUIRE_MPI=1 to make this a failure !!!\n"
+        );
+        return None;
+    }
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_builder = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let binary = root.join("target/release/shoal-mpi-train");
+    if !binary.exists() {
+        let built = Command::new("cargo")
+            .args(["build", "--release", "--locked", "--manifest-path"])
+            .arg(root.join("images/mpi-train/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(root.join("target"))
+            .status()
+            .expect("cargo build images/mpi-train");
+        assert!(built.success(), "building images/mpi-train failed");
+    }
+    Some(binary)
+}
+
+/// The shoal/mpi-train image is there (built when missing).
+pub fn mpi_image_ready() {
+    let present = Command::new("docker")
+        .args(["image", "inspect", "shoal/mpi-train"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+        let built = Command::new("bash")
+            .arg(script)
+            .arg("mpi-train")
+            .env("SHOAL_BIN", SHOAL)
+            .status()
+            .expect("run images/build.sh mpi-train");
+        assert!(built.success(), "images/build.sh mpi-train failed");
+    }
+}

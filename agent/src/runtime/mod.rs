@@ -97,6 +97,8 @@ pub struct EventSink {
     pub tx: mpsc::UnboundedSender<pb::AgentMessage>,
     /// The GPUs the instance holds (reported with its start).
     pub gpus: Vec<u32>,
+    /// An MPI launcher's output is watched for mpirun's word on a failed rank.
+    pub rank_failure: Option<std::sync::Arc<std::sync::Mutex<Option<String>>>>,
 }
 
 impl EventSink {
@@ -123,6 +125,9 @@ impl EventSink {
     }
 
     pub fn log(&self, stream: &str, data: Vec<u8>) {
+        if let Some(found) = &self.rank_failure {
+            note_rank_failure(found, &data);
+        }
         let log = pb::LogUp {
             attempt_id: self.slot.attempt_id.clone(),
             instance: self.slot.instance,
@@ -135,6 +140,46 @@ impl EventSink {
     }
 }
 
+/// Keeps mpirun's first word on a failed rank: "mpirun noticed that process rank
+/// R ... on node N exited on signal S", or its "Process name: [[job,1],R]" and
+/// "Exit code: C" lines, said as "rank R exited with code C".
+fn note_rank_failure(found: &std::sync::Mutex<Option<String>>, data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut found = found.lock().unwrap_or_else(|p| p.into_inner());
+    for line in text.lines().map(str::trim) {
+        if found.as_deref().is_some_and(|f| !f.ends_with("exited")) {
+            return;
+        }
+        if line.starts_with("mpirun noticed that process rank") {
+            *found = Some(line.trim_end_matches('.').to_string());
+        } else if let Some(name) = line.strip_prefix("Process name:") {
+            let rank = name
+                .trim()
+                .trim_end_matches(']')
+                .rsplit(',')
+                .next()
+                .unwrap_or("?");
+            *found = Some(format!("rank {rank} exited"));
+        } else if let Some(code) = line.strip_prefix("Exit code:")
+            && found.is_some()
+        {
+            *found = Some(format!(
+                "{} with code {}",
+                found.take().unwrap_or_default(),
+                code.trim()
+            ));
+        }
+    }
+}
+
+/// What the sink noticed of a failed rank, if anything.
+impl EventSink {
+    pub fn rank_failure(&self) -> Option<String> {
+        let found = self.rank_failure.as_ref()?;
+        found.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 pub type RunFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 pub trait Runtime: Send + Sync + 'static {
@@ -142,4 +187,39 @@ pub trait Runtime: Send + Sync + 'static {
     /// Runs the instance to its end. `stop` turning `Some` asks it to stop early.
     fn run(&self, spec: RunSpec, sink: EventSink, stop: watch::Receiver<Option<Stop>>)
     -> RunFuture;
+}
+
+#[cfg(test)]
+mod rank_failure_tests {
+    use super::note_rank_failure;
+    use std::sync::Mutex;
+
+    fn noticed(chunks: &[&str]) -> Option<String> {
+        let found = Mutex::new(None);
+        for chunk in chunks {
+            note_rank_failure(&found, chunk.as_bytes());
+        }
+        found.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[test]
+    fn mpirun_naming_a_killed_rank_is_kept() {
+        let line = "mpirun noticed that process rank 3 with PID 0 on node n-2 exited on signal 9 (Killed).";
+        assert_eq!(
+            noticed(&["epoch 1\n", line, "\nmore\n"]).as_deref(),
+            Some(
+                "mpirun noticed that process rank 3 with PID 0 on node n-2 exited on signal 9 (Killed)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_rank_exit_code_is_put_in_words() {
+        let report = "the job to be terminated. The first process to do so was:\n\n  Process name: [[16682,1],5]\n";
+        assert_eq!(
+            noticed(&[report, "  Exit code:    139\n"]).as_deref(),
+            Some("rank 5 exited with code 139")
+        );
+        assert_eq!(noticed(&["all good\n"]), None);
+    }
 }

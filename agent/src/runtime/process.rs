@@ -237,6 +237,7 @@ mod tests {
                 slot,
                 tx,
                 gpus: Vec::new(),
+                rank_failure: None,
             },
             rx,
         )

@@ -68,6 +68,13 @@ impl Api {
     }
 
     pub async fn submit(&self, mut spec: pb::JobSpec) -> Result<pb::Job, Status> {
+        if spec
+            .distribution
+            .as_ref()
+            .is_some_and(|d| d.r#type == "mpi")
+        {
+            self.check_mpirun(&spec).await?;
+        }
         let code = std::mem::take(&mut spec.code);
         if code.len() > self.max_code_bytes {
             return Err(crate::Error::invalid(
@@ -102,6 +109,41 @@ impl Api {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    /// An MPI job needs `mpirun` where instance 0 runs: in its image, or on the
+    /// machine for a process job on local nodes. Refused at submit, with the reason.
+    async fn check_mpirun(&self, spec: &pb::JobSpec) -> Result<(), Status> {
+        let refuse =
+            |why: String| -> Status { crate::Error::invalid("distribution.type", why).into() };
+        if !spec.image.is_empty() {
+            return match crate::provider::docker::image_lacks(&spec.image, "mpirun").await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(refuse(format!(
+                    "an mpi job runs mpirun in its image, but {why}; build one with Open MPI (images/build.sh mpi-train makes shoal/mpi-train)"
+                ))),
+                // No engine to ask: the agent reports it if the image cannot run.
+                Err(_) => Ok(()),
+            };
+        }
+        let Ok(cluster) = self.control.get_cluster(spec.cluster.clone()).await else {
+            return Ok(()); // the submit names the missing cluster
+        };
+        if cluster.cluster.spec.provider != crate::model::ProviderKind::Local {
+            return Err(refuse(
+                "an mpi job on a docker-provider cluster needs an image with Open MPI (environment.image, e.g. shoal/mpi-train)".into(),
+            ));
+        }
+        let on_path = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("mpirun").is_file())
+        });
+        if on_path {
+            Ok(())
+        } else {
+            Err(refuse(
+                "an mpi job without an image runs mpirun on this machine, which has none; install Open MPI (apt-get install openmpi-bin) or give the job an image with it".into(),
+            ))
         }
     }
 

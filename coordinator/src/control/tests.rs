@@ -489,3 +489,102 @@ async fn a_job_whose_gpu_idles_is_flagged_and_canceled_by_the_cluster_policy() {
     );
     assert!(job.reason.contains("idle-GPU policy"), "{}", job.reason);
 }
+
+#[tokio::test]
+async fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
+    let h = harness().await;
+    h.cluster(2, 60).await;
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "train".into(),
+        instance_count: 2,
+        distribution: Some(crate::model::Distribution::Mpi {
+            process_count_per_instance: 3,
+        }),
+        ..Default::default()
+    };
+    let id = h.handle.submit_job(request).await.expect("submit").id;
+    let (a, b) = (h.created_node(0).await, h.created_node(1).await);
+    let mut links = [
+        h.register(&a, 1, vec![]).await,
+        h.register(&b, 1, vec![]).await,
+    ];
+    let mut orders = Vec::new();
+    for link in links.iter_mut() {
+        orders.push(next_launch(link).await);
+    }
+    orders.sort_by_key(|o| o.slot.instance);
+    for order in &orders {
+        // mpirun starts the ranks: the agent starts one process per instance.
+        assert!(order.mpi);
+        assert_eq!(order.processes, 1);
+        assert_eq!(order.env["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
+        assert_eq!(order.env["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
+        assert_eq!(order.env["SHOAL_NODE_IDS"].split(',').count(), 2);
+    }
+    let node_of = |order: &LaunchOrder| order.env["SHOAL_NODE_ID"].clone();
+    for order in &orders {
+        h.handle
+            .send(Command::InstanceStarted {
+                node_id: node_of(order),
+                slot: order.slot.clone(),
+                gpus: Vec::new(),
+            })
+            .await;
+    }
+    h.job_status(&id, JobStatus::Running).await;
+    // The launcher (instance 0) ends well: the job is done, the holder is released.
+    h.handle
+        .send(Command::InstanceExited {
+            node_id: node_of(&orders[0]),
+            slot: orders[0].slot.clone(),
+            exit: exit(0),
+        })
+        .await;
+    h.job_status(&id, JobStatus::Completed).await;
+    let holder = node_of(&orders[1]);
+    let link = if holder == a {
+        &mut links[0]
+    } else {
+        &mut links[1]
+    };
+    let released = loop {
+        let message = tokio::time::timeout(Duration::from_secs(2), link.recv())
+            .await
+            .expect("a cancel in time")
+            .expect("link open");
+        if let ToAgent::Cancel { slot, reason } = message {
+            break (slot, reason);
+        }
+    };
+    assert_eq!(released.0, orders[1].slot);
+    assert_eq!(released.1, super::MPI_RELEASE);
+    h.handle
+        .send(Command::InstanceExited {
+            node_id: holder,
+            slot: orders[1].slot.clone(),
+            exit: ExitReport {
+                exit_code: Some(0),
+                outcome: "canceled".into(),
+                message: released.1,
+                usage: None,
+            },
+        })
+        .await;
+    let job = eventually_job(&h, &id, |job| {
+        job.attempts[0].instances[1].status == crate::model::InstanceStatus::Completed
+    })
+    .await;
+    assert_eq!(job.status, JobStatus::Completed);
+}
+
+async fn eventually_job(h: &Harness, id: &str, done: impl Fn(&Job) -> bool) -> Job {
+    for _ in 0..400 {
+        let job = h.handle.get_job(id.to_string()).await.expect("job");
+        if done(&job) {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{id} never got there");
+}

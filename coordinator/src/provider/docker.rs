@@ -72,6 +72,58 @@ pub async fn check_ready() -> Result<(), String> {
     }
 }
 
+/// Whether `image` has `program` in a folder of its PATH: Ok(None) if it has,
+/// Ok(Some(why not)) if it has not, Err when the engine cannot tell.
+pub async fn image_lacks(image: &str, program: &str) -> Result<Option<String>, String> {
+    use futures::StreamExt;
+    let docker = connect().await?;
+    let inspected = match docker.inspect_image(image).await {
+        Ok(inspected) => inspected,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {
+            return Ok(Some(format!(
+                "image `{image}` is not on this machine; build it (images/build.sh) first"
+            )));
+        }
+        Err(e) => return Err(format!("cannot inspect `{image}`: {e}")),
+    };
+    let path = inspected
+        .config
+        .and_then(|c| c.env)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    // A created (never started) container's files can be read.
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(image.to_string()),
+        cmd: Some(vec!["true".into()]),
+        ..Default::default()
+    };
+    let created = docker
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
+        .await
+        .map_err(|e| format!("cannot look inside `{image}`: {e}"))?;
+    let mut found = false;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::new()
+            .path(&format!("{dir}/{program}"))
+            .build();
+        let mut archive = docker.download_from_container(&created.id, Some(options));
+        if matches!(archive.next().await, Some(Ok(_))) {
+            found = true;
+            break;
+        }
+    }
+    let options = RemoveContainerOptionsBuilder::default().force(true).build();
+    let _ = docker.remove_container(&created.id, Some(options)).await;
+    Ok((!found).then(|| format!("image `{image}` has no `{program}` on its PATH ({path})")))
+}
+
 /// The `docker` provider: each node is a container running `shoal agent` on a
 /// private network of its cluster (its own hostname and IP), with the Docker socket
 /// mounted so its jobs run as sibling containers on the same network. The agent
@@ -155,8 +207,10 @@ impl DockerProvider {
             .await
             .map_err(|e| format!("cannot create work dir {}: {e}", work_dir.display()))?;
         let work = work_dir.to_string_lossy().into_owned();
+        // At its own path, as on the host: MPI jobs' containers (siblings) mount it too.
+        let program = self.program.to_string_lossy().into_owned();
         let cmd = vec![
-            "/usr/local/bin/shoal".to_string(),
+            program.clone(),
             "agent".into(),
             "--endpoint".into(),
             "unix:///run/shoal/shoal.sock".into(),
@@ -197,7 +251,7 @@ impl DockerProvider {
             labels: Some(labels),
             host_config: Some(bollard::models::HostConfig {
                 binds: Some(vec![
-                    format!("{}:/usr/local/bin/shoal:ro", self.program.display()),
+                    format!("{program}:{program}:ro"),
                     "/var/run/docker.sock:/var/run/docker.sock".into(),
                     format!("{}:/run/shoal", self.socket_dir.display()),
                     format!("{work}:{work}"),

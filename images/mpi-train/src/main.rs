@@ -5,6 +5,7 @@
 //! gets (`--serial`) up to the order of floating-point additions.
 //!
 //! Usage: shoal-mpi-train [--serial] [--epochs N] [--samples N] [--features N] [--seed N]
+//!        [--epoch-delay-ms N]   (a pause per epoch, to watch it or to stop it midway)
 //! Writes `model.json` to $SHOAL_OUTPUT_DIR (rank 0; default ./outputs).
 
 use std::fmt::Write as _;
@@ -23,6 +24,7 @@ struct Config {
     features: usize,
     seed: u64,
     learning_rate: f64,
+    epoch_delay: std::time::Duration,
 }
 
 fn parse() -> Result<Config, String> {
@@ -33,6 +35,7 @@ fn parse() -> Result<Config, String> {
         features: 8,
         seed: 7,
         learning_rate: 0.5,
+        epoch_delay: std::time::Duration::ZERO,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -47,6 +50,9 @@ fn parse() -> Result<Config, String> {
             "--samples" => config.samples = value("--samples")? as usize,
             "--features" => config.features = value("--features")? as usize,
             "--seed" => config.seed = value("--seed")?,
+            "--epoch-delay-ms" => {
+                config.epoch_delay = std::time::Duration::from_millis(value("--epoch-delay-ms")?)
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -59,11 +65,15 @@ fn parse() -> Result<Config, String> {
 /// The data set: features in [-1, 1), labels from a hidden linear rule with 10% noise.
 fn data(config: &Config) -> (Vec<Vec<f64>>, Vec<f64>) {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let truth: Vec<f64> = (0..config.features).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let truth: Vec<f64> = (0..config.features)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
     let mut xs = Vec::with_capacity(config.samples);
     let mut ys = Vec::with_capacity(config.samples);
     for _ in 0..config.samples {
-        let x: Vec<f64> = (0..config.features).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f64> = (0..config.features)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let score: f64 = x.iter().zip(&truth).map(|(a, b)| a * b).sum();
         let label = (score > 0.0) != (rng.random::<f64>() < 0.1);
         xs.push(x);
@@ -116,6 +126,7 @@ fn train(config: &Config, rank: usize, size: usize, reduce: &dyn Fn(&mut Vec<f64
             w[j] -= config.learning_rate * sums[j] / n as f64;
         }
         b -= config.learning_rate * sums[d] / n as f64;
+        std::thread::sleep(config.epoch_delay);
         if rank == 0 {
             println!(
                 "epoch {epoch}/{} loss={loss:.12} progress={}%",
@@ -187,7 +198,11 @@ fn main() -> ExitCode {
     };
     if rank == 0 {
         match save(&model, size) {
-            Ok(path) => println!("final loss={:.12} ranks={size} model={}", model.loss, path.display()),
+            Ok(path) => println!(
+                "final loss={:.12} ranks={size} model={}",
+                model.loss,
+                path.display()
+            ),
             Err(e) => {
                 eprintln!("shoal-mpi-train: cannot save the model: {e}");
                 return ExitCode::FAILURE;
