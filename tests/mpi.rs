@@ -18,6 +18,21 @@ fn job_file(tc: &TestCluster, name: &str, yaml: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A 3-node, 2-ranks-per-node MPI job of `command` on cluster `compute`.
+fn mpi_job(tc: &TestCluster, name: &str, compute: &str, command: &str, extra: &str) -> String {
+    job_file(
+        tc,
+        name,
+        &format!(
+            "compute: {compute}\n\
+             command: {command}\n\
+             {extra}\n\
+             resources: {{instance_count: 3}}\n\
+             distribution: {{type: mpi, process_count_per_instance: 2}}\n"
+        ),
+    )
+}
+
 fn logs(tc: &TestCluster, id: &str) -> String {
     String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned()
 }
@@ -92,17 +107,8 @@ async fn mpi_training_on_three_local_nodes_matches_a_single_process() {
     };
     let tc = TestCluster::start().await;
     tc.create_cluster("mpi", &["--max-nodes", "3"]);
-    let file = job_file(
-        &tc,
-        "mpi.yaml",
-        &format!(
-            "compute: mpi\n\
-             command: {} --epochs 25\n\
-             resources: {{instance_count: 3}}\n\
-             distribution: {{type: mpi, process_count_per_instance: 2}}\n",
-            train.display()
-        ),
-    );
+    let command = format!("{} --epochs 25", train.display());
+    let file = mpi_job(&tc, "mpi.yaml", "mpi", &command, "");
     let job = tc.shoal_json(&["job", "submit", "-f", &file, "--wait"]);
     let id = job["id"].as_str().expect("id").to_string();
     let logs = logs(&tc, &id);
@@ -124,14 +130,12 @@ async fn mpi_training_on_three_docker_nodes_matches_a_single_process() {
     support::mpi_image_ready();
     let tc = TestCluster::start().await;
     tc.create_cluster("dmpi", &["--max-nodes", "3", "--provider", "docker"]);
-    let file = job_file(
+    let file = mpi_job(
         &tc,
         "dmpi.yaml",
-        "compute: dmpi\n\
-         command: shoal-mpi-train --epochs 25\n\
-         environment: {image: shoal/mpi-train}\n\
-         resources: {instance_count: 3}\n\
-         distribution: {type: mpi, process_count_per_instance: 2}\n",
+        "dmpi",
+        "shoal-mpi-train --epochs 25",
+        "environment: {image: shoal/mpi-train}",
     );
     let job = tc.shoal_json(&["job", "submit", "-f", &file, "--wait"]);
     let id = job["id"].as_str().expect("id").to_string();
@@ -215,17 +219,8 @@ async fn killing_one_rank_fails_the_job_and_leaves_nothing_behind() {
     };
     let tc = TestCluster::start().await;
     tc.create_cluster("mpi", &["--max-nodes", "3"]);
-    let file = job_file(
-        &tc,
-        "long.yaml",
-        &format!(
-            "compute: mpi\n\
-             command: {} --epochs 100000 --epoch-delay-ms 20\n\
-             resources: {{instance_count: 3}}\n\
-             distribution: {{type: mpi, process_count_per_instance: 2}}\n",
-            train.display()
-        ),
-    );
+    let command = format!("{} --epochs 100000 --epoch-delay-ms 20", train.display());
+    let file = mpi_job(&tc, "long.yaml", "mpi", &command, "");
     let job = tc.shoal_json(&["job", "submit", "-f", &file]);
     let id = job["id"].as_str().expect("id").to_string();
     eventually("all ranks running", Duration::from_secs(60), || async {

@@ -7,4 +7,4 @@ pub mod v1 {
 }
 
 /// Bumped on any incompatible change of the agent session; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -103,14 +103,18 @@ impl Harness {
     }
 
     async fn job_status(&self, id: &str, status: JobStatus) -> Job {
+        self.job_until(id, |job| job.status == status).await
+    }
+
+    async fn job_until(&self, id: &str, done: impl Fn(&Job) -> bool) -> Job {
         for _ in 0..400 {
             let job = self.handle.get_job(id.to_string()).await.expect("job");
-            if job.status == status {
+            if done(&job) {
                 return job;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("{id} never became {status:?}");
+        panic!("{id} never got there");
     }
 }
 
@@ -571,20 +575,10 @@ async fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
             },
         })
         .await;
-    let job = eventually_job(&h, &id, |job| {
-        job.attempts[0].instances[1].status == crate::model::InstanceStatus::Completed
-    })
-    .await;
+    let job = h
+        .job_until(&id, |job| {
+            job.attempts[0].instances[1].status == crate::model::InstanceStatus::Completed
+        })
+        .await;
     assert_eq!(job.status, JobStatus::Completed);
-}
-
-async fn eventually_job(h: &Harness, id: &str, done: impl Fn(&Job) -> bool) -> Job {
-    for _ in 0..400 {
-        let job = h.handle.get_job(id.to_string()).await.expect("job");
-        if done(&job) {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{id} never got there");
 }
