@@ -5,6 +5,7 @@
 #   train  shoal/train: an example training workload that reports progress
 #   node   shoal/node:  what docker-provider nodes run `shoal agent` in (needs a built
 #          shoal: $SHOAL_BIN, else target/release/shoal or target/debug/shoal)
+#   batch-score  shoal/batch-score: a fixed linear model scoring CSV rows (parallel jobs)
 #   mpi-train  shoal/mpi-train: data-parallel training over Open MPI (rsmpi); needs
 #          apt-get install openmpi-bin libopenmpi-dev libclang-dev, and a built shoal
 #          (MPI jobs run the shoal helper inside it). Also builds the program itself
@@ -100,7 +101,7 @@ build() {
   rm -f "$log"
 }
 
-if [ "$#" -eq 0 ]; then set -- base train node mpi-train; fi
+if [ "$#" -eq 0 ]; then set -- base train node mpi-train batch-score; fi
 for name in "$@"; do
   if [ ! -f "$here/$name/Dockerfile" ]; then
     echo "images/build.sh: no image \`$name\` (the images are: $(cd "$here" && ls -d */ | tr -d / | tr '\n' ' '))" >&2

@@ -21,6 +21,8 @@ use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot,
 use crate::telemetry::{self, Telemetry};
 use crate::{AgentConfig, AgentError, archive};
 
+mod parallel;
+
 /// How long an exit is remembered for re-registration, in case it was never delivered.
 const EXIT_MEMORY: Duration = Duration::from_secs(300);
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -629,8 +631,13 @@ impl Agent {
                     };
                     self.execs.sandbox_ready(slot.clone(), sandbox);
                 }
-                self.run_ranks(spec, launch.processes, sink.clone(), stop)
-                    .await
+                if launch.parallel_workers > 0 {
+                    self.run_parallel(spec, launch.parallel_workers, sink.clone(), stop)
+                        .await
+                } else {
+                    self.run_ranks(spec, launch.processes, sink.clone(), stop)
+                        .await
+                }
             }
         };
         self.finish(slot, sink, outcome).await;

@@ -48,6 +48,61 @@ pub struct JobFile {
     /// `{type: pytorch, process_count_per_instance: 2}`, `{type: tensorflow, worker_count: 2, parameter_server_count: 1}`.
     #[serde(default)]
     pub distribution: Option<crate::model::Distribution>,
+
+    // type: parallel (the managed service's parallel job names)
+    #[serde(default)]
+    pub inputs: BTreeMap<String, Input>,
+    #[serde(default)]
+    pub mini_batch_size: Option<Scalar>,
+    #[serde(default)]
+    pub max_concurrency_per_instance: Option<u32>,
+    #[serde(default)]
+    pub retry_settings: Option<RetrySettings>,
+    #[serde(default)]
+    pub mini_batch_error_threshold: Option<i64>,
+    #[serde(default)]
+    pub allowed_failed_percent: Option<u32>,
+    #[serde(default)]
+    pub task: Option<Task>,
+    #[serde(default)]
+    pub output: Option<Output>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Seconds per mini-batch run.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    #[serde(default)]
+    pub code: Option<String>,
+}
+
+/// `output: summary_only`, or `output: {append_row_to: results.csv}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Output {
+    Action(String),
+    Rows { append_row_to: String },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,13 +160,96 @@ impl JobFile {
     pub fn check_supported(&self) -> Result<()> {
         if let Some(kind) = self.kind.as_deref()
             && kind != "command"
+            && kind != "parallel"
         {
             return Err(Error::invalid(
                 "type",
-                format!("`{kind}` jobs are not supported yet; use `type: command`"),
+                format!("`{kind}` jobs are not supported; use `type: command` or `type: parallel`"),
+            ));
+        }
+        let parallel_only = !self.inputs.is_empty()
+            || self.mini_batch_size.is_some()
+            || self.task.is_some()
+            || self.output.is_some()
+            || self.retry_settings.is_some();
+        if parallel_only && !self.is_parallel() {
+            return Err(Error::invalid(
+                "type",
+                "inputs, mini_batch_size, task, output and retry_settings belong to `type: parallel` jobs",
             ));
         }
         Ok(())
+    }
+
+    pub fn is_parallel(&self) -> bool {
+        self.kind.as_deref() == Some("parallel")
+    }
+
+    /// A parallel job's settings, with its input read by `read_input(kind, path)`
+    /// (the file's bytes, or a tar.gz of the folder). The input named `data` is the
+    /// one cut into mini-batches (or the only one).
+    pub fn parallel_wire(
+        &self,
+        read_input: impl FnOnce(&str, &str) -> Result<Vec<u8>>,
+    ) -> Result<shoal_proto::v1::Parallel> {
+        let (_, input) = match self.inputs.len() {
+            0 => {
+                return Err(Error::invalid(
+                    "inputs",
+                    "a parallel job needs an input: inputs: {data: {type: uri_file, path: ./rows.csv}}",
+                ));
+            }
+            1 => self
+                .inputs
+                .iter()
+                .next()
+                .ok_or_else(|| Error::invalid("inputs", "empty"))?,
+            _ => self.inputs.get_key_value("data").ok_or_else(|| {
+                Error::invalid(
+                    "inputs",
+                    "with several inputs, the one named `data` is cut into mini-batches",
+                )
+            })?,
+        };
+        crate::parallel::InputType::parse(&input.kind)?;
+        let size = match &self.mini_batch_size {
+            None => crate::parallel::BatchSize::Items(1),
+            Some(Scalar::Int(n)) => crate::parallel::BatchSize::parse(&n.to_string())?,
+            Some(Scalar::Text(text)) => crate::parallel::BatchSize::parse(text)?,
+            Some(other) => crate::parallel::BatchSize::parse(&other.to_string())?,
+        };
+        let (mini_batch_size, mini_batch_bytes) = match size {
+            crate::parallel::BatchSize::Items(n) => (n, 0),
+            crate::parallel::BatchSize::Bytes(n) => (0, n),
+        };
+        let append_row_to = match &self.output {
+            None => String::new(),
+            Some(Output::Action(action)) if action == "summary_only" => String::new(),
+            Some(Output::Action(action)) => {
+                return Err(Error::invalid(
+                    "output",
+                    format!(
+                        "`{action}` is not an output action: use summary_only or {{append_row_to: FILE}}"
+                    ),
+                ));
+            }
+            Some(Output::Rows { append_row_to }) => append_row_to.clone(),
+        };
+        let retry = self.retry_settings.as_ref();
+        let data = read_input(&input.kind, &input.path)?;
+        Ok(shoal_proto::v1::Parallel {
+            input_type: input.kind.clone(),
+            input: data,
+            mini_batch_size,
+            mini_batch_bytes,
+            max_concurrency_per_instance: self.max_concurrency_per_instance.unwrap_or(1),
+            max_retries: retry.and_then(|r| r.max_retries),
+            mini_batch_timeout_seconds: retry.and_then(|r| r.timeout).unwrap_or(0),
+            mini_batch_error_threshold: self.mini_batch_error_threshold,
+            allowed_failed_percent: self.allowed_failed_percent,
+            append_row_to,
+            input_name: input.path.clone(),
+        })
     }
 
     /// `azureml:cpu-cluster` and `cpu-cluster` both name the cluster `cpu-cluster`.
@@ -131,8 +269,25 @@ impl JobFile {
     pub fn image(&self) -> String {
         self.environment
             .as_ref()
+            .or(self.task.as_ref().and_then(|t| t.environment.as_ref()))
             .and_then(|e| e.image.clone())
             .unwrap_or_default()
+    }
+
+    /// The command line: a parallel job's `task.command`, else `command`.
+    pub fn command_line(&self) -> Option<String> {
+        self.task
+            .as_ref()
+            .and_then(|t| t.command.clone())
+            .or_else(|| self.command.clone())
+    }
+
+    /// The code folder: a parallel job's `task.code`, else `code`.
+    pub fn code_dir(&self) -> Option<String> {
+        self.task
+            .as_ref()
+            .and_then(|t| t.code.clone())
+            .or_else(|| self.code.clone())
     }
 
     pub fn distribution_wire(&self) -> Option<shoal_proto::v1::Distribution> {

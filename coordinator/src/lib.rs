@@ -11,6 +11,7 @@ pub mod governance;
 pub mod jobfile;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 pub mod provider;
 pub mod scheduler;
 pub mod server;

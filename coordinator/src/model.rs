@@ -625,6 +625,9 @@ pub struct JobSpec {
     pub gpus_per_instance: u32,
     #[serde(default)]
     pub distribution: Option<Distribution>,
+    /// A parallel (batch inference) job: how its mini-batches run.
+    #[serde(default)]
+    pub parallel: Option<crate::parallel::ParallelSpec>,
 }
 
 /// How a distributed job's processes find each other.
@@ -704,12 +707,23 @@ pub struct JobRequest {
     pub max_preemptions: Option<u32>,
     pub gpus_per_instance: u32,
     pub distribution: Option<Distribution>,
+    /// A parallel job, with its input already cut into mini-batches.
+    pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
 }
 
 impl JobSpec {
     /// Checks a request against the cluster it names (whose VM size has `vm_gpus`).
     pub fn from_request(request: JobRequest, cluster: &ClusterSpec, vm_gpus: u32) -> Result<Self> {
         let instance_count = check_distribution(&request, cluster)?;
+        if let Some((parallel, _)) = &request.parallel {
+            parallel.check()?;
+            if request.distribution.is_some() {
+                return Err(Error::invalid(
+                    "distribution",
+                    "a parallel job spreads mini-batches itself; leave distribution out",
+                ));
+            }
+        }
         if request.gpus_per_instance > vm_gpus {
             return Err(Error::invalid(
                 "resources.gpus_per_instance",
@@ -789,6 +803,7 @@ impl JobSpec {
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
             gpus_per_instance: request.gpus_per_instance,
             distribution: request.distribution,
+            parallel: request.parallel.map(|(spec, _)| spec),
         })
     }
 }
@@ -868,6 +883,9 @@ pub struct Job {
     /// Things worth a look (an idle GPU).
     #[serde(default)]
     pub flags: Vec<String>,
+    /// A parallel job's progress (derived, filled in for readers).
+    #[serde(skip)]
+    pub progress: Option<crate::parallel::Progress>,
 }
 
 impl Job {

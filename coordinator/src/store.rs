@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::governance::Quotas;
 use crate::model::{Cluster, Job, Node};
+use crate::parallel::{BatchStatus, Cut, MiniBatch};
 use crate::{Error, Result};
 
 /// Everything the coordinator needs to pick up where it left off.
@@ -22,6 +23,8 @@ pub struct Snapshot {
     pub next_node_seq: u64,
     /// Quotas set at run time (`shoal quota set`); None: the config's.
     pub quotas: Option<Quotas>,
+    /// Parallel jobs' mini-batches (without items and rows), by job.
+    pub mini_batches: Vec<(String, MiniBatch)>,
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +58,12 @@ pub struct Batch {
     pub next_job_seq: Option<u64>,
     pub next_node_seq: Option<u64>,
     pub quotas: Option<Quotas>,
+    /// A new parallel job's mini-batches, as cut.
+    pub new_mini_batches: Vec<(String, Vec<Cut>)>,
+    /// Mini-batch states that changed.
+    pub mini_batches: Vec<(String, MiniBatch)>,
+    /// Result rows of mini-batches done in this batch: (job, index, rows).
+    pub mini_batch_rows: Vec<(String, u32, Vec<u8>)>,
 }
 
 impl Batch {
@@ -68,6 +77,9 @@ impl Batch {
             && self.next_job_seq.is_none()
             && self.next_node_seq.is_none()
             && self.quotas.is_none()
+            && self.new_mini_batches.is_empty()
+            && self.mini_batches.is_empty()
+            && self.mini_batch_rows.is_empty()
     }
 }
 
@@ -76,6 +88,10 @@ pub trait Store: Send + 'static {
     /// Writes the whole batch in one transaction; returns the sequence numbers given
     /// to `batch.logs`, in order.
     fn commit(&mut self, batch: &Batch) -> Result<Vec<i64>>;
+    /// A mini-batch's items, as cut at submit.
+    fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>>;
+    /// The result rows of a job's done mini-batches, in mini-batch order.
+    fn read_rows(&mut self, job_id: &str) -> Result<Vec<u8>>;
     /// Log chunks of a job after `after_seq`, oldest first, at most `limit`.
     fn read_logs(
         &mut self,
@@ -101,6 +117,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX logs_by_job ON logs (job_id, seq);",
     // 2: settings changed at run time (quotas)
     "CREATE TABLE settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);",
+    // 3: parallel jobs' mini-batches: items in at submit, rows out with the result
+    "CREATE TABLE mini_batches (job_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                                item_count INTEGER NOT NULL, status TEXT NOT NULL,
+                                executions INTEGER NOT NULL, failures INTEGER NOT NULL,
+                                lease TEXT, node TEXT, deadline INTEGER, message TEXT NOT NULL,
+                                items BLOB NOT NULL, rows BLOB,
+                                PRIMARY KEY (job_id, idx));",
 ];
 
 pub struct SqliteStore {
@@ -186,6 +209,30 @@ impl Store for SqliteStore {
                     .optional()?;
                 body.map(|b| decode("settings", "quotas", &b)).transpose()?
             },
+            mini_batches: {
+                let mut stmt = self.conn.prepare(
+                    "SELECT job_id, idx, item_count, status, executions, failures, lease, node,
+                            deadline, message FROM mini_batches ORDER BY job_id, idx",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    let status: String = r.get(3)?;
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        MiniBatch {
+                            index: r.get(1)?,
+                            items: r.get::<_, i64>(2)? as u64,
+                            status: BatchStatus::parse(&status).unwrap_or(BatchStatus::Pending),
+                            executions: r.get(4)?,
+                            failures: r.get(5)?,
+                            lease: r.get(6)?,
+                            node: r.get(7)?,
+                            deadline: r.get(8)?,
+                            message: r.get(9)?,
+                        },
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            },
         })
     }
 
@@ -248,6 +295,45 @@ impl Store for SqliteStore {
             if let Some(seq) = batch.next_node_seq {
                 put_meta.execute(params!["next_node_seq", seq as i64])?;
             }
+            let mut new_batch = tx.prepare_cached(
+                "INSERT INTO mini_batches (job_id, idx, item_count, status, executions, failures,
+                                           message, items)
+                 VALUES (?1, ?2, ?3, 'pending', 0, 0, '', ?4)",
+            )?;
+            for (job_id, cuts) in &batch.new_mini_batches {
+                for (index, cut) in cuts.iter().enumerate() {
+                    new_batch.execute(params![
+                        job_id,
+                        index as i64,
+                        cut.count as i64,
+                        cut.items
+                    ])?;
+                }
+            }
+            let mut put_batch = tx.prepare_cached(
+                "UPDATE mini_batches SET status = ?3, executions = ?4, failures = ?5, lease = ?6,
+                        node = ?7, deadline = ?8, message = ?9
+                 WHERE job_id = ?1 AND idx = ?2",
+            )?;
+            for (job_id, b) in &batch.mini_batches {
+                put_batch.execute(params![
+                    job_id,
+                    b.index,
+                    b.status.as_str(),
+                    b.executions,
+                    b.failures,
+                    b.lease,
+                    b.node,
+                    b.deadline,
+                    b.message
+                ])?;
+            }
+            let mut put_rows = tx.prepare_cached(
+                "UPDATE mini_batches SET rows = ?3 WHERE job_id = ?1 AND idx = ?2",
+            )?;
+            for (job_id, index, rows) in &batch.mini_batch_rows {
+                put_rows.execute(params![job_id, index, rows])?;
+            }
             if let Some(quotas) = &batch.quotas {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO settings (key, body) VALUES ('quotas', ?1)",
@@ -257,6 +343,27 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(log_seqs)
+    }
+
+    fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>> {
+        Ok(self.conn.query_row(
+            "SELECT items FROM mini_batches WHERE job_id = ?1 AND idx = ?2",
+            params![job_id, index],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn read_rows(&mut self, job_id: &str) -> Result<Vec<u8>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT rows FROM mini_batches WHERE job_id = ?1 AND status = 'done' ORDER BY idx",
+        )?;
+        let mut out = Vec::new();
+        let mut rows = stmt.query([job_id])?;
+        while let Some(row) = rows.next()? {
+            let data: Option<Vec<u8>> = row.get(0)?;
+            out.extend_from_slice(&data.unwrap_or_default());
+        }
+        Ok(out)
     }
 
     fn read_logs(

@@ -111,6 +111,7 @@ impl JobBuilder {
                 max_preemptions: 10,
                 gpus_per_instance: 0,
                 distribution: None,
+                parallel: None,
             },
             status: JobStatus::Queued,
             attempts: Vec::new(),
@@ -120,6 +121,7 @@ impl JobBuilder {
             reason: String::new(),
             preemptions: 0,
             flags: Vec::new(),
+            progress: None,
         })
     }
     pub fn instances(mut self, n: u32) -> Self {

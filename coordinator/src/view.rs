@@ -195,6 +195,26 @@ pub struct Job {
     pub created_at: Option<String>,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
+    /// A parallel job's mini-batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// How far a parallel job is.
+#[derive(Debug, Serialize)]
+pub struct Progress {
+    pub mini_batches: u32,
+    pub done: u32,
+    pub failed: u32,
+    pub running: u32,
+    pub items: u64,
+    pub items_done: u64,
+    pub items_per_second: f64,
+    pub eta_seconds: Option<u64>,
+    /// Mini-batch runs started, retries included.
+    pub executions: u32,
+    pub input: String,
+    pub output: Option<String>,
 }
 
 impl From<&pb::Job> for Job {
@@ -236,6 +256,27 @@ impl From<&pb::Job> for Job {
             flags: j.flags.clone(),
             instances,
             attempts,
+            progress: j.progress.as_ref().map(|p| Progress {
+                mini_batches: p.total,
+                done: p.done,
+                failed: p.failed,
+                running: p.running,
+                items: p.items_total,
+                items_done: p.items_done,
+                items_per_second: (p.items_per_second * 10.0).round() / 10.0,
+                eta_seconds: p.eta_seconds,
+                executions: p.executions,
+                input: j
+                    .parallel
+                    .as_ref()
+                    .map(|x| x.input_name.clone())
+                    .unwrap_or_default(),
+                output: j
+                    .parallel
+                    .as_ref()
+                    .filter(|x| !x.append_row_to.is_empty())
+                    .map(|x| x.append_row_to.clone()),
+            }),
             created_at: time(j.created_at_ms),
             started_at: time(j.started_at_ms),
             ended_at: time(j.ended_at_ms),

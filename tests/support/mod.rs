@@ -441,8 +441,15 @@ pub fn mpi_train() -> Option<PathBuf> {
 
 /// The shoal/mpi-train image is there (built when missing).
 pub fn mpi_image_ready() {
+    image_ready("mpi-train");
+}
+
+/// `shoal/<name>` is there (built by images/build.sh when missing).
+pub fn image_ready(name: &str) {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_builder = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let present = Command::new("docker")
-        .args(["image", "inspect", "shoal/mpi-train"])
+        .args(["image", "inspect", &format!("shoal/{name}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -451,10 +458,10 @@ pub fn mpi_image_ready() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
         let built = Command::new("bash")
             .arg(script)
-            .arg("mpi-train")
+            .arg(name)
             .env("SHOAL_BIN", SHOAL)
             .status()
-            .expect("run images/build.sh mpi-train");
-        assert!(built.success(), "images/build.sh mpi-train failed");
+            .expect("run images/build.sh");
+        assert!(built.success(), "images/build.sh {name} failed");
     }
 }

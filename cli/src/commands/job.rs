@@ -159,6 +159,30 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
+/// A parallel job's input, relative to the job file: a file's bytes, or a tar.gz
+/// of a folder's files.
+fn read_input(base: &Path, kind: &str, path: &str) -> shoal_coordinator::Result<Vec<u8>> {
+    let invalid = |why: String| shoal_coordinator::Error::invalid("inputs.data.path", why);
+    let full = base.join(path);
+    match kind {
+        "uri_file" if full.is_file() => std::fs::read(&full)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", full.display()))),
+        "uri_folder" if full.is_dir() => snapshot(&full).map_err(|e| invalid(format!("{e:#}"))),
+        "uri_file" | "uri_folder" if !full.exists() => {
+            Err(invalid(format!("{} does not exist", full.display())))
+        }
+        "uri_file" => Err(invalid(format!(
+            "{} is not a file (use type: uri_folder for a folder)",
+            full.display()
+        ))),
+        "uri_folder" => Err(invalid(format!(
+            "{} is not a folder (use type: uri_file for a file)",
+            full.display()
+        ))),
+        other => Err(invalid(format!("`{other}` is not uri_file or uri_folder"))),
+    }
+}
+
 fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
     let (file, base) = match &args.file {
         Some(path) => {
@@ -172,7 +196,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
         None => (JobFile::default(), PathBuf::new()),
     };
     file.check_supported()?;
-    let code_dir = match (&args.code, &file.code) {
+    let code_dir = match (&args.code, &file.code_dir()) {
         (Some(dir), _) => Some(dir.clone()),
         (None, Some(dir)) => Some(base.join(dir)),
         (None, None) => None,
@@ -193,7 +217,7 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
     };
     // `--` words replace a YAML command line.
     let command = if argv.is_empty() {
-        file.command.clone().unwrap_or_default()
+        file.command_line().unwrap_or_default()
     } else {
         String::new()
     };
@@ -220,6 +244,11 @@ fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
             .or(file.resources.as_ref().and_then(|r| r.gpus_per_instance))
             .unwrap_or(0),
         distribution: file.distribution_wire(),
+        parallel: if file.is_parallel() {
+            Some(file.parallel_wire(|kind, path| read_input(&base, kind, path))?)
+        } else {
+            None
+        },
     };
     if spec.cluster.is_empty() {
         bail!(
@@ -252,6 +281,23 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     };
     println!("command:   {command}");
     println!("instances: {}", job.instance_count);
+    if let (Some(progress), Some(parallel)) = (&job.progress, &job.parallel) {
+        println!(
+            "input:     {} ({}, {} items)",
+            parallel.input_name, parallel.input_type, progress.items_total
+        );
+        println!("progress:  {}", mini_batch_text(progress));
+        println!(
+            "runs:      {} mini-batch runs (retries included), {} items done",
+            progress.executions, progress.items_done
+        );
+        if !parallel.append_row_to.is_empty() {
+            println!(
+                "output:    {} (`shoal job download {}`)",
+                parallel.append_row_to, job.id
+            );
+        }
+    }
     if job.preemptions > 0 {
         println!(
             "preempted: {} of at most {} times",
@@ -429,7 +475,45 @@ pub fn spinner() -> ProgressBar {
     bar
 }
 
+/// A parallel job's mini-batches in words (and a bar): "[#####·····] 50/100
+/// mini-batches · 2 failed · 4 running · 812 items/s · ETA 3s".
+pub fn mini_batch_text(progress: &pb::Progress) -> String {
+    let width = 20usize;
+    let settled = (progress.done + progress.failed) as usize;
+    let filled = (settled * width)
+        .checked_div(progress.total as usize)
+        .unwrap_or(0)
+        .min(width);
+    let mut text = format!(
+        "[{}{}] {}/{} mini-batches",
+        "#".repeat(filled),
+        "·".repeat(width - filled),
+        progress.done,
+        progress.total
+    );
+    if progress.failed > 0 {
+        text.push_str(&format!(" · {} failed", progress.failed));
+    }
+    if progress.running > 0 {
+        text.push_str(&format!(" · {} running", progress.running));
+    }
+    text.push_str(&format!(" · {:.0} items/s", progress.items_per_second));
+    if let Some(eta) = progress
+        .eta_seconds
+        .filter(|_| settled < progress.total as usize)
+    {
+        text.push_str(&format!(
+            " · ETA {}",
+            output::short_duration(eta as i64 * 1000)
+        ));
+    }
+    text
+}
+
 fn progress_text(job: &pb::Job) -> String {
+    if let Some(progress) = &job.progress {
+        return format!("{} {} {}", job.id, job.status, mini_batch_text(progress));
+    }
     let instances = job.attempts.last().map(|a| &a.instances[..]).unwrap_or(&[]);
     let running = instances.iter().filter(|i| i.status == "running").count();
     let detail = if job.reason.is_empty() {
@@ -473,7 +557,13 @@ pub async fn follow(
     let mut logs_open = show_logs;
     let mut watch_open = true;
     // `suspend` prints even when the bar is hidden (no terminal).
-    let mut print = |line: String| bar.suspend(|| println!("{line}"));
+    // A closed stdout (`| head`) ends the printing, not the program.
+    let mut print = |line: String| {
+        bar.suspend(|| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{line}");
+        })
+    };
     while watch_open || logs_open {
         tokio::select! {
             update = watch.next(), if watch_open => match update {
@@ -503,16 +593,26 @@ pub async fn follow(
 }
 
 pub async fn download(client: &Client, job_id: &str, into: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let outputs = client
+    let list = client
         .jobs()
         .download_outputs(pb::JobRef {
             id: job_id.to_string(),
         })
         .await
         .map_err(status)?
-        .into_inner()
-        .outputs;
+        .into_inner();
+    let outputs = list.outputs;
     let mut written = Vec::new();
+    for file in list.files {
+        let dir = into.join(job_id);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        // The name was checked at submit: a plain file name.
+        let path = dir.join(Path::new(&file.name).file_name().unwrap_or_default());
+        std::fs::write(&path, &file.data)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path);
+    }
     for output in outputs {
         let dir = into
             .join(job_id)

@@ -47,6 +47,7 @@ pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
 /// The code bytes are taken out by the API first (they go to the artifact store).
 pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Result<JobRequest> {
     let distribution = spec.distribution.map(distribution).transpose()?;
+    let parallel = spec.parallel.map(parallel).transpose()?;
     Ok(JobRequest {
         name: spec.name,
         cluster: spec.cluster,
@@ -60,7 +61,82 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         max_preemptions: spec.max_preemptions,
         gpus_per_instance: spec.gpus_per_instance,
         distribution,
+        parallel,
     })
+}
+
+/// A parallel job's settings, checked, and its input cut into mini-batches.
+fn parallel(
+    wire: pb::Parallel,
+) -> crate::Result<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)> {
+    use crate::parallel::{BatchSize, DEFAULT_MAX_RETRIES, InputType, ParallelSpec, partition};
+    let input_type = InputType::parse(&wire.input_type)?;
+    let size = match (wire.mini_batch_size, wire.mini_batch_bytes) {
+        (0, 0) => {
+            return Err(crate::Error::invalid(
+                "mini_batch_size",
+                "must be above 0 (items per mini-batch, or a size like 1mb)",
+            ));
+        }
+        (n, 0) => BatchSize::Items(n),
+        (0, bytes) => BatchSize::Bytes(bytes),
+        _ => {
+            return Err(crate::Error::invalid(
+                "mini_batch_size",
+                "give a count or a size, not both",
+            ));
+        }
+    };
+    let spec = ParallelSpec {
+        input_type,
+        input_name: wire.input_name,
+        size,
+        concurrency: wire.max_concurrency_per_instance.max(1),
+        max_retries: wire.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+        timeout_seconds: (wire.mini_batch_timeout_seconds > 0)
+            .then_some(wire.mini_batch_timeout_seconds),
+        error_threshold: wire.mini_batch_error_threshold.unwrap_or(-1),
+        allowed_failed_percent: wire.allowed_failed_percent.unwrap_or(100),
+        append_row_to: (!wire.append_row_to.is_empty()).then_some(wire.append_row_to),
+    };
+    spec.check()?;
+    let cuts = partition(input_type, &wire.input, size)?;
+    Ok((spec, cuts))
+}
+
+pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
+    use crate::parallel::BatchSize;
+    let (mini_batch_size, mini_batch_bytes) = match spec.size {
+        BatchSize::Items(n) => (n, 0),
+        BatchSize::Bytes(n) => (0, n),
+    };
+    pb::Parallel {
+        input_type: spec.input_type.as_str().into(),
+        input: Vec::new(),
+        mini_batch_size,
+        mini_batch_bytes,
+        max_concurrency_per_instance: spec.concurrency,
+        max_retries: Some(spec.max_retries),
+        mini_batch_timeout_seconds: spec.timeout_seconds.unwrap_or(0),
+        mini_batch_error_threshold: Some(spec.error_threshold),
+        allowed_failed_percent: Some(spec.allowed_failed_percent),
+        append_row_to: spec.append_row_to.clone().unwrap_or_default(),
+        input_name: spec.input_name.clone(),
+    }
+}
+
+pub fn progress(p: &crate::parallel::Progress) -> pb::Progress {
+    pb::Progress {
+        total: p.total,
+        done: p.done,
+        failed: p.failed,
+        running: p.running,
+        items_total: p.items_total,
+        items_done: p.items_done,
+        items_per_second: p.items_per_second,
+        eta_seconds: p.eta_seconds,
+        executions: p.executions,
+    }
 }
 
 /// The wire's distribution, checked: an unknown type is an error naming it.
@@ -190,6 +266,8 @@ pub fn job(job: &Job) -> pb::Job {
         gpus_per_instance: job.spec.gpus_per_instance,
         flags: job.flags.clone(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
+        parallel: job.spec.parallel.as_ref().map(parallel_to_wire),
+        progress: job.progress.as_ref().map(progress),
     }
 }
 
@@ -386,6 +464,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             gpus: order.gpus,
             processes: order.processes,
             mpi: order.mpi,
+            parallel_workers: order.parallel_workers,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

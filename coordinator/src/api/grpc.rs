@@ -163,10 +163,27 @@ impl Api {
                         data,
                     })
                     .collect();
-                return Ok(pb::OutputsList { outputs });
+                return Ok(pb::OutputsList {
+                    outputs,
+                    files: self.output_files(&job.id).await?,
+                });
             }
         }
-        Ok(pb::OutputsList::default())
+        Ok(pb::OutputsList {
+            outputs: Vec::new(),
+            files: self.output_files(&job.id).await?,
+        })
+    }
+
+    /// The job's own output files: a parallel job's rows.
+    async fn output_files(&self, job_id: &str) -> Result<Vec<pb::OutputFile>, Status> {
+        Ok(self
+            .control
+            .read_output(job_id.to_string())
+            .await?
+            .map(|(name, data)| pb::OutputFile { name, data })
+            .into_iter()
+            .collect())
     }
 
     /// Every chunk of the job's log, then (with `follow`) new chunks until the job
@@ -657,6 +674,43 @@ impl pb::agent_server::Agent for Api {
         };
         let data = Artifacts::read(&path).await?;
         Ok(Response::new(pb::Artifact { data }))
+    }
+
+    async fn work(
+        &self,
+        request: Request<pb::WorkRequest>,
+    ) -> Result<Response<pb::MiniBatchLease>, Status> {
+        let work = request.into_inner();
+        let request = crate::control::WorkRequest {
+            node_id: work.node_id,
+            slot: Slot {
+                attempt_id: work.attempt_id,
+                instance: work.instance,
+            },
+            report: work.report.map(|r| crate::control::MiniBatchResult {
+                lease: r.lease,
+                ok: r.ok,
+                rows: r.rows,
+                message: r.message,
+            }),
+            want_next: work.want_next,
+        };
+        let reply = self.control.work(request).await?;
+        let mut lease = pb::MiniBatchLease {
+            accepted: reply.accepted,
+            finished: reply.finished,
+            wait_ms: reply.wait_ms,
+            ..Default::default()
+        };
+        if let Some(leased) = reply.lease {
+            lease.lease = leased.lease;
+            lease.index = leased.index;
+            lease.execution = leased.execution;
+            lease.items = leased.items;
+            lease.folder = leased.folder;
+            lease.timeout_seconds = leased.timeout_seconds.unwrap_or(0);
+        }
+        Ok(Response::new(lease))
     }
 
     async fn upload_outputs(

@@ -226,6 +226,13 @@ async fn submit_job(
 ) -> Result<(StatusCode, Json<view::Job>), ApiError> {
     let file: JobFile = parse(&body)?;
     file.check_supported()?;
+    if file.kind.as_deref() == Some("parallel") {
+        return Err(crate::Error::invalid(
+            "type",
+            "parallel jobs are submitted through gRPC (`shoal job submit -f job.yaml`), which uploads their input; the HTTP API shows their progress",
+        )
+        .into());
+    }
     if file.code.is_some() {
         return Err(crate::Error::invalid(
             "code",
@@ -254,6 +261,7 @@ async fn submit_job(
             .and_then(|r| r.gpus_per_instance)
             .unwrap_or(0),
         distribution: file.distribution_wire(),
+        parallel: None,
     };
     let job = api.submit(spec).await?;
     Ok((StatusCode::CREATED, Json(view::Job::from(&job))))

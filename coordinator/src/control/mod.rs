@@ -97,6 +97,8 @@ pub struct LaunchOrder {
     pub processes: u32,
     /// An MPI job: instance 0 runs mpirun, the others hold a sandbox for its daemons.
     pub mpi: bool,
+    /// A parallel job: this many workers pull mini-batches on the instance.
+    pub parallel_workers: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +190,10 @@ pub enum Command {
     SetQuotas(QuotaChange, Reply<QuotaReport>),
     Explain(String, Reply<Vec<String>>),
     Metrics(Reply<String>),
+    /// A parallel job's worker: its last result, and maybe the next mini-batch.
+    Work(WorkRequest, Reply<WorkReply>),
+    /// A parallel job's output file (name, rows), if it writes one.
+    ReadOutput(String, Reply<Option<(String, Vec<u8>)>>),
     ReadLogs {
         job_id: String,
         instance: Option<u32>,
@@ -288,6 +294,12 @@ impl ControlHandle {
     }
     pub async fn submit_job(&self, request: JobRequest) -> Result<Job> {
         self.ask(|r| Command::SubmitJob(request, r)).await
+    }
+    pub async fn work(&self, request: WorkRequest) -> Result<WorkReply> {
+        self.ask(|r| Command::Work(request, r)).await
+    }
+    pub async fn read_output(&self, job_id: String) -> Result<Option<(String, Vec<u8>)>> {
+        self.ask(|r| Command::ReadOutput(job_id, r)).await
     }
     pub async fn get_job(&self, id: String) -> Result<Job> {
         self.ask(|r| Command::GetJob(id, r)).await
@@ -405,6 +417,14 @@ pub struct Control {
     outbox: Vec<(String, ToAgent)>,
     to_create: Vec<NodeLaunch>,
     to_remove: Vec<NodeRemoval>,
+
+    /// Parallel jobs' mini-batches.
+    parallel: HashMap<String, crate::parallel::Batches>,
+    dirty_batches: BTreeSet<(String, u32)>,
+    new_cuts: Vec<(String, Vec<crate::parallel::Cut>)>,
+    new_rows: Vec<(String, u32, Vec<u8>)>,
+    /// Jobs whose readers should look again, with nothing of the job itself to write.
+    notify_jobs: BTreeSet<String>,
 }
 
 impl Control {
@@ -476,6 +496,11 @@ impl Control {
             outbox: Vec::new(),
             to_create: Vec::new(),
             to_remove: Vec::new(),
+            parallel: HashMap::new(),
+            dirty_batches: BTreeSet::new(),
+            new_cuts: Vec::new(),
+            new_rows: Vec::new(),
+            notify_jobs: BTreeSet::new(),
         };
         for mut node in snapshot.nodes {
             // Agents of an earlier run reconnect on their own; until then they are
@@ -493,6 +518,7 @@ impl Control {
             }
             control.jobs.insert(job.id.clone(), job);
         }
+        control.load_parallel(snapshot.mini_batches);
         info!(
             clusters = control.clusters.len(),
             nodes = control.nodes.len(),
@@ -586,15 +612,23 @@ impl Control {
                 self.defer(reply, result);
             }
             Command::GetJob(id, reply) => {
-                let result = self.job(&id).cloned();
+                let result = self.job(&id).map(|j| self.job_out(j, now));
                 self.defer(reply, result);
+            }
+            Command::Work(request, reply) => {
+                let result = self.work(request, now);
+                self.defer(reply, result);
+            }
+            Command::ReadOutput(id, reply) => {
+                // Rows already committed: no need to wait for this batch.
+                let _ = reply.send(self.parallel_output(&id));
             }
             Command::ListJobs(cluster, reply) => {
                 let mut jobs: Vec<Job> = self
                     .jobs
                     .values()
                     .filter(|j| cluster.as_ref().is_none_or(|c| &j.spec.cluster == c))
-                    .cloned()
+                    .map(|j| self.job_out(j, now))
                     .collect();
                 jobs.sort_by_key(|j| j.seq);
                 self.defer(reply, Ok(jobs));
@@ -861,6 +895,11 @@ impl Control {
             .catalog
             .get(&cluster.spec.vm_size)
             .map_or(0, |s| s.gpus);
+        let mut request = request;
+        let cuts = request
+            .parallel
+            .as_mut()
+            .map(|(_, cuts)| std::mem::take(cuts));
         let spec = JobSpec::from_request(request, &cluster.spec, vm_gpus)?;
         let seq = self.next_job_seq;
         self.next_job_seq += 1;
@@ -885,10 +924,15 @@ impl Control {
             reason: "queued".into(),
             preemptions: 0,
             flags: Vec::new(),
+            progress: None,
         };
         debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
         self.queue.insert(seq, id.clone());
         self.jobs.insert(id.clone(), job.clone());
+        if let Some(cuts) = cuts {
+            self.add_parallel(&id, cuts);
+        }
+        let job = self.job_out(&job, now);
         self.dirty_jobs.insert(id);
         Ok(job)
     }
@@ -1080,8 +1124,10 @@ impl Control {
         let job_id = job.id.clone();
         let job_final = job.status.is_final();
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
-        if mpi && job.status == JobStatus::Completed && status == InstanceStatus::Canceled {
-            // A worker released when mpirun finished: its part is done.
+        let released = mpi || job.spec.parallel.is_some();
+        if released && job.status == JobStatus::Completed && status == InstanceStatus::Canceled {
+            // Released when the job's work was done (mpirun finished, or every
+            // mini-batch settled): its part is done.
             status = InstanceStatus::Completed;
         }
         if status == InstanceStatus::Canceled && !job_final {
@@ -1202,6 +1248,7 @@ impl Control {
             self.end_job(&job_id, JobStatus::Failed, reason, now);
             return;
         }
+        self.parallel_take_back(&job_id, None);
         if let Some(job) = self.jobs.get_mut(&job_id)
             && job.status != JobStatus::Queued
         {
@@ -1316,6 +1363,7 @@ impl Control {
     /// Timeouts that no event announces: agents that never register or never come
     /// back, and unusable nodes kept for a while so people can see them.
     fn housekeep(&mut self, now: Millis) {
+        self.parallel_housekeep(now);
         let grace = self.config.agent_grace.as_millis() as i64;
         let register = self.config.register_timeout.as_millis() as i64;
         let mut unusable = Vec::new();
@@ -1759,6 +1807,7 @@ impl Control {
             self.end_job(job_id, JobStatus::Failed, reason, now);
             return;
         }
+        self.parallel_take_back(job_id, None);
         if let Some(job) = self.jobs.get_mut(job_id) {
             job.status = JobStatus::Queued;
             job.reason = format!(
@@ -2260,6 +2309,7 @@ impl Control {
                     gpus: job.spec.gpus_per_instance,
                     processes,
                     mpi,
+                    parallel_workers: job.spec.parallel.as_ref().map_or(0, |p| p.concurrency),
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -2327,7 +2377,12 @@ impl Control {
             next_job_seq: self.seqs_dirty.then_some(self.next_job_seq),
             next_node_seq: self.seqs_dirty.then_some(self.next_node_seq),
             quotas: std::mem::take(&mut self.quotas_dirty).then(|| self.quotas.clone()),
+            new_mini_batches: Vec::new(),
+            mini_batches: Vec::new(),
+            mini_batch_rows: Vec::new(),
         };
+        let mut batch = batch;
+        self.parallel_changes(&mut batch);
         let committed = if batch.is_empty() {
             Ok(Vec::new())
         } else {
@@ -2345,7 +2400,8 @@ impl Control {
         self.dirty_nodes.clear();
         self.deleted_nodes.clear();
         self.seqs_dirty = false;
-        let jobs_touched = std::mem::take(&mut self.dirty_jobs);
+        let mut jobs_touched = std::mem::take(&mut self.dirty_jobs);
+        jobs_touched.append(&mut self.notify_jobs);
         if failure.is_some() {
             self.outbox.clear();
             return;
@@ -2563,6 +2619,9 @@ pub fn waiting_reason(
     }
     format!("waiting for nodes to start ({free} ready)")
 }
+
+mod parallel;
+pub use parallel::{Leased, MiniBatchResult, PARALLEL_RELEASE, WorkReply, WorkRequest};
 
 #[cfg(test)]
 mod tests;

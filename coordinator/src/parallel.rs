@@ -1,0 +1,754 @@
+//! Parallel (batch inference) jobs, the decision core: the input is cut into
+//! mini-batches with stable indexes and deterministic boundaries; workers lease
+//! them one at a time; a result is taken only from the lease it was handed out
+//! with (so a retried, timed-out or orphaned run can never add rows twice);
+//! failures are retried up to `max_retries` and counted against the thresholds.
+//! No I/O here: the control loop persists what changes.
+
+use std::collections::VecDeque;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Millis;
+use crate::{Error, Result};
+
+/// After its own timeout, how long a lease may stay silent before the coordinator
+/// takes the mini-batch back (the agent is expected to report the timeout itself).
+pub const LEASE_GRACE_MS: i64 = 30_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    /// One item per line of a file (CSV, JSONL...).
+    UriFile,
+    /// One item per file of a folder.
+    UriFolder,
+}
+
+impl InputType {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "uri_file" => Ok(InputType::UriFile),
+            "uri_folder" => Ok(InputType::UriFolder),
+            other => Err(Error::invalid(
+                "inputs.data.type",
+                format!("`{other}` is not uri_file or uri_folder"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputType::UriFile => "uri_file",
+            InputType::UriFolder => "uri_folder",
+        }
+    }
+}
+
+/// Items (lines or files) per mini-batch, or bytes per mini-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchSize {
+    Items(u64),
+    Bytes(u64),
+}
+
+impl BatchSize {
+    /// `10` (items), or `"1mb"`, `"512kb"`, `"2gb"`, `"100b"` (bytes, 1 kb = 1024 b).
+    pub fn parse(text: &str) -> Result<Self> {
+        let field = "mini_batch_size";
+        let lower = text.trim().to_ascii_lowercase();
+        if let Ok(n) = lower.parse::<i64>() {
+            return match u64::try_from(n) {
+                Ok(n) if n > 0 => Ok(BatchSize::Items(n)),
+                _ => Err(Error::invalid(field, format!("{n}: must be above 0"))),
+            };
+        }
+        let (number, unit) = lower.split_at(
+            lower
+                .find(|c: char| c.is_ascii_alphabetic())
+                .unwrap_or(lower.len()),
+        );
+        let scale: u64 = match unit.trim() {
+            "b" => 1,
+            "kb" | "k" => 1 << 10,
+            "mb" | "m" => 1 << 20,
+            "gb" | "g" => 1 << 30,
+            _ => {
+                return Err(Error::invalid(
+                    field,
+                    format!("`{text}` is neither a count nor a size like 1mb, 512kb or 100b"),
+                ));
+            }
+        };
+        let value: f64 = number.trim().parse().map_err(|_| {
+            Error::invalid(
+                field,
+                format!("`{text}` is neither a count nor a size like 1mb, 512kb or 100b"),
+            )
+        })?;
+        let bytes = value * scale as f64;
+        if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+            return Err(Error::invalid(
+                field,
+                format!("`{text}` must be at least 1 byte"),
+            ));
+        }
+        Ok(BatchSize::Bytes(bytes as u64))
+    }
+}
+
+/// What a parallel job asks for (its input lives in the mini-batches).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelSpec {
+    pub input_type: InputType,
+    /// Where the input came from, for people.
+    pub input_name: String,
+    pub size: BatchSize,
+    pub concurrency: u32,
+    pub max_retries: u32,
+    pub timeout_seconds: Option<u64>,
+    /// Failed mini-batches tolerated; -1: any number.
+    pub error_threshold: i64,
+    pub allowed_failed_percent: u32,
+    /// The output file of result rows; None: summary only.
+    pub append_row_to: Option<String>,
+}
+
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+pub const MAX_CONCURRENCY: u32 = 64;
+
+impl ParallelSpec {
+    pub fn check(&self) -> Result<()> {
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            return Err(Error::invalid(
+                "max_concurrency_per_instance",
+                format!("must be 1 to {MAX_CONCURRENCY}"),
+            ));
+        }
+        if self.allowed_failed_percent > 100 {
+            return Err(Error::invalid("allowed_failed_percent", "must be 0 to 100"));
+        }
+        if self.error_threshold < -1 {
+            return Err(Error::invalid(
+                "mini_batch_error_threshold",
+                "must be -1 (ignore failures) or a count",
+            ));
+        }
+        if let Some(name) = &self.append_row_to
+            && (name.is_empty() || name.contains('/') || name.starts_with('.'))
+        {
+            return Err(Error::invalid(
+                "output.append_row_to",
+                format!("`{name}` must be a plain file name (results.csv)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One mini-batch as cut: its items (the lines, newline-ended, or a tar of the files).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cut {
+    pub items: Vec<u8>,
+    pub count: u64,
+}
+
+/// Cuts the input into mini-batches. A file: its lines, in order (a last line
+/// without a newline counts). A folder (tar.gz): its files sorted by path.
+pub fn partition(input_type: InputType, input: &[u8], size: BatchSize) -> Result<Vec<Cut>> {
+    let cuts = match input_type {
+        InputType::UriFile => {
+            let lines: Vec<&[u8]> = input
+                .split_inclusive(|b| *b == b'\n')
+                .filter(|l| !l.iter().all(|b| b.is_ascii_whitespace()))
+                .collect();
+            group(&lines, size, |l| l.len() as u64)
+                .into_iter()
+                .map(|chunk| {
+                    let mut items = Vec::new();
+                    for line in &chunk {
+                        items.extend_from_slice(line);
+                        if !line.ends_with(b"\n") {
+                            items.push(b'\n');
+                        }
+                    }
+                    Cut {
+                        items,
+                        count: chunk.len() as u64,
+                    }
+                })
+                .collect()
+        }
+        InputType::UriFolder => {
+            let mut files = read_folder(input)?;
+            files.sort_by(|a, b| a.0.cmp(&b.0));
+            let groups = group(&files, size, |(_, data)| data.len() as u64);
+            let mut cuts = Vec::with_capacity(groups.len());
+            for chunk in groups {
+                let mut builder = tar::Builder::new(Vec::new());
+                for (path, data) in &chunk {
+                    let mut header = tar::Header::new_gnu();
+                    header.set_size(data.len() as u64);
+                    header.set_mode(0o644);
+                    header.set_cksum();
+                    builder
+                        .append_data(&mut header, path, data.as_slice())
+                        .map_err(|e| Error::invalid("inputs.data", format!("{path}: {e}")))?;
+                }
+                let items = builder
+                    .into_inner()
+                    .map_err(|e| Error::invalid("inputs.data", e.to_string()))?;
+                cuts.push(Cut {
+                    items,
+                    count: chunk.len() as u64,
+                });
+            }
+            cuts
+        }
+    };
+    if cuts.is_empty() {
+        return Err(Error::invalid(
+            "inputs.data",
+            format!(
+                "the input has no items (an empty {})",
+                match input_type {
+                    InputType::UriFile => "file",
+                    InputType::UriFolder => "folder",
+                }
+            ),
+        ));
+    }
+    Ok(cuts)
+}
+
+fn group<T: Clone>(items: &[T], size: BatchSize, bytes: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut current: Vec<T> = Vec::new();
+    let mut current_bytes = 0u64;
+    for item in items {
+        current.push(item.clone());
+        current_bytes += bytes(item);
+        let full = match size {
+            BatchSize::Items(n) => current.len() as u64 >= n,
+            BatchSize::Bytes(n) => current_bytes >= n,
+        };
+        if full {
+            groups.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+/// The regular files of a tar.gz, with their paths.
+fn read_folder(input: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let bad = |e: std::io::Error| {
+        Error::invalid("inputs.data", format!("not a readable folder archive: {e}"))
+    };
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(input));
+    let mut files = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry.path().map_err(bad)?.to_string_lossy().into_owned();
+        let path = path.trim_start_matches("./").to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).map_err(bad)?;
+        files.push((path, data));
+    }
+    Ok(files)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl BatchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchStatus::Pending => "pending",
+            BatchStatus::Running => "running",
+            BatchStatus::Done => "done",
+            BatchStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => BatchStatus::Pending,
+            "running" => BatchStatus::Running,
+            "done" => BatchStatus::Done,
+            "failed" => BatchStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One mini-batch's state (its items and rows live in the store only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MiniBatch {
+    pub index: u32,
+    pub items: u64,
+    pub status: BatchStatus,
+    /// Runs started, retries included.
+    pub executions: u32,
+    /// Runs that failed or timed out.
+    pub failures: u32,
+    /// The lease of the run in flight (also kept after it is done: a repeated
+    /// report of the same run is acknowledged, not applied twice).
+    pub lease: Option<String>,
+    pub node: Option<String>,
+    pub deadline: Option<Millis>,
+    /// Why its last run failed.
+    pub message: String,
+}
+
+/// What became of a report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// Not the lease in force (a run that was timed out or taken back): ignored.
+    Stale,
+    /// The same report again (its acknowledgment was lost): already applied.
+    Repeat,
+    Done,
+    Retry,
+    Failed,
+}
+
+/// A parallel job's mini-batches and the queue of those waiting.
+#[derive(Clone, Debug)]
+pub struct Batches {
+    pub job_id: String,
+    pub spec: ParallelSpec,
+    pub list: Vec<MiniBatch>,
+    pending: VecDeque<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub total: u32,
+    pub done: u32,
+    pub failed: u32,
+    pub running: u32,
+    pub items_total: u64,
+    pub items_done: u64,
+    pub items_per_second: f64,
+    pub eta_seconds: Option<u64>,
+    pub executions: u32,
+}
+
+/// How the job ends, once it can.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Completed(String),
+    Failed(String),
+}
+
+impl Batches {
+    pub fn new(job_id: &str, spec: ParallelSpec, counts: &[u64]) -> Self {
+        let list = counts
+            .iter()
+            .enumerate()
+            .map(|(index, items)| MiniBatch {
+                index: index as u32,
+                items: *items,
+                status: BatchStatus::Pending,
+                executions: 0,
+                failures: 0,
+                lease: None,
+                node: None,
+                deadline: None,
+                message: String::new(),
+            })
+            .collect();
+        Self::restore(job_id, spec, list)
+    }
+
+    /// From stored state (after a restart: running leases stay in force).
+    pub fn restore(job_id: &str, spec: ParallelSpec, mut list: Vec<MiniBatch>) -> Self {
+        list.sort_by_key(|b| b.index);
+        let pending = list
+            .iter()
+            .filter(|b| b.status == BatchStatus::Pending)
+            .map(|b| b.index)
+            .collect();
+        Batches {
+            job_id: job_id.to_string(),
+            spec,
+            list,
+            pending,
+        }
+    }
+
+    /// Hands the next waiting mini-batch to a worker on `node`.
+    pub fn lease(&mut self, node: &str, now: Millis) -> Option<&MiniBatch> {
+        let index = self.pending.pop_front()?;
+        let timeout = self.spec.timeout_seconds;
+        let job_id = self.job_id.clone();
+        let batch = &mut self.list[index as usize];
+        batch.status = BatchStatus::Running;
+        batch.executions += 1;
+        batch.lease = Some(format!("{job_id}/{index}/{}", batch.executions));
+        batch.node = Some(node.to_string());
+        batch.deadline = timeout.map(|t| now + (t as i64).saturating_mul(1000) + LEASE_GRACE_MS);
+        Some(batch)
+    }
+
+    pub fn index_of_lease(&self, lease: &str) -> Option<u32> {
+        let index: u32 = lease.rsplit('/').nth(1)?.parse().ok()?;
+        self.list.get(index as usize).map(|b| b.index)
+    }
+
+    /// A worker's result for `lease`.
+    pub fn report(&mut self, lease: &str, ok: bool, message: &str) -> Reported {
+        let Some(index) = self.index_of_lease(lease) else {
+            return Reported::Stale;
+        };
+        let max_retries = self.spec.max_retries;
+        let batch = &mut self.list[index as usize];
+        if batch.lease.as_deref() != Some(lease) {
+            return Reported::Stale;
+        }
+        match batch.status {
+            BatchStatus::Done | BatchStatus::Failed => return Reported::Repeat,
+            BatchStatus::Pending => return Reported::Stale,
+            BatchStatus::Running => {}
+        }
+        batch.deadline = None;
+        if ok {
+            batch.status = BatchStatus::Done;
+            return Reported::Done;
+        }
+        batch.failures += 1;
+        batch.message = message.to_string();
+        if batch.failures > max_retries {
+            batch.status = BatchStatus::Failed;
+            Reported::Failed
+        } else {
+            batch.status = BatchStatus::Pending;
+            batch.lease = None;
+            self.pending.push_back(index);
+            Reported::Retry
+        }
+    }
+
+    /// Runs past their deadline count as failed runs ("timed out").
+    pub fn expire(&mut self, now: Millis) -> Vec<(u32, Reported)> {
+        let expired: Vec<String> = self
+            .list
+            .iter()
+            .filter(|b| b.status == BatchStatus::Running && b.deadline.is_some_and(|d| d <= now))
+            .filter_map(|b| b.lease.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|lease| {
+                let index = self.index_of_lease(&lease)?;
+                let limit = self.spec.timeout_seconds.unwrap_or(0);
+                let outcome = self.report(
+                    &lease,
+                    false,
+                    &format!("timed out after {limit} s (no report)"),
+                );
+                Some((index, outcome))
+            })
+            .collect()
+    }
+
+    /// Runs in flight on `node` (or anywhere, for None) go back to the queue, not
+    /// counted as failures: the node went away, not the mini-batch.
+    pub fn take_back(&mut self, node: Option<&str>) -> Vec<u32> {
+        let mut taken = Vec::new();
+        for batch in self
+            .list
+            .iter_mut()
+            .filter(|b| b.status == BatchStatus::Running)
+        {
+            if node.is_none_or(|n| batch.node.as_deref() == Some(n)) {
+                batch.status = BatchStatus::Pending;
+                batch.lease = None;
+                batch.deadline = None;
+                taken.push(batch.index);
+            }
+        }
+        // Ahead of the never-run ones: they were next anyway.
+        for index in taken.iter().rev() {
+            self.pending.push_front(*index);
+        }
+        taken
+    }
+
+    pub fn counts(&self) -> (u32, u32, u32) {
+        let count = |s| self.list.iter().filter(|b| b.status == s).count() as u32;
+        (
+            count(BatchStatus::Done),
+            count(BatchStatus::Failed),
+            count(BatchStatus::Running),
+        )
+    }
+
+    pub fn settled(&self) -> bool {
+        self.list
+            .iter()
+            .all(|b| matches!(b.status, BatchStatus::Done | BatchStatus::Failed))
+    }
+
+    /// The job's end, as soon as it is known: failed the moment failures pass a
+    /// threshold, completed (failures listed) once every mini-batch is settled.
+    pub fn verdict(&self) -> Option<Verdict> {
+        let total = self.list.len() as u32;
+        let (done, failed, _) = self.counts();
+        let failures = || {
+            let named: Vec<String> = self
+                .list
+                .iter()
+                .filter(|b| b.status == BatchStatus::Failed)
+                .take(10)
+                .map(|b| format!("{} ({} runs: {})", b.index, b.executions, b.message))
+                .collect();
+            let more = failed.saturating_sub(10);
+            let mut text = named.join("; ");
+            if more > 0 {
+                text.push_str(&format!("; and {more} more"));
+            }
+            text
+        };
+        let threshold = self.spec.error_threshold;
+        if threshold >= 0 && i64::from(failed) > threshold {
+            return Some(Verdict::Failed(format!(
+                "{failed} mini-batch(es) failed, above mini_batch_error_threshold {threshold} ({done} of {total} done): {}",
+                failures()
+            )));
+        }
+        if u64::from(failed) * 100 > u64::from(self.spec.allowed_failed_percent) * u64::from(total)
+        {
+            return Some(Verdict::Failed(format!(
+                "{failed} of {total} mini-batches failed, above allowed_failed_percent {}: {}",
+                self.spec.allowed_failed_percent,
+                failures()
+            )));
+        }
+        if !self.settled() {
+            return None;
+        }
+        Some(Verdict::Completed(if failed == 0 {
+            format!("{done} of {total} mini-batches done")
+        } else {
+            format!(
+                "{done} of {total} mini-batches done; {failed} failed: {}",
+                failures()
+            )
+        }))
+    }
+
+    pub fn progress(&self, started: Millis, now: Millis) -> Progress {
+        let (done, failed, running) = self.counts();
+        let items_total: u64 = self.list.iter().map(|b| b.items).sum();
+        let items_done: u64 = self
+            .list
+            .iter()
+            .filter(|b| b.status == BatchStatus::Done)
+            .map(|b| b.items)
+            .sum();
+        let settled_items: u64 = self
+            .list
+            .iter()
+            .filter(|b| matches!(b.status, BatchStatus::Done | BatchStatus::Failed))
+            .map(|b| b.items)
+            .sum();
+        let seconds = if started > 0 {
+            (now - started).max(1) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        let rate = if seconds > 0.0 {
+            settled_items as f64 / seconds
+        } else {
+            0.0
+        };
+        let remaining = items_total - settled_items;
+        Progress {
+            total: self.list.len() as u32,
+            done,
+            failed,
+            running,
+            items_total,
+            items_done,
+            items_per_second: rate,
+            eta_seconds: (rate > 0.0).then(|| (remaining as f64 / rate).ceil() as u64),
+            executions: self.list.iter().map(|b| b.executions).sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ParallelSpec {
+        ParallelSpec {
+            input_type: InputType::UriFile,
+            input_name: "rows.csv".into(),
+            size: BatchSize::Items(2),
+            concurrency: 2,
+            max_retries: 1,
+            timeout_seconds: Some(10),
+            error_threshold: -1,
+            allowed_failed_percent: 100,
+            append_row_to: Some("results.csv".into()),
+        }
+    }
+
+    #[test]
+    fn sizes_are_counts_or_bytes() {
+        assert_eq!(BatchSize::parse("10").unwrap(), BatchSize::Items(10));
+        assert_eq!(BatchSize::parse("1mb").unwrap(), BatchSize::Bytes(1 << 20));
+        assert_eq!(
+            BatchSize::parse("512KB").unwrap(),
+            BatchSize::Bytes(512 << 10)
+        );
+        assert_eq!(BatchSize::parse("100b").unwrap(), BatchSize::Bytes(100));
+        for bad in ["0", "-3", "1xb", "mb", "0kb", ""] {
+            assert!(BatchSize::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_file_is_cut_by_lines_or_bytes_deterministically() {
+        let input = b"a\nbb\n\nccc\ndddd";
+        let cuts = partition(InputType::UriFile, input, BatchSize::Items(2)).unwrap();
+        assert_eq!(cuts.len(), 2);
+        assert_eq!(cuts[0].items, b"a\nbb\n");
+        assert_eq!(cuts[1].items, b"ccc\ndddd\n");
+        assert_eq!(cuts.iter().map(|c| c.count).sum::<u64>(), 4);
+        let by_bytes = partition(InputType::UriFile, input, BatchSize::Bytes(5)).unwrap();
+        assert_eq!(by_bytes.len(), 2, "{by_bytes:?}");
+        assert_eq!(
+            partition(InputType::UriFile, input, BatchSize::Items(2)).unwrap(),
+            cuts
+        );
+        assert!(partition(InputType::UriFile, b"\n\n", BatchSize::Items(1)).is_err());
+    }
+
+    #[test]
+    fn a_folder_is_cut_by_files_in_path_order() {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for name in ["b.txt", "a.txt", "c.txt"] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(1);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, &b"x"[..]).unwrap();
+        }
+        let gz = builder.into_inner().unwrap().finish().unwrap();
+        let cuts = partition(InputType::UriFolder, &gz, BatchSize::Items(2)).unwrap();
+        assert_eq!(cuts.len(), 2);
+        let names = |cut: &Cut| -> Vec<String> {
+            tar::Archive::new(cut.items.as_slice())
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(&cuts[0]), ["a.txt", "b.txt"]);
+        assert_eq!(names(&cuts[1]), ["c.txt"]);
+    }
+
+    #[test]
+    fn only_the_lease_in_force_is_taken_and_failures_retry_then_fail() {
+        let mut batches = Batches::new("job-1", spec(), &[2, 2]);
+        let first = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        let second = batches.lease("n2", 0).unwrap().lease.clone().unwrap();
+        assert!(batches.lease("n1", 0).is_none());
+        assert_eq!(batches.report(&first, true, ""), Reported::Done);
+        assert_eq!(batches.report(&first, true, ""), Reported::Repeat);
+        // Fails once: retried under a new lease; the old one is stale.
+        assert_eq!(batches.report(&second, false, "exit 1"), Reported::Retry);
+        assert_eq!(batches.report(&second, true, ""), Reported::Stale);
+        let retry = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        assert_ne!(retry, second);
+        assert_eq!(batches.report(&retry, false, "exit 1"), Reported::Failed);
+        let verdict = batches.verdict().unwrap();
+        assert!(
+            matches!(&verdict, Verdict::Completed(r) if r.contains("1 of 2") && r.contains("1 (2 runs: exit 1)")),
+            "{verdict:?}"
+        );
+        let progress = batches.progress(0, 2000);
+        assert_eq!(
+            (progress.done, progress.failed, progress.executions),
+            (1, 1, 3)
+        );
+    }
+
+    #[test]
+    fn thresholds_fail_the_job_as_soon_as_they_are_passed() {
+        let mut strict = spec();
+        strict.max_retries = 0;
+        strict.error_threshold = 0;
+        let mut batches = Batches::new("job-1", strict, &[1, 1, 1]);
+        let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        assert_eq!(batches.verdict(), None);
+        batches.report(&lease, false, "boom");
+        assert!(
+            matches!(batches.verdict(), Some(Verdict::Failed(r)) if r.contains("mini_batch_error_threshold 0"))
+        );
+
+        let mut percent = spec();
+        percent.max_retries = 0;
+        percent.allowed_failed_percent = 50;
+        let mut batches = Batches::new("job-2", percent, &[1, 1, 1, 1]);
+        for _ in 0..2 {
+            let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+            batches.report(&lease, false, "boom");
+        }
+        assert_eq!(batches.verdict(), None, "2 of 4 is 50%: allowed");
+        let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        batches.report(&lease, false, "boom");
+        assert!(
+            matches!(batches.verdict(), Some(Verdict::Failed(r)) if r.contains("allowed_failed_percent 50"))
+        );
+    }
+
+    #[test]
+    fn lost_nodes_give_their_runs_back_and_silent_runs_time_out() {
+        let mut batches = Batches::new("job-1", spec(), &[1, 1, 1]);
+        let on_n1 = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        batches.lease("n2", 0).unwrap();
+        assert_eq!(batches.take_back(Some("n1")), vec![0]);
+        assert_eq!(
+            batches.report(&on_n1, true, ""),
+            Reported::Stale,
+            "a taken-back run's rows are ignored"
+        );
+        assert_eq!(batches.list[0].failures, 0);
+        assert_eq!(
+            batches.lease("n2", 0).unwrap().index,
+            0,
+            "taken-back runs go first"
+        );
+        let expired = batches.expire(10_000 + LEASE_GRACE_MS);
+        assert_eq!(expired.len(), 2, "{expired:?}");
+        assert!(
+            batches
+                .list
+                .iter()
+                .take(2)
+                .all(|b| b.failures == 1 && b.message.contains("timed out"))
+        );
+    }
+}
