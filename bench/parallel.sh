@@ -13,9 +13,9 @@ up=$!
 trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 50); do "$shoal" cluster list --endpoint "$ep" >/dev/null 2>&1 && break; sleep 0.2; done
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
-run() { # cluster lines batch instances workers command -> wall ms
-  printf 'type: parallel\ncompute: %s\ninputs: {data: {type: uri_file, path: ./in.csv}}\nmini_batch_size: %s\nresources: {instance_count: %s}\nmax_concurrency_per_instance: %s\ntask: {command: %s}\noutput: {append_row_to: out.csv}\n' \
-    "$1" "$3" "$4" "$5" "$6" >"$work/job.yaml"
+run() { # cluster lines batch instances workers command [task settings] -> wall ms
+  printf 'type: parallel\ncompute: %s\ninputs: {data: {type: uri_file, path: ./in.csv}}\nmini_batch_size: %s\nresources: {instance_count: %s}\nmax_concurrency_per_instance: %s\ntask: {command: %s%s}\noutput: {append_row_to: out.csv}\n' \
+    "$1" "$3" "$4" "$5" "$6" "${7:-}" >"$work/job.yaml"
   seq 1 "$2" >"$work/in.csv"
   local t0 t1; t0=$(ms)
   "$shoal" job submit --endpoint "$ep" -f "$work/job.yaml" --wait -o json >"$work/job.json"
@@ -33,6 +33,15 @@ echo "overhead: 2000 mini-batches (cat) on 2 nodes x 2 workers in $trivial ms:" 
 serial=$(run one 500 1 1 1 "'cat \$SHOAL_MINI_BATCH'")
 echo "latency: 500 mini-batches (cat) on 1 node x 1 worker in $serial ms:" \
   "$(awk -v t="$serial" 'BEGIN { printf "%.2f ms per mini-batch, end to end", t / 500 }')"
+resident=$(run one 500 1 1 1 "'while read b; do cat \$b; echo SHOAL_MINI_BATCH_DONE; done'" ", mode: worker")
+echo "worker mode: 500 mini-batches through one long-lived process: $resident ms:" \
+  "$(awk -v t="$resident" 'BEGIN { printf "%.2f ms per mini-batch", t / 500 }')"
+if docker image inspect shoal/base >/dev/null 2>&1; then
+  per=$(run one 20 1 1 1 "'cat \$SHOAL_MINI_BATCH'" ", environment: {image: shoal/base}")
+  fed=$(run one 500 1 1 1 "'while read b; do cat \$b; echo SHOAL_MINI_BATCH_DONE; done'" ", mode: worker, environment: {image: shoal/base}")
+  echo "containers: a container per mini-batch $(awk -v t="$per" 'BEGIN { printf "%.0f", t / 20 }') ms each (20);" \
+    "one worker container fed on stdin $(awk -v t="$fed" 'BEGIN { printf "%.2f", t / 500 }') ms each (500)"
+fi
 busy="'awk \"BEGIN { for (i = 0; i < 3000000; i++) s += i }\"; cat \$SHOAL_MINI_BATCH'"
 one=$(run one 40 1 1 1 "$busy")
 two=$(run two 40 1 2 1 "$busy")

@@ -439,3 +439,37 @@ async fn the_example_scorer_runs_over_a_folder_as_a_process_and_in_a_container()
         "the process and the container score alike"
     );
 }
+
+/// Task mode `worker`: one long-lived process per worker slot is fed mini-batches on
+/// its stdin; a worker that dies is replaced and its mini-batch retried.
+#[tokio::test]
+async fn worker_mode_feeds_long_lived_processes_and_replaces_a_dead_one() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("batch", &["--max-nodes", "2"]);
+    let starts = tc.scratch("starts.log");
+    let crashed = tc.scratch("crashed");
+    let worker = format!(
+        r#"sh -c 'echo $$ >> {starts}; while read b; do if grep -q "^500," $b && [ ! -e {crashed} ]; then touch {crashed}; exit 3; fi; cat $b; echo SHOAL_MINI_BATCH_DONE; done'"#,
+        starts = starts.display(),
+        crashed = crashed.display(),
+    );
+    let file = job(&tc, 1000, 10, 2, "", &worker);
+    let yaml = std::fs::read_to_string(&file).expect("job file");
+    std::fs::write(&file, yaml.replace("task:\n", "task:\n  mode: worker\n")).expect("job file");
+    let job = tc.shoal_json(&["job", "submit", "-f", &file, "--wait"]);
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["progress"]["done"], 100);
+    assert_eq!(job["progress"]["executions"], 101, "one retry: {job:#}");
+    let seen = results(&tc, &id);
+    assert_eq!(seen.len(), 1000);
+    assert!(seen.values().all(|n| *n == 1), "no duplicate rows");
+    let processes = std::fs::read_to_string(&starts)
+        .expect("starts")
+        .lines()
+        .count();
+    assert!(
+        (4..=5).contains(&processes),
+        "2 nodes x 2 workers, plus one replacement: {processes} processes for 101 runs"
+    );
+}

@@ -632,6 +632,10 @@ impl Agent {
                     self.execs.sandbox_ready(slot.clone(), sandbox);
                 }
                 if launch.parallel_workers > 0 {
+                    let mut spec = spec;
+                    if launch.parallel_worker_mode {
+                        spec.env.insert("SHOAL_TASK_MODE".into(), "worker".into());
+                    }
                     self.run_parallel(spec, launch.parallel_workers, sink.clone(), stop)
                         .await
                 } else {

@@ -95,6 +95,10 @@ pub struct Task {
     pub environment: Option<Environment>,
     #[serde(default)]
     pub code: Option<String>,
+    /// `per_mini_batch` (default: the command runs once per mini-batch) or `worker`
+    /// (one long-lived process per worker, fed mini-batches on stdin).
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 /// `output: summary_only`, or `output: {append_row_to: results.csv}`.
@@ -235,6 +239,16 @@ impl JobFile {
             }
             Some(Output::Rows { append_row_to }) => append_row_to.clone(),
         };
+        let worker_mode = match self.task.as_ref().and_then(|t| t.mode.as_deref()) {
+            None | Some("per_mini_batch") => false,
+            Some("worker") => true,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "task.mode",
+                    format!("`{other}` is not per_mini_batch or worker"),
+                ));
+            }
+        };
         let retry = self.retry_settings.as_ref();
         let data = read_input(&input.kind, &input.path)?;
         Ok(shoal_proto::v1::Parallel {
@@ -249,6 +263,7 @@ impl JobFile {
             allowed_failed_percent: self.allowed_failed_percent,
             append_row_to,
             input_name: input.path.clone(),
+            worker_mode,
         })
     }
 

@@ -114,6 +114,10 @@ pub struct ParallelSpec {
     pub allowed_failed_percent: u32,
     /// The output file of result rows; None: summary only.
     pub append_row_to: Option<String>,
+    /// One long-lived process per worker, fed mini-batches on its stdin (task
+    /// mode `worker`); otherwise the command runs once per mini-batch.
+    #[serde(default)]
+    pub worker_mode: bool,
 }
 
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -608,6 +612,7 @@ mod tests {
             error_threshold: -1,
             allowed_failed_percent: 100,
             append_row_to: Some("results.csv".into()),
+            worker_mode: false,
         }
     }
 

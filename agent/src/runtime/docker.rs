@@ -218,6 +218,33 @@ impl DockerRuntime {
     }
 
     async fn start(&self, spec: &RunSpec, image: &str) -> Result<String, String> {
+        self.start_with(spec, image, false).await.map(|(id, _)| id)
+    }
+
+    /// A long-lived container reading its stdin (a parallel job's worker): its id,
+    /// its output, and a writer to its stdin. Removed by `remove_now`.
+    pub async fn start_interactive(
+        &self,
+        spec: &RunSpec,
+    ) -> Result<(String, bollard::container::AttachContainerResults), String> {
+        let image = spec.image.clone().unwrap_or_default();
+        let (id, attached) = self.start_with(spec, &image, true).await?;
+        attached
+            .map(|a| (id, a))
+            .ok_or_else(|| "docker: the container was not attached".to_string())
+    }
+
+    /// Stops and removes a container at once.
+    pub async fn remove_now(&self, container: &str) {
+        self.remove(container).await;
+    }
+
+    async fn start_with(
+        &self,
+        spec: &RunSpec,
+        image: &str,
+        interactive: bool,
+    ) -> Result<(String, Option<bollard::container::AttachContainerResults>), String> {
         match self.docker.inspect_image(image).await {
             Ok(_) => {}
             Err(e) if not_found(&e) => {
@@ -272,6 +299,10 @@ impl DockerRuntime {
             env: Some(env),
             working_dir: Some("/job".into()),
             labels: Some(labels),
+            open_stdin: interactive.then_some(true),
+            attach_stdin: interactive.then_some(true),
+            attach_stdout: interactive.then_some(true),
+            attach_stderr: interactive.then_some(true),
             host_config: Some(HostConfig {
                 binds: Some(binds),
                 nano_cpus: Some(self.nano_cpus),
@@ -299,11 +330,29 @@ impl DockerRuntime {
         let id = created
             .map_err(|e| format!("docker: cannot create the container: {e}"))?
             .id;
+        // Attached before it starts: no output is missed.
+        let attached = if interactive {
+            let options = bollard::query_parameters::AttachContainerOptionsBuilder::default()
+                .stream(true)
+                .stdin(true)
+                .stdout(true)
+                .stderr(true)
+                .build();
+            match self.docker.attach_container(&id, Some(options)).await {
+                Ok(attached) => Some(attached),
+                Err(e) => {
+                    self.remove(&id).await;
+                    return Err(format!("docker: cannot attach to the container: {e}"));
+                }
+            }
+        } else {
+            None
+        };
         if let Err(e) = self.docker.start_container(&id, None).await {
             self.remove(&id).await;
             return Err(format!("docker: cannot start the container: {e}"));
         }
-        Ok(id)
+        Ok((id, attached))
     }
 
     /// Removes the container; the engine sometimes refuses while it is still

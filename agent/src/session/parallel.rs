@@ -16,7 +16,49 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::Agent;
-use crate::runtime::{EventSink, Outcome, RunSpec, Stop};
+use crate::runtime::{EventSink, Outcome, RunSpec, Stop, process};
+
+/// The worker protocol's end-of-mini-batch lines (task mode `worker`).
+const DONE: &[u8] = b"SHOAL_MINI_BATCH_DONE";
+const FAILED: &[u8] = b"SHOAL_MINI_BATCH_FAILED";
+
+/// A long-lived worker process (task mode `worker`): Shoal writes the path of each
+/// mini-batch's item file as a line on its stdin; it prints the result rows, then
+/// `SHOAL_MINI_BATCH_DONE` (or `SHOAL_MINI_BATCH_FAILED reason`) on a line.
+struct Resident {
+    stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// Its stdout, a line at a time (newline included); closed when it exits.
+    lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    kill: Kill,
+}
+
+enum Kill {
+    Group(i32),
+    Container(String),
+}
+
+/// Splits a byte stream into lines.
+#[derive(Default)]
+struct LineSplitter {
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    fn push(&mut self, data: &[u8], mut line: impl FnMut(Vec<u8>)) {
+        for byte in data {
+            self.partial.push(*byte);
+            if *byte == b'\n' {
+                line(std::mem::take(&mut self.partial));
+            }
+        }
+    }
+}
+
+fn worker_mode(spec: &RunSpec) -> bool {
+    spec.env
+        .get("SHOAL_TASK_MODE")
+        .is_some_and(|m| m == "worker")
+}
 
 /// Where the instance's code copy is seen by the command (the docker runtime
 /// mounts it at /job).
@@ -75,6 +117,25 @@ impl Agent {
         mut stop: watch::Receiver<Option<Stop>>,
     ) -> Result<(), Outcome> {
         let mut report: Option<pb::MiniBatchReport> = None;
+        let mut resident: Option<Resident> = None;
+        let ended = self
+            .work_loop(&spec, worker, &sink, &mut stop, &mut report, &mut resident)
+            .await;
+        if let Some(resident) = resident.take() {
+            self.end_resident(resident).await;
+        }
+        ended
+    }
+
+    async fn work_loop(
+        &self,
+        spec: &RunSpec,
+        worker: u32,
+        sink: &EventSink,
+        stop: &mut watch::Receiver<Option<Stop>>,
+        report: &mut Option<pb::MiniBatchReport>,
+        resident: &mut Option<Resident>,
+    ) -> Result<(), Outcome> {
         loop {
             if let Some(why) = stop.borrow().clone() {
                 let (_, outcome, message) = why.terms(Duration::ZERO);
@@ -99,7 +160,7 @@ impl Agent {
                 Ok(lease) => lease,
                 Err(why) => return Err(Outcome::failed(why)),
             };
-            report = None;
+            *report = None;
             if lease.finished {
                 return Ok(());
             }
@@ -110,10 +171,208 @@ impl Agent {
                 }
                 continue;
             }
-            report = Some(
-                self.run_mini_batch(&spec, worker, &lease, &sink, stop.clone())
+            *report = Some(
+                self.run_mini_batch(spec, worker, &lease, sink, stop.clone(), resident)
                     .await,
             );
+        }
+    }
+
+    async fn start_resident(&self, spec: &RunSpec, sink: &EventSink) -> Result<Resident, String> {
+        let (tx, lines) = mpsc::unbounded_channel();
+        let mut env = spec.env.clone();
+        env.insert("SHOAL_WORKER_PROTOCOL".into(), "1".into());
+        let spec = RunSpec {
+            env,
+            ..spec.clone()
+        };
+        match (&spec.image, &self.docker) {
+            (Some(_), Ok(docker)) => {
+                let (id, attached) = docker.start_interactive(&spec).await?;
+                let mut output = attached.output;
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    use futures::StreamExt;
+                    let mut splitter = LineSplitter::default();
+                    while let Some(Ok(chunk)) = output.next().await {
+                        use bollard::container::LogOutput;
+                        match chunk {
+                            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                                splitter.push(&message, |line| {
+                                    let _ = tx.send(line);
+                                });
+                            }
+                            LogOutput::StdErr { message } => sink.log("stderr", message.to_vec()),
+                            LogOutput::StdIn { .. } => {}
+                        }
+                    }
+                });
+                Ok(Resident {
+                    stdin: attached.input,
+                    lines,
+                    kill: Kill::Container(id),
+                })
+            }
+            (Some(image), Err(why)) => Err(format!("cannot run image `{image}`: {why}")),
+            (None, _) => {
+                let Some(program) = spec.argv.first() else {
+                    return Err("the task has an empty command".into());
+                };
+                let mut command = tokio::process::Command::new(program);
+                command
+                    .args(&spec.argv[1..])
+                    .envs(&spec.env)
+                    .current_dir(&spec.cwd)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .process_group(0)
+                    .kill_on_drop(true);
+                process::die_with_agent(&mut command);
+                let mut child = command
+                    .spawn()
+                    .map_err(|e| format!("cannot start `{program}`: {e}"))?;
+                let group = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+                let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
+                    (child.stdin.take(), child.stdout.take(), child.stderr.take())
+                else {
+                    return Err("no pipes to the worker".into());
+                };
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut splitter = LineSplitter::default();
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n) = stdout.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        splitter.push(&buffer[..n], |line| {
+                            let _ = tx.send(line);
+                        });
+                    }
+                    let _ = child.wait().await;
+                });
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n) = stderr.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        sink.log("stderr", buffer[..n].to_vec());
+                    }
+                });
+                Ok(Resident {
+                    stdin: Box::pin(stdin),
+                    lines,
+                    kill: Kill::Group(group),
+                })
+            }
+        }
+    }
+
+    /// Closes its stdin (the end of the work), gives it a moment, then kills it.
+    async fn end_resident(&self, mut resident: Resident) {
+        use tokio::io::AsyncWriteExt;
+        let _ = resident.stdin.shutdown().await;
+        drop(resident.stdin);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while resident.lines.recv().await.is_some() {}
+        })
+        .await;
+        match resident.kill {
+            Kill::Group(group) if group > 0 => process::signal_group(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            ),
+            Kill::Group(_) => {}
+            Kill::Container(id) => {
+                if let Ok(docker) = &self.docker {
+                    docker.remove_now(&id).await;
+                }
+            }
+        }
+    }
+
+    /// One mini-batch through the resident worker (started if need be). A worker
+    /// that dies, hangs past the timeout or is stopped is ended; the next mini-batch
+    /// starts a new one.
+    async fn run_in_resident(
+        &self,
+        spec: &RunSpec,
+        list: &Path,
+        timeout: Option<Duration>,
+        sink: &EventSink,
+        mut stop: watch::Receiver<Option<Stop>>,
+        resident: &mut Option<Resident>,
+    ) -> (bool, Vec<u8>, String) {
+        use tokio::io::AsyncWriteExt;
+        if resident.is_none() {
+            match self.start_resident(spec, sink).await {
+                Ok(started) => *resident = Some(started),
+                Err(why) => return (false, Vec::new(), why),
+            }
+        }
+        let Some(worker) = resident.as_mut() else {
+            return (false, Vec::new(), "no worker".into());
+        };
+        let mut request = list.to_string_lossy().into_owned().into_bytes();
+        request.push(b'\n');
+        let written = async {
+            worker.stdin.write_all(&request).await?;
+            worker.stdin.flush().await
+        }
+        .await;
+        let mut rows = Vec::new();
+        let outcome = if let Err(e) = written {
+            Err(format!("the worker does not read its stdin: {e}"))
+        } else {
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            loop {
+                let next = async {
+                    match deadline {
+                        Some(at) => tokio::time::timeout_at(at, worker.lines.recv()).await.ok(),
+                        None => Some(worker.lines.recv().await),
+                    }
+                };
+                tokio::select! {
+                    line = next => match line {
+                        None => break Err(format!(
+                            "timed out after {} s",
+                            timeout.map_or(0, |t| t.as_secs())
+                        )),
+                        Some(None) => break Err("the worker exited".to_string()),
+                        Some(Some(line)) => {
+                            let bare = line.strip_suffix(b"\n").unwrap_or(&line);
+                            if bare == DONE {
+                                break Ok(());
+                            }
+                            if let Some(reason) = bare.strip_prefix(FAILED) {
+                                // It said so itself: it goes on with the next one.
+                                let reason = String::from_utf8_lossy(reason).trim().to_string();
+                                let reason = if reason.is_empty() {
+                                    "the worker reported a failure".to_string()
+                                } else {
+                                    reason
+                                };
+                                return (false, Vec::new(), reason);
+                            }
+                            rows.extend_from_slice(&line);
+                        }
+                    },
+                    _ = stop.changed() => break Err("stopped".to_string()),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => (true, rows, String::new()),
+            Err(why) => {
+                if let Some(gone) = resident.take() {
+                    self.end_resident(gone).await;
+                }
+                (false, Vec::new(), why)
+            }
         }
     }
 
@@ -153,6 +412,7 @@ impl Agent {
         lease: &pb::MiniBatchLease,
         sink: &EventSink,
         stop: watch::Receiver<Option<Stop>>,
+        resident: &mut Option<Resident>,
     ) -> pb::MiniBatchReport {
         let container = spec.image.is_some();
         let dir = spec
@@ -171,6 +431,23 @@ impl Agent {
                 };
             }
         };
+        if resident.is_some() || worker_mode(spec) {
+            let timeout =
+                (lease.timeout_seconds > 0).then(|| Duration::from_secs(lease.timeout_seconds));
+            let seen = seen_at(container, &spec.cwd, &list);
+            let (ok, rows, message) = self
+                .run_in_resident(spec, &seen, timeout, sink, stop, resident)
+                .await;
+            let dir_to_remove = dir.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir_to_remove)).await;
+            return pb::MiniBatchReport {
+                lease: lease.lease.clone(),
+                ok,
+                rows,
+                message,
+            };
+        }
         let mut env: BTreeMap<String, String> = spec.env.clone();
         env.insert(
             "SHOAL_MINI_BATCH".into(),

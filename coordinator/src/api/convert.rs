@@ -98,6 +98,7 @@ fn parallel(
         error_threshold: wire.mini_batch_error_threshold.unwrap_or(-1),
         allowed_failed_percent: wire.allowed_failed_percent.unwrap_or(100),
         append_row_to: (!wire.append_row_to.is_empty()).then_some(wire.append_row_to),
+        worker_mode: wire.worker_mode,
     };
     spec.check()?;
     let cuts = partition(input_type, &wire.input, size)?;
@@ -122,6 +123,7 @@ pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
         allowed_failed_percent: Some(spec.allowed_failed_percent),
         append_row_to: spec.append_row_to.clone().unwrap_or_default(),
         input_name: spec.input_name.clone(),
+        worker_mode: spec.worker_mode,
     }
 }
 
@@ -465,6 +467,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             processes: order.processes,
             mpi: order.mpi,
             parallel_workers: order.parallel_workers,
+            parallel_worker_mode: order.parallel_worker_mode,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

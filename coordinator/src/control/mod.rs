@@ -99,6 +99,8 @@ pub struct LaunchOrder {
     pub mpi: bool,
     /// A parallel job: this many workers pull mini-batches on the instance.
     pub parallel_workers: u32,
+    /// ...each a long-lived process fed mini-batches on its stdin.
+    pub parallel_worker_mode: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -2310,6 +2312,7 @@ impl Control {
                     processes,
                     mpi,
                     parallel_workers: job.spec.parallel.as_ref().map_or(0, |p| p.concurrency),
+                    parallel_worker_mode: job.spec.parallel.as_ref().is_some_and(|p| p.worker_mode),
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
