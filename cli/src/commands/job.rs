@@ -592,6 +592,16 @@ pub async fn follow(
     last.ok_or_else(|| anyhow!("the coordinator ended the watch of {job_id} without a word"))
 }
 
+async fn is_parallel(client: &Client, id: &str) -> anyhow::Result<bool> {
+    let job = client
+        .jobs()
+        .get(pb::JobRef { id: id.to_string() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(job.parallel.is_some())
+}
+
 pub async fn download(client: &Client, job_id: &str, into: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let list = client
         .jobs()
@@ -724,6 +734,16 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 ]);
             }
             println!("{table}");
+        }
+        Command::Logs {
+            id,
+            follow: true,
+            instance: None,
+        } if is_parallel(&client, &id).await? => {
+            // A parallel job: its log, with the mini-batch progress bar below it.
+            let bar = spinner();
+            follow(&client, &id, &bar, true).await?;
+            bar.finish_and_clear();
         }
         Command::Logs {
             id,
