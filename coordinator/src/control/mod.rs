@@ -1837,6 +1837,9 @@ impl Control {
             .nodes
             .values()
             .filter(|n| matches!(n.state, NodeState::Idle | NodeState::Running) && n.connected)
+            // Not a node that just came up or just took work: every job gets at
+            // least one interval, even when only one node is up.
+            .filter(|n| now - n.state_since >= every.as_millis() as i64)
             .filter(|n| {
                 self.clusters
                     .get(&n.cluster)
