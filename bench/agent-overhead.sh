@@ -10,6 +10,7 @@ ticks=$(getconf CLK_TCK)
 measure() {
   local interval="$1" work port up pid t0 t1 rss
   work=$(mktemp -d); port=$((20000 + RANDOM % 20000))
+  export SHOAL_CONFIG_DIR="$work/config"
   SHOAL_TELEMETRY_INTERVAL_SECONDS="$interval" "$shoal" up --data-dir "$work" --listen "127.0.0.1:$port" >/dev/null 2>&1 &
   up=$!
   for _ in $(seq 50); do "$shoal" cluster list --endpoint "127.0.0.1:$port" >/dev/null 2>&1 && break; sleep 0.2; done

@@ -12,6 +12,7 @@ shoal="$PWD/target/release/shoal"
 train="$PWD/target/release/shoal-mpi-train"
 runs="${1:-10}"
 work=$(mktemp -d); port=$((20000 + RANDOM % 20000)); ep="127.0.0.1:$port"
+export SHOAL_CONFIG_DIR="$work/config"   # the CLI signs in with the admin token `shoal up` saves there
 "$shoal" up --data-dir "$work/data" --listen "$ep" >"$work/up.log" 2>&1 &
 up=$!
 trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$work"' EXIT

@@ -10,7 +10,7 @@ shoal="$(realpath "${1:-target/release/shoal}")"
 command -v nvidia-smi >/dev/null || { echo "gpu-check: nvidia-smi not found: no NVIDIA driver here" >&2; exit 2; }
 work="$(mktemp -d)"
 port=$((20000 + RANDOM % 20000))
-export SHOAL_ENDPOINT="127.0.0.1:$port" SHOAL_TELEMETRY_INTERVAL_SECONDS=1
+export SHOAL_ENDPOINT="127.0.0.1:$port" SHOAL_TELEMETRY_INTERVAL_SECONDS=1 SHOAL_CONFIG_DIR="$work/config"
 cleanup() { kill "$up" 2>/dev/null; wait "$up" 2>/dev/null; rm -rf "$work"; }
 "$shoal" up --data-dir "$work/data" --listen "$SHOAL_ENDPOINT" >"$work/up.log" 2>&1 &
 up=$!
@@ -52,5 +52,5 @@ done
 echo "== shoal job show $job"
 "$shoal" job show "$job"
 echo "== shoal /metrics (GPU series)"
-curl -s "http://$SHOAL_ENDPOINT/metrics" | grep '^shoal_gpu_' || true
+curl -s -H "Authorization: Bearer $(cat "$work/data/admin.token")" "http://$SHOAL_ENDPOINT/metrics" | grep '^shoal_gpu_' || true
 if [ "$peak" -gt 50 ]; then echo "RESULT: ok (peak live utilization ${peak}%)"; else echo "RESULT: FAILED (peak live utilization ${peak}%, expected > 50%)"; exit 1; fi

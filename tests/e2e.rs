@@ -476,27 +476,10 @@ async fn job_whose_first_attempt_hangs(
     (id, node, marker)
 }
 
-/// A plain HTTP/1.1 request on the coordinator's port (the JSON API shares it with gRPC).
+/// A plain HTTP/1.1 request on the coordinator's port (the JSON API shares it with
+/// gRPC), as the admin.
 async fn http(tc: &TestCluster, method: &str, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
-        .await
-        .expect("connect");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, body.to_string())
+    tc.http(method, path, Some(&tc.admin_token()), body).await
 }
 
 async fn http_get(tc: &TestCluster, path: &str) -> String {

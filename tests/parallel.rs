@@ -108,22 +108,15 @@ async fn ten_thousand_lines_on_three_nodes_give_each_result_exactly_once() {
     let instances = job["instances"].as_array().expect("instances");
     assert_eq!(instances.len(), 3);
     // The HTTP API shows the same progress.
-    let body = reqwest_like_get(&tc, &format!("/api/v1/jobs/{id}"));
+    let (_, body) = tc
+        .http(
+            "GET",
+            &format!("/api/v1/jobs/{id}"),
+            Some(&tc.admin_token()),
+            "",
+        )
+        .await;
     assert!(body.contains("\"mini_batches\":100"), "{body}");
-}
-
-/// GET on the coordinator's HTTP API with curl-free std networking.
-fn reqwest_like_get(tc: &TestCluster, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", tc.port)).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
 }
 
 #[tokio::test]

@@ -157,7 +157,10 @@ async fn http_get(tc: &TestCluster, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
         .await
         .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        tc.admin_token()
+    );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("read");

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub telemetry_interval: Duration,
     /// This node's share of the machine's GPUs: (slice, GPUs per node); None: all.
     pub gpu_slice: Option<(u32, u32)>,
+    /// This node's credential, presented on every call to the coordinator.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,8 @@ pub enum AgentError {
     },
     #[error("bad endpoint `{0}`: {1}")]
     Endpoint(String, String),
+    #[error("node credential: {0}")]
+    Token(String),
     #[error("work dir {0}: {1}")]
     WorkDir(PathBuf, std::io::Error),
 }

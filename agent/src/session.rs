@@ -10,9 +10,10 @@ use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_client::AgentClient;
 use shoal_proto::v1::jobs_client::JobsClient;
+use shoal_proto::{AuthChannel, Bearer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::gpu::{GpuAllocator, Usage};
@@ -93,8 +94,8 @@ fn gpu_stat(s: &crate::gpu::GpuSample) -> pb::GpuStat {
 #[derive(Clone)]
 struct Agent {
     config: Arc<AgentConfig>,
-    client: AgentClient<Channel>,
-    jobs: JobsClient<Channel>,
+    client: AgentClient<AuthChannel>,
+    jobs: JobsClient<AuthChannel>,
     process: Arc<ProcessRuntime>,
     /// The docker runtime, or why this node has none.
     docker: Result<DockerRuntime, String>,
@@ -129,10 +130,11 @@ pub async fn run(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     let channel = endpoint.connect_lazy();
-    let client = AgentClient::new(channel.clone())
+    let bearer = Bearer::new(config.token.as_deref()).map_err(AgentError::Token)?;
+    let client = AgentClient::with_interceptor(channel.clone(), bearer.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let jobs = JobsClient::new(channel)
+    let jobs = JobsClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (default_cores, default_memory) = telemetry::capacity();
@@ -400,7 +402,9 @@ impl Agent {
                 let end = match status.code() {
                     tonic::Code::NotFound
                     | tonic::Code::FailedPrecondition
-                    | tonic::Code::InvalidArgument => {
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied => {
                         SessionEnd::Rejected(status.message().to_string())
                     }
                     _ => SessionEnd::Lost(status.to_string()),

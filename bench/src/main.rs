@@ -195,8 +195,10 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
 struct Warm {
     _dir: tempfile::TempDir,
     address: String,
-    clusters: pb::clusters_client::ClustersClient<tonic::transport::Channel>,
-    jobs: pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    clusters: pb::clusters_client::ClustersClient<shoal_proto::AuthChannel>,
+    jobs: pb::jobs_client::JobsClient<shoal_proto::AuthChannel>,
+    /// The admin token the embedded coordinator made.
+    token: String,
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<shoal_coordinator::Result<()>>,
 }
@@ -206,7 +208,12 @@ impl Warm {
         let dir = tempfile::tempdir()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let config = CoordinatorConfig::new(dir.path().join("data"), shoal, ConfigFile::default());
+        let data = dir.path().join("data");
+        shoal_coordinator::auth::bootstrap(&data)?;
+        let token = std::fs::read_to_string(data.join("admin.token"))?
+            .trim()
+            .to_string();
+        let config = CoordinatorConfig::new(data, shoal, ConfigFile::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, config, async move {
             let _ = stopped.await;
@@ -215,6 +222,10 @@ impl Warm {
             .tcp_nodelay(true)
             .connect()
             .await?;
+        let channel = tonic::service::interceptor::InterceptedService::new(
+            channel,
+            shoal_proto::Bearer::new(Some(&token)).map_err(|e| anyhow::anyhow!(e))?,
+        );
         let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
         let jobs = pb::jobs_client::JobsClient::new(channel);
         clusters
@@ -229,6 +240,7 @@ impl Warm {
         Ok(Warm {
             _dir: dir,
             address,
+            token,
             clusters,
             jobs,
             stop,
@@ -298,6 +310,7 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
     for _ in 0..runs.min(30) {
         let started = Instant::now();
         let status = tokio::process::Command::new(&shoal)
+            .env("SHOAL_TOKEN", &warm.token)
             .args([
                 "job",
                 "submit",

@@ -5,9 +5,60 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use shoal_proto::v1::{
     clusters_client::ClustersClient, jobs_client::JobsClient, nodes_client::NodesClient,
-    quotas_client::QuotasClient, vm_sizes_client::VmSizesClient,
+    quotas_client::QuotasClient, tokens_client::TokensClient, vm_sizes_client::VmSizesClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use shoal_proto::{AuthChannel, Bearer};
+use tonic::transport::Endpoint;
+
+/// The token given with --token / SHOAL_TOKEN, set once by `main`.
+pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Where the CLI keeps its credentials: $SHOAL_CONFIG_DIR, else
+/// $XDG_CONFIG_HOME/shoal, else ~/.config/shoal.
+pub fn config_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("SHOAL_CONFIG_DIR") {
+        return Some(dir.into());
+    }
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME") {
+        return Some(std::path::PathBuf::from(dir).join("shoal"));
+    }
+    std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".config/shoal"))
+}
+
+fn credentials_path() -> Option<std::path::PathBuf> {
+    config_dir().map(|dir| dir.join("credentials.json"))
+}
+
+fn credentials() -> std::collections::BTreeMap<String, String> {
+    credentials_path()
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
+/// Remembers `token` for `endpoint` (the file is readable by its owner only).
+pub fn save_credentials(endpoint: &str, token: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path =
+        credentials_path().ok_or_else(|| anyhow!("no config dir: set SHOAL_CONFIG_DIR or HOME"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut all = credentials();
+    all.insert(normalize(endpoint), token.trim().to_string());
+    let text = serde_json::to_string_pretty(&all)?;
+    shoal_coordinator::auth::write_secret(&path, &text)
+        .map_err(|e| anyhow!("cannot save credentials: {e}"))?;
+    Ok(path)
+}
+
+/// The token for `endpoint`: --token / SHOAL_TOKEN, else the one saved for it.
+pub fn token_for(endpoint: &str) -> Option<String> {
+    TOKEN
+        .get()
+        .cloned()
+        .flatten()
+        .or_else(|| credentials().get(&normalize(endpoint)).cloned())
+}
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -22,11 +73,15 @@ pub fn normalize(endpoint: &str) -> String {
 
 #[derive(Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: AuthChannel,
 }
 
 impl Client {
     pub async fn connect(endpoint: &str) -> anyhow::Result<Self> {
+        Self::connect_with_token(endpoint, token_for(endpoint)).await
+    }
+
+    pub async fn connect_with_token(endpoint: &str, token: Option<String>) -> anyhow::Result<Self> {
         let url = normalize(endpoint);
         let channel = Endpoint::from_shared(url.clone())
             .with_context(|| format!("`{endpoint}` is not an endpoint (expected host:port)"))?
@@ -40,28 +95,35 @@ impl Client {
                     source_text(&e)
                 )
             })?;
-        Ok(Client { channel })
+        let bearer = Bearer::new(token.as_deref()).map_err(|e| anyhow!(e))?;
+        Ok(Client {
+            channel: tonic::service::interceptor::InterceptedService::new(channel, bearer),
+        })
     }
 
-    pub fn clusters(&self) -> ClustersClient<Channel> {
+    pub fn clusters(&self) -> ClustersClient<AuthChannel> {
         ClustersClient::new(self.channel.clone())
     }
 
-    pub fn jobs(&self) -> JobsClient<Channel> {
+    pub fn jobs(&self) -> JobsClient<AuthChannel> {
         JobsClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn nodes(&self) -> NodesClient<Channel> {
+    pub fn nodes(&self) -> NodesClient<AuthChannel> {
         NodesClient::new(self.channel.clone())
     }
 
-    pub fn quotas(&self) -> QuotasClient<Channel> {
+    pub fn quotas(&self) -> QuotasClient<AuthChannel> {
         QuotasClient::new(self.channel.clone())
     }
 
-    pub fn vm_sizes(&self) -> VmSizesClient<Channel> {
+    pub fn tokens(&self) -> TokensClient<AuthChannel> {
+        TokensClient::new(self.channel.clone())
+    }
+
+    pub fn vm_sizes(&self) -> VmSizesClient<AuthChannel> {
         VmSizesClient::new(self.channel.clone())
     }
 }
@@ -79,6 +141,12 @@ fn source_text(error: &(dyn std::error::Error + 'static)) -> String {
 pub fn status(error: tonic::Status) -> anyhow::Error {
     if error.code() == tonic::Code::Unavailable {
         return anyhow!("the coordinator is unavailable: {}", error.message());
+    }
+    if error.code() == tonic::Code::Unauthenticated {
+        return anyhow!("not signed in: {}", error.message());
+    }
+    if error.code() == tonic::Code::PermissionDenied {
+        return anyhow!("not allowed: {}", error.message());
     }
     anyhow!("{}", error.message())
 }

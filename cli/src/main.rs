@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{agent, cluster, job, mpi, node, quickstart, serve};
+use commands::{agent, cluster, job, mpi, node, quickstart, serve, token};
 use output::Format;
 
 #[derive(Parser)]
@@ -35,6 +35,10 @@ struct Cli {
         default_value = "127.0.0.1:7070"
     )]
     endpoint: String,
+    /// The API token to call the coordinator with (default: the one `shoal up` or
+    /// `shoal login` saved for the endpoint).
+    #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Output format: a table for people, JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -67,6 +71,11 @@ enum Command {
     /// Core quotas per VM family, low-priority and total.
     #[command(subcommand)]
     Quota(node::QuotaCommand),
+    /// API tokens with roles (admin only).
+    #[command(subcommand)]
+    Token(token::Command),
+    /// Save a token for the endpoint, after checking it with the coordinator.
+    Login(token::LoginArgs),
     /// Helpers MPI jobs run in their sandboxes (started by the agents, not by hand).
     #[command(subcommand)]
     Mpi(mpi::Command),
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let _ = client::TOKEN.set(cli.token.clone());
         let format = cli.output;
         let endpoint = cli.endpoint;
         match cli.command {
@@ -112,6 +122,8 @@ fn main() -> ExitCode {
             Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
             Command::Quota(command) => node::run_quota(command, &endpoint, format).await,
             Command::Mpi(command) => mpi::run(command).await,
+            Command::Token(command) => token::run(command, &endpoint, format).await,
+            Command::Login(args) => token::login(args, &endpoint).await,
         }
     });
     match result {

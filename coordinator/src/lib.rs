@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod autoscaler;
 pub mod control;
 pub mod error;

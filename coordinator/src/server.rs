@@ -157,19 +157,23 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
     let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
+    crate::auth::bootstrap(&config.data_dir)?;
+    let auth = crate::auth::Auth::open(&config.data_dir.join("auth.db"))?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
     // Node containers reach the coordinator through this socket, mounted in.
     let socket_dir = config.data_dir.join("run");
     let unix_listener = bind_unix(&socket_dir)?;
+    let mut local = LocalProvider::new(
+        owner.clone(),
+        config.agent_program.clone(),
+        format!("http://{address}"),
+        config.data_dir.join("nodes"),
+        job_stop_grace,
+    );
+    local.auth = Some(auth.clone());
     let provider = Providers {
-        local: LocalProvider::new(
-            owner.clone(),
-            config.agent_program.clone(),
-            format!("http://{address}"),
-            config.data_dir.join("nodes"),
-            job_stop_grace,
-        ),
+        local,
         docker: DockerProvider {
             owner,
             program: config.agent_program.clone(),
@@ -177,6 +181,7 @@ pub async fn serve(
             work_root: config.data_dir.join("nodes"),
             job_stop_grace,
             network_lock: Arc::default(),
+            auth: Some(auth.clone()),
         },
     };
     let catalog = config.control.catalog.clone();
@@ -188,6 +193,7 @@ pub async fn serve(
         catalog,
         Artifacts::new(config.data_dir.join("artifacts")),
         max_code,
+        auth.clone(),
     );
 
     // The control loop commits to SQLite: it gets a thread of its own so those
@@ -211,12 +217,15 @@ pub async fn serve(
     .add_service(pb::nodes_server::NodesServer::new(api.clone()))
     .add_service(pb::vm_sizes_server::VmSizesServer::new(api.clone()))
     .add_service(pb::quotas_server::QuotasServer::new(api.clone()))
+    .add_service(pb::tokens_server::TokensServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
-    let app = grpc.into_axum_router().merge(http::router(api));
+    let app = grpc.into_axum_router().merge(http::router(api)).layer(
+        axum::middleware::from_fn_with_state(auth, crate::api::guard::guard),
+    );
     info!(%address, data_dir = %config.data_dir.display(), "coordinator listening");
 
     let listener = listener.tap_io(|tcp| {

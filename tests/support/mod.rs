@@ -13,6 +13,7 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::{
     clusters_client::ClustersClient, jobs_client::JobsClient, nodes_client::NodesClient,
 };
+use shoal_proto::{AuthChannel, Bearer};
 use tonic::transport::Channel;
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
@@ -80,6 +81,7 @@ impl TestCluster {
             .args(["up", "--listen", &self.endpoint(), "--data-dir"])
             .arg(self.data_dir())
             .env("SHOAL_LOG", "info,shoal_coordinator=debug")
+            .env("SHOAL_CONFIG_DIR", self.config_dir())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -119,34 +121,95 @@ impl TestCluster {
         self.start_coordinator().await;
     }
 
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.endpoint()))
+    /// The CLI's config dir of this test (its saved credentials).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// The admin token `shoal up` made for the local user.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("shoal up writes admin.token")
+            .trim()
+            .to_string()
+    }
+
+    /// A channel whose calls carry `token` (None: no token).
+    pub async fn channel_as(&self, token: Option<&str>) -> AuthChannel {
+        let channel = Channel::from_shared(format!("http://{}", self.endpoint()))
             .expect("endpoint")
             .connect()
             .await
-            .expect("connect to the coordinator")
+            .expect("connect to the coordinator");
+        tonic::service::interceptor::InterceptedService::new(
+            channel,
+            Bearer::new(token).expect("token"),
+        )
     }
 
-    pub async fn clusters(&self) -> ClustersClient<Channel> {
+    /// A channel signed in as the admin.
+    pub async fn channel(&self) -> AuthChannel {
+        self.channel_as(Some(&self.admin_token())).await
+    }
+
+    pub async fn clusters(&self) -> ClustersClient<AuthChannel> {
         ClustersClient::new(self.channel().await)
     }
 
-    pub async fn jobs(&self) -> JobsClient<Channel> {
+    pub async fn jobs(&self) -> JobsClient<AuthChannel> {
         JobsClient::new(self.channel().await)
     }
 
-    pub async fn nodes(&self) -> NodesClient<Channel> {
+    pub async fn nodes(&self) -> NodesClient<AuthChannel> {
         NodesClient::new(self.channel().await)
     }
 
-    /// Runs the CLI against this coordinator.
+    /// Runs the CLI against this coordinator, signed in as `shoal up` left it.
     pub fn shoal(&self, args: &[&str]) -> Output {
         Command::new(SHOAL)
             .args(args)
             .env("SHOAL_ENDPOINT", self.endpoint())
+            .env("SHOAL_CONFIG_DIR", self.config_dir())
+            .env_remove("SHOAL_TOKEN")
             .stdin(Stdio::null())
             .output()
             .expect("run shoal")
+    }
+
+    /// An HTTP request to the coordinator (`Authorization: Bearer token`), with
+    /// its status code and body.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.endpoint())
+            .await
+            .expect("connect");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("response");
+        let response = String::from_utf8_lossy(&raw).into_owned();
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     /// Runs the CLI and parses its `-o json` output; panics with stderr on failure.

@@ -46,6 +46,9 @@ pub struct Args {
     /// GPUs in each slice (the VM size's GPU count; 0: none).
     #[arg(long, requires = "gpu_slice")]
     gpus_per_node: Option<u32>,
+    /// This node's credential (the provider that starts the agent passes it).
+    #[arg(long, env = "SHOAL_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Seconds between telemetry samples (CPU, memory, disk, network, GPUs).
     #[arg(long, env = "SHOAL_TELEMETRY_INTERVAL_SECONDS", default_value_t = 5)]
     telemetry_interval_seconds: u64,
@@ -65,6 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         docker_network: args.docker_network,
         telemetry_interval: Duration::from_secs(args.telemetry_interval_seconds.max(1)),
         gpu_slice: args.gpu_slice.zip(args.gpus_per_node),
+        token: args.token,
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

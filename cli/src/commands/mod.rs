@@ -5,6 +5,7 @@ pub mod mpi;
 pub mod node;
 pub mod quickstart;
 pub mod serve;
+pub mod token;
 
 /// SIGINT or SIGTERM, whichever comes first.
 pub async fn stop_signal() {

@@ -55,12 +55,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         data_dir.display()
     );
 
+    shoal_coordinator::auth::bootstrap(&data_dir)?;
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))
+        .context("the embedded coordinator made no admin token")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let config = CoordinatorConfig::new(data_dir.clone(), program, ConfigFile::default());
     let server = tokio::spawn(serve(listener, config, async move {
         let _ = stop_rx.await;
     }));
-    let result = drive(&endpoint, temp.path(), args.idle_seconds, started).await;
+    let result = drive(&endpoint, &token, temp.path(), args.idle_seconds, started).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(30), server).await {
         Ok(Ok(Ok(()))) => {}
@@ -73,11 +76,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 async fn drive(
     endpoint: &str,
+    token: &str,
     scratch: &std::path::Path,
     idle_seconds: u64,
     started: Instant,
 ) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(endpoint).await?;
+    let client = Client::connect_with_token(endpoint, Some(token.trim().to_string())).await?;
     let cluster = client
         .clusters()
         .create(pb::ClusterSpec {

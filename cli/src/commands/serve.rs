@@ -75,6 +75,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.listen,
         data_dir.display()
     );
+    // The local user's admin token: made on first start, saved for the CLI.
+    shoal_coordinator::auth::bootstrap(&data_dir)?;
+    let token_file = data_dir.join("admin.token");
+    match std::fs::read_to_string(&token_file) {
+        Ok(token) => match crate::client::save_credentials(&args.listen.to_string(), &token) {
+            Ok(saved) => eprintln!(
+                "the CLI signs in with the admin token in {} (saved for {} in {})",
+                token_file.display(),
+                args.listen,
+                saved.display()
+            ),
+            Err(e) => eprintln!(
+                "warning: {e:#}; sign in with `shoal login --token $(cat {})`",
+                token_file.display()
+            ),
+        },
+        Err(_) => eprintln!(
+            "no {}: sign in with a token from `shoal token create` (`shoal login`)",
+            token_file.display()
+        ),
+    }
     let config = CoordinatorConfig::new(data_dir, program, file);
     serve(listener, config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

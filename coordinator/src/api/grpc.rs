@@ -19,6 +19,84 @@ use crate::control::{Change, Command, ControlHandle};
 use crate::model::Slot;
 use crate::vmsize::Catalog;
 
+use crate::auth::Principal;
+
+/// A node may speak only for itself. (No principal: the guard is not in front,
+/// as in unit tests of the services.)
+fn same_node(principal: Option<&Principal>, node_id: &str) -> Result<(), Status> {
+    match principal {
+        Some(Principal::Node { node_id: own }) if own != node_id => Err(Status::permission_denied(
+            format!("this credential belongs to node {own}, not {node_id}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tokens_server::Tokens for Api {
+    async fn create(
+        &self,
+        request: Request<pb::TokenRequest>,
+    ) -> Result<Response<pb::TokenCreated>, Status> {
+        let asked = request.into_inner();
+        let role = crate::auth::Role::parse(&asked.role)?;
+        let token = self.auth.create_token(role, &asked.name)?;
+        let id = token.split('_').nth(1).unwrap_or_default().to_string();
+        Ok(Response::new(pb::TokenCreated {
+            info: Some(pb::TokenInfo {
+                id,
+                role: role.as_str().into(),
+                name: asked.name,
+                created_at_ms: 0,
+                revoked: false,
+            }),
+            token,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::TokenList>, Status> {
+        let tokens = self
+            .auth
+            .list()?
+            .into_iter()
+            .map(|t| pb::TokenInfo {
+                id: t.id,
+                role: t.kind,
+                name: t.subject,
+                created_at_ms: t.created_at_ms,
+                revoked: t.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::TokenList { tokens }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::TokenRef>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let id = request.into_inner().id;
+        let token = self
+            .auth
+            .list()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| {
+                Status::not_found(format!("no token `{id}`; `shoal token list` shows them"))
+            })?;
+        self.auth.revoke(&id)?;
+        Ok(Response::new(pb::TokenInfo {
+            id: token.id,
+            role: token.kind,
+            name: token.subject,
+            created_at_ms: token.created_at_ms,
+            revoked: true,
+        }))
+    }
+}
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Shared by every service (and the HTTP API).
@@ -28,6 +106,7 @@ pub struct Api {
     pub catalog: Catalog,
     pub artifacts: Artifacts,
     pub max_code_bytes: usize,
+    pub auth: crate::auth::Auth,
     sessions: Arc<AtomicU64>,
     exec: super::exec::ExecRelay,
 }
@@ -38,12 +117,14 @@ impl Api {
         catalog: Catalog,
         artifacts: Artifacts,
         max_code_bytes: usize,
+        auth: crate::auth::Auth,
     ) -> Self {
         Api {
             control,
             catalog,
             artifacts,
             max_code_bytes,
+            auth,
             sessions: Arc::new(AtomicU64::new(1)),
             exec: super::exec::ExecRelay::default(),
         }
@@ -565,6 +646,7 @@ impl pb::agent_server::Agent for Api {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         use pb::agent_message::Msg;
+        let principal = request.extensions().get::<Principal>().cloned();
         let mut inbound = request.into_inner();
         let Some(Msg::Register(register)) = inbound.message().await?.and_then(|m| m.msg) else {
             return Err(Status::invalid_argument(
@@ -578,6 +660,7 @@ impl pb::agent_server::Agent for Api {
             )));
         }
         let node_id = register.node_id.clone();
+        same_node(principal.as_ref(), &node_id)?;
         let session = self.sessions.fetch_add(1, Ordering::Relaxed);
         let (link, outbound) = mpsc::unbounded_channel();
         self.control
@@ -680,7 +763,9 @@ impl pb::agent_server::Agent for Api {
         &self,
         request: Request<pb::WorkRequest>,
     ) -> Result<Response<pb::MiniBatchLease>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let work = request.into_inner();
+        same_node(principal.as_ref(), &work.node_id)?;
         let request = crate::control::WorkRequest {
             node_id: work.node_id,
             slot: Slot {

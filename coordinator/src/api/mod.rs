@@ -3,6 +3,7 @@
 pub mod convert;
 mod exec;
 mod grpc;
+pub mod guard;
 pub mod http;
 
 pub use grpc::Api;

@@ -142,6 +142,8 @@ pub struct DockerProvider {
     pub job_stop_grace: Duration,
     /// One network creation at a time: the engine allows two networks of one name.
     pub network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Mints each node's credential (None: the coordinator asks for none).
+    pub auth: Option<crate::auth::Auth>,
 }
 
 impl DockerProvider {
@@ -234,6 +236,13 @@ impl DockerProvider {
             "--docker-network".into(),
             format!("container:{}", self.container_name(&launch.node_id)),
         ];
+        let mut env = vec!["SHOAL_LOG=info".to_string()];
+        if let Some(auth) = &self.auth {
+            let credential = auth
+                .node_credential(&launch.node_id)
+                .map_err(|e| format!("cannot issue the node's credential: {e}"))?;
+            env.push(format!("SHOAL_NODE_TOKEN={credential}"));
+        }
         let labels = HashMap::from([
             (LABEL_OWNER.to_string(), self.owner.clone()),
             (LABEL_NODE_CONTAINER.to_string(), launch.node_id.clone()),
@@ -247,7 +256,7 @@ impl DockerProvider {
             image: Some(NODE_IMAGE.into()),
             hostname: Some(launch.node_id.clone()),
             cmd: Some(cmd),
-            env: Some(vec!["SHOAL_LOG=info".into()]),
+            env: Some(env),
             labels: Some(labels),
             host_config: Some(bollard::models::HostConfig {
                 binds: Some(vec![

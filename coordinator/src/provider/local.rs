@@ -37,6 +37,8 @@ pub struct LocalProvider {
     pub job_stop_grace: Duration,
     /// This coordinator's id (see `server::owner_id`).
     pub owner: String,
+    /// Mints each node's credential (None: the coordinator asks for none).
+    pub auth: Option<crate::auth::Auth>,
     nodes: Arc<Mutex<HashMap<String, AgentProcess>>>,
     /// Node id → its slice of this machine's GPUs (nodes of GPU sizes only).
     gpu_slices: Arc<Mutex<HashMap<String, u32>>>,
@@ -57,6 +59,7 @@ impl LocalProvider {
             work_root,
             stop_grace: job_stop_grace + Duration::from_secs(5),
             job_stop_grace,
+            auth: None,
             nodes: Arc::default(),
             gpu_slices: Arc::default(),
         }
@@ -100,7 +103,14 @@ impl LocalProvider {
         } else {
             0
         };
-        tokio::process::Command::new(&self.program)
+        let mut command = tokio::process::Command::new(&self.program);
+        if let Some(auth) = &self.auth {
+            let credential = auth
+                .node_credential(&launch.node_id)
+                .map_err(|e| format!("cannot issue the node's credential: {e}"))?;
+            command.env("SHOAL_NODE_TOKEN", credential);
+        }
+        command
             .arg("agent")
             .args(["--gpu-slice", &slice.to_string()])
             .args(["--gpus-per-node", &launch.gpus.to_string()])

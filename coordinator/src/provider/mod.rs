@@ -73,6 +73,10 @@ impl NodeProvider for Providers {
     }
 
     fn remove(&self, node: NodeRemoval) -> BoxFuture<'static, ()> {
+        // A node that is gone keeps no credential.
+        if let Some(auth) = &self.local.auth {
+            let _ = auth.revoke_node(&node.node_id);
+        }
         self.of(node.provider).remove(node)
     }
 

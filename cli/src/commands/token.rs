@@ -1,0 +1,133 @@
+//! `shoal token` (API tokens, admin only) and `shoal login`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use comfy_table::Table;
+use shoal_proto::v1 as pb;
+
+use crate::client::{Client, save_credentials, status};
+use crate::output::{self, Format};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Make an API token (printed once; only its hash is kept).
+    ///
+    /// Roles: reader (see everything), user (also submit and cancel jobs),
+    /// admin (everything: clusters, quotas, tokens). Use it as
+    /// `Authorization: Bearer TOKEN` over HTTP (Prometheus: a reader token), or
+    /// `shoal login --token TOKEN` for the CLI.
+    Create {
+        #[arg(long, default_value = "user", value_parser = ["reader", "user", "admin"])]
+        role: String,
+        /// What the token is for (shown by `token list`).
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// The API tokens (never their secrets).
+    List,
+    /// Revoke a token: calls with it are refused from now on.
+    Revoke { id: String },
+}
+
+/// The token comes from --token / SHOAL_TOKEN, or else from a line on stdin
+/// (`shoal login < token-file`), so that it stays out of `ps`.
+#[derive(Args)]
+pub struct LoginArgs {}
+
+pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(endpoint).await?;
+    let mut tokens = client.tokens();
+    match command {
+        Command::Create { role, name } => {
+            let created = tokens
+                .create(pb::TokenRequest { role, name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&serde_json::json!({
+                    "id": created.info.as_ref().map(|i| i.id.clone()),
+                    "role": created.info.as_ref().map(|i| i.role.clone()),
+                    "token": created.token,
+                }))?;
+            } else {
+                println!("{}", created.token);
+                eprintln!("(shown once: keep it; `shoal token revoke ID` ends it)");
+            }
+        }
+        Command::List => {
+            let list = tokens
+                .list(pb::ListTokensRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .tokens;
+            if format == Format::Json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|t| serde_json::json!({"id": t.id, "role": t.role, "name": t.name, "revoked": t.revoked}))
+                    .collect();
+                output::json(&rows)?;
+            } else {
+                let mut table = Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header(["ID", "ROLE", "NAME", "CREATED", "REVOKED"]);
+                for t in list {
+                    table.add_row([
+                        t.id,
+                        t.role,
+                        t.name,
+                        output::ago(t.created_at_ms),
+                        if t.revoked {
+                            "yes".into()
+                        } else {
+                            String::new()
+                        },
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        Command::Revoke { id } => {
+            let revoked = tokens
+                .revoke(pb::TokenRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("revoked {} ({})", revoked.id, revoked.role);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks the token against the coordinator, then saves it for the endpoint.
+pub async fn login(_: LoginArgs, endpoint: &str) -> anyhow::Result<ExitCode> {
+    let token = match crate::client::TOKEN.get().cloned().flatten() {
+        Some(token) => token,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the token from stdin")?;
+            line.trim().to_string()
+        }
+    };
+    if token.is_empty() {
+        anyhow::bail!("no token: give --token, SHOAL_TOKEN, or a line on stdin");
+    }
+    let client = Client::connect_with_token(endpoint, Some(token.clone())).await?;
+    client
+        .vm_sizes()
+        .list(pb::ListVmSizesRequest {})
+        .await
+        .map_err(status)
+        .context("the coordinator did not accept the token")?;
+    let saved = save_credentials(endpoint, &token)?;
+    println!(
+        "signed in to {endpoint}; the token is saved in {}",
+        saved.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

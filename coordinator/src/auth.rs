@@ -1,0 +1,433 @@
+//! Who may call what. Every gRPC and HTTP endpoint but `/healthz` needs a bearer
+//! token: an API token with a role (reader < user < admin) for people and scripts,
+//! or a node credential for an agent (issued by the coordinator when it starts the
+//! node, valid for that node only). Tokens are `shoal_<id>_<secret>`; only the
+//! SHA-256 of the secret is kept, in `auth.db` (SQLite) beside the state.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rand::RngCore;
+use rusqlite::{Connection, params};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Reader,
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "reader" => Ok(Role::Reader),
+            "user" => Ok(Role::User),
+            "admin" => Ok(Role::Admin),
+            other => Err(Error::invalid(
+                "role",
+                format!("`{other}` is not reader, user or admin"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who a request comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// An API token.
+    Person { token_id: String, role: Role },
+    /// A node's agent.
+    Node { node_id: String },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// `node` for node credentials, else the role.
+    kind: String,
+    /// The node id, or the token's name.
+    subject: String,
+    secret_sha256: Vec<u8>,
+    revoked: bool,
+}
+
+/// A token as listed (never its secret).
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub id: String,
+    pub kind: String,
+    pub subject: String,
+    pub created_at_ms: i64,
+    pub revoked: bool,
+}
+
+#[derive(Clone)]
+pub struct Auth {
+    conn: Arc<Mutex<Connection>>,
+    cache: Arc<RwLock<HashMap<String, Entry>>>,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buffer = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buffer);
+    buffer.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Auth { .. }")
+    }
+}
+
+impl Auth {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS tokens (
+               id TEXT PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL,
+               secret_sha256 BLOB NOT NULL, created_at INTEGER NOT NULL,
+               revoked_at INTEGER);",
+        )?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let auth = Auth {
+            conn: Arc::new(Mutex::new(conn)),
+            cache: Arc::default(),
+        };
+        auth.reload()?;
+        Ok(auth)
+    }
+
+    pub fn in_memory() -> Result<Self> {
+        Self::open(Path::new(":memory:"))
+    }
+
+    fn reload(&self) -> Result<()> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, subject, secret_sha256, revoked_at IS NOT NULL FROM tokens",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Entry {
+                    kind: r.get(1)?,
+                    subject: r.get(2)?,
+                    secret_sha256: r.get(3)?,
+                    revoked: r.get(4)?,
+                },
+            ))
+        })?;
+        let loaded: HashMap<String, Entry> = rows.collect::<rusqlite::Result<_>>()?;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        Ok(())
+    }
+
+    fn issue(&self, kind: &str, subject: &str) -> Result<String> {
+        let id = random_hex(6);
+        let secret = random_hex(24);
+        {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            conn.execute(
+                "INSERT INTO tokens (id, kind, subject, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, kind, subject, sha256(&secret), now_ms()],
+            )?;
+        }
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                Entry {
+                    kind: kind.into(),
+                    subject: subject.into(),
+                    secret_sha256: sha256(&secret),
+                    revoked: false,
+                },
+            );
+        Ok(format!("shoal_{id}_{secret}"))
+    }
+
+    /// A new API token with `role`; `name` says what it is for.
+    pub fn create_token(&self, role: Role, name: &str) -> Result<String> {
+        self.issue(role.as_str(), name)
+    }
+
+    /// A node's credential (an earlier one of the node is revoked).
+    pub fn node_credential(&self, node_id: &str) -> Result<String> {
+        self.revoke_node(node_id)?;
+        self.issue("node", node_id)
+    }
+
+    pub fn has_admin(&self) -> bool {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        cache.values().any(|e| e.kind == "admin" && !e.revoked)
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<bool> {
+        let changed = {
+            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_ms()],
+            )?
+        };
+        if let Some(entry) = self
+            .cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            entry.revoked = true;
+        }
+        Ok(changed > 0)
+    }
+
+    pub fn revoke_node(&self, node_id: &str) -> Result<()> {
+        let ids: Vec<String> = {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            cache
+                .iter()
+                .filter(|(_, e)| e.kind == "node" && e.subject == node_id && !e.revoked)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in ids {
+            self.revoke(&id)?;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<TokenInfo>> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, subject, created_at, revoked_at IS NOT NULL FROM tokens
+             WHERE kind != 'node' ORDER BY created_at",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenInfo {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                subject: r.get(2)?,
+                created_at_ms: r.get(3)?,
+                revoked: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Who presents `token`, or why not.
+    pub fn verify(&self, token: &str) -> std::result::Result<Principal, &'static str> {
+        let Some(rest) = token.strip_prefix("shoal_") else {
+            return Err("not a Shoal token");
+        };
+        let Some((id, secret)) = rest.split_once('_') else {
+            return Err("not a Shoal token");
+        };
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = cache.get(id) else {
+            return Err("unknown token");
+        };
+        let digest = sha256(secret);
+        if !bool::from(digest.ct_eq(&entry.secret_sha256)) {
+            return Err("wrong token");
+        }
+        if entry.revoked {
+            return Err("revoked token");
+        }
+        if entry.kind == "node" {
+            return Ok(Principal::Node {
+                node_id: entry.subject.clone(),
+            });
+        }
+        let role = Role::parse(&entry.kind).map_err(|_| "token of an unknown kind")?;
+        Ok(Principal::Person {
+            token_id: id.to_string(),
+            role,
+        })
+    }
+}
+
+/// Opens `<data_dir>/auth.db`; with no admin token yet, makes one and writes it to
+/// `<data_dir>/admin.token` (0600). Returns the new token, if it made one.
+pub fn bootstrap(data_dir: &Path) -> Result<Option<String>> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::Internal(format!("data dir {}: {e}", data_dir.display())))?;
+    let auth = Auth::open(&data_dir.join("auth.db"))?;
+    if auth.has_admin() {
+        return Ok(None);
+    }
+    let token = auth.create_token(Role::Admin, "made by shoal up for the local user")?;
+    let path = data_dir.join("admin.token");
+    write_secret(&path, &token)?;
+    Ok(Some(token))
+}
+
+/// Writes a secret readable by its owner only.
+pub fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| Error::Internal(format!("{}: {e}", path.display()));
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(secret.as_bytes()).map_err(io)?;
+    file.write_all(b"\n").map_err(io)
+}
+
+/// What a request needs, from its path (and method, for HTTP).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Needs {
+    Nothing,
+    Node,
+    Role(Role),
+    /// A reader, or an agent (a rerun restores the last attempt's outputs).
+    ReaderOrNode,
+}
+
+/// The access rule of every endpoint.
+pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
+    use axum::http::Method;
+    if path == "/healthz" {
+        return Needs::Nothing;
+    }
+    if let Some(rpc) = path.strip_prefix("/shoal.v1.") {
+        let (service, call) = rpc.split_once('/').unwrap_or((rpc, ""));
+        return match (service, call) {
+            ("Agent", _) => Needs::Node,
+            ("Jobs", "DownloadOutputs") => Needs::ReaderOrNode,
+            ("Clusters", "Get" | "List" | "Watch")
+            | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why")
+            | ("Nodes", "List")
+            | ("VmSizes", _)
+            | ("Quotas", "Get") => Needs::Role(Role::Reader),
+            ("Jobs", "Submit" | "Cancel") => Needs::Role(Role::User),
+            _ => Needs::Role(Role::Admin),
+        };
+    }
+    if method == Method::GET || method == Method::HEAD {
+        return Needs::Role(Role::Reader);
+    }
+    if path.starts_with("/api/v1/jobs") {
+        return Needs::Role(Role::User);
+    }
+    Needs::Role(Role::Admin)
+}
+
+/// The bearer token of a request's `authorization` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn tokens_verify_until_revoked_and_only_with_their_secret() {
+        let auth = Auth::in_memory().expect("auth");
+        let token = auth.create_token(Role::User, "ci").expect("token");
+        let Principal::Person { role, token_id } = auth.verify(&token).expect("valid") else {
+            panic!("a person");
+        };
+        assert_eq!(role, Role::User);
+        let forged = format!("{}x", &token[..token.len() - 1]);
+        assert_eq!(auth.verify(&forged), Err("wrong token"));
+        assert_eq!(auth.verify("shoal_nope_nope"), Err("unknown token"));
+        assert_eq!(auth.verify("Basic abc"), Err("not a Shoal token"));
+        assert!(auth.revoke(&token_id).expect("revoke"));
+        assert_eq!(auth.verify(&token), Err("revoked token"));
+    }
+
+    #[test]
+    fn a_node_credential_names_its_node_and_replaces_the_last_one() {
+        let auth = Auth::in_memory().expect("auth");
+        let first = auth.node_credential("n1").expect("credential");
+        let second = auth.node_credential("n1").expect("credential");
+        assert_eq!(
+            auth.verify(&second),
+            Ok(Principal::Node {
+                node_id: "n1".into()
+            })
+        );
+        assert_eq!(auth.verify(&first), Err("revoked token"));
+    }
+
+    #[test]
+    fn every_endpoint_has_a_rule() {
+        assert_eq!(needs("/healthz", &Method::GET), Needs::Nothing);
+        assert_eq!(needs("/shoal.v1.Agent/Session", &Method::POST), Needs::Node);
+        assert_eq!(
+            needs("/shoal.v1.Jobs/DownloadOutputs", &Method::POST),
+            Needs::ReaderOrNode
+        );
+        assert_eq!(
+            needs("/shoal.v1.Jobs/Submit", &Method::POST),
+            Needs::Role(Role::User)
+        );
+        assert_eq!(
+            needs("/shoal.v1.Jobs/Logs", &Method::POST),
+            Needs::Role(Role::Reader)
+        );
+        assert_eq!(
+            needs("/shoal.v1.Clusters/Create", &Method::POST),
+            Needs::Role(Role::Admin)
+        );
+        assert_eq!(
+            needs("/shoal.v1.Clusters/Delete", &Method::POST),
+            Needs::Role(Role::Admin)
+        );
+        assert_eq!(
+            needs("/shoal.v1.Tokens/Create", &Method::POST),
+            Needs::Role(Role::Admin)
+        );
+        assert_eq!(
+            needs("/api/v1/jobs", &Method::POST),
+            Needs::Role(Role::User)
+        );
+        assert_eq!(
+            needs("/api/v1/clusters/x", &Method::DELETE),
+            Needs::Role(Role::Admin)
+        );
+        assert_eq!(needs("/metrics", &Method::GET), Needs::Role(Role::Reader));
+        assert_eq!(
+            needs("/shoal.v1.Unknown/Thing", &Method::POST),
+            Needs::Role(Role::Admin)
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Every endpoint but /healthz needs a token that allows it: API tokens with roles
+//! for people and scripts, node credentials for agents; on gRPC and HTTP alike.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use shoal_proto::v1 as pb;
+use support::{SHOAL, TestCluster};
+
+fn token(tc: &TestCluster, role: &str) -> String {
+    let created = tc.shoal_json(&["token", "create", "--role", role, "--name", "test"]);
+    created["token"].as_str().expect("token").to_string()
+}
+
+/// The gRPC calls of the issue, as `token` (None: no token): submit, cancel,
+/// cluster create, cluster delete; each call's status code.
+async fn calls(tc: &TestCluster, token: Option<&str>) -> Vec<tonic::Code> {
+    let channel = tc.channel_as(token).await;
+    let mut jobs = pb::jobs_client::JobsClient::new(channel.clone());
+    let mut clusters = pb::clusters_client::ClustersClient::new(channel);
+    let code = |r: Result<(), tonic::Status>| r.err().map_or(tonic::Code::Ok, |s| s.code());
+    vec![
+        code(
+            jobs.submit(pb::JobSpec {
+                cluster: "sec".into(),
+                command: "true".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ),
+        code(
+            jobs.cancel(pb::JobRef { id: "job-1".into() })
+                .await
+                .map(|_| ()),
+        ),
+        code(
+            clusters
+                .create(pb::ClusterSpec {
+                    name: "other".into(),
+                    vm_size: "Standard_D2_v2".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        ),
+        code(
+            clusters
+                .delete(pb::ClusterRef {
+                    name: "other".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn requests_without_the_right_token_are_refused_on_grpc_and_http() {
+    use tonic::Code::{PermissionDenied, Unauthenticated};
+    let tc = TestCluster::start().await;
+    tc.create_cluster("sec", &["--max-nodes", "1"]);
+    let reader = token(&tc, "reader");
+    let user = token(&tc, "user");
+
+    assert_eq!(calls(&tc, None).await, vec![Unauthenticated; 4]);
+    assert_eq!(
+        calls(&tc, Some("shoal_0000_0000")).await,
+        vec![Unauthenticated; 4]
+    );
+    let forged = format!("{}0", &reader[..reader.len() - 1]);
+    assert_eq!(calls(&tc, Some(&forged)).await, vec![Unauthenticated; 4]);
+    assert_eq!(calls(&tc, Some(&reader)).await, vec![PermissionDenied; 4]);
+    // A user submits and cancels jobs, but manages no clusters.
+    let as_user = calls(&tc, Some(&user)).await;
+    assert_eq!(as_user[0], tonic::Code::Ok);
+    assert_eq!(&as_user[2..], &[PermissionDenied, PermissionDenied]);
+    // A reader reads.
+    let mut jobs = pb::jobs_client::JobsClient::new(tc.channel_as(Some(&reader)).await);
+    assert!(jobs.list(pb::ListJobsRequest::default()).await.is_ok());
+
+    // HTTP: the same rules.
+    let job = r#"{"compute": "sec", "command": "true"}"#;
+    assert_eq!(tc.http("POST", "/api/v1/jobs", None, job).await.0, 401);
+    assert_eq!(
+        tc.http("POST", "/api/v1/jobs", Some("shoal_0_0"), job)
+            .await
+            .0,
+        401
+    );
+    let (code, body) = tc.http("POST", "/api/v1/jobs", Some(&reader), job).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("needs user"), "{body}");
+    assert_eq!(
+        tc.http("POST", "/api/v1/jobs", Some(&user), job).await.0,
+        201
+    );
+    assert_eq!(
+        tc.http("POST", "/api/v1/jobs/job-1/cancel", None, "")
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        tc.http("POST", "/api/v1/jobs/job-1/cancel", Some(&reader), "")
+            .await
+            .0,
+        403
+    );
+    let cluster = r#"{"name": "other", "vm_size": "Standard_D2_v2"}"#;
+    assert_eq!(
+        tc.http("POST", "/api/v1/clusters", Some(&user), cluster)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        tc.http("DELETE", "/api/v1/clusters/sec", Some(&reader), "")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        tc.http("DELETE", "/api/v1/clusters/sec", None, "").await.0,
+        401
+    );
+    assert_eq!(tc.http("GET", "/api/v1/jobs", None, "").await.0, 401);
+    assert_eq!(
+        tc.http("GET", "/api/v1/jobs", Some(&reader), "").await.0,
+        200
+    );
+    assert_eq!(tc.http("GET", "/metrics", None, "").await.0, 401);
+    assert_eq!(tc.http("GET", "/healthz", None, "").await.0, 200);
+
+    // A revoked token is refused from then on.
+    let id = reader.split('_').nth(1).expect("id");
+    let out = tc.shoal(&["token", "revoke", id]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        tc.http("GET", "/api/v1/jobs", Some(&reader), "").await.0,
+        401
+    );
+}
+
+/// The environment variable `name` of a running process.
+fn env_of(pid: i32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
+/// The pid of the local agent of `node_id` (found by its work dir).
+fn agent_pid(tc: &TestCluster, node_id: &str) -> Option<i32> {
+    let work_dir = tc.data_dir().join("nodes").join(node_id);
+    let needle = work_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("\0agent\0") && cmdline.contains(&needle)).then_some(pid)
+        })
+}
+
+/// Runs `shoal agent` against the coordinator with `token`; how it ended.
+fn agent_with(tc: &TestCluster, node_id: &str, token: &str) -> (bool, String) {
+    let work = tc.scratch(&format!("intruder-{node_id}"));
+    let out = Command::new(SHOAL)
+        .args(["agent", "--endpoint", &tc.endpoint(), "--node-id", node_id])
+        .args([
+            "--cluster",
+            "sec",
+            "--owner",
+            "test",
+            "--give-up-after-seconds",
+            "5",
+        ])
+        .arg("--work-dir")
+        .arg(&work)
+        .env("SHOAL_NODE_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run an agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn an_agent_registers_only_with_its_own_node_credential() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("sec", &["--min-nodes", "1", "--max-nodes", "1"]);
+    let node = tc
+        .wait_cluster("sec", "a node is up", Duration::from_secs(30), |c| {
+            c.current_node_count == 1
+        })
+        .await;
+    assert_eq!(node.current_node_count, 1);
+    let nodes = tc.shoal_json(&["node", "list"]);
+    let node_id = nodes[0]["id"].as_str().expect("node id").to_string();
+    let credential = agent_pid(&tc, &node_id)
+        .and_then(|pid| env_of(pid, "SHOAL_NODE_TOKEN"))
+        .expect("the agent got a credential");
+
+    // Another node's credential, a user's token, or a made-up one: refused.
+    let (ok, stderr) = agent_with(&tc, "sec-n99", &credential);
+    assert!(
+        !ok && stderr.contains(&format!("belongs to node {node_id}")),
+        "{stderr}"
+    );
+    let user = token(&tc, "admin");
+    let (ok, stderr) = agent_with(&tc, "sec-n98", &user);
+    assert!(!ok && stderr.contains("only a node's agent"), "{stderr}");
+    let (ok, stderr) = agent_with(&tc, "sec-n97", "shoal_123_456");
+    assert!(!ok && stderr.contains("unknown token"), "{stderr}");
+    // The real node still works.
+    let job = tc.shoal_json(&["job", "submit", "--cluster", "sec", "--wait", "--", "true"]);
+    assert_eq!(job["status"], "completed", "{job:#}");
+}
+
+#[tokio::test]
+async fn the_cli_signs_in_with_the_saved_token_or_a_login() {
+    let tc = TestCluster::start().await;
+    // `shoal up` saved the admin token for its endpoint: the CLI just works.
+    assert!(tc.shoal(&["cluster", "list"]).status.success());
+    // Elsewhere (another config dir), it is not signed in, and says how to be.
+    let elsewhere = tc.scratch("elsewhere");
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut command = Command::new(SHOAL);
+        command
+            .args(args)
+            .env("SHOAL_ENDPOINT", tc.endpoint())
+            .env("SHOAL_CONFIG_DIR", &elsewhere)
+            .env_remove("SHOAL_TOKEN")
+            .stdin(Stdio::null());
+        if let Some(token) = token {
+            command.env("SHOAL_TOKEN", token);
+        }
+        command.output().expect("run shoal")
+    };
+    let out = run(&["cluster", "list"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not signed in") && stderr.contains("shoal login"),
+        "{stderr}"
+    );
+    let out = run(&["login"], Some("shoal_1_2"));
+    assert!(!out.status.success(), "a wrong token is not saved");
+    let reader = token(&tc, "reader");
+    let out = run(&["login"], Some(&reader));
+    assert!(out.status.success(), "{out:?}");
+    assert!(run(&["cluster", "list"], None).status.success());
+    let out = run(
+        &[
+            "cluster",
+            "create",
+            "--name",
+            "nope",
+            "--vm-size",
+            "Standard_D2_v2",
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not allowed"),
+        "{stderr}"
+    );
+}
