@@ -274,3 +274,57 @@ async fn the_cli_signs_in_with_the_saved_token_or_a_login() {
         "{stderr}"
     );
 }
+
+/// Jobs run unprivileged: process jobs as the configured user (with their outputs
+/// still theirs to write), containers with no capabilities at all.
+#[tokio::test]
+async fn jobs_run_unprivileged() {
+    let tc = TestCluster::start_with_config("process_jobs_user: nobody\n").await;
+    tc.create_cluster("sec", &["--max-nodes", "1"]);
+    let job = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "sec",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "id -u; id -un; echo mine > outputs/proof; touch /root/.shoal-escape 2>&1 || echo denied",
+    ]);
+    let id = job["id"].as_str().expect("id");
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned();
+    assert!(logs.contains("65534") && logs.contains("nobody"), "{logs}");
+    assert!(logs.contains("denied"), "{logs}");
+    let into = tc.scratch("out");
+    assert!(
+        tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")])
+            .status
+            .success()
+    );
+    let proof = std::fs::read_to_string(into.join(id).join("instance-0/proof")).expect("proof");
+    assert_eq!(proof.trim(), "mine");
+
+    if !support::docker_ready() {
+        return;
+    }
+    let job = tc.shoal_json(&[
+        "job",
+        "submit",
+        "--cluster",
+        "sec",
+        "--image",
+        "shoal/base",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "grep -E '^Cap(Eff|Prm):' /proc/self/status",
+    ]);
+    let id = job["id"].as_str().expect("id");
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned();
+    assert!(logs.contains("CapEff:\t0000000000000000"), "{logs}");
+    assert!(logs.contains("CapPrm:\t0000000000000000"), "{logs}");
+}

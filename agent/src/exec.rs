@@ -64,6 +64,7 @@ pub struct Execs {
     node_id: String,
     events: mpsc::UnboundedSender<pb::AgentMessage>,
     docker: Option<DockerRuntime>,
+    run_as: Option<crate::runtime::RunAs>,
     next: Arc<AtomicU64>,
     state: Arc<Mutex<State>>,
 }
@@ -80,11 +81,13 @@ impl Execs {
         node_id: &str,
         events: mpsc::UnboundedSender<pb::AgentMessage>,
         docker: Option<DockerRuntime>,
+        run_as: Option<crate::runtime::RunAs>,
     ) -> Self {
         Execs {
             node_id: node_id.to_string(),
             events,
             docker,
+            run_as,
             next: Arc::default(),
             state: Arc::default(),
         }
@@ -130,6 +133,10 @@ impl Execs {
     pub fn serve_launcher(&self, slot: Slot, job_id: String, socket: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)?;
+        if let Some(user) = &self.run_as {
+            // The launcher runs as this user: it must be able to connect.
+            user.own(socket)?;
+        }
         let (stop, stopped) = oneshot::channel();
         self.state().servers.insert(slot.clone(), stop);
         let service = Launcher {
@@ -225,7 +232,8 @@ impl Execs {
             };
             let ended = match sandbox {
                 Sandbox::Process { env, cwd } => {
-                    run_process(&open.command, &env, &cwd, started, &output).await
+                    let user = this.run_as.as_ref();
+                    run_process(&open.command, &env, &cwd, user, started, &output).await
                 }
                 Sandbox::Container { name, env } => match &this.docker {
                     Some(docker) => docker
@@ -273,6 +281,7 @@ async fn run_process(
     command: &str,
     env: &BTreeMap<String, String>,
     cwd: &Path,
+    user: Option<&crate::runtime::RunAs>,
     started: impl FnOnce(i32),
     output: &(dyn Fn(&'static str, Vec<u8>) + Sync),
 ) -> Result<i32, String> {
@@ -287,6 +296,9 @@ async fn run_process(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(user) = user {
+        user.apply(&mut child);
+    }
     process::die_with_agent(&mut child);
     let mut child = child.spawn().map_err(|e| format!("cannot start sh: {e}"))?;
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {

@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub gpu_slice: Option<(u32, u32)>,
     /// This node's credential, presented on every call to the coordinator.
     pub token: Option<String>,
+    /// The unprivileged user process jobs run as (None: the agent's user).
+    pub run_as: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum AgentError {
     },
     #[error("bad endpoint `{0}`: {1}")]
     Endpoint(String, String),
+    #[error("--run-as: {0}")]
+    RunAs(String),
     #[error("node credential: {0}")]
     Token(String),
     #[error("work dir {0}: {1}")]

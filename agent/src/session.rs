@@ -163,7 +163,21 @@ pub async fn run(
         gpus,
         gpu_reason,
     );
-    let execs = crate::exec::Execs::new(&config.node_id, events.clone(), docker.clone().ok());
+    let run_as = config
+        .run_as
+        .as_deref()
+        .map(crate::runtime::RunAs::lookup)
+        .transpose()
+        .map_err(AgentError::RunAs)?;
+    if let Some(user) = &run_as {
+        info!(user = %user.name, uid = user.uid, "process jobs run as an unprivileged user");
+    }
+    let execs = crate::exec::Execs::new(
+        &config.node_id,
+        events.clone(),
+        docker.clone().ok(),
+        run_as.clone(),
+    );
     let agent = Agent {
         execs,
         cores,
@@ -173,7 +187,7 @@ pub async fn run(
         config: Arc::new(config),
         client,
         jobs,
-        process: Arc::new(ProcessRuntime),
+        process: Arc::new(ProcessRuntime { run_as }),
         attempts: Arc::default(),
         events,
         gpu_allocator: Arc::default(),
@@ -763,6 +777,10 @@ impl Agent {
             .join(format!("{}-{}", slot.attempt_id, slot.instance));
         let tmp = run.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        if let (false, Some(user)) = (container, &self.process.run_as) {
+            user.own(&run)
+                .map_err(|e| format!("{}: {e}", run.display()))?;
+        }
         let socket = run.join("exec.sock");
         let (helper, socket_inside, tmp_inside, mounts) = if container {
             (
@@ -790,6 +808,10 @@ impl Agent {
         set("TMPDIR", tmp_inside.clone());
         set("OMPI_MCA_orte_tmpdir_base", tmp_inside.clone());
         set("OMPI_MCA_btl_vader_backing_directory", tmp_inside);
+        if container {
+            // Containers have no CAP_SYS_PTRACE: no cross-memory attach between ranks.
+            set("OMPI_MCA_btl_vader_single_copy_mechanism", "none".into());
+        }
         if !container && let Some(interface) = crate::telemetry::default_route_interface() {
             set("OMPI_MCA_btl_tcp_if_include", interface.clone());
             set("OMPI_MCA_oob_tcp_if_include", interface);
@@ -907,6 +929,12 @@ impl Agent {
             None
         };
         let dir = dir.to_path_buf();
+        // Containers keep their own user; process jobs may run as an unprivileged one.
+        let run_as = if launch.image.is_empty() {
+            self.process.run_as.clone()
+        } else {
+            None
+        };
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(dir.join("outputs"))
@@ -918,6 +946,10 @@ impl Agent {
             if let Some(outputs) = previous {
                 archive::unpack(&outputs, &dir.join("outputs"))
                     .map_err(|e| format!("cannot restore the last attempt's outputs: {e}"))?;
+            }
+            if let Some(user) = &run_as {
+                user.own(&dir)
+                    .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), user.name))?;
             }
             Ok(())
         })

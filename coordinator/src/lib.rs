@@ -21,6 +21,8 @@ pub mod view;
 pub mod vmsize;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod testing;
 
 pub use error::{Error, Result};

@@ -54,6 +54,10 @@ pub struct ConfigFile {
     /// cluster's `cancel_idle_gpu_jobs` policy says so).
     #[serde(default)]
     pub idle_gpu_minutes: Option<u64>,
+    /// Local nodes run process jobs as this unprivileged user (the coordinator
+    /// must run as root for it); containers are unprivileged already.
+    #[serde(default)]
+    pub process_jobs_user: Option<String>,
 }
 
 impl ConfigFile {
@@ -172,6 +176,7 @@ pub async fn serve(
         job_stop_grace,
     );
     local.auth = Some(auth.clone());
+    local.run_as = config.file.process_jobs_user.clone();
     let provider = Providers {
         local,
         docker: DockerProvider {

@@ -308,7 +308,11 @@ impl DockerRuntime {
                 nano_cpus: Some(self.nano_cpus),
                 memory: Some(self.memory_bytes),
                 network_mode: self.network.clone(),
+                // Unprivileged: no capabilities, no privilege gain, the
+                // cluster's network (never the host's).
                 security_opt: Some(vec!["no-new-privileges".into()]),
+                cap_drop: Some(vec!["ALL".into()]),
+                privileged: Some(false),
                 device_requests,
                 ..Default::default()
             }),

@@ -15,7 +15,7 @@ use shoal_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 
 pub use docker::DockerRuntime;
-pub use process::ProcessRuntime;
+pub use process::{ProcessRuntime, RunAs};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Slot {

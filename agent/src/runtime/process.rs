@@ -13,7 +13,57 @@ use tracing::{debug, warn};
 use super::{EventSink, Outcome, RunFuture, RunSpec, Runtime, Stop};
 
 #[derive(Clone, Debug, Default)]
-pub struct ProcessRuntime;
+pub struct ProcessRuntime {
+    /// The unprivileged user jobs run as (None: the agent's own user).
+    pub run_as: Option<RunAs>,
+}
+
+/// A user to run jobs as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Looks `name` up in the user database.
+    pub fn lookup(name: &str) -> Result<Self, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Ok(RunAs {
+                name: name.to_string(),
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            }),
+            Ok(None) => Err(format!("no user `{name}` on this machine")),
+            Err(e) => Err(format!("cannot look up user `{name}`: {e}")),
+        }
+    }
+
+    /// The command runs as this user (and its group, with no others).
+    pub fn apply(&self, command: &mut tokio::process::Command) {
+        command
+            .uid(self.uid)
+            .gid(self.gid)
+            .env("USER", &self.name)
+            .env("LOGNAME", &self.name);
+    }
+
+    /// Gives `dir` and everything in it to this user (the job writes its outputs).
+    pub fn own(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let (uid, gid) = (
+            Some(nix::unistd::Uid::from_raw(self.uid)),
+            Some(nix::unistd::Gid::from_raw(self.gid)),
+        );
+        nix::unistd::chown(dir, uid, gid).map_err(std::io::Error::from)?;
+        if dir.is_dir() && !dir.is_symlink() {
+            for entry in std::fs::read_dir(dir)? {
+                self.own(&entry?.path())?;
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Runtime for ProcessRuntime {
     fn name(&self) -> &'static str {
@@ -26,7 +76,7 @@ impl Runtime for ProcessRuntime {
         sink: EventSink,
         stop: watch::Receiver<Option<Stop>>,
     ) -> RunFuture {
-        Box::pin(run(spec, sink, stop))
+        Box::pin(run(spec, sink, stop, self.run_as.clone()))
     }
 }
 
@@ -62,7 +112,12 @@ async fn pump(
     }
 }
 
-async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<Stop>>) -> Outcome {
+async fn run(
+    spec: RunSpec,
+    sink: EventSink,
+    mut stop: watch::Receiver<Option<Stop>>,
+    run_as: Option<RunAs>,
+) -> Outcome {
     let Some(program) = spec.argv.first() else {
         return Outcome::failed("the job has an empty command");
     };
@@ -75,6 +130,9 @@ async fn run(spec: RunSpec, sink: EventSink, mut stop: watch::Receiver<Option<St
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(user) = &run_as {
+        user.apply(&mut command);
+    }
     die_with_agent(&mut command);
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -257,7 +315,7 @@ mod tests {
     async fn runs_with_env_and_reports_the_exit_code() {
         let (sink, mut rx) = sink();
         let (_stop_tx, stop) = watch::channel(None);
-        let outcome = run(spec("echo $GREETING; exit 3", None), sink, stop).await;
+        let outcome = run(spec("echo $GREETING; exit 3", None), sink, stop, None).await;
         assert_eq!(outcome.exit_code, Some(3));
         assert_eq!(outcome.outcome, "failed");
         assert_eq!(output(&mut rx), "hello\n");
@@ -269,7 +327,13 @@ mod tests {
         let (_stop_tx, stop) = watch::channel(None);
         let marker = std::env::temp_dir().join(format!("shoal-tree-{}", std::process::id()));
         let script = format!("(sleep 30; touch {}) & sleep 30", marker.display());
-        let outcome = run(spec(&script, Some(Duration::from_millis(300))), sink, stop).await;
+        let outcome = run(
+            spec(&script, Some(Duration::from_millis(300))),
+            sink,
+            stop,
+            None,
+        )
+        .await;
         assert_eq!(outcome.outcome, "timed_out");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!marker.exists());
@@ -286,7 +350,7 @@ mod tests {
         let (sink, _rx) = sink();
         let (stop_tx, stop) = watch::channel(None);
         let started = std::time::Instant::now();
-        let task = tokio::spawn(run(spec("trap '' TERM; sleep 30", None), sink, stop));
+        let task = tokio::spawn(run(spec("trap '' TERM; sleep 30", None), sink, stop, None));
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_tx.send_replace(Some(Stop::Cancel("test".into())));
         let outcome = task.await.expect("joined");
@@ -301,7 +365,7 @@ mod tests {
         let (_stop_tx, stop) = watch::channel(None);
         let mut missing = spec("", None);
         missing.argv = vec!["definitely-not-a-program-xyz".into()];
-        let outcome = run(missing, sink, stop).await;
+        let outcome = run(missing, sink, stop, None).await;
         assert_eq!(outcome.exit_code, Some(127));
         assert!(outcome.message.contains("not found"), "{}", outcome.message);
     }

@@ -228,6 +228,9 @@ impl Agent {
                     .stderr(std::process::Stdio::piped())
                     .process_group(0)
                     .kill_on_drop(true);
+                if let Some(user) = &self.process.run_as {
+                    user.apply(&mut command);
+                }
                 process::die_with_agent(&mut command);
                 let mut child = command
                     .spawn()

@@ -46,6 +46,9 @@ pub struct Args {
     /// GPUs in each slice (the VM size's GPU count; 0: none).
     #[arg(long, requires = "gpu_slice")]
     gpus_per_node: Option<u32>,
+    /// Run process jobs as this unprivileged user (the agent must be root to).
+    #[arg(long, env = "SHOAL_RUN_AS")]
+    run_as: Option<String>,
     /// This node's credential (the provider that starts the agent passes it).
     #[arg(long, env = "SHOAL_NODE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -69,6 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         telemetry_interval: Duration::from_secs(args.telemetry_interval_seconds.max(1)),
         gpu_slice: args.gpu_slice.zip(args.gpus_per_node),
         token: args.token,
+        run_as: args.run_as,
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

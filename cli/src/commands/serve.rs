@@ -62,20 +62,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let file = load_config(&data_dir, args.config.as_ref())?;
     let program =
         std::env::current_exe().context("cannot find the shoal binary to start agents with")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is another coordinator running?)",
-                args.listen
-            )
-        })?;
-    eprintln!(
-        "shoal coordinator on {} (data in {}); Ctrl-C stops it and its nodes",
-        args.listen,
-        data_dir.display()
-    );
-    // The local user's admin token: made on first start, saved for the CLI.
+    // The local user's admin token: made on first start, saved for the CLI before
+    // the port opens (whoever connects first finds it).
     shoal_coordinator::auth::bootstrap(&data_dir)?;
     let token_file = data_dir.join("admin.token");
     match std::fs::read_to_string(&token_file) {
@@ -96,6 +84,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             token_file.display()
         ),
     }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another coordinator running?)",
+                args.listen
+            )
+        })?;
+    eprintln!(
+        "shoal coordinator on {} (data in {}); Ctrl-C stops it and its nodes",
+        args.listen,
+        data_dir.display()
+    );
     let config = CoordinatorConfig::new(data_dir, program, file);
     serve(listener, config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -39,6 +39,8 @@ pub struct LocalProvider {
     pub owner: String,
     /// Mints each node's credential (None: the coordinator asks for none).
     pub auth: Option<crate::auth::Auth>,
+    /// The unprivileged user agents run process jobs as (None: theirs).
+    pub run_as: Option<String>,
     nodes: Arc<Mutex<HashMap<String, AgentProcess>>>,
     /// Node id → its slice of this machine's GPUs (nodes of GPU sizes only).
     gpu_slices: Arc<Mutex<HashMap<String, u32>>>,
@@ -60,6 +62,7 @@ impl LocalProvider {
             stop_grace: job_stop_grace + Duration::from_secs(5),
             job_stop_grace,
             auth: None,
+            run_as: None,
             nodes: Arc::default(),
             gpu_slices: Arc::default(),
         }
@@ -110,8 +113,11 @@ impl LocalProvider {
                 .map_err(|e| format!("cannot issue the node's credential: {e}"))?;
             command.env("SHOAL_NODE_TOKEN", credential);
         }
+        command.arg("agent");
+        if let Some(user) = &self.run_as {
+            command.args(["--run-as", user]);
+        }
         command
-            .arg("agent")
             .args(["--gpu-slice", &slice.to_string()])
             .args(["--gpus-per-node", &launch.gpus.to_string()])
             .args(["--endpoint", &self.endpoint])
