@@ -70,7 +70,9 @@ async fn requests_without_the_right_token_are_refused_on_grpc_and_http() {
         calls(&tc, Some("shoal_0000_0000")).await,
         vec![Unauthenticated; 4]
     );
-    let forged = format!("{}0", &reader[..reader.len() - 1]);
+    // The same id, another secret (the last digit changed).
+    let last = if reader.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &reader[..reader.len() - 1]);
     assert_eq!(calls(&tc, Some(&forged)).await, vec![Unauthenticated; 4]);
     assert_eq!(calls(&tc, Some(&reader)).await, vec![PermissionDenied; 4]);
     // A user submits and cancels jobs, but manages no clusters.
@@ -327,4 +329,138 @@ async fn jobs_run_unprivileged() {
     let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned();
     assert!(logs.contains("CapEff:\t0000000000000000"), "{logs}");
     assert!(logs.contains("CapPrm:\t0000000000000000"), "{logs}");
+}
+
+/// The CLI over TLS: it talks to a coordinator whose certificate its CA signed,
+/// and refuses one signed by another CA (or by none it knows).
+#[tokio::test]
+async fn the_cli_checks_the_coordinators_certificate() {
+    let tc = TestCluster::start_args(&["--tls"]).await;
+    let other = TestCluster::start_args(&["--tls"]).await;
+    let ca = tc.data_dir().join("tls/ca.pem");
+    let wrong_ca = other.data_dir().join("tls/ca.pem");
+    let https = format!("https://{}", tc.endpoint());
+    let run = |args: &[&str]| {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_ENDPOINT", &https)
+            .env("SHOAL_CONFIG_DIR", tc.scratch("elsewhere"))
+            .env("SHOAL_TOKEN", tc.admin_token())
+            .env_remove("SHOAL_CA_FILE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run shoal")
+    };
+    let ca_arg = ca.to_str().expect("utf8");
+    let out = run(&[
+        "--ca-file",
+        ca_arg,
+        "cluster",
+        "create",
+        "--name",
+        "tls",
+        "--vm-size",
+        "Standard_D2_v2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&[
+        "--ca-file",
+        wrong_ca.to_str().expect("utf8"),
+        "cluster",
+        "list",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not signed by the CA"),
+        "{stderr}"
+    );
+    let out = run(&["cluster", "list"]);
+    assert!(!out.status.success(), "no CA given: refused");
+    // Plain HTTP to a TLS port gets nowhere.
+    let out = Command::new(SHOAL)
+        .args(["cluster", "list", "--endpoint", &tc.endpoint()])
+        .env("SHOAL_TOKEN", tc.admin_token())
+        .output()
+        .expect("run shoal");
+    assert!(!out.status.success());
+    // The saved CA (from `shoal up --tls`) makes the local CLI just work, and a
+    // job runs end to end: the local agents come in through the Unix socket.
+    let job = tc.shoal_json(&[
+        "--endpoint",
+        &https,
+        "job",
+        "submit",
+        "--cluster",
+        "tls",
+        "--wait",
+        "--",
+        "echo",
+        "over tls",
+    ]);
+    assert_eq!(job["status"], "completed", "{job:#}");
+}
+
+#[tokio::test]
+async fn listening_beyond_loopback_needs_tls() {
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .expect("port")
+        .local_addr()
+        .expect("address")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(SHOAL)
+        .args(["up", "--listen", &format!("0.0.0.0:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .env("SHOAL_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoal up");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("without TLS") && stderr.contains("--tls"),
+        "{stderr}"
+    );
+    // With --tls it starts.
+    let mut up = Command::new(SHOAL)
+        .args([
+            "up",
+            "--tls",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("SHOAL_CONFIG_DIR", dir.path().join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shoal up --tls");
+    support::eventually("the TLS port opens", Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    // ...and answers over TLS, with a token.
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).expect("admin token");
+    let out = Command::new(SHOAL)
+        .args([
+            "cluster",
+            "list",
+            "--endpoint",
+            &format!("https://127.0.0.1:{port}"),
+        ])
+        .arg("--ca-file")
+        .arg(dir.path().join("tls/ca.pem"))
+        .env("SHOAL_TOKEN", token.trim())
+        .env("SHOAL_CONFIG_DIR", dir.path().join("elsewhere"))
+        .output()
+        .expect("run shoal");
+    let result = out.status.success();
+    let _ = up.kill();
+    let _ = up.wait();
+    assert!(result, "{out:?}");
 }

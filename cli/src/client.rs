@@ -12,6 +12,38 @@ use tonic::transport::Endpoint;
 
 /// The token given with --token / SHOAL_TOKEN, set once by `main`.
 pub static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// The CA file given with --ca-file / SHOAL_CA_FILE, set once by `main`.
+pub static CA_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+fn ca_files_path() -> Option<std::path::PathBuf> {
+    config_dir().map(|dir| dir.join("ca-files.json"))
+}
+
+/// Remembers the CA that checks `endpoint`'s certificate.
+pub fn save_ca_file(endpoint: &str, ca: &std::path::Path) -> anyhow::Result<()> {
+    let path =
+        ca_files_path().ok_or_else(|| anyhow!("no config dir: set SHOAL_CONFIG_DIR or HOME"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut all: std::collections::BTreeMap<String, String> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.to_path_buf());
+    all.insert(normalize(endpoint), ca.display().to_string());
+    std::fs::write(&path, serde_json::to_string_pretty(&all)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The CA for `endpoint`: --ca-file / SHOAL_CA_FILE, else the one saved for it.
+fn ca_file_for(endpoint: &str) -> Option<std::path::PathBuf> {
+    CA_FILE.get().cloned().flatten().or_else(|| {
+        let text = std::fs::read_to_string(ca_files_path()?).ok()?;
+        let all: std::collections::BTreeMap<String, String> = serde_json::from_str(&text).ok()?;
+        all.get(&normalize(endpoint)).map(std::path::PathBuf::from)
+    })
+}
 
 /// Where the CLI keeps its credentials: $SHOAL_CONFIG_DIR, else
 /// $XDG_CONFIG_HOME/shoal, else ~/.config/shoal.
@@ -83,18 +115,31 @@ impl Client {
 
     pub async fn connect_with_token(endpoint: &str, token: Option<String>) -> anyhow::Result<Self> {
         let url = normalize(endpoint);
-        let channel = Endpoint::from_shared(url.clone())
+        let mut builder = Endpoint::from_shared(url.clone())
             .with_context(|| format!("`{endpoint}` is not an endpoint (expected host:port)"))?
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .map_err(|e| {
+            .connect_timeout(Duration::from_secs(3));
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = ca_file_for(endpoint) {
+                let pem = std::fs::read(&ca)
+                    .with_context(|| format!("cannot read the CA file {}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            builder = builder.tls_config(tls).context("cannot set up TLS")?;
+        }
+        let channel = builder.connect().await.map_err(|e| {
+            let why = source_text(&e);
+            if why.contains("certificate") || why.contains("UnknownIssuer") {
                 anyhow!(
-                    "cannot reach the coordinator at {url} ({}); start one with `shoal up`, or point --endpoint / SHOAL_ENDPOINT at it",
-                    source_text(&e)
+                    "refusing the coordinator at {url}: its certificate is not signed by the CA given (--ca-file / SHOAL_CA_FILE, or the one `shoal up --tls` saved): {why}"
                 )
-            })?;
+            } else {
+                anyhow!(
+                    "cannot reach the coordinator at {url} ({why}); start one with `shoal up`, or point --endpoint / SHOAL_ENDPOINT at it"
+                )
+            }
+        })?;
         let bearer = Bearer::new(token.as_deref()).map_err(|e| anyhow!(e))?;
         Ok(Client {
             channel: tonic::service::interceptor::InterceptedService::new(channel, bearer),

@@ -39,6 +39,10 @@ struct Cli {
     /// `shoal login` saved for the endpoint).
     #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA that signed the coordinator's TLS certificate (https:// endpoints;
+    /// default: the one `shoal up --tls` saved for the endpoint).
+    #[arg(long, global = true, env = "SHOAL_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Output format: a table for people, JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let _ = client::TOKEN.set(cli.token.clone());
+        let _ = client::CA_FILE.set(cli.ca_file.clone());
         let format = cli.output;
         let endpoint = cli.endpoint;
         match cli.command {

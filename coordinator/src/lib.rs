@@ -17,6 +17,7 @@ pub mod provider;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod view;
 pub mod vmsize;
 

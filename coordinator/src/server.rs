@@ -1,6 +1,7 @@
 //! Wires the coordinator together: store, provider, control loop, and the gRPC and
 //! HTTP APIs on one listener. Takes an already-bound listener and a shutdown future.
 
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub struct CoordinatorConfig {
     pub agent_program: PathBuf,
     pub file: ConfigFile,
     pub control: ControlConfig,
+    /// TLS on the TCP port (None: plain, loopback only).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl CoordinatorConfig {
@@ -105,6 +108,7 @@ impl CoordinatorConfig {
             agent_program,
             file,
             control,
+            tls: None,
         }
     }
 }
@@ -168,10 +172,16 @@ pub async fn serve(
     // Node containers reach the coordinator through this socket, mounted in.
     let socket_dir = config.data_dir.join("run");
     let unix_listener = bind_unix(&socket_dir)?;
+    // With TLS on the port, local agents come in through the Unix socket instead.
+    let local_endpoint = if config.tls.is_some() {
+        format!("unix://{}", socket_dir.join("shoal.sock").display())
+    } else {
+        format!("http://{address}")
+    };
     let mut local = LocalProvider::new(
         owner.clone(),
         config.agent_program.clone(),
-        format!("http://{address}"),
+        local_endpoint,
         config.data_dir.join("nodes"),
         job_stop_grace,
     );
@@ -233,14 +243,32 @@ pub async fn serve(
     );
     info!(%address, data_dir = %config.data_dir.display(), "coordinator listening");
 
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let mut graceful = stopped_rx.clone();
     let unix_app = app.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let graceful = async move {
         let _ = graceful.wait_for(|stopped| *stopped).await;
-    });
+    };
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match &config.tls {
+            Some(files) => {
+                let listener = crate::tls::TlsListener::new(listener, files)?;
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .into_future(),
+                )
+            }
+            None => {
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(graceful)
+                        .into_future(),
+                )
+            }
+        };
     let mut unix_graceful = stopped_rx.clone();
     let unix_server = tokio::spawn(async move {
         let served = axum::serve(unix_listener, unix_app).with_graceful_shutdown(async move {

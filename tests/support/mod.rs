@@ -23,6 +23,8 @@ pub struct TestCluster {
     pub port: u16,
     coordinator: Option<Child>,
     env: Vec<(String, String)>,
+    /// Extra arguments of `shoal up` (`--tls`).
+    up_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -40,8 +42,17 @@ impl TestCluster {
         Self::start_full(config, &[]).await
     }
 
+    /// With extra arguments of `shoal up`.
+    pub async fn start_args(args: &[&str]) -> Self {
+        Self::start_all("", &[], args).await
+    }
+
     /// With a config and extra environment for the coordinator (and so its agents).
     pub async fn start_full(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_all(config, env, &[]).await
+    }
+
+    async fn start_all(config: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shoal-test-")
             .tempdir()
@@ -54,6 +65,7 @@ impl TestCluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            up_args: args.iter().map(|a| a.to_string()).collect(),
         };
         if !config.is_empty() {
             std::fs::create_dir_all(cluster.data_dir()).expect("data dir");
@@ -82,6 +94,7 @@ impl TestCluster {
             .arg(self.data_dir())
             .env("SHOAL_LOG", "info,shoal_coordinator=debug")
             .env("SHOAL_CONFIG_DIR", self.config_dir())
+            .args(&self.up_args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -89,16 +102,15 @@ impl TestCluster {
             .spawn()
             .expect("start shoal up");
         self.coordinator = Some(child);
-        let endpoint = format!("http://{}", self.endpoint());
+        // The port opens once the coordinator is ready (its admin token saved).
+        let endpoint = self.endpoint();
         eventually(
             "the coordinator accepts connections",
             Duration::from_secs(20),
             || {
                 let endpoint = endpoint.clone();
                 async move {
-                    Channel::from_shared(endpoint)
-                        .ok()?
-                        .connect()
+                    tokio::net::TcpStream::connect(endpoint)
                         .await
                         .ok()
                         .map(|_| ())

@@ -13,9 +13,22 @@ pub struct Args {
     /// [default: $XDG_DATA_HOME/shoal, else ~/.local/share/shoal].
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address for gRPC and HTTP (one port). Loopback only until TLS and auth exist.
+    /// Address for gRPC and HTTP (one port). Anything beyond loopback needs TLS.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve TLS with a CA and a certificate made in <data-dir>/tls on first start
+    /// (clients check it with `--ca-file <data-dir>/tls/ca.pem`).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub tls: bool,
+    /// Serve TLS with this certificate (PEM, chain first) instead.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signed --tls-cert, saved for the local CLI.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     /// A YAML config (extra `vm_sizes`, `agent_grace_seconds`, `max_code_mib`)
     /// [default: <data-dir>/shoal.yaml if it exists].
     #[arg(long)]
@@ -52,13 +65,38 @@ pub fn load_config(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if !args.listen.ip().is_loopback() {
+    let tls_on = args.tls || args.tls_cert.is_some();
+    if !args.listen.ip().is_loopback() && !tls_on {
         bail!(
-            "refusing to listen on {}: anything beyond loopback needs TLS and authentication, which this build does not have yet; use --listen 127.0.0.1:PORT",
+            "refusing to listen on {} without TLS: tokens would cross the network in the clear. Add --tls (a CA and certificate are made in the data dir) or --tls-cert/--tls-key; or use --listen 127.0.0.1:PORT",
             args.listen
         );
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(shoal_coordinator::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: args.tls_ca.clone(),
+        }),
+        _ if args.tls => Some(shoal_coordinator::tls::self_signed(
+            &data_dir.join("tls"),
+            &shoal_coordinator::tls::names_for(args.listen),
+        )?),
+        _ => None,
+    };
+    // How the local CLI reaches this coordinator.
+    let client_endpoint = {
+        let host = if args.listen.ip().is_unspecified() {
+            std::net::SocketAddr::new([127, 0, 0, 1].into(), args.listen.port())
+        } else {
+            args.listen
+        };
+        match &tls {
+            Some(_) => format!("https://{host}"),
+            None => host.to_string(),
+        }
+    };
     let file = load_config(&data_dir, args.config.as_ref())?;
     let program =
         std::env::current_exe().context("cannot find the shoal binary to start agents with")?;
@@ -67,11 +105,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     shoal_coordinator::auth::bootstrap(&data_dir)?;
     let token_file = data_dir.join("admin.token");
     match std::fs::read_to_string(&token_file) {
-        Ok(token) => match crate::client::save_credentials(&args.listen.to_string(), &token) {
+        Ok(token) => match crate::client::save_credentials(&client_endpoint, &token) {
             Ok(saved) => eprintln!(
                 "the CLI signs in with the admin token in {} (saved for {} in {})",
                 token_file.display(),
-                args.listen,
+                client_endpoint,
                 saved.display()
             ),
             Err(e) => eprintln!(
@@ -97,7 +135,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.listen,
         data_dir.display()
     );
-    let config = CoordinatorConfig::new(data_dir, program, file);
+    if let Some(files) = &tls {
+        match &files.ca {
+            Some(ca) => {
+                if let Err(e) = crate::client::save_ca_file(&client_endpoint, ca) {
+                    eprintln!("warning: {e:#}");
+                }
+                eprintln!(
+                    "TLS on; clients check it with --ca-file {} (saved for {client_endpoint})",
+                    ca.display()
+                );
+            }
+            None => eprintln!("TLS on, with {}", files.cert.display()),
+        }
+    }
+    let mut config = CoordinatorConfig::new(data_dir, program, file);
+    config.tls = tls;
     serve(listener, config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
