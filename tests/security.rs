@@ -464,3 +464,165 @@ async fn listening_beyond_loopback_needs_tls() {
     let _ = up.wait();
     assert!(result, "{out:?}");
 }
+
+/// A GET with headers; (status, body).
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request =
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The identity settings of the running job `id` (read from its process).
+fn identity_env(id: &str) -> Option<(String, String, Option<String>)> {
+    let attempt = format!("SHOAL_ATTEMPT_ID={id}.1");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let environ = String::from_utf8_lossy(&environ);
+            let vars: Vec<&str> = environ.split('\0').collect();
+            if !vars.contains(&attempt.as_str()) {
+                return None;
+            }
+            let var = |name: &str| {
+                vars.iter()
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
+            };
+            Some((
+                var("IDENTITY_ENDPOINT")?,
+                var("IDENTITY_HEADER")?,
+                var("DEFAULT_IDENTITY_CLIENT_ID"),
+            ))
+        })
+}
+
+#[tokio::test]
+async fn a_job_gets_a_token_for_its_clusters_identity_that_verifies_against_the_jwks() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster(
+        "mi",
+        &["--max-nodes", "1", "--identity-type", "SystemAssigned"],
+    );
+    tc.create_cluster("plain", &["--max-nodes", "1"]);
+    let shown = tc.shoal_json(&["cluster", "identity", "show", "--name", "mi"]);
+    let system = shown[0]["client_id"]
+        .as_str()
+        .expect("system identity")
+        .to_string();
+    let bot = tc.shoal_json(&["identity", "create", "bot"]);
+    let bot = bot[0]["client_id"].as_str().expect("bot").to_string();
+
+    let job = tc.shoal_json(&["job", "submit", "--cluster", "mi", "--", "sleep", "60"]);
+    let id = job["id"].as_str().expect("id").to_string();
+    let (endpoint, header, default) =
+        support::eventually("the job runs", Duration::from_secs(30), || {
+            let id = id.clone();
+            async move { identity_env(&id) }
+        })
+        .await;
+    assert_eq!(default.as_deref(), Some(system.as_str()));
+    let resource = "https://vault.example";
+    let (code, body) = get(
+        &format!("{endpoint}?resource={resource}"),
+        &[("X-IDENTITY-HEADER", &header)],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(token["token_type"], "Bearer");
+    assert_eq!(token["resource"], resource);
+    // Verify it with the coordinator's published key (no token needed for the JWKS).
+    let (code, jwks) = tc.http("GET", "/.well-known/jwks.json", None, "").await;
+    assert_eq!(code, 200);
+    let jwks: serde_json::Value = serde_json::from_str(&jwks).expect("jwks");
+    let x = jwks["keys"][0]["x"].as_str().expect("x");
+    let key = jsonwebtoken::DecodingKey::from_ed_components(x).expect("key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    validation.set_audience(&[resource]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token["access_token"].as_str().expect("access token"),
+        &key,
+        &validation,
+    )
+    .expect("the signature, aud and exp check out")
+    .claims;
+    assert_eq!(claims["sub"], system.as_str());
+    assert_eq!(claims["job"], id.as_str());
+    assert!(claims["exp"].as_i64().expect("exp") > claims["iat"].as_i64().expect("iat"));
+    validation.set_audience(&["https://elsewhere"]);
+    assert!(
+        jsonwebtoken::decode::<serde_json::Value>(
+            token["access_token"].as_str().expect("t"),
+            &key,
+            &validation
+        )
+        .is_err()
+    );
+
+    // An identity the cluster was not given, no header, no resource: refused.
+    let url = format!("{endpoint}?resource={resource}&client_id={bot}");
+    assert_eq!(get(&url, &[("X-IDENTITY-HEADER", &header)]).await.0, 403);
+    assert_eq!(
+        get(&format!("{endpoint}?resource={resource}"), &[]).await.0,
+        401
+    );
+    assert_eq!(
+        get(&endpoint, &[("X-IDENTITY-HEADER", &header)]).await.0,
+        400
+    );
+    // Once the attempt is over, its header is worth nothing.
+    assert!(tc.shoal(&["job", "cancel", &id]).status.success());
+    tc.wait_job(
+        &id,
+        "canceled",
+        Duration::from_secs(30),
+        support::all_instances_ended,
+    )
+    .await;
+    let (code, body) = get(
+        &format!("{endpoint}?resource={resource}"),
+        &[("X-IDENTITY-HEADER", &header)],
+    )
+    .await;
+    assert!(code == 401 || code == 0, "{code} {body}");
+
+    // A cluster with no identity: a clear 400.
+    let job = tc.shoal_json(&["job", "submit", "--cluster", "plain", "--", "sleep", "60"]);
+    let id = job["id"].as_str().expect("id").to_string();
+    let (endpoint, header, default) =
+        support::eventually("the job runs", Duration::from_secs(30), || {
+            let id = id.clone();
+            async move { identity_env(&id) }
+        })
+        .await;
+    assert_eq!(default, None);
+    let (code, body) = get(
+        &format!("{endpoint}?resource={resource}"),
+        &[("X-IDENTITY-HEADER", &header)],
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("no managed identity"), "{body}");
+}

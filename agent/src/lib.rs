@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod exec;
 pub mod gpu;
+pub mod identity;
 pub mod runtime;
 mod session;
 pub mod telemetry;

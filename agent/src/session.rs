@@ -104,6 +104,7 @@ struct Agent {
     telemetry: Telemetry,
     gpu_allocator: Arc<Mutex<GpuAllocator>>,
     execs: crate::exec::Execs,
+    identity: crate::identity::TokenEndpoint,
     cores: u32,
     memory_bytes: u64,
     hostname: String,
@@ -178,7 +179,11 @@ pub async fn run(
         docker.clone().ok(),
         run_as.clone(),
     );
+    let identity = crate::identity::TokenEndpoint::start(client.clone())
+        .await
+        .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
     let agent = Agent {
+        identity,
         execs,
         cores,
         memory_bytes,
@@ -608,6 +613,10 @@ impl Agent {
                     dir.join("outputs").to_string_lossy().into_owned(),
                 );
                 env.extend(gpu_env(&gpus));
+                if let Some(secret) = env.get("IDENTITY_HEADER").cloned() {
+                    self.identity.admit(&secret, slot.clone());
+                    env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
+                }
                 let image = (!launch.image.is_empty()).then_some(launch.image);
                 let mut argv = launch.argv;
                 let mut mounts = Vec::new();
@@ -842,6 +851,7 @@ impl Agent {
     /// Uploads outputs, records and reports the exit, and clears the working dir.
     async fn finish(&self, slot: Slot, sink: EventSink, mut outcome: Outcome) {
         self.execs.instance_ended(&slot);
+        self.identity.forget(&slot);
         if outcome.outcome == "failed"
             && let Some(line) = sink.rank_failure()
         {

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use shoal_proto::v1::{
-    clusters_client::ClustersClient, jobs_client::JobsClient, nodes_client::NodesClient,
-    quotas_client::QuotasClient, tokens_client::TokensClient, vm_sizes_client::VmSizesClient,
+    clusters_client::ClustersClient, identities_client::IdentitiesClient, jobs_client::JobsClient,
+    nodes_client::NodesClient, quotas_client::QuotasClient, tokens_client::TokensClient,
+    vm_sizes_client::VmSizesClient,
 };
 use shoal_proto::{AuthChannel, Bearer};
 use tonic::transport::Endpoint;
@@ -162,6 +163,10 @@ impl Client {
 
     pub fn quotas(&self) -> QuotasClient<AuthChannel> {
         QuotasClient::new(self.channel.clone())
+    }
+
+    pub fn identities(&self) -> IdentitiesClient<AuthChannel> {
+        IdentitiesClient::new(self.channel.clone())
     }
 
     pub fn tokens(&self) -> TokensClient<AuthChannel> {

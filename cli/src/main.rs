@@ -78,6 +78,9 @@ enum Command {
     /// API tokens with roles (admin only).
     #[command(subcommand)]
     Token(token::Command),
+    /// Managed identities (user-assigned); assign them with `shoal cluster identity`.
+    #[command(subcommand)]
+    Identity(token::IdentityCommand),
     /// Save a token for the endpoint, after checking it with the coordinator.
     Login(token::LoginArgs),
     /// Helpers MPI jobs run in their sandboxes (started by the agents, not by hand).
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
             Command::Mpi(command) => mpi::run(command).await,
             Command::Token(command) => token::run(command, &endpoint, format).await,
             Command::Login(args) => token::login(args, &endpoint).await,
+            Command::Identity(command) => token::run_identity(command, &endpoint, format).await,
         }
     });
     match result {

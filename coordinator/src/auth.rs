@@ -79,7 +79,7 @@ pub struct Auth {
     cache: Arc<RwLock<HashMap<String, Entry>>>,
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buffer);
     buffer.iter().map(|b| format!("{b:02x}")).collect()
@@ -89,7 +89,7 @@ fn sha256(text: &str) -> Vec<u8> {
     Sha256::digest(text.as_bytes()).to_vec()
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -109,7 +109,12 @@ impl Auth {
              CREATE TABLE IF NOT EXISTS tokens (
                id TEXT PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL,
                secret_sha256 BLOB NOT NULL, created_at INTEGER NOT NULL,
-               revoked_at INTEGER);",
+               revoked_at INTEGER);
+             CREATE TABLE IF NOT EXISTS identities (
+               name TEXT PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS cluster_identities (
+               cluster TEXT NOT NULL, kind TEXT NOT NULL, client_id TEXT NOT NULL,
+               PRIMARY KEY (cluster, client_id));",
         )?;
         #[cfg(unix)]
         {
@@ -126,6 +131,15 @@ impl Auth {
 
     pub fn in_memory() -> Result<Self> {
         Self::open(Path::new(":memory:"))
+    }
+
+    /// Runs `f` on the database.
+    pub(crate) fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| Error::Internal(format!("auth database: {e}")))
     }
 
     fn reload(&self) -> Result<()> {
@@ -317,7 +331,7 @@ pub enum Needs {
 /// The access rule of every endpoint.
 pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
     use axum::http::Method;
-    if path == "/healthz" {
+    if path == "/healthz" || path == "/.well-known/jwks.json" {
         return Needs::Nothing;
     }
     if let Some(rpc) = path.strip_prefix("/shoal.v1.") {
@@ -329,6 +343,7 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why")
             | ("Nodes", "List")
             | ("VmSizes", _)
+            | ("Identities", "List" | "Get")
             | ("Quotas", "Get") => Needs::Role(Role::Reader),
             ("Jobs", "Submit" | "Cancel") => Needs::Role(Role::User),
             _ => Needs::Role(Role::Admin),

@@ -9,6 +9,7 @@ pub mod autoscaler;
 pub mod control;
 pub mod error;
 pub mod governance;
+pub mod identity;
 pub mod jobfile;
 pub mod metrics;
 pub mod model;

@@ -200,16 +200,21 @@ pub async fn serve(
         },
     };
     let catalog = config.control.catalog.clone();
+    let mut control_config = config.control.clone();
+    control_config.identities = Some(auth.clone());
+    let signer =
+        crate::identity::Signer::load_or_create(&config.data_dir, &owner_id(&config.data_dir)?)?;
     let (control, handle, inbox) =
-        Control::new(config.control.clone(), Box::new(store), Arc::new(provider))?;
+        Control::new(control_config, Box::new(store), Arc::new(provider))?;
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
-    let api = Api::new(
+    let mut api = Api::new(
         handle,
         catalog,
         Artifacts::new(config.data_dir.join("artifacts")),
         max_code,
         auth.clone(),
     );
+    api.signer = Some(signer);
 
     // The control loop commits to SQLite: it gets a thread of its own so those
     // writes never block the async workers.
@@ -233,6 +238,7 @@ pub async fn serve(
     .add_service(pb::vm_sizes_server::VmSizesServer::new(api.clone()))
     .add_service(pb::quotas_server::QuotasServer::new(api.clone()))
     .add_service(pb::tokens_server::TokensServer::new(api.clone()))
+    .add_service(pb::identities_server::IdentitiesServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -33,6 +33,33 @@ pub enum Command {
     },
     /// Remove a cluster's lock.
     Unlock { name: String },
+    /// The managed identities a cluster's jobs may get tokens for.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum IdentityCommand {
+    /// Give the cluster identities: `[system]` (its own) and/or user-assigned ones
+    /// (names or client ids from `shoal identity list`).
+    Assign {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(required = true)]
+        identities: Vec<String>,
+    },
+    /// Take identities away from the cluster.
+    Remove {
+        #[arg(long, short = 'n')]
+        name: String,
+        #[arg(required = true)]
+        identities: Vec<String>,
+    },
+    /// The cluster's identities.
+    Show {
+        #[arg(long, short = 'n')]
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +114,16 @@ pub struct CreateArgs {
     /// Show progress until the cluster is steady (its min_nodes up).
     #[arg(long)]
     wait: bool,
+    /// The cluster's managed identity: SystemAssigned, UserAssigned, or both
+    /// (SystemAssigned,UserAssigned).
+    #[arg(long)]
+    identity_type: Option<String>,
+    /// User-assigned identities (names or client ids from `shoal identity list`).
+    #[arg(long, num_args = 1..)]
+    identity_id: Vec<String>,
+    /// Identities to assign, comma-separated: `[system]` and/or user-assigned ones.
+    #[arg(long)]
+    assign_identity: Option<String>,
     /// A cluster YAML (`name`, `size`, `min_instances`, `max_instances`, `tier`,
     /// `idle_time_before_scale_down`, ...); flags override it.
     #[arg(long, short = 'f')]
@@ -283,13 +320,81 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                     .or(file.internode_communication),
                 cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
             };
+            let identities = identities_to_assign(
+                args.identity_type.as_deref(),
+                &args.identity_id,
+                args.assign_identity.as_deref(),
+            )?;
             let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
+            for identity in identities {
+                client
+                    .identities()
+                    .assign(pb::ClusterIdentity {
+                        cluster: cluster.name.clone(),
+                        identity,
+                    })
+                    .await
+                    .map_err(status)?;
+            }
             let cluster = if args.wait {
                 wait_steady(&client, cluster).await?
             } else {
                 cluster
             };
             print_cluster(&cluster, format)?;
+        }
+        Command::Identity(command) => {
+            let mut identities = client.identities();
+            let result = match command {
+                IdentityCommand::Assign {
+                    name,
+                    identities: ids,
+                } => {
+                    let mut last = None;
+                    for identity in ids {
+                        last = Some(
+                            identities
+                                .assign(pb::ClusterIdentity {
+                                    cluster: name.clone(),
+                                    identity,
+                                })
+                                .await
+                                .map_err(status)?
+                                .into_inner(),
+                        );
+                    }
+                    last
+                }
+                IdentityCommand::Remove {
+                    name,
+                    identities: ids,
+                } => {
+                    let mut last = None;
+                    for identity in ids {
+                        last = Some(
+                            identities
+                                .remove(pb::ClusterIdentity {
+                                    cluster: name.clone(),
+                                    identity,
+                                })
+                                .await
+                                .map_err(status)?
+                                .into_inner(),
+                        );
+                    }
+                    last
+                }
+                IdentityCommand::Show { name } => Some(
+                    identities
+                        .get(pb::ClusterRef { name })
+                        .await
+                        .map_err(status)?
+                        .into_inner(),
+                ),
+            };
+            if let Some(list) = result {
+                print_identities(&list.identities, format)?;
+            }
         }
         Command::Show(name) => {
             let cluster = clusters
@@ -390,4 +495,63 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The identities `cluster create` assigns: --identity-type and --identity-id as
+/// the managed service has them, or --assign-identity.
+fn identities_to_assign(
+    kind: Option<&str>,
+    ids: &[String],
+    assign: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let mut wanted = Vec::new();
+    match kind {
+        None if ids.is_empty() => {}
+        None | Some("UserAssigned") if !ids.is_empty() => wanted.extend(ids.iter().cloned()),
+        Some("SystemAssigned") if ids.is_empty() => wanted.push("[system]".to_string()),
+        Some("SystemAssigned,UserAssigned") | Some("SystemAssigned, UserAssigned") => {
+            wanted.push("[system]".to_string());
+            wanted.extend(ids.iter().cloned());
+        }
+        Some("UserAssigned") => {
+            anyhow::bail!("--identity-type UserAssigned needs --identity-id ID")
+        }
+        Some("SystemAssigned") => {
+            anyhow::bail!(
+                "--identity-id goes with --identity-type UserAssigned (or SystemAssigned,UserAssigned)"
+            )
+        }
+        Some(other) => anyhow::bail!(
+            "--identity-type `{other}` is not SystemAssigned, UserAssigned or SystemAssigned,UserAssigned"
+        ),
+        None => {}
+    }
+    if let Some(assign) = assign {
+        wanted.extend(
+            assign
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        );
+    }
+    Ok(wanted)
+}
+
+pub fn print_identities(list: &[pb::IdentityInfo], format: Format) -> anyhow::Result<()> {
+    if format == Format::Json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(
+                |i| serde_json::json!({"name": i.name, "client_id": i.client_id, "type": i.r#type}),
+            )
+            .collect();
+        return crate::output::json(&rows);
+    }
+    if list.is_empty() {
+        println!("no identities");
+    }
+    for i in list {
+        println!("{}  {}  {}", i.r#type, i.client_id, i.name);
+    }
+    Ok(())
 }

@@ -131,3 +131,39 @@ pub async fn login(_: LoginArgs, endpoint: &str) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Subcommand)]
+pub enum IdentityCommand {
+    /// Make a user-assigned identity (prints its client id).
+    Create { name: String },
+    /// The user-assigned identities.
+    List,
+}
+
+pub async fn run_identity(
+    command: IdentityCommand,
+    endpoint: &str,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(endpoint).await?;
+    let mut identities = client.identities();
+    let list = match command {
+        IdentityCommand::Create { name } => vec![
+            identities
+                .create(pb::IdentityRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ],
+        IdentityCommand::List => {
+            identities
+                .list(pb::ListIdentitiesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .identities
+        }
+    };
+    super::cluster::print_identities(&list, format)?;
+    Ok(ExitCode::SUCCESS)
+}

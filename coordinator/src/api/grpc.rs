@@ -32,6 +32,91 @@ fn same_node(principal: Option<&Principal>, node_id: &str) -> Result<(), Status>
     }
 }
 
+fn identity_info(a: crate::identity::Assigned) -> pb::IdentityInfo {
+    pb::IdentityInfo {
+        name: a.name,
+        client_id: a.client_id,
+        r#type: a.kind.into(),
+    }
+}
+
+impl Api {
+    async fn cluster_identities(&self, cluster: String) -> Result<pb::ClusterIdentities, Status> {
+        self.control.get_cluster(cluster.clone()).await?;
+        let identities = self
+            .auth
+            .cluster_identities(&cluster)?
+            .into_iter()
+            .map(identity_info)
+            .collect();
+        Ok(pb::ClusterIdentities {
+            cluster,
+            identities,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::identities_server::Identities for Api {
+    async fn create(
+        &self,
+        request: Request<pb::IdentityRequest>,
+    ) -> Result<Response<pb::IdentityInfo>, Status> {
+        let name = request.into_inner().name;
+        let client_id = self.auth.create_identity(&name)?;
+        Ok(Response::new(pb::IdentityInfo {
+            name,
+            client_id,
+            r#type: "UserAssigned".into(),
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::IdentityList>, Status> {
+        let identities = self
+            .auth
+            .identities()?
+            .into_iter()
+            .map(|(name, client_id)| pb::IdentityInfo {
+                name,
+                client_id,
+                r#type: "UserAssigned".into(),
+            })
+            .collect();
+        Ok(Response::new(pb::IdentityList { identities }))
+    }
+
+    async fn assign(
+        &self,
+        request: Request<pb::ClusterIdentity>,
+    ) -> Result<Response<pb::ClusterIdentities>, Status> {
+        let asked = request.into_inner();
+        self.control.get_cluster(asked.cluster.clone()).await?;
+        self.auth.assign_identity(&asked.cluster, &asked.identity)?;
+        Ok(Response::new(self.cluster_identities(asked.cluster).await?))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::ClusterIdentity>,
+    ) -> Result<Response<pb::ClusterIdentities>, Status> {
+        let asked = request.into_inner();
+        self.auth.remove_identity(&asked.cluster, &asked.identity)?;
+        Ok(Response::new(self.cluster_identities(asked.cluster).await?))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::ClusterRef>,
+    ) -> Result<Response<pb::ClusterIdentities>, Status> {
+        Ok(Response::new(
+            self.cluster_identities(request.into_inner().name).await?,
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::tokens_server::Tokens for Api {
     async fn create(
@@ -107,6 +192,8 @@ pub struct Api {
     pub artifacts: Artifacts,
     pub max_code_bytes: usize,
     pub auth: crate::auth::Auth,
+    /// Signs jobs' managed-identity tokens (None: no identities here).
+    pub signer: Option<crate::identity::Signer>,
     sessions: Arc<AtomicU64>,
     exec: super::exec::ExecRelay,
 }
@@ -125,6 +212,7 @@ impl Api {
             artifacts,
             max_code_bytes,
             auth,
+            signer: None,
             sessions: Arc::new(AtomicU64::new(1)),
             exec: super::exec::ExecRelay::default(),
         }
@@ -796,6 +884,73 @@ impl pb::agent_server::Agent for Api {
             lease.timeout_seconds = leased.timeout_seconds.unwrap_or(0);
         }
         Ok(Response::new(lease))
+    }
+
+    async fn issue_token(
+        &self,
+        request: Request<pb::JobTokenRequest>,
+    ) -> Result<Response<pb::JobToken>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
+        let asked = request.into_inner();
+        let Some(signer) = &self.signer else {
+            return Err(Status::failed_precondition(
+                "this coordinator issues no identity tokens",
+            ));
+        };
+        if asked.resource.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "give the resource the token is for: ?resource=https://...",
+            ));
+        }
+        let job_id = crate::control::job_of_attempt(&asked.attempt_id)
+            .ok_or_else(|| Status::invalid_argument("not an attempt id"))?;
+        let job = self.control.get_job(job_id.to_string()).await?;
+        let attempt = job
+            .current_attempt()
+            .filter(|a| a.id == asked.attempt_id && !job.status.is_final())
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("attempt {} has ended", asked.attempt_id))
+            })?;
+        let instance = attempt
+            .instances
+            .get(asked.instance as usize)
+            .filter(|i| !i.status.is_final())
+            .ok_or_else(|| Status::unauthenticated("the instance has ended"))?;
+        same_node(principal.as_ref(), &instance.node)?;
+        let assigned = self.auth.cluster_identities(&job.spec.cluster)?;
+        if assigned.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "cluster `{}` has no managed identity; assign one with `shoal cluster identity assign --name {} '[system]'`",
+                job.spec.cluster, job.spec.cluster
+            )));
+        }
+        let chosen = if asked.client_id.is_empty() {
+            assigned.first()
+        } else {
+            assigned.iter().find(|a| a.client_id == asked.client_id)
+        };
+        let Some(identity) = chosen else {
+            return Err(Status::permission_denied(format!(
+                "identity {} is not assigned to cluster `{}`",
+                asked.client_id, job.spec.cluster
+            )));
+        };
+        let now = crate::auth::now_ms() / 1000;
+        let issued = signer.issue(
+            &identity.client_id,
+            identity.kind,
+            &asked.resource,
+            &job.spec.cluster,
+            &job.id,
+            &attempt.id,
+            now,
+        )?;
+        Ok(Response::new(pb::JobToken {
+            access_token: issued.access_token,
+            expires_on: issued.expires_on,
+            resource: asked.resource,
+            client_id: identity.client_id.clone(),
+        }))
     }
 
     async fn upload_outputs(

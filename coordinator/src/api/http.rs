@@ -16,9 +16,19 @@ use crate::jobfile::JobFile;
 use crate::model::{ClusterRequest, ClusterUpdate};
 use crate::view;
 
+/// The public keys that verify jobs' managed-identity tokens.
+async fn jwks(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(
+        api.signer
+            .as_ref()
+            .map_or_else(|| serde_json::json!({"keys": []}), |s| s.jwks()),
+    )
+}
+
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/.well-known/jwks.json", get(jwks))
         .route("/metrics", get(metrics))
         .route("/api/v1/clusters", get(list_clusters).post(create_cluster))
         .route(

@@ -38,6 +38,8 @@ pub struct ControlConfig {
     pub idle_gpu_threshold_percent: f64,
     /// ... this long is flagged.
     pub idle_gpu_after: Duration,
+    /// Clusters' managed identities (None: jobs get no identity settings).
+    pub identities: Option<crate::auth::Auth>,
 }
 
 impl Default for ControlConfig {
@@ -53,6 +55,7 @@ impl Default for ControlConfig {
             chaos_preempt_every: None,
             idle_gpu_threshold_percent: 5.0,
             idle_gpu_after: Duration::from_secs(600),
+            identities: None,
         }
     }
 }
@@ -2267,6 +2270,15 @@ impl Control {
             .distribution
             .as_ref()
             .map_or(1, Distribution::agent_processes);
+        // Managed identity: the cluster's default identity, and a secret per
+        // instance that the node's token endpoint asks for.
+        let default_identity = self
+            .config
+            .identities
+            .as_ref()
+            .and_then(|auth| auth.cluster_identities(&job.spec.cluster).ok())
+            .and_then(|list| list.into_iter().next())
+            .map(|a| a.client_id);
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
         let mut instances = Vec::new();
         for (index, node_id) in placement.nodes.iter().enumerate() {
@@ -2294,6 +2306,13 @@ impl Control {
             }
             env.insert("SHOAL_NODES".into(), hosts.join(","));
             env.insert("SHOAL_NODE_IDS".into(), placement.nodes.join(","));
+            if self.config.identities.is_some() {
+                // Every instance may ask; a cluster with no identity gets a clear 400.
+                env.insert("IDENTITY_HEADER".into(), crate::auth::random_hex(24));
+            }
+            if let Some(client_id) = &default_identity {
+                env.insert("DEFAULT_IDENTITY_CLIENT_ID".into(), client_id.clone());
+            }
             if let Some(per_instance) = distributed.get(index) {
                 for (key, value) in per_instance {
                     // The job's own settings win (MASTER_PORT, say).
