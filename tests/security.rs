@@ -626,3 +626,90 @@ async fn a_job_gets_a_token_for_its_clusters_identity_that_verifies_against_the_
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("no managed identity"), "{body}");
 }
+
+/// `shoal agent --join-token` from "another machine" (its own work dir).
+fn joining_agent(tc: &TestCluster, name: &str, token: &str) -> std::process::Child {
+    Command::new(SHOAL)
+        .args([
+            "agent",
+            "--endpoint",
+            &tc.endpoint(),
+            "--owner",
+            "joined",
+            "--give-up-after-seconds",
+            "5",
+        ])
+        .arg("--work-dir")
+        .arg(tc.scratch(name))
+        .env("SHOAL_JOIN_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start an agent")
+}
+
+fn join_token(tc: &TestCluster, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["join-token", "create", "--cluster", "jn"];
+    args.extend_from_slice(extra);
+    let created = tc.shoal_json(&args);
+    (
+        created["id"].as_str().expect("id").to_string(),
+        created["token"].as_str().expect("token").to_string(),
+    )
+}
+
+/// Waits for the agent to exit; its stderr.
+fn refused(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("agent output");
+    assert!(!out.status.success(), "the agent was let in");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn agents_join_with_a_join_token_and_a_revoked_node_is_out() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("jn", &["--max-nodes", "1"]);
+    let (_, good) = join_token(&tc, &["--uses", "1"]);
+    let mut agent = joining_agent(&tc, "machine-1", &good);
+    let _ = &mut agent;
+    let node = support::eventually("the joined node is up", Duration::from_secs(30), || async {
+        let nodes = tc.shoal_json(&["node", "list"]);
+        nodes.as_array()?.iter().find_map(|n| {
+            let id = n["id"].as_str()?;
+            (id.starts_with("jn-j") && n["state"] == "idle").then(|| id.to_string())
+        })
+    })
+    .await;
+    // Work runs on it.
+    let job = tc.shoal_json(&["job", "submit", "--cluster", "jn", "--wait", "--", "true"]);
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert_eq!(job["instances"][0]["node"], node.as_str());
+
+    // Used up, made up, expired, revoked: refused, each with its reason.
+    assert!(refused(joining_agent(&tc, "machine-2", &good)).contains("used up"));
+    assert!(
+        refused(joining_agent(&tc, "machine-3", "shoal_join_aaaa_bbbb"))
+            .contains("unknown join token")
+    );
+    let (_, short) = join_token(&tc, &["--ttl", "1s"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(refused(joining_agent(&tc, "machine-4", &short)).contains("expired"));
+    let (id, revoked) = join_token(&tc, &[]);
+    assert!(tc.shoal(&["join-token", "revoke", &id]).status.success());
+    assert!(refused(joining_agent(&tc, "machine-5", &revoked)).contains("revoked join token"));
+
+    // Revoking the node ends its agent's session, and it cannot come back.
+    let out = tc.shoal(&["node", "revoke", &node]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent.try_wait().ok().flatten().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked agent kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = refused(joining_agent(&tc, "machine-1", &good));
+    assert!(again.contains("revoked"), "{again}");
+}

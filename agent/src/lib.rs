@@ -43,6 +43,93 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// The unprivileged user process jobs run as (None: the agent's user).
     pub run_as: Option<String>,
+    /// The CA that signed the coordinator's certificate (https:// endpoints).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What a join token is traded for, kept in the agent's work dir.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Joined {
+    pub node_id: String,
+    pub cluster: String,
+    pub credential: String,
+}
+
+/// A channel to the coordinator (TLS with `ca_file` for https:// endpoints).
+pub fn endpoint(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<tonic::transport::Endpoint, AgentError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca).map_err(|e| AgentError::WorkDir(ca.to_path_buf(), e))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?;
+    }
+    Ok(endpoint)
+}
+
+/// Joins a cluster with a join token, once: the node id and credential it gets are
+/// kept in `<work_dir>/joined.json` (0600) and used by every later start.
+pub async fn join(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+    work_dir: &std::path::Path,
+    join_token: &str,
+) -> Result<Joined, AgentError> {
+    let path = work_dir.join("joined.json");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(joined) = serde_json::from_str::<Joined>(&text)
+    {
+        return Ok(joined);
+    }
+    std::fs::create_dir_all(work_dir)
+        .map_err(|e| AgentError::WorkDir(work_dir.to_path_buf(), e))?;
+    let channel = endpoint(url, ca_file)?
+        .connect()
+        .await
+        .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?;
+    let (cores, memory_bytes) = telemetry::capacity();
+    let reply = shoal_proto::v1::agent_client::AgentClient::new(channel)
+        .join(shoal_proto::v1::JoinRequest {
+            join_token: join_token.to_string(),
+            hostname: telemetry::hostname(),
+            cores,
+            memory_bytes,
+        })
+        .await
+        .map_err(|s| AgentError::Rejected(s.message().to_string()))?
+        .into_inner();
+    let joined = Joined {
+        node_id: reply.node_id,
+        cluster: reply.cluster,
+        credential: reply.credential,
+    };
+    let text = serde_json::to_string(&joined).unwrap_or_default();
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| AgentError::WorkDir(path.clone(), e))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| AgentError::WorkDir(path.clone(), e))?;
+    }
+    Ok(joined)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,6 @@ use shoal_proto::v1::jobs_client::JobsClient;
 use shoal_proto::{AuthChannel, Bearer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::gpu::{GpuAllocator, Usage};
@@ -124,12 +123,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(config.work_dir.join("attempts"))
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|e| AgentError::Endpoint(config.endpoint.clone(), e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = crate::endpoint(&config.endpoint, config.ca_file.as_deref())?;
     let channel = endpoint.connect_lazy();
     let bearer = Bearer::new(config.token.as_deref()).map_err(AgentError::Token)?;
     let client = AgentClient::with_interceptor(channel.clone(), bearer.clone())

@@ -165,6 +165,12 @@ impl Client {
         QuotasClient::new(self.channel.clone())
     }
 
+    pub fn join_tokens(
+        &self,
+    ) -> shoal_proto::v1::join_tokens_client::JoinTokensClient<AuthChannel> {
+        shoal_proto::v1::join_tokens_client::JoinTokensClient::new(self.channel.clone())
+    }
+
     pub fn identities(&self) -> IdentitiesClient<AuthChannel> {
         IdentitiesClient::new(self.channel.clone())
     }

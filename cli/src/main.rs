@@ -81,6 +81,9 @@ enum Command {
     /// Managed identities (user-assigned); assign them with `shoal cluster identity`.
     #[command(subcommand)]
     Identity(token::IdentityCommand),
+    /// Join tokens: agents on other machines join a cluster with one.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(token::JoinTokenCommand),
     /// Save a token for the endpoint, after checking it with the coordinator.
     Login(token::LoginArgs),
     /// Helpers MPI jobs run in their sandboxes (started by the agents, not by hand).
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
             Command::Mpi(command) => mpi::run(command).await,
             Command::Token(command) => token::run(command, &endpoint, format).await,
             Command::Login(args) => token::login(args, &endpoint).await,
+            Command::JoinToken(command) => token::run_join_token(command, &endpoint, format).await,
             Command::Identity(command) => token::run_identity(command, &endpoint, format).await,
         }
     });

@@ -110,6 +110,10 @@ impl Auth {
                id TEXT PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL,
                secret_sha256 BLOB NOT NULL, created_at INTEGER NOT NULL,
                revoked_at INTEGER);
+             CREATE TABLE IF NOT EXISTS join_tokens (
+               id TEXT PRIMARY KEY, cluster TEXT NOT NULL, secret_sha256 BLOB NOT NULL,
+               expires_at INTEGER NOT NULL, uses_left INTEGER NOT NULL,
+               created_at INTEGER NOT NULL, revoked_at INTEGER);
              CREATE TABLE IF NOT EXISTS identities (
                name TEXT PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS cluster_identities (
@@ -288,6 +292,104 @@ impl Auth {
     }
 }
 
+/// A join token as listed.
+#[derive(Clone, Debug)]
+pub struct JoinTokenInfo {
+    pub id: String,
+    pub cluster: String,
+    pub expires_at_ms: i64,
+    pub uses_left: i64,
+    pub revoked: bool,
+}
+
+impl Auth {
+    /// A join token for `cluster`: good for `uses` agents until `ttl` from now.
+    pub fn create_join_token(&self, cluster: &str, ttl_ms: i64, uses: u32) -> Result<String> {
+        if uses == 0 {
+            return Err(Error::invalid("uses", "must be at least 1"));
+        }
+        let id = random_hex(6);
+        let secret = random_hex(24);
+        let now = now_ms();
+        self.with_conn(|conn| {
+            conn.execute(
+                "INSERT INTO join_tokens (id, cluster, secret_sha256, expires_at, uses_left, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, cluster, sha256(&secret), now.saturating_add(ttl_ms), uses, now],
+            )
+        })?;
+        Ok(format!("shoal_join_{id}_{secret}"))
+    }
+
+    /// The cluster a join token lets one more agent into, using that use up; or why not.
+    pub fn use_join_token(&self, token: &str) -> std::result::Result<String, String> {
+        let Some((id, secret)) = token
+            .strip_prefix("shoal_join_")
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            return Err("not a join token (shoal_join_…)".into());
+        };
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let row: Option<(String, Vec<u8>, i64, i64, bool)> = conn
+            .query_row(
+                "SELECT cluster, secret_sha256, expires_at, uses_left, revoked_at IS NOT NULL
+                 FROM join_tokens WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .ok();
+        let Some((cluster, hash, expires_at, uses_left, revoked)) = row else {
+            return Err("unknown join token".into());
+        };
+        if !bool::from(sha256(secret).ct_eq(&hash)) {
+            return Err("wrong join token".into());
+        }
+        if revoked {
+            return Err("revoked join token".into());
+        }
+        if now_ms() > expires_at {
+            return Err("expired join token".into());
+        }
+        if uses_left <= 0 {
+            return Err("join token used up".into());
+        }
+        conn.execute(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+            [id],
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(cluster)
+    }
+
+    pub fn revoke_join_token(&self, id: &str) -> Result<bool> {
+        let changed = self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE join_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_ms()],
+            )
+        })?;
+        Ok(changed > 0)
+    }
+
+    pub fn join_tokens(&self) -> Result<Vec<JoinTokenInfo>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, cluster, expires_at, uses_left, revoked_at IS NOT NULL FROM join_tokens ORDER BY created_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(JoinTokenInfo {
+                    id: r.get(0)?,
+                    cluster: r.get(1)?,
+                    expires_at_ms: r.get(2)?,
+                    uses_left: r.get(3)?,
+                    revoked: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
 /// Opens `<data_dir>/auth.db`; with no admin token yet, makes one and writes it to
 /// `<data_dir>/admin.token` (0600). Returns the new token, if it made one.
 pub fn bootstrap(data_dir: &Path) -> Result<Option<String>> {
@@ -331,7 +433,8 @@ pub enum Needs {
 /// The access rule of every endpoint.
 pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
     use axum::http::Method;
-    if path == "/healthz" || path == "/.well-known/jwks.json" {
+    // Join presents a join token of its own (checked by the handler).
+    if path == "/healthz" || path == "/.well-known/jwks.json" || path == "/shoal.v1.Agent/Join" {
         return Needs::Nothing;
     }
     if let Some(rpc) = path.strip_prefix("/shoal.v1.") {

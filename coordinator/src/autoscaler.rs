@@ -49,6 +49,8 @@ pub fn decide(
     let mut idle: Vec<&&Node> = nodes
         .iter()
         .filter(|n| n.state == NodeState::Idle && n.running.is_none())
+        // Joined machines are the user's own: never scaled away.
+        .filter(|n| n.provider != crate::model::ProviderKind::Joined)
         .collect();
     idle.sort_by(|a, b| a.state_since.cmp(&b.state_since).then(a.id.cmp(&b.id)));
     for node in idle {

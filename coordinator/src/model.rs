@@ -64,6 +64,8 @@ pub enum ProviderKind {
     #[default]
     Local,
     Docker,
+    /// An agent started by hand on its own machine, joined with a join token.
+    Joined,
 }
 
 impl ProviderKind {
@@ -88,6 +90,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Local => "local",
             ProviderKind::Docker => "docker",
+            ProviderKind::Joined => "joined",
         }
     }
 }

@@ -239,6 +239,7 @@ pub async fn serve(
     .add_service(pb::quotas_server::QuotasServer::new(api.clone()))
     .add_service(pb::tokens_server::TokensServer::new(api.clone()))
     .add_service(pb::identities_server::IdentitiesServer::new(api.clone()))
+    .add_service(pb::join_tokens_server::JoinTokensServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

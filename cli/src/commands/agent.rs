@@ -13,12 +13,20 @@ pub struct Args {
     /// The coordinator's address (host:port).
     #[arg(long, env = "SHOAL_ENDPOINT", default_value = "127.0.0.1:7070")]
     endpoint: String,
-    /// This node's id, as the coordinator knows it.
-    #[arg(long)]
-    node_id: String,
+    /// This node's id, as the coordinator knows it (providers pass it; a joined
+    /// node gets its own from the coordinator).
+    #[arg(long, required_unless_present = "join_token")]
+    node_id: Option<String>,
     /// The cluster this node belongs to.
-    #[arg(long)]
-    cluster: String,
+    #[arg(long, required_unless_present = "join_token")]
+    cluster: Option<String>,
+    /// Join a cluster from any machine with a token from `shoal join-token create`
+    /// (used once: the node's own credential is kept in the work dir).
+    #[arg(long, env = "SHOAL_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The CA that signed the coordinator's certificate (https:// endpoints).
+    #[arg(long, env = "SHOAL_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// The id of the coordinator that owns this node (it labels the node's containers).
     #[arg(long, default_value = "default")]
     owner: String,
@@ -58,10 +66,32 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let endpoint_url = normalize(&args.endpoint);
+    let (node_id, cluster, token) = match &args.join_token {
+        Some(join_token) => {
+            let joined = shoal_agent::join(
+                &endpoint_url,
+                args.ca_file.as_deref(),
+                &args.work_dir,
+                join_token,
+            )
+            .await?;
+            eprintln!(
+                "joined cluster {} as node {}",
+                joined.cluster, joined.node_id
+            );
+            (joined.node_id, joined.cluster, Some(joined.credential))
+        }
+        None => (
+            args.node_id.unwrap_or_default(),
+            args.cluster.unwrap_or_default(),
+            args.token.clone(),
+        ),
+    };
     let config = AgentConfig {
         endpoint: normalize(&args.endpoint),
-        node_id: args.node_id,
-        cluster: args.cluster,
+        node_id,
+        cluster,
         owner: args.owner,
         work_dir: args.work_dir,
         cores: args.cores,
@@ -71,8 +101,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         docker_network: args.docker_network,
         telemetry_interval: Duration::from_secs(args.telemetry_interval_seconds.max(1)),
         gpu_slice: args.gpu_slice.zip(args.gpus_per_node),
-        token: args.token,
+        token,
         run_as: args.run_as,
+        ca_file: args.ca_file,
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -18,6 +18,9 @@ pub enum Command {
     },
     /// Everything a node reports: CPU per core, memory, disk, network, every GPU.
     Show { node: String },
+    /// Revoke a node: its credential stops working, its agent is told to stop,
+    /// and its work is requeued elsewhere.
+    Revoke { node: String },
     /// Preempt a low-priority node the way an eviction does: its jobs get SIGTERM,
     /// SIGKILL after the notice, and are requeued automatically.
     Preempt {
@@ -133,6 +136,16 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 println!("running:   {}#{}", n.attempt_id, n.instance);
             }
             println!("heartbeat: {}", output::ago(n.last_heartbeat_ms));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Revoke { node } => {
+            let node = client
+                .nodes()
+                .revoke(pb::NodeRef { id: node })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("revoked {} ({})", node.id, node.state);
             return Ok(ExitCode::SUCCESS);
         }
         Command::Preempt { node, notice } => {

@@ -167,3 +167,80 @@ pub async fn run_identity(
     super::cluster::print_identities(&list, format)?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Subcommand)]
+pub enum JoinTokenCommand {
+    /// Make a join token: `shoal agent --join-token TOKEN --endpoint URL --work-dir DIR`
+    /// on another machine then joins the cluster (printed once).
+    Create {
+        #[arg(long, visible_alias = "compute")]
+        cluster: String,
+        /// How long it can be used: 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many agents may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// The join tokens (never their secrets).
+    List,
+    /// Revoke a join token: no more agents join with it.
+    Revoke { id: String },
+}
+
+pub async fn run_join_token(
+    command: JoinTokenCommand,
+    endpoint: &str,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(endpoint).await?;
+    let mut tokens = client.join_tokens();
+    match command {
+        JoinTokenCommand::Create { cluster, ttl, uses } => {
+            let created = tokens
+                .create(pb::JoinTokenRequest {
+                    cluster,
+                    ttl_seconds: ttl.as_secs().max(1),
+                    uses,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&serde_json::json!({
+                    "id": created.info.as_ref().map(|i| i.id.clone()),
+                    "token": created.token,
+                }))?;
+            } else {
+                println!("{}", created.token);
+            }
+        }
+        JoinTokenCommand::List => {
+            let list = tokens
+                .list(pb::ListJoinTokensRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .tokens;
+            for t in list {
+                println!(
+                    "{}  {}  uses left {}  expires {}{}",
+                    t.id,
+                    t.cluster,
+                    t.uses_left,
+                    output::ago(t.expires_at_ms),
+                    if t.revoked { "  revoked" } else { "" }
+                );
+            }
+        }
+        JoinTokenCommand::Revoke { id } => {
+            let t = tokens
+                .revoke(pb::TokenRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("revoked join token {} of {}", t.id, t.cluster);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -117,6 +117,72 @@ impl pb::identities_server::Identities for Api {
     }
 }
 
+fn join_token_info(t: crate::auth::JoinTokenInfo) -> pb::JoinTokenInfo {
+    pb::JoinTokenInfo {
+        id: t.id,
+        cluster: t.cluster,
+        expires_at_ms: t.expires_at_ms,
+        uses_left: t.uses_left,
+        revoked: t.revoked,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::join_tokens_server::JoinTokens for Api {
+    async fn create(
+        &self,
+        request: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenCreated>, Status> {
+        let asked = request.into_inner();
+        self.control.get_cluster(asked.cluster.clone()).await?;
+        let ttl_seconds = if asked.ttl_seconds == 0 {
+            86_400
+        } else {
+            asked.ttl_seconds
+        };
+        let ttl_ms = i64::try_from(ttl_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let token = self
+            .auth
+            .create_join_token(&asked.cluster, ttl_ms, asked.uses.max(1))?;
+        let id = token.split('_').nth(2).unwrap_or_default().to_string();
+        let info = self.auth.join_tokens()?.into_iter().find(|t| t.id == id);
+        Ok(Response::new(pb::JoinTokenCreated {
+            info: info.map(join_token_info),
+            token,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::JoinTokenList>, Status> {
+        let tokens = self
+            .auth
+            .join_tokens()?
+            .into_iter()
+            .map(join_token_info)
+            .collect();
+        Ok(Response::new(pb::JoinTokenList { tokens }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::TokenRef>,
+    ) -> Result<Response<pb::JoinTokenInfo>, Status> {
+        let id = request.into_inner().id;
+        if !self.auth.revoke_join_token(&id)? {
+            return Err(Status::not_found(format!("no live join token `{id}`")));
+        }
+        let info = self
+            .auth
+            .join_tokens()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Status::not_found(format!("no join token `{id}`")))?;
+        Ok(Response::new(join_token_info(info)))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::tokens_server::Tokens for Api {
     async fn create(
@@ -700,6 +766,13 @@ impl pb::nodes_server::Nodes for Api {
         }))
     }
 
+    async fn revoke(&self, request: Request<pb::NodeRef>) -> Result<Response<pb::Node>, Status> {
+        let id = request.into_inner().id;
+        let node = self.control.revoke_node(id.clone()).await?;
+        self.auth.revoke_node(&id)?;
+        Ok(Response::new(convert::node(&node)))
+    }
+
     async fn preempt(
         &self,
         request: Request<pb::PreemptRequest>,
@@ -884,6 +957,34 @@ impl pb::agent_server::Agent for Api {
             lease.timeout_seconds = leased.timeout_seconds.unwrap_or(0);
         }
         Ok(Response::new(lease))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let asked = request.into_inner();
+        let cluster = self.auth.use_join_token(&asked.join_token).map_err(|why| {
+            warn!(%why, hostname = %asked.hostname, "join refused");
+            Status::unauthenticated(format!(
+                "{why}; ask an admin for one (`shoal join-token create`)"
+            ))
+        })?;
+        let node = self
+            .control
+            .join_node(
+                cluster.clone(),
+                asked.hostname,
+                asked.cores,
+                asked.memory_bytes,
+            )
+            .await?;
+        let credential = self.auth.node_credential(&node.id)?;
+        Ok(Response::new(pb::JoinReply {
+            node_id: node.id,
+            cluster,
+            credential,
+        }))
     }
 
     async fn issue_token(

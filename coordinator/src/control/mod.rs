@@ -191,6 +191,10 @@ pub enum Command {
     ListNodes(Option<String>, Reply<Vec<Node>>),
     LockCluster(String, Option<LockKind>, Reply<ClusterInfo>),
     PreemptNode(String, Option<u64>, Reply<Node>),
+    /// An agent started by hand joins a cluster: (cluster, hostname, cores, memory).
+    JoinNode(String, String, u32, u64, Reply<Node>),
+    /// The node is ended: its agent told to stop, its work requeued.
+    RevokeNode(String, Reply<Node>),
     GetQuotas(Reply<QuotaReport>),
     SetQuotas(QuotaChange, Reply<QuotaReport>),
     Explain(String, Reply<Vec<String>>),
@@ -318,6 +322,19 @@ impl ControlHandle {
     /// `None` unlocks.
     pub async fn lock_cluster(&self, name: String, kind: Option<LockKind>) -> Result<ClusterInfo> {
         self.ask(|r| Command::LockCluster(name, kind, r)).await
+    }
+    pub async fn join_node(
+        &self,
+        cluster: String,
+        hostname: String,
+        cores: u32,
+        memory_bytes: u64,
+    ) -> Result<Node> {
+        self.ask(|r| Command::JoinNode(cluster, hostname, cores, memory_bytes, r))
+            .await
+    }
+    pub async fn revoke_node(&self, node_id: String) -> Result<Node> {
+        self.ask(|r| Command::RevokeNode(node_id, r)).await
     }
     pub async fn preempt_node(&self, node_id: String, notice_seconds: Option<u64>) -> Result<Node> {
         self.ask(|r| Command::PreemptNode(node_id, notice_seconds, r))
@@ -739,6 +756,26 @@ impl Control {
             Command::NodeRemoved { node_id } => self.forget_node(&node_id),
             Command::LockCluster(name, kind, reply) => {
                 let result = self.lock_cluster(&name, kind);
+                self.defer(reply, result);
+            }
+            Command::JoinNode(cluster, hostname, cores, memory, reply) => {
+                let result = self.join_node(&cluster, &hostname, cores, memory, now);
+                self.defer(reply, result);
+            }
+            Command::RevokeNode(node_id, reply) => {
+                let result = match self.nodes.get(&node_id).cloned() {
+                    None => Err(Error::NotFound(format!("node `{node_id}` not found"))),
+                    Some(node) => {
+                        // Told now: marking it unusable drops its link.
+                        if let Some((_, link)) = self.links.get(&node_id) {
+                            let _ = link.send(ToAgent::Shutdown {
+                                reason: "this node was revoked".into(),
+                            });
+                        }
+                        self.node_unusable(&node_id, "revoked", now);
+                        Ok(self.nodes.get(&node_id).cloned().unwrap_or(node))
+                    }
+                };
                 self.defer(reply, result);
             }
             Command::PreemptNode(node_id, notice, reply) => {
@@ -2186,6 +2223,52 @@ impl Control {
                 self.dirty_jobs.insert(id.clone());
             }
         }
+    }
+
+    /// A node of an agent started by hand (its machine's own cores and memory).
+    fn join_node(
+        &mut self,
+        cluster: &str,
+        hostname: &str,
+        cores: u32,
+        memory_bytes: u64,
+        now: Millis,
+    ) -> Result<Node> {
+        if !self.clusters.contains_key(cluster) {
+            return Err(Error::NotFound(format!(
+                "cluster `{cluster}` does not exist"
+            )));
+        }
+        let id = format!("{cluster}-j{}", self.next_node_seq);
+        self.next_node_seq += 1;
+        self.seqs_dirty = true;
+        let node = Node {
+            id: id.clone(),
+            cluster: cluster.to_string(),
+            state: NodeState::Preparing,
+            cores: cores.max(1),
+            memory_bytes,
+            created_at: now,
+            state_since: now,
+            running: None,
+            hostname: hostname.to_string(),
+            pid: None,
+            message: String::new(),
+            runtimes: Vec::new(),
+            provider: ProviderKind::Joined,
+            gpus: Vec::new(),
+            gpu_reason: String::new(),
+            stats: NodeStats::default(),
+            connected: false,
+            cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            last_heartbeat: 0,
+        };
+        info!(node = %id, cluster, hostname, "node joined");
+        self.nodes.insert(id.clone(), node.clone());
+        self.disconnected_since.insert(id.clone(), now);
+        self.dirty_nodes.insert(id);
+        Ok(node)
     }
 
     fn create_node(&mut self, cluster: &str, now: Millis) {

@@ -53,6 +53,20 @@ pub trait NodeProvider: Send + Sync + 'static {
 }
 
 /// Every provider of this coordinator; nodes go to their cluster's.
+/// Joined nodes are started and stopped by their owners: nothing to do here.
+struct Joined;
+
+impl NodeProvider for Joined {
+    fn create(&self, _: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
+        async { Err("joined nodes are started by hand (`shoal agent --join-token`)".to_string()) }
+            .boxed()
+    }
+
+    fn remove(&self, _: NodeRemoval) -> BoxFuture<'static, ()> {
+        async {}.boxed()
+    }
+}
+
 pub struct Providers {
     pub local: LocalProvider,
     pub docker: DockerProvider,
@@ -63,6 +77,7 @@ impl Providers {
         match kind {
             ProviderKind::Local => &self.local,
             ProviderKind::Docker => &self.docker,
+            ProviderKind::Joined => &Joined,
         }
     }
 }
