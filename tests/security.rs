@@ -259,6 +259,15 @@ async fn the_cli_signs_in_with_the_saved_token_or_a_login() {
     let out = run(&["login"], Some(&reader));
     assert!(out.status.success(), "{out:?}");
     assert!(run(&["cluster", "list"], None).status.success());
+    // The login also made the endpoint the default: no --endpoint, no SHOAL_ENDPOINT.
+    let out = Command::new(SHOAL)
+        .args(["cluster", "list"])
+        .env("SHOAL_CONFIG_DIR", &elsewhere)
+        .env_remove("SHOAL_ENDPOINT")
+        .env_remove("SHOAL_TOKEN")
+        .output()
+        .expect("run shoal");
+    assert!(out.status.success(), "{out:?}");
     let out = run(
         &[
             "cluster",

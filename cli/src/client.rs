@@ -58,6 +58,25 @@ pub fn config_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".config/shoal"))
 }
 
+/// The endpoint `shoal login` saved as the default.
+pub fn saved_endpoint() -> Option<String> {
+    let text = std::fs::read_to_string(config_dir()?.join("config.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["endpoint"].as_str().map(str::to_string)
+}
+
+/// Makes `endpoint` the CLI's default.
+pub fn save_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    let dir = config_dir().ok_or_else(|| anyhow!("no config dir: set SHOAL_CONFIG_DIR or HOME"))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::json!({ "endpoint": endpoint }).to_string(),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn credentials_path() -> Option<std::path::PathBuf> {
     config_dir().map(|dir| dir.join("credentials.json"))
 }

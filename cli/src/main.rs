@@ -102,7 +102,14 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // No --endpoint and no SHOAL_ENDPOINT: the one `shoal login` saved, if any.
+    let endpoint_defaulted =
+        matches.value_source("endpoint") == Some(clap::parser::ValueSource::DefaultValue);
     let is_server = matches!(
         cli.command,
         Command::Up(_) | Command::Coordinator(_) | Command::Agent(_)
@@ -122,7 +129,10 @@ fn main() -> ExitCode {
         let _ = client::TOKEN.set(cli.token.clone());
         let _ = client::CA_FILE.set(cli.ca_file.clone());
         let format = cli.output;
-        let endpoint = cli.endpoint;
+        let endpoint = match client::saved_endpoint() {
+            Some(saved) if endpoint_defaulted => saved,
+            _ => cli.endpoint,
+        };
         match cli.command {
             Command::Quickstart(args) => quickstart::run(args).await,
             Command::Up(args) | Command::Coordinator(args) => serve::run(args).await,

@@ -125,8 +125,9 @@ pub async fn login(_: LoginArgs, endpoint: &str) -> anyhow::Result<ExitCode> {
         .map_err(status)
         .context("the coordinator did not accept the token")?;
     let saved = save_credentials(endpoint, &token)?;
+    crate::client::save_endpoint(endpoint)?;
     println!(
-        "signed in to {endpoint}; the token is saved in {}",
+        "signed in to {endpoint} (now the default endpoint); the token is saved in {}",
         saved.display()
     );
     Ok(ExitCode::SUCCESS)
