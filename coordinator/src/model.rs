@@ -460,6 +460,41 @@ pub struct Node {
     pub last_heartbeat: Millis,
 }
 
+impl Node {
+    /// A node about to come up (its agent has not registered yet).
+    pub fn preparing(
+        id: &str,
+        cluster: &str,
+        cores: u32,
+        memory_bytes: u64,
+        provider: ProviderKind,
+        now: Millis,
+    ) -> Self {
+        Node {
+            id: id.to_string(),
+            cluster: cluster.to_string(),
+            state: NodeState::Preparing,
+            cores,
+            memory_bytes,
+            created_at: now,
+            state_since: now,
+            running: None,
+            hostname: String::new(),
+            pid: None,
+            message: String::new(),
+            runtimes: Vec::new(),
+            provider,
+            gpus: Vec::new(),
+            gpu_reason: String::new(),
+            stats: NodeStats::default(),
+            connected: false,
+            cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            last_heartbeat: 0,
+        }
+    }
+}
+
 /// One GPU, as registered or sampled.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GpuStat {

@@ -345,56 +345,35 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         }
         Command::Identity(command) => {
             let mut identities = client.identities();
-            let result = match command {
+            let (name, ids, assign) = match command {
                 IdentityCommand::Assign {
                     name,
                     identities: ids,
-                } => {
-                    let mut last = None;
-                    for identity in ids {
-                        last = Some(
-                            identities
-                                .assign(pb::ClusterIdentity {
-                                    cluster: name.clone(),
-                                    identity,
-                                })
-                                .await
-                                .map_err(status)?
-                                .into_inner(),
-                        );
-                    }
-                    last
-                }
+                } => (name, ids, true),
                 IdentityCommand::Remove {
                     name,
                     identities: ids,
-                } => {
-                    let mut last = None;
-                    for identity in ids {
-                        last = Some(
-                            identities
-                                .remove(pb::ClusterIdentity {
-                                    cluster: name.clone(),
-                                    identity,
-                                })
-                                .await
-                                .map_err(status)?
-                                .into_inner(),
-                        );
-                    }
-                    last
-                }
-                IdentityCommand::Show { name } => Some(
-                    identities
-                        .get(pb::ClusterRef { name })
-                        .await
-                        .map_err(status)?
-                        .into_inner(),
-                ),
+                } => (name, ids, false),
+                IdentityCommand::Show { name } => (name, Vec::new(), false),
             };
-            if let Some(list) = result {
-                print_identities(&list.identities, format)?;
+            for identity in ids {
+                let change = pb::ClusterIdentity {
+                    cluster: name.clone(),
+                    identity,
+                };
+                if assign {
+                    identities.assign(change).await.map_err(status)?;
+                } else {
+                    identities.remove(change).await.map_err(status)?;
+                }
             }
+            // What the cluster has now.
+            let list = identities
+                .get(pb::ClusterRef { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_identities(&list.identities, format)?;
         }
         Command::Show(name) => {
             let cluster = clusters

@@ -2242,28 +2242,15 @@ impl Control {
         let id = format!("{cluster}-j{}", self.next_node_seq);
         self.next_node_seq += 1;
         self.seqs_dirty = true;
-        let node = Node {
-            id: id.clone(),
-            cluster: cluster.to_string(),
-            state: NodeState::Preparing,
-            cores: cores.max(1),
+        let mut node = Node::preparing(
+            &id,
+            cluster,
+            cores.max(1),
             memory_bytes,
-            created_at: now,
-            state_since: now,
-            running: None,
-            hostname: hostname.to_string(),
-            pid: None,
-            message: String::new(),
-            runtimes: Vec::new(),
-            provider: ProviderKind::Joined,
-            gpus: Vec::new(),
-            gpu_reason: String::new(),
-            stats: NodeStats::default(),
-            connected: false,
-            cpu_percent: 0.0,
-            memory_used_bytes: 0,
-            last_heartbeat: 0,
-        };
+            ProviderKind::Joined,
+            now,
+        );
+        node.hostname = hostname.to_string();
         info!(node = %id, cluster, hostname, "node joined");
         self.nodes.insert(id.clone(), node.clone());
         self.disconnected_since.insert(id.clone(), now);
@@ -2288,28 +2275,7 @@ impl Control {
         let id = format!("{cluster}-n{}", self.next_node_seq);
         self.next_node_seq += 1;
         self.seqs_dirty = true;
-        let node = Node {
-            id: id.clone(),
-            cluster: cluster.to_string(),
-            state: NodeState::Preparing,
-            cores: size.cores,
-            memory_bytes: size.memory_bytes(),
-            created_at: now,
-            state_since: now,
-            running: None,
-            hostname: String::new(),
-            pid: None,
-            message: String::new(),
-            runtimes: Vec::new(),
-            provider,
-            gpus: Vec::new(),
-            gpu_reason: String::new(),
-            stats: NodeStats::default(),
-            connected: false,
-            cpu_percent: 0.0,
-            memory_used_bytes: 0,
-            last_heartbeat: 0,
-        };
+        let node = Node::preparing(&id, cluster, size.cores, size.memory_bytes(), provider, now);
         info!(node = %id, cluster, "creating node");
         self.to_create.push(NodeLaunch {
             provider,
