@@ -291,10 +291,9 @@ async fn an_agent_killed_mid_mini_batch_has_its_work_retried_without_duplicates(
         },
     )
     .await;
-    // SIGKILL that node's agent (its mini-batches die with it).
-    let _ = std::process::Command::new("pkill")
-        .args(["-KILL", "-f", &format!("node-id {victim} ")])
-        .status();
+    // SIGKILL that node's agent (its mini-batches die with it), found by its work
+    // dir: other tests' coordinators have nodes of the same names.
+    support::kill_matching(&tc.data_dir().join("nodes").join(&victim));
     let job = tc
         .wait_job(&id, "the job ends", Duration::from_secs(120), |j| {
             j.status == "completed" || j.status == "failed"

@@ -422,7 +422,15 @@ impl Agent {
             .cwd
             .join(".shoal-mini-batches")
             .join(format!("{}-{}", lease.index, lease.execution));
-        let prepared = prepare(&dir, lease, |p| seen_at(container, &spec.cwd, p));
+        // Files are written off the async workers.
+        let prepared = {
+            let (dir, lease, cwd) = (dir.clone(), lease.clone(), spec.cwd.clone());
+            tokio::task::spawn_blocking(move || {
+                prepare(&dir, &lease, |p| seen_at(container, &cwd, p))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        };
         let list = match prepared {
             Ok(list) => list,
             Err(why) => {
