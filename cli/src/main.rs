@@ -101,6 +101,18 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// A closed stdout (`shoal job list | head`) ends the command quietly, as it does
+/// any Unix tool, instead of a panic in `println!`.
+fn die_quietly_on_closed_stdout() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: runs before the async runtime or any thread starts; SIG_DFL installs
+    // no Rust handler, so nothing runs in signal context.
+    #[allow(unsafe_code)]
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}
+
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
@@ -115,6 +127,11 @@ fn main() -> ExitCode {
         Command::Up(_) | Command::Coordinator(_) | Command::Agent(_)
     );
     init_logging(if is_server { "info" } else { "warn" });
+    // Only short-lived client commands: servers and helpers must see EPIPE as an
+    // error on the one connection, not die of it.
+    if !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_)) {
+        die_quietly_on_closed_stdout();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

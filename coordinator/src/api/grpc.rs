@@ -749,7 +749,23 @@ impl pb::jobs_server::Jobs for Api {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<pb::OutputsList>, Status> {
-        Ok(Response::new(self.outputs(request.into_inner().id).await?))
+        let principal = request.extensions().get::<Principal>().cloned();
+        let id = request.into_inner().id;
+        // A node restores the outputs of jobs it runs, and no others.
+        if let Some(Principal::Node { node_id }) = &principal {
+            let job = self.control.get_job(id.clone()).await?;
+            let placed_here = job
+                .attempts
+                .iter()
+                .flat_map(|a| &a.instances)
+                .any(|i| &i.node == node_id);
+            if !placed_here {
+                return Err(Status::permission_denied(format!(
+                    "node {node_id} runs no instance of {id}"
+                )));
+            }
+        }
+        Ok(Response::new(self.outputs(id).await?))
     }
 }
 
