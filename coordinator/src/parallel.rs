@@ -131,6 +131,17 @@ impl ParallelSpec {
                 format!("must be 1 to {MAX_CONCURRENCY}"),
             ));
         }
+        if let Some(timeout) = self.timeout_seconds
+            && timeout > crate::model::MAX_TIMEOUT_SECONDS
+        {
+            return Err(Error::invalid(
+                "retry_settings.timeout",
+                format!(
+                    "{timeout} s is more than a year ({} s); leave it out for no limit",
+                    crate::model::MAX_TIMEOUT_SECONDS
+                ),
+            ));
+        }
         if self.allowed_failed_percent > 100 {
             return Err(Error::invalid("allowed_failed_percent", "must be 0 to 100"));
         }
@@ -406,7 +417,10 @@ impl Batches {
         batch.executions += 1;
         batch.lease = Some(format!("{job_id}/{index}/{}", batch.executions));
         batch.node = Some(node.to_string());
-        batch.deadline = timeout.map(|t| now + (t as i64).saturating_mul(1000) + LEASE_GRACE_MS);
+        batch.deadline = timeout.map(|t| {
+            let ms = i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000);
+            now.saturating_add(ms).saturating_add(LEASE_GRACE_MS)
+        });
         Some(batch)
     }
 
@@ -614,6 +628,17 @@ mod tests {
             append_row_to: Some("results.csv".into()),
             worker_mode: false,
         }
+    }
+
+    #[test]
+    fn absurd_timeouts_are_refused_and_never_overflow() {
+        let mut absurd = spec();
+        absurd.timeout_seconds = Some(u64::MAX);
+        assert!(absurd.check().is_err());
+        // Even unchecked, a lease's deadline saturates instead of overflowing.
+        let mut batches = Batches::new("job-1", absurd, &[1]);
+        let lease = batches.lease("n1", i64::MAX - 5).expect("lease");
+        assert_eq!(lease.deadline, Some(i64::MAX));
     }
 
     #[test]

@@ -169,6 +169,7 @@ pub async fn serve(
     let auth = crate::auth::Auth::open(&config.data_dir.join("auth.db"))?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
+    let signer = crate::identity::Signer::load_or_create(&config.data_dir, &owner)?;
     // Node containers reach the coordinator through this socket, mounted in.
     let socket_dir = config.data_dir.join("run");
     let unix_listener = bind_unix(&socket_dir)?;
@@ -202,8 +203,6 @@ pub async fn serve(
     let catalog = config.control.catalog.clone();
     let mut control_config = config.control.clone();
     control_config.identities = Some(auth.clone());
-    let signer =
-        crate::identity::Signer::load_or_create(&config.data_dir, &owner_id(&config.data_dir)?)?;
     let (control, handle, inbox) =
         Control::new(control_config, Box::new(store), Arc::new(provider))?;
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;

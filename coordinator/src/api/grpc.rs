@@ -183,6 +183,30 @@ impl pb::join_tokens_server::JoinTokens for Api {
     }
 }
 
+fn token_info(t: crate::auth::TokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        role: t.kind,
+        name: t.subject,
+        created_at_ms: t.created_at_ms,
+        revoked: t.revoked,
+    }
+}
+
+impl Api {
+    /// The API token `id`, as listed.
+    fn token(&self, id: &str) -> Result<pb::TokenInfo, Status> {
+        self.auth
+            .list()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .map(token_info)
+            .ok_or_else(|| {
+                Status::not_found(format!("no token `{id}`; `shoal token list` shows them"))
+            })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::tokens_server::Tokens for Api {
     async fn create(
@@ -192,15 +216,9 @@ impl pb::tokens_server::Tokens for Api {
         let asked = request.into_inner();
         let role = crate::auth::Role::parse(&asked.role)?;
         let token = self.auth.create_token(role, &asked.name)?;
-        let id = token.split('_').nth(1).unwrap_or_default().to_string();
+        let id = token.split('_').nth(1).unwrap_or_default();
         Ok(Response::new(pb::TokenCreated {
-            info: Some(pb::TokenInfo {
-                id,
-                role: role.as_str().into(),
-                name: asked.name,
-                created_at_ms: 0,
-                revoked: false,
-            }),
+            info: Some(self.token(id)?),
             token,
         }))
     }
@@ -209,18 +227,7 @@ impl pb::tokens_server::Tokens for Api {
         &self,
         _: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::TokenList>, Status> {
-        let tokens = self
-            .auth
-            .list()?
-            .into_iter()
-            .map(|t| pb::TokenInfo {
-                id: t.id,
-                role: t.kind,
-                name: t.subject,
-                created_at_ms: t.created_at_ms,
-                revoked: t.revoked,
-            })
-            .collect();
+        let tokens = self.auth.list()?.into_iter().map(token_info).collect();
         Ok(Response::new(pb::TokenList { tokens }))
     }
 
@@ -229,22 +236,9 @@ impl pb::tokens_server::Tokens for Api {
         request: Request<pb::TokenRef>,
     ) -> Result<Response<pb::TokenInfo>, Status> {
         let id = request.into_inner().id;
-        let token = self
-            .auth
-            .list()?
-            .into_iter()
-            .find(|t| t.id == id)
-            .ok_or_else(|| {
-                Status::not_found(format!("no token `{id}`; `shoal token list` shows them"))
-            })?;
+        self.token(&id)?;
         self.auth.revoke(&id)?;
-        Ok(Response::new(pb::TokenInfo {
-            id: token.id,
-            role: token.kind,
-            name: token.subject,
-            created_at_ms: token.created_at_ms,
-            revoked: true,
-        }))
+        Ok(Response::new(self.token(&id)?))
     }
 }
 
