@@ -197,8 +197,24 @@ async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
     assert_eq!(labels["shoal.instance"], "0");
 
     let asked = Instant::now();
-    assert!(tc.shoal(&["job", "cancel", &id]).status.success());
-    let job = tc.wait_status(&id, "canceled", LIMIT).await;
+    let out = tc.shoal(&["job", "cancel", &id, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        answer["status"], "canceling",
+        "the container still runs its grace: not canceled yet ({answer:#})"
+    );
+    let job = tc
+        .wait_job(&id, "canceled", LIMIT, |j| j.status == "canceled")
+        .await;
+    assert!(
+        containers_with(&tc, &label).is_empty(),
+        "canceled means stopped: the container is gone once the job says canceled"
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(8),
         "cancel took {:?}",

@@ -164,11 +164,19 @@ async fn cancel_kills_the_whole_process_tree() {
     .await;
     assert!(process_alive(shell) && process_alive(child));
 
-    let out = tc.shoal(&["job", "cancel", &id]);
+    let out = tc.shoal(&["job", "cancel", &id, "--wait"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("canceled {id}")
+    );
+    assert!(
+        !process_alive(shell),
+        "`cancel --wait` returns once the job's leader is gone"
     );
     let job = tc.wait_status(&id, "canceled", LIMIT).await;
     assert_eq!(job.attempts[0].instances[0].status, "canceled");

@@ -566,6 +566,8 @@ pub enum JobStatus {
     Queued,
     Preparing,
     Running,
+    /// Canceled by a person or a policy; some instance is still stopping.
+    Canceling,
     Completed,
     Failed,
     Canceled,
@@ -580,11 +582,17 @@ impl JobStatus {
         )
     }
 
+    /// Final, or on its way there (canceling): it wants no more work.
+    pub fn is_ending(self) -> bool {
+        self.is_final() || self == JobStatus::Canceling
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Queued => "queued",
             JobStatus::Preparing => "preparing",
             JobStatus::Running => "running",
+            JobStatus::Canceling => "canceling",
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
             JobStatus::Canceled => "canceled",
@@ -599,6 +607,8 @@ pub enum InstanceStatus {
     /// Sent to the node, not yet started.
     Launching,
     Running,
+    /// Told to stop; its agent has not said it has.
+    Stopping,
     Completed,
     Failed,
     Canceled,
@@ -611,13 +621,17 @@ pub enum InstanceStatus {
 
 impl InstanceStatus {
     pub fn is_final(self) -> bool {
-        !matches!(self, InstanceStatus::Launching | InstanceStatus::Running)
+        !matches!(
+            self,
+            InstanceStatus::Launching | InstanceStatus::Running | InstanceStatus::Stopping
+        )
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             InstanceStatus::Launching => "launching",
             InstanceStatus::Running => "running",
+            InstanceStatus::Stopping => "stopping",
             InstanceStatus::Completed => "completed",
             InstanceStatus::Failed => "failed",
             InstanceStatus::Canceled => "canceled",
@@ -875,9 +889,19 @@ impl Attempt {
         self.instances.iter().all(|i| i.status.is_final())
     }
 
+    /// Ended because a node went away (not preempted): counts against max_attempts.
+    pub fn was_lost(&self) -> bool {
+        let any = |status| self.instances.iter().any(|i| i.status == status);
+        any(InstanceStatus::Lost) && !any(InstanceStatus::Preempted)
+    }
+
     /// The attempt's status, derived from its instances.
     pub fn status(&self) -> &'static str {
         let statuses = || self.instances.iter().map(|i| i.status);
+        // Told to stop, not stopped yet: what it ends as comes after.
+        if statuses().any(|s| s == InstanceStatus::Stopping) {
+            return "stopping";
+        }
         if statuses().any(|s| s == InstanceStatus::Preempted) {
             return "preempted";
         }

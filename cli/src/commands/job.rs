@@ -55,8 +55,14 @@ pub enum Command {
     },
     /// Why the job is where it is: what the scheduler and autoscaler see, what blocks.
     Why { id: String },
-    /// Cancel a queued or running job (its processes get SIGTERM, then SIGKILL).
-    Cancel { id: String },
+    /// Cancel a queued or running job: its processes get SIGTERM, then SIGKILL after
+    /// the stop grace; it shows `canceling` until every instance has stopped.
+    Cancel {
+        id: String,
+        /// Return once every instance has stopped and the job is `canceled`.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
     Download {
         id: String,
@@ -790,16 +796,26 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 }
             }
         }
-        Command::Cancel { id } => {
-            let job = jobs
+        Command::Cancel { id, wait } => {
+            let mut job = jobs
                 .cancel(pb::JobRef { id })
                 .await
                 .map_err(status)?
                 .into_inner();
+            if wait && job.status == "canceling" {
+                let bar = spinner();
+                job = follow(&client, &job.id, &bar, false).await?;
+                bar.finish_and_clear();
+            }
             if format == Format::Json {
                 output::json(&view::Job::from(&job))?;
+            } else if job.status == "canceling" {
+                println!(
+                    "canceling {}: its instances are stopping (`shoal job cancel --wait` waits for them)",
+                    job.id
+                );
             } else {
-                println!("canceled {}", job.id);
+                println!("{} {}", job.status, job.id);
             }
         }
         Command::Download {

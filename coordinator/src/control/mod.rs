@@ -987,11 +987,47 @@ impl Control {
                 job.status.as_str()
             )));
         }
-        let seq = job.seq;
-        self.queue.remove(&seq);
-        self.end_job(id, JobStatus::Canceled, "canceled by user".into(), now);
-        self.stop_live_instances(id, "job canceled");
-        self.job(id).cloned()
+        if job.status != JobStatus::Canceling {
+            self.cancel(id, "canceled by user".into(), "job canceled", now);
+        }
+        self.job(id).map(|j| self.job_out(j, now))
+    }
+
+    /// Cancels a job: `canceled` at once when nothing of it runs, else `canceling`
+    /// until every instance has stopped (`finish_canceling`).
+    fn cancel(&mut self, job_id: &str, reason: String, tell_agent: &str, now: Millis) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        self.queue.remove(&job.seq);
+        let live = job
+            .current_attempt()
+            .is_some_and(|attempt| !attempt.is_settled());
+        if !live {
+            self.end_job(job_id, JobStatus::Canceled, reason, now);
+            return;
+        }
+        info!(job = %job_id, %reason, "job canceling");
+        job.status = JobStatus::Canceling;
+        job.reason = reason;
+        self.dirty_jobs.insert(job_id.to_string());
+        self.stop_live_instances(job_id, tell_agent);
+    }
+
+    /// Canceling jobs of this batch whose instances have all stopped are canceled.
+    fn finish_canceling(&mut self, now: Millis) {
+        let stopped: Vec<(String, String)> = self
+            .dirty_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| {
+                j.status == JobStatus::Canceling && j.attempts.iter().all(Attempt::is_settled)
+            })
+            .map(|j| (j.id.clone(), j.reason.clone()))
+            .collect();
+        for (id, reason) in stopped {
+            self.end_job(&id, JobStatus::Canceled, reason, now);
+        }
     }
 
     // ---------------------------------------------------------- agent events
@@ -1094,7 +1130,7 @@ impl Control {
     /// The instance is placed on this node and should still run.
     fn instance_wanted_on(&self, node_id: &str, slot: &Slot) -> bool {
         self.instance(slot).is_some_and(|(job, instance)| {
-            instance.node == node_id && !instance.status.is_final() && !job.status.is_final()
+            instance.node == node_id && !instance.status.is_final() && !job.status.is_ending()
         })
     }
 
@@ -1135,7 +1171,11 @@ impl Control {
             return;
         };
         let attempt = &mut job.attempts[index];
-        attempt.instances[slot.instance as usize].status = InstanceStatus::Running;
+        let instance = &mut attempt.instances[slot.instance as usize];
+        if instance.status != InstanceStatus::Launching {
+            return; // a repeat, or it is being stopped already
+        }
+        instance.status = InstanceStatus::Running;
         let all_running = attempt
             .instances
             .iter()
@@ -1163,8 +1203,10 @@ impl Control {
             return; // a repeat, or a stale report
         }
         let mut status = InstanceStatus::from_outcome(&exit.outcome, exit.exit_code);
+        // Asked to stop: a cancel is what we wanted, not a loss.
+        let was_stopping = instance.status == InstanceStatus::Stopping;
         let job_id = job.id.clone();
-        let job_final = job.status.is_final();
+        let job_final = job.status.is_ending();
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
         let released = mpi || job.spec.parallel.is_some();
         if released && job.status == JobStatus::Completed && status == InstanceStatus::Canceled {
@@ -1172,7 +1214,7 @@ impl Control {
             // mini-batch settled): its part is done.
             status = InstanceStatus::Completed;
         }
-        if status == InstanceStatus::Canceled && !job_final {
+        if status == InstanceStatus::Canceled && !job_final && !was_stopping {
             // Stopped under us (the agent shut down): not the job's fault.
             self.instance_lost(
                 slot,
@@ -1275,8 +1317,8 @@ impl Control {
             attempt.ended_at = now;
         }
         let job_id = job.id.clone();
-        let attempts_used = job.attempts.iter().filter(|a| a.status() == "lost").count() as u32;
-        let job_final = job.status.is_final();
+        let attempts_used = job.attempts.iter().filter(|a| a.was_lost()).count() as u32;
+        let job_final = job.status.is_ending();
         let seq = job.seq;
         self.dirty_jobs.insert(job_id.clone());
         self.free_node(&node_id, slot, now);
@@ -1301,12 +1343,22 @@ impl Control {
         }
     }
 
-    /// Sends cancel to every instance of the job's current attempt that still runs.
+    /// Tells every instance of the job's current attempt that still runs to stop;
+    /// each shows `stopping` until its agent says it has.
     fn stop_live_instances(&mut self, job_id: &str, reason: &str) {
-        let Some(attempt) = self.jobs.get(job_id).and_then(Job::current_attempt) else {
+        let Some(attempt) = self
+            .jobs
+            .get_mut(job_id)
+            .and_then(|j| j.attempts.last_mut())
+        else {
             return;
         };
-        for instance in attempt.instances.iter().filter(|i| !i.status.is_final()) {
+        for instance in attempt
+            .instances
+            .iter_mut()
+            .filter(|i| !i.status.is_final())
+        {
+            instance.status = InstanceStatus::Stopping;
             let slot = Slot {
                 attempt_id: attempt.id.clone(),
                 instance: instance.index,
@@ -1319,6 +1371,7 @@ impl Control {
                 },
             ));
         }
+        self.dirty_jobs.insert(job_id.to_string());
     }
 
     fn end_job(&mut self, job_id: &str, status: JobStatus, reason: String, now: Millis) {
@@ -1472,6 +1525,7 @@ impl Control {
     // ----------------------------------------------------------- decisions
 
     fn decide(&mut self, now: Millis) {
+        self.finish_canceling(now);
         let schedulable: Vec<&Job> = self
             .queue
             .values()
@@ -1615,13 +1669,8 @@ impl Control {
                 data: format!("[shoal] {flag}\n").into_bytes(),
             });
             if cancel {
-                self.end_job(
-                    &job_id,
-                    JobStatus::Canceled,
-                    format!("canceled by the cluster's idle-GPU policy: {flag}"),
-                    now,
-                );
-                self.stop_live_instances(&job_id, "idle GPU");
+                let reason = format!("canceled by the cluster's idle-GPU policy: {flag}");
+                self.cancel(&job_id, reason, "idle GPU", now);
             }
         }
     }
@@ -1821,7 +1870,7 @@ impl Control {
             attempt.ended_at = now;
         }
         let job_id = job.id.clone();
-        let job_final = job.status.is_final();
+        let job_final = job.status.is_ending();
         self.dirty_jobs.insert(job_id.clone());
         self.free_node(&node_id, slot, now);
         if !job_final {
@@ -2033,6 +2082,7 @@ impl Control {
             JobStatus::Queued,
             JobStatus::Preparing,
             JobStatus::Running,
+            JobStatus::Canceling,
             JobStatus::Completed,
             JobStatus::Failed,
             JobStatus::Canceled,
@@ -2072,9 +2122,28 @@ impl Control {
         if !job.reason.is_empty() {
             lines.push(format!("reason: {}", job.reason));
         }
+        if let Some(attempt) = job.current_attempt() {
+            let stopping: Vec<String> = attempt
+                .instances
+                .iter()
+                .filter(|i| i.status == InstanceStatus::Stopping)
+                .map(|i| format!("instance {} on {}", i.index, i.node))
+                .collect();
+            if !stopping.is_empty() {
+                lines.push(format!(
+                    "waits for {} to stop: {}",
+                    if stopping.len() == 1 {
+                        "an instance"
+                    } else {
+                        "instances"
+                    },
+                    stopping.join(", ")
+                ));
+            }
+        }
         let attempts = job.attempts.len();
         if attempts > 0 {
-            let lost = job.attempts.iter().filter(|a| a.status() == "lost").count();
+            let lost = job.attempts.iter().filter(|a| a.was_lost()).count();
             lines.push(format!(
                 "attempts: {attempts} ({lost} lost, {} preemptions of at most {})",
                 job.preemptions, job.spec.max_preemptions

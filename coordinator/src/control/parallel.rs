@@ -98,7 +98,7 @@ impl Control {
             return Ok(reply);
         }
         let job = self.job(&job_id)?;
-        let live = !job.status.is_final()
+        let live = !job.status.is_ending()
             && job
                 .current_attempt()
                 .filter(|a| a.id == request.slot.attempt_id)
@@ -207,7 +207,7 @@ impl Control {
         let Some(verdict) = self.parallel.get(job_id).and_then(Batches::verdict) else {
             return;
         };
-        if self.jobs.get(job_id).is_none_or(|j| j.status.is_final()) {
+        if self.jobs.get(job_id).is_none_or(|j| j.status.is_ending()) {
             return;
         }
         match verdict {

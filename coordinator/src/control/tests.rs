@@ -130,6 +130,27 @@ async fn next_launch(rx: &mut UnboundedReceiver<ToAgent>) -> LaunchOrder {
     }
 }
 
+async fn next_cancel(rx: &mut UnboundedReceiver<ToAgent>) -> (Slot, String) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("link open");
+        if let ToAgent::Cancel { slot, reason } = message {
+            return (slot, reason);
+        }
+    }
+}
+
+fn canceled() -> ExitReport {
+    ExitReport {
+        exit_code: Some(143),
+        outcome: "canceled".into(),
+        message: "stopped".into(),
+        usage: None,
+    }
+}
+
 fn exit(code: i32) -> ExitReport {
     ExitReport {
         exit_code: Some(code),
@@ -480,7 +501,17 @@ async fn a_job_whose_gpu_idles_is_flagged_and_canceled_by_the_cluster_policy() {
             cpu_percent: 1.0,
             memory_used_bytes: 0,
             stats: NodeStats::default(),
-            usage: vec![(order.slot, idle)],
+            usage: vec![(order.slot.clone(), idle)],
+        })
+        .await;
+    h.job_status(&id, JobStatus::Canceling).await;
+    let (slot, _) = next_cancel(&mut agent).await;
+    assert_eq!(slot, order.slot);
+    h.handle
+        .send(Command::InstanceExited {
+            node_id: order.env["SHOAL_NODE_ID"].clone(),
+            slot,
+            exit: canceled(),
         })
         .await;
     let job = h.job_status(&id, JobStatus::Canceled).await;
@@ -581,4 +612,74 @@ async fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
         })
         .await;
     assert_eq!(job.status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_canceled_job_shows_canceling_until_its_instance_has_stopped() {
+    let h = harness().await;
+    h.cluster(1, 60).await;
+    let id = h.submit().await;
+    let node = h.created_node(0).await;
+    let mut agent = h.register(&node, 1, vec![]).await;
+    let order = next_launch(&mut agent).await;
+    h.handle
+        .send(Command::InstanceStarted {
+            node_id: node.clone(),
+            slot: order.slot.clone(),
+            gpus: vec![],
+        })
+        .await;
+    h.job_status(&id, JobStatus::Running).await;
+
+    let answer = h.handle.cancel_job(id.clone()).await.expect("cancel");
+    assert_eq!(
+        answer.status,
+        JobStatus::Canceling,
+        "still running: not canceled yet"
+    );
+    assert_eq!(
+        answer.attempts[0].instances[0].status,
+        crate::model::InstanceStatus::Stopping
+    );
+    assert_eq!(answer.attempts[0].status(), "stopping");
+    let again = h
+        .handle
+        .cancel_job(id.clone())
+        .await
+        .expect("a second cancel");
+    assert_eq!(
+        again.status,
+        JobStatus::Canceling,
+        "cancel is idempotent while stopping"
+    );
+    let (slot, _) = next_cancel(&mut agent).await;
+    assert_eq!(slot, order.slot);
+    // Only the agent's word ends it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let job = h.handle.get_job(id.clone()).await.expect("job");
+    assert_eq!(job.status, JobStatus::Canceling);
+
+    h.handle
+        .send(Command::InstanceExited {
+            node_id: node,
+            slot,
+            exit: canceled(),
+        })
+        .await;
+    let job = h.job_status(&id, JobStatus::Canceled).await;
+    assert_eq!(job.reason, "canceled by user");
+    assert_eq!(job.attempts[0].status(), "canceled");
+    assert!(
+        h.handle.cancel_job(id).await.is_err(),
+        "an ended job cannot be canceled"
+    );
+}
+
+#[tokio::test]
+async fn a_queued_job_is_canceled_at_once() {
+    let h = harness().await;
+    h.cluster(1, 60).await;
+    let id = h.submit().await;
+    let answer = h.handle.cancel_job(id).await.expect("cancel");
+    assert_eq!(answer.status, JobStatus::Canceled, "nothing of it runs");
 }
