@@ -652,6 +652,62 @@ async fn a_job_gets_a_token_for_its_clusters_identity_that_verifies_against_the_
     assert!(body.contains("no managed identity"), "{body}");
 }
 
+#[tokio::test]
+async fn identities_are_made_with_the_cluster_and_deleted_with_it() {
+    let tc = TestCluster::start().await;
+    // A refused create creates nothing: not the cluster, not half its identities.
+    let out = tc.shoal(&[
+        "cluster",
+        "create",
+        "--name",
+        "mi",
+        "--vm-size",
+        "Standard_D2_v2",
+        "--assign-identity",
+        "[system],nobody",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no identity `nobody`"), "{err}");
+    assert!(
+        !tc.shoal(&["cluster", "show", "mi"]).status.success(),
+        "no cluster was left behind"
+    );
+    // The seed's resource id names a user-assigned identity by its last segment.
+    tc.shoal_json(&["identity", "create", "bot"]);
+    let resource = "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/bot";
+    tc.create_cluster(
+        "mi",
+        &[
+            "--identity-type",
+            "SystemAssigned,UserAssigned",
+            "--identity-id",
+            resource,
+        ],
+    );
+    let shown = tc.shoal_json(&["cluster", "identity", "show", "--name", "mi"]);
+    assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown:#}");
+    assert_eq!(shown[0]["type"], "SystemAssigned");
+    assert_eq!(shown[1]["name"], "bot");
+    // Deleting the cluster takes its assignments: a new one of that name has none.
+    assert!(tc.shoal(&["cluster", "delete", "mi"]).status.success());
+    tc.create_cluster("mi", &[]);
+    let shown = tc.shoal_json(&["cluster", "identity", "show", "--name", "mi"]);
+    assert_eq!(shown, serde_json::json!([]), "nothing inherited");
+    // Over HTTP too, in the one create.
+    let (code, body) = tc
+        .http(
+            "POST",
+            "/api/v1/clusters",
+            Some(&tc.admin_token()),
+            r#"{"name": "mi2", "vm_size": "Standard_D2_v2", "identities": ["[system]", "bot"]}"#,
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let shown = tc.shoal_json(&["cluster", "identity", "show", "--name", "mi2"]);
+    assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown:#}");
+}
+
 /// `shoal agent --join-token` from "another machine" (its own work dir).
 fn joining_agent(tc: &TestCluster, name: &str, token: &str) -> std::process::Child {
     Command::new(SHOAL)

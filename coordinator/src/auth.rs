@@ -390,6 +390,58 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// Identities an earlier version kept here: the user-assigned ones, and each
+    /// cluster's (cluster, identity). The control loop owns them now.
+    #[allow(clippy::type_complexity)]
+    pub fn legacy_identities(
+        &self,
+    ) -> Result<(
+        Vec<crate::model::Identity>,
+        Vec<(String, crate::model::ClusterIdentity)>,
+    )> {
+        use crate::model::{ClusterIdentity, Identity, IdentityKind};
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT name, client_id, created_at FROM identities")?;
+            let users = stmt
+                .query_map([], |r| {
+                    Ok(Identity {
+                        name: r.get(0)?,
+                        client_id: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt =
+                conn.prepare("SELECT cluster, kind, client_id FROM cluster_identities")?;
+            let assigned = stmt
+                .query_map([], |r| {
+                    let kind: String = r.get(1)?;
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        ClusterIdentity {
+                            kind: if kind == "SystemAssigned" {
+                                IdentityKind::SystemAssigned
+                            } else {
+                                IdentityKind::UserAssigned
+                            },
+                            client_id: r.get(2)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((users, assigned))
+        })
+    }
+
+    /// Forgets the legacy identities, once the control loop has committed them.
+    pub fn clear_legacy_identities(&self) -> Result<()> {
+        self.with_conn(|conn| {
+            conn.execute_batch("DELETE FROM identities; DELETE FROM cluster_identities;")
+        })
+    }
+}
+
 /// Opens `<data_dir>/auth.db`; with no admin token yet, makes one and writes it to
 /// `<data_dir>/admin.token` (0600). Returns the new token, if it made one.
 pub fn bootstrap(data_dir: &Path) -> Result<Option<String>> {

@@ -170,6 +170,7 @@ mod tests {
                 created_at: 0,
                 errors: vec![],
                 lock: None,
+                identities: vec![],
             },
         )])
     }

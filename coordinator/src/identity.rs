@@ -9,10 +9,9 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use rusqlite::params;
 use serde::Serialize;
 
-use crate::auth::Auth;
+use crate::model::IdentityKind;
 use crate::{Error, Result};
 
 /// How long an issued token is good for.
@@ -150,194 +149,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes).map_err(io)
 }
 
-/// An identity a cluster may use.
+/// An identity a cluster may use, with its name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assigned {
-    /// `SystemAssigned` or `UserAssigned`.
-    pub kind: &'static str,
+    pub kind: IdentityKind,
     pub client_id: String,
     /// The user-assigned identity's name; the cluster's name for its own.
     pub name: String,
 }
 
-impl Auth {
-    /// A user-assigned identity; its client id.
-    pub fn create_identity(&self, name: &str) -> Result<String> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(Error::invalid(
-                "name",
-                format!("`{name}`: 1 to 64 letters, digits, - or _"),
-            ));
-        }
-        let client_id = new_client_id();
-        self.with_conn(|conn| {
-            conn.execute(
-                "INSERT INTO identities (name, client_id, created_at) VALUES (?1, ?2, ?3)",
-                params![name, client_id, crate::auth::now_ms()],
-            )
-        })
-        .map_err(|e| match e {
-            Error::Internal(text) if text.contains("UNIQUE") => {
-                Error::AlreadyExists(format!("identity `{name}` exists"))
-            }
-            other => other,
-        })?;
-        Ok(client_id)
-    }
-
-    /// User-assigned identities: (name, client id).
-    pub fn identities(&self) -> Result<Vec<(String, String)>> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare("SELECT name, client_id FROM identities ORDER BY name")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-    }
-
-    /// Assigns the cluster its own identity (`[system]`) or a user-assigned one
-    /// (by name or client id); the client id.
-    pub fn assign_identity(&self, cluster: &str, which: &str) -> Result<String> {
-        if which == "[system]" || which.eq_ignore_ascii_case("system") {
-            if let Some(existing) = self
-                .cluster_identities(cluster)?
-                .into_iter()
-                .find(|a| a.kind == "SystemAssigned")
-            {
-                return Ok(existing.client_id);
-            }
-            let client_id = new_client_id();
-            self.with_conn(|conn| {
-                conn.execute(
-                    "INSERT INTO cluster_identities (cluster, kind, client_id) VALUES (?1, 'SystemAssigned', ?2)",
-                    params![cluster, client_id],
-                )
-            })?;
-            return Ok(client_id);
-        }
-        let client_id = self
-            .identities()?
-            .into_iter()
-            .find(|(name, id)| name == which || id == which)
-            .map(|(_, id)| id)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no identity `{which}`; make one with `shoal identity create {which}`"
-                ))
-            })?;
-        self.with_conn(|conn| {
-            conn.execute(
-                "INSERT OR IGNORE INTO cluster_identities (cluster, kind, client_id) VALUES (?1, 'UserAssigned', ?2)",
-                params![cluster, client_id],
-            )
-        })?;
-        Ok(client_id)
-    }
-
-    /// Takes an identity away from the cluster (`[system]`, a name or a client id).
-    pub fn remove_identity(&self, cluster: &str, which: &str) -> Result<()> {
-        let assigned = self.cluster_identities(cluster)?;
-        let found = assigned.iter().find(|a| {
-            ((which == "[system]" || which.eq_ignore_ascii_case("system"))
-                && a.kind == "SystemAssigned")
-                || a.client_id == which
-                || (a.kind == "UserAssigned" && a.name == which)
-        });
-        let Some(found) = found else {
-            return Err(Error::NotFound(format!(
-                "cluster `{cluster}` has no identity `{which}`"
-            )));
-        };
-        let client_id = found.client_id.clone();
-        self.with_conn(|conn| {
-            conn.execute(
-                "DELETE FROM cluster_identities WHERE cluster = ?1 AND client_id = ?2",
-                params![cluster, client_id],
-            )
-        })?;
-        Ok(())
-    }
-
-    /// The identities a cluster's jobs may use; the system-assigned one first.
-    pub fn cluster_identities(&self, cluster: &str) -> Result<Vec<Assigned>> {
-        let named = self.identities()?;
-        let rows: Vec<(String, String)> = self.with_conn(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT kind, client_id FROM cluster_identities WHERE cluster = ?1 ORDER BY kind, client_id",
-            )?;
-            let rows = stmt.query_map([cluster], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(|(kind, client_id)| {
-                let system = kind == "SystemAssigned";
-                Assigned {
-                    kind: if system {
-                        "SystemAssigned"
-                    } else {
-                        "UserAssigned"
-                    },
-                    name: if system {
-                        cluster.to_string()
-                    } else {
-                        named
-                            .iter()
-                            .find(|(_, id)| *id == client_id)
-                            .map(|(n, _)| n.clone())
-                            .unwrap_or_default()
-                    },
-                    client_id,
-                }
-            })
-            .collect())
-    }
-}
-
-fn new_client_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clusters_get_system_and_user_identities_and_lose_them() {
-        let auth = Auth::in_memory().expect("auth");
-        let id = auth.create_identity("reader-bot").expect("identity");
-        assert!(
-            auth.create_identity("reader-bot").is_err(),
-            "names are unique"
-        );
-        let system = auth.assign_identity("gpu", "[system]").expect("system");
-        assert_eq!(
-            auth.assign_identity("gpu", "[system]").expect("again"),
-            system
-        );
-        assert_eq!(auth.assign_identity("gpu", "reader-bot").expect("user"), id);
-        let assigned = auth.cluster_identities("gpu").expect("list");
-        assert_eq!(assigned[0].kind, "SystemAssigned");
-        assert_eq!(assigned[1].name, "reader-bot");
-        assert!(auth.cluster_identities("cpu").expect("list").is_empty());
-        auth.remove_identity("gpu", "[system]").expect("removed");
-        assert_eq!(auth.cluster_identities("gpu").expect("list").len(), 1);
-        assert!(auth.assign_identity("gpu", "nobody").is_err());
-    }
 
     #[test]
     fn tokens_verify_against_the_published_key() {

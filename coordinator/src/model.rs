@@ -109,6 +109,9 @@ pub struct ClusterRequest {
     pub provider: String,
     pub internode_communication: Option<bool>,
     pub cancel_idle_gpu_jobs: Option<bool>,
+    /// Managed identities its jobs may use: `[system]` (its own), user-assigned
+    /// ones by name, client id or resource id.
+    pub identities: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -353,6 +356,75 @@ pub struct Cluster {
     pub errors: Vec<String>,
     #[serde(default)]
     pub lock: Option<LockKind>,
+    /// The managed identities its jobs may get tokens for; its own (system-assigned)
+    /// one first. They live and die with the cluster.
+    #[serde(default)]
+    pub identities: Vec<ClusterIdentity>,
+}
+
+// ------------------------------------------------------------- identities
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IdentityKind {
+    SystemAssigned,
+    UserAssigned,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::SystemAssigned => "SystemAssigned",
+            IdentityKind::UserAssigned => "UserAssigned",
+        }
+    }
+}
+
+/// A user-assigned managed identity (`shoal identity create`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub name: String,
+    pub client_id: String,
+    pub created_at: Millis,
+}
+
+/// An identity a cluster's jobs may use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    pub kind: IdentityKind,
+    pub client_id: String,
+}
+
+/// `[system]` (or `system`), the cluster's own identity.
+pub fn is_system_identity(which: &str) -> bool {
+    which == "[system]" || which.eq_ignore_ascii_case("system")
+}
+
+/// A user-assigned identity named the way people name it: its name, its client
+/// id, or the resource id the managed service uses
+/// (`/subscriptions/…/userAssignedIdentities/NAME`), whose last segment names it.
+pub fn identity_name_of(which: &str) -> &str {
+    which
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(which)
+}
+
+/// 1 to 64 letters, digits, `-` or `_`.
+pub fn validate_identity_name(name: &str) -> Result<()> {
+    let fine = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if fine {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "name",
+            format!("`{name}`: 1 to 64 letters, digits, - or _"),
+        ))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

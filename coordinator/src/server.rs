@@ -202,9 +202,15 @@ pub async fn serve(
     };
     let catalog = config.control.catalog.clone();
     let mut control_config = config.control.clone();
-    control_config.identities = Some(auth.clone());
-    let (control, handle, inbox) =
+    control_config.identity_tokens = true;
+    let (mut control, handle, inbox) =
         Control::new(control_config, Box::new(store), Arc::new(provider))?;
+    // Identities kept in auth.db by an earlier version move under the loop.
+    let (users, assigned) = auth.legacy_identities()?;
+    if !users.is_empty() || !assigned.is_empty() {
+        control.import_identities(users, assigned)?;
+        auth.clear_legacy_identities()?;
+    }
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
     let mut api = Api::new(
         handle,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::governance::Quotas;
-use crate::model::{Cluster, Job, Node};
+use crate::model::{Cluster, Identity, Job, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
 use crate::{Error, Result};
 
@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub quotas: Option<Quotas>,
     /// Parallel jobs' mini-batches (without items and rows), by job.
     pub mini_batches: Vec<(String, MiniBatch)>,
+    /// User-assigned managed identities.
+    pub identities: Vec<Identity>,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +66,8 @@ pub struct Batch {
     pub mini_batches: Vec<(String, MiniBatch)>,
     /// Result rows of mini-batches done in this batch: (job, index, rows).
     pub mini_batch_rows: Vec<(String, u32, Vec<u8>)>,
+    /// User-assigned identities made in this batch.
+    pub identities: Vec<Identity>,
 }
 
 impl Batch {
@@ -80,6 +84,7 @@ impl Batch {
             && self.new_mini_batches.is_empty()
             && self.mini_batches.is_empty()
             && self.mini_batch_rows.is_empty()
+            && self.identities.is_empty()
     }
 }
 
@@ -124,6 +129,8 @@ const MIGRATIONS: &[&str] = &[
                                 lease TEXT, node TEXT, deadline INTEGER, message TEXT NOT NULL,
                                 items BLOB NOT NULL, rows BLOB,
                                 PRIMARY KEY (job_id, idx));",
+    // 4: user-assigned managed identities (a cluster's assignments live in its row)
+    "CREATE TABLE identities (name TEXT PRIMARY KEY, body TEXT NOT NULL);",
 ];
 
 pub struct SqliteStore {
@@ -197,6 +204,11 @@ impl Store for SqliteStore {
         Ok(Snapshot {
             clusters: load_table(&self.conn, "SELECT name, body FROM clusters", "cluster")?,
             nodes: load_table(&self.conn, "SELECT id, body FROM nodes", "node")?,
+            identities: load_table(
+                &self.conn,
+                "SELECT name, body FROM identities ORDER BY name",
+                "identity",
+            )?,
             jobs: load_table(&self.conn, "SELECT id, body FROM jobs ORDER BY seq", "job")?,
             next_job_seq: self.meta("next_job_seq")?.max(1),
             next_node_seq: self.meta("next_node_seq")?.max(1),
@@ -334,6 +346,11 @@ impl Store for SqliteStore {
             for (job_id, index, rows) in &batch.mini_batch_rows {
                 put_rows.execute(params![job_id, index, rows])?;
             }
+            let mut put_identity = tx
+                .prepare_cached("INSERT OR REPLACE INTO identities (name, body) VALUES (?1, ?2)")?;
+            for identity in &batch.identities {
+                put_identity.execute(params![identity.name, encode(identity)?])?;
+            }
             if let Some(quotas) = &batch.quotas {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO settings (key, body) VALUES ('quotas', ?1)",
@@ -409,6 +426,7 @@ mod tests {
                     created_at: 1,
                     errors: vec![],
                     lock: None,
+                    identities: vec![],
                 }],
                 nodes: vec![NodeBuilder::new("c-n1").build()],
                 jobs: vec![JobBuilder::new("job-1").build()],

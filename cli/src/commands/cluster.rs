@@ -319,23 +319,14 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                     .internode_communication
                     .or(file.internode_communication),
                 cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
+                // Made with the cluster, in one step: an unknown one creates nothing.
+                identities: identities_to_assign(
+                    args.identity_type.as_deref(),
+                    &args.identity_id,
+                    args.assign_identity.as_deref(),
+                )?,
             };
-            let identities = identities_to_assign(
-                args.identity_type.as_deref(),
-                &args.identity_id,
-                args.assign_identity.as_deref(),
-            )?;
             let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
-            for identity in identities {
-                client
-                    .identities()
-                    .assign(pb::ClusterIdentity {
-                        cluster: cluster.name.clone(),
-                        identity,
-                    })
-                    .await
-                    .map_err(status)?;
-            }
             let cluster = if args.wait {
                 wait_steady(&client, cluster).await?
             } else {

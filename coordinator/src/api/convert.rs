@@ -25,6 +25,7 @@ pub fn cluster_request(spec: pb::ClusterSpec) -> ClusterRequest {
         provider: spec.provider,
         internode_communication: spec.internode_communication,
         cancel_idle_gpu_jobs: spec.cancel_idle_gpu_jobs,
+        identities: spec.identities,
     }
 }
 

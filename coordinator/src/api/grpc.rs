@@ -32,27 +32,26 @@ fn same_node(principal: Option<&Principal>, node_id: &str) -> Result<(), Status>
     }
 }
 
-fn identity_info(a: crate::identity::Assigned) -> pb::IdentityInfo {
+fn identity_info(a: &crate::identity::Assigned) -> pb::IdentityInfo {
     pb::IdentityInfo {
-        name: a.name,
-        client_id: a.client_id,
-        r#type: a.kind.into(),
+        name: a.name.clone(),
+        client_id: a.client_id.clone(),
+        r#type: a.kind.as_str().into(),
     }
 }
 
-impl Api {
-    async fn cluster_identities(&self, cluster: String) -> Result<pb::ClusterIdentities, Status> {
-        self.control.get_cluster(cluster.clone()).await?;
-        let identities = self
-            .auth
-            .cluster_identities(&cluster)?
-            .into_iter()
-            .map(identity_info)
-            .collect();
-        Ok(pb::ClusterIdentities {
-            cluster,
-            identities,
-        })
+fn cluster_identities(info: &crate::control::ClusterInfo) -> pb::ClusterIdentities {
+    pb::ClusterIdentities {
+        cluster: info.cluster.spec.name.clone(),
+        identities: info.identities.iter().map(identity_info).collect(),
+    }
+}
+
+fn user_identity(identity: crate::model::Identity) -> pb::IdentityInfo {
+    pb::IdentityInfo {
+        name: identity.name,
+        client_id: identity.client_id,
+        r#type: crate::model::IdentityKind::UserAssigned.as_str().into(),
     }
 }
 
@@ -63,12 +62,8 @@ impl pb::identities_server::Identities for Api {
         request: Request<pb::IdentityRequest>,
     ) -> Result<Response<pb::IdentityInfo>, Status> {
         let name = request.into_inner().name;
-        let client_id = self.auth.create_identity(&name)?;
-        Ok(Response::new(pb::IdentityInfo {
-            name,
-            client_id,
-            r#type: "UserAssigned".into(),
-        }))
+        let identity = self.control.create_identity(name).await?;
+        Ok(Response::new(user_identity(identity)))
     }
 
     async fn list(
@@ -76,14 +71,11 @@ impl pb::identities_server::Identities for Api {
         _: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::IdentityList>, Status> {
         let identities = self
-            .auth
-            .identities()?
+            .control
+            .list_identities()
+            .await?
             .into_iter()
-            .map(|(name, client_id)| pb::IdentityInfo {
-                name,
-                client_id,
-                r#type: "UserAssigned".into(),
-            })
+            .map(user_identity)
             .collect();
         Ok(Response::new(pb::IdentityList { identities }))
     }
@@ -93,9 +85,11 @@ impl pb::identities_server::Identities for Api {
         request: Request<pb::ClusterIdentity>,
     ) -> Result<Response<pb::ClusterIdentities>, Status> {
         let asked = request.into_inner();
-        self.control.get_cluster(asked.cluster.clone()).await?;
-        self.auth.assign_identity(&asked.cluster, &asked.identity)?;
-        Ok(Response::new(self.cluster_identities(asked.cluster).await?))
+        let info = self
+            .control
+            .assign_identity(asked.cluster, asked.identity)
+            .await?;
+        Ok(Response::new(cluster_identities(&info)))
     }
 
     async fn remove(
@@ -103,17 +97,19 @@ impl pb::identities_server::Identities for Api {
         request: Request<pb::ClusterIdentity>,
     ) -> Result<Response<pb::ClusterIdentities>, Status> {
         let asked = request.into_inner();
-        self.auth.remove_identity(&asked.cluster, &asked.identity)?;
-        Ok(Response::new(self.cluster_identities(asked.cluster).await?))
+        let info = self
+            .control
+            .remove_identity(asked.cluster, asked.identity)
+            .await?;
+        Ok(Response::new(cluster_identities(&info)))
     }
 
     async fn get(
         &self,
         request: Request<pb::ClusterRef>,
     ) -> Result<Response<pb::ClusterIdentities>, Status> {
-        Ok(Response::new(
-            self.cluster_identities(request.into_inner().name).await?,
-        ))
+        let info = self.control.get_cluster(request.into_inner().name).await?;
+        Ok(Response::new(cluster_identities(&info)))
     }
 }
 
@@ -1028,7 +1024,11 @@ impl pb::agent_server::Agent for Api {
             .filter(|i| !i.status.is_final())
             .ok_or_else(|| Status::unauthenticated("the instance has ended"))?;
         same_node(principal.as_ref(), &instance.node)?;
-        let assigned = self.auth.cluster_identities(&job.spec.cluster)?;
+        let assigned = self
+            .control
+            .get_cluster(job.spec.cluster.clone())
+            .await?
+            .identities;
         if assigned.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "cluster `{}` has no managed identity; assign one with `shoal cluster identity assign --name {} '[system]'`",
@@ -1049,7 +1049,7 @@ impl pb::agent_server::Agent for Api {
         let now = crate::auth::now_ms() / 1000;
         let issued = signer.issue(
             &identity.client_id,
-            identity.kind,
+            identity.kind.as_str(),
             &asked.resource,
             &job.spec.cluster,
             &job.id,

@@ -113,6 +113,9 @@ struct ClusterBody {
     internode_communication: Option<bool>,
     #[serde(default)]
     cancel_idle_gpu_jobs: Option<bool>,
+    /// `[system]` and/or user-assigned identities (names, client ids, resource ids).
+    #[serde(default)]
+    identities: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +170,7 @@ async fn create_cluster(
         provider: body.provider,
         internode_communication: body.internode_communication,
         cancel_idle_gpu_jobs: body.cancel_idle_gpu_jobs,
+        identities: body.identities,
     };
     let info = api.create_cluster(request).await?;
     Ok((

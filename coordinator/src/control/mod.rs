@@ -38,8 +38,9 @@ pub struct ControlConfig {
     pub idle_gpu_threshold_percent: f64,
     /// ... this long is flagged.
     pub idle_gpu_after: Duration,
-    /// Clusters' managed identities (None: jobs get no identity settings).
-    pub identities: Option<crate::auth::Auth>,
+    /// Jobs get managed-identity settings (IDENTITY_HEADER...): the coordinator
+    /// signs their tokens.
+    pub identity_tokens: bool,
 }
 
 impl Default for ControlConfig {
@@ -55,7 +56,7 @@ impl Default for ControlConfig {
             chaos_preempt_every: None,
             idle_gpu_threshold_percent: 5.0,
             idle_gpu_after: Duration::from_secs(600),
-            identities: None,
+            identity_tokens: false,
         }
     }
 }
@@ -153,6 +154,8 @@ pub struct ClusterInfo {
     pub current_node_count: u32,
     pub target_node_count: u32,
     pub resizing: bool,
+    /// The identities its jobs may use, with their names.
+    pub identities: Vec<crate::identity::Assigned>,
 }
 
 /// Quota limits with what is used now, scope by scope.
@@ -197,6 +200,22 @@ pub enum Command {
     RevokeNode(String, Reply<Node>),
     GetQuotas(Reply<QuotaReport>),
     SetQuotas(QuotaChange, Reply<QuotaReport>),
+    CreateIdentity {
+        name: String,
+        reply: Reply<Identity>,
+    },
+    ListIdentities(Reply<Vec<Identity>>),
+    /// Gives the cluster an identity (`[system]`, a name, client id or resource id).
+    AssignIdentity {
+        cluster: String,
+        identity: String,
+        reply: Reply<ClusterInfo>,
+    },
+    RemoveIdentity {
+        cluster: String,
+        identity: String,
+        reply: Reply<ClusterInfo>,
+    },
     Explain(String, Reply<Vec<String>>),
     Metrics(Reply<String>),
     /// A parallel job's worker: its last result, and maybe the next mini-batch.
@@ -340,6 +359,29 @@ impl ControlHandle {
         self.ask(|r| Command::PreemptNode(node_id, notice_seconds, r))
             .await
     }
+    pub async fn create_identity(&self, name: String) -> Result<Identity> {
+        self.ask(|reply| Command::CreateIdentity { name, reply })
+            .await
+    }
+    pub async fn list_identities(&self) -> Result<Vec<Identity>> {
+        self.ask(Command::ListIdentities).await
+    }
+    pub async fn assign_identity(&self, cluster: String, identity: String) -> Result<ClusterInfo> {
+        self.ask(|reply| Command::AssignIdentity {
+            cluster,
+            identity,
+            reply,
+        })
+        .await
+    }
+    pub async fn remove_identity(&self, cluster: String, identity: String) -> Result<ClusterInfo> {
+        self.ask(|reply| Command::RemoveIdentity {
+            cluster,
+            identity,
+            reply,
+        })
+        .await
+    }
     pub async fn quotas(&self) -> Result<QuotaReport> {
         self.ask(Command::GetQuotas).await
     }
@@ -397,6 +439,8 @@ pub struct Control {
     logs_tx: broadcast::Sender<Arc<StoredLog>>,
 
     clusters: BTreeMap<String, Cluster>,
+    /// User-assigned identities, by name.
+    identities: BTreeMap<String, Identity>,
     nodes: BTreeMap<String, Node>,
     jobs: HashMap<String, Job>,
     /// Queued jobs, oldest first: seq -> id.
@@ -445,6 +489,7 @@ pub struct Control {
     dirty_batches: BTreeSet<(String, u32)>,
     new_cuts: Vec<(String, Vec<crate::parallel::Cut>)>,
     new_rows: Vec<(String, u32, Vec<u8>)>,
+    new_identities: Vec<Identity>,
     /// Jobs whose readers should look again, with nothing of the job itself to write.
     notify_jobs: BTreeSet<String>,
 }
@@ -486,6 +531,11 @@ impl Control {
                 .into_iter()
                 .map(|c| (c.spec.name.clone(), c))
                 .collect(),
+            identities: snapshot
+                .identities
+                .into_iter()
+                .map(|i| (i.name.clone(), i))
+                .collect(),
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
             queue: BTreeMap::new(),
@@ -522,6 +572,7 @@ impl Control {
             dirty_batches: BTreeSet::new(),
             new_cuts: Vec::new(),
             new_rows: Vec::new(),
+            new_identities: Vec::new(),
             notify_jobs: BTreeSet::new(),
         };
         for mut node in snapshot.nodes {
@@ -795,6 +846,29 @@ impl Control {
                 let result = self.explain(&job_id);
                 self.defer(reply, result);
             }
+            Command::CreateIdentity { name, reply } => {
+                let result = self.create_identity(&name, now);
+                self.defer(reply, result);
+            }
+            Command::ListIdentities(reply) => {
+                let _ = reply.send(Ok(self.list_identities()));
+            }
+            Command::AssignIdentity {
+                cluster,
+                identity,
+                reply,
+            } => {
+                let result = self.assign_identity(&cluster, &identity);
+                self.defer(reply, result);
+            }
+            Command::RemoveIdentity {
+                cluster,
+                identity,
+                reply,
+            } => {
+                let result = self.remove_identity(&cluster, &identity);
+                self.defer(reply, result);
+            }
             Command::Metrics(reply) => {
                 // Read-only: no need to wait for the batch's commit.
                 let _ = reply.send(Ok(self.metrics()));
@@ -842,6 +916,7 @@ impl Control {
         let active = counts.idle + counts.running + counts.preparing;
         Ok(ClusterInfo {
             resizing: active < target || counts.preparing > 0 || counts.leaving > 0,
+            identities: self.assigned(&cluster),
             cluster,
             counts,
             current_node_count: current,
@@ -849,7 +924,8 @@ impl Control {
         })
     }
 
-    fn create_cluster(&mut self, request: ClusterRequest, now: Millis) -> Result<ClusterInfo> {
+    fn create_cluster(&mut self, mut request: ClusterRequest, now: Millis) -> Result<ClusterInfo> {
+        let wanted = std::mem::take(&mut request.identities);
         let spec = ClusterSpec::from_request(request, &self.config.catalog)?;
         if self.clusters.contains_key(&spec.name) {
             return Err(Error::AlreadyExists(format!(
@@ -857,6 +933,8 @@ impl Control {
                 spec.name
             )));
         }
+        // An unknown identity refuses the whole create: nothing is made.
+        let identities = self.with_identities(&[], &wanted)?;
         let name = spec.name.clone();
         info!(cluster = %name, size = %spec.vm_size, min = spec.min_nodes, max = spec.max_nodes, "cluster created");
         self.clusters.insert(
@@ -866,6 +944,7 @@ impl Control {
                 created_at: now,
                 errors: Vec::new(),
                 lock: None,
+                identities,
             },
         );
         self.dirty_clusters.insert(name.clone());
@@ -2391,12 +2470,10 @@ impl Control {
         // Managed identity: the cluster's default identity, and a secret per
         // instance that the node's token endpoint asks for.
         let default_identity = self
-            .config
-            .identities
-            .as_ref()
-            .and_then(|auth| auth.cluster_identities(&job.spec.cluster).ok())
-            .and_then(|list| list.into_iter().next())
-            .map(|a| a.client_id);
+            .clusters
+            .get(&job.spec.cluster)
+            .and_then(|c| c.identities.first())
+            .map(|a| a.client_id.clone());
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
         let mut instances = Vec::new();
         for (index, node_id) in placement.nodes.iter().enumerate() {
@@ -2424,7 +2501,7 @@ impl Control {
             }
             env.insert("SHOAL_NODES".into(), hosts.join(","));
             env.insert("SHOAL_NODE_IDS".into(), placement.nodes.join(","));
-            if self.config.identities.is_some() {
+            if self.config.identity_tokens {
                 // Every instance may ask; a cluster with no identity gets a clear 400.
                 env.insert("IDENTITY_HEADER".into(), crate::auth::random_hex(24));
             }
@@ -2523,6 +2600,7 @@ impl Control {
             new_mini_batches: Vec::new(),
             mini_batches: Vec::new(),
             mini_batch_rows: Vec::new(),
+            identities: std::mem::take(&mut self.new_identities),
         };
         let mut batch = batch;
         self.parallel_changes(&mut batch);
@@ -2763,6 +2841,7 @@ pub fn waiting_reason(
     format!("waiting for nodes to start ({free} ready)")
 }
 
+mod identities;
 mod parallel;
 pub use parallel::{Leased, MiniBatchResult, PARALLEL_RELEASE, WorkReply, WorkRequest};
 

@@ -683,3 +683,148 @@ async fn a_queued_job_is_canceled_at_once() {
     let answer = h.handle.cancel_job(id).await.expect("cancel");
     assert_eq!(answer.status, JobStatus::Canceled, "nothing of it runs");
 }
+
+#[tokio::test]
+async fn identities_are_made_with_their_cluster_and_go_with_it() {
+    let h = harness().await;
+    let bot = h
+        .handle
+        .create_identity("reader-bot".into())
+        .await
+        .expect("identity");
+    assert!(
+        h.handle.create_identity("reader-bot".into()).await.is_err(),
+        "names are unique"
+    );
+    let request = |identities: &[&str]| ClusterRequest {
+        name: "cl".into(),
+        vm_size: "Standard_D2_v2".into(),
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // An unknown identity refuses the whole create: no cluster is left behind.
+    let err = h
+        .handle
+        .create_cluster(request(&["[system]", "nobody"]))
+        .await
+        .expect_err("unknown identity");
+    assert!(err.to_string().contains("no identity `nobody`"), "{err}");
+    assert!(
+        h.handle.get_cluster("cl".into()).await.is_err(),
+        "nothing was created"
+    );
+
+    // By resource id, as the managed service's examples name them; system first.
+    let resource = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader-bot";
+    let info = h
+        .handle
+        .create_cluster(request(&[resource, "[system]"]))
+        .await
+        .expect("cluster");
+    let kinds: Vec<_> = info
+        .identities
+        .iter()
+        .map(|a| (a.kind, a.name.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (crate::model::IdentityKind::SystemAssigned, "cl".to_string()),
+            (
+                crate::model::IdentityKind::UserAssigned,
+                "reader-bot".to_string()
+            ),
+        ]
+    );
+    assert_eq!(info.identities[1].client_id, bot.client_id);
+    let info = h
+        .handle
+        .remove_identity("cl".into(), "[system]".into())
+        .await
+        .expect("remove");
+    assert_eq!(info.identities.len(), 1);
+
+    // Deleted with the cluster: a new cluster of the same name inherits nothing.
+    h.handle.delete_cluster("cl".into()).await.expect("delete");
+    let info = h.handle.create_cluster(request(&[])).await.expect("again");
+    assert!(info.identities.is_empty(), "{:?}", info.identities);
+    let info = h
+        .handle
+        .assign_identity("cl".into(), bot.client_id.clone())
+        .await
+        .expect("by client id");
+    assert_eq!(info.identities[0].name, "reader-bot");
+}
+
+#[tokio::test]
+async fn identities_of_an_earlier_version_are_imported_once() {
+    use crate::model::{ClusterIdentity, Identity, IdentityKind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("shoal.db");
+    let provider = Arc::new(FakeProvider::default());
+    {
+        let store = SqliteStore::open(&path).expect("store");
+        let (control, handle, inbox) =
+            Control::new(ControlConfig::default(), Box::new(store), provider.clone())
+                .expect("control");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = tokio::spawn(control.run(inbox, async move {
+            let _ = stopped.await;
+        }));
+        handle
+            .create_cluster(ClusterRequest {
+                name: "cl".into(),
+                vm_size: "Standard_D2_v2".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("cluster");
+        let _ = stop.send(());
+        running.await.expect("loop");
+    }
+    let store = SqliteStore::open(&path).expect("store");
+    let (mut control, handle, inbox) =
+        Control::new(ControlConfig::default(), Box::new(store), provider).expect("control");
+    control
+        .import_identities(
+            vec![Identity {
+                name: "bot".into(),
+                client_id: "c-1".into(),
+                created_at: 1,
+            }],
+            vec![
+                (
+                    "cl".into(),
+                    ClusterIdentity {
+                        kind: IdentityKind::UserAssigned,
+                        client_id: "c-1".into(),
+                    },
+                ),
+                (
+                    "gone".into(),
+                    ClusterIdentity {
+                        kind: IdentityKind::SystemAssigned,
+                        client_id: "c-2".into(),
+                    },
+                ),
+            ],
+        )
+        .expect("import");
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(control.run(inbox, async move {
+        let _ = stopped.await;
+    }));
+    let info = handle.get_cluster("cl".into()).await.expect("cluster");
+    assert_eq!(info.identities.len(), 1);
+    assert_eq!(info.identities[0].name, "bot");
+    let reopened = SqliteStore::open(&path)
+        .expect("store")
+        .load()
+        .expect("load");
+    assert_eq!(
+        reopened.identities.len(),
+        1,
+        "committed, not only in memory"
+    );
+    assert_eq!(reopened.clusters[0].identities.len(), 1);
+}
