@@ -83,7 +83,7 @@ impl Control {
             };
             list.push(entry);
         }
-        list.sort_by(|a, b| a.kind.cmp(&b.kind));
+        list.sort_by_key(|a| a.kind);
         Ok(list)
     }
 
@@ -179,7 +179,7 @@ impl Control {
                     .any(|i| i.client_id == assignment.client_id)
             {
                 cluster.identities.push(assignment);
-                cluster.identities.sort_by(|a, b| a.kind.cmp(&b.kind));
+                cluster.identities.sort_by_key(|a| a.kind);
                 batch.clusters.push(cluster.clone());
             }
         }
