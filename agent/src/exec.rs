@@ -129,8 +129,15 @@ impl Execs {
         }
     }
 
-    /// Serves the launcher of `slot` (the MPI job's instance 0) on `socket`.
-    pub fn serve_launcher(&self, slot: Slot, job_id: String, socket: &Path) -> std::io::Result<()> {
+    /// Serves the launcher of `slot` (the MPI job's instance 0, whose token its
+    /// execs show) on `socket`.
+    pub fn serve_launcher(
+        &self,
+        slot: Slot,
+        job_id: String,
+        token: String,
+        socket: &Path,
+    ) -> std::io::Result<()> {
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)?;
         if let Some(user) = &self.run_as {
@@ -143,6 +150,7 @@ impl Execs {
             execs: self.clone(),
             slot,
             job_id,
+            token,
         };
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
@@ -337,6 +345,7 @@ struct Launcher {
     execs: Execs,
     slot: Slot,
     job_id: String,
+    token: String,
 }
 
 /// The launcher's stream; dropping it early (the launcher died) kills the exec.
@@ -380,6 +389,8 @@ impl pb::exec_server::Exec for Launcher {
             target_node: asked.target_node,
             target_instance: 0,
             command: asked.command,
+            source_instance: self.slot.instance,
+            token: self.token.clone(),
         };
         self.execs.send(frame(&id, Kind::Open(open)));
         Ok(Response::new(ExecStream {

@@ -22,13 +22,13 @@ use crate::runtime::Slot;
 
 #[derive(Clone)]
 pub struct TokenEndpoint {
-    secrets: Arc<Mutex<HashMap<String, Slot>>>,
+    secrets: Arc<Mutex<HashMap<String, (Slot, String)>>>,
     pub url: String,
 }
 
 #[derive(Clone)]
 struct Shared {
-    secrets: Arc<Mutex<HashMap<String, Slot>>>,
+    secrets: Arc<Mutex<HashMap<String, (Slot, String)>>>,
     client: AgentClient<AuthChannel>,
 }
 
@@ -62,7 +62,7 @@ async fn token(
         .unwrap_or_else(|p| p.into_inner())
         .get(secret)
         .cloned();
-    let Some(slot) = slot else {
+    let Some((slot, token)) = slot else {
         return error(
             StatusCode::UNAUTHORIZED,
             "unknown X-IDENTITY-HEADER (its job has ended?)",
@@ -79,6 +79,7 @@ async fn token(
         instance: slot.instance,
         resource,
         client_id: asked.client_id.unwrap_or_default(),
+        token,
     };
     let mut client = shared.client.clone();
     match client.issue_token(request).await {
@@ -111,7 +112,7 @@ impl TokenEndpoint {
     /// Serves on a free port of loopback: the node's own jobs (processes, and
     /// containers that share the node's network) reach it; others have no secret.
     pub async fn start(client: AgentClient<AuthChannel>) -> std::io::Result<Self> {
-        let secrets: Arc<Mutex<HashMap<String, Slot>>> = Arc::default();
+        let secrets: Arc<Mutex<HashMap<String, (Slot, String)>>> = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/msi/token", listener.local_addr()?);
         let app = axum::Router::new()
@@ -128,17 +129,19 @@ impl TokenEndpoint {
         Ok(TokenEndpoint { secrets, url })
     }
 
-    pub fn admit(&self, secret: &str, slot: Slot) {
+    /// The job's `IDENTITY_HEADER` secret stands for its instance (and the
+    /// instance's token, shown to the coordinator).
+    pub fn admit(&self, secret: &str, slot: Slot, token: String) {
         self.secrets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(secret.to_string(), slot);
+            .insert(secret.to_string(), (slot, token));
     }
 
     pub fn forget(&self, slot: &Slot) {
         self.secrets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, s| s != slot);
+            .retain(|_, (s, _)| s != slot);
     }
 }

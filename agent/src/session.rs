@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_client::AgentClient;
-use shoal_proto::v1::jobs_client::JobsClient;
 use shoal_proto::{AuthChannel, Bearer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,16 +34,19 @@ struct Entry {
     /// Its process group (its leader's pid), once started.
     group: Option<i32>,
     usage: Usage,
+    /// Its token, shown on every call about it.
+    token: String,
 }
 
 impl Entry {
-    fn new(stop: watch::Sender<Option<Stop>>, gpus: Vec<u32>) -> Self {
+    fn new(stop: watch::Sender<Option<Stop>>, gpus: Vec<u32>, token: String) -> Self {
         Entry {
             stop,
             exited: None,
             gpus,
             group: None,
             usage: Usage::default(),
+            token,
         }
     }
 }
@@ -94,7 +96,6 @@ fn gpu_stat(s: &crate::gpu::GpuSample) -> pb::GpuStat {
 struct Agent {
     config: Arc<AgentConfig>,
     client: AgentClient<AuthChannel>,
-    jobs: JobsClient<AuthChannel>,
     process: Arc<ProcessRuntime>,
     /// The docker runtime, or why this node has none.
     docker: Result<DockerRuntime, String>,
@@ -126,10 +127,7 @@ pub async fn run(
     let endpoint = crate::endpoint(&config.endpoint, config.ca_file.as_deref())?;
     let channel = endpoint.connect_lazy();
     let bearer = Bearer::new(config.token.as_deref()).map_err(AgentError::Token)?;
-    let client = AgentClient::with_interceptor(channel.clone(), bearer.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let jobs = JobsClient::with_interceptor(channel, bearer)
+    let client = AgentClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (default_cores, default_memory) = telemetry::capacity();
@@ -185,7 +183,6 @@ pub async fn run(
         hostname: telemetry::hostname(),
         config: Arc::new(config),
         client,
-        jobs,
         process: Arc::new(ProcessRuntime { run_as }),
         attempts: Arc::default(),
         events,
@@ -307,7 +304,10 @@ impl Agent {
             let (stop, stop_rx) = watch::channel(None);
             {
                 let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-                attempts.insert(found.slot.clone(), Entry::new(stop, Vec::new()));
+                attempts.insert(
+                    found.slot.clone(),
+                    Entry::new(stop, Vec::new(), found.token.clone()),
+                );
             }
             info!(attempt = %found.slot.attempt_id, instance = found.slot.instance, "recovered a container");
             let agent = self.clone();
@@ -547,7 +547,7 @@ impl Agent {
                 .allocate(launch.gpus);
             attempts.insert(
                 slot.clone(),
-                Entry::new(stop, gpus.clone().unwrap_or_default()),
+                Entry::new(stop, gpus.clone().unwrap_or_default(), launch.token.clone()),
             );
             if gpus.is_none() {
                 let free = self.gpu_allocator.lock().map(|g| g.free()).unwrap_or(0);
@@ -608,14 +608,16 @@ impl Agent {
                 );
                 env.extend(gpu_env(&gpus));
                 if let Some(secret) = env.get("IDENTITY_HEADER").cloned() {
-                    self.identity.admit(&secret, slot.clone());
+                    self.identity
+                        .admit(&secret, slot.clone(), launch.token.clone());
                     env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
                 }
                 let image = (!launch.image.is_empty()).then_some(launch.image);
                 let mut argv = launch.argv;
                 let mut mounts = Vec::new();
                 if launch.mpi {
-                    match self.mpi_sandbox(&slot, &launch.job_id, image.is_some(), &mut env) {
+                    let job = (launch.job_id.as_str(), launch.token.as_str());
+                    match self.mpi_sandbox(&slot, job, image.is_some(), &mut env) {
                         Ok((wrapped, extra)) => {
                             argv = wrapped.into_iter().chain(argv).collect();
                             mounts = extra;
@@ -638,6 +640,7 @@ impl Agent {
                     gpus: gpus.iter().map(u32::to_string).collect(),
                     rank: None,
                     mounts,
+                    token: launch.token.clone(),
                 };
                 if launch.mpi {
                     let sandbox = match (&spec.image, &self.docker) {
@@ -762,7 +765,7 @@ impl Agent {
     fn mpi_sandbox(
         &self,
         slot: &Slot,
-        job_id: &str,
+        (job_id, token): (&str, &str),
         container: bool,
         env: &mut std::collections::BTreeMap<String, String>,
     ) -> Result<(Vec<String>, Vec<(std::path::PathBuf, String)>), String> {
@@ -821,7 +824,7 @@ impl Agent {
         }
         if slot.instance == 0 {
             self.execs
-                .serve_launcher(slot.clone(), job_id.to_string(), &socket)
+                .serve_launcher(slot.clone(), job_id.to_string(), token.to_string(), &socket)
                 .map_err(|e| {
                     format!(
                         "cannot open the MPI launcher socket {}: {e}",
@@ -897,11 +900,14 @@ impl Agent {
 
     /// The working dir: a fresh copy of the job's code, with an empty `outputs/`.
     async fn prepare(&self, dir: &std::path::Path, launch: &pb::Launch) -> Result<(), String> {
+        let instance = pb::AttemptRef {
+            attempt_id: launch.attempt_id.clone(),
+            instance: launch.instance,
+            token: launch.token.clone(),
+        };
         let code = if launch.has_code {
             let mut client = self.client.clone();
-            let request = pb::JobRef {
-                id: launch.job_id.clone(),
-            };
+            let request = instance.clone();
             let artifact = client
                 .fetch_code(request)
                 .await
@@ -913,22 +919,14 @@ impl Agent {
         // A rerun (after a preemption or a lost node) starts from the outputs, and so
         // the checkpoints, that this instance's last attempt left.
         let previous = if launch.restore_outputs {
-            let mut jobs = self.jobs.clone();
-            let request = pb::JobRef {
-                id: launch.job_id.clone(),
-            };
-            let outputs = jobs.download_outputs(request).await.map_err(|s| {
+            let mut client = self.client.clone();
+            let outputs = client.restore_outputs(instance).await.map_err(|s| {
                 format!(
                     "could not fetch the last attempt's outputs: {}",
                     s.message()
                 )
             })?;
-            outputs
-                .into_inner()
-                .outputs
-                .into_iter()
-                .find(|o| o.instance == launch.instance)
-                .map(|o| o.data)
+            Some(outputs.into_inner().data).filter(|data| !data.is_empty())
         } else {
             None
         };
@@ -970,10 +968,18 @@ impl Agent {
         let Some(data) = packed else {
             return Ok(());
         };
+        let token = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(slot)
+                .map(|e| e.token.clone())
+                .unwrap_or_default()
+        };
         let upload = pb::OutputsUpload {
             attempt_id: slot.attempt_id.clone(),
             instance: slot.instance,
             data,
+            token,
         };
         let mut last = String::new();
         for attempt in 0..5u32 {

@@ -83,20 +83,29 @@ impl Artifacts {
         Self::write_atomic(self.outputs_path(attempt_id, instance), data).await
     }
 
+    /// What one instance of an attempt uploaded, if it did.
+    pub async fn instance_outputs(
+        &self,
+        attempt_id: &str,
+        instance: u32,
+    ) -> Result<Option<Vec<u8>>> {
+        let path = self.outputs_path(attempt_id, instance);
+        match tokio::fs::read(&path).await {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
     /// The outputs each instance of an attempt uploaded: (instance, tar.gz).
     pub async fn outputs(&self, attempt_id: &str, instances: u32) -> Result<Vec<(u32, Vec<u8>)>> {
         let mut found = Vec::new();
         for instance in 0..instances {
-            let path = self.outputs_path(attempt_id, instance);
-            match tokio::fs::read(&path).await {
-                Ok(data) => found.push((instance, data)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::Internal(format!(
-                        "cannot read {}: {e}",
-                        path.display()
-                    )));
-                }
+            if let Some(data) = self.instance_outputs(attempt_id, instance).await? {
+                found.push((instance, data));
             }
         }
         Ok(found)

@@ -478,8 +478,6 @@ pub enum Needs {
     Nothing,
     Node,
     Role(Role),
-    /// A reader, or an agent (a rerun restores the last attempt's outputs).
-    ReaderOrNode,
 }
 
 /// The access rule of every endpoint.
@@ -493,9 +491,8 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
         let (service, call) = rpc.split_once('/').unwrap_or((rpc, ""));
         return match (service, call) {
             ("Agent", _) => Needs::Node,
-            ("Jobs", "DownloadOutputs") => Needs::ReaderOrNode,
             ("Clusters", "Get" | "List" | "Watch")
-            | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why")
+            | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why" | "DownloadOutputs")
             | ("Nodes", "List")
             | ("VmSizes", _)
             | ("Identities", "List" | "Get")
@@ -564,7 +561,8 @@ mod tests {
         assert_eq!(needs("/shoal.v1.Agent/Session", &Method::POST), Needs::Node);
         assert_eq!(
             needs("/shoal.v1.Jobs/DownloadOutputs", &Method::POST),
-            Needs::ReaderOrNode
+            Needs::Role(Role::Reader),
+            "agents restore through Agent/RestoreOutputs, checked per instance"
         );
         assert_eq!(
             needs("/shoal.v1.Jobs/Submit", &Method::POST),

@@ -13,6 +13,9 @@ pub enum Error {
     /// The request is well-formed but the current state refuses it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (an agent reaching past its own work).
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("storage: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -35,6 +38,7 @@ impl Error {
             Error::NotFound(_) => tonic::Code::NotFound,
             Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::Store(_) | Error::Internal(_) => tonic::Code::Internal,
         }
     }

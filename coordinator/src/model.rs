@@ -944,6 +944,10 @@ pub struct InstanceRun {
     pub gpus: Vec<u32>,
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// The secret its node's agent shows on every call about it (sent with its
+    /// Launch; never shown to people).
+    #[serde(default)]
+    pub token: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

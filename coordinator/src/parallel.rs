@@ -415,7 +415,12 @@ impl Batches {
         let batch = &mut self.list[index as usize];
         batch.status = BatchStatus::Running;
         batch.executions += 1;
-        batch.lease = Some(format!("{job_id}/{index}/{}", batch.executions));
+        // Unguessable: only the worker it was handed to can report it.
+        batch.lease = Some(format!(
+            "{job_id}/{index}/{}/{}",
+            batch.executions,
+            crate::auth::random_hex(12)
+        ));
         batch.node = Some(node.to_string());
         batch.deadline = timeout.map(|t| {
             let ms = i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000);
@@ -424,19 +429,21 @@ impl Batches {
         Some(batch)
     }
 
+    /// `job/index/run/secret` (or `job/index/run`, as earlier versions made them).
     pub fn index_of_lease(&self, lease: &str) -> Option<u32> {
-        let index: u32 = lease.rsplit('/').nth(1)?.parse().ok()?;
+        let index: u32 = lease.split('/').nth(1)?.parse().ok()?;
         self.list.get(index as usize).map(|b| b.index)
     }
 
-    /// A worker's result for `lease`.
-    pub fn report(&mut self, lease: &str, ok: bool, message: &str) -> Reported {
+    /// A worker's result for `lease`, from a worker on `node`: taken only from the
+    /// node the lease was handed to.
+    pub fn report(&mut self, lease: &str, node: &str, ok: bool, message: &str) -> Reported {
         let Some(index) = self.index_of_lease(lease) else {
             return Reported::Stale;
         };
         let max_retries = self.spec.max_retries;
         let batch = &mut self.list[index as usize];
-        if batch.lease.as_deref() != Some(lease) {
+        if batch.lease.as_deref() != Some(lease) || batch.node.as_deref() != Some(node) {
             return Reported::Stale;
         }
         match batch.status {
@@ -464,19 +471,20 @@ impl Batches {
 
     /// Runs past their deadline count as failed runs ("timed out").
     pub fn expire(&mut self, now: Millis) -> Vec<(u32, Reported)> {
-        let expired: Vec<String> = self
+        let expired: Vec<(String, String)> = self
             .list
             .iter()
             .filter(|b| b.status == BatchStatus::Running && b.deadline.is_some_and(|d| d <= now))
-            .filter_map(|b| b.lease.clone())
+            .filter_map(|b| Some((b.lease.clone()?, b.node.clone()?)))
             .collect();
         expired
             .into_iter()
-            .filter_map(|lease| {
+            .filter_map(|(lease, node)| {
                 let index = self.index_of_lease(&lease)?;
                 let limit = self.spec.timeout_seconds.unwrap_or(0);
                 let outcome = self.report(
                     &lease,
+                    &node,
                     false,
                     &format!("timed out after {limit} s (no report)"),
                 );
@@ -705,14 +713,24 @@ mod tests {
         let first = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
         let second = batches.lease("n2", 0).unwrap().lease.clone().unwrap();
         assert!(batches.lease("n1", 0).is_none());
-        assert_eq!(batches.report(&first, true, ""), Reported::Done);
-        assert_eq!(batches.report(&first, true, ""), Reported::Repeat);
+        // Another node cannot report a lease it was not handed, nor guess one.
+        assert_eq!(batches.report(&first, "n2", true, ""), Reported::Stale);
+        let guessed = first.rsplit_once('/').unwrap().0;
+        assert_eq!(batches.report(guessed, "n1", true, ""), Reported::Stale);
+        assert_eq!(batches.report(&first, "n1", true, ""), Reported::Done);
+        assert_eq!(batches.report(&first, "n1", true, ""), Reported::Repeat);
         // Fails once: retried under a new lease; the old one is stale.
-        assert_eq!(batches.report(&second, false, "exit 1"), Reported::Retry);
-        assert_eq!(batches.report(&second, true, ""), Reported::Stale);
+        assert_eq!(
+            batches.report(&second, "n2", false, "exit 1"),
+            Reported::Retry
+        );
+        assert_eq!(batches.report(&second, "n2", true, ""), Reported::Stale);
         let retry = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
         assert_ne!(retry, second);
-        assert_eq!(batches.report(&retry, false, "exit 1"), Reported::Failed);
+        assert_eq!(
+            batches.report(&retry, "n1", false, "exit 1"),
+            Reported::Failed
+        );
         let verdict = batches.verdict().unwrap();
         assert!(
             matches!(&verdict, Verdict::Completed(r) if r.contains("1 of 2") && r.contains("1 (2 runs: exit 1)")),
@@ -733,7 +751,7 @@ mod tests {
         let mut batches = Batches::new("job-1", strict, &[1, 1, 1]);
         let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
         assert_eq!(batches.verdict(), None);
-        batches.report(&lease, false, "boom");
+        batches.report(&lease, "n1", false, "boom");
         assert!(
             matches!(batches.verdict(), Some(Verdict::Failed(r)) if r.contains("mini_batch_error_threshold 0"))
         );
@@ -744,11 +762,11 @@ mod tests {
         let mut batches = Batches::new("job-2", percent, &[1, 1, 1, 1]);
         for _ in 0..2 {
             let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
-            batches.report(&lease, false, "boom");
+            batches.report(&lease, "n1", false, "boom");
         }
         assert_eq!(batches.verdict(), None, "2 of 4 is 50%: allowed");
         let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
-        batches.report(&lease, false, "boom");
+        batches.report(&lease, "n1", false, "boom");
         assert!(
             matches!(batches.verdict(), Some(Verdict::Failed(r)) if r.contains("allowed_failed_percent 50"))
         );
@@ -761,7 +779,7 @@ mod tests {
         batches.lease("n2", 0).unwrap();
         assert_eq!(batches.take_back(Some("n1")), vec![0]);
         assert_eq!(
-            batches.report(&on_n1, true, ""),
+            batches.report(&on_n1, "n1", true, ""),
             Reported::Stale,
             "a taken-back run's rows are ignored"
         );

@@ -7,7 +7,7 @@ pub mod v1 {
 }
 
 /// Bumped on any incompatible change of the agent session; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Adds `authorization: Bearer <token>` to every call (no token: nothing).
 #[derive(Clone, Debug, Default)]

@@ -27,6 +27,8 @@ pub const LABEL_ATTEMPT: &str = "shoal.attempt";
 pub const LABEL_INSTANCE: &str = "shoal.instance";
 /// Unix seconds after which the instance is timed out (absent: no limit).
 pub const LABEL_DEADLINE: &str = "shoal.deadline";
+/// The instance's token, for the agent that recovers the container.
+pub const LABEL_TOKEN: &str = "shoal.token";
 
 #[derive(Clone)]
 pub struct DockerRuntime {
@@ -45,6 +47,7 @@ pub struct Recovered {
     pub slot: Slot,
     pub container: String,
     pub deadline: Option<SystemTime>,
+    pub token: String,
 }
 
 fn not_found(error: &DockerError) -> bool {
@@ -212,6 +215,7 @@ impl DockerRuntime {
                     slot,
                     container,
                     deadline,
+                    token: labels.get(LABEL_TOKEN).cloned().unwrap_or_default(),
                 })
             })
             .collect()
@@ -270,6 +274,7 @@ impl DockerRuntime {
             (LABEL_OWNER.to_string(), self.owner.clone()),
             (LABEL_ATTEMPT.to_string(), spec.slot.attempt_id.clone()),
             (LABEL_INSTANCE.to_string(), spec.slot.instance.to_string()),
+            (LABEL_TOKEN.to_string(), spec.token.clone()),
             (
                 LABEL_JOB.to_string(),
                 spec.env.get("SHOAL_JOB_ID").cloned().unwrap_or_default(),

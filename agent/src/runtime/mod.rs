@@ -40,6 +40,9 @@ pub struct RunSpec {
     pub rank: Option<u32>,
     /// Extra read-only mounts (host path, path inside) for the docker runtime.
     pub mounts: Vec<(PathBuf, String)>,
+    /// The instance's token (its agent shows it on every call about it); kept on
+    /// its container so a restarted agent can go on speaking for it.
+    pub token: String,
 }
 
 /// Why an instance is being stopped before it ends on its own.

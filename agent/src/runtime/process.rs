@@ -281,6 +281,7 @@ mod tests {
             gpus: Vec::new(),
             rank: None,
             mounts: Vec::new(),
+            token: String::new(),
         }
     }
 

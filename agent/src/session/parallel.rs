@@ -151,6 +151,7 @@ impl Agent {
                 instance: spec.slot.instance,
                 report: report.clone(),
                 want_next: true,
+                token: spec.token.clone(),
             };
             let lease = tokio::select! {
                 lease = self.ask_for_work(request) => lease,

@@ -469,6 +469,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             mpi: order.mpi,
             parallel_workers: order.parallel_workers,
             parallel_worker_mode: order.parallel_worker_mode,
+            token: order.token,
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

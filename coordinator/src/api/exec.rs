@@ -13,8 +13,8 @@ use shoal_proto::v1::exec_frame::Kind;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::control::{ControlHandle, ToAgent};
-use crate::model::{Distribution, InstanceStatus};
+use crate::control::{AgentCall, Claim, ControlHandle, ToAgent};
+use crate::model::Slot;
 
 type Link = mpsc::UnboundedSender<ToAgent>;
 
@@ -70,7 +70,7 @@ impl ExecRelay {
     pub async fn frame(&self, node: &str, control: &ControlHandle, mut frame: pb::ExecFrame) {
         let id = frame.exec_id.clone();
         match frame.kind.take() {
-            Some(Kind::Open(mut open)) => match target_instance(control, &open).await {
+            Some(Kind::Open(mut open)) => match target_instance(control, node, &open).await {
                 Ok(instance) => {
                     open.target_instance = instance;
                     let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,35 +146,30 @@ fn exit(id: &str, message: String) -> pb::ExecFrame {
     }
 }
 
-/// Which instance of the attempt runs on the target node; an exec is only for an
-/// MPI job's current attempt, between its own live instances.
-async fn target_instance(control: &ControlHandle, open: &pb::ExecOpen) -> Result<u32, String> {
-    let job = control
-        .get_job(open.job_id.clone())
+/// Which instance of the attempt runs on the target node: the source must be a
+/// live instance of an MPI job's current attempt (its node, its token), and the
+/// target another live instance of it (`ownership::check`).
+async fn target_instance(
+    control: &ControlHandle,
+    source_node: &str,
+    open: &pb::ExecOpen,
+) -> Result<u32, String> {
+    let claim = Claim {
+        node_id: source_node.to_string(),
+        slot: Slot {
+            attempt_id: open.attempt_id.clone(),
+            instance: open.source_instance,
+        },
+        token: Some(open.token.clone()),
+    };
+    let call = AgentCall::Exec {
+        target_node: open.target_node.clone(),
+    };
+    let granted = control
+        .authorize(claim, call)
         .await
         .map_err(|e| e.to_string())?;
-    if !matches!(job.spec.distribution, Some(Distribution::Mpi { .. })) {
-        return Err(format!("job {} is not an MPI job", job.id));
-    }
-    let attempt = job
-        .current_attempt()
-        .filter(|a| a.id == open.attempt_id)
-        .ok_or_else(|| {
-            format!(
-                "attempt {} of job {} is not running",
-                open.attempt_id, job.id
-            )
-        })?;
-    attempt
-        .instances
-        .iter()
-        .find(|i| i.node == open.target_node)
-        .filter(|i| i.status == InstanceStatus::Running)
-        .map(|i| i.index)
-        .ok_or_else(|| {
-            format!(
-                "node {} runs no live instance of attempt {}",
-                open.target_node, attempt.id
-            )
-        })
+    granted
+        .target_instance
+        .ok_or_else(|| format!("node {} runs no live instance", open.target_node))
 }

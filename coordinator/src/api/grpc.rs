@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::convert;
 use crate::artifacts::Artifacts;
-use crate::control::{Change, Command, ControlHandle};
+use crate::control::{AgentCall, Change, Claim, Command, ControlHandle};
 use crate::model::Slot;
 use crate::vmsize::Catalog;
 
@@ -29,6 +29,28 @@ fn same_node(principal: Option<&Principal>, node_id: &str) -> Result<(), Status>
             format!("this credential belongs to node {own}, not {node_id}"),
         )),
         _ => Ok(()),
+    }
+}
+
+/// The node an agent's call comes from (the guard let only node credentials in).
+fn caller_node<T>(request: &Request<T>) -> Result<String, Status> {
+    match request.extensions().get::<Principal>() {
+        Some(Principal::Node { node_id }) => Ok(node_id.clone()),
+        _ => Err(Status::permission_denied(
+            "only a node's agent may call this",
+        )),
+    }
+}
+
+/// The claim of an agent's call about one instance.
+fn claim(node_id: String, attempt_id: String, instance: u32, token: String) -> Claim {
+    Claim {
+        node_id,
+        slot: Slot {
+            attempt_id,
+            instance,
+        },
+        token: Some(token),
     }
 }
 
@@ -739,22 +761,7 @@ impl pb::jobs_server::Jobs for Api {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<pb::OutputsList>, Status> {
-        let principal = request.extensions().get::<Principal>().cloned();
         let id = request.into_inner().id;
-        // A node restores the outputs of jobs it runs, and no others.
-        if let Some(Principal::Node { node_id }) = &principal {
-            let job = self.control.get_job(id.clone()).await?;
-            let placed_here = job
-                .attempts
-                .iter()
-                .flat_map(|a| &a.instances)
-                .any(|i| &i.node == node_id);
-            if !placed_here {
-                return Err(Status::permission_denied(format!(
-                    "node {node_id} runs no instance of {id}"
-                )));
-            }
-        }
         Ok(Response::new(self.outputs(id).await?))
     }
 }
@@ -883,6 +890,7 @@ impl pb::agent_server::Agent for Api {
                         }
                     }
                     Some(Msg::Log(log)) => Command::Log {
+                        node_id: node_id.clone(),
                         slot: Slot {
                             attempt_id: log.attempt_id,
                             instance: log.instance,
@@ -913,28 +921,57 @@ impl pb::agent_server::Agent for Api {
 
     async fn fetch_code(
         &self,
-        request: Request<pb::JobRef>,
+        request: Request<pb::AttemptRef>,
     ) -> Result<Response<pb::Artifact>, Status> {
-        let job = self.control.get_job(request.into_inner().id).await?;
-        let Some(path) = job.spec.code_path else {
+        let node = caller_node(&request)?;
+        let asked = request.into_inner();
+        let claim = claim(node, asked.attempt_id, asked.instance, asked.token);
+        let granted = self.control.authorize(claim, AgentCall::FetchCode).await?;
+        let Some(path) = granted.code_path else {
             return Err(Status::not_found(format!(
                 "job `{}` has no code snapshot",
-                job.id
+                granted.job_id
             )));
         };
         let data = Artifacts::read(&path).await?;
         Ok(Response::new(pb::Artifact { data }))
     }
 
+    async fn restore_outputs(
+        &self,
+        request: Request<pb::AttemptRef>,
+    ) -> Result<Response<pb::Artifact>, Status> {
+        let node = caller_node(&request)?;
+        let asked = request.into_inner();
+        let instance = asked.instance;
+        let claim = claim(node, asked.attempt_id, instance, asked.token);
+        let granted = self
+            .control
+            .authorize(claim, AgentCall::RestoreOutputs)
+            .await?;
+        for attempt in &granted.earlier_attempts {
+            if let Some(data) = self.artifacts.instance_outputs(attempt, instance).await? {
+                return Ok(Response::new(pb::Artifact { data }));
+            }
+        }
+        Ok(Response::new(pb::Artifact { data: Vec::new() }))
+    }
+
     async fn work(
         &self,
         request: Request<pb::WorkRequest>,
     ) -> Result<Response<pb::MiniBatchLease>, Status> {
-        let principal = request.extensions().get::<Principal>().cloned();
+        let node_id = caller_node(&request)?;
         let work = request.into_inner();
-        same_node(principal.as_ref(), &work.node_id)?;
+        same_node(
+            Some(&Principal::Node {
+                node_id: node_id.clone(),
+            }),
+            &work.node_id,
+        )?;
         let request = crate::control::WorkRequest {
-            node_id: work.node_id,
+            node_id,
+            token: work.token,
             slot: Slot {
                 attempt_id: work.attempt_id,
                 instance: work.instance,
@@ -997,7 +1034,7 @@ impl pb::agent_server::Agent for Api {
         &self,
         request: Request<pb::JobTokenRequest>,
     ) -> Result<Response<pb::JobToken>, Status> {
-        let principal = request.extensions().get::<Principal>().cloned();
+        let node = caller_node(&request)?;
         let asked = request.into_inner();
         let Some(signer) = &self.signer else {
             return Err(Status::failed_precondition(
@@ -1009,30 +1046,19 @@ impl pb::agent_server::Agent for Api {
                 "give the resource the token is for: ?resource=https://...",
             ));
         }
-        let job_id = crate::control::job_of_attempt(&asked.attempt_id)
-            .ok_or_else(|| Status::invalid_argument("not an attempt id"))?;
-        let job = self.control.get_job(job_id.to_string()).await?;
-        let attempt = job
-            .current_attempt()
-            .filter(|a| a.id == asked.attempt_id && !job.status.is_final())
-            .ok_or_else(|| {
-                Status::unauthenticated(format!("attempt {} has ended", asked.attempt_id))
-            })?;
-        let instance = attempt
-            .instances
-            .get(asked.instance as usize)
-            .filter(|i| !i.status.is_final())
-            .ok_or_else(|| Status::unauthenticated("the instance has ended"))?;
-        same_node(principal.as_ref(), &instance.node)?;
-        let assigned = self
-            .control
-            .get_cluster(job.spec.cluster.clone())
-            .await?
-            .identities;
+        let attempt_id = asked.attempt_id.clone();
+        let claim = claim(node, asked.attempt_id, asked.instance, asked.token);
+        let granted = match self.control.authorize(claim, AgentCall::IssueToken).await {
+            Err(crate::Error::PermissionDenied(why)) if why.ends_with("has ended") => {
+                return Err(Status::unauthenticated(why));
+            }
+            other => other?,
+        };
+        let cluster = granted.cluster;
+        let assigned = self.control.get_cluster(cluster.clone()).await?.identities;
         if assigned.is_empty() {
             return Err(Status::failed_precondition(format!(
-                "cluster `{}` has no managed identity; assign one with `shoal cluster identity assign --name {} '[system]'`",
-                job.spec.cluster, job.spec.cluster
+                "cluster `{cluster}` has no managed identity; assign one with `shoal cluster identity assign --name {cluster} '[system]'`"
             )));
         }
         let chosen = if asked.client_id.is_empty() {
@@ -1042,8 +1068,8 @@ impl pb::agent_server::Agent for Api {
         };
         let Some(identity) = chosen else {
             return Err(Status::permission_denied(format!(
-                "identity {} is not assigned to cluster `{}`",
-                asked.client_id, job.spec.cluster
+                "identity {} is not assigned to cluster `{cluster}`",
+                asked.client_id
             )));
         };
         let now = crate::auth::now_ms() / 1000;
@@ -1051,9 +1077,9 @@ impl pb::agent_server::Agent for Api {
             &identity.client_id,
             identity.kind.as_str(),
             &asked.resource,
-            &job.spec.cluster,
-            &job.id,
-            &attempt.id,
+            &cluster,
+            &granted.job_id,
+            &attempt_id,
             now,
         )?;
         Ok(Response::new(pb::JobToken {
@@ -1068,9 +1094,15 @@ impl pb::agent_server::Agent for Api {
         &self,
         request: Request<pb::OutputsUpload>,
     ) -> Result<Response<pb::UploadAck>, Status> {
+        let node = caller_node(&request)?;
         let upload = request.into_inner();
+        let attempt_id = upload.attempt_id.clone();
+        let claim = claim(node, upload.attempt_id, upload.instance, upload.token);
+        self.control
+            .authorize(claim, AgentCall::UploadOutputs)
+            .await?;
         self.artifacts
-            .put_outputs(&upload.attempt_id, upload.instance, upload.data)
+            .put_outputs(&attempt_id, upload.instance, upload.data)
             .await?;
         Ok(Response::new(pb::UploadAck {}))
     }

@@ -53,7 +53,7 @@ pub async fn guard(State(auth): State<Auth>, mut request: Request, next: Next) -
             role.as_str(),
             needed.as_str()
         )),
-        (Needs::ReaderOrNode, _) | (Needs::Nothing, _) => Ok(()),
+        (Needs::Nothing, _) => Ok(()),
     };
     if let Err(why) = allowed {
         info!(path = %path, %why, "request refused");

@@ -105,6 +105,8 @@ pub struct LaunchOrder {
     pub parallel_workers: u32,
     /// ...each a long-lived process fed mini-batches on its stdin.
     pub parallel_worker_mode: bool,
+    /// The instance's secret, shown by its agent on every call about it.
+    pub token: String,
 }
 
 #[derive(Clone, Debug)]
@@ -256,9 +258,16 @@ pub enum Command {
         exit: ExitReport,
     },
     Log {
+        node_id: String,
         slot: Slot,
         stream: String,
         data: Vec<u8>,
+    },
+    /// May this node make this call about this instance? (`ownership::check`)
+    Authorize {
+        claim: Claim,
+        call: AgentCall,
+        reply: Reply<Granted>,
     },
     NodeStarted {
         node_id: String,
@@ -394,6 +403,11 @@ impl ControlHandle {
     }
     pub async fn explain(&self, job_id: String) -> Result<Vec<String>> {
         self.ask(|r| Command::Explain(job_id, r)).await
+    }
+    /// Whether an agent may make `call` about the instance it claims.
+    pub async fn authorize(&self, claim: Claim, call: AgentCall) -> Result<Granted> {
+        self.ask(|reply| Command::Authorize { claim, call, reply })
+            .await
     }
     pub async fn list_nodes(&self, cluster: Option<String>) -> Result<Vec<Node>> {
         self.ask(|r| Command::ListNodes(cluster, r)).await
@@ -756,7 +770,9 @@ impl Control {
                     node.stats = stats;
                 }
                 for (slot, used) in usage {
-                    self.observe_usage(&node_id, &slot, used, now);
+                    if self.reported(&node_id, &slot).is_ok() {
+                        self.observe_usage(&node_id, &slot, used, now);
+                    }
                 }
             }
             Command::InstanceStarted {
@@ -764,6 +780,9 @@ impl Control {
                 slot,
                 gpus,
             } => {
+                if self.reported(&node_id, &slot).is_err() {
+                    return;
+                }
                 if let Some((job, index)) = self.instance_mut(&slot) {
                     job.attempts[index].instances[slot.instance as usize].gpus = gpus;
                 }
@@ -773,19 +792,30 @@ impl Control {
                 node_id,
                 slot,
                 exit,
-            } => self.instance_exited(&node_id, &slot, exit, now),
-            Command::Log { slot, stream, data } => {
-                if let Some(job_id) = job_of_attempt(&slot.attempt_id)
-                    && self.jobs.contains_key(job_id)
-                {
+            } => {
+                if self.reported(&node_id, &slot).is_ok() {
+                    self.instance_exited(&node_id, &slot, exit, now);
+                }
+            }
+            Command::Log {
+                node_id,
+                slot,
+                stream,
+                data,
+            } => {
+                if let Ok(granted) = self.reported(&node_id, &slot) {
                     self.new_logs.push(NewLog {
-                        job_id: job_id.to_string(),
+                        job_id: granted.job_id,
                         attempt_id: slot.attempt_id,
                         instance: slot.instance,
                         stream,
                         data,
                     });
                 }
+            }
+            Command::Authorize { claim, call, reply } => {
+                // Reads only: no need to wait for the batch's commit.
+                let _ = reply.send(self.authorize(&claim, &call));
             }
             Command::NodeStarted { node_id, pid } => {
                 if let Some(node) = self.nodes.get_mut(&node_id) {
@@ -874,6 +904,25 @@ impl Control {
                 let _ = reply.send(Ok(self.metrics()));
             }
         }
+    }
+
+    /// The one check of an agent's call about an instance (see `ownership`).
+    fn authorize(&self, claim: &Claim, call: &AgentCall) -> Result<Granted> {
+        let job = job_of_attempt(&claim.slot.attempt_id).and_then(|id| self.jobs.get(id));
+        ownership::check(job, claim, call).map_err(|refusal| {
+            warn!(node = %claim.node_id, attempt = %claim.slot.attempt_id, instance = claim.slot.instance, call = ?call, %refusal, "agent call refused");
+            Error::from(refusal)
+        })
+    }
+
+    /// A report on a node's own session (an event, a log chunk, usage).
+    fn reported(&self, node_id: &str, slot: &Slot) -> Result<Granted> {
+        let claim = Claim {
+            node_id: node_id.to_string(),
+            slot: slot.clone(),
+            token: None,
+        };
+        self.authorize(&claim, &AgentCall::Report)
     }
 
     fn cluster(&self, name: &str) -> Result<&Cluster> {
@@ -2481,6 +2530,7 @@ impl Control {
                 attempt_id: attempt_id.clone(),
                 instance: index as u32,
             };
+            let token = crate::auth::random_hex(16);
             let mut env = job.spec.environment_variables.clone();
             for (key, value) in [
                 ("SHOAL_JOB_ID", job.id.clone()),
@@ -2530,6 +2580,7 @@ impl Control {
                     mpi,
                     parallel_workers: job.spec.parallel.as_ref().map_or(0, |p| p.concurrency),
                     parallel_worker_mode: job.spec.parallel.as_ref().is_some_and(|p| p.worker_mode),
+                    token: token.clone(),
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -2546,6 +2597,7 @@ impl Control {
                 message: String::new(),
                 gpus: Vec::new(),
                 usage: None,
+                token,
             });
         }
         debug!(job = %job.id, attempt = %attempt_id, nodes = ?placement.nodes, "placed");
@@ -2842,7 +2894,9 @@ pub fn waiting_reason(
 }
 
 mod identities;
+pub mod ownership;
 mod parallel;
+pub use ownership::{AgentCall, Claim, Granted};
 pub use parallel::{Leased, MiniBatchResult, PARALLEL_RELEASE, WorkReply, WorkRequest};
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ const IDLE_WAIT_MS: u64 = 200;
 pub struct WorkRequest {
     pub node_id: String,
     pub slot: Slot,
+    /// The instance's token.
+    pub token: String,
     pub report: Option<MiniBatchResult>,
     pub want_next: bool,
 }
@@ -82,9 +84,12 @@ impl Control {
     }
 
     pub(super) fn work(&mut self, request: WorkRequest, now: Millis) -> Result<WorkReply> {
-        let job_id = job_of_attempt(&request.slot.attempt_id)
-            .ok_or_else(|| Error::invalid("attempt_id", "not an attempt id"))?
-            .to_string();
+        let claim = Claim {
+            node_id: request.node_id.clone(),
+            slot: request.slot.clone(),
+            token: Some(request.token.clone()),
+        };
+        let job_id = self.authorize(&claim, &AgentCall::Work)?.job_id;
         if !self.parallel.contains_key(&job_id) {
             return Err(Error::NotFound(format!(
                 "job `{job_id}` is not a parallel job"
@@ -149,7 +154,7 @@ impl Control {
         let Some(index) = batches.index_of_lease(&result.lease) else {
             return false;
         };
-        let outcome = batches.report(&result.lease, result.ok, &result.message);
+        let outcome = batches.report(&result.lease, node_id, result.ok, &result.message);
         let execution = batches.list[index as usize].executions;
         let accepted = match outcome {
             Reported::Stale => {
