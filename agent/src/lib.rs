@@ -45,6 +45,18 @@ pub struct AgentConfig {
     pub run_as: Option<String>,
     /// The CA that signed the coordinator's certificate (https:// endpoints).
     pub ca_file: Option<PathBuf>,
+    /// Heard nothing from the coordinator for about this long, the agent stops its
+    /// work: the coordinator reruns it elsewhere after exactly this long. The
+    /// coordinator's own value (sent at registration) wins.
+    pub lease: Duration,
+}
+
+/// When an agent that hears nothing starts stopping its work: early enough that
+/// the stop grace is over a second before the coordinator reruns it.
+pub fn fence_after(lease: Duration, stop_grace: Duration) -> Duration {
+    lease
+        .saturating_sub(stop_grace + Duration::from_secs(1))
+        .max(lease / 2)
 }
 
 /// What a join token is traded for, kept in the agent's work dir.
@@ -56,16 +68,20 @@ pub struct Joined {
 }
 
 /// A channel to the coordinator (TLS with `ca_file` for https:// endpoints).
+/// Keep-alive pings find a dead connection (a cut network) well inside `lease`.
 pub fn endpoint(
     url: &str,
     ca_file: Option<&std::path::Path>,
+    lease: Duration,
 ) -> Result<tonic::transport::Endpoint, AgentError> {
+    let ping = (lease / 6).clamp(Duration::from_millis(500), Duration::from_secs(10));
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .http2_keep_alive_interval(ping)
+        .keep_alive_timeout(ping * 2)
+        .keep_alive_while_idle(true);
     if url.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new();
         if let Some(ca) = ca_file {
@@ -86,6 +102,7 @@ pub async fn join(
     ca_file: Option<&std::path::Path>,
     work_dir: &std::path::Path,
     join_token: &str,
+    lease: Duration,
 ) -> Result<Joined, AgentError> {
     let path = work_dir.join("joined.json");
     if let Ok(text) = std::fs::read_to_string(&path)
@@ -95,7 +112,7 @@ pub async fn join(
     }
     std::fs::create_dir_all(work_dir)
         .map_err(|e| AgentError::WorkDir(work_dir.to_path_buf(), e))?;
-    let channel = endpoint(url, ca_file)?
+    let channel = endpoint(url, ca_file, lease)?
         .connect()
         .await
         .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?;
@@ -150,4 +167,20 @@ pub enum AgentError {
     Token(String),
     #[error("work dir {0}: {1}")]
     WorkDir(PathBuf, std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fencing_is_over_a_second_before_the_lease_ends() {
+        let s = Duration::from_secs;
+        // Default: start stopping at 19 s, SIGKILL at 29 s, rerun elsewhere at 30 s.
+        assert_eq!(fence_after(s(30), s(10)), s(19));
+        assert!(fence_after(s(30), s(10)) + s(10) < s(30));
+        assert_eq!(fence_after(s(6), s(1)), s(4));
+        // A grace as long as the lease: never before half of it.
+        assert_eq!(fence_after(s(10), s(30)), s(5));
+    }
 }

@@ -108,6 +108,30 @@ struct Agent {
     cores: u32,
     memory_bytes: u64,
     hostname: String,
+    contact: Arc<Contact>,
+}
+
+/// When the coordinator was last heard from, and the lease it set.
+struct Contact {
+    last: Mutex<Instant>,
+    lease_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Contact {
+    fn heard(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn silent(&self) -> Duration {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 enum SessionEnd {
@@ -124,7 +148,7 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(config.work_dir.join("attempts"))
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
-    let endpoint = crate::endpoint(&config.endpoint, config.ca_file.as_deref())?;
+    let endpoint = crate::endpoint(&config.endpoint, config.ca_file.as_deref(), config.lease)?;
     let channel = endpoint.connect_lazy();
     let bearer = Bearer::new(config.token.as_deref()).map_err(AgentError::Token)?;
     let client = AgentClient::with_interceptor(channel, bearer)
@@ -174,7 +198,12 @@ pub async fn run(
     let identity = crate::identity::TokenEndpoint::start(client.clone())
         .await
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
+    let contact = Arc::new(Contact {
+        last: Mutex::new(Instant::now()),
+        lease_ms: (config.lease.as_millis() as u64).into(),
+    });
     let agent = Agent {
+        contact,
         identity,
         execs,
         cores,
@@ -201,6 +230,8 @@ pub async fn run(
     info!(node = %agent.config.node_id, endpoint = %agent.config.endpoint, cores = agent.cores, "agent starting");
 
     agent.recover_containers().await;
+    let fencing = agent.fence_when_alone();
+    let _stop_fencing = AbortOnDrop(fencing);
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send + '_>> = Box::pin(shutdown);
     let mut backoff = Duration::from_millis(50);
     let mut last_contact = Instant::now();
@@ -242,7 +273,52 @@ pub async fn run(
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Agent {
+    /// Fencing: having heard nothing from the coordinator for most of a lease,
+    /// the agent stops its work itself, so that when the coordinator reruns it
+    /// elsewhere (a lease after it last heard from this agent) it no longer runs
+    /// here. The exits are reported once the coordinator is back.
+    fn fence_when_alone(&self) -> tokio::task::JoinHandle<()> {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut fenced = false;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let silent = agent.contact.silent();
+                let after = crate::fence_after(agent.contact.lease(), agent.config.stop_grace);
+                if silent < after {
+                    fenced = false;
+                    continue;
+                }
+                if fenced {
+                    continue;
+                }
+                fenced = true;
+                let running = agent.running_count();
+                if running > 0 {
+                    warn!(
+                        silent_s = silent.as_secs(),
+                        running,
+                        "no word from the coordinator: stopping this node's work (it is rerun elsewhere)"
+                    );
+                    agent.stop_every(Stop::Cancel(format!(
+                        "fenced: no word from the coordinator for {} s; the work is rerun elsewhere",
+                        silent.as_secs()
+                    )));
+                }
+            }
+        })
+    }
+
     fn register_message(&self) -> pb::AgentMessage {
         let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         attempts.retain(|_, e| {
@@ -429,6 +505,8 @@ impl Agent {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
         let mut stopping: Option<(String, Instant)> = None;
         let mut check = tokio::time::interval(Duration::from_millis(50));
+        let mut alone = tokio::time::interval(Duration::from_millis(250));
+        self.contact.heard();
         loop {
             tokio::select! {
                 message = inbound.message() => {
@@ -437,11 +515,16 @@ impl Agent {
                         Ok(None) => return (SessionEnd::Lost("the coordinator closed the session".into()), true),
                         Err(status) => return (SessionEnd::Lost(status.to_string()), true),
                     };
+                    self.contact.heard();
                     match message.msg {
                         Some(Msg::Registered(registered)) => {
                             let period = Duration::from_millis(registered.heartbeat_interval_ms.max(200));
                             heartbeat = tokio::time::interval(period);
+                            if registered.lease_ms > 0 {
+                                self.contact.lease_ms.store(registered.lease_ms, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
+                        Some(Msg::Pong(_)) => {}
                         Some(Msg::Launch(launch)) => self.launch(launch),
                         Some(Msg::Cancel(cancel)) => {
                             let slot = Slot { attempt_id: cancel.attempt_id, instance: cancel.instance };
@@ -476,6 +559,14 @@ impl Agent {
                     info!("stopping on signal");
                     self.cancel_all("the agent is stopping");
                     stopping = Some(("signal".into(), Instant::now()));
+                }
+                // A session that hears nothing (a cut network leaves it open) is
+                // given up, and a fresh one tried.
+                _ = alone.tick(), if stopping.is_none() => {
+                    let silent = self.contact.silent();
+                    if silent > crate::fence_after(self.contact.lease(), self.config.stop_grace) {
+                        return (SessionEnd::Lost(format!("no word from the coordinator for {} s", silent.as_secs())), true);
+                    }
                 }
                 _ = check.tick(), if stopping.is_some() => {
                     let all_exited = self.running_count() == 0;

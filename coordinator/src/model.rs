@@ -518,6 +518,9 @@ pub struct Node {
     /// Why its agent found none.
     #[serde(default)]
     pub gpu_reason: String,
+    /// Unusable because its agent went silent for a lease: it may come back.
+    #[serde(default)]
+    pub lost_contact: bool,
     /// The latest telemetry beyond CPU and memory.
     #[serde(skip)]
     pub stats: NodeStats,
@@ -558,6 +561,7 @@ impl Node {
             provider,
             gpus: Vec::new(),
             gpu_reason: String::new(),
+            lost_contact: false,
             stats: NodeStats::default(),
             connected: false,
             cpu_percent: 0.0,

@@ -30,9 +30,10 @@ pub struct ConfigFile {
     /// Sizes added to (or replacing) the built-in catalog.
     #[serde(default)]
     pub vm_sizes: Vec<VmSize>,
-    /// Seconds a disconnected agent is waited for before its work is requeued.
-    #[serde(default)]
-    pub agent_grace_seconds: Option<u64>,
+    /// Seconds without a word from a node's agent after which its work is rerun
+    /// elsewhere (default 30); the agent stops that work itself by then.
+    #[serde(default, alias = "agent_grace_seconds")]
+    pub lease_seconds: Option<u64>,
     /// Largest code snapshot accepted at submit, in MiB.
     #[serde(default)]
     pub max_code_mib: Option<usize>,
@@ -84,9 +85,15 @@ impl CoordinatorConfig {
             catalog: Catalog::with_extra(&file.vm_sizes),
             ..ControlConfig::default()
         };
-        if let Some(grace) = file.agent_grace_seconds {
-            control.agent_grace = Duration::from_secs(grace);
+        if let Some(lease) = file.lease_seconds {
+            control.lease = Duration::from_secs(lease.max(1));
         }
+        // Heartbeats (and their answers) come often enough for the agent to tell
+        // a silent coordinator from a quiet one well inside the lease.
+        control.heartbeat_interval = control
+            .heartbeat_interval
+            .min(control.lease / 6)
+            .max(Duration::from_millis(200));
         if let Some(quotas) = &file.quotas {
             control.quotas = quotas.clone();
         }
@@ -170,7 +177,7 @@ pub async fn serve(
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
     let signer = crate::identity::Signer::load_or_create(&config.data_dir, &owner)?;
-    // Node containers reach the coordinator through this socket, mounted in.
+    // Local agents reach the coordinator through this socket when the port is TLS.
     let socket_dir = config.data_dir.join("run");
     let unix_listener = bind_unix(&socket_dir)?;
     // With TLS on the port, local agents come in through the Unix socket instead.
@@ -188,16 +195,27 @@ pub async fn serve(
     );
     local.auth = Some(auth.clone());
     local.run_as = config.file.process_jobs_user.clone();
+    let lease = config.control.lease;
+    local.lease = lease;
+    if lease < job_stop_grace + Duration::from_secs(2) {
+        tracing::warn!(
+            lease_s = lease.as_secs(),
+            stop_grace_s = job_stop_grace.as_secs(),
+            "lease_seconds is shorter than job_stop_grace_seconds + 2: work an agent stops when cut off may still be stopping when it is rerun elsewhere"
+        );
+    }
+    let node_link = Arc::new(crate::api::node_link::NodeLink::new(&config.data_dir)?);
     let provider = Providers {
         local,
         docker: DockerProvider {
             owner,
             program: config.agent_program.clone(),
-            socket_dir,
             work_root: config.data_dir.join("nodes"),
             job_stop_grace,
             network_lock: Arc::default(),
             auth: Some(auth.clone()),
+            link: node_link.clone(),
+            lease,
         },
     };
     let catalog = config.control.catalog.clone();
@@ -220,15 +238,6 @@ pub async fn serve(
         auth.clone(),
     );
     api.signer = Some(signer);
-
-    // The control loop commits to SQLite: it gets a thread of its own so those
-    // writes never block the async workers.
-    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
-    let runtime = tokio::runtime::Handle::current();
-    let control_thread = tokio::task::spawn_blocking(move || {
-        runtime.block_on(control.run(inbox, shutdown));
-        let _ = stopped_tx.send(true);
-    });
 
     let grpc = tonic::service::Routes::new(
         pb::clusters_server::ClustersServer::new(api.clone())
@@ -253,6 +262,16 @@ pub async fn serve(
     let app = grpc.into_axum_router().merge(http::router(api)).layer(
         axum::middleware::from_fn_with_state(auth, crate::api::guard::guard),
     );
+    node_link.set_app(app.clone());
+
+    // The control loop commits to SQLite: it gets a thread of its own so those
+    // writes never block the async workers.
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let runtime = tokio::runtime::Handle::current();
+    let control_thread = tokio::task::spawn_blocking(move || {
+        runtime.block_on(control.run(inbox, shutdown));
+        let _ = stopped_tx.send(true);
+    });
     info!(%address, data_dir = %config.data_dir.display(), "coordinator listening");
 
     let mut graceful = stopped_rx.clone();
@@ -300,6 +319,7 @@ pub async fn serve(
     }
     let _ = control_thread.await;
     unix_server.abort();
+    node_link.stop_all();
     info!("coordinator stopped");
     Ok(())
 }

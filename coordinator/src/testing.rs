@@ -66,6 +66,7 @@ impl NodeBuilder {
             provider: ProviderKind::Local,
             gpus: Vec::new(),
             gpu_reason: String::new(),
+            lost_contact: false,
             stats: Default::default(),
         })
     }

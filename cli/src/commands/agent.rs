@@ -45,6 +45,11 @@ pub struct Args {
     /// Stop and exit after this many seconds without a coordinator.
     #[arg(long, default_value_t = 600)]
     give_up_after_seconds: u64,
+    /// Hearing nothing from the coordinator for about this long, stop the work:
+    /// the coordinator reruns it elsewhere after exactly this long (it tells the
+    /// agent its own `lease_seconds` when it registers).
+    #[arg(long, default_value_t = 30)]
+    lease_seconds: u64,
     /// A Docker network that job containers join.
     #[arg(long, env = "SHOAL_DOCKER_NETWORK")]
     docker_network: Option<String>,
@@ -74,6 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 args.ca_file.as_deref(),
                 &args.work_dir,
                 join_token,
+                Duration::from_secs(args.lease_seconds.max(1)),
             )
             .await?;
             eprintln!(
@@ -104,6 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         token,
         run_as: args.run_as,
         ca_file: args.ca_file,
+        lease: Duration::from_secs(args.lease_seconds.max(1)),
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)

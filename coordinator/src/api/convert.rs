@@ -450,10 +450,15 @@ pub fn registration(register: pb::Register) -> Registration {
 pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Msg;
     let msg = match message {
-        ToAgent::Registered { heartbeat_interval } => Msg::Registered(pb::Registered {
+        ToAgent::Registered {
+            heartbeat_interval,
+            lease,
+        } => Msg::Registered(pb::Registered {
             node_id: String::new(),
             heartbeat_interval_ms: duration_ms(heartbeat_interval),
+            lease_ms: duration_ms(lease),
         }),
+        ToAgent::Pong => Msg::Pong(pb::Pong {}),
         ToAgent::Launch(order) => Msg::Launch(pb::Launch {
             attempt_id: order.slot.attempt_id,
             job_id: order.job_id,

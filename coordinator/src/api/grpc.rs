@@ -840,7 +840,7 @@ impl pb::agent_server::Agent for Api {
         self.control
             .register_agent(convert::registration(register), session, link.clone())
             .await?;
-        self.exec.attach(&node_id, session, link);
+        self.exec.attach(&node_id, session, link.clone());
         let control = self.control.clone();
         let exec = self.exec.clone();
         tokio::spawn(async move {
@@ -855,6 +855,8 @@ impl pb::agent_server::Agent for Api {
                 };
                 let command = match message.msg {
                     Some(Msg::Heartbeat(hb)) => {
+                        // The agent fences itself when these stop coming.
+                        let _ = link.send(crate::control::ToAgent::Pong);
                         let cpu_percent = hb.cpu_percent;
                         let memory_used_bytes = hb.memory_used_bytes;
                         let (stats, usage) = convert::heartbeat(hb);

@@ -5,5 +5,6 @@ mod exec;
 mod grpc;
 pub mod guard;
 pub mod http;
+pub mod node_link;
 
 pub use grpc::Api;

@@ -21,8 +21,10 @@ use crate::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
     pub catalog: Catalog,
-    /// A node whose agent stays disconnected this long is given up (its work requeued).
-    pub agent_grace: Duration,
+    /// A node whose agent has not been heard from for this long has its work
+    /// rerun elsewhere; its agent, on its side, has stopped that work by then
+    /// (it fences itself after the same bound, less the stop grace).
+    pub lease: Duration,
     /// A new node must register within this.
     pub register_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -47,7 +49,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             catalog: Catalog::default(),
-            agent_grace: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
             register_timeout: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(5),
             max_attempts: 5,
@@ -66,7 +68,10 @@ impl Default for ControlConfig {
 pub enum ToAgent {
     Registered {
         heartbeat_interval: Duration,
+        lease: Duration,
     },
+    /// The answer to a heartbeat: the coordinator is there.
+    Pong,
     Launch(LaunchOrder),
     Cancel {
         slot: Slot,
@@ -460,7 +465,6 @@ pub struct Control {
     /// Queued jobs, oldest first: seq -> id.
     queue: BTreeMap<u64, String>,
     links: HashMap<String, (u64, mpsc::UnboundedSender<ToAgent>)>,
-    disconnected_since: HashMap<String, Millis>,
     targets: HashMap<String, u32>,
     /// Per cluster: node failures in a row, and no new node before this time.
     create_backoff: HashMap<String, (u32, Millis)>,
@@ -554,7 +558,6 @@ impl Control {
             jobs: HashMap::new(),
             queue: BTreeMap::new(),
             links: HashMap::new(),
-            disconnected_since: HashMap::new(),
             targets: HashMap::new(),
             create_backoff: HashMap::new(),
             next_job_seq: snapshot.next_job_seq,
@@ -591,9 +594,9 @@ impl Control {
         };
         for mut node in snapshot.nodes {
             // Agents of an earlier run reconnect on their own; until then they are
-            // disconnected, and given up after the grace period.
+            // disconnected, and their work is rerun a lease after now.
             node.connected = false;
-            control.disconnected_since.insert(node.id.clone(), now);
+            node.last_heartbeat = now;
             if node.state == NodeState::Leaving {
                 control.to_remove.push(removal(&node));
             }
@@ -755,7 +758,7 @@ impl Control {
                 let result = self.register(registration, session, link, now);
                 self.defer(reply, result);
             }
-            Command::AgentGone { node_id, session } => self.agent_gone(&node_id, session, now),
+            Command::AgentGone { node_id, session } => self.agent_gone(&node_id, session),
             Command::Heartbeat {
                 node_id,
                 cpu_percent,
@@ -1179,7 +1182,8 @@ impl Control {
                 node.cluster, registration.cluster
             )));
         }
-        if matches!(node.state, NodeState::Leaving | NodeState::Unusable) {
+        let lost_contact = node.state == NodeState::Unusable && node.lost_contact;
+        if matches!(node.state, NodeState::Leaving | NodeState::Unusable) && !lost_contact {
             return Err(Error::FailedPrecondition(format!(
                 "node `{node_id}` is {} and may not rejoin; the agent should stop",
                 node.state.as_str()
@@ -1197,19 +1201,23 @@ impl Control {
         node.gpus = registration.gpus.clone();
         node.gpu_reason = registration.gpu_reason.clone();
         node.last_heartbeat = now;
-        if node.state == NodeState::Preparing {
+        if node.state == NodeState::Preparing || node.lost_contact {
+            if node.lost_contact {
+                info!(node = %node_id, "node back after it lost contact; its old work was rerun elsewhere");
+            }
             node.state = NodeState::Idle;
             node.state_since = now;
+            node.lost_contact = false;
         }
         node.message.clear();
         let cluster = node.cluster.clone();
         self.dirty_nodes.insert(node_id.clone());
-        self.disconnected_since.remove(&node_id);
         self.links.insert(node_id.clone(), (session, link));
         self.outbox.push((
             node_id.clone(),
             ToAgent::Registered {
                 heartbeat_interval: self.config.heartbeat_interval,
+                lease: self.config.lease,
             },
         ));
         self.create_backoff.remove(&cluster);
@@ -1276,12 +1284,13 @@ impl Control {
         Some((job, index))
     }
 
-    fn agent_gone(&mut self, node_id: &str, session: u64, now: Millis) {
+    /// The session ended; a lease after the agent was last heard from, its work
+    /// is rerun (`housekeep`).
+    fn agent_gone(&mut self, node_id: &str, session: u64) {
         if self.links.get(node_id).is_some_and(|(s, _)| *s == session) {
             self.links.remove(node_id);
             if let Some(node) = self.nodes.get_mut(node_id) {
                 node.connected = false;
-                self.disconnected_since.insert(node_id.to_string(), now);
                 if node.state == NodeState::Leaving {
                     debug!(node = %node_id, "leaving agent disconnected");
                 } else {
@@ -1515,6 +1524,22 @@ impl Control {
     // ------------------------------------------------------------ nodes
 
     fn node_unusable(&mut self, node_id: &str, why: &str, now: Millis) {
+        self.node_out(node_id, why, false, now);
+    }
+
+    /// The agent has not been heard from for a lease: its work is rerun elsewhere
+    /// (the agent has stopped it by now, or never got it). The node may come back:
+    /// its agent re-registers and the node is idle again; else it is removed when
+    /// unusable nodes are forgotten.
+    fn node_lost_contact(&mut self, node_id: &str, now: Millis) {
+        let lease = self.config.lease.as_secs();
+        let why = format!(
+            "no word from its agent for {lease} s (lease_seconds); its work was rerun elsewhere"
+        );
+        self.node_out(node_id, &why, true, now);
+    }
+
+    fn node_out(&mut self, node_id: &str, why: &str, lost_contact: bool, now: Millis) {
         let Some(node) = self.nodes.get_mut(node_id) else {
             return;
         };
@@ -1523,6 +1548,7 @@ impl Control {
         node.state_since = now;
         node.message = why.to_string();
         node.connected = false;
+        node.lost_contact = lost_contact;
         let running = node.running.clone();
         let cluster = node.cluster.clone();
         let gone = removal(node);
@@ -1530,6 +1556,15 @@ impl Control {
         self.links.remove(node_id);
         if let Some(slot) = running {
             self.instance_lost(&slot, &format!("node {node_id} is unusable: {why}"), now);
+        }
+        if lost_contact {
+            if let Some(c) = self.clusters.get_mut(&cluster) {
+                c.errors.push(format!("node {node_id}: {why}"));
+                let excess = c.errors.len().saturating_sub(5);
+                c.errors.drain(..excess);
+                self.dirty_clusters.insert(cluster);
+            }
+            return;
         }
         // Nodes that keep failing must not be replaced in a tight loop.
         let failures = self.create_backoff.get(&cluster).map_or(0, |(n, _)| *n) + 1;
@@ -1577,7 +1612,6 @@ impl Control {
             self.dirty_clusters.insert(node.cluster.clone());
             self.nodes.remove(node_id);
             self.links.remove(node_id);
-            self.disconnected_since.remove(node_id);
             self.dirty_nodes.remove(node_id);
             self.deleted_nodes.insert(node_id.to_string());
         }
@@ -1587,26 +1621,21 @@ impl Control {
     /// back, and unusable nodes kept for a while so people can see them.
     fn housekeep(&mut self, now: Millis) {
         self.parallel_housekeep(now);
-        let grace = self.config.agent_grace.as_millis() as i64;
+        let lease = self.config.lease.as_millis() as i64;
         let register = self.config.register_timeout.as_millis() as i64;
         let mut unusable = Vec::new();
+        let mut silent = Vec::new();
         let mut forget = Vec::new();
         for node in self.nodes.values() {
-            let disconnected = self.disconnected_since.get(&node.id).copied();
             match node.state {
                 NodeState::Preparing if now - node.state_since > register => unusable.push((
                     node.id.clone(),
                     format!("its agent did not register within {} s", register / 1000),
                 )),
-                NodeState::Idle | NodeState::Running if !node.connected => {
-                    if let Some(since) = disconnected
-                        && now - since > grace
-                    {
-                        unusable.push((
-                            node.id.clone(),
-                            format!("its agent stayed disconnected for {} s", grace / 1000),
-                        ));
-                    }
+                // Disconnected, or connected but silent (a partition leaves the
+                // session open): the same bound, from the last word heard.
+                NodeState::Idle | NodeState::Running if now - node.last_heartbeat > lease => {
+                    silent.push(node.id.clone())
                 }
                 NodeState::Unusable if now - node.state_since > 60_000 => {
                     forget.push(node.id.clone())
@@ -1616,6 +1645,9 @@ impl Control {
         }
         for (id, why) in unusable {
             self.node_unusable(&id, &why, now);
+        }
+        for id in silent {
+            self.node_lost_contact(&id, now);
         }
         // Preempted nodes go once their work has stopped, or when the notice is over.
         let preempted: Vec<(String, bool)> = self
@@ -1643,9 +1675,13 @@ impl Control {
         self.chaos(now);
         for id in forget {
             if let Some(node) = self.nodes.remove(&id) {
+                if node.lost_contact {
+                    // It never came back: make sure nothing of it runs on.
+                    self.to_remove.push(removal(&node));
+                }
                 self.dirty_clusters.insert(node.cluster);
             }
-            self.disconnected_since.remove(&id);
+            self.links.remove(&id);
             self.deleted_nodes.insert(id);
         }
     }
@@ -2450,7 +2486,6 @@ impl Control {
         node.hostname = hostname.to_string();
         info!(node = %id, cluster, hostname, "node joined");
         self.nodes.insert(id.clone(), node.clone());
-        self.disconnected_since.insert(id.clone(), now);
         self.dirty_nodes.insert(id);
         Ok(node)
     }

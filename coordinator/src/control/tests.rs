@@ -828,3 +828,69 @@ async fn identities_of_an_earlier_version_are_imported_once() {
     );
     assert_eq!(reopened.clusters[0].identities.len(), 1);
 }
+
+#[tokio::test]
+async fn a_silent_node_has_its_work_rerun_after_the_lease_and_may_come_back() {
+    let h = harness_config(ControlConfig {
+        lease: Duration::from_millis(300),
+        ..ControlConfig::default()
+    })
+    .await;
+    h.cluster(2, 60).await;
+    let id = h.submit().await;
+    let node = h.created_node(0).await;
+    let mut agent = h.register(&node, 1, vec![]).await;
+    let order = next_launch(&mut agent).await;
+    h.handle
+        .send(Command::InstanceStarted {
+            node_id: node.clone(),
+            slot: order.slot.clone(),
+            gpus: vec![],
+        })
+        .await;
+    h.job_status(&id, JobStatus::Running).await;
+    // No heartbeat, though the session stays open (a cut network): a lease later
+    // the work is rerun and the node is out, for now.
+    let job = h
+        .job_until(&id, |j| {
+            j.status == JobStatus::Queued && j.attempts.len() == 1
+        })
+        .await;
+    assert_eq!(
+        job.attempts[0].instances[0].status,
+        crate::model::InstanceStatus::Lost
+    );
+    assert!(job.reason.contains("requeued"), "{}", job.reason);
+    let nodes = h.handle.list_nodes(None).await.expect("nodes");
+    let silent = nodes.iter().find(|n| n.id == node).expect("node");
+    assert_eq!(silent.state, NodeState::Unusable);
+    assert!(
+        silent.message.contains("no word from its agent"),
+        "{}",
+        silent.message
+    );
+    // It comes back, having stopped the work itself: the old attempt's exit
+    // changes nothing, and the node is idle again.
+    let _back = h
+        .register(
+            &node,
+            2,
+            vec![AttemptReport {
+                slot: order.slot.clone(),
+                exited: Some(canceled()),
+            }],
+        )
+        .await;
+    let nodes = h.handle.list_nodes(None).await.expect("nodes");
+    let back = nodes.iter().find(|n| n.id == node).expect("node");
+    assert!(
+        matches!(back.state, NodeState::Idle | NodeState::Running),
+        "{:?}",
+        back.state
+    );
+    let job = h.handle.get_job(id).await.expect("job");
+    assert_eq!(
+        job.attempts[0].instances[0].status,
+        crate::model::InstanceStatus::Lost
+    );
+}

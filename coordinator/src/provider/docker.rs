@@ -127,15 +127,13 @@ pub async fn image_lacks(image: &str, program: &str) -> Result<Option<String>, S
 /// The `docker` provider: each node is a container running `shoal agent` on a
 /// private network of its cluster (its own hostname and IP), with the Docker socket
 /// mounted so its jobs run as sibling containers on the same network. The agent
-/// reaches the coordinator through its Unix socket, mounted in: nothing listens
-/// beyond loopback.
+/// reaches the coordinator over that network, at its gateway address, with TLS
+/// (`NodeLink`): a node cut off its network is cut off the coordinator.
 #[derive(Clone, Debug)]
 pub struct DockerProvider {
     pub owner: String,
     /// The `shoal` binary mounted into node containers.
     pub program: std::path::PathBuf,
-    /// The folder holding the coordinator's Unix socket `shoal.sock`.
-    pub socket_dir: std::path::PathBuf,
     /// Node work dirs: `<root>/<node id>`, mounted at the same path (job containers
     /// are siblings: the engine resolves their mounts on the host).
     pub work_root: std::path::PathBuf,
@@ -144,6 +142,10 @@ pub struct DockerProvider {
     pub network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Mints each node's credential (None: the coordinator asks for none).
     pub auth: Option<crate::auth::Auth>,
+    /// Where node containers reach the coordinator.
+    pub link: std::sync::Arc<crate::api::node_link::NodeLink>,
+    /// Passed to the agents (they fence themselves after about this long alone).
+    pub lease: Duration,
 }
 
 impl DockerProvider {
@@ -155,8 +157,28 @@ impl DockerProvider {
         format!("shoal-{}-node-{node_id}", self.owner)
     }
 
-    async fn ensure_network(&self, docker: &Docker, cluster: &str) -> Result<String, String> {
+    /// The cluster's network, made if need be, and the coordinator served on its
+    /// gateway: (name, gateway, port).
+    async fn ensure_network(
+        &self,
+        docker: &Docker,
+        cluster: &str,
+    ) -> Result<(String, std::net::IpAddr, u16), String> {
         let _one_at_a_time = self.network_lock.lock().await;
+        let name = self.made_network(docker, cluster).await?;
+        let network = docker
+            .inspect_network(
+                &name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+            .map_err(|e| format!("cannot inspect network {name}: {e}"))?;
+        let gateway = crate::api::node_link::gateway_of(&network).map_err(|e| e.to_string())?;
+        let port = self.link.serve_on(gateway).await?;
+        Ok((name, gateway, port))
+    }
+
+    async fn made_network(&self, docker: &Docker, cluster: &str) -> Result<String, String> {
         let name = self.network(cluster);
         let filters = HashMap::from([("name", vec![name.clone()])]);
         let options = bollard::query_parameters::ListNetworksOptionsBuilder::default()
@@ -203,7 +225,7 @@ impl DockerProvider {
         docker: &Docker,
         launch: &super::NodeLaunch,
     ) -> Result<String, String> {
-        let network = self.ensure_network(docker, &launch.cluster).await?;
+        let (network, gateway, port) = self.ensure_network(docker, &launch.cluster).await?;
         let work_dir = self.work_root.join(&launch.node_id);
         tokio::fs::create_dir_all(&work_dir)
             .await
@@ -215,7 +237,11 @@ impl DockerProvider {
             program.clone(),
             "agent".into(),
             "--endpoint".into(),
-            "unix:///run/shoal/shoal.sock".into(),
+            format!("https://{}:{port}", crate::api::node_link::COORDINATOR_HOST),
+            "--ca-file".into(),
+            "/run/shoal/ca.pem".into(),
+            "--lease-seconds".into(),
+            self.lease.as_secs().to_string(),
             "--node-id".into(),
             launch.node_id.clone(),
             "--cluster".into(),
@@ -262,9 +288,13 @@ impl DockerProvider {
                 binds: Some(vec![
                     format!("{program}:{program}:ro"),
                     "/var/run/docker.sock:/var/run/docker.sock".into(),
-                    format!("{}:/run/shoal", self.socket_dir.display()),
+                    format!("{}:/run/shoal/ca.pem:ro", self.link.ca_file().display()),
                     format!("{work}:{work}"),
                 ]),
+                extra_hosts: Some(vec![format!(
+                    "{}:{gateway}",
+                    crate::api::node_link::COORDINATOR_HOST
+                )]),
                 nano_cpus: Some(i64::from(launch.cores.max(1)) * 1_000_000_000),
                 memory: i64::try_from(launch.memory_bytes).ok(),
                 network_mode: Some(network.clone()),
@@ -299,6 +329,26 @@ async fn remove_container(docker: &Docker, id: &str) -> Result<(), bollard::erro
             status_code: 404, ..
         }) => Ok(()),
         other => other,
+    }
+}
+
+impl DockerProvider {
+    /// Removes the network if no container uses it any more (the engine refuses
+    /// otherwise), and stops serving its gateway.
+    async fn remove_network(&self, docker: &Docker, name: &str) {
+        let gateway = docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|n| crate::api::node_link::gateway_of(&n).ok());
+        if docker.remove_network(name).await.is_ok()
+            && let Some(gateway) = gateway
+        {
+            self.link.stop(gateway);
+        }
     }
 }
 
@@ -364,7 +414,7 @@ impl super::NodeProvider for DockerProvider {
                 warn!(node = %node_id, error = %e, "cannot remove node container");
             }
             if let Some(cluster) = cluster {
-                let _ = docker.remove_network(&this.network(&cluster)).await;
+                this.remove_network(&docker, &this.network(&cluster)).await;
             }
         }
         .boxed()
@@ -373,6 +423,7 @@ impl super::NodeProvider for DockerProvider {
     fn cleanup(&self, keep: Vec<String>) -> futures::future::BoxFuture<'static, ()> {
         use futures::FutureExt;
         let owner = self.owner.clone();
+        let this = self.clone();
         async move {
             let Ok(docker) = connect().await else {
                 return;
@@ -409,8 +460,22 @@ impl super::NodeProvider for DockerProvider {
                     let _ = remove_container(&docker, &id).await;
                 }
             }
-            for network in networks.into_iter().filter_map(|n| n.id) {
-                let _ = docker.remove_network(&network).await;
+            // The others still have nodes: serve their gateways again, so that
+            // the agents of an earlier run come back.
+            for name in networks.into_iter().filter_map(|n| n.name) {
+                let _one_at_a_time = this.network_lock.lock().await;
+                this.remove_network(&docker, &name).await;
+                if let Ok(network) = docker
+                    .inspect_network(
+                        &name,
+                        None::<bollard::query_parameters::InspectNetworkOptions>,
+                    )
+                    .await
+                    && let Ok(gateway) = crate::api::node_link::gateway_of(&network)
+                    && let Err(why) = this.link.serve_on(gateway).await
+                {
+                    warn!(network = %name, %why, "cannot serve the nodes of a network");
+                }
             }
         }
         .boxed()

@@ -41,6 +41,8 @@ pub struct LocalProvider {
     pub auth: Option<crate::auth::Auth>,
     /// The unprivileged user agents run process jobs as (None: theirs).
     pub run_as: Option<String>,
+    /// Passed to the agents (they fence themselves after about this long alone).
+    pub lease: Duration,
     nodes: Arc<Mutex<HashMap<String, AgentProcess>>>,
     /// Node id → its slice of this machine's GPUs (nodes of GPU sizes only).
     gpu_slices: Arc<Mutex<HashMap<String, u32>>>,
@@ -63,6 +65,7 @@ impl LocalProvider {
             job_stop_grace,
             auth: None,
             run_as: None,
+            lease: Duration::from_secs(30),
             nodes: Arc::default(),
             gpu_slices: Arc::default(),
         }
@@ -132,6 +135,7 @@ impl LocalProvider {
                 "--stop-grace-seconds",
                 &self.job_stop_grace.as_secs().to_string(),
             ])
+            .args(["--lease-seconds", &self.lease.as_secs().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
