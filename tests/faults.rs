@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use shoal_proto::v1 as pb;
 use support::{TestCluster, docker_ready};
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -194,5 +195,311 @@ async fn a_node_cut_off_stops_its_work_before_it_is_rerun_and_nothing_runs_twice
             .to_string();
         (state == "idle").then_some(())
     })
+    .await;
+}
+
+/// The ledger a job appends its id to when it is done.
+fn ledger_job(ledger: &Path, seconds: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        cluster: "fault".into(),
+        command: format!(
+            "sleep {seconds}; echo $SHOAL_JOB_ID >> {}",
+            ledger.display()
+        ),
+        ..Default::default()
+    }
+}
+
+/// Submits `count` jobs over gRPC, 16 at a time; their ids.
+async fn submit_many(
+    tc: &TestCluster,
+    count: usize,
+    make: impl Fn() -> pb::JobSpec,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    let mut pending = futures::stream::FuturesOrdered::new();
+    for _ in 0..count {
+        let mut jobs = tc.jobs().await;
+        let spec = make();
+        pending.push_back(async move { jobs.submit(spec).await });
+        if pending.len() >= 16 {
+            let job = futures::StreamExt::next(&mut pending)
+                .await
+                .expect("a submit");
+            ids.push(job.expect("submitted").into_inner().id);
+        }
+    }
+    while let Some(job) = futures::StreamExt::next(&mut pending).await {
+        ids.push(job.expect("submitted").into_inner().id);
+    }
+    ids
+}
+
+/// How often each id appears in the ledger.
+fn entries(ledger: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(ledger).unwrap_or_default().lines() {
+        *seen.entry(line.trim().to_string()).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn statuses(tc: &TestCluster) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    let mut after = String::new();
+    loop {
+        let page = tc
+            .jobs()
+            .await
+            .list(pb::ListJobsRequest {
+                cluster: "fault".into(),
+                limit: 10_000,
+                after: after.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        for job in page.jobs {
+            all.insert(job.id, job.status);
+        }
+        if page.next_after.is_empty() {
+            return all;
+        }
+        after = page.next_after;
+    }
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_with_a_thousand_jobs_ends_each_exactly_once() {
+    let mut tc = TestCluster::start().await;
+    tc.create_cluster("fault", &["--min-nodes", "2", "--max-nodes", "2"]);
+    tc.wait_cluster("fault", "two nodes up", LIMIT, |c| {
+        c.node_state_counts.as_ref().is_some_and(|n| n.idle == 2)
+    })
+    .await;
+    let ledger = tc.scratch("ledger");
+    let ids = submit_many(&tc, 1000, || ledger_job(&ledger, "0")).await;
+    support::eventually("a few hundred are done", LIMIT, || async {
+        (entries(&ledger).len() >= 200).then_some(())
+    })
+    .await;
+    tc.restart().await; // SIGKILL, then start again on the same data
+    support::eventually("every job is done", Duration::from_secs(180), || async {
+        let done = statuses(&tc).await;
+        (done.len() == 1000 && done.values().all(|s| s == "completed")).then_some(())
+    })
+    .await;
+    let seen = entries(&ledger);
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    assert_eq!(seen.len(), 1000);
+    assert!(ids.iter().all(|id| seen.contains_key(id)));
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_lost_within_the_lease_and_its_work_completes_elsewhere() {
+    let tc = TestCluster::start_with_config("lease_seconds: 3\njob_stop_grace_seconds: 1\n").await;
+    tc.create_cluster(
+        "fault",
+        &["--max-nodes", "2", "--idle-seconds-before-scaledown", "60"],
+    );
+    // A machine of its own joins; the job lands on it.
+    let created = tc.shoal_json(&["join-token", "create", "--cluster", "fault"]);
+    let token = created["token"].as_str().expect("token").to_string();
+    let work = tc.scratch("joined");
+    let mut agent = Command::new(support::SHOAL)
+        .args([
+            "agent",
+            "--endpoint",
+            &tc.endpoint(),
+            "--join-token",
+            &token,
+        ])
+        .args(["--lease-seconds", "3", "--stop-grace-seconds", "1"])
+        .arg("--work-dir")
+        .arg(&work)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    tc.wait_cluster("fault", "the joined node is idle", LIMIT, |c| {
+        c.node_state_counts.as_ref().is_some_and(|n| n.idle == 1)
+    })
+    .await;
+    let ledger = tc.scratch("ledger");
+    let mut jobs = tc.jobs().await;
+    let id = jobs
+        .submit(ledger_job(&ledger, "4"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .id;
+    let job = tc
+        .wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let joined = job.attempts[0].instances[0].node.clone();
+    assert!(joined.contains("-j"), "on the joined node: {joined}");
+    agent.kill().expect("SIGKILL the agent");
+    let killed = Instant::now();
+    let job = tc
+        .wait_job(&id, "requeued", LIMIT, |j| j.attempts[0].status == "lost")
+        .await;
+    let lost_after = killed.elapsed();
+    assert!(
+        lost_after < Duration::from_secs(3 + 2),
+        "lost within the lease (3 s) and a housekeeping tick: {lost_after:?} {job:#?}"
+    );
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 2, "{job:#?}");
+    assert_ne!(
+        job.attempts[1].instances[0].node, joined,
+        "completed elsewhere"
+    );
+    assert_eq!(entries(&ledger).get(&id), Some(&1));
+    let _ = agent.wait();
+}
+
+/// A Docker Engine that takes connections and never answers.
+fn hanging_engine(path: &Path) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream); // read nothing, answer nothing
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_provider_that_hangs_makes_the_node_unusable_with_the_error_and_jobs_say_why() {
+    if !docker_ready() {
+        return;
+    }
+    let mut tc = TestCluster::start_with_config("node_start_timeout_seconds: 20\n").await;
+    tc.create_cluster("fault", &["--provider", "docker", "--max-nodes", "1"]);
+    // The engine the coordinator talks to hangs from now on.
+    let socket = tc.scratch("hanging-docker.sock");
+    let _engine = hanging_engine(&socket);
+    tc.set_env("DOCKER_HOST", &format!("unix://{}", socket.display()));
+    tc.restart().await;
+    let mut jobs = tc.jobs().await;
+    let id = jobs
+        .submit(pb::JobSpec {
+            cluster: "fault".into(),
+            command: "true".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .id;
+    let job = tc
+        .wait_job(&id, "the job says why it waits", LIMIT, |j| {
+            j.reason.contains("failed to start")
+        })
+        .await;
+    assert!(job.reason.contains("did not answer"), "{}", job.reason);
+    assert_eq!(job.status, "queued");
+    let nodes = tc.shoal_json(&["node", "list", "--cluster", "fault"]);
+    let unusable = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["state"] == "unusable")
+        .unwrap_or_else(|| panic!("an unusable node: {nodes:#}"));
+    assert!(
+        unusable["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("did not answer"),
+        "{unusable:#}"
+    );
+    let cluster = tc.cluster("fault").await;
+    assert!(
+        cluster.errors.iter().any(|e| e.contains("new nodes wait")),
+        "backoff: {:?}",
+        cluster.errors
+    );
+    // Backoff: the next node is tried later, and a second failure doubles the wait.
+    tc.wait_cluster("fault", "a second failure", LIMIT, |c| {
+        c.errors
+            .iter()
+            .filter(|e| e.contains("new nodes wait"))
+            .count()
+            >= 2
+    })
+    .await;
+    let why = tc.shoal(&["job", "why", &id]);
+    let why = String::from_utf8_lossy(&why.stdout);
+    assert!(why.contains("failed to start in a row"), "{why}");
+    // The engine is back: the job runs.
+    tc.remove_env("DOCKER_HOST");
+    tc.restart().await;
+    tc.wait_status(&id, "completed", Duration::from_secs(120))
+        .await;
+}
+
+#[tokio::test]
+async fn a_minute_of_killed_agents_loses_no_job_and_the_cluster_comes_back_whole() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("fault", &["--min-nodes", "3", "--max-nodes", "3"]);
+    tc.wait_cluster("fault", "three nodes up", LIMIT, |c| {
+        c.node_state_counts.as_ref().is_some_and(|n| n.idle == 3)
+    })
+    .await;
+    let ledger = tc.scratch("ledger");
+    let ids = submit_many(&tc, 240, || ledger_job(&ledger, "0.6")).await;
+    // For a minute, now and then, an agent is SIGKILLed (the local provider
+    // restarts it, or after five crashes gives the node up for a new one).
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut pick: u64 = 0x9e37_79b9_7f4a_7c15;
+    while started.elapsed() < Duration::from_secs(60) {
+        pick ^= pick << 13;
+        pick ^= pick >> 7;
+        pick ^= pick << 17;
+        tokio::time::sleep(Duration::from_millis(1000 + pick % 1500)).await;
+        let nodes = tc.shoal_json(&["node", "list", "--cluster", "fault"]);
+        let live: Vec<String> = nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| matches!(n["state"].as_str(), Some("idle" | "running")))
+            .filter_map(|n| n["id"].as_str().map(str::to_string))
+            .collect();
+        if live.is_empty() {
+            continue;
+        }
+        let victim = &live[(pick % live.len() as u64) as usize];
+        support::kill_matching(&tc.data_dir().join("nodes").join(victim));
+        kills += 1;
+    }
+    assert!(kills >= 20, "chaos happened: {kills} kills");
+    // Every job is accounted for: it ended, and a completed one ran to its end.
+    let done = support::eventually("every job ends", Duration::from_secs(180), || async {
+        let all = statuses(&tc).await;
+        (all.len() == ids.len()
+            && all
+                .values()
+                .all(|s| s != "queued" && s != "running" && s != "preparing"))
+        .then_some(all)
+    })
+    .await;
+    let seen = entries(&ledger);
+    for id in &ids {
+        assert_eq!(done.get(id).map(String::as_str), Some("completed"), "{id}");
+        assert!(
+            seen.contains_key(id),
+            "{id} completed without running to its end"
+        );
+    }
+    // Capacity back to the cluster's total: three usable nodes, idle.
+    tc.wait_cluster(
+        "fault",
+        "the cluster is whole again",
+        Duration::from_secs(120),
+        |c| c.node_state_counts.as_ref().is_some_and(|n| n.idle == 3),
+    )
     .await;
 }

@@ -5,6 +5,9 @@
 //! `placements`: durable job placements per second through the real control loop
 //! and SQLite store (synchronous=FULL), with in-process agents that finish each
 //! instance at once (zero-work jobs): the coordinator's own cost.
+//! `history [N]`: N (default 1,000,000) zero-work jobs through the same loop in
+//! ten waves, with the process's RSS after each: memory holds only live and
+//! recent jobs, the store the rest.
 //! `latency`: submit → completed for a trivial job (`true`) on a warm local node,
 //! through gRPC on loopback with a real agent process; and the same through the
 //! `shoal job submit --wait` CLI process.
@@ -49,6 +52,14 @@ impl NodeProvider for InProcessProvider {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// An agent that "runs" each launch by reporting it started and exited 0 at once.
 async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
     let (link, mut orders) = mpsc::unbounded_channel();
@@ -71,6 +82,28 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
     {
         return;
     }
+    // Heard from, as a real agent is: a silent node's work is rerun after a lease.
+    let beating = {
+        let handle = handle.clone();
+        let node_id = node_id.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let beat = Command::Heartbeat {
+                    node_id: node_id.clone(),
+                    cpu_percent: 0.0,
+                    memory_used_bytes: 0,
+                    stats: Default::default(),
+                    usage: Vec::new(),
+                };
+                if !handle.send(beat).await {
+                    return;
+                }
+            }
+        })
+    };
+    let _stop_beating = AbortOnDrop(beating);
     while let Some(order) = orders.recv().await {
         if let ToAgent::Launch(order) = order {
             handle
@@ -96,89 +129,130 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
     }
 }
 
-async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join("shoal.db"))?;
-    let (created_tx, mut created) = mpsc::unbounded_channel();
-    let provider = InProcessProvider {
-        created: created_tx,
-    };
-    let (control, handle, inbox) = Control::new(
-        ControlConfig::default(),
-        Box::new(store),
-        Arc::new(provider),
-    )?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let runtime = tokio::runtime::Handle::current();
-    let control_thread = tokio::task::spawn_blocking(move || {
-        runtime.block_on(control.run(inbox, async move {
-            let _ = stopped.await;
-        }))
-    });
-    handle
-        .create_cluster(ClusterRequest {
-            name: "bench".into(),
-            vm_size: "Standard_D2_v2".into(),
-            min_nodes: Some(nodes),
-            max_nodes: Some(nodes),
-            ..Default::default()
-        })
-        .await?;
-    for session in 0..nodes {
-        let node_id = created.recv().await.context("node creation")?;
-        tokio::spawn(instant_agent(handle.clone(), node_id, u64::from(session)));
-    }
-    // Let every agent register before the clock starts.
-    loop {
-        let nodes_up = handle.list_nodes(None).await?;
-        if nodes_up.iter().all(|n| n.connected) && nodes_up.len() == nodes as usize {
-            break;
+/// The real control loop and SQLite store (synchronous=FULL) with `nodes`
+/// in-process agents that finish each instance at once.
+struct InProcess {
+    _dir: tempfile::TempDir,
+    handle: ControlHandle,
+    stop: oneshot::Sender<()>,
+    control_thread: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    async fn start(nodes: u32) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(&dir.path().join("shoal.db"))?;
+        let (created_tx, mut created) = mpsc::unbounded_channel();
+        let provider = InProcessProvider {
+            created: created_tx,
+        };
+        let (control, handle, inbox) = Control::new(
+            ControlConfig::default(),
+            Box::new(store),
+            Arc::new(provider),
+        )?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runtime = tokio::runtime::Handle::current();
+        let control_thread = tokio::task::spawn_blocking(move || {
+            runtime.block_on(control.run(inbox, async move {
+                let _ = stopped.await;
+            }))
+        });
+        handle
+            .create_cluster(ClusterRequest {
+                name: "bench".into(),
+                vm_size: "Standard_D2_v2".into(),
+                min_nodes: Some(nodes),
+                max_nodes: Some(nodes),
+                ..Default::default()
+            })
+            .await?;
+        for session in 0..nodes {
+            let node_id = created.recv().await.context("node creation")?;
+            tokio::spawn(instant_agent(handle.clone(), node_id, u64::from(session)));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Let every agent register before the clock starts.
+        loop {
+            let nodes_up = handle.list_nodes(None).await?;
+            if nodes_up.iter().all(|n| n.connected) && nodes_up.len() == nodes as usize {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(InProcess {
+            _dir: dir,
+            handle,
+            stop,
+            control_thread,
+        })
     }
 
-    let started = Instant::now();
-    let submitters = 64;
-    let per = jobs / submitters;
-    let mut tasks = Vec::new();
-    for _ in 0..submitters {
-        let handle = handle.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::with_capacity(per);
-            for _ in 0..per {
-                let request = JobRequest {
-                    cluster: "bench".into(),
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                };
-                ids.push(handle.submit_job(request).await.map(|j| j.id));
+    /// Completed jobs so far.
+    async fn completed(&self) -> anyhow::Result<u64> {
+        let counts = self.handle.job_counts().await?;
+        Ok(counts.get(&JobStatus::Completed).copied().unwrap_or(0))
+    }
+
+    /// Submits `jobs` zero-work jobs from 64 clients and waits until `expected`
+    /// jobs have completed in all; how long the submits took.
+    async fn run(&self, jobs: usize, expected: u64) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.submit(jobs).await?;
+        let submit_time = started.elapsed();
+        self.wait_completed(expected, started).await?;
+        Ok(submit_time)
+    }
+
+    async fn wait_completed(&self, expected: u64, started: Instant) -> anyhow::Result<()> {
+        loop {
+            let done = self.completed().await?;
+            if done >= expected {
+                return Ok(());
             }
-            ids
-        }));
-    }
-    let mut submitted = 0;
-    for task in tasks {
-        for id in task.await? {
-            id?;
-            submitted += 1;
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("only {done} of {expected} jobs completed in 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let submit_time = started.elapsed();
-    loop {
-        let all = handle.list_jobs(None).await?;
-        let done = all
-            .iter()
-            .filter(|j| j.status == JobStatus::Completed)
-            .count();
-        if done == submitted {
-            break;
+
+    /// Submits `jobs` zero-work jobs from 64 clients (each waits for its ack).
+    async fn submit(&self, jobs: usize) -> anyhow::Result<()> {
+        let submitters = 64;
+        let mut tasks = Vec::new();
+        for worker in 0..submitters {
+            let handle = self.handle.clone();
+            let share = jobs / submitters + usize::from(worker < jobs % submitters);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..share {
+                    let request = JobRequest {
+                        cluster: "bench".into(),
+                        argv: vec!["true".into()],
+                        ..Default::default()
+                    };
+                    handle.submit_job(request).await?;
+                }
+                anyhow::Ok(())
+            }));
         }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("only {done} of {submitted} jobs completed in 300 s");
+        for task in tasks {
+            task.await??;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(())
     }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.control_thread.await;
+    }
+}
+
+async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
+    let bench = InProcess::start(nodes).await?;
+    let started = Instant::now();
+    let submit_time = bench.run(jobs, jobs as u64).await?;
     let total = started.elapsed();
+    let submitted = jobs;
     println!(
         "placements: {submitted} zero-work jobs on {nodes} nodes: submitted in {:.2} s ({:.0}/s, each acked after its commit), all completed in {:.2} s ({:.0} jobs/s placed, run and recorded)",
         submit_time.as_secs_f64(),
@@ -186,8 +260,70 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
         total.as_secs_f64(),
         submitted as f64 / total.as_secs_f64()
     );
-    let _ = stop.send(());
-    let _ = control_thread.await;
+    bench.stop().await;
+    Ok(())
+}
+
+/// This process's resident memory, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Bounded history: `total` zero-work jobs pass through the control loop, at
+/// most `IN_FLIGHT` at a time (so that what is measured is history, not a
+/// queue); the process's RSS at every tenth (the store keeps every job; memory
+/// only the live and the recent ones).
+async fn history(total: usize, nodes: u32) -> anyhow::Result<()> {
+    const CHUNK: usize = 2_000;
+    const IN_FLIGHT: u64 = 10_000;
+    let bench = InProcess::start(nodes).await?;
+    let wave = (total / 10).max(1);
+    let before = rss_mib();
+    println!(
+        "history: {total} zero-work jobs on {nodes} in-process nodes, at most {IN_FLIGHT} in flight"
+    );
+    println!("  jobs through   RSS MiB   jobs/s (last tenth)");
+    println!("  {:>12}   {:>7.1}", 0, before);
+    let mut through = 0;
+    let mut peak = before;
+    let mut after_first = None;
+    while through < total {
+        let count = wave.min(total - through);
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < count {
+            let chunk = CHUNK.min(count - sent);
+            let in_flight_ok = (through + sent) as u64;
+            bench
+                .wait_completed(in_flight_ok.saturating_sub(IN_FLIGHT), started)
+                .await?;
+            bench.submit(chunk).await?;
+            sent += chunk;
+        }
+        bench
+            .wait_completed((through + count) as u64, started)
+            .await?;
+        through += count;
+        let rss = rss_mib();
+        peak = peak.max(rss);
+        after_first.get_or_insert(rss);
+        println!(
+            "  {through:>12}   {rss:>7.1}   {:>8.0}",
+            count as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+    let first = after_first.unwrap_or(before);
+    println!(
+        "history: RSS {before:.1} MiB before, {first:.1} after the first wave, {:.1} at the end (peak {peak:.1}): {:+.1} MiB from the first wave to the last",
+        rss_mib(),
+        rss_mib() - first
+    );
+    bench.stop().await;
     Ok(())
 }
 
@@ -377,6 +513,8 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
         let all = jobs
             .list(pb::ListJobsRequest {
                 cluster: "warm".into(),
+                limit: 10_000,
+                after: String::new(),
             })
             .await?
             .into_inner()
@@ -472,6 +610,15 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| std::path::PathBuf::from("target/release/shoal"));
     if matches!(what, "placements" | "all") {
         placements(20_000, 100).await?;
+    }
+    if what == "history" {
+        let total = args
+            .get(1)
+            .map(|n| n.parse::<usize>())
+            .transpose()
+            .context("history takes a job count")?
+            .unwrap_or(1_000_000);
+        history(total, 100).await?;
     }
     if matches!(what, "latency" | "docker" | "all") && !shoal.exists() {
         bail!(

@@ -112,6 +112,19 @@ impl Artifacts {
     }
 }
 
+impl Artifacts {
+    /// Deletes a job's files: its code snapshot and its attempts' outputs
+    /// (blocking: call it off the async runtime).
+    pub fn remove_job_files(&self, code_path: Option<&str>, attempts: &[String]) {
+        if let Some(path) = code_path {
+            let _ = std::fs::remove_file(path);
+        }
+        for attempt in attempts.iter().filter(|a| valid_attempt_id(a)) {
+            let _ = std::fs::remove_dir_all(self.root.join("outputs").join(attempt));
+        }
+    }
+}
+
 /// A named temporary file next to its final place (same filesystem, so rename is atomic).
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     for attempt in 0..100u32 {

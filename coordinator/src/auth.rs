@@ -242,6 +242,33 @@ impl Auth {
         Ok(())
     }
 
+    /// Forgets tokens revoked before `before_ms` (node credentials of nodes long
+    /// gone, mostly); they then read as unknown. How many.
+    pub fn purge_revoked(&self, before_ms: i64) -> Result<usize> {
+        let gone: Vec<String> = self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND revoked_at < ?1",
+            )?;
+            let ids = stmt.query_map([before_ms], |r| r.get(0))?;
+            let ids = ids.collect::<rusqlite::Result<Vec<String>>>()?;
+            conn.execute(
+                "DELETE FROM tokens WHERE revoked_at IS NOT NULL AND revoked_at < ?1",
+                [before_ms],
+            )?;
+            conn.execute(
+                "DELETE FROM join_tokens WHERE (revoked_at IS NOT NULL AND revoked_at < ?1)
+                 OR expires_at < ?1 OR uses_left <= 0 AND created_at < ?1",
+                [before_ms],
+            )?;
+            Ok(ids)
+        })?;
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        for id in &gone {
+            cache.remove(id);
+        }
+        Ok(gone.len())
+    }
+
     pub fn list(&self) -> Result<Vec<TokenInfo>> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = conn.prepare(
@@ -497,7 +524,7 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             | ("VmSizes", _)
             | ("Identities", "List" | "Get")
             | ("Quotas", "Get") => Needs::Role(Role::Reader),
-            ("Jobs", "Submit" | "Cancel") => Needs::Role(Role::User),
+            ("Jobs", "Submit" | "Cancel" | "Delete") => Needs::Role(Role::User),
             _ => Needs::Role(Role::Admin),
         };
     }
@@ -539,6 +566,19 @@ mod tests {
         assert_eq!(auth.verify("Basic abc"), Err("not a Shoal token"));
         assert!(auth.revoke(&token_id).expect("revoke"));
         assert_eq!(auth.verify(&token), Err("revoked token"));
+    }
+
+    #[test]
+    fn revoked_tokens_are_forgotten_after_the_retention() {
+        let auth = Auth::in_memory().expect("auth");
+        let old = auth.node_credential("n1").expect("credential");
+        auth.revoke_node("n1").expect("revoke");
+        let kept = auth.create_token(Role::User, "ci").expect("token");
+        assert_eq!(auth.verify(&old), Err("revoked token"));
+        assert_eq!(auth.purge_revoked(now_ms() + 1).expect("purge"), 1);
+        assert_eq!(auth.verify(&old), Err("unknown token"));
+        assert!(auth.verify(&kept).is_ok(), "live tokens stay");
+        assert_eq!(auth.list().expect("list").len(), 1);
     }
 
     #[test]

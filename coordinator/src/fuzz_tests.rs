@@ -130,6 +130,7 @@ proptest! {
 fn app(runtime: &tokio::runtime::Runtime) -> axum::Router {
     runtime.block_on(async {
         let store = SqliteStore::in_memory().expect("store");
+        let reader = store.reader().expect("reader");
         let (control, handle, inbox) = Control::new(
             ControlConfig::default(),
             Box::new(store),
@@ -144,6 +145,7 @@ fn app(runtime: &tokio::runtime::Runtime) -> axum::Router {
             Artifacts::new(dir),
             1 << 20,
             Auth::in_memory().expect("auth"),
+            reader,
         );
         http::router(api)
     })

@@ -1,5 +1,7 @@
 //! Prometheus metrics of the whole deployment, encoded (OpenMetrics text, via
-//! prometheus-client) from one consistent view of the control loop's state.
+//! prometheus-client) from one consistent view of the control loop's state, with
+//! each family's series in a stable order; served as the classic Prometheus text
+//! format unless the scraper asks for OpenMetrics.
 
 use std::sync::atomic::AtomicU64;
 
@@ -76,11 +78,118 @@ impl MetricsBuilder {
             .register_with_unit(name, help, Unit::Seconds, counter);
     }
 
+    /// OpenMetrics text, each family's series sorted (the families come in the
+    /// order they were first used).
     pub fn encode(self) -> String {
         let mut text = String::new();
         if encode(&mut text, &self.registry).is_err() {
             text.clear();
         }
-        text
+        sort_series(&text)
+    }
+}
+
+/// The samples of each family (the lines after its metadata) in sorted order:
+/// label sets live in a hash map, and scrapes should not reorder from one to the next.
+fn sort_series(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |samples: &mut Vec<&str>, out: &mut String| {
+        samples.sort_unstable();
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else if !line.is_empty() {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, &mut out);
+    out
+}
+
+/// The classic Prometheus text format (0.0.4) of OpenMetrics text: what
+/// Prometheus scrapes by default and `promtool check metrics` reads. Counters'
+/// metadata names carry the `_total` their samples have; `# UNIT` and `# EOF`
+/// have no place there.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let metadata = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| line.strip_prefix(prefix).map(|rest| (prefix, rest)));
+        match metadata {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                out.push_str(&format!("{prefix}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_come_sorted_and_the_text_format_names_counters_with_total() {
+        let mut m = MetricsBuilder::default();
+        for node in ["n3", "n1", "n2"] {
+            m.gauge("nodes", "Nodes", None, &[("node", node)], 1.0);
+        }
+        m.counter("control_batches", "Batches applied", 7);
+        let open = m.encode();
+        let series: Vec<&str> = open
+            .lines()
+            .filter(|l| l.starts_with("shoal_nodes{"))
+            .collect();
+        assert_eq!(
+            series,
+            vec![
+                "shoal_nodes{node=\"n1\"} 1.0",
+                "shoal_nodes{node=\"n2\"} 1.0",
+                "shoal_nodes{node=\"n3\"} 1.0"
+            ]
+        );
+        assert!(open.trim_end().ends_with("# EOF"));
+        let text = to_prometheus_text(&open);
+        assert!(
+            text.contains("# HELP shoal_control_batches_total Batches applied"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE shoal_control_batches_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("shoal_control_batches_total 7"), "{text}");
+        assert!(text.contains("# TYPE shoal_nodes gauge"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }

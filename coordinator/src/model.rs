@@ -636,7 +636,7 @@ impl Node {
 
 // ------------------------------------------------------------------- jobs
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -661,6 +661,21 @@ impl JobStatus {
     /// Final, or on its way there (canceling): it wants no more work.
     pub fn is_ending(self) -> bool {
         self.is_final() || self == JobStatus::Canceling
+    }
+
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Queued,
+        JobStatus::Preparing,
+        JobStatus::Running,
+        JobStatus::Canceling,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+        JobStatus::TimedOut,
+    ];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
     pub fn as_str(self) -> &'static str {

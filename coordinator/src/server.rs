@@ -60,6 +60,14 @@ pub struct ConfigFile {
     /// must run as root for it); containers are unprivileged already.
     #[serde(default)]
     pub process_jobs_user: Option<String>,
+    /// Seconds a new node has to start and register before it is given up
+    /// (default 60).
+    #[serde(default)]
+    pub node_start_timeout_seconds: Option<u64>,
+    /// Ended jobs are deleted, with their logs, rows and outputs, this many days
+    /// after they ended (default 30; 0 keeps them for good; fractions allowed).
+    #[serde(default)]
+    pub job_retention_days: Option<f64>,
 }
 
 impl ConfigFile {
@@ -105,6 +113,13 @@ impl CoordinatorConfig {
         }
         if let Some(minutes) = file.idle_gpu_minutes {
             control.idle_gpu_after = Duration::from_secs(minutes.saturating_mul(60));
+        }
+        if let Some(seconds) = file.node_start_timeout_seconds {
+            control.register_timeout = Duration::from_secs(seconds.max(1));
+        }
+        if let Some(days) = file.job_retention_days {
+            control.job_retention = (days > 0.0 && days.is_finite())
+                .then(|| Duration::from_secs_f64((days * 86_400.0).min(1e12)));
         }
         control.chaos_preempt_every = file
             .chaos_preempt_every_seconds
@@ -172,6 +187,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
     let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
+    let reader = store.reader()?;
     crate::auth::bootstrap(&config.data_dir)?;
     let auth = crate::auth::Auth::open(&config.data_dir.join("auth.db"))?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
@@ -219,8 +235,10 @@ pub async fn serve(
         },
     };
     let catalog = config.control.catalog.clone();
+    let artifacts = Artifacts::new(config.data_dir.join("artifacts"));
     let mut control_config = config.control.clone();
     control_config.identity_tokens = true;
+    control_config.artifacts = Some(artifacts.clone());
     let (mut control, handle, inbox) =
         Control::new(control_config, Box::new(store), Arc::new(provider))?;
     // Identities kept in auth.db by an earlier version move under the loop.
@@ -230,13 +248,7 @@ pub async fn serve(
         auth.clear_legacy_identities()?;
     }
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
-    let mut api = Api::new(
-        handle,
-        catalog,
-        Artifacts::new(config.data_dir.join("artifacts")),
-        max_code,
-        auth.clone(),
-    );
+    let mut api = Api::new(handle, catalog, artifacts, max_code, auth.clone(), reader);
     api.signer = Some(signer);
 
     let grpc = tonic::service::Routes::new(
@@ -259,10 +271,31 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
+    let auth_for_retention = auth.clone();
     let app = grpc.into_axum_router().merge(http::router(api)).layer(
         axum::middleware::from_fn_with_state(auth, crate::api::guard::guard),
     );
     node_link.set_app(app.clone());
+    // Revoked tokens (node credentials of nodes long gone, mostly) go with the
+    // history they belonged to.
+    if let Some(keep) = config.control.job_retention {
+        let auth = auth_for_retention;
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let cutoff = crate::model::now_ms()
+                    .saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+                let auth = auth.clone();
+                match tokio::task::spawn_blocking(move || auth.purge_revoked(cutoff)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(tokens = n, "revoked tokens forgotten"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot purge revoked tokens"),
+                    Err(_) => {}
+                }
+            }
+        });
+    }
 
     // The control loop commits to SQLite: it gets a thread of its own so those
     // writes never block the async workers.

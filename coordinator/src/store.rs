@@ -1,15 +1,19 @@
 //! Durable state behind the `Store` trait: SQLite (bundled) with schema migrations.
 //! The control loop writes one transaction per batch of changes, before any reply
-//! or launch leaves the coordinator (durable before ack).
+//! or launch leaves the coordinator (durable before ack). The API reads history
+//! (finished jobs, logs, result rows) through a `Reader` of its own: read-only
+//! connections that never go through the loop.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::governance::Quotas;
-use crate::model::{Cluster, Identity, Job, Node};
+use crate::model::{Cluster, Identity, Job, JobStatus, Millis, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
 use crate::{Error, Result};
 
@@ -27,7 +31,12 @@ pub struct Snapshot {
     pub mini_batches: Vec<(String, MiniBatch)>,
     /// User-assigned managed identities.
     pub identities: Vec<Identity>,
+    /// Ended jobs kept in the store, by status (only live and recent ones are loaded).
+    pub ended_counts: BTreeMap<JobStatus, u64>,
 }
+
+/// Live jobs, and this many of the most recently ended, are loaded at start.
+pub const RECENT_JOBS: usize = 5_000;
 
 #[derive(Clone, Debug)]
 pub struct NewLog {
@@ -68,6 +77,31 @@ pub struct Batch {
     pub mini_batch_rows: Vec<(String, u32, Vec<u8>)>,
     /// User-assigned identities made in this batch.
     pub identities: Vec<Identity>,
+    /// Ended jobs to delete, with their logs and rows (`shoal job delete`).
+    pub delete_jobs: Vec<String>,
+    /// Retention: delete jobs that ended before this (a bounded number per batch).
+    pub purge_ended_before: Option<Millis>,
+}
+
+/// Jobs deleted per batch by retention at most (the rest go in later batches).
+pub const PURGE_PER_BATCH: usize = 1_000;
+
+/// A deleted job: what of it lives outside the store (its files).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Purged {
+    pub id: String,
+    pub status: JobStatus,
+    pub code_path: Option<String>,
+    pub attempts: Vec<String>,
+}
+
+/// What a commit did beyond writing.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// The sequence numbers given to `batch.logs`, in order.
+    pub log_seqs: Vec<i64>,
+    /// Jobs deleted (asked for, or past retention).
+    pub purged: Vec<Purged>,
 }
 
 impl Batch {
@@ -85,26 +119,18 @@ impl Batch {
             && self.mini_batches.is_empty()
             && self.mini_batch_rows.is_empty()
             && self.identities.is_empty()
+            && self.delete_jobs.is_empty()
+            && self.purge_ended_before.is_none()
     }
 }
 
 pub trait Store: Send + 'static {
+    /// Live jobs and the `RECENT_JOBS` most recently ended, with everything else.
     fn load(&mut self) -> Result<Snapshot>;
-    /// Writes the whole batch in one transaction; returns the sequence numbers given
-    /// to `batch.logs`, in order.
-    fn commit(&mut self, batch: &Batch) -> Result<Vec<i64>>;
+    /// Writes the whole batch in one transaction.
+    fn commit(&mut self, batch: &Batch) -> Result<Committed>;
     /// A mini-batch's items, as cut at submit.
     fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>>;
-    /// The result rows of a job's done mini-batches, in mini-batch order.
-    fn read_rows(&mut self, job_id: &str) -> Result<Vec<u8>>;
-    /// Log chunks of a job after `after_seq`, oldest first, at most `limit`.
-    fn read_logs(
-        &mut self,
-        job_id: &str,
-        instance: Option<u32>,
-        after_seq: i64,
-        limit: usize,
-    ) -> Result<Vec<StoredLog>>;
 }
 
 /// Each entry moves the schema one version up; never edit a released one.
@@ -131,10 +157,21 @@ const MIGRATIONS: &[&str] = &[
                                 PRIMARY KEY (job_id, idx));",
     // 4: user-assigned managed identities (a cluster's assignments live in its row)
     "CREATE TABLE identities (name TEXT PRIMARY KEY, body TEXT NOT NULL);",
+    // 5: when a job ended, for retention and for loading only recent history
+    "ALTER TABLE jobs ADD COLUMN ended_at INTEGER NOT NULL DEFAULT 0;
+     UPDATE jobs SET ended_at = COALESCE(json_extract(body, '$.ended_at'), 0)
+      WHERE status IN ('completed', 'failed', 'canceled', 'timed_out');
+     CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE ended_at > 0;",
 ];
+
+/// Statuses of ended jobs, as stored.
+const ENDED: &str = "('completed', 'failed', 'canceled', 'timed_out')";
 
 pub struct SqliteStore {
     conn: Connection,
+    path: PathBuf,
+    /// A store of tests lives in a folder of its own, removed with it.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl SqliteStore {
@@ -144,15 +181,33 @@ impl SqliteStore {
         // FULL: a committed batch survives power loss, not only a killed process.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Self::migrate(conn)
+        Self::migrate(conn, path.to_path_buf(), None)
     }
 
-    /// The in-memory store, for tests of the control loop.
+    /// A throwaway store (a file in a temporary folder, not synced), for tests of
+    /// the control loop; readers can open it like a real one.
     pub fn in_memory() -> Result<Self> {
-        Self::migrate(Connection::open_in_memory()?)
+        let scratch = tempfile::Builder::new()
+            .prefix("shoal-store-")
+            .tempdir()
+            .map_err(|e| Error::Internal(format!("temporary store: {e}")))?;
+        let path = scratch.path().join("shoal.db");
+        let conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        Self::migrate(conn, path, Some(scratch))
     }
 
-    fn migrate(mut conn: Connection) -> Result<Self> {
+    /// Read-only connections for the API (history, logs, rows).
+    pub fn reader(&self) -> Result<Reader> {
+        Reader::open(&self.path)
+    }
+
+    fn migrate(
+        mut conn: Connection,
+        path: PathBuf,
+        scratch: Option<tempfile::TempDir>,
+    ) -> Result<Self> {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let version = usize::try_from(version).unwrap_or(0);
         if version > MIGRATIONS.len() {
@@ -167,7 +222,11 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", (index + 1) as i64)?;
             tx.commit()?;
         }
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            path,
+            _scratch: scratch,
+        })
     }
 
     fn meta(&self, key: &str) -> Result<u64> {
@@ -209,7 +268,31 @@ impl Store for SqliteStore {
                 "SELECT name, body FROM identities ORDER BY name",
                 "identity",
             )?,
-            jobs: load_table(&self.conn, "SELECT id, body FROM jobs ORDER BY seq", "job")?,
+            jobs: load_table(
+                &self.conn,
+                &format!(
+                    "SELECT id, body FROM jobs WHERE status NOT IN {ENDED}
+                     UNION ALL
+                     SELECT * FROM (SELECT id, body FROM jobs WHERE status IN {ENDED}
+                                    ORDER BY ended_at DESC LIMIT {RECENT_JOBS})"
+                ),
+                "job",
+            )?,
+            ended_counts: {
+                let mut stmt = self.conn.prepare(&format!(
+                    "SELECT status, count(*) FROM jobs WHERE status IN {ENDED} GROUP BY status"
+                ))?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                let mut counts = BTreeMap::new();
+                for row in rows {
+                    let (status, count) = row?;
+                    if let Some(status) = JobStatus::parse(&status) {
+                        counts.insert(status, count as u64);
+                    }
+                }
+                counts
+            },
             next_job_seq: self.meta("next_job_seq")?.max(1),
             next_node_seq: self.meta("next_node_seq")?.max(1),
             quotas: {
@@ -222,10 +305,12 @@ impl Store for SqliteStore {
                 body.map(|b| decode("settings", "quotas", &b)).transpose()?
             },
             mini_batches: {
-                let mut stmt = self.conn.prepare(
+                let mut stmt = self.conn.prepare(&format!(
                     "SELECT job_id, idx, item_count, status, executions, failures, lease, node,
-                            deadline, message FROM mini_batches ORDER BY job_id, idx",
-                )?;
+                            deadline, message FROM mini_batches
+                     WHERE job_id IN (SELECT id FROM jobs WHERE status NOT IN {ENDED})
+                     ORDER BY job_id, idx"
+                ))?;
                 let rows = stmt.query_map([], |r| {
                     let status: String = r.get(3)?;
                     Ok((
@@ -248,12 +333,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn commit(&mut self, batch: &Batch) -> Result<Vec<i64>> {
+    fn commit(&mut self, batch: &Batch) -> Result<Committed> {
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Committed::default());
         }
         let tx = self.conn.transaction()?;
         let mut log_seqs = Vec::with_capacity(batch.logs.len());
+        let mut purged = Vec::new();
         {
             let mut put_cluster =
                 tx.prepare_cached("INSERT OR REPLACE INTO clusters (name, body) VALUES (?1, ?2)")?;
@@ -275,16 +361,39 @@ impl Store for SqliteStore {
                 del_node.execute([id])?;
             }
             let mut put_job = tx.prepare_cached(
-                "INSERT OR REPLACE INTO jobs (id, seq, cluster, status, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO jobs (id, seq, cluster, status, body, ended_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for job in &batch.jobs {
+                let ended_at = if job.status.is_final() {
+                    job.ended_at
+                } else {
+                    0
+                };
                 put_job.execute(params![
                     job.id,
                     job.seq as i64,
                     job.spec.cluster,
                     job.status.as_str(),
-                    encode(job)?
+                    encode(job)?,
+                    ended_at
                 ])?;
+            }
+            let mut doomed: Vec<String> = batch.delete_jobs.clone();
+            if let Some(before) = batch.purge_ended_before {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT id FROM jobs WHERE ended_at > 0 AND ended_at < ?1
+                     AND status IN {ENDED} LIMIT {PURGE_PER_BATCH}"
+                ))?;
+                let ids = stmt.query_map([before], |r| r.get::<_, String>(0))?;
+                for id in ids {
+                    doomed.push(id?);
+                }
+            }
+            for id in doomed {
+                if let Some(gone) = delete_job(&tx, &id)? {
+                    purged.push(gone);
+                }
             }
             let mut put_log = tx.prepare_cached(
                 "INSERT INTO logs (job_id, attempt_id, instance, stream, data) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -359,7 +468,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
-        Ok(log_seqs)
+        Ok(Committed { log_seqs, purged })
     }
 
     fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>> {
@@ -369,43 +478,184 @@ impl Store for SqliteStore {
             |r| r.get(0),
         )?)
     }
+}
 
-    fn read_rows(&mut self, job_id: &str) -> Result<Vec<u8>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT rows FROM mini_batches WHERE job_id = ?1 AND status = 'done' ORDER BY idx",
-        )?;
-        let mut out = Vec::new();
-        let mut rows = stmt.query([job_id])?;
-        while let Some(row) = rows.next()? {
-            let data: Option<Vec<u8>> = row.get(0)?;
-            out.extend_from_slice(&data.unwrap_or_default());
-        }
-        Ok(out)
+/// Deletes one job with its logs and mini-batches; what of it lives in files.
+fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>> {
+    let body: Option<String> = tx
+        .prepare_cached("SELECT body FROM jobs WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let Some(body) = body else {
+        return Ok(None);
+    };
+    let job: Job = decode("job", id, &body)?;
+    tx.prepare_cached("DELETE FROM logs WHERE job_id = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM mini_batches WHERE job_id = ?1")?
+        .execute([id])?;
+    tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+        .execute([id])?;
+    Ok(Some(Purged {
+        id: job.id,
+        status: job.status,
+        code_path: job.spec.code_path,
+        attempts: job.attempts.into_iter().map(|a| a.id).collect(),
+    }))
+}
+
+/// Read-only connections to the store, for the API: a finished job's record, a
+/// page of the job list, a job's logs and result rows. Committed data only, as
+/// every reply is sent after its commit.
+#[derive(Clone)]
+pub struct Reader {
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reader {{ {} }}", self.path.display())
+    }
+}
+
+/// Connections kept open for reuse.
+const IDLE_READERS: usize = 4;
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let reader = Reader {
+            path: path.to_path_buf(),
+            idle: Arc::default(),
+        };
+        // Fail now, not at the first request, if it cannot be opened.
+        let conn = reader.connect()?;
+        reader.put_back(conn);
+        Ok(reader)
     }
 
-    fn read_logs(
-        &mut self,
+    fn connect(&self) -> Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn put_back(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs `f` on a connection, off the async runtime.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let taken = this.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match taken {
+                Some(conn) => conn,
+                None => this.connect()?,
+            };
+            let result = f(&conn);
+            this.put_back(conn);
+            result
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("store reader: {e}")))?
+    }
+
+    /// The job as last committed.
+    pub async fn job(&self, id: &str) -> Result<Option<Job>> {
+        let id = id.to_string();
+        self.with(move |conn| {
+            let body: Option<String> = conn
+                .prepare_cached("SELECT body FROM jobs WHERE id = ?1")?
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            body.map(|b| decode("job", &id, &b)).transpose()
+        })
+        .await
+    }
+
+    /// Jobs newest first: at most `limit`, older than the job of seq `before`
+    /// (None: from the newest), of one cluster or all.
+    pub async fn jobs(
+        &self,
+        cluster: Option<String>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Job>> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, body FROM jobs WHERE (?1 IS NULL OR cluster = ?1) AND seq < ?2
+                 ORDER BY seq DESC LIMIT ?3",
+            )?;
+            let before = before.map_or(i64::MAX, |b| b as i64);
+            let rows = stmt.query_map(params![cluster, before, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                let (id, body) = row?;
+                jobs.push(decode("job", &id, &body)?);
+            }
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// The result rows of a job's done mini-batches, in mini-batch order.
+    pub async fn rows(&self, job_id: &str) -> Result<Vec<u8>> {
+        let job_id = job_id.to_string();
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT rows FROM mini_batches WHERE job_id = ?1 AND status = 'done' ORDER BY idx",
+            )?;
+            let mut out = Vec::new();
+            let mut rows = stmt.query([&job_id])?;
+            while let Some(row) = rows.next()? {
+                let data: Option<Vec<u8>> = row.get(0)?;
+                out.extend_from_slice(&data.unwrap_or_default());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Log chunks of a job after `after_seq`, oldest first, at most `limit`.
+    pub async fn logs(
+        &self,
         job_id: &str,
         instance: Option<u32>,
         after_seq: i64,
         limit: usize,
     ) -> Result<Vec<StoredLog>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, job_id, attempt_id, instance, stream, data FROM logs
-             WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR instance = ?3)
-             ORDER BY seq LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![job_id, after_seq, instance, limit as i64], |r| {
-            Ok(StoredLog {
-                seq: r.get(0)?,
-                job_id: r.get(1)?,
-                attempt_id: r.get(2)?,
-                instance: r.get(3)?,
-                stream: r.get(4)?,
-                data: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let job_id = job_id.to_string();
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, job_id, attempt_id, instance, stream, data FROM logs
+                 WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR instance = ?3)
+                 ORDER BY seq LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![job_id, after_seq, instance, limit as i64], |r| {
+                Ok(StoredLog {
+                    seq: r.get(0)?,
+                    job_id: r.get(1)?,
+                    attempt_id: r.get(2)?,
+                    instance: r.get(3)?,
+                    stream: r.get(4)?,
+                    data: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
     }
 }
 
@@ -414,8 +664,8 @@ mod tests {
     use super::*;
     use crate::testing::{ClusterBuilder, JobBuilder, NodeBuilder};
 
-    #[test]
-    fn a_committed_batch_survives_reopening() {
+    #[tokio::test]
+    async fn a_committed_batch_survives_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shoal.db");
         {
@@ -440,8 +690,8 @@ mod tests {
                 next_job_seq: Some(2),
                 ..Default::default()
             };
-            let seqs = store.commit(&batch).expect("commit");
-            assert_eq!(seqs.len(), 1);
+            let committed = store.commit(&batch).expect("commit");
+            assert_eq!(committed.log_seqs.len(), 1);
         }
         let mut store = SqliteStore::open(&path).expect("reopen");
         let snapshot = store.load().expect("load");
@@ -449,14 +699,99 @@ mod tests {
         assert_eq!(snapshot.nodes[0].id, "c-n1");
         assert_eq!(snapshot.jobs[0].id, "job-1");
         assert_eq!(snapshot.next_job_seq, 2);
-        let logs = store.read_logs("job-1", None, 0, 10).expect("logs");
+        let reader = store.reader().expect("reader");
+        let logs = reader.logs("job-1", None, 0, 10).await.expect("logs");
         assert_eq!(logs[0].data, b"hello\n");
         assert!(
-            store
-                .read_logs("job-1", Some(1), 0, 10)
+            reader
+                .logs("job-1", Some(1), 0, 10)
+                .await
                 .expect("logs")
                 .is_empty()
         );
+    }
+
+    fn ended(id: &str, seq: u64, ended_at: Millis) -> Job {
+        let mut job = JobBuilder::new(id).build();
+        job.seq = seq;
+        job.status = JobStatus::Completed;
+        job.ended_at = ended_at;
+        job
+    }
+
+    #[tokio::test]
+    async fn history_is_paged_loaded_only_when_recent_and_purged_with_its_logs() {
+        let mut store = SqliteStore::in_memory().expect("store");
+        let mut live = JobBuilder::new("job-1").build();
+        live.seq = 1;
+        let mut jobs = vec![live];
+        for n in 2..(RECENT_JOBS as u64 + 12) {
+            jobs.push(ended(&format!("job-{n}"), n, n as Millis));
+        }
+        let logs = ["job-2", "job-3"]
+            .iter()
+            .map(|id| NewLog {
+                job_id: id.to_string(),
+                attempt_id: format!("{id}.1"),
+                instance: 0,
+                stream: "stdout".into(),
+                data: b"x\n".to_vec(),
+            })
+            .collect();
+        store
+            .commit(&Batch {
+                jobs,
+                logs,
+                ..Default::default()
+            })
+            .expect("commit");
+        let snapshot = store.load().expect("load");
+        assert_eq!(
+            snapshot.jobs.len(),
+            RECENT_JOBS + 1,
+            "the live one and the recent ones"
+        );
+        assert!(snapshot.jobs.iter().any(|j| j.id == "job-1"));
+        assert!(
+            !snapshot.jobs.iter().any(|j| j.id == "job-2"),
+            "old history stays on disk"
+        );
+        assert_eq!(
+            snapshot.ended_counts.get(&JobStatus::Completed).copied(),
+            Some(RECENT_JOBS as u64 + 10)
+        );
+        let reader = store.reader().expect("reader");
+        let page = reader.jobs(None, None, 3).await.expect("page");
+        let seqs: Vec<u64> = page.iter().map(|j| j.seq).collect();
+        let newest = RECENT_JOBS as u64 + 11;
+        assert_eq!(seqs, vec![newest, newest - 1, newest - 2], "newest first");
+        let next = reader.jobs(None, Some(3), 10).await.expect("page");
+        assert_eq!(next.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![2, 1]);
+
+        // Deleted on request, and by retention (ended before 4): with their logs.
+        let committed = store
+            .commit(&Batch {
+                delete_jobs: vec!["job-9".into(), "job-nope".into()],
+                purge_ended_before: Some(4),
+                ..Default::default()
+            })
+            .expect("purge");
+        let mut gone: Vec<String> = committed.purged.iter().map(|p| p.id.clone()).collect();
+        gone.sort();
+        assert_eq!(gone, vec!["job-2", "job-3", "job-9"]);
+        assert!(reader.job("job-2").await.expect("read").is_none());
+        assert!(
+            reader
+                .logs("job-2", None, 0, 10)
+                .await
+                .expect("logs")
+                .is_empty()
+        );
+        assert!(
+            reader.job("job-1").await.expect("read").is_some(),
+            "live jobs stay"
+        );
+        assert!(reader.job("job-4").await.expect("read").is_some());
     }
 
     #[test]

@@ -133,6 +133,16 @@ impl TestCluster {
         self.start_coordinator().await;
     }
 
+    /// The coordinator's environment from its next (re)start on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    pub fn remove_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+    }
+
     /// The CLI's config dir of this test (its saved credentials).
     pub fn config_dir(&self) -> PathBuf {
         self.dir.path().join("config")

@@ -39,10 +39,19 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Show a job: status, why it waits or how it ended, instances and attempts.
     Show { id: String },
-    /// List jobs, oldest first.
+    /// List jobs, newest first, a page at a time.
+    #[command(after_help = "Examples:\n  \
+        shoal job list                          # the newest 100\n  \
+        shoal job list --limit 20 --after job-480   # the 20 before job-480")]
     List {
         #[arg(long, visible_alias = "compute")]
         cluster: Option<String>,
+        /// Jobs on the page (at most 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this job (the last one of the page before).
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Print a job's logs; `-f` follows them live until the job ends.
     Logs {
@@ -63,6 +72,9 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Delete an ended job for good: its record, logs, result rows and outputs
+    /// (ended jobs are deleted by themselves after `job_retention_days`, 30 by default).
+    Delete { id: String },
     /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
     Download {
         id: String,
@@ -691,24 +703,34 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 .into_inner();
             print_job(&job, format)?;
         }
-        Command::List { cluster } => {
-            let list = jobs
+        Command::List {
+            cluster,
+            limit,
+            after,
+        } => {
+            let page = jobs
                 .list(pb::ListJobsRequest {
                     cluster: cluster.unwrap_or_default(),
+                    limit,
+                    after: after.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?
-                .into_inner()
-                .jobs;
+                .into_inner();
+            let list = page.jobs;
             if format == Format::Json {
                 let views: Vec<view::Job> = list.iter().map(view::Job::from).collect();
                 output::json(&views)?;
                 return Ok(ExitCode::SUCCESS);
             }
             if list.is_empty() {
-                eprintln!(
-                    "no jobs yet; submit one with `shoal job submit --cluster NAME -- COMMAND`"
-                );
+                if after.is_some() {
+                    eprintln!("no more jobs");
+                } else {
+                    eprintln!(
+                        "no jobs yet; submit one with `shoal job submit --cluster NAME -- COMMAND`"
+                    );
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let mut table = output::table(&[
@@ -740,6 +762,24 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 ]);
             }
             println!("{table}");
+            if !page.next_after.is_empty() {
+                eprintln!(
+                    "more: shoal job list --limit {limit} --after {}",
+                    page.next_after
+                );
+            }
+        }
+        Command::Delete { id } => {
+            let job = jobs
+                .delete(pb::JobRef { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&view::Job::from(&job))?;
+            } else {
+                println!("deleted {} ({})", job.id, job.status);
+            }
         }
         Command::Logs {
             id,

@@ -270,6 +270,8 @@ pub struct Api {
     pub artifacts: Artifacts,
     pub max_code_bytes: usize,
     pub auth: crate::auth::Auth,
+    /// Reads history (ended jobs, logs, rows) from the store, not through the loop.
+    pub reader: crate::store::Reader,
     /// Signs jobs' managed-identity tokens (None: no identities here).
     pub signer: Option<crate::identity::Signer>,
     sessions: Arc<AtomicU64>,
@@ -283,6 +285,7 @@ impl Api {
         artifacts: Artifacts,
         max_code_bytes: usize,
         auth: crate::auth::Auth,
+        reader: crate::store::Reader,
     ) -> Self {
         Api {
             control,
@@ -290,6 +293,7 @@ impl Api {
             artifacts,
             max_code_bytes,
             auth,
+            reader,
             signer: None,
             sessions: Arc::new(AtomicU64::new(1)),
             exec: super::exec::ExecRelay::default(),
@@ -394,134 +398,6 @@ impl Api {
         }
     }
 
-    pub async fn outputs(&self, job_id: String) -> Result<pb::OutputsList, Status> {
-        let job = self.control.get_job(job_id).await?;
-        for attempt in job.attempts.iter().rev() {
-            let found = self
-                .artifacts
-                .outputs(&attempt.id, attempt.instances.len() as u32)
-                .await?;
-            if !found.is_empty() {
-                let outputs = found
-                    .into_iter()
-                    .map(|(instance, data)| pb::InstanceOutputs {
-                        attempt_id: attempt.id.clone(),
-                        instance,
-                        data,
-                    })
-                    .collect();
-                return Ok(pb::OutputsList {
-                    outputs,
-                    files: self.output_files(&job.id).await?,
-                });
-            }
-        }
-        Ok(pb::OutputsList {
-            outputs: Vec::new(),
-            files: self.output_files(&job.id).await?,
-        })
-    }
-
-    /// The job's own output files: a parallel job's rows.
-    async fn output_files(&self, job_id: &str) -> Result<Vec<pb::OutputFile>, Status> {
-        Ok(self
-            .control
-            .read_output(job_id.to_string())
-            .await?
-            .map(|(name, data)| pb::OutputFile { name, data })
-            .into_iter()
-            .collect())
-    }
-
-    /// Every chunk of the job's log, then (with `follow`) new chunks until the job
-    /// is settled. Subscribes before reading, so nothing falls between the two.
-    pub fn log_stream(
-        &self,
-        request: pb::LogsRequest,
-    ) -> mpsc::Receiver<Result<pb::LogChunk, Status>> {
-        let (tx, rx) = mpsc::channel(256);
-        let mut live = self.control.subscribe_logs();
-        let mut changes = self.control.subscribe_changes();
-        let follower = LogFollower {
-            control: self.control.clone(),
-            tx,
-            job_id: request.job_id.clone(),
-            instance: request.instance,
-        };
-        tokio::spawn(async move {
-            let mut last_seq = match follower.send_stored(0).await {
-                Ok(seq) => seq,
-                Err(e) => {
-                    let _ = follower.tx.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            if !request.follow || follower.settled().await {
-                let _ = follower.send_stored(last_seq).await;
-                return;
-            }
-            loop {
-                tokio::select! {
-                    log = live.recv() => match log {
-                        Ok(log) => {
-                            if log.job_id == follower.job_id && log.seq > last_seq && follower.wants(log.instance) {
-                                last_seq = log.seq;
-                                if follower.tx.send(Ok(chunk(&log))).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        // Fell behind the broadcast: catch up from the store.
-                        Err(broadcast::error::RecvError::Lagged(_)) => match follower.send_stored(last_seq).await {
-                            Ok(seq) => last_seq = seq,
-                            Err(_) => return,
-                        },
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    change = changes.recv() => {
-                        let ours = match change {
-                            Ok(Change::Job(id)) => id == follower.job_id,
-                            Ok(_) => false,
-                            Err(broadcast::error::RecvError::Lagged(_)) => true,
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        };
-                        if ours && follower.settled().await {
-                            let _ = follower.send_stored(last_seq).await;
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        rx
-    }
-
-    /// The job now, then each time it changes, until it is settled.
-    pub fn job_watch(&self, job_id: String) -> mpsc::Receiver<Result<pb::Job, Status>> {
-        let (tx, rx) = mpsc::channel(16);
-        let control = self.control.clone();
-        let mut changes = control.subscribe_changes();
-        tokio::spawn(async move {
-            loop {
-                let job = match control.get_job(job_id.clone()).await {
-                    Ok(job) => job,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                let settled = job.is_settled();
-                if tx.send(Ok(convert::job(&job))).await.is_err() || settled {
-                    return;
-                }
-                if !wait_for(&mut changes, |c| *c == Change::Job(job_id.clone())).await {
-                    return;
-                }
-            }
-        });
-        rx
-    }
-
     pub fn cluster_watch(&self, name: String) -> mpsc::Receiver<Result<pb::Cluster, Status>> {
         let (tx, rx) = mpsc::channel(16);
         let control = self.control.clone();
@@ -547,60 +423,8 @@ impl Api {
     }
 }
 
-fn chunk(log: &crate::store::StoredLog) -> pb::LogChunk {
-    pb::LogChunk {
-        attempt_id: log.attempt_id.clone(),
-        instance: log.instance,
-        stream: log.stream.clone(),
-        data: log.data.clone(),
-    }
-}
-
-/// One `logs` call: what it follows and where it sends.
-struct LogFollower {
-    control: ControlHandle,
-    tx: mpsc::Sender<Result<pb::LogChunk, Status>>,
-    job_id: String,
-    instance: Option<u32>,
-}
-
-impl LogFollower {
-    fn wants(&self, instance: u32) -> bool {
-        self.instance.is_none_or(|i| i == instance)
-    }
-
-    /// Nothing more can be logged: the job ended and no instance still runs.
-    async fn settled(&self) -> bool {
-        self.control
-            .get_job(self.job_id.clone())
-            .await
-            .map_or(true, |job| job.is_settled())
-    }
-
-    /// Sends the stored chunks after `after`; returns the last sequence sent.
-    async fn send_stored(&self, after: i64) -> crate::Result<i64> {
-        let mut cursor = after;
-        loop {
-            let stored = self
-                .control
-                .read_logs(self.job_id.clone(), self.instance, cursor)
-                .await?;
-            let full = stored.len() >= 10_000;
-            for log in &stored {
-                cursor = log.seq;
-                if self.tx.send(Ok(chunk(log))).await.is_err() {
-                    return Ok(cursor);
-                }
-            }
-            if !full {
-                return Ok(cursor);
-            }
-        }
-    }
-}
-
 /// Waits for a matching change (or a lag, after which the caller re-reads anyway).
-async fn wait_for(
+pub(super) async fn wait_for(
     changes: &mut broadcast::Receiver<Change>,
     matches: impl Fn(&Change) -> bool,
 ) -> bool {
@@ -709,7 +533,7 @@ impl pb::jobs_server::Jobs for Api {
     }
 
     async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        let job = self.control.get_job(request.into_inner().id).await?;
+        let job = self.job(&request.into_inner().id).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -717,11 +541,20 @@ impl pb::jobs_server::Jobs for Api {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::JobList>, Status> {
-        let cluster = Some(request.into_inner().cluster).filter(|c| !c.is_empty());
-        let jobs = self.control.list_jobs(cluster).await?;
+        let asked = request.into_inner();
+        let cluster = Some(asked.cluster).filter(|c| !c.is_empty());
+        let (jobs, next) = self
+            .list_jobs(cluster, asked.limit as usize, Some(&asked.after))
+            .await?;
         Ok(Response::new(pb::JobList {
             jobs: jobs.iter().map(convert::job).collect(),
+            next_after: next.unwrap_or_default(),
         }))
+    }
+
+    async fn delete(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let job = self.delete_job(&request.into_inner().id).await?;
+        Ok(Response::new(convert::job(&job)))
     }
 
     async fn cancel(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
@@ -748,12 +581,12 @@ impl pb::jobs_server::Jobs for Api {
     ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
         // Unknown job: fail the call itself, not the first stream item.
-        self.control.get_job(request.job_id.clone()).await?;
+        self.job(&request.job_id).await?;
         Ok(Response::new(stream_of(self.log_stream(request))))
     }
 
     async fn why(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Explanation>, Status> {
-        let lines = self.control.explain(request.into_inner().id).await?;
+        let lines = self.explain(&request.into_inner().id).await?;
         Ok(Response::new(pb::Explanation { lines }))
     }
 

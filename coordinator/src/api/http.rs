@@ -38,7 +38,7 @@ pub fn router(api: Api) -> Router {
                 .delete(delete_cluster),
         )
         .route("/api/v1/jobs", get(list_jobs).post(submit_job))
-        .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/logs", get(job_logs))
         .route("/api/v1/jobs/{id}/outputs/{instance}", get(job_outputs))
@@ -221,16 +221,41 @@ struct ClusterFilter {
     cluster: Option<String>,
 }
 
+#[derive(Deserialize)]
+struct JobPage {
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// Newest first, a page at a time: `?limit=N&after=job-K` (the last of the page
+/// before); the header `x-next-after` names where the next page starts.
 async fn list_jobs(
     State(api): State<Api>,
-    Query(filter): Query<ClusterFilter>,
-) -> ApiResult<Vec<view::Job>> {
-    let jobs = api.control.list_jobs(filter.cluster).await?;
-    Ok(Json(
-        jobs.iter()
-            .map(|j| view::Job::from(&convert::job(j)))
-            .collect(),
-    ))
+    Query(page): Query<JobPage>,
+) -> Result<Response, ApiError> {
+    let (jobs, next) = api
+        .list_jobs(page.cluster, page.limit.unwrap_or(0), page.after.as_deref())
+        .await?;
+    let views: Vec<view::Job> = jobs
+        .iter()
+        .map(|j| view::Job::from(&convert::job(j)))
+        .collect();
+    let mut response = Json(views).into_response();
+    if let Some(next) = next
+        && let Ok(value) = axum::http::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert("x-next-after", value);
+    }
+    Ok(response)
+}
+
+async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
+    let job = api.delete_job(&id).await?;
+    Ok(Json(view::Job::from(&convert::job(&job))))
 }
 
 /// Takes the job file's shape as JSON (`command`, `compute`, `resources.instance_count`...).
@@ -282,7 +307,7 @@ async fn submit_job(
 }
 
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
-    let job = api.control.get_job(id).await?;
+    let job = api.job(&id).await?;
     Ok(Json(view::Job::from(&convert::job(&job))))
 }
 
@@ -303,13 +328,11 @@ async fn job_logs(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<String, ApiError> {
+    api.job(&id).await?;
     let mut text = Vec::new();
     let mut after = 0;
     loop {
-        let chunk = api
-            .control
-            .read_logs(id.clone(), query.instance, after)
-            .await?;
+        let chunk = api.reader.logs(&id, query.instance, after, 10_000).await?;
         let Some(last) = chunk.last() else { break };
         after = last.seq;
         for log in &chunk {
@@ -358,10 +381,29 @@ async fn list_nodes(
     ))
 }
 
-async fn metrics(State(api): State<Api>) -> Result<Response, ApiError> {
+/// OpenMetrics for scrapers that ask for it (`Accept: application/openmetrics-text`,
+/// as Prometheus does), else the classic text format.
+async fn metrics(
+    State(api): State<Api>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let text = api.control.metrics().await?;
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response())
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let (content_type, body) = if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::to_prometheus_text(&text),
+        )
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 async fn list_vm_sizes(State(api): State<Api>) -> ApiResult<Vec<view::VmSize>> {

@@ -5,6 +5,7 @@ mod exec;
 mod grpc;
 pub mod guard;
 pub mod http;
+mod jobs;
 pub mod node_link;
 
 pub use grpc::Api;

@@ -3,7 +3,7 @@
 //! scheduler and autoscaler (pure functions) what to do, commits everything in one
 //! transaction, and only then replies, launches, and calls providers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,14 @@ pub struct ControlConfig {
     /// Jobs get managed-identity settings (IDENTITY_HEADER...): the coordinator
     /// signs their tokens.
     pub identity_tokens: bool,
+    /// Ended jobs are deleted, with their logs, rows and files, this long after
+    /// they ended (None: kept for good).
+    pub job_retention: Option<Duration>,
+    /// Where jobs' files (code snapshots, outputs) are, to delete them with the job.
+    pub artifacts: Option<crate::artifacts::Artifacts>,
+    /// Ended jobs kept in memory beside the live ones (older ones are read from
+    /// the store).
+    pub recent_jobs: usize,
 }
 
 impl Default for ControlConfig {
@@ -59,6 +67,9 @@ impl Default for ControlConfig {
             idle_gpu_threshold_percent: 5.0,
             idle_gpu_after: Duration::from_secs(600),
             identity_tokens: false,
+            job_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            artifacts: None,
+            recent_jobs: crate::store::RECENT_JOBS,
         }
     }
 }
@@ -196,7 +207,13 @@ pub enum Command {
     ListClusters(Reply<Vec<ClusterInfo>>),
     SubmitJob(JobRequest, Reply<Job>),
     GetJob(String, Reply<Job>),
-    ListJobs(Option<String>, Reply<Vec<Job>>),
+    /// The in-memory state of those of these jobs that are live or recent (with
+    /// progress): what a page read from the store is brought up to date with.
+    LiveJobs(Vec<String>, Reply<Vec<Job>>),
+    /// Jobs by status, all of them (ended ones counted, not held).
+    JobCounts(Reply<BTreeMap<JobStatus, u64>>),
+    /// Deletes an ended job with its logs, rows and files.
+    DeleteJob(String, Reply<()>),
     CancelJob(String, Reply<Job>),
     ListNodes(Option<String>, Reply<Vec<Node>>),
     LockCluster(String, Option<LockKind>, Reply<ClusterInfo>),
@@ -227,14 +244,7 @@ pub enum Command {
     Metrics(Reply<String>),
     /// A parallel job's worker: its last result, and maybe the next mini-batch.
     Work(WorkRequest, Reply<WorkReply>),
-    /// A parallel job's output file (name, rows), if it writes one.
-    ReadOutput(String, Reply<Option<(String, Vec<u8>)>>),
-    ReadLogs {
-        job_id: String,
-        instance: Option<u32>,
-        after_seq: i64,
-        reply: Reply<Vec<StoredLog>>,
-    },
+
     AgentRegister {
         registration: Registration,
         session: u64,
@@ -340,14 +350,18 @@ impl ControlHandle {
     pub async fn work(&self, request: WorkRequest) -> Result<WorkReply> {
         self.ask(|r| Command::Work(request, r)).await
     }
-    pub async fn read_output(&self, job_id: String) -> Result<Option<(String, Vec<u8>)>> {
-        self.ask(|r| Command::ReadOutput(job_id, r)).await
-    }
+
     pub async fn get_job(&self, id: String) -> Result<Job> {
         self.ask(|r| Command::GetJob(id, r)).await
     }
-    pub async fn list_jobs(&self, cluster: Option<String>) -> Result<Vec<Job>> {
-        self.ask(|r| Command::ListJobs(cluster, r)).await
+    pub async fn live_jobs(&self, ids: Vec<String>) -> Result<Vec<Job>> {
+        self.ask(|r| Command::LiveJobs(ids, r)).await
+    }
+    pub async fn job_counts(&self) -> Result<BTreeMap<JobStatus, u64>> {
+        self.ask(Command::JobCounts).await
+    }
+    pub async fn delete_job(&self, id: String) -> Result<()> {
+        self.ask(|r| Command::DeleteJob(id, r)).await
     }
     pub async fn cancel_job(&self, id: String) -> Result<Job> {
         self.ask(|r| Command::CancelJob(id, r)).await
@@ -417,20 +431,6 @@ impl ControlHandle {
     pub async fn list_nodes(&self, cluster: Option<String>) -> Result<Vec<Node>> {
         self.ask(|r| Command::ListNodes(cluster, r)).await
     }
-    pub async fn read_logs(
-        &self,
-        job_id: String,
-        instance: Option<u32>,
-        after_seq: i64,
-    ) -> Result<Vec<StoredLog>> {
-        self.ask(|reply| Command::ReadLogs {
-            job_id,
-            instance,
-            after_seq,
-            reply,
-        })
-        .await
-    }
     pub async fn register_agent(
         &self,
         registration: Registration,
@@ -448,6 +448,15 @@ impl ControlHandle {
 }
 
 type Deferred = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// Nodes of a cluster that failed to start in a row: no new one before `until`.
+#[derive(Clone, Debug)]
+struct Backoff {
+    failures: u32,
+    until: Millis,
+    /// The last failure, for the waiting jobs' reason.
+    last: String,
+}
 
 pub struct Control {
     config: ControlConfig,
@@ -467,7 +476,7 @@ pub struct Control {
     links: HashMap<String, (u64, mpsc::UnboundedSender<ToAgent>)>,
     targets: HashMap<String, u32>,
     /// Per cluster: node failures in a row, and no new node before this time.
-    create_backoff: HashMap<String, (u32, Millis)>,
+    create_backoff: HashMap<String, Backoff>,
     next_job_seq: u64,
     next_node_seq: u64,
     wake_at: Option<Millis>,
@@ -508,6 +517,15 @@ pub struct Control {
     new_cuts: Vec<(String, Vec<crate::parallel::Cut>)>,
     new_rows: Vec<(String, u32, Vec<u8>)>,
     new_identities: Vec<Identity>,
+    /// Ended jobs still in memory, oldest first (see `history`).
+    recent: VecDeque<String>,
+    recent_set: HashSet<String>,
+    /// Ended jobs by status, held or not.
+    ended_counts: BTreeMap<JobStatus, u64>,
+    /// Jobs to delete in this batch, and retention's cut-off.
+    delete_jobs: Vec<String>,
+    purge_before: Option<Millis>,
+    next_purge: Millis,
     /// Jobs whose readers should look again, with nothing of the job itself to write.
     notify_jobs: BTreeSet<String>,
 }
@@ -590,6 +608,12 @@ impl Control {
             new_cuts: Vec::new(),
             new_rows: Vec::new(),
             new_identities: Vec::new(),
+            recent: VecDeque::new(),
+            recent_set: HashSet::new(),
+            ended_counts: snapshot.ended_counts,
+            delete_jobs: Vec::new(),
+            purge_before: None,
+            next_purge: now,
             notify_jobs: BTreeSet::new(),
         };
         for mut node in snapshot.nodes {
@@ -609,6 +633,7 @@ impl Control {
             control.jobs.insert(job.id.clone(), job);
         }
         control.load_parallel(snapshot.mini_batches);
+        control.remember_loaded();
         info!(
             clusters = control.clusters.len(),
             nodes = control.nodes.len(),
@@ -709,19 +734,21 @@ impl Control {
                 let result = self.work(request, now);
                 self.defer(reply, result);
             }
-            Command::ReadOutput(id, reply) => {
-                // Rows already committed: no need to wait for this batch.
-                let _ = reply.send(self.parallel_output(&id));
-            }
-            Command::ListJobs(cluster, reply) => {
-                let mut jobs: Vec<Job> = self
-                    .jobs
-                    .values()
-                    .filter(|j| cluster.as_ref().is_none_or(|c| &j.spec.cluster == c))
+
+            Command::LiveJobs(ids, reply) => {
+                let jobs = ids
+                    .iter()
+                    .filter_map(|id| self.jobs.get(id))
                     .map(|j| self.job_out(j, now))
                     .collect();
-                jobs.sort_by_key(|j| j.seq);
-                self.defer(reply, Ok(jobs));
+                let _ = reply.send(Ok(jobs));
+            }
+            Command::JobCounts(reply) => {
+                let _ = reply.send(Ok(self.job_counts()));
+            }
+            Command::DeleteJob(id, reply) => {
+                let result = self.delete_job(&id);
+                self.defer(reply, result);
             }
             Command::CancelJob(id, reply) => {
                 let result = self.cancel_job(&id, now);
@@ -735,19 +762,6 @@ impl Control {
                     .cloned()
                     .collect();
                 self.defer(reply, Ok(nodes));
-            }
-            Command::ReadLogs {
-                job_id,
-                instance,
-                after_seq,
-                reply,
-            } => {
-                let result = match self.job(&job_id) {
-                    Ok(_) => self.store.read_logs(&job_id, instance, after_seq, 10_000),
-                    Err(e) => Err(e),
-                };
-                // Logs already committed: no need to wait for this batch.
-                let _ = reply.send(result);
             }
             Command::AgentRegister {
                 registration,
@@ -1514,7 +1528,11 @@ impl Control {
     fn end_job(&mut self, job_id: &str, status: JobStatus, reason: String, now: Millis) {
         if let Some(job) = self.jobs.get_mut(job_id) {
             info!(job = %job_id, status = status.as_str(), %reason, "job ended");
+            let newly = !job.status.is_final();
             job.status = status;
+            if newly {
+                *self.ended_counts.entry(status).or_default() += 1;
+            }
             job.reason = reason;
             job.ended_at = now;
             self.dirty_jobs.insert(job_id.to_string());
@@ -1567,10 +1585,16 @@ impl Control {
             return;
         }
         // Nodes that keep failing must not be replaced in a tight loop.
-        let failures = self.create_backoff.get(&cluster).map_or(0, |(n, _)| *n) + 1;
+        let failures = self.create_backoff.get(&cluster).map_or(0, |b| b.failures) + 1;
         let delay_ms = 1000i64 << failures.min(6);
-        self.create_backoff
-            .insert(cluster.clone(), (failures, now + delay_ms));
+        self.create_backoff.insert(
+            cluster.clone(),
+            Backoff {
+                failures,
+                until: now + delay_ms,
+                last: format!("node {node_id}: {why}"),
+            },
+        );
         if let Some(c) = self.clusters.get_mut(&cluster) {
             c.errors.push(format!(
                 "node {node_id}: {why} (new nodes wait {} s)",
@@ -1621,6 +1645,7 @@ impl Control {
     /// back, and unusable nodes kept for a while so people can see them.
     fn housekeep(&mut self, now: Millis) {
         self.parallel_housekeep(now);
+        self.retention(now);
         let lease = self.config.lease.as_millis() as i64;
         let register = self.config.register_timeout.as_millis() as i64;
         let mut unusable = Vec::new();
@@ -1744,7 +1769,7 @@ impl Control {
                         (allowed, block, decision.remove.clone())
                     }
                 };
-            let backoff_until = self.create_backoff.get(&name).map(|(_, until)| *until);
+            let backoff_until = self.create_backoff.get(&name).map(|b| b.until);
             match backoff_until {
                 Some(until) if allowed > 0 && now < until => {
                     self.wake_at = Some(self.wake_at.map_or(until, |w| w.min(until)));
@@ -1767,9 +1792,17 @@ impl Control {
                 self.remove_node(id, "idle past idle_seconds_before_scaledown");
             }
             if waiting_instances > 0 {
-                let reason = match self.blocked.get(&name) {
-                    Some(block) => block.clone(),
-                    None => waiting_reason(&spec, active, decision.target, free as u32, widest),
+                let reason = match (self.blocked.get(&name), self.create_backoff.get(&name)) {
+                    (Some(block), _) => block.clone(),
+                    (None, Some(backoff)) => format!(
+                        "{}; {} node(s) failed to start in a row, the last: {}",
+                        waiting_reason(&spec, active, decision.target, free as u32, widest),
+                        backoff.failures,
+                        backoff.last
+                    ),
+                    (None, None) => {
+                        waiting_reason(&spec, active, decision.target, free as u32, widest)
+                    }
                 };
                 self.set_queued_reasons(&name, &reason);
                 self.explain_missing_gpus(&name);
@@ -2242,17 +2275,9 @@ impl Control {
                 );
             }
         }
-        for status in [
-            JobStatus::Queued,
-            JobStatus::Preparing,
-            JobStatus::Running,
-            JobStatus::Canceling,
-            JobStatus::Completed,
-            JobStatus::Failed,
-            JobStatus::Canceled,
-            JobStatus::TimedOut,
-        ] {
-            let count = self.jobs.values().filter(|j| j.status == status).count();
+        let counts = self.job_counts();
+        for status in JobStatus::ALL {
+            let count = counts.get(&status).copied().unwrap_or(0);
             m.gauge(
                 "jobs",
                 "Jobs by state",
@@ -2381,13 +2406,14 @@ impl Control {
         if let Some(block) = self.blocked.get(&spec.name) {
             lines.push(format!("autoscaler: blocked: {block}"));
         }
-        let backoff = self.create_backoff.get(&spec.name);
-        if let Some((failures, until)) = backoff
-            && now_ms() < *until
+        if let Some(backoff) = self.create_backoff.get(&spec.name)
+            && now_ms() < backoff.until
         {
             lines.push(format!(
-                "autoscaler: {failures} node(s) failed to start in a row; next try in {} s",
-                (until - now_ms()) / 1000 + 1
+                "autoscaler: {} node(s) failed to start in a row; next try in {} s (the last: {})",
+                backoff.failures,
+                (backoff.until - now_ms()) / 1000 + 1,
+                backoff.last
             ));
         }
         for error in &info.cluster.errors {
@@ -2688,11 +2714,13 @@ impl Control {
             mini_batches: Vec::new(),
             mini_batch_rows: Vec::new(),
             identities: std::mem::take(&mut self.new_identities),
+            delete_jobs: std::mem::take(&mut self.delete_jobs),
+            purge_ended_before: self.purge_before.take(),
         };
         let mut batch = batch;
         self.parallel_changes(&mut batch);
         let committed = if batch.is_empty() {
-            Ok(Vec::new())
+            Ok(crate::store::Committed::default())
         } else {
             self.store.commit(&batch)
         };
@@ -2714,8 +2742,10 @@ impl Control {
             self.outbox.clear();
             return;
         }
-        if let Ok(seqs) = committed {
-            for (log, seq) in batch.logs.into_iter().zip(seqs) {
+        if let Ok(committed) = committed {
+            self.purged(&committed, now_ms());
+            self.forget_old_jobs(&jobs_touched);
+            for (log, seq) in batch.logs.into_iter().zip(committed.log_seqs) {
                 let _ = self.logs_tx.send(Arc::new(StoredLog {
                     seq,
                     job_id: log.job_id,
@@ -2737,12 +2767,22 @@ impl Control {
         for name in clusters_touched {
             let _ = self.changes_tx.send(Change::Cluster(name));
         }
+        let start_limit = self.config.register_timeout;
         for launch in self.to_create.drain(..) {
             let provider = self.provider.clone();
             let events = self.own_tx.clone();
             tokio::spawn(async move {
                 let node_id = launch.node_id.clone();
-                match provider.create(launch).await {
+                // A provider that hangs fails the node, as one that says no.
+                let created = tokio::time::timeout(start_limit, provider.create(launch))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "the provider did not start it within {} s",
+                            start_limit.as_secs()
+                        ))
+                    });
+                match created {
                     Ok(started) => {
                         let _ = events
                             .send(Command::NodeStarted {
@@ -2928,6 +2968,7 @@ pub fn waiting_reason(
     format!("waiting for nodes to start ({free} ready)")
 }
 
+mod history;
 mod identities;
 pub mod ownership;
 mod parallel;

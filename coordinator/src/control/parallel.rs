@@ -271,19 +271,4 @@ impl Control {
         batch.new_mini_batches = std::mem::take(&mut self.new_cuts);
         batch.mini_batch_rows = std::mem::take(&mut self.new_rows);
     }
-
-    /// A parallel job's output file: its done mini-batches' rows, in order.
-    pub(super) fn parallel_output(&mut self, job_id: &str) -> Result<Option<(String, Vec<u8>)>> {
-        let job = self.job(job_id)?;
-        let Some(name) = job
-            .spec
-            .parallel
-            .as_ref()
-            .and_then(|p| p.append_row_to.clone())
-        else {
-            return Ok(None);
-        };
-        let rows = self.store.read_rows(job_id)?;
-        Ok(Some((name, rows)))
-    }
 }

@@ -894,3 +894,50 @@ async fn a_silent_node_has_its_work_rerun_after_the_lease_and_may_come_back() {
         crate::model::InstanceStatus::Lost
     );
 }
+
+#[tokio::test]
+async fn only_live_and_recent_jobs_stay_in_memory() {
+    let h = harness_config(ControlConfig {
+        recent_jobs: 2,
+        ..ControlConfig::default()
+    })
+    .await;
+    h.cluster(1, 60).await;
+    let node = {
+        let first = h.submit().await;
+        let node = h.created_node(0).await;
+        (first, node)
+    };
+    let (first, node) = node;
+    let mut agent = h.register(&node, 1, vec![]).await;
+    let mut ids = vec![first];
+    for _ in 0..3 {
+        ids.push(h.submit().await);
+    }
+    for id in &ids {
+        let order = next_launch(&mut agent).await;
+        h.handle
+            .send(Command::InstanceExited {
+                node_id: node.clone(),
+                slot: order.slot,
+                exit: exit(0),
+            })
+            .await;
+        h.job_status(id, JobStatus::Completed).await;
+    }
+    // The two oldest are in the store only; every one is counted.
+    for old in &ids[..2] {
+        let err = h.handle.get_job(old.clone()).await.expect_err("evicted");
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    }
+    assert!(h.handle.get_job(ids[3].clone()).await.is_ok());
+    let counts = h.handle.job_counts().await.expect("counts");
+    assert_eq!(counts.get(&JobStatus::Completed), Some(&4));
+    // Deleting a live job is refused; an ended one is forgotten at once.
+    let live = h.submit().await;
+    assert!(h.handle.delete_job(live).await.is_err());
+    h.handle.delete_job(ids[3].clone()).await.expect("delete");
+    assert!(h.handle.get_job(ids[3].clone()).await.is_err());
+    let counts = h.handle.job_counts().await.expect("counts");
+    assert_eq!(counts.get(&JobStatus::Completed), Some(&3));
+}
