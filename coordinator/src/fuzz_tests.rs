@@ -1,7 +1,9 @@
 //! Malformed input thrown at the coordinator's edges: random protobuf bytes into
-//! the wire conversions, random YAML into the job file parser, random bodies into
-//! the HTTP API (in process, on a real control loop). Nothing may panic, and every
-//! refusal is a clear client error, never a 500.
+//! the wire conversions, random YAML into the job and compute file parsers, random
+//! bodies into the HTTP API (in process, on a real control loop). Nothing may
+//! panic, and every refusal is a clear client error, never a 500. Each suite runs
+//! a few hundred cases in `cargo test`; `bench/fuzz.sh` runs 100,000 of each
+//! (`SHOAL_FUZZ_CASES`) and measures the memory it takes.
 
 use std::sync::Arc;
 
@@ -15,11 +17,20 @@ use tower::ServiceExt;
 use crate::api::{Api, convert, http};
 use crate::artifacts::Artifacts;
 use crate::auth::Auth;
+use crate::computefile::ComputeFile;
 use crate::control::{Control, ControlConfig};
 use crate::jobfile::JobFile;
 use crate::store::SqliteStore;
 use crate::testing::FakeProvider;
 use crate::vmsize::Catalog;
+
+/// Cases per suite: `default` in `cargo test`, or `SHOAL_FUZZ_CASES`.
+fn cases(default: u32) -> u32 {
+    std::env::var("SHOAL_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Bytes that look like protobuf often enough to get past the first field.
 fn wire_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -69,7 +80,7 @@ fn wire_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(400), .. ProptestConfig::default() })]
 
     #[test]
     fn random_protobuf_never_panics_the_wire_conversions(bytes in wire_bytes()) {
@@ -95,6 +106,49 @@ proptest! {
                 }
                 _ => {}
             }
+        }
+    }
+
+    #[test]
+    fn random_yaml_never_panics_the_compute_file_parser(text in "[a-z_:{}\\[\\], 0-9\n\"'-]{0,200}") {
+        if let Ok(file) = ComputeFile::from_yaml(&text) {
+            let request = crate::model::ClusterRequest {
+                name: file.name.unwrap_or_default(),
+                vm_size: file.size.unwrap_or_default(),
+                vm_priority: file.tier.unwrap_or_default(),
+                min_nodes: file.min_instances,
+                max_nodes: file.max_instances,
+                idle_seconds_before_scaledown: file.idle_time_before_scale_down,
+                tags: file.tags,
+                ..Default::default()
+            };
+            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
+        }
+    }
+
+    #[test]
+    fn compute_files_with_random_values_are_parsed_or_refused(
+        key in prop::sample::select(vec![
+            "size", "min_instances", "max_instances", "tier", "idle_time_before_scale_down",
+            "tags", "provider", "internode_communication", "type", "name",
+        ]),
+        value in "[a-zA-Z0-9_{}:, -]{0,30}",
+    ) {
+        let text = format!("name: fuzz\nsize: Standard_D2_v2\n{key}: {value}\n");
+        if let Ok(file) = ComputeFile::from_yaml(&text) {
+            let request = crate::model::ClusterRequest {
+                name: file.name.unwrap_or_default(),
+                vm_size: file.size.unwrap_or_default(),
+                vm_priority: file.tier.unwrap_or_default(),
+                min_nodes: file.min_instances,
+                max_nodes: file.max_instances,
+                idle_seconds_before_scaledown: file.idle_time_before_scale_down,
+                tags: file.tags,
+                provider: file.provider.unwrap_or_default(),
+                internode_communication: file.internode_communication,
+                ..Default::default()
+            };
+            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
         }
     }
 
@@ -152,7 +206,7 @@ fn app(runtime: &tokio::runtime::Runtime) -> axum::Router {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(300), .. ProptestConfig::default() })]
 
     #[test]
     fn random_http_bodies_get_a_client_error_not_a_crash(

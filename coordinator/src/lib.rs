@@ -6,6 +6,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod autoscaler;
+pub mod computefile;
 pub mod control;
 pub mod error;
 pub mod governance;

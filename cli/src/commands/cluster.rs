@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use serde::Deserialize;
+use shoal_coordinator::computefile::ComputeFile;
 use shoal_coordinator::view;
 use shoal_proto::v1 as pb;
 
@@ -161,50 +161,11 @@ pub struct UpdateArgs {
     wait: bool,
 }
 
-/// The managed service's compute YAML, as far as it applies here.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClusterFile {
-    #[serde(rename = "$schema", default)]
-    _schema: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default, alias = "vm_size")]
-    size: Option<String>,
-    #[serde(default, alias = "min_nodes")]
-    min_instances: Option<u32>,
-    #[serde(default, alias = "max_nodes")]
-    max_instances: Option<u32>,
-    #[serde(default, alias = "vm_priority")]
-    tier: Option<String>,
-    #[serde(default, alias = "idle_seconds_before_scaledown")]
-    idle_time_before_scale_down: Option<u64>,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-    #[serde(default)]
-    provider: Option<String>,
-    #[serde(default)]
-    internode_communication: Option<bool>,
-}
-
-fn read_cluster_file(path: &PathBuf) -> anyhow::Result<ClusterFile> {
+fn read_cluster_file(path: &PathBuf) -> anyhow::Result<ComputeFile> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file: ClusterFile = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("invalid cluster file {}: {e}", path.display()))?;
-    if let Some(kind) = file.kind.as_deref()
-        && kind != "amlcompute"
-    {
-        anyhow::bail!(
-            "invalid type in {}: `{kind}` clusters are not supported; use `amlcompute`",
-            path.display()
-        );
-    }
-    Ok(file)
+    ComputeFile::from_yaml(&text)
+        .map_err(|e| anyhow::anyhow!("invalid cluster file {}: {e}", path.display()))
 }
 
 pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()> {
@@ -299,7 +260,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         Command::Create(args) => {
             let file = match &args.file {
                 Some(path) => read_cluster_file(path)?,
-                None => ClusterFile::default(),
+                None => ComputeFile::default(),
             };
             let mut tags: HashMap<String, String> = file.tags.into_iter().collect();
             tags.extend(args.tags);
