@@ -63,7 +63,7 @@ enum Command {
     /// Create, inspect, update and delete clusters.
     #[command(subcommand)]
     Cluster(cluster::Command),
-    /// Submit jobs, follow their logs, cancel them, download their outputs.
+    /// Submit jobs, follow their logs, cancel them, download their outputs, delete them.
     #[command(subcommand)]
     Job(job::Command),
     /// See the nodes of your clusters.
