@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::model::ClusterRequest;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -49,5 +50,22 @@ impl ComputeFile {
             ));
         }
         Ok(file)
+    }
+
+    /// The cluster it asks for (flags given beside the file are laid over it).
+    pub fn into_request(self) -> ClusterRequest {
+        ClusterRequest {
+            name: self.name.unwrap_or_default(),
+            vm_size: self.size.unwrap_or_default(),
+            vm_priority: self.tier.unwrap_or_default(),
+            min_nodes: self.min_instances,
+            max_nodes: self.max_instances,
+            idle_seconds_before_scaledown: self.idle_time_before_scale_down,
+            description: self.description.unwrap_or_default(),
+            tags: self.tags,
+            provider: self.provider.unwrap_or_default(),
+            internode_communication: self.internode_communication,
+            ..Default::default()
+        }
     }
 }

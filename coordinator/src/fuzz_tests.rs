@@ -112,17 +112,7 @@ proptest! {
     #[test]
     fn random_yaml_never_panics_the_compute_file_parser(text in "[a-z_:{}\\[\\], 0-9\n\"'-]{0,200}") {
         if let Ok(file) = ComputeFile::from_yaml(&text) {
-            let request = crate::model::ClusterRequest {
-                name: file.name.unwrap_or_default(),
-                vm_size: file.size.unwrap_or_default(),
-                vm_priority: file.tier.unwrap_or_default(),
-                min_nodes: file.min_instances,
-                max_nodes: file.max_instances,
-                idle_seconds_before_scaledown: file.idle_time_before_scale_down,
-                tags: file.tags,
-                ..Default::default()
-            };
-            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
+            let _ = crate::model::ClusterSpec::from_request(file.into_request(), &Catalog::default());
         }
     }
 
@@ -136,19 +126,7 @@ proptest! {
     ) {
         let text = format!("name: fuzz\nsize: Standard_D2_v2\n{key}: {value}\n");
         if let Ok(file) = ComputeFile::from_yaml(&text) {
-            let request = crate::model::ClusterRequest {
-                name: file.name.unwrap_or_default(),
-                vm_size: file.size.unwrap_or_default(),
-                vm_priority: file.tier.unwrap_or_default(),
-                min_nodes: file.min_instances,
-                max_nodes: file.max_instances,
-                idle_seconds_before_scaledown: file.idle_time_before_scale_down,
-                tags: file.tags,
-                provider: file.provider.unwrap_or_default(),
-                internode_communication: file.internode_communication,
-                ..Default::default()
-            };
-            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
+            let _ = crate::model::ClusterSpec::from_request(file.into_request(), &Catalog::default());
         }
     }
 

@@ -262,23 +262,26 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 Some(path) => read_cluster_file(path)?,
                 None => ComputeFile::default(),
             };
-            let mut tags: HashMap<String, String> = file.tags.into_iter().collect();
+            // The file's values, with the flags laid over them.
+            let base = file.into_request();
+            let mut tags: HashMap<String, String> = base.tags.into_iter().collect();
             tags.extend(args.tags);
+            let or = |flag: Option<String>, file: String| flag.unwrap_or(file);
             let spec = pb::ClusterSpec {
-                name: args.name.or(file.name).unwrap_or_default(),
-                vm_size: args.vm_size.or(file.size).unwrap_or_default(),
-                vm_priority: args.vm_priority.or(file.tier).unwrap_or_default(),
-                min_nodes: args.min_nodes.or(file.min_instances),
-                max_nodes: args.max_nodes.or(file.max_instances),
+                name: or(args.name, base.name),
+                vm_size: or(args.vm_size, base.vm_size),
+                vm_priority: or(args.vm_priority, base.vm_priority),
+                min_nodes: args.min_nodes.or(base.min_nodes),
+                max_nodes: args.max_nodes.or(base.max_nodes),
                 idle_seconds_before_scaledown: args
                     .idle_seconds_before_scaledown
-                    .or(file.idle_time_before_scale_down),
-                description: args.description.or(file.description).unwrap_or_default(),
+                    .or(base.idle_seconds_before_scaledown),
+                description: or(args.description, base.description),
                 tags,
-                provider: args.provider.or(file.provider).unwrap_or_default(),
+                provider: or(args.provider, base.provider),
                 internode_communication: args
                     .internode_communication
-                    .or(file.internode_communication),
+                    .or(base.internode_communication),
                 cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
                 // Made with the cluster, in one step: an unknown one creates nothing.
                 identities: identities_to_assign(

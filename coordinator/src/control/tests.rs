@@ -38,6 +38,14 @@ async fn harness_full(provider: FakeProvider, config: ControlConfig) -> Harness 
     }
 }
 
+/// What `one_running` leaves: the job, its node, the node's agent link, the launch.
+struct Running {
+    id: String,
+    node: String,
+    agent: UnboundedReceiver<ToAgent>,
+    order: LaunchOrder,
+}
+
 async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     for _ in 0..400 {
         if let Some(value) = probe() {
@@ -100,6 +108,29 @@ impl Harness {
             .await
             .expect("register");
         rx
+    }
+
+    /// A job submitted, placed on the cluster's first node (registered now) and
+    /// running there.
+    async fn one_running(&self) -> Running {
+        let id = self.submit().await;
+        let node = self.created_node(0).await;
+        let mut agent = self.register(&node, 1, vec![]).await;
+        let order = next_launch(&mut agent).await;
+        self.handle
+            .send(Command::InstanceStarted {
+                node_id: node.clone(),
+                slot: order.slot.clone(),
+                gpus: vec![],
+            })
+            .await;
+        self.job_status(&id, JobStatus::Running).await;
+        Running {
+            id,
+            node,
+            agent,
+            order,
+        }
     }
 
     async fn job_status(&self, id: &str, status: JobStatus) -> Job {
@@ -618,18 +649,12 @@ async fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
 async fn a_canceled_job_shows_canceling_until_its_instance_has_stopped() {
     let h = harness().await;
     h.cluster(1, 60).await;
-    let id = h.submit().await;
-    let node = h.created_node(0).await;
-    let mut agent = h.register(&node, 1, vec![]).await;
-    let order = next_launch(&mut agent).await;
-    h.handle
-        .send(Command::InstanceStarted {
-            node_id: node.clone(),
-            slot: order.slot.clone(),
-            gpus: vec![],
-        })
-        .await;
-    h.job_status(&id, JobStatus::Running).await;
+    let Running {
+        id,
+        node,
+        mut agent,
+        order,
+    } = h.one_running().await;
 
     let answer = h.handle.cancel_job(id.clone()).await.expect("cancel");
     assert_eq!(
@@ -837,18 +862,9 @@ async fn a_silent_node_has_its_work_rerun_after_the_lease_and_may_come_back() {
     })
     .await;
     h.cluster(2, 60).await;
-    let id = h.submit().await;
-    let node = h.created_node(0).await;
-    let mut agent = h.register(&node, 1, vec![]).await;
-    let order = next_launch(&mut agent).await;
-    h.handle
-        .send(Command::InstanceStarted {
-            node_id: node.clone(),
-            slot: order.slot.clone(),
-            gpus: vec![],
-        })
-        .await;
-    h.job_status(&id, JobStatus::Running).await;
+    let Running {
+        id, node, order, ..
+    } = h.one_running().await;
     // No heartbeat, though the session stays open (a cut network): a lease later
     // the work is rerun and the node is out, for now.
     let job = h
