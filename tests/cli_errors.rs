@@ -203,3 +203,29 @@ async fn a_public_listen_address_is_refused_without_tls() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_compute_file_makes_a_cluster_flags_win_and_typos_are_refused() {
+    let tc = TestCluster::start().await;
+    let file = tc.scratch("compute.yml");
+    std::fs::write(
+        &file,
+        "$schema: https://azuremlschemas.azureedge.net/latest/amlCompute.schema.json\n\
+         type: amlcompute\nname: fromfile\nsize: STANDARD_D3_V2\n\
+         min_instances: 0\nmax_instances: 3\nidle_time_before_scale_down: 30\n\
+         tier: low_priority\ntags: {team: ml}\n",
+    )
+    .expect("file");
+    let path = file.to_str().expect("utf8");
+    let made = tc.shoal_json(&["cluster", "create", "-f", path, "--max-nodes", "2"]);
+    assert_eq!(made["name"], "fromfile");
+    assert_eq!(made["vm_size"], "Standard_D3_v2");
+    assert_eq!(made["max_nodes"], 2, "the flag wins over the file: {made:#}");
+    assert_eq!(made["idle_seconds_before_scaledown"], 30);
+    assert_eq!(made["vm_priority"], "lowpriority");
+    assert_eq!(made["tags"]["team"], "ml");
+    std::fs::write(&file, "name: typo\nsize: Standard_D2_v2\nmax_instance: 3\n").expect("file");
+    let e = refused(&tc, &["cluster", "create", "-f", path]);
+    assert_mentions(&e, &["max_instance"]);
+    assert!(!tc.shoal(&["cluster", "show", "typo"]).status.success());
+}
