@@ -734,14 +734,13 @@ impl Control {
                 let result = self.work(request, now);
                 self.defer(reply, result);
             }
-
             Command::LiveJobs(ids, reply) => {
                 let jobs = ids
                     .iter()
                     .filter_map(|id| self.jobs.get(id))
                     .map(|j| self.job_out(j, now))
                     .collect();
-                let _ = reply.send(Ok(jobs));
+                self.defer(reply, Ok(jobs));
             }
             Command::JobCounts(reply) => {
                 let _ = reply.send(Ok(self.job_counts()));
