@@ -220,7 +220,10 @@ async fn a_compute_file_makes_a_cluster_flags_win_and_typos_are_refused() {
     let made = tc.shoal_json(&["cluster", "create", "-f", path, "--max-nodes", "2"]);
     assert_eq!(made["name"], "fromfile");
     assert_eq!(made["vm_size"], "Standard_D3_v2");
-    assert_eq!(made["max_nodes"], 2, "the flag wins over the file: {made:#}");
+    assert_eq!(
+        made["max_nodes"], 2,
+        "the flag wins over the file: {made:#}"
+    );
     assert_eq!(made["idle_seconds_before_scaledown"], 30);
     assert_eq!(made["vm_priority"], "lowpriority");
     assert_eq!(made["tags"]["team"], "ml");

@@ -82,6 +82,7 @@ fn ticking_job(tc: &TestCluster, cluster: &str, seconds: u32) -> String {
 struct Cut {
     network: String,
     container: String,
+    node: String,
 }
 
 impl Cut {
@@ -90,6 +91,7 @@ impl Cut {
         let cut = Cut {
             network: format!("shoal-{owner}-{cluster}"),
             container: format!("shoal-{owner}-node-{node}"),
+            node: node.to_string(),
         };
         docker(&["network", "disconnect", &cut.network, &cut.container]);
         cut
@@ -100,7 +102,7 @@ impl Cut {
             "network",
             "connect",
             "--alias",
-            "healed",
+            &self.node,
             &self.network,
             &self.container,
         ]);
@@ -129,7 +131,9 @@ async fn a_node_cut_off_stops_its_work_before_it_is_rerun_and_nothing_runs_twice
     })
     .await;
 
-    // Shorter than the lease: the node is back before anything happens to it.
+    // Shorter than the lease: the node is back before anything happens to it (a
+    // 1 s cut and its agent's reconnection, well inside the 4 s it waits before
+    // it stops its work).
     let id = ticking_job(&tc, "fence", 8);
     let job = tc
         .wait_job(&id, "running", LIMIT, |j| j.status == "running")
@@ -137,7 +141,7 @@ async fn a_node_cut_off_stops_its_work_before_it_is_rerun_and_nothing_runs_twice
     let node = job.attempts[0].instances[0].node.clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cut = Cut::new(&tc, "fence", &node);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     cut.heal();
     let job = tc.wait_status(&id, "completed", LIMIT).await;
     assert_eq!(
