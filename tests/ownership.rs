@@ -126,6 +126,15 @@ async fn a_node_acts_only_on_its_own_work() {
     assert!(why.contains(&format!("node {owner} does")), "{why}");
     refused("restore outputs", agent.restore_outputs(theirs(0)).await);
     refused(
+        "fetch an input",
+        agent
+            .fetch_input(pb::InputRef {
+                instance: Some(theirs(0)),
+                name: "data".into(),
+            })
+            .await,
+    );
+    refused(
         "upload outputs",
         agent
             .upload_outputs(pb::OutputsUpload {
@@ -133,6 +142,7 @@ async fn a_node_acts_only_on_its_own_work() {
                 instance: 0,
                 data: outputs_archive("planted.txt", "not theirs\n"),
                 token: guess.clone(),
+                output_name: String::new(),
             })
             .await,
     );

@@ -28,6 +28,19 @@ pub fn pack_dir(dir: &Path) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(builder.into_inner()?.finish()?))
 }
 
+/// Packs a folder's contents, or one file (by its name), as tar.gz.
+pub fn pack_path(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    builder.follow_symlinks(false);
+    if path.is_dir() {
+        builder.append_dir_all(".", path)?;
+    } else {
+        let name = path.file_name().unwrap_or(path.as_os_str());
+        builder.append_path_with_name(path, name)?;
+    }
+    builder.into_inner()?.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot,
 use crate::telemetry::{self, Telemetry};
 use crate::{AgentConfig, AgentError, archive};
 
+mod data;
 mod parallel;
 
 /// How long an exit is remembered for re-registration, in case it was never delivered.
@@ -36,6 +37,8 @@ struct Entry {
     usage: Usage,
     /// Its token, shown on every call about it.
     token: String,
+    /// Its named outputs (name, a folder?), uploaded when it ends.
+    outputs: Vec<(String, bool)>,
 }
 
 impl Entry {
@@ -47,6 +50,7 @@ impl Entry {
             group: None,
             usage: Usage::default(),
             token,
+            outputs: Vec::new(),
         }
     }
 }
@@ -636,10 +640,14 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .allocate(launch.gpus);
-            attempts.insert(
-                slot.clone(),
-                Entry::new(stop, gpus.clone().unwrap_or_default(), launch.token.clone()),
-            );
+            let mut entry =
+                Entry::new(stop, gpus.clone().unwrap_or_default(), launch.token.clone());
+            entry.outputs = launch
+                .outputs
+                .iter()
+                .map(|o| (o.name.clone(), o.folder))
+                .collect();
+            attempts.insert(slot.clone(), entry);
             if gpus.is_none() {
                 let free = self.gpu_allocator.lock().map(|g| g.free()).unwrap_or(0);
                 let why = format!(
@@ -667,7 +675,7 @@ impl Agent {
     async fn run_instance(
         self,
         slot: Slot,
-        launch: pb::Launch,
+        mut launch: pb::Launch,
         stop: watch::Receiver<Option<Stop>>,
     ) {
         let gpus = {
@@ -692,7 +700,7 @@ impl Agent {
             Err(why) => Outcome::failed(why),
             Ok(()) => {
                 let mut env: std::collections::BTreeMap<String, String> =
-                    launch.env.into_iter().collect();
+                    std::mem::take(&mut launch.env).into_iter().collect();
                 env.insert(
                     "SHOAL_OUTPUT_DIR".into(),
                     dir.join("outputs").to_string_lossy().into_owned(),
@@ -703,8 +711,20 @@ impl Agent {
                         .admit(&secret, slot.clone(), launch.token.clone());
                     env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
                 }
-                let image = (!launch.image.is_empty()).then_some(launch.image);
-                let mut argv = launch.argv;
+                let image = (!launch.image.is_empty()).then_some(launch.image.clone());
+                let root = if image.is_some() {
+                    "/job".to_string()
+                } else {
+                    dir.to_string_lossy().into_owned()
+                };
+                let mut argv = data::substitute(std::mem::take(&mut launch.argv), &launch, &root);
+                if image.is_none() && !launch.path_prefix.is_empty() {
+                    // A host environment: its prefix's programs come first.
+                    let path = std::env::var("PATH").unwrap_or_default();
+                    let prefix = launch.path_prefix.trim_end_matches('/');
+                    env.insert("PATH".into(), format!("{prefix}/bin:{path}"));
+                    env.insert("VIRTUAL_ENV".into(), prefix.to_string());
+                }
                 let mut mounts = Vec::new();
                 if launch.mpi {
                     let job = (launch.job_id.as_str(), launch.token.as_str());
@@ -732,6 +752,7 @@ impl Agent {
                     rank: None,
                     mounts,
                     token: launch.token.clone(),
+                    shm_size_bytes: (launch.shm_size_bytes > 0).then_some(launch.shm_size_bytes),
                 };
                 if launch.mpi {
                     let sandbox = match (&spec.image, &self.docker) {
@@ -964,6 +985,19 @@ impl Agent {
                 .trim()
                 .to_string();
         }
+        let (token, named) = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(&slot)
+                .map(|e| (e.token.clone(), e.outputs.clone()))
+                .unwrap_or_default()
+        };
+        if let Err(why) = self.upload_named(&slot, &token, &dir, &named).await {
+            warn!(attempt = %slot.attempt_id, %why, "named outputs not uploaded");
+            outcome.message = format!("{} (named outputs not uploaded: {why})", outcome.message)
+                .trim()
+                .to_string();
+        }
         info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
         let mut exited = outcome.to_wire();
         let sample = self.telemetry.latest();
@@ -1021,6 +1055,8 @@ impl Agent {
         } else {
             None
         };
+        let inputs = self.fetch_inputs(launch).await?;
+        let layout = launch.clone();
         let dir = dir.to_path_buf();
         // Containers keep their own user; process jobs may run as an unprivileged one.
         let run_as = if launch.image.is_empty() {
@@ -1040,6 +1076,7 @@ impl Agent {
                 archive::unpack(&outputs, &dir.join("outputs"))
                     .map_err(|e| format!("cannot restore the last attempt's outputs: {e}"))?;
             }
+            data::lay_out(&dir, &layout, inputs)?;
             if let Some(user) = &run_as {
                 user.own(&dir)
                     .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), user.name))?;
@@ -1071,6 +1108,7 @@ impl Agent {
             instance: slot.instance,
             data,
             token,
+            output_name: String::new(),
         };
         let mut last = String::new();
         for attempt in 0..5u32 {

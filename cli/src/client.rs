@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use shoal_proto::v1::{
-    clusters_client::ClustersClient, identities_client::IdentitiesClient, jobs_client::JobsClient,
-    nodes_client::NodesClient, quotas_client::QuotasClient, tokens_client::TokensClient,
+    clusters_client::ClustersClient, data_assets_client::DataAssetsClient,
+    datastores_client::DatastoresClient, environments_client::EnvironmentsClient,
+    identities_client::IdentitiesClient, jobs_client::JobsClient, nodes_client::NodesClient,
+    quotas_client::QuotasClient, settings_client::SettingsClient, tokens_client::TokensClient,
     vm_sizes_client::VmSizesClient,
 };
 use shoal_proto::{AuthChannel, Bearer};
@@ -200,6 +202,26 @@ impl Client {
 
     pub fn vm_sizes(&self) -> VmSizesClient<AuthChannel> {
         VmSizesClient::new(self.channel.clone())
+    }
+
+    pub fn datastores(&self) -> DatastoresClient<AuthChannel> {
+        DatastoresClient::new(self.channel.clone())
+    }
+
+    pub fn data_assets(&self) -> DataAssetsClient<AuthChannel> {
+        DataAssetsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn environments(&self) -> EnvironmentsClient<AuthChannel> {
+        EnvironmentsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn settings(&self) -> SettingsClient<AuthChannel> {
+        SettingsClient::new(self.channel.clone())
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{agent, cluster, job, mpi, node, quickstart, serve, token};
+use commands::{agent, assets, cluster, job, ml, mpi, node, quickstart, serve, token};
 use output::Format;
 
 #[derive(Parser)]
@@ -50,6 +50,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a 2-node job end to end on an embedded coordinator, then scale to zero.
@@ -66,6 +68,20 @@ enum Command {
     /// Submit jobs, follow their logs, cancel them, download their outputs, delete them.
     #[command(subcommand)]
     Job(job::Command),
+    /// Datastores: folders jobs read and write as azureml://datastores/NAME/paths/PATH.
+    #[command(subcommand)]
+    Datastore(assets::DatastoreCommand),
+    /// Data assets: versioned data jobs name as azureml:NAME:VERSION.
+    #[command(subcommand)]
+    Data(assets::DataCommand),
+    /// Environments: images, build contexts, conda files or the host's software,
+    /// named by jobs as azureml:NAME@latest.
+    #[command(subcommand)]
+    Environment(assets::EnvironmentCommand),
+    /// Defaults, as `az configure --defaults`: `--defaults compute=cpu-cluster`.
+    Configure(assets::ConfigureArgs),
+    /// The managed service's `az ml` command lines, `az` replaced by `shoal`.
+    Ml(ml::MlArgs),
     /// See the nodes of your clusters.
     #[command(subcommand)]
     Node(node::Command),
@@ -157,6 +173,13 @@ fn main() -> ExitCode {
             Command::Cluster(command) => cluster::run(command, &endpoint, format).await,
             Command::Job(command) => job::run(command, &endpoint, format).await,
             Command::Node(command) => node::run(command, &endpoint, format).await,
+            Command::Datastore(command) => assets::run_datastore(command, &endpoint, format).await,
+            Command::Data(command) => assets::run_data(command, &endpoint, format).await,
+            Command::Environment(command) => {
+                assets::run_environment(command, &endpoint, format).await
+            }
+            Command::Configure(args) => assets::run_configure(args, &endpoint, format).await,
+            Command::Ml(args) => ml::run(args, &endpoint, format).await,
             Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
             Command::Quota(command) => node::run_quota(command, &endpoint, format).await,
             Command::Mpi(command) => mpi::run(command).await,

@@ -56,6 +56,72 @@ impl Artifacts {
         Ok(path.to_string_lossy().into_owned())
     }
 
+    /// Keeps a job's uploaded input (a file, or a folder as tar.gz); its path.
+    pub async fn put_input(&self, data: Vec<u8>) -> Result<String> {
+        self.put_under("inputs", data).await
+    }
+
+    /// Keeps a data asset's uploaded content; its path.
+    pub async fn put_data(&self, data: Vec<u8>) -> Result<String> {
+        self.put_under("data", data).await
+    }
+
+    async fn put_under(&self, folder: &str, data: Vec<u8>) -> Result<String> {
+        let n = UPLOADS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{}-{n}", crate::model::now_ms(), std::process::id());
+        let path = self.root.join(folder).join(name);
+        Self::write_atomic(path.clone(), data).await?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+
+    fn named_path(&self, attempt_id: &str, instance: u32, name: &str) -> PathBuf {
+        self.root
+            .join("outputs")
+            .join(attempt_id)
+            .join(format!("{instance}.named.{name}.tar.gz"))
+    }
+
+    /// Keeps what one instance wrote to a named output.
+    pub async fn put_named(
+        &self,
+        attempt_id: &str,
+        instance: u32,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<()> {
+        if !valid_attempt_id(attempt_id) || !valid_output_name(name) {
+            return Err(Error::invalid(
+                "output_name",
+                format!("`{attempt_id}`/`{name}` is not an attempt and output name"),
+            ));
+        }
+        Self::write_atomic(self.named_path(attempt_id, instance, name), data).await
+    }
+
+    /// What each instance of an attempt wrote to a named output.
+    pub async fn named(
+        &self,
+        attempt_id: &str,
+        instances: u32,
+        name: &str,
+    ) -> Result<Vec<(u32, Vec<u8>)>> {
+        let mut found = Vec::new();
+        for instance in 0..instances {
+            let path = self.named_path(attempt_id, instance, name);
+            match tokio::fs::read(&path).await {
+                Ok(data) => found.push((instance, data)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     pub async fn read(path: &str) -> Result<Vec<u8>> {
         tokio::fs::read(path)
             .await
@@ -113,16 +179,64 @@ impl Artifacts {
 }
 
 impl Artifacts {
-    /// Deletes a job's files: its code snapshot and its attempts' outputs
-    /// (blocking: call it off the async runtime).
-    pub fn remove_job_files(&self, code_path: Option<&str>, attempts: &[String]) {
-        if let Some(path) = code_path {
-            let _ = std::fs::remove_file(path);
+    /// Deletes a job's files: its code snapshot, its uploaded inputs and its
+    /// attempts' outputs (blocking: call it off the async runtime).
+    pub fn remove_job_files(
+        &self,
+        code_path: Option<&str>,
+        inputs: &[String],
+        attempts: &[String],
+    ) {
+        // Only the job's own files: a data asset's content (in `data/`) stays.
+        let code = code_path.into_iter().map(|p| (p, "code"));
+        let uploaded = inputs.iter().map(|p| (p.as_str(), "inputs"));
+        for (path, folder) in code.chain(uploaded) {
+            if Path::new(path).starts_with(self.root.join(folder)) {
+                let _ = std::fs::remove_file(path);
+            }
         }
         for attempt in attempts.iter().filter(|a| valid_attempt_id(a)) {
             let _ = std::fs::remove_dir_all(self.root.join("outputs").join(attempt));
         }
     }
+}
+
+/// Output names as job files write them: letters, digits and `_`.
+pub fn valid_output_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A file's bytes, or a folder as tar.gz (blocking: call it off the async runtime).
+pub fn pack_path(path: &Path) -> Result<Vec<u8>> {
+    let io = |e: std::io::Error| Error::Internal(format!("cannot read {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_file() {
+        return std::fs::read(path).map_err(io);
+    }
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", path).map_err(io)?;
+    builder.into_inner().map_err(io)?.finish().map_err(io)
+}
+
+/// Unpacks a tar.gz into `dest`, made if missing; entries may not leave it
+/// (blocking: call it off the async runtime).
+pub fn unpack_into(data: &[u8], dest: &Path) -> Result<()> {
+    let io =
+        |e: std::io::Error| Error::Internal(format!("cannot unpack into {}: {e}", dest.display()));
+    std::fs::create_dir_all(dest).map_err(io)?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(data));
+    for entry in archive.entries().map_err(io)? {
+        let mut entry = entry.map_err(io)?;
+        // `unpack_in` refuses paths that would leave `dest`.
+        entry.unpack_in(dest).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// A named temporary file next to its final place (same filesystem, so rename is atomic).

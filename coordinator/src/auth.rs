@@ -520,19 +520,29 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             ("Agent", _) => Needs::Node,
             ("Clusters", "Get" | "List" | "Watch")
             | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why" | "DownloadOutputs")
+            | ("Datastores" | "DataAssets" | "Environments", "Get" | "List")
+            | ("Settings", "GetDefaults")
             | ("Nodes", "List")
             | ("VmSizes", _)
             | ("Identities", "List" | "Get")
             | ("Quotas", "Get") => Needs::Role(Role::Reader),
-            ("Jobs", "Submit" | "Cancel" | "Delete") => Needs::Role(Role::User),
+            ("Jobs", "Submit" | "Create" | "Cancel" | "Delete")
+            | ("DataAssets", "Create")
+            | ("Environments", "Create" | "Archive") => Needs::Role(Role::User),
             _ => Needs::Role(Role::Admin),
         };
     }
     if method == Method::GET || method == Method::HEAD {
         return Needs::Role(Role::Reader);
     }
-    if path.starts_with("/api/v1/jobs") {
-        return Needs::Role(Role::User);
+    if path.starts_with("/api/v1/jobs")
+        || path.starts_with("/api/v1/data")
+        || path.starts_with("/api/v1/environments")
+    {
+        // `/api/v1/datastores` is an admin's (they are folders of this machine).
+        if !path.starts_with("/api/v1/datastores") {
+            return Needs::Role(Role::User);
+        }
     }
     Needs::Role(Role::Admin)
 }

@@ -14,12 +14,12 @@ use prost::Message;
 use shoal_proto::v1 as pb;
 use tower::ServiceExt;
 
+use crate::admission;
 use crate::api::{Api, convert, http};
 use crate::artifacts::Artifacts;
 use crate::auth::Auth;
 use crate::computefile::ComputeFile;
 use crate::control::{Control, ControlConfig};
-use crate::jobfile::JobFile;
 use crate::store::SqliteStore;
 use crate::testing::FakeProvider;
 use crate::vmsize::Catalog;
@@ -111,8 +111,8 @@ proptest! {
 
     #[test]
     fn random_yaml_never_panics_the_compute_file_parser(text in "[a-z_:{}\\[\\], 0-9\n\"'-]{0,200}") {
-        if let Ok(file) = ComputeFile::from_yaml(&text) {
-            let _ = crate::model::ClusterSpec::from_request(file.into_request(), &Catalog::default());
+        if let Ok(request) = ComputeFile::from_yaml(&text).and_then(ComputeFile::into_request) {
+            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
         }
     }
 
@@ -120,22 +120,23 @@ proptest! {
     fn compute_files_with_random_values_are_parsed_or_refused(
         key in prop::sample::select(vec![
             "size", "min_instances", "max_instances", "tier", "idle_time_before_scale_down",
-            "tags", "provider", "internode_communication", "type", "name",
+            "tags", "provider", "internode_communication", "type", "name", "identity",
+            "location", "ssh_settings", "network_settings", "enable_node_public_ip",
         ]),
         value in "[a-zA-Z0-9_{}:, -]{0,30}",
     ) {
         let text = format!("name: fuzz\nsize: Standard_D2_v2\n{key}: {value}\n");
-        if let Ok(file) = ComputeFile::from_yaml(&text) {
-            let _ = crate::model::ClusterSpec::from_request(file.into_request(), &Catalog::default());
+        if let Ok(request) = ComputeFile::from_yaml(&text).and_then(ComputeFile::into_request) {
+            let _ = crate::model::ClusterSpec::from_request(request, &Catalog::default());
         }
     }
 
     #[test]
     fn random_yaml_never_panics_the_job_file_parser(text in "[a-z_:{}\\[\\], 0-9\n\"'-]{0,200}") {
-        if let Ok(file) = JobFile::from_yaml(&text) {
-            let _ = file.check_supported();
-            let _ = file.parallel_wire(|_, _| Ok(b"1\n2\n".to_vec()));
-            let _ = file.distribution_wire();
+        if let Ok(draft) = admission::jobfile::document(&text).and_then(|doc| admission::draft(doc, &[])) {
+            let _ = admission::local_paths(&draft);
+            let _ = draft.file.parallel_wire("uri_file", b"1\n2\n".to_vec(), "rows");
+            let _ = draft.file.distribution_wire();
         }
     }
 
@@ -148,12 +149,11 @@ proptest! {
         value in "[a-z0-9{}:, -]{0,30}",
     ) {
         let text = format!("type: parallel\ncompute: c\ntask: {{command: x}}\ninputs: {{data: {{type: uri_file, path: a}}}}\n{key}: {value}\n");
-        if let Ok(file) = JobFile::from_yaml(&text) {
-            let _ = file.check_supported();
-            if let Ok(wire) = file.parallel_wire(|_, _| Ok(b"1\n".to_vec())) {
-                let spec = pb::JobSpec { cluster: "c".into(), command: "x".into(), parallel: Some(wire), ..Default::default() };
-                let _ = convert::job_request(spec, None);
-            }
+        if let Ok(draft) = admission::jobfile::document(&text).and_then(|doc| admission::draft(doc, &[]))
+            && let Ok(wire) = draft.file.parallel_wire("uri_file", b"1\n".to_vec(), "rows")
+        {
+            let spec = pb::JobSpec { cluster: "c".into(), command: "x".into(), parallel: Some(wire), ..Default::default() };
+            let _ = convert::job_request(spec, None);
         }
     }
 }

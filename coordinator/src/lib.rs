@@ -2,16 +2,17 @@
 //! autoscaler, pure functions), the control loop that owns all state, node
 //! providers, the SQLite store, and the gRPC + HTTP APIs on one port.
 
+pub mod admission;
 pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod autoscaler;
 pub mod computefile;
 pub mod control;
+pub mod data;
 pub mod error;
 pub mod governance;
 pub mod identity;
-pub mod jobfile;
 pub mod metrics;
 pub mod model;
 pub mod parallel;

@@ -771,6 +771,65 @@ pub struct JobSpec {
     /// A parallel (batch inference) job: how its mini-batches run.
     #[serde(default)]
     pub parallel: Option<crate::parallel::ParallelSpec>,
+    #[serde(flatten)]
+    pub extras: JobExtras,
+}
+
+/// What admission adds to a job from its job file (never from a bare request):
+/// its data, where its environment came from, and what people wrote about it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobExtras {
+    #[serde(default)]
+    pub inputs: BTreeMap<String, crate::data::DataInput>,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, crate::data::DataOutput>,
+    /// Keys of the job file that have no effect here, each with why.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub experiment_name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// How its environment was named (`azureml:sklearn@latest`), when it was.
+    #[serde(default)]
+    pub environment: String,
+    /// A host environment's venv or conda prefix, first on PATH.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// A container's shared memory.
+    #[serde(default)]
+    pub shm_size_bytes: Option<u64>,
+}
+
+/// An environment registered here (`shoal environment create`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub kind: EnvironmentKind,
+    /// How it was defined (an image, a build context, a conda file on an image).
+    #[serde(default)]
+    pub defined_by: String,
+    #[serde(default)]
+    pub archived: bool,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentKind {
+    /// Jobs run in containers of this image (built here, if it was built).
+    Image { image: String },
+    /// Jobs run as processes on the node's own software.
+    Host { prefix: Option<String> },
 }
 
 /// How a distributed job's processes find each other.
@@ -852,6 +911,7 @@ pub struct JobRequest {
     pub distribution: Option<Distribution>,
     /// A parallel job, with its input already cut into mini-batches.
     pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
+    pub extras: JobExtras,
 }
 
 impl JobSpec {
@@ -947,6 +1007,7 @@ impl JobSpec {
             gpus_per_instance: request.gpus_per_instance,
             distribution: request.distribution,
             parallel: request.parallel.map(|(spec, _)| spec),
+            extras: request.extras,
         })
     }
 }

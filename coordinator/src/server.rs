@@ -236,9 +236,19 @@ pub async fn serve(
     };
     let catalog = config.control.catalog.clone();
     let artifacts = Artifacts::new(config.data_dir.join("artifacts"));
+    let datastores = config.data_dir.join("datastores");
+    for name in crate::data::BUILT_IN_DATASTORES {
+        std::fs::create_dir_all(datastores.join(name)).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create datastore {}: {e}",
+                datastores.join(name).display()
+            ))
+        })?;
+    }
     let mut control_config = config.control.clone();
     control_config.identity_tokens = true;
     control_config.artifacts = Some(artifacts.clone());
+    control_config.datastores_root = Some(datastores);
     let (mut control, handle, inbox) =
         Control::new(control_config, Box::new(store), Arc::new(provider))?;
     // Identities kept in auth.db by an earlier version move under the loop.
@@ -266,6 +276,16 @@ pub async fn serve(
     .add_service(pb::tokens_server::TokensServer::new(api.clone()))
     .add_service(pb::identities_server::IdentitiesServer::new(api.clone()))
     .add_service(pb::join_tokens_server::JoinTokensServer::new(api.clone()))
+    .add_service(pb::datastores_server::DatastoresServer::new(api.clone()))
+    .add_service(
+        pb::data_assets_server::DataAssetsServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        pb::environments_server::EnvironmentsServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(pb::settings_server::SettingsServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -12,8 +12,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::data::{DataAsset, Datastore};
 use crate::governance::Quotas;
-use crate::model::{Cluster, Identity, Job, JobStatus, Millis, Node};
+use crate::model::{Cluster, Environment, Identity, Job, JobStatus, Millis, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
 use crate::{Error, Result};
 
@@ -33,6 +34,11 @@ pub struct Snapshot {
     pub identities: Vec<Identity>,
     /// Ended jobs kept in the store, by status (only live and recent ones are loaded).
     pub ended_counts: BTreeMap<JobStatus, u64>,
+    pub datastores: Vec<Datastore>,
+    pub data_assets: Vec<DataAsset>,
+    pub environments: Vec<Environment>,
+    /// `shoal configure --defaults` (compute=NAME, ...).
+    pub defaults: BTreeMap<String, String>,
 }
 
 /// Live jobs, and this many of the most recently ended, are loaded at start.
@@ -81,6 +87,10 @@ pub struct Batch {
     pub delete_jobs: Vec<String>,
     /// Retention: delete jobs that ended before this (a bounded number per batch).
     pub purge_ended_before: Option<Millis>,
+    pub datastores: Vec<Datastore>,
+    pub data_assets: Vec<DataAsset>,
+    pub environments: Vec<Environment>,
+    pub defaults: Option<BTreeMap<String, String>>,
 }
 
 /// Jobs deleted per batch by retention at most (the rest go in later batches).
@@ -92,6 +102,8 @@ pub struct Purged {
     pub id: String,
     pub status: JobStatus,
     pub code_path: Option<String>,
+    /// Inputs uploaded with it, kept by the coordinator.
+    pub inputs: Vec<String>,
     pub attempts: Vec<String>,
 }
 
@@ -121,6 +133,10 @@ impl Batch {
             && self.identities.is_empty()
             && self.delete_jobs.is_empty()
             && self.purge_ended_before.is_none()
+            && self.datastores.is_empty()
+            && self.data_assets.is_empty()
+            && self.environments.is_empty()
+            && self.defaults.is_none()
     }
 }
 
@@ -162,6 +178,12 @@ const MIGRATIONS: &[&str] = &[
      UPDATE jobs SET ended_at = COALESCE(json_extract(body, '$.ended_at'), 0)
       WHERE status IN ('completed', 'failed', 'canceled', 'timed_out');
      CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE ended_at > 0;",
+    // 6: datastores, data assets and environments, each a versioned body
+    "CREATE TABLE datastores (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE data_assets (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                               PRIMARY KEY (name, version));
+     CREATE TABLE environments (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                                PRIMARY KEY (name, version));",
 ];
 
 /// Statuses of ended jobs, as stored.
@@ -278,6 +300,30 @@ impl Store for SqliteStore {
                 ),
                 "job",
             )?,
+            datastores: load_table(&self.conn, "SELECT name, body FROM datastores", "datastore")?,
+            data_assets: load_table(
+                &self.conn,
+                "SELECT name || ':' || version, body FROM data_assets",
+                "data asset",
+            )?,
+            environments: load_table(
+                &self.conn,
+                "SELECT name || ':' || version, body FROM environments",
+                "environment",
+            )?,
+            defaults: {
+                let body: Option<String> = self
+                    .conn
+                    .query_row(
+                        "SELECT body FROM settings WHERE key = 'defaults'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                body.map(|b| decode("settings", "defaults", &b))
+                    .transpose()?
+                    .unwrap_or_default()
+            },
             ended_counts: {
                 let mut stmt = self.conn.prepare(&format!(
                     "SELECT status, count(*) FROM jobs WHERE status IN {ENDED} GROUP BY status"
@@ -460,6 +506,33 @@ impl Store for SqliteStore {
             for identity in &batch.identities {
                 put_identity.execute(params![identity.name, encode(identity)?])?;
             }
+            let mut put_datastore = tx
+                .prepare_cached("INSERT OR REPLACE INTO datastores (name, body) VALUES (?1, ?2)")?;
+            for datastore in &batch.datastores {
+                put_datastore.execute(params![datastore.name, encode(datastore)?])?;
+            }
+            let mut put_asset = tx.prepare_cached(
+                "INSERT OR REPLACE INTO data_assets (name, version, body) VALUES (?1, ?2, ?3)",
+            )?;
+            for asset in &batch.data_assets {
+                put_asset.execute(params![asset.name, asset.version, encode(asset)?])?;
+            }
+            let mut put_environment = tx.prepare_cached(
+                "INSERT OR REPLACE INTO environments (name, version, body) VALUES (?1, ?2, ?3)",
+            )?;
+            for environment in &batch.environments {
+                put_environment.execute(params![
+                    environment.name,
+                    environment.version,
+                    encode(environment)?
+                ])?;
+            }
+            if let Some(defaults) = &batch.defaults {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO settings (key, body) VALUES ('defaults', ?1)",
+                )?
+                .execute([encode(defaults)?])?;
+            }
             if let Some(quotas) = &batch.quotas {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO settings (key, body) VALUES ('quotas', ?1)",
@@ -496,10 +569,21 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         .execute([id])?;
     tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
         .execute([id])?;
+    let inputs = job
+        .spec
+        .extras
+        .inputs
+        .values()
+        .filter_map(|input| match &input.source {
+            crate::data::DataSource::Stored { path, .. } if !path.is_empty() => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
     Ok(Some(Purged {
         id: job.id,
         status: job.status,
         code_path: job.spec.code_path,
+        inputs,
         attempts: job.attempts.into_iter().map(|a| a.id).collect(),
     }))
 }

@@ -113,6 +113,7 @@ impl JobBuilder {
                 gpus_per_instance: 0,
                 distribution: None,
                 parallel: None,
+                extras: Default::default(),
             },
             status: JobStatus::Queued,
             attempts: Vec::new(),

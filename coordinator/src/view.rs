@@ -198,6 +198,24 @@ pub struct Job {
     /// A parallel job's mini-batches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Data inputs: name → {type, mode, uri}.
+    pub inputs: BTreeMap<String, JobInput>,
+    pub outputs: Vec<String>,
+    /// Keys of its job file that have no effect here, and why.
+    pub warnings: Vec<String>,
+    pub experiment_name: String,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub properties: BTreeMap<String, String>,
+    pub environment: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobInput {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub mode: String,
+    pub uri: String,
 }
 
 /// How far a parallel job is.
@@ -238,6 +256,27 @@ impl From<&pb::Job> for Job {
             .map(|a| a.instances.iter().map(Instance::from).collect())
             .unwrap_or_default();
         Job {
+            inputs: j
+                .inputs
+                .iter()
+                .map(|(name, input)| {
+                    (
+                        name.clone(),
+                        JobInput {
+                            kind: input.r#type.clone(),
+                            mode: input.mode.clone(),
+                            uri: input.uri.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            outputs: j.outputs.clone(),
+            warnings: j.warnings.clone(),
+            experiment_name: j.experiment_name.clone(),
+            description: j.description.clone(),
+            tags: j.tags.clone().into_iter().collect(),
+            properties: j.properties.clone().into_iter().collect(),
+            environment: j.environment.clone(),
             id: j.id.clone(),
             name: j.name.clone(),
             cluster: j.cluster.clone(),

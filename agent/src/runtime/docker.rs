@@ -293,6 +293,10 @@ impl DockerRuntime {
             format!("{host_dir}:/job:ro"),
             format!("{host_dir}/outputs:/job/outputs:rw"),
         ];
+        // Named outputs are written in place, like ./outputs.
+        if spec.cwd.join("named-outputs").is_dir() {
+            binds.push(format!("{host_dir}/named-outputs:/job/named-outputs:rw"));
+        }
         binds.extend(
             spec.mounts
                 .iter()
@@ -319,6 +323,7 @@ impl DockerRuntime {
                 cap_drop: Some(vec!["ALL".into()]),
                 privileged: Some(false),
                 device_requests,
+                shm_size: spec.shm_size_bytes.and_then(|b| i64::try_from(b).ok()),
                 ..Default::default()
             }),
             ..Default::default()

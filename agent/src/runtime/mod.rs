@@ -43,6 +43,8 @@ pub struct RunSpec {
     /// The instance's token (its agent shows it on every call about it); kept on
     /// its container so a restarted agent can go on speaking for it.
     pub token: String,
+    /// A container's /dev/shm (None: the engine's).
+    pub shm_size_bytes: Option<u64>,
 }
 
 /// Why an instance is being stopped before it ends on its own.

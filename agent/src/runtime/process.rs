@@ -282,6 +282,7 @@ mod tests {
             rank: None,
             mounts: Vec::new(),
             token: String::new(),
+            shm_size_bytes: None,
         }
     }
 

@@ -72,62 +72,71 @@ pub struct NameArg {
 }
 
 impl NameArg {
+    pub fn named(name: String) -> Self {
+        NameArg {
+            name: Some(name),
+            name_flag: None,
+        }
+    }
+
     fn get(self) -> String {
         self.name.or(self.name_flag).unwrap_or_default()
     }
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct CreateArgs {
     /// 2-16 letters, digits and hyphens, starting with a letter.
     #[arg(long, short = 'n')]
-    name: Option<String>,
+    pub name: Option<String>,
     /// A VM size from `shoal vm-size list` (case-insensitive).
     #[arg(long, short = 's', visible_alias = "size")]
-    vm_size: Option<String>,
+    pub vm_size: Option<String>,
     /// Nodes kept even when idle [default: 0].
     #[arg(long, visible_alias = "min-instances")]
-    min_nodes: Option<u32>,
+    pub min_nodes: Option<u32>,
     /// Nodes at most [default: 4; at most 100 with inter-node communication].
     #[arg(long, visible_alias = "max-instances")]
-    max_nodes: Option<u32>,
+    pub max_nodes: Option<u32>,
     /// dedicated or lowpriority [default: dedicated].
     #[arg(long, visible_alias = "tier")]
-    vm_priority: Option<String>,
+    pub vm_priority: Option<String>,
     /// Seconds a node stays idle before it is removed [default: 120].
     #[arg(long, visible_alias = "idle-time-before-scale-down")]
-    idle_seconds_before_scaledown: Option<u64>,
+    pub idle_seconds_before_scaledown: Option<u64>,
     #[arg(long)]
-    description: Option<String>,
+    pub description: Option<String>,
     /// A tag, KEY=VALUE; repeat for more.
     #[arg(long = "tag", value_parser = key_value)]
-    tags: Vec<(String, String)>,
+    pub tags: Vec<(String, String)>,
     /// What creates the nodes [default: local].
     #[arg(long)]
-    provider: Option<String>,
+    pub provider: Option<String>,
     /// true: MPI works, at most 100 nodes; false: up to 4000 nodes, no distributed jobs.
     #[arg(long)]
-    internode_communication: Option<bool>,
+    pub internode_communication: Option<bool>,
     /// Policy: cancel jobs whose GPUs stay idle (see `idle_gpu_*` in shoal.yaml).
     #[arg(long)]
-    cancel_idle_gpu_jobs: Option<bool>,
+    pub cancel_idle_gpu_jobs: Option<bool>,
     /// Show progress until the cluster is steady (its min_nodes up).
     #[arg(long)]
-    wait: bool,
+    pub wait: bool,
     /// The cluster's managed identity: SystemAssigned, UserAssigned, or both
     /// (SystemAssigned,UserAssigned).
     #[arg(long)]
-    identity_type: Option<String>,
-    /// User-assigned identities (names or client ids from `shoal identity list`).
-    #[arg(long, num_args = 1..)]
-    identity_id: Vec<String>,
+    pub identity_type: Option<String>,
+    /// User-assigned identities: names, client ids (`shoal identity list`) or
+    /// resource ids (…/userAssignedIdentities/NAME).
+    #[arg(long, num_args = 1.., visible_alias = "user-assigned-identities")]
+    pub identity_id: Vec<String>,
     /// Identities to assign, comma-separated: `[system]` and/or user-assigned ones.
     #[arg(long)]
-    assign_identity: Option<String>,
-    /// A cluster YAML (`name`, `size`, `min_instances`, `max_instances`, `tier`,
-    /// `idle_time_before_scale_down`, ...); flags override it.
+    pub assign_identity: Option<String>,
+    /// A compute file, the managed service's amlCompute YAML (`name`, `size`
+    /// [default: Standard_DS3_v2], `min_instances`, `max_instances`, `tier`,
+    /// `idle_time_before_scale_down`, `identity`, ...); flags override it.
     #[arg(long, short = 'f')]
-    file: Option<PathBuf>,
+    pub file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -161,11 +170,65 @@ pub struct UpdateArgs {
     wait: bool,
 }
 
-fn read_cluster_file(path: &PathBuf) -> anyhow::Result<ComputeFile> {
+/// A compute file's cluster request; its warnings go to stderr.
+fn read_cluster_file(path: &PathBuf) -> anyhow::Result<shoal_coordinator::model::ClusterRequest> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    ComputeFile::from_yaml(&text)
-        .map_err(|e| anyhow::anyhow!("invalid cluster file {}: {e}", path.display()))
+    let invalid = |e: shoal_coordinator::Error| anyhow::anyhow!("{e} (in {})", path.display());
+    let file = ComputeFile::from_yaml(&text).map_err(invalid)?;
+    for warning in file.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    file.into_request().map_err(invalid)
+}
+
+/// Creates a cluster (`shoal cluster create`, `shoal ml compute create`, `shoal ml
+/// computetarget create amlcompute`): the compute file's values, the flags laid
+/// over them, identities included, in one step — a refused create creates nothing.
+pub async fn create(client: &Client, args: CreateArgs, format: Format) -> anyhow::Result<()> {
+    let base = match &args.file {
+        Some(path) => read_cluster_file(path)?,
+        None => Default::default(),
+    };
+    let mut tags: HashMap<String, String> = base.tags.into_iter().collect();
+    tags.extend(args.tags);
+    let or = |flag: Option<String>, file: String| flag.unwrap_or(file);
+    let mut identities = base.identities;
+    identities.extend(identities_to_assign(
+        args.identity_type.as_deref(),
+        &args.identity_id,
+        args.assign_identity.as_deref(),
+    )?);
+    let spec = pb::ClusterSpec {
+        name: or(args.name, base.name),
+        vm_size: or(args.vm_size, base.vm_size),
+        vm_priority: or(args.vm_priority, base.vm_priority),
+        min_nodes: args.min_nodes.or(base.min_nodes),
+        max_nodes: args.max_nodes.or(base.max_nodes),
+        idle_seconds_before_scaledown: args
+            .idle_seconds_before_scaledown
+            .or(base.idle_seconds_before_scaledown),
+        description: or(args.description, base.description),
+        tags,
+        provider: or(args.provider, base.provider),
+        internode_communication: args
+            .internode_communication
+            .or(base.internode_communication),
+        cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
+        identities,
+    };
+    let cluster = client
+        .clusters()
+        .create(spec)
+        .await
+        .map_err(status)?
+        .into_inner();
+    let cluster = if args.wait {
+        wait_steady(client, cluster).await?
+    } else {
+        cluster
+    };
+    print_cluster(&cluster, format)
 }
 
 pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()> {
@@ -257,47 +320,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
     let client = Client::connect(endpoint).await?;
     let mut clusters = client.clusters();
     match command {
-        Command::Create(args) => {
-            let file = match &args.file {
-                Some(path) => read_cluster_file(path)?,
-                None => ComputeFile::default(),
-            };
-            // The file's values, with the flags laid over them.
-            let base = file.into_request();
-            let mut tags: HashMap<String, String> = base.tags.into_iter().collect();
-            tags.extend(args.tags);
-            let or = |flag: Option<String>, file: String| flag.unwrap_or(file);
-            let spec = pb::ClusterSpec {
-                name: or(args.name, base.name),
-                vm_size: or(args.vm_size, base.vm_size),
-                vm_priority: or(args.vm_priority, base.vm_priority),
-                min_nodes: args.min_nodes.or(base.min_nodes),
-                max_nodes: args.max_nodes.or(base.max_nodes),
-                idle_seconds_before_scaledown: args
-                    .idle_seconds_before_scaledown
-                    .or(base.idle_seconds_before_scaledown),
-                description: or(args.description, base.description),
-                tags,
-                provider: or(args.provider, base.provider),
-                internode_communication: args
-                    .internode_communication
-                    .or(base.internode_communication),
-                cancel_idle_gpu_jobs: args.cancel_idle_gpu_jobs,
-                // Made with the cluster, in one step: an unknown one creates nothing.
-                identities: identities_to_assign(
-                    args.identity_type.as_deref(),
-                    &args.identity_id,
-                    args.assign_identity.as_deref(),
-                )?,
-            };
-            let cluster = clusters.create(spec).await.map_err(status)?.into_inner();
-            let cluster = if args.wait {
-                wait_steady(&client, cluster).await?
-            } else {
-                cluster
-            };
-            print_cluster(&cluster, format)?;
-        }
+        Command::Create(args) => create(&client, args, format).await?,
         Command::Identity(command) => {
             let mut identities = client.identities();
             let (name, ids, assign) = match command {
@@ -432,41 +455,33 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
 }
 
 /// The identities `cluster create` assigns: --identity-type and --identity-id as
-/// the managed service has them, or --assign-identity.
+/// the managed service's CLIs have them (`SystemAssigned,UserAssigned` or
+/// `system_assigned,user_assigned`; ids repeated or comma-separated), and
+/// --assign-identity. Ids alone are user-assigned ones.
 fn identities_to_assign(
     kind: Option<&str>,
     ids: &[String],
     assign: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
-    let mut wanted = Vec::new();
-    match kind {
-        None if ids.is_empty() => {}
-        None | Some("UserAssigned") if !ids.is_empty() => wanted.extend(ids.iter().cloned()),
-        Some("SystemAssigned") if ids.is_empty() => wanted.push("[system]".to_string()),
-        Some("SystemAssigned,UserAssigned") | Some("SystemAssigned, UserAssigned") => {
-            wanted.push("[system]".to_string());
-            wanted.extend(ids.iter().cloned());
+    use shoal_coordinator::computefile::{IdentitySection, UserAssigned};
+    let split = |text: &str| -> Vec<String> {
+        text.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let ids: Vec<String> = ids.iter().flat_map(|i| split(i)).collect();
+    let mut wanted = match kind {
+        None => ids,
+        Some(kind) => IdentitySection {
+            kind: kind.to_string(),
+            user_assigned_identities: ids.into_iter().map(UserAssigned::Named).collect(),
         }
-        Some("UserAssigned") => {
-            anyhow::bail!("--identity-type UserAssigned needs --identity-id ID")
-        }
-        Some("SystemAssigned") => {
-            anyhow::bail!(
-                "--identity-id goes with --identity-type UserAssigned (or SystemAssigned,UserAssigned)"
-            )
-        }
-        Some(other) => anyhow::bail!(
-            "--identity-type `{other}` is not SystemAssigned, UserAssigned or SystemAssigned,UserAssigned"
-        ),
-        None => {}
-    }
+        .assigned()
+        .map_err(|e| anyhow::anyhow!("--identity-type / --identity-id: {e}"))?,
+    };
     if let Some(assign) = assign {
-        wanted.extend(
-            assign
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty()),
-        );
+        wanted.extend(split(assign));
     }
     Ok(wanted)
 }

@@ -1,7 +1,7 @@
 //! `shoal job ...`: submit (flags or the managed service's job YAML), follow, cancel,
 //! download outputs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +11,8 @@ use anyhow::{Context, anyhow, bail};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use indicatif::{ProgressBar, ProgressStyle};
-use shoal_coordinator::jobfile::JobFile;
+use serde_json::{Value, json};
+use shoal_coordinator::admission;
 use shoal_coordinator::view;
 use shoal_proto::v1 as pb;
 use tokio_stream::StreamExt;
@@ -25,17 +26,24 @@ const MAX_CODE_BYTES: u64 = 64 << 20;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Submit a job: `-f job.yaml`, or flags and the command after `--`.
+    /// Submit a job: `-f job.yml` (the managed service's command-job file), or
+    /// flags and the command after `--`.
     #[command(after_help = "Examples:\n  \
         shoal job submit --cluster cpu-cluster --instance-count 2 -- python3 train.py --epochs 3\n  \
-        shoal job submit -f job.yaml --wait\n\n\
-        job.yaml (the managed service's command-job names):\n  \
-        command: python3 train.py --epochs 3     # run with `sh -c` in the code folder\n  \
-        code: ./src                              # snapshotted at submit (honours .gitignore/.amlignore)\n  \
-        environment_variables: {EPOCHS: 3}\n  \
-        compute: azureml:cpu-cluster\n  \
+        shoal job submit -f job.yml --set inputs.epochs=3 --set compute=gpu --wait\n\n\
+        job.yml (the managed service's commandJob schema):\n  \
+        command: python train.py --data ${{inputs.iris}} --lr ${{inputs.lr}} --out ${{outputs.model}} [--seed ${{inputs.seed}}]\n  \
+        code: ./src                    # snapshotted (honours .gitignore/.amlignore)\n  \
+        environment: azureml:sklearn@latest   # or {image: shoal/train}, {build: {path: ./ctx}}, file:./env.yml, host\n  \
+        compute: azureml:cpu-cluster   # left out: `shoal configure --defaults compute=NAME`\n  \
+        inputs:\n    \
+          lr: 0.01                     # a literal\n    \
+          iris: {type: uri_file, path: ./iris.csv, mode: download}   # or https://, azureml://datastores/NAME/paths/P, azureml:NAME:VERSION\n  \
+        outputs:\n    \
+          model: {type: uri_folder}    # `shoal job download ID --output-name model`\n  \
         resources: {instance_count: 2}\n  \
-        limits: {timeout: 3600}                  # seconds")]
+        limits: {timeout: 3600}        # seconds\n\n\
+        Keys of the schema that mean nothing here are accepted with a warning; any other key is an error.")]
     Submit(SubmitArgs),
     /// Show a job: status, why it waits or how it ended, instances and attempts.
     Show { id: String },
@@ -75,52 +83,75 @@ pub enum Command {
     /// Delete an ended job for good: its record, logs, result rows and outputs
     /// (ended jobs are deleted by themselves after `job_retention_days`, 30 by default).
     Delete { id: String },
-    /// Download what each instance wrote to ./outputs, into DIR/<job id>/instance-<k>.
-    Download {
-        id: String,
-        /// The folder DIR to download into.
-        #[arg(long, short = 'p', default_value = ".")]
-        download_path: PathBuf,
-    },
+    /// Download a job's outputs: what each instance wrote to ./outputs (into
+    /// DIR/<job id>/instance-<k>) and its named outputs (into
+    /// DIR/<job id>/named-outputs/<name>).
+    Download(DownloadArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
+pub struct DownloadArgs {
+    #[arg(required_unless_present = "name")]
+    pub id: Option<String>,
+    /// The job (as `az ml job download -n`).
+    #[arg(long, short = 'n', hide = true)]
+    pub name: Option<String>,
+    /// The folder DIR to download into.
+    #[arg(long, short = 'p', default_value = ".")]
+    pub download_path: PathBuf,
+    /// Only this named output (`outputs:` of the job file).
+    #[arg(long)]
+    pub output_name: Option<String>,
+    /// Everything: ./outputs of each instance and every named output (the default).
+    #[arg(long, conflicts_with = "output_name")]
+    pub all: bool,
+}
+
+#[derive(clap::Args, Default)]
 pub struct SubmitArgs {
-    /// A job YAML; flags given too override its values.
+    /// A job file (YAML); flags given too override its values.
     #[arg(long, short = 'f')]
-    file: Option<PathBuf>,
+    pub file: Option<PathBuf>,
+    /// Override a value of the job file, KEY=VALUE with a dotted key
+    /// (`--set inputs.epochs=3 resources.instance_count=2 compute=gpu`).
+    #[arg(long, num_args = 1..)]
+    pub set: Vec<String>,
     /// The cluster to run on.
     #[arg(long, visible_alias = "compute")]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
     /// Instances, each on its own node, started together.
     #[arg(long)]
-    instance_count: Option<u32>,
+    pub instance_count: Option<u32>,
     #[arg(long, visible_alias = "display-name")]
-    name: Option<String>,
+    pub name: Option<String>,
     /// An environment variable, KEY=VALUE; repeat for more.
     #[arg(long = "env", short = 'e', value_parser = key_value)]
-    env: Vec<(String, String)>,
+    pub env: Vec<(String, String)>,
     /// A folder snapshotted now; each instance runs in its own copy of it.
     #[arg(long)]
-    code: Option<PathBuf>,
+    pub code: Option<PathBuf>,
     /// Run in a container of this image (built with `images/build.sh`), not as a process.
-    #[arg(long, visible_alias = "environment")]
-    image: Option<String>,
+    #[arg(long, conflicts_with = "environment")]
+    pub image: Option<String>,
+    /// An environment: `azureml:NAME@latest`, `azureml:NAME:VERSION` (from
+    /// `shoal environment create`), `file:./env.yml`, or `host`.
+    #[arg(long)]
+    pub environment: Option<String>,
     /// Seconds before the job is stopped and marked timed_out.
     #[arg(long)]
-    timeout: Option<u64>,
+    pub timeout: Option<u64>,
     /// GPUs each instance gets, exclusively (CUDA_VISIBLE_DEVICES / Docker device request).
     #[arg(long, visible_alias = "gpus")]
-    gpus_per_instance: Option<u32>,
+    pub gpus_per_instance: Option<u32>,
     /// Preemptions the job is requeued after before it fails [default: 10].
     #[arg(long)]
-    max_preemptions: Option<u32>,
+    pub max_preemptions: Option<u32>,
     /// Follow the job (progress and logs) until it ends; exit non-zero unless it completed.
     #[arg(long)]
-    wait: bool,
+    pub wait: bool,
     /// The command and its arguments, run as they are (no shell).
     #[arg(last = true)]
-    argv: Vec<String>,
+    pub argv: Vec<String>,
 }
 
 /// Packs a code folder, honouring .gitignore, .amlignore and .shoalignore.
@@ -177,106 +208,145 @@ pub fn snapshot(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// A parallel job's input, relative to the job file: a file's bytes, or a tar.gz
-/// of a folder's files.
-fn read_input(base: &Path, kind: &str, path: &str) -> shoal_coordinator::Result<Vec<u8>> {
-    let invalid = |why: String| shoal_coordinator::Error::invalid("inputs.data.path", why);
-    let full = base.join(path);
-    match kind {
-        "uri_file" if full.is_file() => std::fs::read(&full)
-            .map_err(|e| invalid(format!("cannot read {}: {e}", full.display()))),
-        "uri_folder" if full.is_dir() => snapshot(&full).map_err(|e| invalid(format!("{e:#}"))),
-        "uri_file" | "uri_folder" if !full.exists() => {
-            Err(invalid(format!("{} does not exist", full.display())))
+/// Sets `value` at `path` in a job document, making the objects on the way.
+fn put(doc: &mut Value, path: &[&str], value: Value) {
+    let mut at = doc;
+    for key in &path[..path.len() - 1] {
+        if !at.get(*key).is_some_and(Value::is_object) {
+            at[*key] = json!({});
         }
-        "uri_file" => Err(invalid(format!(
-            "{} is not a file (use type: uri_folder for a folder)",
-            full.display()
-        ))),
-        "uri_folder" => Err(invalid(format!(
-            "{} is not a folder (use type: uri_file for a file)",
-            full.display()
-        ))),
-        other => Err(invalid(format!("`{other}` is not uri_file or uri_folder"))),
+        at = &mut at[*key];
     }
+    at[path[path.len() - 1]] = value;
 }
 
-fn build_spec(args: SubmitArgs) -> anyhow::Result<(pb::JobSpec, bool)> {
-    let (file, base) = match &args.file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read job file {}", path.display()))?;
-            let file =
-                JobFile::from_yaml(&text).map_err(|e| anyhow!("{e} (in {})", path.display()))?;
-            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            (file, base)
-        }
-        None => (JobFile::default(), PathBuf::new()),
+/// The job document: the job file (or nothing), the flags laid over it, then
+/// `--set`; its environment files read in. Returns it with the folder its
+/// relative paths start from.
+fn job_document(args: &SubmitArgs) -> anyhow::Result<(Value, PathBuf)> {
+    let (mut doc, base) = match &args.file {
+        Some(path) => super::local::read_document(path, "job file")?,
+        None => (json!({}), PathBuf::new()),
     };
-    file.check_supported()?;
-    let code_dir = match (&args.code, &file.code_dir()) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, Some(dir)) => Some(base.join(dir)),
-        (None, None) => None,
-    };
-    let explicit_instances = args
-        .instance_count
-        .or(file.resources.as_ref().and_then(|r| r.instance_count));
-    let code = match code_dir {
-        Some(dir) => snapshot(&dir)?,
-        None => Vec::new(),
-    };
-    let mut env: BTreeMap<String, String> = file.env();
-    env.extend(args.env);
-    let argv = if args.argv.is_empty() {
-        file.argv.clone()
+    // A parallel job keeps its code and environment under `task`.
+    let task: &[&str] = if doc.get("type").and_then(Value::as_str) == Some("parallel") {
+        &["task"]
     } else {
-        args.argv
+        &[]
     };
-    // `--` words replace a YAML command line.
-    let command = if argv.is_empty() {
-        file.command_line().unwrap_or_default()
-    } else {
-        String::new()
-    };
-    let spec = pb::JobSpec {
-        name: args.name.unwrap_or_else(|| file.job_name()),
-        cluster: args.cluster.or_else(|| file.cluster()).unwrap_or_default(),
-        argv,
-        command,
-        environment_variables: env.into_iter().collect(),
-        // 0: one, or one per task of a tensorflow distribution.
-        instance_count: args
-            .instance_count
-            .or(file.resources.as_ref().and_then(|r| r.instance_count))
-            .unwrap_or(0),
-        timeout_seconds: args
-            .timeout
-            .or(file.limits.as_ref().and_then(|l| l.timeout))
-            .unwrap_or(0),
-        code,
-        image: args.image.unwrap_or_else(|| file.image()),
-        max_preemptions: args.max_preemptions.or(file.max_preemptions),
-        gpus_per_instance: args
-            .gpus_per_instance
-            .or(file.resources.as_ref().and_then(|r| r.gpus_per_instance))
-            .unwrap_or(0),
-        distribution: file.distribution_wire(),
-        parallel: if file.is_parallel() {
-            Some(file.parallel_wire(|kind, path| read_input(&base, kind, path))?)
-        } else {
-            None
-        },
-    };
-    if spec.cluster.is_empty() {
-        bail!(
-            "invalid compute: which cluster? give --cluster NAME (or `compute:` in the job file)"
+    let under_task = |key: &'static str| [task, &[key]].concat();
+    if let Some(cluster) = &args.cluster {
+        put(&mut doc, &["compute"], json!(cluster));
+    }
+    if let Some(name) = &args.name {
+        put(&mut doc, &["display_name"], json!(name));
+    }
+    for (key, value) in &args.env {
+        put(&mut doc, &["environment_variables", key], json!(value));
+    }
+    if let Some(code) = &args.code {
+        let full = std::fs::canonicalize(code)
+            .with_context(|| format!("invalid code: {} is not a folder", code.display()))?;
+        put(
+            &mut doc,
+            &under_task("code"),
+            json!(full.display().to_string()),
         );
     }
-    if explicit_instances == Some(0) {
-        bail!("invalid resources.instance_count: must be at least 1");
+    if let Some(image) = &args.image {
+        put(
+            &mut doc,
+            &under_task("environment"),
+            json!({ "image": image }),
+        );
     }
-    Ok((spec, args.wait))
+    if let Some(environment) = &args.environment {
+        let reference = match environment.strip_prefix("file:") {
+            // Relative to where the command runs, like every other flag.
+            Some(path) => format!("file:{}", std::path::absolute(path)?.display()),
+            None => environment.clone(),
+        };
+        put(&mut doc, &under_task("environment"), json!(reference));
+    }
+    if let Some(n) = args.instance_count {
+        put(&mut doc, &["resources", "instance_count"], json!(n));
+    }
+    if let Some(n) = args.gpus_per_instance {
+        put(&mut doc, &["resources", "gpus_per_instance"], json!(n));
+    }
+    if let Some(seconds) = args.timeout {
+        put(&mut doc, &["limits", "timeout"], json!(seconds));
+    }
+    if let Some(n) = args.max_preemptions {
+        put(&mut doc, &["max_preemptions"], json!(n));
+    }
+    // `--` words replace a job file's command line.
+    if !args.argv.is_empty() {
+        put(&mut doc, &["argv"], json!(args.argv));
+        if let Some(map) = doc.as_object_mut() {
+            map.remove("command");
+        }
+    }
+    admission::set::apply(&mut doc, &args.set)?;
+    super::local::inline_environments(&mut doc, &base)?;
+    Ok((doc, base))
+}
+
+/// The request for `Jobs.Create`: the document, checked here first with the
+/// coordinator's own admission (so a refusal costs no upload), and the local
+/// files it names.
+fn job_request(args: &SubmitArgs) -> anyhow::Result<pb::JobFileRequest> {
+    let (doc, base) = job_document(args)?;
+    let in_file = |e: shoal_coordinator::Error| match &args.file {
+        Some(path) => anyhow!("{e} (in {})", path.display()),
+        None => anyhow!("{e}"),
+    };
+    let draft = admission::draft(doc.clone(), &[]).map_err(in_file)?;
+    let files = super::local::job_files(&draft, &base)?;
+    Ok(pb::JobFileRequest {
+        text: serde_json::to_string(&doc)?,
+        set: Vec::new(),
+        files,
+    })
+}
+
+/// Submits a job (`shoal job submit`, `shoal ml job create`): warnings to stderr,
+/// then the job, or its run followed with `wait`.
+pub async fn submit(args: SubmitArgs, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
+    let request = job_request(&args)?;
+    let client = Client::connect(endpoint).await?;
+    let created = client
+        .jobs()
+        .create(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    for warning in &created.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let job = created
+        .job
+        .ok_or_else(|| anyhow!("the coordinator answered without the job"))?;
+    if !args.wait {
+        if format == Format::Json {
+            output::json(&view::Job::from(&job))?;
+        } else {
+            println!(
+                "submitted {} to {}; follow it with `shoal job logs -f {}`",
+                job.id, job.cluster, job.id
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = spinner();
+    let job = follow(&client, &job.id, &bar, format == Format::Table).await?;
+    bar.finish_and_clear();
+    print_job(&job, format)?;
+    Ok(if job.status == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
@@ -620,7 +690,16 @@ async fn is_parallel(client: &Client, id: &str) -> anyhow::Result<bool> {
     Ok(job.parallel.is_some())
 }
 
-pub async fn download(client: &Client, job_id: &str, into: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// Downloads a job's outputs under `into/<job id>`: each instance's ./outputs in
+/// `instance-<k>`, each named output in `named-outputs/<name>` (per instance in
+/// `named-outputs/<name>/instance-<k>` when several wrote it); `only`: one named
+/// output. Returns what was written.
+pub async fn download(
+    client: &Client,
+    job_id: &str,
+    into: &Path,
+    only: Option<&str>,
+) -> anyhow::Result<Vec<PathBuf>> {
     let list = client
         .jobs()
         .download_outputs(pb::JobRef {
@@ -629,67 +708,86 @@ pub async fn download(client: &Client, job_id: &str, into: &Path) -> anyhow::Res
         .await
         .map_err(status)?
         .into_inner();
-    let outputs = list.outputs;
+    let root = into.join(job_id);
     let mut written = Vec::new();
-    for file in list.files {
-        let dir = into.join(job_id);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        // The name was checked at submit: a plain file name.
-        let path = dir.join(Path::new(&file.name).file_name().unwrap_or_default());
-        std::fs::write(&path, &file.data)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        written.push(path);
+    let unpack = |data: &[u8], dir: &Path, what: &str| -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        shoal_agent::archive::unpack(data, dir)
+            .with_context(|| format!("cannot unpack {what} into {}", dir.display()))
+    };
+    if only.is_none() {
+        for file in &list.files {
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("cannot create {}", root.display()))?;
+            // The name was checked at submit: a plain file name.
+            let path = root.join(Path::new(&file.name).file_name().unwrap_or_default());
+            std::fs::write(&path, &file.data)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written.push(path);
+        }
+        for output in &list.outputs {
+            let dir = root.join(format!("instance-{}", output.instance));
+            unpack(
+                &output.data,
+                &dir,
+                &format!("the outputs of instance {}", output.instance),
+            )?;
+            written.push(dir);
+        }
     }
-    for output in outputs {
-        let dir = into
-            .join(job_id)
-            .join(format!("instance-{}", output.instance));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        shoal_agent::archive::unpack(&output.data, &dir).with_context(|| {
-            format!(
-                "cannot unpack outputs of instance {} into {}",
-                output.instance,
-                dir.display()
-            )
-        })?;
+    let mut writers: HashMap<&str, usize> = HashMap::new();
+    for named in &list.named {
+        *writers.entry(named.name.as_str()).or_default() += 1;
+    }
+    for named in &list.named {
+        if only.is_some_and(|n| n != named.name) {
+            continue;
+        }
+        let mut dir = root.join("named-outputs").join(&named.name);
+        if writers[named.name.as_str()] > 1 {
+            dir = dir.join(format!("instance-{}", named.instance));
+        }
+        unpack(&named.data, &dir, &format!("output `{}`", named.name))?;
         written.push(dir);
     }
     Ok(written)
 }
 
+async fn download_command(client: &Client, args: DownloadArgs) -> anyhow::Result<()> {
+    let id = args.id.or(args.name).unwrap_or_default();
+    let only = args.output_name.as_deref();
+    let written = download(client, &id, &args.download_path, only).await?;
+    if written.is_empty() {
+        match only {
+            Some(name) => {
+                let job = client
+                    .jobs()
+                    .get(pb::JobRef { id: id.clone() })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if job.outputs.iter().any(|o| o == name) {
+                    bail!("{id} has not written its output `{name}` (yet)");
+                }
+                let names = if job.outputs.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    format!("it has {}", job.outputs.join(", "))
+                };
+                bail!("{id} has no output named `{name}` ({names})");
+            }
+            None => eprintln!("{id} has no outputs (nothing was written to ./outputs)"),
+        }
+    }
+    for dir in written {
+        println!("{}", dir.display());
+    }
+    Ok(())
+}
+
 pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
     if let Command::Submit(args) = command {
-        // Check the spec before bothering the coordinator.
-        let (spec, wait) = build_spec(args)?;
-        let client = Client::connect(endpoint).await?;
-        let job = client
-            .jobs()
-            .submit(spec)
-            .await
-            .map_err(status)?
-            .into_inner();
-        if !wait {
-            if format == Format::Json {
-                output::json(&view::Job::from(&job))?;
-            } else {
-                println!(
-                    "submitted {} to {}; follow it with `shoal job logs -f {}`",
-                    job.id, job.cluster, job.id
-                );
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        let bar = spinner();
-        let job = follow(&client, &job.id, &bar, format == Format::Table).await?;
-        bar.finish_and_clear();
-        print_job(&job, format)?;
-        return Ok(if job.status == "completed" {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+        return submit(args, endpoint, format).await;
     }
     let client = Client::connect(endpoint).await?;
     let mut jobs = client.jobs();
@@ -858,18 +956,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 println!("{} {}", job.status, job.id);
             }
         }
-        Command::Download {
-            id,
-            download_path: into,
-        } => {
-            let written = download(&client, &id, &into).await?;
-            if written.is_empty() {
-                eprintln!("{id} has no outputs (nothing was written to ./outputs)");
-            }
-            for dir in written {
-                println!("{}", dir.display());
-            }
-        }
+        Command::Download(args) => download_command(&client, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,9 @@
 pub mod agent;
+pub mod assets;
 pub mod cluster;
 pub mod job;
+pub mod local;
+pub mod ml;
 pub mod mpi;
 pub mod node;
 pub mod quickstart;

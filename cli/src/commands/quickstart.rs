@@ -142,7 +142,7 @@ async fn drive(
         short_duration(waited)
     );
     let outputs_dir = scratch.join("downloads");
-    for dir in download(&client, &job.id, &outputs_dir).await? {
+    for dir in download(&client, &job.id, &outputs_dir, None).await? {
         let model = std::fs::read_to_string(dir.join("model.txt")).unwrap_or_default();
         println!(
             "  outputs of {}: model.txt = {}",

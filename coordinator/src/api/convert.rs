@@ -63,6 +63,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         gpus_per_instance: spec.gpus_per_instance,
         distribution,
         parallel,
+        extras: Default::default(),
     })
 }
 
@@ -271,6 +272,72 @@ pub fn job(job: &Job) -> pb::Job {
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
         parallel: job.spec.parallel.as_ref().map(parallel_to_wire),
         progress: job.progress.as_ref().map(progress),
+        inputs: job
+            .spec
+            .extras
+            .inputs
+            .iter()
+            .map(|(name, input)| {
+                (
+                    name.clone(),
+                    pb::JobInput {
+                        r#type: input.kind.as_str().into(),
+                        mode: input.mode.as_str().into(),
+                        uri: input.uri.clone(),
+                    },
+                )
+            })
+            .collect(),
+        outputs: job.spec.extras.outputs.keys().cloned().collect(),
+        warnings: job.spec.extras.warnings.clone(),
+        experiment_name: job.spec.extras.experiment_name.clone(),
+        description: job.spec.extras.description.clone(),
+        tags: job.spec.extras.tags.clone().into_iter().collect(),
+        properties: job.spec.extras.properties.clone().into_iter().collect(),
+        environment: job.spec.extras.environment.clone(),
+    }
+}
+
+pub fn datastore(d: &crate::data::Datastore) -> pb::Datastore {
+    pb::Datastore {
+        name: d.name.clone(),
+        path: d.path.clone(),
+        description: d.description.clone(),
+        created_at_ms: d.created_at,
+    }
+}
+
+pub fn data_asset(a: &crate::data::DataAsset) -> pb::DataAsset {
+    pb::DataAsset {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        r#type: a.kind.as_str().into(),
+        path: a.uri.clone(),
+        description: a.description.clone(),
+        tags: a.tags.clone().into_iter().collect(),
+        created_at_ms: a.created_at,
+    }
+}
+
+pub fn environment(e: &crate::model::Environment) -> pb::Environment {
+    use crate::model::EnvironmentKind;
+    let (image, host, prefix) = match &e.kind {
+        EnvironmentKind::Image { image } => (image.clone(), false, String::new()),
+        EnvironmentKind::Host { prefix } => {
+            (String::new(), true, prefix.clone().unwrap_or_default())
+        }
+    };
+    pb::Environment {
+        name: e.name.clone(),
+        version: e.version.clone(),
+        description: e.description.clone(),
+        image,
+        host,
+        prefix,
+        defined_by: e.defined_by.clone(),
+        archived: e.archived,
+        created_at_ms: e.created_at,
+        tags: e.tags.clone().into_iter().collect(),
     }
 }
 
@@ -475,6 +542,31 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             parallel_workers: order.parallel_workers,
             parallel_worker_mode: order.parallel_worker_mode,
             token: order.token,
+            inputs: order
+                .inputs
+                .into_iter()
+                .map(|input| {
+                    use crate::control::LaunchSource;
+                    use pb::launch_input::Source;
+                    pb::LaunchInput {
+                        name: input.name,
+                        folder: input.folder,
+                        file_name: input.file_name,
+                        source: Some(match input.source {
+                            LaunchSource::Fetch => Source::Fetch(true),
+                            LaunchSource::Url(url) => Source::Url(url),
+                            LaunchSource::Direct(uri) => Source::Direct(uri),
+                        }),
+                    }
+                })
+                .collect(),
+            outputs: order
+                .outputs
+                .into_iter()
+                .map(|(name, folder)| pb::LaunchOutput { name, folder })
+                .collect(),
+            path_prefix: order.path_prefix.unwrap_or_default(),
+            shm_size_bytes: order.shm_size_bytes.unwrap_or(0),
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

@@ -318,16 +318,40 @@ impl Api {
         self.control.create_cluster(request).await
     }
 
-    pub async fn submit(&self, mut spec: pb::JobSpec) -> Result<pb::Job, Status> {
+    pub async fn submit(&self, spec: pb::JobSpec) -> Result<pb::Job, Status> {
+        let job = self
+            .submit_with(spec, Default::default(), Vec::new())
+            .await?;
+        Ok(convert::job(&job))
+    }
+
+    /// Submits a job request with what admission resolved beside it (never from a
+    /// bare request: `extras` can name files of this machine); `stored` are files
+    /// kept for it already, discarded if it is refused.
+    pub async fn submit_with(
+        &self,
+        mut spec: pb::JobSpec,
+        extras: crate::model::JobExtras,
+        stored: Vec<String>,
+    ) -> Result<crate::model::Job, Status> {
+        let discard = |paths: Vec<String>| async move {
+            for path in paths {
+                Artifacts::discard(&path).await;
+            }
+        };
+        let mut stored = stored;
         if spec
             .distribution
             .as_ref()
             .is_some_and(|d| d.r#type == "mpi")
+            && let Err(refused) = self.check_mpirun(&spec).await
         {
-            self.check_mpirun(&spec).await?;
+            discard(stored).await;
+            return Err(refused);
         }
         let code = std::mem::take(&mut spec.code);
         if code.len() > self.max_code_bytes {
+            discard(stored).await;
             return Err(crate::Error::invalid(
                 "code",
                 format!(
@@ -341,23 +365,22 @@ impl Api {
         let code_path = if code.is_empty() {
             None
         } else {
-            Some(self.artifacts.put_code(code).await?)
+            let path = self.artifacts.put_code(code).await?;
+            stored.push(path.clone());
+            Some(path)
         };
-        let request = match convert::job_request(spec, code_path.clone()) {
+        let mut request = match convert::job_request(spec, code_path) {
             Ok(request) => request,
             Err(e) => {
-                if let Some(path) = code_path {
-                    Artifacts::discard(&path).await;
-                }
+                discard(stored).await;
                 return Err(e.into());
             }
         };
+        request.extras = extras;
         match self.control.submit_job(request).await {
-            Ok(job) => Ok(convert::job(&job)),
+            Ok(job) => Ok(job),
             Err(e) => {
-                if let Some(path) = code_path {
-                    Artifacts::discard(&path).await;
-                }
+                discard(stored).await;
                 Err(e.into())
             }
         }
@@ -549,6 +572,31 @@ impl pb::jobs_server::Jobs for Api {
         Ok(Response::new(pb::JobList {
             jobs: jobs.iter().map(convert::job).collect(),
             next_after: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn create(
+        &self,
+        request: Request<pb::JobFileRequest>,
+    ) -> Result<Response<pb::JobCreated>, Status> {
+        let asked = request.into_inner();
+        let files = asked
+            .files
+            .into_iter()
+            .map(|(path, file)| {
+                (
+                    path,
+                    super::admit::Upload {
+                        data: file.data,
+                        folder: file.folder,
+                    },
+                )
+            })
+            .collect();
+        let (job, warnings) = self.create_job(&asked.text, &asked.set, files).await?;
+        Ok(Response::new(pb::JobCreated {
+            job: Some(convert::job(&job)),
+            warnings,
         }))
     }
 
@@ -772,6 +820,25 @@ impl pb::agent_server::Agent for Api {
         Ok(Response::new(pb::Artifact { data }))
     }
 
+    async fn fetch_input(
+        &self,
+        request: Request<pb::InputRef>,
+    ) -> Result<Response<pb::Artifact>, Status> {
+        let node = caller_node(&request)?;
+        let asked = request.into_inner();
+        let instance = asked.instance.unwrap_or_default();
+        let claim = claim(node, instance.attempt_id, instance.instance, instance.token);
+        let granted = self.control.authorize(claim, AgentCall::FetchInput).await?;
+        let job = self.job(&granted.job_id).await?;
+        let input = job.spec.extras.inputs.get(&asked.name).ok_or_else(|| {
+            Status::not_found(format!("job {} has no input `{}`", job.id, asked.name))
+        })?;
+        let data = self
+            .read_whole(&format!("inputs.{}", asked.name), input)
+            .await?;
+        Ok(Response::new(pb::Artifact { data }))
+    }
+
     async fn restore_outputs(
         &self,
         request: Request<pb::AttemptRef>,
@@ -933,12 +1000,24 @@ impl pb::agent_server::Agent for Api {
         let upload = request.into_inner();
         let attempt_id = upload.attempt_id.clone();
         let claim = claim(node, upload.attempt_id, upload.instance, upload.token);
-        self.control
+        let granted = self
+            .control
             .authorize(claim, AgentCall::UploadOutputs)
             .await?;
-        self.artifacts
-            .put_outputs(&attempt_id, upload.instance, upload.data)
+        if upload.output_name.is_empty() {
+            self.artifacts
+                .put_outputs(&attempt_id, upload.instance, upload.data)
+                .await?;
+        } else {
+            self.keep_named(
+                &granted.job_id,
+                &attempt_id,
+                upload.instance,
+                &upload.output_name,
+                upload.data,
+            )
             .await?;
+        }
         Ok(Response::new(pb::UploadAck {}))
     }
 }

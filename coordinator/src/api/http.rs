@@ -9,10 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use shoal_proto::v1 as pb;
 
 use super::{Api, convert};
-use crate::jobfile::JobFile;
 use crate::model::{ClusterRequest, ClusterUpdate};
 use crate::view;
 
@@ -42,6 +40,20 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/logs", get(job_logs))
         .route("/api/v1/jobs/{id}/outputs/{instance}", get(job_outputs))
+        .route(
+            "/api/v1/jobs/{id}/named-outputs/{name}",
+            get(job_named_output),
+        )
+        .route(
+            "/api/v1/datastores",
+            get(list_datastores).post(create_datastore),
+        )
+        .route("/api/v1/data", get(list_data).post(create_data))
+        .route(
+            "/api/v1/environments",
+            get(list_environments).post(create_environment),
+        )
+        .route("/api/v1/defaults", get(get_defaults).put(set_defaults))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/vm-sizes", get(list_vm_sizes))
         .with_state(api)
@@ -258,52 +270,19 @@ async fn delete_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
     Ok(Json(view::Job::from(&convert::job(&job))))
 }
 
-/// Takes the job file's shape as JSON (`command`, `compute`, `resources.instance_count`...).
+/// A job file, as JSON (or YAML): admitted as `shoal job submit -f` admits it,
+/// by the same function; local paths are refused (nothing is uploaded here).
 async fn submit_job(
     State(api): State<Api>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<view::Job>), ApiError> {
-    let file: JobFile = parse(&body)?;
-    file.check_supported()?;
-    if file.kind.as_deref() == Some("parallel") {
-        return Err(crate::Error::invalid(
-            "type",
-            "parallel jobs are submitted through gRPC (`shoal job submit -f job.yaml`), which uploads their input; the HTTP API shows their progress",
-        )
-        .into());
-    }
-    if file.code.is_some() {
-        return Err(crate::Error::invalid(
-            "code",
-            "code snapshots are uploaded through gRPC (`shoal job submit --code DIR`); the HTTP API takes jobs without code",
-        )
-        .into());
-    }
-    let spec = pb::JobSpec {
-        name: file.job_name(),
-        cluster: file.cluster().unwrap_or_default(),
-        argv: file.argv.clone(),
-        command: file.command.clone().unwrap_or_default(),
-        environment_variables: file.env().into_iter().collect(),
-        instance_count: file
-            .resources
-            .as_ref()
-            .and_then(|r| r.instance_count)
-            .unwrap_or(1),
-        timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
-        code: Vec::new(),
-        image: file.image(),
-        max_preemptions: file.max_preemptions,
-        gpus_per_instance: file
-            .resources
-            .as_ref()
-            .and_then(|r| r.gpus_per_instance)
-            .unwrap_or(0),
-        distribution: file.distribution_wire(),
-        parallel: None,
-    };
-    let job = api.submit(spec).await?;
-    Ok((StatusCode::CREATED, Json(view::Job::from(&job))))
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let (job, _warnings) = api.create_job(text, &[], Default::default()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(view::Job::from(&convert::job(&job))),
+    ))
 }
 
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
@@ -414,4 +393,100 @@ async fn list_vm_sizes(State(api): State<Api>) -> ApiResult<Vec<view::VmSize>> {
             .map(|s| view::VmSize::from(&convert::vm_size(s)))
             .collect(),
     ))
+}
+
+/// A named output of a job as a tar.gz (the first instance that wrote it).
+async fn job_named_output(
+    State(api): State<Api>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let outputs = api.outputs(id.clone()).await?;
+    let Some(found) = outputs.named.into_iter().find(|o| o.name == name) else {
+        return Err(
+            crate::Error::NotFound(format!("job `{id}` has no output `{name}` (yet)")).into(),
+        );
+    };
+    let disposition = format!("attachment; filename=\"{id}-{name}.tar.gz\"");
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/gzip".to_string(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        found.data,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatastoreBody {
+    name: String,
+    path: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn list_datastores(State(api): State<Api>) -> ApiResult<Vec<crate::data::Datastore>> {
+    Ok(Json(api.control.datastores().await?))
+}
+
+async fn create_datastore(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::data::Datastore>), ApiError> {
+    let body: DatastoreBody = parse(&body)?;
+    let made = api
+        .create_datastore(&body.name, &body.path, &body.description)
+        .await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+async fn list_data(State(api): State<Api>) -> ApiResult<Vec<crate::data::DataAsset>> {
+    Ok(Json(api.control.data_assets().await?))
+}
+
+async fn create_data(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::data::DataAsset>), ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let file = crate::admission::DataFile::from_yaml(text)?;
+    let made = api.create_data_asset(file.into_request(None)).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+async fn list_environments(State(api): State<Api>) -> ApiResult<Vec<crate::model::Environment>> {
+    Ok(Json(api.control.environments().await?))
+}
+
+/// The environment schema as JSON or YAML (an image, a host, a conda file on an
+/// image; build contexts need `shoal environment create`, which uploads them).
+async fn create_environment(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::model::Environment>), ApiError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let mut log = |line: String| tracing::debug!(%line, "environment build");
+    let (made, _) = api
+        .create_environment(text, Default::default(), &mut log)
+        .await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+async fn get_defaults(State(api): State<Api>) -> ApiResult<BTreeMap<String, String>> {
+    Ok(Json(api.control.defaults().await?))
+}
+
+/// `{"compute": "cpu-cluster"}`; an empty value clears one.
+async fn set_defaults(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> ApiResult<BTreeMap<String, String>> {
+    let set: BTreeMap<String, String> = parse(&body)?;
+    Ok(Json(api.set_defaults(set).await?))
 }

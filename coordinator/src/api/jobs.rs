@@ -90,6 +90,60 @@ impl Api {
         Ok(job)
     }
 
+    /// Keeps what an instance wrote to a named output, and writes it to the
+    /// output's datastore, when it has one.
+    pub async fn keep_named(
+        &self,
+        job_id: &str,
+        attempt_id: &str,
+        instance: u32,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<()> {
+        let job = self.job(job_id).await?;
+        let output = job
+            .spec
+            .extras
+            .outputs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("job {job_id} has no output `{name}`")))?;
+        self.artifacts
+            .put_named(attempt_id, instance, name, data.clone())
+            .await?;
+        if let Some(destination) = output.destination {
+            let file = output.kind.is_file();
+            let written = tokio::task::spawn_blocking(move || -> Result<()> {
+                let dest = std::path::PathBuf::from(&destination);
+                if !file {
+                    return crate::artifacts::unpack_into(&data, &dest);
+                }
+                // A file output: the one file of the archive, at the destination.
+                let scratch = tempfile::tempdir()
+                    .map_err(|e| Error::Internal(format!("unpacking an output: {e}")))?;
+                crate::artifacts::unpack_into(&data, scratch.path())?;
+                let only = std::fs::read_dir(scratch.path())
+                    .ok()
+                    .and_then(|mut d| d.next())
+                    .and_then(|e| e.ok())
+                    .ok_or_else(|| {
+                        Error::invalid("outputs", format!("output `{destination}` is empty"))
+                    })?;
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| Error::Internal(format!("{}: {e}", parent.display())))?;
+                }
+                std::fs::copy(only.path(), &dest)
+                    .map_err(|e| Error::Internal(format!("{}: {e}", dest.display())))?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("writing output {name}: {e}")))?;
+            written?;
+        }
+        Ok(())
+    }
+
     /// Why the job is where it is (an ended job no longer held: how it ended).
     pub async fn explain(&self, id: &str) -> Result<Vec<String>> {
         match self.control.explain(id.to_string()).await {
@@ -108,13 +162,18 @@ impl Api {
 
     pub async fn outputs(&self, job_id: String) -> Result<pb::OutputsList, Status> {
         let job = self.job(&job_id).await?;
+        let mut list = pb::OutputsList {
+            outputs: Vec::new(),
+            files: self.output_files(&job).await?,
+            named: self.named_outputs(&job).await?,
+        };
         for attempt in job.attempts.iter().rev() {
             let found = self
                 .artifacts
                 .outputs(&attempt.id, attempt.instances.len() as u32)
                 .await?;
             if !found.is_empty() {
-                let outputs = found
+                list.outputs = found
                     .into_iter()
                     .map(|(instance, data)| pb::InstanceOutputs {
                         attempt_id: attempt.id.clone(),
@@ -122,16 +181,32 @@ impl Api {
                         data,
                     })
                     .collect();
-                return Ok(pb::OutputsList {
-                    outputs,
-                    files: self.output_files(&job).await?,
-                });
+                break;
             }
         }
-        Ok(pb::OutputsList {
-            outputs: Vec::new(),
-            files: self.output_files(&job).await?,
-        })
+        Ok(list)
+    }
+
+    /// Each named output, from the latest attempt that wrote it.
+    async fn named_outputs(&self, job: &Job) -> Result<Vec<pb::NamedOutput>, Status> {
+        let mut named = Vec::new();
+        for name in job.spec.extras.outputs.keys() {
+            for attempt in job.attempts.iter().rev() {
+                let found = self
+                    .artifacts
+                    .named(&attempt.id, attempt.instances.len() as u32, name)
+                    .await?;
+                if !found.is_empty() {
+                    named.extend(found.into_iter().map(|(instance, data)| pb::NamedOutput {
+                        name: name.clone(),
+                        instance,
+                        data,
+                    }));
+                    break;
+                }
+            }
+        }
+        Ok(named)
     }
 
     /// The job's own output files: a parallel job's rows.

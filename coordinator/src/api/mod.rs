@@ -1,5 +1,7 @@
 //! The gRPC services (user API and agent session) and the JSON HTTP API, on one port.
 
+pub mod admit;
+mod assets;
 pub mod convert;
 mod exec;
 mod grpc;

@@ -112,7 +112,11 @@ impl Control {
             let purged = committed.purged.clone();
             tokio::task::spawn_blocking(move || {
                 for gone in purged {
-                    artifacts.remove_job_files(gone.code_path.as_deref(), &gone.attempts);
+                    artifacts.remove_job_files(
+                        gone.code_path.as_deref(),
+                        &gone.inputs,
+                        &gone.attempts,
+                    );
                 }
             });
         }

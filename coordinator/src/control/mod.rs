@@ -48,6 +48,8 @@ pub struct ControlConfig {
     pub job_retention: Option<Duration>,
     /// Where jobs' files (code snapshots, outputs) are, to delete them with the job.
     pub artifacts: Option<crate::artifacts::Artifacts>,
+    /// Where the built-in datastores live (None: there are none).
+    pub datastores_root: Option<std::path::PathBuf>,
     /// Ended jobs kept in memory beside the live ones (older ones are read from
     /// the store).
     pub recent_jobs: usize,
@@ -69,6 +71,7 @@ impl Default for ControlConfig {
             identity_tokens: false,
             job_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             artifacts: None,
+            datastores_root: None,
             recent_jobs: crate::store::RECENT_JOBS,
         }
     }
@@ -123,6 +126,49 @@ pub struct LaunchOrder {
     pub parallel_worker_mode: bool,
     /// The instance's secret, shown by its agent on every call about it.
     pub token: String,
+    /// Data inputs to make before the command runs, and named outputs to upload.
+    pub inputs: Vec<LaunchInput>,
+    pub outputs: Vec<(String, bool)>,
+    /// A host environment's prefix, first on PATH.
+    pub path_prefix: Option<String>,
+    pub shm_size_bytes: Option<u64>,
+}
+
+/// An input as a node makes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchInput {
+    pub name: String,
+    pub folder: bool,
+    pub file_name: String,
+    pub source: LaunchSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchSource {
+    /// From the coordinator (`Agent.FetchInput`).
+    Fetch,
+    Url(String),
+    /// Direct mode: the URI itself.
+    Direct(String),
+}
+
+/// What a node needs to make a job's inputs.
+fn launch_inputs(spec: &JobSpec) -> Vec<LaunchInput> {
+    use crate::data::{DataSource, InputMode};
+    spec.extras
+        .inputs
+        .iter()
+        .map(|(name, input)| LaunchInput {
+            name: name.clone(),
+            folder: !input.kind.is_file(),
+            file_name: input.file_name.clone(),
+            source: match (&input.mode, &input.source) {
+                (InputMode::Direct, _) => LaunchSource::Direct(input.uri.clone()),
+                (_, DataSource::Url { url }) => LaunchSource::Url(url.clone()),
+                _ => LaunchSource::Fetch,
+            },
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -205,7 +251,7 @@ pub enum Command {
     DeleteCluster(String, Reply<ClusterInfo>),
     GetCluster(String, Reply<ClusterInfo>),
     ListClusters(Reply<Vec<ClusterInfo>>),
-    SubmitJob(JobRequest, Reply<Job>),
+    SubmitJob(Box<JobRequest>, Reply<Job>),
     GetJob(String, Reply<Job>),
     /// The in-memory state of those of these jobs that are live or recent (with
     /// progress): what a page read from the store is brought up to date with.
@@ -240,6 +286,35 @@ pub enum Command {
         identity: String,
         reply: Reply<ClusterInfo>,
     },
+    CreateDatastore(crate::data::Datastore, Reply<crate::data::Datastore>),
+    GetDatastore(String, Reply<crate::data::Datastore>),
+    ListDatastores(Reply<Vec<crate::data::Datastore>>),
+    CreateDataAsset(crate::data::DataAsset, Reply<crate::data::DataAsset>),
+    /// A data asset by name and version (None: the latest).
+    GetDataAsset {
+        name: String,
+        version: Option<String>,
+        reply: Reply<crate::data::DataAsset>,
+    },
+    ListDataAssets(Reply<Vec<crate::data::DataAsset>>),
+    CreateEnvironment(Environment, Reply<Environment>),
+    GetEnvironment {
+        name: String,
+        version: Option<String>,
+        reply: Reply<Environment>,
+    },
+    ListEnvironments(Reply<Vec<Environment>>),
+    ArchiveEnvironment {
+        name: String,
+        version: Option<String>,
+        reply: Reply<Environment>,
+    },
+    /// Sets (Some) or clears (None) defaults; all of them after.
+    SetDefaults(
+        BTreeMap<String, Option<String>>,
+        Reply<BTreeMap<String, String>>,
+    ),
+    GetDefaults(Reply<BTreeMap<String, String>>),
     Explain(String, Reply<Vec<String>>),
     Metrics(Reply<String>),
     /// A parallel job's worker: its last result, and maybe the next mini-batch.
@@ -345,7 +420,7 @@ impl ControlHandle {
         self.ask(Command::ListClusters).await
     }
     pub async fn submit_job(&self, request: JobRequest) -> Result<Job> {
-        self.ask(|r| Command::SubmitJob(request, r)).await
+        self.ask(|r| Command::SubmitJob(Box::new(request), r)).await
     }
     pub async fn work(&self, request: WorkRequest) -> Result<WorkReply> {
         self.ask(|r| Command::Work(request, r)).await
@@ -410,6 +485,75 @@ impl ControlHandle {
         })
         .await
     }
+    pub async fn create_datastore(
+        &self,
+        datastore: crate::data::Datastore,
+    ) -> Result<crate::data::Datastore> {
+        self.ask(|r| Command::CreateDatastore(datastore, r)).await
+    }
+    pub async fn datastore(&self, name: String) -> Result<crate::data::Datastore> {
+        self.ask(|r| Command::GetDatastore(name, r)).await
+    }
+    pub async fn datastores(&self) -> Result<Vec<crate::data::Datastore>> {
+        self.ask(Command::ListDatastores).await
+    }
+    pub async fn create_data_asset(
+        &self,
+        asset: crate::data::DataAsset,
+    ) -> Result<crate::data::DataAsset> {
+        self.ask(|r| Command::CreateDataAsset(asset, r)).await
+    }
+    pub async fn data_asset(
+        &self,
+        name: String,
+        version: Option<String>,
+    ) -> Result<crate::data::DataAsset> {
+        self.ask(|reply| Command::GetDataAsset {
+            name,
+            version,
+            reply,
+        })
+        .await
+    }
+    pub async fn data_assets(&self) -> Result<Vec<crate::data::DataAsset>> {
+        self.ask(Command::ListDataAssets).await
+    }
+    pub async fn create_environment(&self, environment: Environment) -> Result<Environment> {
+        self.ask(|r| Command::CreateEnvironment(environment, r))
+            .await
+    }
+    pub async fn environment(&self, name: String, version: Option<String>) -> Result<Environment> {
+        self.ask(|reply| Command::GetEnvironment {
+            name,
+            version,
+            reply,
+        })
+        .await
+    }
+    pub async fn environments(&self) -> Result<Vec<Environment>> {
+        self.ask(Command::ListEnvironments).await
+    }
+    pub async fn archive_environment(
+        &self,
+        name: String,
+        version: Option<String>,
+    ) -> Result<Environment> {
+        self.ask(|reply| Command::ArchiveEnvironment {
+            name,
+            version,
+            reply,
+        })
+        .await
+    }
+    pub async fn set_defaults(
+        &self,
+        changes: BTreeMap<String, Option<String>>,
+    ) -> Result<BTreeMap<String, String>> {
+        self.ask(|r| Command::SetDefaults(changes, r)).await
+    }
+    pub async fn defaults(&self) -> Result<BTreeMap<String, String>> {
+        self.ask(Command::GetDefaults).await
+    }
     pub async fn quotas(&self) -> Result<QuotaReport> {
         self.ask(Command::GetQuotas).await
     }
@@ -469,6 +613,15 @@ pub struct Control {
     clusters: BTreeMap<String, Cluster>,
     /// User-assigned identities, by name.
     identities: BTreeMap<String, Identity>,
+    datastores: BTreeMap<String, crate::data::Datastore>,
+    /// By (name, version).
+    data_assets: BTreeMap<(String, String), crate::data::DataAsset>,
+    environments: BTreeMap<(String, String), Environment>,
+    defaults: BTreeMap<String, String>,
+    defaults_dirty: bool,
+    new_datastores: Vec<crate::data::Datastore>,
+    new_data_assets: Vec<crate::data::DataAsset>,
+    new_environments: Vec<Environment>,
     nodes: BTreeMap<String, Node>,
     jobs: HashMap<String, Job>,
     /// Queued jobs, oldest first: seq -> id.
@@ -572,6 +725,26 @@ impl Control {
                 .into_iter()
                 .map(|i| (i.name.clone(), i))
                 .collect(),
+            datastores: snapshot
+                .datastores
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect(),
+            data_assets: snapshot
+                .data_assets
+                .into_iter()
+                .map(|a| ((a.name.clone(), a.version.clone()), a))
+                .collect(),
+            environments: snapshot
+                .environments
+                .into_iter()
+                .map(|e| ((e.name.clone(), e.version.clone()), e))
+                .collect(),
+            defaults: snapshot.defaults,
+            defaults_dirty: false,
+            new_datastores: Vec::new(),
+            new_data_assets: Vec::new(),
+            new_environments: Vec::new(),
             nodes: BTreeMap::new(),
             jobs: HashMap::new(),
             queue: BTreeMap::new(),
@@ -634,6 +807,9 @@ impl Control {
         }
         control.load_parallel(snapshot.mini_batches);
         control.remember_loaded();
+        if let Some(root) = control.config.datastores_root.clone() {
+            control.built_in_datastores(&root, now);
+        }
         info!(
             clusters = control.clusters.len(),
             nodes = control.nodes.len(),
@@ -723,7 +899,7 @@ impl Control {
                 self.defer(reply, result);
             }
             Command::SubmitJob(request, reply) => {
-                let result = self.submit_job(request, now);
+                let result = self.submit_job(*request, now);
                 self.defer(reply, result);
             }
             Command::GetJob(id, reply) => {
@@ -914,6 +1090,66 @@ impl Control {
             } => {
                 let result = self.remove_identity(&cluster, &identity);
                 self.defer(reply, result);
+            }
+            Command::CreateDatastore(datastore, reply) => {
+                let result = self.create_datastore(datastore, now);
+                self.defer(reply, result);
+            }
+            Command::GetDatastore(name, reply) => {
+                let result = self.datastore(&name);
+                self.defer(reply, result);
+            }
+            Command::ListDatastores(reply) => {
+                let all = self.datastores.values().cloned().collect();
+                self.defer(reply, Ok(all));
+            }
+            Command::CreateDataAsset(asset, reply) => {
+                let result = self.create_data_asset(asset, now);
+                self.defer(reply, result);
+            }
+            Command::GetDataAsset {
+                name,
+                version,
+                reply,
+            } => {
+                let result = self.data_asset(&name, version.as_deref());
+                self.defer(reply, result);
+            }
+            Command::ListDataAssets(reply) => {
+                let all = self.list_data_assets();
+                self.defer(reply, Ok(all));
+            }
+            Command::CreateEnvironment(environment, reply) => {
+                let result = self.create_environment(environment, now);
+                self.defer(reply, result);
+            }
+            Command::GetEnvironment {
+                name,
+                version,
+                reply,
+            } => {
+                let result = self.environment(&name, version.as_deref());
+                self.defer(reply, result);
+            }
+            Command::ListEnvironments(reply) => {
+                let all = self.list_environments();
+                self.defer(reply, Ok(all));
+            }
+            Command::ArchiveEnvironment {
+                name,
+                version,
+                reply,
+            } => {
+                let result = self.archive_environment(&name, version.as_deref());
+                self.defer(reply, result);
+            }
+            Command::SetDefaults(changes, reply) => {
+                let result = self.set_defaults(changes);
+                self.defer(reply, result);
+            }
+            Command::GetDefaults(reply) => {
+                let defaults = self.defaults.clone();
+                self.defer(reply, Ok(defaults));
             }
             Command::Metrics(reply) => {
                 // Read-only: no need to wait for the batch's commit.
@@ -2641,6 +2877,16 @@ impl Control {
                     parallel_workers: job.spec.parallel.as_ref().map_or(0, |p| p.concurrency),
                     parallel_worker_mode: job.spec.parallel.as_ref().is_some_and(|p| p.worker_mode),
                     token: token.clone(),
+                    inputs: launch_inputs(&job.spec),
+                    outputs: job
+                        .spec
+                        .extras
+                        .outputs
+                        .iter()
+                        .map(|(name, output)| (name.clone(), !output.kind.is_file()))
+                        .collect(),
+                    path_prefix: job.spec.extras.path_prefix.clone(),
+                    shm_size_bytes: job.spec.extras.shm_size_bytes,
                 }),
             ));
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -2715,6 +2961,10 @@ impl Control {
             identities: std::mem::take(&mut self.new_identities),
             delete_jobs: std::mem::take(&mut self.delete_jobs),
             purge_ended_before: self.purge_before.take(),
+            datastores: std::mem::take(&mut self.new_datastores),
+            data_assets: std::mem::take(&mut self.new_data_assets),
+            environments: std::mem::take(&mut self.new_environments),
+            defaults: std::mem::take(&mut self.defaults_dirty).then(|| self.defaults.clone()),
         };
         let mut batch = batch;
         self.parallel_changes(&mut batch);
@@ -2967,11 +3217,13 @@ pub fn waiting_reason(
     format!("waiting for nodes to start ({free} ready)")
 }
 
+mod assets;
 mod history;
 mod identities;
 pub mod ownership;
 mod parallel;
 pub use ownership::{AgentCall, Claim, Granted};
+
 pub use parallel::{Leased, MiniBatchResult, PARALLEL_RELEASE, WorkReply, WorkRequest};
 
 #[cfg(test)]

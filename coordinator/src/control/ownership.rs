@@ -16,6 +16,8 @@ pub enum AgentCall {
     /// An event, a log chunk or usage on the node's own session.
     Report,
     FetchCode,
+    /// One of the job's data inputs.
+    FetchInput,
     UploadOutputs,
     RestoreOutputs,
     /// A parallel job's worker: its last result, and maybe its next mini-batch.
@@ -38,6 +40,7 @@ impl AgentCall {
         matches!(
             self,
             AgentCall::FetchCode
+                | AgentCall::FetchInput
                 | AgentCall::RestoreOutputs
                 | AgentCall::IssueToken
                 | AgentCall::Exec { .. }

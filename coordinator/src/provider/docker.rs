@@ -124,6 +124,65 @@ pub async fn image_lacks(image: &str, program: &str) -> Result<Option<String>, S
     Ok((!found).then(|| format!("image `{image}` has no `{program}` on its PATH ({path})")))
 }
 
+/// Whether `image` is on this machine's engine.
+pub async fn image_exists(image: &str) -> Result<bool, String> {
+    let docker = connect().await?;
+    match docker.inspect_image(image).await {
+        Ok(_) => Ok(true),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(false),
+        Err(e) => Err(format!("cannot inspect `{image}`: {e}")),
+    }
+}
+
+/// Builds `tag` from a build context (tar.gz) with the Dockerfile at `dockerfile`
+/// on this machine's engine (the one its nodes use; no registry: a `FROM` must be
+/// an image built here). Each line of the build goes to `log`; a failure says
+/// which step and why.
+pub async fn build_image(
+    context: Vec<u8>,
+    dockerfile: &str,
+    tag: &str,
+    log: &mut (dyn FnMut(String) + Send),
+) -> Result<(), String> {
+    use futures::StreamExt;
+    let docker = connect().await?;
+    let options = bollard::query_parameters::BuildImageOptionsBuilder::default()
+        .dockerfile(dockerfile)
+        .t(tag)
+        .rm(true)
+        .forcerm(true)
+        .pull("false")
+        .build();
+    let mut stream = docker.build_image(options, None, Some(bollard::body_full(context.into())));
+    let mut last = String::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(text) = info.stream {
+                    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                        last = line.to_string();
+                        log(line.to_string());
+                    }
+                }
+                if let Some(error) = info.error_detail.and_then(|d| d.message) {
+                    return Err(format!(
+                        "the build of {tag} failed: {error} (after: {last})"
+                    ));
+                }
+            }
+            Err(e) => return Err(format!("the build of {tag} failed: {e} (after: {last})")),
+        }
+    }
+    match image_exists(tag).await? {
+        true => Ok(()),
+        false => Err(format!(
+            "the build of {tag} ended without an image (last: {last})"
+        )),
+    }
+}
+
 /// The `docker` provider: each node is a container running `shoal agent` on a
 /// private network of its cluster (its own hostname and IP), with the Docker socket
 /// mounted so its jobs run as sibling containers on the same network. The agent

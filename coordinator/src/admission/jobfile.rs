@@ -1,10 +1,13 @@
-//! The job file: the managed service's v2 command-job YAML (`command`, `code`,
-//! `environment_variables`, `compute`, `resources.instance_count`, `limits.timeout`).
-//! Unknown keys are errors that name the key. The HTTP API takes the same shape as JSON.
+//! The job file: the managed service's commandJob YAML (and its parallel job), read
+//! key by key as the service's schema has them. Every key of the schema is
+//! accepted; one that cannot mean anything here is named in a warning that says
+//! why. A key outside the schema is an error that names it, so a typo never
+//! passes as a default. The HTTP API takes the same shape as JSON.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{Error, Result};
 
@@ -26,14 +29,19 @@ pub struct JobFile {
     #[serde(default)]
     pub tags: BTreeMap<String, Scalar>,
     #[serde(default)]
+    pub properties: BTreeMap<String, Scalar>,
+    #[serde(default)]
     pub command: Option<String>,
     /// Exact argv, for the HTTP API and scripts (YAML users write `command`).
     #[serde(default)]
     pub argv: Vec<String>,
+    /// `./src`, or `{local_path: ./src}` as older files write it.
     #[serde(default)]
-    pub code: Option<String>,
+    pub code: Option<Value>,
+    /// A reference (`azureml:NAME@latest`, `azureml:NAME:VERSION`,
+    /// `azureml://registries/…`, `file:./env.yml`, `host`) or an inline definition.
     #[serde(default)]
-    pub environment: Option<Environment>,
+    pub environment: Option<Value>,
     #[serde(default)]
     pub environment_variables: BTreeMap<String, Scalar>,
     #[serde(default)]
@@ -45,13 +53,24 @@ pub struct JobFile {
     /// Preemptions the job is requeued after before it fails (default 10).
     #[serde(default)]
     pub max_preemptions: Option<u32>,
-    /// `{type: pytorch, process_count_per_instance: 2}`, `{type: tensorflow, worker_count: 2, parameter_server_count: 1}`.
+    /// `{type: pytorch, process_count_per_instance: 2}`, `{type: tensorflow, worker_count: 2, parameter_server_count: 1}`, `{type: mpi, …}`.
     #[serde(default)]
     pub distribution: Option<crate::model::Distribution>,
+    /// Literals, or `{type, path, mode}`.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, Value>,
+    /// `{type, mode, path}`, or nothing (a folder).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, Option<Value>>,
+    /// Accepted, with a warning: no meaning here.
+    #[serde(default)]
+    pub identity: Option<Value>,
+    #[serde(default)]
+    pub queue_settings: Option<Value>,
+    #[serde(default)]
+    pub services: Option<Value>,
 
     // type: parallel (the managed service's parallel job names)
-    #[serde(default)]
-    pub inputs: BTreeMap<String, Input>,
     #[serde(default)]
     pub mini_batch_size: Option<Scalar>,
     #[serde(default)]
@@ -68,14 +87,6 @@ pub struct JobFile {
     pub output: Option<Output>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Input {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub path: String,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
@@ -89,12 +100,15 @@ pub struct RetrySettings {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Task {
+    /// `run_function`, the one task type.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
     #[serde(default)]
     pub command: Option<String>,
     #[serde(default)]
-    pub environment: Option<Environment>,
+    pub environment: Option<Value>,
     #[serde(default)]
-    pub code: Option<String>,
+    pub code: Option<Value>,
     /// `per_mini_batch` (default: the command runs once per mini-batch) or `worker`
     /// (one long-lived process per worker, fed mini-batches on stdin).
     #[serde(default)]
@@ -111,19 +125,23 @@ pub enum Output {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Environment {
-    #[serde(default)]
-    pub image: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Resources {
     #[serde(default)]
     pub instance_count: Option<u32>,
     /// GPUs each instance gets, exclusively.
     #[serde(default, alias = "gpu_count")]
     pub gpus_per_instance: Option<u32>,
+    /// Accepted with a warning: the cluster's VM size decides.
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// Shared memory of a container job (`2g`, `512m`).
+    #[serde(default)]
+    pub shm_size: Option<Scalar>,
+    /// Accepted with a warning: not passed to the engine.
+    #[serde(default)]
+    pub docker_args: Option<String>,
+    #[serde(default)]
+    pub properties: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,31 +173,65 @@ impl std::fmt::Display for Scalar {
     }
 }
 
+/// A job file (YAML, or JSON, which is YAML too) as a document, before `--set`.
+pub fn document(text: &str) -> Result<Value> {
+    let doc: Value =
+        serde_saphyr::from_str(text).map_err(|e| Error::invalid("job file", e.to_string()))?;
+    match doc {
+        Value::Object(_) => Ok(doc),
+        Value::Null => Ok(Value::Object(Default::default())),
+        _ => Err(Error::invalid(
+            "job file",
+            "it must be a mapping of keys (command:, compute:, ...)",
+        )),
+    }
+}
+
+/// `command` and `parallel` jobs run here; other types (pipeline, sweep, ...) are
+/// refused by name before their keys are read.
+pub fn check_type(kind: &str) -> Result<()> {
+    match kind {
+        "command" | "parallel" => Ok(()),
+        other => Err(Error::invalid(
+            "type",
+            format!("`{other}` jobs are not supported; use `type: command` or `type: parallel`"),
+        )),
+    }
+}
+
 impl JobFile {
     pub fn from_yaml(text: &str) -> Result<Self> {
-        serde_saphyr::from_str(text).map_err(|e| Error::invalid("job file", e.to_string()))
+        Self::from_document(document(text)?)
+    }
+
+    pub fn from_document(doc: Value) -> Result<Self> {
+        if let Some(kind) = doc.get("type").and_then(Value::as_str) {
+            check_type(kind)?;
+        }
+        serde_json::from_value(doc).map_err(|e| Error::invalid("job file", e.to_string()))
     }
 
     /// Refuses what this build cannot run yet, rather than ignoring it.
     pub fn check_supported(&self) -> Result<()> {
-        if let Some(kind) = self.kind.as_deref()
-            && kind != "command"
-            && kind != "parallel"
-        {
-            return Err(Error::invalid(
-                "type",
-                format!("`{kind}` jobs are not supported; use `type: command` or `type: parallel`"),
-            ));
+        if let Some(kind) = self.kind.as_deref() {
+            check_type(kind)?;
         }
-        let parallel_only = !self.inputs.is_empty()
-            || self.mini_batch_size.is_some()
+        let parallel_only = self.mini_batch_size.is_some()
             || self.task.is_some()
             || self.output.is_some()
             || self.retry_settings.is_some();
+        if let Some(kind) = self.task.as_ref().and_then(|t| t.kind.as_deref())
+            && kind != "run_function"
+        {
+            return Err(Error::invalid(
+                "task.type",
+                format!("`{kind}` is not a task type; the one type is run_function"),
+            ));
+        }
         if parallel_only && !self.is_parallel() {
             return Err(Error::invalid(
                 "type",
-                "inputs, mini_batch_size, task, output and retry_settings belong to `type: parallel` jobs",
+                "mini_batch_size, task, output and retry_settings belong to `type: parallel` jobs",
             ));
         }
         Ok(())
@@ -189,33 +241,43 @@ impl JobFile {
         self.kind.as_deref() == Some("parallel")
     }
 
-    /// A parallel job's settings, with its input read by `read_input(kind, path)`
-    /// (the file's bytes, or a tar.gz of the folder). The input named `data` is the
-    /// one cut into mini-batches (or the only one).
-    pub fn parallel_wire(
-        &self,
-        read_input: impl FnOnce(&str, &str) -> Result<Vec<u8>>,
-    ) -> Result<shoal_proto::v1::Parallel> {
-        let (_, input) = match self.inputs.len() {
-            0 => {
-                return Err(Error::invalid(
-                    "inputs",
-                    "a parallel job needs an input: inputs: {data: {type: uri_file, path: ./rows.csv}}",
-                ));
-            }
+    /// The input a parallel job cuts into mini-batches: the one named `data`, or
+    /// the only one.
+    pub fn parallel_input(&self) -> Result<(&str, &Value)> {
+        match self.inputs.len() {
+            0 => Err(Error::invalid(
+                "inputs",
+                "a parallel job needs an input: inputs: {data: {type: uri_file, path: ./rows.csv}}",
+            )),
             1 => self
                 .inputs
                 .iter()
                 .next()
-                .ok_or_else(|| Error::invalid("inputs", "empty"))?,
-            _ => self.inputs.get_key_value("data").ok_or_else(|| {
-                Error::invalid(
-                    "inputs",
-                    "with several inputs, the one named `data` is cut into mini-batches",
-                )
-            })?,
-        };
-        crate::parallel::InputType::parse(&input.kind)?;
+                .map(|(name, value)| (name.as_str(), value))
+                .ok_or_else(|| Error::invalid("inputs", "empty")),
+            _ => self
+                .inputs
+                .get_key_value("data")
+                .map(|(name, value)| (name.as_str(), value))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "inputs",
+                        "with several inputs, the one named `data` is cut into mini-batches",
+                    )
+                }),
+        }
+    }
+
+    /// A parallel job's settings, with its input (`input_type`: uri_file or
+    /// uri_folder; `data`: the file's bytes, or a tar.gz of the folder; `name`: where
+    /// it came from, for people).
+    pub fn parallel_wire(
+        &self,
+        input_type: &str,
+        data: Vec<u8>,
+        name: &str,
+    ) -> Result<shoal_proto::v1::Parallel> {
+        crate::parallel::InputType::parse(input_type)?;
         let size = match &self.mini_batch_size {
             None => crate::parallel::BatchSize::Items(1),
             Some(Scalar::Int(n)) => crate::parallel::BatchSize::parse(&n.to_string())?,
@@ -250,9 +312,8 @@ impl JobFile {
             }
         };
         let retry = self.retry_settings.as_ref();
-        let data = read_input(&input.kind, &input.path)?;
         Ok(shoal_proto::v1::Parallel {
-            input_type: input.kind.clone(),
+            input_type: input_type.to_string(),
             input: data,
             mini_batch_size,
             mini_batch_bytes,
@@ -262,7 +323,7 @@ impl JobFile {
             mini_batch_error_threshold: self.mini_batch_error_threshold,
             allowed_failed_percent: self.allowed_failed_percent,
             append_row_to,
-            input_name: input.path.clone(),
+            input_name: name.to_string(),
             worker_mode,
         })
     }
@@ -281,14 +342,6 @@ impl JobFile {
             .collect()
     }
 
-    pub fn image(&self) -> String {
-        self.environment
-            .as_ref()
-            .or(self.task.as_ref().and_then(|t| t.environment.as_ref()))
-            .and_then(|e| e.image.clone())
-            .unwrap_or_default()
-    }
-
     /// The command line: a parallel job's `task.command`, else `command`.
     pub fn command_line(&self) -> Option<String> {
         self.task
@@ -297,12 +350,38 @@ impl JobFile {
             .or_else(|| self.command.clone())
     }
 
-    /// The code folder: a parallel job's `task.code`, else `code`.
-    pub fn code_dir(&self) -> Option<String> {
-        self.task
+    /// The code folder: a parallel job's `task.code`, else `code` (a path, or
+    /// `{local_path: PATH}`).
+    pub fn code_dir(&self) -> Result<Option<String>> {
+        let value = self
+            .task
             .as_ref()
             .and_then(|t| t.code.clone())
-            .or_else(|| self.code.clone())
+            .or_else(|| self.code.clone());
+        match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(path)) => Ok(Some(path)),
+            Some(Value::Object(map)) => match map.get("local_path") {
+                Some(Value::String(path)) if map.len() == 1 => Ok(Some(path.clone())),
+                _ => Err(Error::invalid(
+                    "code",
+                    "give the code folder as a path (`code: ./src`) or `{local_path: ./src}`",
+                )),
+            },
+            Some(other) => Err(Error::invalid(
+                "code",
+                format!("`{other}` is not a folder path"),
+            )),
+        }
+    }
+
+    /// The environment: a parallel job's `task.environment`, else `environment`.
+    pub fn environment_value(&self) -> Option<&Value> {
+        self.task
+            .as_ref()
+            .and_then(|t| t.environment.as_ref())
+            .or(self.environment.as_ref())
+            .filter(|v| !v.is_null())
     }
 
     pub fn distribution_wire(&self) -> Option<shoal_proto::v1::Distribution> {

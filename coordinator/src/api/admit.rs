@@ -1,0 +1,690 @@
+//! Admission's second half: a draft's references resolved against what this
+//! coordinator holds — the compute (or the default one), the environment
+//! (registered, built here from a context or a conda file, or the host's), data
+//! (uploaded with the job, on a datastore, a registered asset, or a URL), and
+//! where named outputs go — then submitted. `shoal job submit -f`, `shoal ml job
+//! create` and `POST /api/v1/jobs` all come through `Api::create_job`.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use shoal_proto::v1 as pb;
+use tracing::info;
+
+use super::Api;
+use crate::admission::{self, DataRef, Draft, EnvDecl, InputDecl};
+use crate::data::{DataInput, DataKind, DataOutput, DataSource, InputMode};
+use crate::model::{EnvironmentKind, Job, JobExtras};
+use crate::{Error, Result};
+
+/// A local path's content, uploaded with the job file that names it.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    pub data: Vec<u8>,
+    pub folder: bool,
+}
+
+pub type Uploads = BTreeMap<String, Upload>;
+
+/// An environment, resolved to what a node runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedEnv {
+    pub image: Option<String>,
+    pub path_prefix: Option<String>,
+    /// How it was named (a registered one), for people.
+    pub named: String,
+    /// How it was defined, for people.
+    pub defined_by: String,
+}
+
+/// A build's log lines go here (the CLI's stream, or nowhere).
+pub type BuildLog<'a> = &'a mut (dyn FnMut(String) + Send);
+
+fn uploaded<'a>(files: &'a Uploads, field: &str, path: &str) -> Result<&'a Upload> {
+    files.get(path).ok_or_else(|| {
+        Error::invalid(
+            field,
+            format!(
+                "`{path}` is a local path, not uploaded with the job file: `shoal job submit -f` uploads it; over HTTP name a datastore (azureml://datastores/...), a data asset (azureml:NAME:VERSION) or a URL"
+            ),
+        )
+    })
+}
+
+/// The last part of a path or URL: where a file input lands.
+fn file_name_of(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or("data")
+        .to_string()
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A build context of one Dockerfile (and files beside it), as tar.gz.
+fn context_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+    let bad = |e: std::io::Error| Error::Internal(format!("build context: {e}"));
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, *data).map_err(bad)?;
+    }
+    builder.into_inner().map_err(bad)?.finish().map_err(bad)
+}
+
+/// The Dockerfile that applies a conda file on `base`, with the tool `base` has.
+pub fn conda_dockerfile(base: &str, tool: &str) -> String {
+    let (copy, install) = match tool {
+        "micromamba" | "mamba" | "conda" => (
+            "COPY conda.yml /tmp/shoal-conda.yml",
+            if tool == "micromamba" {
+                "micromamba install -y -n base -f /tmp/shoal-conda.yml && micromamba clean -a -y"
+                    .to_string()
+            } else {
+                format!("{tool} env update -n base -f /tmp/shoal-conda.yml && {tool} clean -a -y")
+            },
+        ),
+        // pip or pip3: the conda file's pip section.
+        pip => (
+            "COPY requirements.txt /tmp/shoal-requirements.txt",
+            format!("{pip} install --no-cache-dir -r /tmp/shoal-requirements.txt"),
+        ),
+    };
+    format!("FROM {base}\n{copy}\nRUN {install}\n")
+}
+
+impl Api {
+    /// A job file and the local files it names: drafted, resolved, submitted; the
+    /// job and its warnings.
+    pub async fn create_job(
+        &self,
+        text: &str,
+        sets: &[String],
+        files: Uploads,
+    ) -> std::result::Result<(Job, Vec<String>), tonic::Status> {
+        let doc = admission::jobfile::document(text)?;
+        let mut draft = admission::draft(doc, sets)?;
+        let mut log = |line: String| tracing::debug!(%line, "environment build");
+        let env = self
+            .resolve_environment(&draft.environment, &files, &mut draft.warnings, &mut log)
+            .await?;
+        let cluster = match draft.compute.clone() {
+            Some(name) => name,
+            None => self.control.defaults().await?.remove("compute").ok_or_else(|| {
+                Error::invalid(
+                    "compute",
+                    "the job names no compute and there is no default; add `compute: NAME`, or set one with `shoal configure --defaults compute=NAME`",
+                )
+            })?,
+        };
+        let code = match &draft.code {
+            None => Vec::new(),
+            Some(path) => {
+                let upload = uploaded(&files, "code", path)?;
+                if !upload.folder {
+                    return Err(Error::invalid("code", format!("`{path}` is not a folder")).into());
+                }
+                upload.data.clone()
+            }
+        };
+        let mut stored = Vec::new();
+        let resolved = self.resolve_io(&mut draft, &files, &mut stored).await;
+        let (inputs, outputs, parallel) = match resolved {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                for path in stored {
+                    crate::artifacts::Artifacts::discard(&path).await;
+                }
+                return Err(e.into());
+            }
+        };
+        let file = &draft.file;
+        let shm_size_bytes = match file.resources.as_ref().and_then(|r| r.shm_size.as_ref()) {
+            None => None,
+            Some(size) => {
+                if env.image.is_none() {
+                    draft.warnings.push(
+                        "resources.shm_size: applies to container jobs; this one runs as a process"
+                            .into(),
+                    );
+                }
+                Some(shm_size(&size.to_string())?)
+            }
+        };
+        let instance_count = match file.resources.as_ref().and_then(|r| r.instance_count) {
+            Some(0) => {
+                return Err(
+                    Error::invalid("resources.instance_count", "must be at least 1").into(),
+                );
+            }
+            Some(n) => n,
+            None => 0,
+        };
+        let text_map = |m: &BTreeMap<String, admission::jobfile::Scalar>| {
+            m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+        };
+        let spec = pb::JobSpec {
+            name: file.job_name(),
+            cluster,
+            argv: file.argv.clone(),
+            command: draft.command.clone().unwrap_or_default(),
+            environment_variables: file.env().into_iter().collect(),
+            instance_count,
+            timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
+            code,
+            image: env.image.clone().unwrap_or_default(),
+            max_preemptions: file.max_preemptions,
+            gpus_per_instance: file
+                .resources
+                .as_ref()
+                .and_then(|r| r.gpus_per_instance)
+                .unwrap_or(0),
+            distribution: file.distribution_wire(),
+            parallel,
+        };
+        let extras = JobExtras {
+            inputs,
+            outputs,
+            warnings: draft.warnings.clone(),
+            experiment_name: file.experiment_name.clone().unwrap_or_default(),
+            description: file.description.clone().unwrap_or_default(),
+            tags: text_map(&file.tags),
+            properties: text_map(&file.properties),
+            environment: env.named.clone(),
+            path_prefix: env.path_prefix.clone(),
+            shm_size_bytes,
+        };
+        let warnings = extras.warnings.clone();
+        let job = self.submit_with(spec, extras, stored).await?;
+        info!(job = %job.id, warnings = warnings.len(), "job file admitted");
+        Ok((job, warnings))
+    }
+
+    /// Data inputs and named outputs resolved (uploaded ones kept, their paths in
+    /// `stored`); a parallel job's input read and cut.
+    #[allow(clippy::type_complexity)]
+    async fn resolve_io(
+        &self,
+        draft: &mut Draft,
+        files: &Uploads,
+        stored: &mut Vec<String>,
+    ) -> Result<(
+        BTreeMap<String, DataInput>,
+        BTreeMap<String, DataOutput>,
+        Option<pb::Parallel>,
+    )> {
+        if draft.file.is_parallel() {
+            let (name, _) = draft.file.parallel_input()?;
+            let name = name.to_string();
+            let decl = draft.inputs.get(&name).cloned().ok_or_else(|| {
+                Error::invalid(
+                    format!("inputs.{name}"),
+                    "a parallel job's input is data: {type: uri_file|uri_folder, path}",
+                )
+            })?;
+            let input = self
+                .resolve_input(&name, &decl, files, &mut draft.warnings, None)
+                .await?;
+            let kind = match input.kind {
+                DataKind::UriFile => "uri_file",
+                _ => "uri_folder",
+            };
+            let field = format!("inputs.{name}");
+            let data = match &decl.path {
+                // Uploaded with the job: cut as it came, not kept apart.
+                DataRef::Local(path) => uploaded(files, &field, path)?.data.clone(),
+                _ => self.read_whole(&field, &input).await?,
+            };
+            let wire = draft.file.parallel_wire(kind, data, &input.uri)?;
+            return Ok((BTreeMap::new(), BTreeMap::new(), Some(wire)));
+        }
+        let mut inputs = BTreeMap::new();
+        let decls: Vec<(String, InputDecl)> = draft
+            .inputs
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        for (name, decl) in decls {
+            let input = self
+                .resolve_input(&name, &decl, files, &mut draft.warnings, Some(stored))
+                .await?;
+            inputs.insert(name, input);
+        }
+        let mut outputs = BTreeMap::new();
+        for (name, decl) in &draft.outputs {
+            let (destination, uri) = match &decl.path {
+                Some(DataRef::Datastore { datastore, path }) => {
+                    let store = self.control.datastore(datastore.clone()).await?;
+                    let at = crate::data::datastore_path(&store.path, path)?;
+                    (
+                        Some(at),
+                        format!("azureml://datastores/{datastore}/paths/{path}"),
+                    )
+                }
+                _ => (None, String::new()),
+            };
+            outputs.insert(
+                name.clone(),
+                DataOutput {
+                    kind: decl.kind,
+                    mode: decl.mode,
+                    destination,
+                    uri,
+                },
+            );
+        }
+        Ok((inputs, outputs, None))
+    }
+
+    /// Where one data input is: uploaded ones are kept now (their paths pushed to
+    /// `stored`, when given).
+    async fn resolve_input(
+        &self,
+        name: &str,
+        decl: &InputDecl,
+        files: &Uploads,
+        warnings: &mut Vec<String>,
+        stored: Option<&mut Vec<String>>,
+    ) -> Result<DataInput> {
+        let field = format!("inputs.{name}.path");
+        let mut kind = decl.kind;
+        let (source, uri) = match &decl.path {
+            DataRef::Local(path) => {
+                if decl.mode == InputMode::Direct {
+                    return Err(Error::invalid(
+                        &field,
+                        "direct mode passes the data's URI; a local path has none (upload it: leave mode out)",
+                    ));
+                }
+                let upload = uploaded(files, &field, path)?;
+                if upload.folder == kind.is_file() {
+                    return Err(Error::invalid(
+                        &field,
+                        if upload.folder {
+                            format!("`{path}` is a folder; give `type: uri_folder`")
+                        } else {
+                            format!("`{path}` is a file; give `type: uri_file`")
+                        },
+                    ));
+                }
+                let kept = match stored {
+                    Some(stored) => {
+                        let kept = self.artifacts.put_input(upload.data.clone()).await?;
+                        stored.push(kept.clone());
+                        kept
+                    }
+                    // Read once, at admission (a parallel job's input): not kept.
+                    None => String::new(),
+                };
+                let source = DataSource::Stored {
+                    path: kept,
+                    folder: upload.folder,
+                };
+                (source, path.clone())
+            }
+            DataRef::Url(url) => {
+                if !kind.is_file() && decl.mode != InputMode::Direct {
+                    return Err(Error::invalid(
+                        &field,
+                        format!(
+                            "`{url}`: a folder cannot be listed over http(s); give `type: uri_file` for one file, or `mode: direct` to pass the URL"
+                        ),
+                    ));
+                }
+                (DataSource::Url { url: url.clone() }, url.clone())
+            }
+            DataRef::Datastore { datastore, path } => {
+                let store = self.control.datastore(datastore.clone()).await?;
+                let at = crate::data::datastore_path(&store.path, path)?;
+                let uri = format!("azureml://datastores/{datastore}/paths/{path}");
+                self.check_host_path(&field, &at, kind, &uri).await?;
+                (DataSource::Host { path: at }, uri)
+            }
+            DataRef::Asset {
+                name: asset,
+                version,
+            } => {
+                let found = self
+                    .control
+                    .data_asset(asset.clone(), version.clone())
+                    .await?;
+                if decl.kind_given && decl.kind.is_file() != found.kind.is_file() {
+                    return Err(Error::invalid(
+                        format!("inputs.{name}.type"),
+                        format!(
+                            "{} is data asset `{}:{}`'s type {}",
+                            decl.kind.as_str(),
+                            found.name,
+                            found.version,
+                            found.kind.as_str()
+                        ),
+                    ));
+                }
+                kind = if decl.kind_given {
+                    decl.kind
+                } else {
+                    found.kind
+                };
+                if let DataSource::Host { path } = &found.source {
+                    self.check_host_path(&field, path, kind, &found.uri).await?;
+                }
+                (
+                    found.source.clone(),
+                    format!("azureml:{}:{}", found.name, found.version),
+                )
+            }
+        };
+        if decl.mode == InputMode::RwMount {
+            warnings.push(format!(
+                "inputs.{name}.mode: rw_mount gives the job its own copy; what it writes there is not kept (write to an output)"
+            ));
+        }
+        let file_name = match &source {
+            DataSource::Url { url } => file_name_of(url),
+            DataSource::Host { path } => file_name_of(path),
+            DataSource::Stored { .. } => file_name_of(&uri),
+        };
+        Ok(DataInput {
+            kind,
+            mode: decl.mode,
+            source,
+            uri,
+            file_name,
+        })
+    }
+
+    /// A datastore path must be there, a file or a folder as its type says.
+    async fn check_host_path(
+        &self,
+        field: &str,
+        path: &str,
+        kind: DataKind,
+        uri: &str,
+    ) -> Result<()> {
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|_| Error::invalid(field, format!("`{uri}` does not exist (no {path})")))?;
+        if kind.is_file() && !meta.is_file() {
+            return Err(Error::invalid(
+                field,
+                format!("`{uri}` is a folder; give `type: uri_folder`"),
+            ));
+        }
+        if !kind.is_file() && !meta.is_dir() {
+            return Err(Error::invalid(
+                field,
+                format!("`{uri}` is a file; give `type: uri_file`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A whole input, as bytes (a file's, or a folder's tar.gz): what the node
+    /// fetches, and what a parallel job cuts.
+    pub async fn read_whole(&self, field: &str, input: &DataInput) -> Result<Vec<u8>> {
+        match &input.source {
+            DataSource::Stored { path, .. } if path.is_empty() => {
+                Err(Error::Internal(format!("{field}: nothing kept")))
+            }
+            DataSource::Stored { path, .. } => crate::artifacts::Artifacts::read(path).await,
+            DataSource::Host { path } => {
+                let path = std::path::PathBuf::from(path);
+                tokio::task::spawn_blocking(move || crate::artifacts::pack_path(&path))
+                    .await
+                    .map_err(|e| Error::Internal(format!("reading {field}: {e}")))?
+            }
+            DataSource::Url { url } => Err(Error::invalid(
+                field,
+                format!(
+                    "`{url}` is fetched by the node; a parallel job's input is uploaded, on a datastore or a data asset"
+                ),
+            )),
+        }
+    }
+
+    /// What an environment declaration runs as: builds (a context, or a conda
+    /// file on an image) happen here, on this machine's engine, cached by content.
+    pub async fn resolve_environment(
+        &self,
+        decl: &EnvDecl,
+        files: &Uploads,
+        warnings: &mut Vec<String>,
+        log: BuildLog<'_>,
+    ) -> Result<ResolvedEnv> {
+        match decl {
+            EnvDecl::None => Ok(ResolvedEnv::default()),
+            EnvDecl::Host { prefix } => Ok(ResolvedEnv {
+                path_prefix: prefix.clone(),
+                defined_by: match prefix {
+                    Some(p) => format!("host (prefix {p})"),
+                    None => "host".into(),
+                },
+                ..Default::default()
+            }),
+            EnvDecl::Image { image, conda: None } => Ok(ResolvedEnv {
+                image: Some(image.clone()),
+                defined_by: format!("image {image}"),
+                ..Default::default()
+            }),
+            EnvDecl::Image {
+                image,
+                conda: Some(conda),
+            } => {
+                let tag = self.build_conda(image, conda, warnings, log).await?;
+                Ok(ResolvedEnv {
+                    image: Some(tag),
+                    defined_by: format!("conda file on image {image}"),
+                    ..Default::default()
+                })
+            }
+            EnvDecl::Build {
+                context,
+                dockerfile,
+                conda,
+            } => {
+                if conda.is_some() {
+                    return Err(Error::invalid(
+                        "environment.conda_file",
+                        "a conda file goes with `image`; put its steps in the build context's Dockerfile",
+                    ));
+                }
+                let upload = uploaded(files, "environment.build.path", context)?;
+                if !upload.folder {
+                    return Err(Error::invalid(
+                        "environment.build.path",
+                        format!("`{context}` is not a folder"),
+                    ));
+                }
+                let hash = sha256_hex(&[&upload.data, dockerfile.as_bytes()]);
+                let tag = format!("shoal-env:{}", &hash[..16]);
+                self.build_once(upload.data.clone(), dockerfile, &tag, log)
+                    .await?;
+                Ok(ResolvedEnv {
+                    image: Some(tag),
+                    defined_by: format!("build context {context}"),
+                    ..Default::default()
+                })
+            }
+            EnvDecl::Registered { name, version } => {
+                let found = self
+                    .control
+                    .environment(name.clone(), version.clone())
+                    .await?;
+                let named = format!("azureml:{}:{}", found.name, found.version);
+                Ok(match found.kind {
+                    EnvironmentKind::Image { image } => ResolvedEnv {
+                        image: Some(image),
+                        named,
+                        defined_by: found.defined_by,
+                        path_prefix: None,
+                    },
+                    EnvironmentKind::Host { prefix } => ResolvedEnv {
+                        image: None,
+                        named,
+                        defined_by: found.defined_by,
+                        path_prefix: prefix,
+                    },
+                })
+            }
+        }
+    }
+
+    async fn build_once(
+        &self,
+        context: Vec<u8>,
+        dockerfile: &str,
+        tag: &str,
+        log: BuildLog<'_>,
+    ) -> Result<()> {
+        let exists = crate::provider::docker::image_exists(tag)
+            .await
+            .map_err(|why| Error::invalid("environment", format!("cannot build here: {why}")))?;
+        if exists {
+            log(format!("{tag} is built already"));
+            return Ok(());
+        }
+        crate::provider::docker::build_image(context, dockerfile, tag, log)
+            .await
+            .map_err(|why| Error::invalid("environment.build", why))
+    }
+
+    /// `image` with a conda file applied, by conda, mamba or micromamba, or (its
+    /// pip section) by pip; refused when the image has none of them.
+    async fn build_conda(
+        &self,
+        image: &str,
+        conda: &Value,
+        warnings: &mut Vec<String>,
+        log: BuildLog<'_>,
+    ) -> Result<String> {
+        let mut tool = None;
+        for candidate in ["micromamba", "mamba", "conda", "pip", "pip3"] {
+            match crate::provider::docker::image_lacks(image, candidate).await {
+                Ok(None) => {
+                    tool = Some(candidate);
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Err(why) => {
+                    return Err(Error::invalid(
+                        "environment.conda_file",
+                        format!("cannot look inside `{image}`: {why}"),
+                    ));
+                }
+            }
+        }
+        let Some(tool) = tool else {
+            return Err(Error::invalid(
+                "environment.conda_file",
+                format!(
+                    "image `{image}` has no conda, mamba, micromamba or pip, so a conda file cannot be applied to it; start from an image with one (or drop conda_file)"
+                ),
+            ));
+        };
+        let conda_yaml =
+            serde_json::to_string_pretty(conda).map_err(|e| Error::Internal(e.to_string()))?;
+        let (pip, conda_only) = admission::environment::pip_section(conda);
+        let requirements = pip.join("\n") + "\n";
+        if tool.starts_with("pip") && !conda_only.is_empty() {
+            warnings.push(format!(
+                "environment.conda_file: image `{image}` has pip but no conda: its pip section is installed, not its conda packages ({})",
+                conda_only.join(", ")
+            ));
+        }
+        let dockerfile = conda_dockerfile(image, tool);
+        let context = context_of(&[
+            ("Dockerfile", dockerfile.as_bytes()),
+            ("conda.yml", conda_yaml.as_bytes()),
+            ("requirements.txt", requirements.as_bytes()),
+        ])?;
+        let hash = sha256_hex(&[
+            image.as_bytes(),
+            dockerfile.as_bytes(),
+            conda_yaml.as_bytes(),
+        ]);
+        let tag = format!("shoal-env:{}", &hash[..16]);
+        self.build_once(context, "Dockerfile", &tag, log).await?;
+        Ok(tag)
+    }
+}
+
+/// `2g`, `512m`, `64k` or a number of bytes.
+pub fn shm_size(text: &str) -> Result<u64> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(split);
+    let scale: u64 = match unit.trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => {
+            return Err(Error::invalid(
+                "resources.shm_size",
+                format!("`{text}` is not a size like 2g or 512m"),
+            ));
+        }
+    };
+    let value: u64 = number.trim().parse().map_err(|_| {
+        Error::invalid(
+            "resources.shm_size",
+            format!("`{text}` is not a size like 2g or 512m"),
+        )
+    })?;
+    value
+        .checked_mul(scale)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| Error::invalid("resources.shm_size", format!("`{text}` is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_file_names() {
+        assert_eq!(shm_size("2g").expect("2g"), 2 << 30);
+        assert_eq!(shm_size("512MB").expect("512m"), 512 << 20);
+        assert!(shm_size("lots").is_err());
+        assert_eq!(
+            file_name_of("https://x.org/datasets/iris.csv?sv=1"),
+            "iris.csv"
+        );
+        assert_eq!(file_name_of("./data/"), "data");
+        assert_eq!(file_name_of("/"), "data");
+    }
+
+    #[test]
+    fn a_conda_file_is_applied_with_the_tool_the_image_has() {
+        let pip = conda_dockerfile("python:3.11", "pip");
+        assert!(pip.starts_with("FROM python:3.11\n"));
+        assert!(pip.contains("pip install --no-cache-dir -r /tmp/shoal-requirements.txt"));
+        let conda = conda_dockerfile("mambaorg/micromamba", "micromamba");
+        assert!(conda.contains("micromamba install -y -n base -f /tmp/shoal-conda.yml"));
+        assert!(conda_dockerfile("x", "pip3").contains("RUN pip3 install"));
+        assert!(conda_dockerfile("x", "conda").contains("RUN conda env update -n base"));
+    }
+}
