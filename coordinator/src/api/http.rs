@@ -96,6 +96,12 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// A body that does not parse is a 400 naming the problem, never a panic.
+/// A body of YAML or JSON text (job, environment and data files).
+fn text(body: &[u8]) -> Result<&str, ApiError> {
+    std::str::from_utf8(body)
+        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError(crate::Error::invalid("body", e.to_string()).into()))
@@ -276,8 +282,7 @@ async fn submit_job(
     State(api): State<Api>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<view::Job>), ApiError> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let text = text(&body)?;
     let (job, _warnings) = api.create_job(text, &[], Default::default()).await?;
     Ok((
         StatusCode::CREATED,
@@ -452,8 +457,7 @@ async fn create_data(
     State(api): State<Api>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<crate::data::DataAsset>), ApiError> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let text = text(&body)?;
     let file = crate::admission::DataFile::from_yaml(text)?;
     let made = api.create_data_asset(file.into_request(None)).await?;
     Ok((StatusCode::CREATED, Json(made)))
@@ -469,8 +473,7 @@ async fn create_environment(
     State(api): State<Api>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<crate::model::Environment>), ApiError> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError(crate::Error::invalid("body", "not UTF-8 text").into()))?;
+    let text = text(&body)?;
     let mut log = |line: String| tracing::debug!(%line, "environment build");
     let (made, _) = api
         .create_environment(text, Default::default(), &mut log)
