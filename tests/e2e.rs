@@ -495,3 +495,38 @@ async fn http_get(tc: &TestCluster, path: &str) -> String {
     assert_eq!(status, 200, "{body}");
     body
 }
+
+/// The README's first command: a 2-node job end to end on an embedded
+/// coordinator, its outputs downloaded, the cluster back at 0 nodes.
+#[tokio::test]
+async fn quickstart_runs_the_main_job_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            std::process::Command::new(support::SHOAL)
+                .arg("quickstart")
+                .current_dir(&dir)
+                .env("SHOAL_CONFIG_DIR", dir.join("config"))
+                .env_remove("SHOAL_ENDPOINT")
+                .output()
+                .expect("run shoal quickstart")
+        }
+    })
+    .await
+    .expect("quickstart");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("job-1 · completed"), "{stdout}");
+    assert!(stdout.contains("scaled back to 0 nodes"), "{stdout}");
+    for instance in ["instance-0", "instance-1"] {
+        assert!(
+            stdout.contains(&format!("outputs of {instance}: model.txt = shard=")),
+            "{stdout}"
+        );
+    }
+}
