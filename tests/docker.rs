@@ -1,5 +1,5 @@
 //! The docker runtime on the real Docker Engine, with images built by images/build.sh.
-//! CI sets SHOAL_REQUIRE_DOCKER=1: there a missing engine fails these tests.
+//! Without an engine they fail, saying so; they never skip.
 
 mod support;
 
@@ -22,12 +22,10 @@ fn submit(tc: &TestCluster, args: &[&str]) -> String {
         .to_string()
 }
 
-/// A coordinator with a cluster `box` of up to `max_nodes` local nodes, or None
-/// (skipped loudly) where there is no Docker and CI does not require it.
-async fn box_cluster(max_nodes: &str) -> Option<TestCluster> {
-    if !docker_ready() {
-        return None;
-    }
+/// A coordinator with a cluster `box` of up to `max_nodes` local nodes (fails
+/// where there is no Docker Engine).
+async fn box_cluster(max_nodes: &str) -> TestCluster {
+    docker_ready();
     let tc = TestCluster::start_with_config(CONFIG).await;
     tc.create_cluster(
         "box",
@@ -38,7 +36,7 @@ async fn box_cluster(max_nodes: &str) -> Option<TestCluster> {
             "60",
         ],
     );
-    Some(tc)
+    tc
 }
 
 /// Where the agent of `node` keeps the working dir of an instance (mounted at /job).
@@ -54,9 +52,7 @@ fn job_dir(tc: &TestCluster, job: &pb::Job, instance: usize) -> std::path::PathB
 
 #[tokio::test]
 async fn container_jobs_stream_logs_live_and_record_exit_codes() {
-    let Some(tc) = box_cluster("2").await else {
-        return;
-    };
+    let tc = box_cluster("2").await;
     let job = tc.shoal_json(&[
         "job",
         "submit",
@@ -156,9 +152,7 @@ async fn container_jobs_stream_logs_live_and_record_exit_codes() {
 
 #[tokio::test]
 async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
-    let Some(tc) = box_cluster("1").await else {
-        return;
-    };
+    let tc = box_cluster("1").await;
     // `sleep` as PID 1 ignores SIGTERM: only the SIGKILL after the grace stops it.
     let id = submit(
         &tc,
@@ -254,9 +248,7 @@ async fn cancel_and_timeout_stop_the_container_within_the_grace_period() {
 
 #[tokio::test]
 async fn a_missing_image_fails_the_job_and_the_node_stays_usable() {
-    let Some(tc) = box_cluster("1").await else {
-        return;
-    };
+    let tc = box_cluster("1").await;
     let out = tc.shoal(&[
         "-o",
         "json",
@@ -297,9 +289,7 @@ async fn a_missing_image_fails_the_job_and_the_node_stays_usable() {
 
 #[tokio::test]
 async fn a_restarted_agent_recovers_its_running_container() {
-    let Some(tc) = box_cluster("1").await else {
-        return;
-    };
+    let tc = box_cluster("1").await;
     let id = submit(
         &tc,
         &[
@@ -329,9 +319,7 @@ async fn a_restarted_agent_recovers_its_running_container() {
 
 #[tokio::test]
 async fn the_docker_provider_scales_node_containers_up_and_back_to_zero() {
-    if !docker_ready() {
-        return;
-    }
+    docker_ready();
     let tc = TestCluster::start_with_config(CONFIG).await;
     tc.create_cluster(
         "dk",

@@ -111,9 +111,7 @@ impl Cut {
 
 #[tokio::test]
 async fn a_node_cut_off_stops_its_work_before_it_is_rerun_and_nothing_runs_twice() {
-    if !docker_ready() {
-        return;
-    }
+    docker_ready();
     let tc = TestCluster::start_with_config(SHORT_LEASE).await;
     tc.create_cluster(
         "fence",
@@ -377,9 +375,7 @@ fn hanging_engine(path: &Path) -> std::thread::JoinHandle<()> {
 
 #[tokio::test]
 async fn a_provider_that_hangs_makes_the_node_unusable_with_the_error_and_jobs_say_why() {
-    if !docker_ready() {
-        return;
-    }
+    docker_ready();
     let mut tc = TestCluster::start_with_config("node_start_timeout_seconds: 20\n").await;
     tc.create_cluster("fault", &["--provider", "docker", "--max-nodes", "1"]);
     // The engine the coordinator talks to hangs from now on.

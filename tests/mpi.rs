@@ -1,7 +1,7 @@
 //! MPI jobs on real Open MPI: mpirun on instance 0 starts its daemons on the other
 //! nodes through the agents (no SSH), on local process nodes and on docker-provider
 //! node containers; the training matches a single process; a killed rank fails the
-//! whole job and leaves nothing behind. Needs Open MPI (CI: SHOAL_REQUIRE_MPI=1).
+//! whole job and leaves nothing behind. Needs Open MPI: without it the tests fail, saying so.
 
 mod support;
 
@@ -102,9 +102,7 @@ fn assert_matches_single_process(tc: &TestCluster, id: &str, train: &Path, args:
 
 #[tokio::test]
 async fn mpi_training_on_three_local_nodes_matches_a_single_process() {
-    let Some(train) = support::mpi_train() else {
-        return;
-    };
+    let train = support::mpi_train();
     let tc = TestCluster::start().await;
     tc.create_cluster("mpi", &["--max-nodes", "3"]);
     let command = format!("{} --epochs 25", train.display());
@@ -121,12 +119,8 @@ async fn mpi_training_on_three_local_nodes_matches_a_single_process() {
 
 #[tokio::test]
 async fn mpi_training_on_three_docker_nodes_matches_a_single_process() {
-    if !support::docker_ready() {
-        return;
-    }
-    let Some(train) = support::mpi_train() else {
-        return;
-    };
+    support::docker_ready();
+    let train = support::mpi_train();
     support::mpi_image_ready();
     let tc = TestCluster::start().await;
     tc.create_cluster("dmpi", &["--max-nodes", "3", "--provider", "docker"]);
@@ -214,9 +208,7 @@ fn processes_mentioning(needle: &str) -> Vec<i32> {
 
 #[tokio::test]
 async fn killing_one_rank_fails_the_job_and_leaves_nothing_behind() {
-    let Some(train) = support::mpi_train() else {
-        return;
-    };
+    let train = support::mpi_train();
     let tc = TestCluster::start().await;
     tc.create_cluster("mpi", &["--max-nodes", "3"]);
     let command = format!("{} --epochs 100000 --epoch-delay-ms 20", train.display());

@@ -359,9 +359,7 @@ async fn bad_parallel_job_files_are_refused_with_the_reason() {
 /// once in the shoal/batch-score container: the same rows, each once.
 #[tokio::test]
 async fn the_example_scorer_runs_over_a_folder_as_a_process_and_in_a_container() {
-    if !support::docker_ready() {
-        return;
-    }
+    support::docker_ready();
     support::image_ready("batch-score");
     let tc = TestCluster::start().await;
     tc.create_cluster("batch", &["--max-nodes", "2"]);

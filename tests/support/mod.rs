@@ -423,26 +423,18 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// Whether Docker tests can run. With SHOAL_REQUIRE_DOCKER=1 (CI) a missing engine
-/// fails the test; without it the test is skipped with a loud message. Builds the
-/// example images when they are missing.
-pub fn docker_ready() -> bool {
-    let required = std::env::var("SHOAL_REQUIRE_DOCKER").is_ok_and(|v| v == "1");
+/// Docker tests need a Docker Engine: without one they fail, saying so (never
+/// skip). Builds the example images when they are missing.
+pub fn docker_ready() {
     let engine = Command::new("docker")
         .arg("info")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-    if !engine.is_ok_and(|s| s.success()) {
-        assert!(
-            !required,
-            "SHOAL_REQUIRE_DOCKER=1 but no Docker Engine answers `docker info`"
-        );
-        eprintln!(
-            "\n!!! SKIPPED: no Docker Engine here; set SHOAL_REQUIRE_DOCKER=1 to make this a failure !!!\n"
-        );
-        return false;
-    }
+    assert!(
+        engine.is_ok_and(|s| s.success()),
+        "this test needs a Docker Engine and none answers `docker info` (install docker.io, or run the suite through .ci/run)"
+    );
     // Tests run side by side: one of them builds, the others wait for it.
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_builder = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
@@ -467,7 +459,6 @@ pub fn docker_ready() -> bool {
             .expect("run images/build.sh");
         assert!(built.success(), "images/build.sh failed");
     }
-    true
 }
 
 /// Container ids (running or not) of this test's coordinator carrying `label`
@@ -485,11 +476,9 @@ pub fn containers_with(tc: &TestCluster, label: &str) -> Vec<String> {
         .collect()
 }
 
-/// The MPI example program (`images/mpi-train`), built on first use, or None when
-/// this machine has no Open MPI. With SHOAL_REQUIRE_MPI=1 (CI) that is a failure;
-/// without it the test is skipped with a loud message.
-pub fn mpi_train() -> Option<PathBuf> {
-    let required = std::env::var("SHOAL_REQUIRE_MPI").is_ok_and(|v| v == "1");
+/// The MPI example program (`images/mpi-train`), built on first use. MPI tests need
+/// Open MPI: without it they fail, saying so (never skip).
+pub fn mpi_train() -> PathBuf {
     let have = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -497,16 +486,10 @@ pub fn mpi_train() -> Option<PathBuf> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !have("mpirun") || !have("mpicc") {
-        assert!(
-            !required,
-            "SHOAL_REQUIRE_MPI=1 but Open MPI is missing (apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
-        );
-        eprintln!(
-            "\n!!! SKIPPED: no Open MPI here (apt-get install openmpi-bin libopenmpi-dev libclang-dev); set SHOAL_REQUIRE_MPI=1 to make this a failure !!!\n"
-        );
-        return None;
-    }
+    assert!(
+        have("mpirun") && have("mpicc"),
+        "this test needs Open MPI (apt-get install openmpi-bin libopenmpi-dev libclang-dev, or run the suite through .ci/run)"
+    );
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_builder = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -521,7 +504,7 @@ pub fn mpi_train() -> Option<PathBuf> {
             .expect("cargo build images/mpi-train");
         assert!(built.success(), "building images/mpi-train failed");
     }
-    Some(binary)
+    binary
 }
 
 /// The shoal/mpi-train image is there (built when missing).
