@@ -11,6 +11,10 @@
 //! `latency`: submit → completed for a trivial job (`true`) on a warm local node,
 //! through gRPC on loopback with a real agent process; and the same through the
 //! `shoal job submit --wait` CLI process.
+//! `backlog [N]`: N (default 100,000) jobs queued on a cluster locked read-only,
+//! beside a warm cluster: submit rate as the queue grows, then with the queue
+//! full the warm cluster's latency, the idle coordinator's CPU and RSS, and the
+//! decision pass's time (from /metrics): what waits elsewhere must cost nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +23,7 @@ use anyhow::{Context, bail};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use shoal_coordinator::control::{
-    Command, Control, ControlConfig, ControlHandle, ExitReport, Registration, ToAgent,
+    Command, ControlConfig, ControlHandle, Driver, ExitReport, Registration, ToAgent,
 };
 use shoal_coordinator::model::{ClusterRequest, JobRequest, JobStatus};
 use shoal_coordinator::provider::{NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
@@ -146,7 +150,7 @@ impl InProcess {
         let provider = InProcessProvider {
             created: created_tx,
         };
-        let (control, handle, inbox) = Control::new(
+        let (control, handle, inbox) = Driver::new(
             ControlConfig::default(),
             Box::new(store),
             Arc::new(provider),
@@ -601,6 +605,219 @@ async fn docker(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the whole line, in clock ticks (100 a second here).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A histogram's buckets from Prometheus text: (upper bound, cumulative count).
+fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (bound, count) = rest.split_once("\"} ")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which a share `p` of the observations between two
+/// scrapes fall (an upper bound on that percentile).
+fn bucket_percentile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> (f64, f64) {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(bound, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == bound)
+                .map_or(0.0, |(_, c)| *c);
+            (*bound, count - earlier)
+        })
+        .collect::<Vec<_>>();
+    let mut diff = diff;
+    diff.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = diff.iter().map(|(_, c)| *c).fold(0.0, f64::max);
+    let bound = diff
+        .iter()
+        .find(|(_, count)| *count >= p * total)
+        .map_or(f64::INFINITY, |(b, _)| *b);
+    (bound, total)
+}
+
+async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    const DECIDE: &str = "shoal_scheduler_decide_seconds";
+    let warm = Warm::start(shoal.clone()).await?;
+    let (mut clusters, mut jobs) = (warm.clusters.clone(), warm.jobs.clone());
+    let http = reqwest::Client::new();
+    let metrics = async || -> anyhow::Result<String> {
+        Ok(http
+            .get(format!("http://{}/metrics", warm.address))
+            .bearer_auth(&warm.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    };
+    clusters
+        .create(pb::ClusterSpec {
+            name: "parked".into(),
+            vm_size: "Standard_D2_v2".into(),
+            max_nodes: Some(4),
+            ..Default::default()
+        })
+        .await?;
+    clusters
+        .lock(pb::ClusterLock {
+            name: "parked".into(),
+            kind: "read-only".into(),
+        })
+        .await?;
+    let mut run_once = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let job = jobs
+            .submit(pb::JobSpec {
+                cluster: "warm".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
+        while let Some(update) = watch.next().await {
+            match update?.status.as_str() {
+                "completed" => return Ok(started.elapsed()),
+                "failed" => bail!("the trivial job failed"),
+                _ => {}
+            }
+        }
+        bail!("the watch ended early")
+    };
+    run_once().await?; // the node comes up
+    let idle_cpu = async || {
+        let (cpu, wall) = (cpu_seconds(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        100.0 * (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
+    };
+    let mut phases = Vec::new();
+    for (phase, backlog) in [("empty queue", 0), ("backlog", queued)] {
+        if backlog > 0 {
+            println!(
+                "backlog: submitting {backlog} jobs to `parked` (locked read-only) from 16 gRPC clients"
+            );
+            let chunk = 20_000.min(backlog);
+            let mut sent = 0;
+            while sent < backlog {
+                let count = chunk.min(backlog - sent);
+                let started = Instant::now();
+                let mut tasks = Vec::new();
+                for client in 0..16 {
+                    let mut jobs = warm.jobs.clone();
+                    let share = count / 16 + usize::from(client < count % 16);
+                    tasks.push(tokio::spawn(async move {
+                        for _ in 0..share {
+                            jobs.submit(pb::JobSpec {
+                                cluster: "parked".into(),
+                                argv: vec!["true".into()],
+                                ..Default::default()
+                            })
+                            .await?;
+                        }
+                        anyhow::Ok(())
+                    }));
+                }
+                for task in tasks {
+                    task.await??;
+                }
+                println!(
+                    "  jobs {:>6} to {:>6}: {:>6.0} submits/s",
+                    sent + 1,
+                    sent + count,
+                    count as f64 / started.elapsed().as_secs_f64()
+                );
+                sent += count;
+            }
+        }
+        let before = buckets(&metrics().await?, DECIDE);
+        let mut samples = Vec::new();
+        for _ in 0..50 {
+            samples.push(run_once().await?);
+        }
+        let after = buckets(&metrics().await?, DECIDE);
+        summary(
+            &format!("backlog ({phase}): gRPC submit → completed on `warm`"),
+            samples,
+        );
+        let mut cli = Vec::new();
+        for _ in 0..20 {
+            let started = Instant::now();
+            let status = tokio::process::Command::new(&shoal)
+                .env("SHOAL_TOKEN", &warm.token)
+                .args([
+                    "job",
+                    "submit",
+                    "--cluster",
+                    "warm",
+                    "--wait",
+                    "--endpoint",
+                    &warm.address,
+                    "-o",
+                    "json",
+                    "--",
+                    "true",
+                ])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await?;
+            if !status.success() {
+                bail!("`shoal job submit --wait` failed");
+            }
+            cli.push(started.elapsed());
+        }
+        summary(
+            &format!("backlog ({phase}): `shoal job submit --wait -- true`"),
+            cli,
+        );
+        let (p50, passes) = bucket_percentile(&before, &after, 0.5);
+        let (p99, _) = bucket_percentile(&before, &after, 0.99);
+        let cpu = idle_cpu().await;
+        let rss = rss_mib();
+        println!(
+            "backlog ({phase}): {passes} decision passes during those 50 jobs: p50 ≤ {:.2} ms, p99 ≤ {:.2} ms (bucket bounds); idle coordinator {cpu:.2}% of a core over 10 s; RSS {rss:.1} MiB",
+            p50 * 1000.0,
+            p99 * 1000.0
+        );
+        phases.push((phase, rss));
+    }
+    if let [(_, empty), (_, full)] = phases[..] {
+        println!(
+            "backlog: {queued} queued jobs cost {:.1} MiB of RSS ({:.0} bytes each)",
+            full - empty,
+            (full - empty) * 1024.0 * 1024.0 / queued as f64
+        );
+    }
+    warm.stop().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -620,7 +837,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(1_000_000);
         history(total, 100).await?;
     }
-    if matches!(what, "latency" | "docker" | "all") && !shoal.exists() {
+    if matches!(what, "latency" | "docker" | "backlog" | "all") && !shoal.exists() {
         bail!(
             "{} not found: run `cargo build --release` first, or set SHOAL_BIN",
             shoal.display()
@@ -630,7 +847,16 @@ async fn main() -> anyhow::Result<()> {
         latency(50, shoal.clone()).await?;
     }
     if matches!(what, "docker" | "all") {
-        docker(20, shoal).await?;
+        docker(20, shoal.clone()).await?;
+    }
+    if what == "backlog" {
+        let queued = args
+            .get(1)
+            .map(|n| n.parse::<usize>())
+            .transpose()
+            .context("backlog takes a job count")?
+            .unwrap_or(100_000);
+        backlog(queued, shoal).await?;
     }
     Ok(())
 }

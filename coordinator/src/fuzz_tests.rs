@@ -19,7 +19,7 @@ use crate::api::{Api, convert, http};
 use crate::artifacts::Artifacts;
 use crate::auth::Auth;
 use crate::computefile::ComputeFile;
-use crate::control::{Control, ControlConfig};
+use crate::control::{ControlConfig, Driver};
 use crate::store::SqliteStore;
 use crate::testing::FakeProvider;
 use crate::vmsize::Catalog;
@@ -163,7 +163,7 @@ fn app(runtime: &tokio::runtime::Runtime) -> axum::Router {
     runtime.block_on(async {
         let store = SqliteStore::in_memory().expect("store");
         let reader = store.reader().expect("reader");
-        let (control, handle, inbox) = Control::new(
+        let (control, handle, inbox) = Driver::new(
             ControlConfig::default(),
             Box::new(store),
             Arc::new(FakeProvider::default()),

@@ -19,6 +19,7 @@ pub mod parallel;
 pub mod provider;
 pub mod scheduler;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod tls;
 pub mod view;

@@ -9,10 +9,19 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 type Labels = Vec<(String, String)>;
 type Gauges = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// Buckets for the control loop's timings: 50 µs to 2.5 s.
+pub fn loop_histogram() -> Histogram {
+    Histogram::new([
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5,
+    ])
+}
 
 /// Builds gauges label set by label set, then encodes them.
 pub struct MetricsBuilder {
@@ -78,6 +87,12 @@ impl MetricsBuilder {
             .register_with_unit(name, help, Unit::Seconds, counter);
     }
 
+    /// A histogram kept by its owner (it is shared, not copied).
+    pub fn histogram_seconds(&mut self, name: &'static str, help: &str, histogram: Histogram) {
+        self.registry
+            .register_with_unit(name, help, Unit::Seconds, histogram);
+    }
+
     /// OpenMetrics text, each family's series sorted (the families come in the
     /// order they were first used).
     pub fn encode(self) -> String {
@@ -101,9 +116,17 @@ fn sort_series(text: &str) -> String {
             out.push('\n');
         }
     };
+    // A histogram's buckets stay in the order of their bounds.
+    let mut histogram = false;
     for line in text.lines() {
         if line.starts_with('#') {
             flush(&mut samples, &mut out);
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                histogram = rest.ends_with(" histogram");
+            }
+            out.push_str(line);
+            out.push('\n');
+        } else if histogram {
             out.push_str(line);
             out.push('\n');
         } else if !line.is_empty() {
@@ -191,5 +214,33 @@ mod tests {
         assert!(text.contains("shoal_control_batches_total 7"), "{text}");
         assert!(text.contains("# TYPE shoal_nodes gauge"), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn a_loop_histogram_counts_each_observation_in_its_bucket() {
+        let histogram = loop_histogram();
+        for seconds in [0.000_01, 0.000_3, 0.003, 7.0] {
+            histogram.observe(seconds);
+        }
+        let mut m = MetricsBuilder::default();
+        m.histogram_seconds("scheduler_decide", "Passes", histogram);
+        let text = to_prometheus_text(&m.encode());
+        for line in [
+            "shoal_scheduler_decide_seconds_bucket{le=\"0.00005\"} 1",
+            "shoal_scheduler_decide_seconds_bucket{le=\"0.0005\"} 2",
+            "shoal_scheduler_decide_seconds_bucket{le=\"0.005\"} 3",
+            "shoal_scheduler_decide_seconds_bucket{le=\"2.5\"} 3",
+            "shoal_scheduler_decide_seconds_bucket{le=\"+Inf\"} 4",
+            "shoal_scheduler_decide_seconds_count 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        let bounds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("shoal_scheduler_decide_seconds_bucket{le=\""))
+            .filter_map(|l| l.split_once('"').map(|(bound, _)| bound))
+            .collect();
+        assert_eq!(bounds.first(), Some(&"0.00005"), "{text}");
+        assert_eq!(bounds.last(), Some(&"+Inf"), "{text}");
     }
 }

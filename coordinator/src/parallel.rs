@@ -407,8 +407,9 @@ impl Batches {
         }
     }
 
-    /// Hands the next waiting mini-batch to a worker on `node`.
-    pub fn lease(&mut self, node: &str, now: Millis) -> Option<&MiniBatch> {
+    /// Hands the next waiting mini-batch to a worker on `node`; `secret` (random)
+    /// makes its lease unguessable.
+    pub fn lease(&mut self, node: &str, secret: &str, now: Millis) -> Option<&MiniBatch> {
         let index = self.pending.pop_front()?;
         let timeout = self.spec.timeout_seconds;
         let job_id = self.job_id.clone();
@@ -416,11 +417,7 @@ impl Batches {
         batch.status = BatchStatus::Running;
         batch.executions += 1;
         // Unguessable: only the worker it was handed to can report it.
-        batch.lease = Some(format!(
-            "{job_id}/{index}/{}/{}",
-            batch.executions,
-            crate::auth::random_hex(12)
-        ));
+        batch.lease = Some(format!("{job_id}/{index}/{}/{secret}", batch.executions));
         batch.node = Some(node.to_string());
         batch.deadline = timeout.map(|t| {
             let ms = i64::try_from(t).unwrap_or(i64::MAX).saturating_mul(1000);
@@ -645,7 +642,7 @@ mod tests {
         assert!(absurd.check().is_err());
         // Even unchecked, a lease's deadline saturates instead of overflowing.
         let mut batches = Batches::new("job-1", absurd, &[1]);
-        let lease = batches.lease("n1", i64::MAX - 5).expect("lease");
+        let lease = batches.lease("n1", "s3cr3t", i64::MAX - 5).expect("lease");
         assert_eq!(lease.deadline, Some(i64::MAX));
     }
 
@@ -710,9 +707,19 @@ mod tests {
     #[test]
     fn only_the_lease_in_force_is_taken_and_failures_retry_then_fail() {
         let mut batches = Batches::new("job-1", spec(), &[2, 2]);
-        let first = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
-        let second = batches.lease("n2", 0).unwrap().lease.clone().unwrap();
-        assert!(batches.lease("n1", 0).is_none());
+        let first = batches
+            .lease("n1", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
+        let second = batches
+            .lease("n2", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
+        assert!(batches.lease("n1", "s3cr3t", 0).is_none());
         // Another node cannot report a lease it was not handed, nor guess one.
         assert_eq!(batches.report(&first, "n2", true, ""), Reported::Stale);
         let guessed = first.rsplit_once('/').unwrap().0;
@@ -725,7 +732,12 @@ mod tests {
             Reported::Retry
         );
         assert_eq!(batches.report(&second, "n2", true, ""), Reported::Stale);
-        let retry = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        let retry = batches
+            .lease("n1", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
         assert_ne!(retry, second);
         assert_eq!(
             batches.report(&retry, "n1", false, "exit 1"),
@@ -749,7 +761,12 @@ mod tests {
         strict.max_retries = 0;
         strict.error_threshold = 0;
         let mut batches = Batches::new("job-1", strict, &[1, 1, 1]);
-        let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        let lease = batches
+            .lease("n1", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
         assert_eq!(batches.verdict(), None);
         batches.report(&lease, "n1", false, "boom");
         assert!(
@@ -761,11 +778,21 @@ mod tests {
         percent.allowed_failed_percent = 50;
         let mut batches = Batches::new("job-2", percent, &[1, 1, 1, 1]);
         for _ in 0..2 {
-            let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+            let lease = batches
+                .lease("n1", "s3cr3t", 0)
+                .unwrap()
+                .lease
+                .clone()
+                .unwrap();
             batches.report(&lease, "n1", false, "boom");
         }
         assert_eq!(batches.verdict(), None, "2 of 4 is 50%: allowed");
-        let lease = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
+        let lease = batches
+            .lease("n1", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
         batches.report(&lease, "n1", false, "boom");
         assert!(
             matches!(batches.verdict(), Some(Verdict::Failed(r)) if r.contains("allowed_failed_percent 50"))
@@ -775,8 +802,13 @@ mod tests {
     #[test]
     fn lost_nodes_give_their_runs_back_and_silent_runs_time_out() {
         let mut batches = Batches::new("job-1", spec(), &[1, 1, 1]);
-        let on_n1 = batches.lease("n1", 0).unwrap().lease.clone().unwrap();
-        batches.lease("n2", 0).unwrap();
+        let on_n1 = batches
+            .lease("n1", "s3cr3t", 0)
+            .unwrap()
+            .lease
+            .clone()
+            .unwrap();
+        batches.lease("n2", "s3cr3t", 0).unwrap();
         assert_eq!(batches.take_back(Some("n1")), vec![0]);
         assert_eq!(
             batches.report(&on_n1, "n1", true, ""),
@@ -785,7 +817,7 @@ mod tests {
         );
         assert_eq!(batches.list[0].failures, 0);
         assert_eq!(
-            batches.lease("n2", 0).unwrap().index,
+            batches.lease("n2", "s3cr3t", 0).unwrap().index,
             0,
             "taken-back runs go first"
         );

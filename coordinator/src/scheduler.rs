@@ -29,6 +29,10 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
     }
     let mut placements = Vec::new();
     for job in queued {
+        // Nothing is free any more: what waits behind stays queued unread.
+        if free.values().all(Vec::is_empty) {
+            break;
+        }
         let Some(list) = free.get_mut(job.spec.cluster.as_str()) else {
             continue;
         };

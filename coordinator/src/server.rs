@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::api::{Api, http};
 use crate::artifacts::Artifacts;
-use crate::control::{Control, ControlConfig};
+use crate::control::{ControlConfig, Driver};
 use crate::provider::{DockerProvider, LocalProvider, Providers};
 use crate::store::SqliteStore;
 use crate::vmsize::{Catalog, VmSize};
@@ -250,7 +250,7 @@ pub async fn serve(
     control_config.artifacts = Some(artifacts.clone());
     control_config.datastores_root = Some(datastores);
     let (mut control, handle, inbox) =
-        Control::new(control_config, Box::new(store), Arc::new(provider))?;
+        Driver::new(control_config, Box::new(store), Arc::new(provider))?;
     // Identities kept in auth.db by an earlier version move under the loop.
     let (users, assigned) = auth.legacy_identities()?;
     if !users.is_empty() || !assigned.is_empty() {

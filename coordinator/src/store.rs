@@ -145,8 +145,6 @@ pub trait Store: Send + 'static {
     fn load(&mut self) -> Result<Snapshot>;
     /// Writes the whole batch in one transaction.
     fn commit(&mut self, batch: &Batch) -> Result<Committed>;
-    /// A mini-batch's items, as cut at submit.
-    fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>>;
 }
 
 /// Each entry moves the schema one version up; never edit a released one.
@@ -543,14 +541,6 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(Committed { log_seqs, purged })
     }
-
-    fn read_items(&mut self, job_id: &str, index: u32) -> Result<Vec<u8>> {
-        Ok(self.conn.query_row(
-            "SELECT items FROM mini_batches WHERE job_id = ?1 AND idx = ?2",
-            params![job_id, index],
-            |r| r.get(0),
-        )?)
-    }
 }
 
 /// Deletes one job with its logs and mini-batches; what of it lives in files.
@@ -690,6 +680,17 @@ impl Reader {
                 jobs.push(decode("job", &id, &body)?);
             }
             Ok(jobs)
+        })
+        .await
+    }
+
+    /// A mini-batch's items, as cut at submit.
+    pub async fn items(&self, job_id: &str, index: u32) -> Result<Vec<u8>> {
+        let job_id = job_id.to_string();
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT items FROM mini_batches WHERE job_id = ?1 AND idx = ?2")?
+                .query_row(params![job_id, index], |r| r.get(0))?)
         })
         .await
     }

@@ -130,6 +130,10 @@ impl JobBuilder {
         self.0.spec.instance_count = n;
         self
     }
+    pub fn cluster(mut self, name: &str) -> Self {
+        self.0.spec.cluster = name.into();
+        self
+    }
     pub fn build(self) -> Job {
         self.0
     }

@@ -897,7 +897,7 @@ impl pb::agent_server::Agent for Api {
             lease.lease = leased.lease;
             lease.index = leased.index;
             lease.execution = leased.execution;
-            lease.items = leased.items;
+            lease.items = self.reader.items(&leased.job_id, leased.index).await?;
             lease.folder = leased.folder;
             lease.timeout_seconds = leased.timeout_seconds.unwrap_or(0);
         }

@@ -10,7 +10,7 @@ use super::Api;
 use super::convert;
 use super::grpc::wait_for;
 use crate::control::Change;
-use crate::model::Job;
+use crate::model::{Job, JobStatus};
 use crate::{Error, Result};
 
 /// Log chunks read from the store per query.
@@ -304,7 +304,13 @@ impl Api {
                 if tx.send(Ok(convert::job(&job))).await.is_err() || settled {
                     return;
                 }
-                if !wait_for(&mut changes, |c| *c == Change::Job(job_id.clone())).await {
+                // A queued job's reason is its cluster's: it changes with the cluster.
+                let cluster = (job.status == JobStatus::Queued).then(|| job.spec.cluster.clone());
+                let mine = |c: &Change| match c {
+                    Change::Job(id) => *id == job_id,
+                    Change::Cluster(name) => cluster.as_ref() == Some(name),
+                };
+                if !wait_for(&mut changes, mine).await {
                     return;
                 }
             }

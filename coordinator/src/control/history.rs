@@ -105,20 +105,5 @@ impl Control {
             }
             debug!(job = %gone.id, "job deleted");
         }
-        if committed.purged.is_empty() {
-            return;
-        }
-        if let Some(artifacts) = self.config.artifacts.clone() {
-            let purged = committed.purged.clone();
-            tokio::task::spawn_blocking(move || {
-                for gone in purged {
-                    artifacts.remove_job_files(
-                        gone.code_path.as_deref(),
-                        &gone.inputs,
-                        &gone.attempts,
-                    );
-                }
-            });
-        }
     }
 }

@@ -7,8 +7,8 @@ use crate::identity::Assigned;
 use crate::model::{ClusterIdentity, Identity, IdentityKind, identity_name_of, is_system_identity};
 
 /// A random client id, shaped like the managed service's (a UUID).
-fn new_client_id() -> String {
-    let hex = crate::auth::random_hex(16);
+fn new_client_id(rng: &mut rand::rngs::StdRng) -> String {
+    let hex = super::random_hex(rng, 16);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[0..8],
@@ -27,7 +27,7 @@ impl Control {
         }
         let identity = Identity {
             name: name.to_string(),
-            client_id: new_client_id(),
+            client_id: new_client_id(&mut self.rng),
             created_at: now,
         };
         info!(identity = name, client_id = %identity.client_id, "identity created");
@@ -56,7 +56,7 @@ impl Control {
     /// `current` with the identities `wanted` added (each once); the system-assigned
     /// one first. Nothing is changed when one of them is unknown.
     pub(super) fn with_identities(
-        &self,
+        &mut self,
         current: &[ClusterIdentity],
         wanted: &[String],
     ) -> Result<Vec<ClusterIdentity>> {
@@ -69,7 +69,7 @@ impl Control {
                 }
                 ClusterIdentity {
                     kind: IdentityKind::SystemAssigned,
-                    client_id: new_client_id(),
+                    client_id: new_client_id(&mut self.rng),
                 }
             } else {
                 let identity = self.user_identity(which)?;
@@ -120,8 +120,8 @@ impl Control {
     }
 
     pub(super) fn assign_identity(&mut self, cluster: &str, which: &str) -> Result<ClusterInfo> {
-        let current = &self.updatable(cluster)?.identities;
-        let next = self.with_identities(current, &[which.to_string()])?;
+        let current = self.updatable(cluster)?.identities.clone();
+        let next = self.with_identities(&current, &[which.to_string()])?;
         self.set_identities(cluster, next);
         self.cluster_info(cluster)
     }
@@ -154,16 +154,13 @@ impl Control {
     }
 
     /// Identities an earlier version kept beside the tokens (in `auth.db`), brought
-    /// under the loop's state and committed now; clusters that no longer exist
-    /// drop theirs.
+    /// under the loop's state; the batch to commit now. Clusters that no longer
+    /// exist drop theirs.
     pub fn import_identities(
         &mut self,
         users: Vec<Identity>,
         assignments: Vec<(String, ClusterIdentity)>,
-    ) -> Result<()> {
-        if users.is_empty() && assignments.is_empty() {
-            return Ok(());
-        }
+    ) -> crate::store::Batch {
         let mut batch = crate::store::Batch::default();
         for user in users {
             if !self.identities.contains_key(&user.name) {
@@ -188,6 +185,6 @@ impl Control {
             clusters = batch.clusters.len(),
             "identities imported from auth.db"
         );
-        self.store.commit(&batch).map(|_| ())
+        batch
     }
 }

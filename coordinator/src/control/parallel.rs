@@ -41,10 +41,11 @@ pub struct WorkReply {
 
 #[derive(Debug)]
 pub struct Leased {
+    /// The items are read from the store (`Reader::items`), not by the loop.
+    pub job_id: String,
     pub lease: String,
     pub index: u32,
     pub execution: u32,
-    pub items: Vec<u8>,
     pub folder: bool,
     pub timeout_seconds: Option<u64>,
 }
@@ -76,6 +77,11 @@ impl Control {
     /// The job as readers see it: with its progress, when it is a parallel job.
     pub(super) fn job_out(&self, job: &Job, now: Millis) -> Job {
         let mut out = job.clone();
+        if job.status == JobStatus::Queued
+            && let Some(reason) = self.queued_reason(job)
+        {
+            out.reason = reason;
+        }
         if let Some(batches) = self.parallel.get(&job.id) {
             let until = if job.ended_at > 0 { job.ended_at } else { now };
             out.progress = Some(batches.progress(job.started_at, until));
@@ -113,12 +119,13 @@ impl Control {
             reply.finished = true;
             return Ok(reply);
         }
+        let secret = random_hex(&mut self.rng, 12);
         let Some(batches) = self.parallel.get_mut(&job_id) else {
             return Ok(reply);
         };
         let folder = batches.spec.input_type == crate::parallel::InputType::UriFolder;
         let timeout_seconds = batches.spec.timeout_seconds;
-        let Some(batch) = batches.lease(&request.node_id, now).cloned() else {
+        let Some(batch) = batches.lease(&request.node_id, &secret, now).cloned() else {
             if batches.settled() {
                 reply.finished = true;
             } else {
@@ -128,12 +135,11 @@ impl Control {
         };
         self.dirty_batches.insert((job_id.clone(), batch.index));
         self.notify_jobs.insert(job_id.clone());
-        let items = self.store.read_items(&job_id, batch.index)?;
         reply.lease = Some(Leased {
+            job_id,
             lease: batch.lease.clone().unwrap_or_default(),
             index: batch.index,
             execution: batch.executions,
-            items,
             folder,
             timeout_seconds,
         });

@@ -26,7 +26,7 @@ async fn harness_config(config: ControlConfig) -> Harness {
 async fn harness_full(provider: FakeProvider, config: ControlConfig) -> Harness {
     let store = SqliteStore::in_memory().expect("store");
     let (control, handle, inbox) =
-        Control::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
+        Driver::new(config, Box::new(store), Arc::new(provider.clone())).expect("control");
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(control.run(inbox, async move {
         let _ = stopped.await;
@@ -790,7 +790,7 @@ async fn identities_of_an_earlier_version_are_imported_once() {
     {
         let store = SqliteStore::open(&path).expect("store");
         let (control, handle, inbox) =
-            Control::new(ControlConfig::default(), Box::new(store), provider.clone())
+            Driver::new(ControlConfig::default(), Box::new(store), provider.clone())
                 .expect("control");
         let (stop, stopped) = oneshot::channel::<()>();
         let running = tokio::spawn(control.run(inbox, async move {
@@ -809,7 +809,7 @@ async fn identities_of_an_earlier_version_are_imported_once() {
     }
     let store = SqliteStore::open(&path).expect("store");
     let (mut control, handle, inbox) =
-        Control::new(ControlConfig::default(), Box::new(store), provider).expect("control");
+        Driver::new(ControlConfig::default(), Box::new(store), provider).expect("control");
     control
         .import_identities(
             vec![Identity {

@@ -1,0 +1,226 @@
+//! The thin async driver around the state machine: it owns the store, the
+//! provider and the channels, feeds the machine its inbox with the time, and
+//! carries out what the machine asks — committing the batch first, and only
+//! then replying, telling agents and calling providers.
+
+use super::*;
+use rand::SeedableRng;
+
+/// The control loop as it runs in the coordinator.
+pub struct Driver {
+    control: Control,
+    store: Box<dyn Store>,
+    provider: Arc<dyn NodeProvider>,
+    own_tx: mpsc::Sender<Command>,
+    changes_tx: broadcast::Sender<Change>,
+    logs_tx: broadcast::Sender<Arc<StoredLog>>,
+}
+
+impl Driver {
+    /// Loads the stored state; returns the loop (to `run`), a handle to it and
+    /// its inbox.
+    pub fn new(
+        config: ControlConfig,
+        mut store: Box<dyn Store>,
+        provider: Arc<dyn NodeProvider>,
+    ) -> Result<(Driver, ControlHandle, mpsc::Receiver<Command>)> {
+        let snapshot = store.load()?;
+        let (tx, rx) = mpsc::channel(16_384);
+        let (changes_tx, _) = broadcast::channel(4096);
+        let (logs_tx, _) = broadcast::channel(4096);
+        let handle = ControlHandle {
+            tx: tx.clone(),
+            changes: changes_tx.clone(),
+            logs: logs_tx.clone(),
+        };
+        let control = Control::new(
+            config,
+            snapshot,
+            now_ms(),
+            rand::rngs::StdRng::from_os_rng(),
+        );
+        let driver = Driver {
+            control,
+            store,
+            provider,
+            own_tx: tx,
+            changes_tx,
+            logs_tx,
+        };
+        Ok((driver, handle, rx))
+    }
+
+    /// Identities an earlier version kept in `auth.db`, committed now.
+    pub fn import_identities(
+        &mut self,
+        users: Vec<Identity>,
+        assignments: Vec<(String, crate::model::ClusterIdentity)>,
+    ) -> Result<()> {
+        let batch = self.control.import_identities(users, assignments);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.commit(&batch).map(|_| ())
+    }
+
+    /// Runs until `shutdown` resolves, then stops every node and returns.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        // Leftovers of an earlier run (containers of nodes no longer known) go.
+        tokio::spawn(self.provider.cleanup(self.control.node_ids()));
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands = Vec::with_capacity(1024);
+        let timings = self.control.timings();
+        loop {
+            let now = now_ms();
+            let started = std::time::Instant::now();
+            self.control.decide(now);
+            timings.decide.observe(started.elapsed().as_secs_f64());
+            let started = std::time::Instant::now();
+            let effects = self.control.effects();
+            self.execute(effects, now);
+            timings.commit.observe(started.elapsed().as_secs_f64());
+            let wake_in = self
+                .control
+                .wake_at()
+                .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                received = inbox.recv_many(&mut commands, 1024) => {
+                    if received == 0 { break; }
+                }
+                _ = housekeeping.tick() => {}
+                _ = tokio::time::sleep(wake_in) => {}
+                _ = &mut shutdown => break,
+            }
+            let now = now_ms();
+            for command in commands.drain(..) {
+                self.control.apply(command, now);
+            }
+            self.control.tick(now);
+        }
+        // Clean shutdown: running attempts are requeued (their processes stop with
+        // their nodes), and every node is stopped and forgotten.
+        let removals = self.control.stop_all(now_ms());
+        let effects = self.control.effects();
+        self.execute(effects, now_ms());
+        info!(nodes = removals.len(), "stopping nodes");
+        let removals = removals.into_iter().map(|r| self.provider.remove(r));
+        futures::future::join_all(removals).await;
+    }
+
+    /// Commits the batch, then (and only then) answers, tells agents and scales.
+    fn execute(&mut self, mut effects: Effects, now: Millis) {
+        let committed = if effects.batch.is_empty() {
+            Ok(Committed::default())
+        } else {
+            self.store.commit(&effects.batch)
+        };
+        let failure = committed.as_ref().err().map(|e| e.to_string());
+        if let Some(why) = &failure {
+            error!(error = %why, "commit failed; replying with errors");
+        }
+        for reply in effects.replies.drain(..) {
+            reply(failure.as_deref());
+        }
+        match committed {
+            Err(_) => effects.messages.clear(),
+            Ok(committed) => {
+                self.control
+                    .committed(&committed, &effects.jobs_touched, now);
+                self.after_commit(&mut effects, committed);
+            }
+        }
+        for (link, message) in effects.messages.drain(..) {
+            let _ = link.send(message);
+        }
+        for change in effects.changes.drain(..) {
+            let _ = self.changes_tx.send(change);
+        }
+        self.call_providers(&mut effects);
+    }
+
+    /// Logs are announced with the sequence numbers the store gave them; the
+    /// files of deleted jobs go.
+    fn after_commit(&self, effects: &mut Effects, committed: Committed) {
+        let logs = std::mem::take(&mut effects.batch.logs);
+        for (log, seq) in logs.into_iter().zip(committed.log_seqs) {
+            let _ = self.logs_tx.send(Arc::new(StoredLog {
+                seq,
+                job_id: log.job_id,
+                attempt_id: log.attempt_id,
+                instance: log.instance,
+                stream: log.stream,
+                data: log.data,
+            }));
+        }
+        if let Some(artifacts) = self.control.config.artifacts.clone()
+            && !committed.purged.is_empty()
+        {
+            let purged = committed.purged;
+            tokio::task::spawn_blocking(move || {
+                for gone in purged {
+                    artifacts.remove_job_files(
+                        gone.code_path.as_deref(),
+                        &gone.inputs,
+                        &gone.attempts,
+                    );
+                }
+            });
+        }
+    }
+
+    fn call_providers(&self, effects: &mut Effects) {
+        let start_limit = self.control.config.register_timeout;
+        for launch in effects.create.drain(..) {
+            let provider = self.provider.clone();
+            let events = self.own_tx.clone();
+            tokio::spawn(async move {
+                let node_id = launch.node_id.clone();
+                // A provider that hangs fails the node, as one that says no.
+                let created = tokio::time::timeout(start_limit, provider.create(launch))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "the provider did not start it within {} s",
+                            start_limit.as_secs()
+                        ))
+                    });
+                match created {
+                    Ok(started) => {
+                        let _ = events
+                            .send(Command::NodeStarted {
+                                node_id: node_id.clone(),
+                                pid: started.pid,
+                            })
+                            .await;
+                        let how = started.exited.await;
+                        let _ = events
+                            .send(Command::NodeFailed {
+                                node_id,
+                                error: how,
+                            })
+                            .await;
+                    }
+                    Err(error) => {
+                        let _ = events.send(Command::NodeFailed { node_id, error }).await;
+                    }
+                }
+            });
+        }
+        for gone in effects.remove.drain(..) {
+            let provider = self.provider.clone();
+            let events = self.own_tx.clone();
+            tokio::spawn(async move {
+                let node_id = gone.node_id.clone();
+                provider.remove(gone).await;
+                let _ = events.send(Command::NodeRemoved { node_id }).await;
+            });
+        }
+    }
+}

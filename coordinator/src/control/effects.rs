@@ -1,0 +1,154 @@
+//! What a pass asks of the world (`Effects`), taken out for the driver; the
+//! commit's outcome coming back; and a clean stop.
+
+use super::*;
+
+/// What one pass asks of the world, in the order the driver does it: commit
+/// `batch`; then, once it is durable, the replies, the agent messages, the
+/// change notices and the provider calls.
+pub struct Effects {
+    pub batch: Batch,
+    /// Each answers its caller: with its result, or with the commit's failure.
+    pub replies: Vec<Deferred>,
+    pub messages: Vec<(Link, ToAgent)>,
+    pub create: Vec<NodeLaunch>,
+    pub remove: Vec<NodeRemoval>,
+    pub changes: Vec<Change>,
+    /// Jobs the batch wrote or announced (`committed` needs them).
+    pub jobs_touched: BTreeSet<String>,
+}
+
+/// Where a node's agent is reached: its session's channel.
+pub type Link = mpsc::UnboundedSender<ToAgent>;
+
+/// The loop's timings, kept by the driver and shown in /metrics.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    pub decide: prometheus_client::metrics::histogram::Histogram,
+    pub commit: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            decide: crate::metrics::loop_histogram(),
+            commit: crate::metrics::loop_histogram(),
+        }
+    }
+}
+
+impl Control {
+    /// What this pass decided, for the driver: the batch to commit, and what
+    /// waits on that commit (replies, agent messages, provider calls, changes).
+    pub fn effects(&mut self) -> Effects {
+        self.batches_total += 1;
+        let clusters_touched: BTreeSet<String> = self
+            .dirty_nodes
+            .iter()
+            .chain(self.deleted_nodes.iter())
+            .filter_map(|id| self.nodes.get(id).map(|n| n.cluster.clone()))
+            .chain(self.dirty_clusters.iter().cloned())
+            .chain(self.deleted_clusters.iter().cloned())
+            .chain(std::mem::take(&mut self.notify_clusters))
+            .collect();
+        let mut batch = Batch {
+            clusters: self
+                .dirty_clusters
+                .iter()
+                .filter_map(|n| self.clusters.get(n).cloned())
+                .collect(),
+            deleted_clusters: std::mem::take(&mut self.deleted_clusters)
+                .into_iter()
+                .collect(),
+            nodes: self
+                .dirty_nodes
+                .iter()
+                .filter_map(|id| self.nodes.get(id).cloned())
+                .collect(),
+            deleted_nodes: std::mem::take(&mut self.deleted_nodes)
+                .into_iter()
+                .collect(),
+            jobs: self
+                .dirty_jobs
+                .iter()
+                .filter_map(|id| self.jobs.get(id).cloned())
+                .collect(),
+            logs: std::mem::take(&mut self.new_logs),
+            next_job_seq: self.seqs_dirty.then_some(self.next_job_seq),
+            next_node_seq: self.seqs_dirty.then_some(self.next_node_seq),
+            quotas: std::mem::take(&mut self.quotas_dirty).then(|| self.quotas.clone()),
+            new_mini_batches: Vec::new(),
+            mini_batches: Vec::new(),
+            mini_batch_rows: Vec::new(),
+            identities: std::mem::take(&mut self.new_identities),
+            delete_jobs: std::mem::take(&mut self.delete_jobs),
+            purge_ended_before: self.purge_before.take(),
+            datastores: std::mem::take(&mut self.new_datastores),
+            data_assets: std::mem::take(&mut self.new_data_assets),
+            environments: std::mem::take(&mut self.new_environments),
+            defaults: std::mem::take(&mut self.defaults_dirty).then(|| self.defaults.clone()),
+        };
+        self.parallel_changes(&mut batch);
+        self.dirty_clusters.clear();
+        self.dirty_nodes.clear();
+        self.seqs_dirty = false;
+        let mut jobs_touched = std::mem::take(&mut self.dirty_jobs);
+        jobs_touched.append(&mut self.notify_jobs);
+        let changes = jobs_touched
+            .iter()
+            .cloned()
+            .map(Change::Job)
+            .chain(clusters_touched.into_iter().map(Change::Cluster))
+            .collect();
+        Effects {
+            batch,
+            replies: std::mem::take(&mut self.replies),
+            messages: std::mem::take(&mut self.outbox),
+            create: std::mem::take(&mut self.to_create),
+            remove: std::mem::take(&mut self.to_remove),
+            changes,
+            jobs_touched,
+        }
+    }
+
+    /// The batch of `effects` is durable: what it deleted leaves memory, and the
+    /// oldest ended jobs make room for the ones it settled.
+    pub fn committed(
+        &mut self,
+        committed: &Committed,
+        jobs_touched: &BTreeSet<String>,
+        now: Millis,
+    ) {
+        self.purged(committed, now);
+        self.forget_old_jobs(jobs_touched);
+    }
+
+    /// Clean shutdown: running attempts are requeued (their processes stop with
+    /// their nodes), every agent is told to stop and every node is forgotten;
+    /// what the provider must remove.
+    pub fn stop_all(&mut self, now: Millis) -> Vec<NodeRemoval> {
+        let running: Vec<Slot> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.running.clone())
+            .collect();
+        for slot in running {
+            self.instance_lost(&slot, "the coordinator stopped", now);
+        }
+        self.outbox.clear();
+        self.to_create.clear();
+        self.to_remove.clear();
+        let removals: Vec<NodeRemoval> = self.nodes.values().map(removal).collect();
+        for id in removals.iter().map(|r| r.node_id.clone()) {
+            self.tell(
+                &id,
+                ToAgent::Shutdown {
+                    reason: "the coordinator is stopping".into(),
+                },
+            );
+            self.deleted_nodes.insert(id);
+        }
+        self.nodes.clear();
+        removals
+    }
+}

@@ -1,0 +1,98 @@
+//! What must hold after every step of the control core, whatever happened: the
+//! simulator checks it after each one (`crate::sim`).
+
+use super::*;
+
+impl Control {
+    /// Every broken invariant, described; empty when all hold.
+    pub fn invariant_violations(&self) -> Vec<String> {
+        let mut broken = Vec::new();
+        // A node runs at most one instance, and that instance is placed on it.
+        let mut running_on: HashMap<&Slot, &str> = HashMap::new();
+        for node in self.nodes.values() {
+            let Some(slot) = &node.running else {
+                continue;
+            };
+            if let Some(other) = running_on.insert(slot, &node.id) {
+                broken.push(format!(
+                    "{}/{} runs on two nodes: {other} and {}",
+                    slot.attempt_id, slot.instance, node.id
+                ));
+            }
+            match self.instance(slot) {
+                Some((_, instance)) if instance.node == node.id => {}
+                Some((_, instance)) => broken.push(format!(
+                    "node {} runs {}/{}, placed on {}",
+                    node.id, slot.attempt_id, slot.instance, instance.node
+                )),
+                None => broken.push(format!(
+                    "node {} runs {}/{}, which is unknown",
+                    node.id, slot.attempt_id, slot.instance
+                )),
+            }
+        }
+        // No node is booked twice: at most one instance not yet ended on each.
+        let mut booked: HashMap<&str, Vec<String>> = HashMap::new();
+        for job in self.jobs.values() {
+            for attempt in &job.attempts {
+                // Gangs are whole: every instance, each on a node of its own.
+                let nodes: BTreeSet<&str> =
+                    attempt.instances.iter().map(|i| i.node.as_str()).collect();
+                if attempt.instances.len() != job.spec.instance_count as usize
+                    || nodes.len() != attempt.instances.len()
+                {
+                    broken.push(format!(
+                        "attempt {} has {} instances on {} nodes; the job wants {}",
+                        attempt.id,
+                        attempt.instances.len(),
+                        nodes.len(),
+                        job.spec.instance_count
+                    ));
+                }
+                for instance in attempt.instances.iter().filter(|i| !i.status.is_final()) {
+                    booked
+                        .entry(instance.node.as_str())
+                        .or_default()
+                        .push(format!("{}/{}", attempt.id, instance.index));
+                }
+            }
+        }
+        for (node, slots) in booked {
+            if slots.len() > 1 {
+                broken.push(format!("node {node} is booked by {}", slots.join(", ")));
+            }
+        }
+        // Quotas are never exceeded.
+        for (scope, limit, used) in self.quota_report().lines {
+            if used > limit {
+                broken.push(format!("quota {scope}: {used} cores used of {limit}"));
+            }
+        }
+        // The queue holds exactly the queued jobs.
+        let queued = self
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Queued)
+            .count();
+        if queued != self.queue.len() {
+            broken.push(format!(
+                "{queued} jobs are queued but the queue holds {}",
+                self.queue.len()
+            ));
+        }
+        broken
+    }
+
+    /// A job's status, if it is held in memory.
+    pub fn job_status(&self, id: &str) -> Option<JobStatus> {
+        self.jobs.get(id).map(|j| j.status)
+    }
+
+    /// Nodes of a cluster that count toward its size.
+    pub fn allocated_nodes(&self, cluster: &str) -> u32 {
+        self.nodes
+            .values()
+            .filter(|n| n.cluster == cluster && n.is_allocated())
+            .count() as u32
+    }
+}

@@ -1,0 +1,1073 @@
+//! A deterministic simulator of the control core: simulated nodes and agents, a
+//! simulated clock and network, and faults — agent crashes and restarts, broken
+//! sessions, partitions, coordinator crashes recovered from the store, provider
+//! failures, preemptions — all drawn from one seed. The core's invariants are
+//! checked after every step; at the end every accepted job has ended, once, and
+//! every cluster is back at `min_nodes`. A failing seed reproduces exactly.
+//!
+//! The core and the store are the real ones (SQLite, in memory); only the world
+//! around them is simulated.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{
+    AttemptReport, Command, Control, ControlConfig, Effects, ExitReport, Registration, ToAgent,
+};
+use crate::model::{ClusterRequest, GpuStat, JobRequest, JobStatus, Millis, Slot};
+use crate::store::{SqliteStore, Store};
+
+/// How big a world, and how rough.
+#[derive(Clone, Debug)]
+pub struct Scale {
+    pub jobs: usize,
+    /// Jobs are submitted over this long.
+    pub submit_over: Duration,
+    /// Faults happen during this long (none when zero).
+    pub faults_over: Duration,
+    pub coordinator_crashes: u32,
+    pub agent_crashes: u32,
+    pub partitions: u32,
+    pub broken_sessions: u32,
+    pub preemptions: u32,
+    /// A node the provider is asked for fails to start this often.
+    pub provider_failure: f64,
+    pub max_nodes: u32,
+}
+
+impl Default for Scale {
+    fn default() -> Self {
+        Scale {
+            jobs: 30,
+            submit_over: Duration::from_secs(20),
+            faults_over: Duration::from_secs(40),
+            coordinator_crashes: 1,
+            agent_crashes: 3,
+            partitions: 2,
+            broken_sessions: 3,
+            preemptions: 2,
+            provider_failure: 0.1,
+            max_nodes: 4,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub steps: u64,
+    pub simulated_ms: Millis,
+    pub accepted: usize,
+    pub ended: BTreeMap<String, usize>,
+    pub coordinator_restarts: u32,
+}
+
+/// A broken invariant, with the seed that reproduces it.
+#[derive(Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub at_ms: Millis,
+    pub step: u64,
+    pub what: String,
+    /// The last events before it.
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {} broke at {} ms (step {}): {}",
+            self.seed, self.at_ms, self.step, self.what
+        )?;
+        writeln!(
+            f,
+            "reproduce: SHOAL_SIM_SEED={} cargo test -p shoal-coordinator sim::",
+            self.seed
+        )?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+const CLUSTERS: [(&str, &str, &str, u32); 3] = [
+    // name, size, priority, min_nodes
+    ("cpu", "Standard_D2_v2", "dedicated", 0),
+    ("low", "Standard_D2_v2", "lowpriority", 1),
+    ("gpu", "Standard_NC6", "dedicated", 0),
+];
+const IDLE_SECONDS: u64 = 10;
+const TICK_MS: Millis = 500;
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+enum Event {
+    Tick,
+    /// A command reaches the coordinator of this epoch (lost if it crashed since).
+    Deliver {
+        epoch: u32,
+        command: Command,
+    },
+    /// A message reaches a node's agent on this session.
+    ToAgent {
+        node: String,
+        session: u64,
+        message: ToAgent,
+    },
+    /// The heartbeat's answer.
+    Pong {
+        node: String,
+        session: u64,
+    },
+    /// The provider has started the node's agent.
+    Boot {
+        node: String,
+    },
+    Connect {
+        node: String,
+    },
+    InstanceEnds {
+        node: String,
+        slot: Slot,
+    },
+    Heartbeat {
+        node: String,
+        session: u64,
+    },
+    Submit {
+        index: usize,
+    },
+    Cancel {
+        index: usize,
+    },
+    AgentCrash,
+    AgentRestart {
+        node: String,
+    },
+    PartitionStart,
+    PartitionEnd {
+        node: String,
+    },
+    BreakSession,
+    CoordinatorCrash,
+    Preempt,
+}
+
+#[derive(Default)]
+struct Agent {
+    cluster: String,
+    gpus: u32,
+    /// The process runs.
+    up: bool,
+    /// Removed by the provider, or told to stop for good.
+    gone: bool,
+    session: u64,
+    connected: bool,
+    link: Option<mpsc::UnboundedReceiver<ToAgent>>,
+    partitioned: bool,
+    last_heard: Millis,
+    /// Instances running here: when each ends, and how.
+    running: BTreeMap<Slot, (Millis, i32)>,
+    /// Exits, reported again at each registration.
+    finished: Vec<(Slot, ExitReport)>,
+    /// When the last message on each direction arrives (sessions keep order).
+    up_clear: Millis,
+    down_clear: Millis,
+}
+
+struct World {
+    seed: u64,
+    rng: StdRng,
+    scale: Scale,
+    config: ControlConfig,
+    now: Millis,
+    seq: u64,
+    events: BinaryHeap<Reverse<(Millis, u64, usize)>>,
+    slots: HashMap<usize, Event>,
+    store: SqliteStore,
+    control: Option<Control>,
+    epoch: u32,
+    agents: BTreeMap<String, Agent>,
+    next_session: u64,
+    jobs: Vec<JobRequest>,
+    submits: Vec<(usize, oneshot::Receiver<crate::Result<crate::model::Job>>)>,
+    accepted: BTreeMap<String, usize>,
+    /// The status an accepted job was first seen to end with.
+    ended: BTreeMap<String, JobStatus>,
+    last_end: Millis,
+    trace: Vec<String>,
+    steps: u64,
+    restarts: u32,
+}
+
+fn fence_after(lease: Duration) -> Millis {
+    lease
+        .saturating_sub(STOP_GRACE + Duration::from_secs(1))
+        .max(lease / 2)
+        .as_millis() as Millis
+}
+
+/// Runs one seed to the end; the report, or the first broken invariant.
+pub fn run(seed: u64, scale: &Scale) -> Result<Report, Box<Failure>> {
+    let mut world = World::new(seed, scale.clone());
+    world.start();
+    world.run_to_end()?;
+    Ok(world.report())
+}
+
+impl World {
+    fn new(seed: u64, scale: Scale) -> World {
+        let config = ControlConfig {
+            lease: Duration::from_secs(6),
+            register_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            preemption_notice: Duration::from_secs(2),
+            job_retention: None,
+            recent_jobs: 1_000_000,
+            ..ControlConfig::default()
+        };
+        World {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            scale,
+            config,
+            now: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            slots: HashMap::new(),
+            store: SqliteStore::in_memory().expect("an in-memory store"),
+            control: None,
+            epoch: 0,
+            agents: BTreeMap::new(),
+            next_session: 1,
+            jobs: Vec::new(),
+            submits: Vec::new(),
+            accepted: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            last_end: 0,
+            trace: Vec::new(),
+            steps: 0,
+            restarts: 0,
+        }
+    }
+
+    fn at(&mut self, time: Millis, event: Event) {
+        let id = self.seq as usize;
+        self.seq += 1;
+        self.slots.insert(id, event);
+        self.events.push(Reverse((time, self.seq, id)));
+    }
+
+    fn delay(&mut self) -> Millis {
+        self.rng.random_range(1..20)
+    }
+
+    fn coordinator(&mut self) -> &mut Control {
+        self.control.as_mut().expect("the coordinator runs")
+    }
+
+    fn boot_coordinator(&mut self) {
+        let snapshot = self.store.load().expect("the store loads");
+        let rng = StdRng::seed_from_u64(self.rng.random());
+        self.control = Some(Control::new(self.config.clone(), snapshot, self.now, rng));
+        self.epoch += 1;
+    }
+
+    /// Sends a command to the coordinator after a network delay.
+    fn send(&mut self, command: Command) {
+        let at = self.now + self.delay();
+        let epoch = self.epoch;
+        self.at(at, Event::Deliver { epoch, command });
+    }
+
+    /// Sends a command from a node's agent on its session, in order.
+    fn send_from(&mut self, node: &str, command: Command) {
+        let delay = self.delay();
+        let Some(agent) = self.agents.get_mut(node) else {
+            return;
+        };
+        if !agent.up || !agent.connected || agent.partitioned {
+            return;
+        }
+        let at = (self.now + delay).max(agent.up_clear);
+        agent.up_clear = at;
+        let epoch = self.epoch;
+        self.at(at, Event::Deliver { epoch, command });
+    }
+
+    fn start(&mut self) {
+        self.boot_coordinator();
+        for (name, size, priority, min) in CLUSTERS {
+            let (reply, _) = oneshot::channel();
+            let request = ClusterRequest {
+                name: name.into(),
+                vm_size: size.into(),
+                vm_priority: priority.into(),
+                min_nodes: Some(min),
+                max_nodes: Some(self.scale.max_nodes),
+                idle_seconds_before_scaledown: Some(IDLE_SECONDS),
+                ..Default::default()
+            };
+            let now = self.now;
+            self.coordinator()
+                .apply(Command::CreateCluster(request, reply), now);
+        }
+        for index in 0..self.scale.jobs {
+            let (cluster, _, _, _) = CLUSTERS[self.rng.random_range(0..CLUSTERS.len())];
+            let width = self.rng.random_range(1..=self.scale.max_nodes.min(3));
+            let duration: Millis = self.rng.random_range(100..6_000);
+            let code = i32::from(self.rng.random_bool(0.1));
+            self.jobs.push(JobRequest {
+                cluster: cluster.into(),
+                argv: vec!["sim".into(), duration.to_string(), code.to_string()],
+                instance_count: width,
+                gpus_per_instance: u32::from(cluster == "gpu"),
+                max_preemptions: Some(100),
+                ..Default::default()
+            });
+            let at = self
+                .rng
+                .random_range(0..=self.scale.submit_over.as_millis() as Millis);
+            self.at(at, Event::Submit { index });
+            if self.rng.random_bool(0.1) {
+                let later = at + self.rng.random_range(0..10_000);
+                self.at(later, Event::Cancel { index });
+            }
+        }
+        let faults = self.scale.faults_over.as_millis() as Millis;
+        if faults > 0 {
+            let mut plan = Vec::new();
+            for _ in 0..self.scale.coordinator_crashes {
+                plan.push(Event::CoordinatorCrash);
+            }
+            for _ in 0..self.scale.agent_crashes {
+                plan.push(Event::AgentCrash);
+            }
+            for _ in 0..self.scale.partitions {
+                plan.push(Event::PartitionStart);
+            }
+            for _ in 0..self.scale.broken_sessions {
+                plan.push(Event::BreakSession);
+            }
+            for _ in 0..self.scale.preemptions {
+                plan.push(Event::Preempt);
+            }
+            for event in plan {
+                let at = self.rng.random_range(1..faults);
+                self.at(at, event);
+            }
+        }
+        self.at(0, Event::Tick);
+    }
+
+    fn run_to_end(&mut self) -> Result<(), Box<Failure>> {
+        // Long enough for every job, retry and scale-down; a job still open by
+        // then is stuck.
+        let horizon = 600_000;
+        while let Some(Reverse((time, _, id))) = self.events.pop() {
+            if time > horizon {
+                break;
+            }
+            self.now = time;
+            let event = self.slots.remove(&id).expect("a scheduled event");
+            self.trace_event(&event);
+            let mut commands = Vec::new();
+            self.handle(event, &mut commands);
+            // Everything due at this instant is one batch, as the driver's inbox.
+            while let Some(Reverse((next, _, id))) = self.events.peek().copied() {
+                if next != time {
+                    break;
+                }
+                self.events.pop();
+                let event = self.slots.remove(&id).expect("a scheduled event");
+                self.trace_event(&event);
+                self.handle(event, &mut commands);
+            }
+            self.step(commands)?;
+            if self.done() {
+                return self.final_checks();
+            }
+        }
+        self.final_checks()
+    }
+
+    fn trace_event(&mut self, event: &Event) {
+        let line = match event {
+            Event::Tick | Event::Heartbeat { .. } | Event::Pong { .. } => return,
+            Event::Deliver {
+                command: Command::Heartbeat { .. },
+                ..
+            } => return,
+            Event::Deliver { command, .. } => format!("deliver {}", command_name(command)),
+            Event::ToAgent { node, message, .. } => {
+                format!("to {node}: {}", agent_message_name(message))
+            }
+            other => format!("{other:?}"),
+        };
+        self.trace.push(format!("{:>7} ms {line}", self.now));
+        if self.trace.len() > 60 {
+            self.trace.remove(0);
+        }
+    }
+
+    fn handle(&mut self, event: Event, commands: &mut Vec<Command>) {
+        match event {
+            Event::Tick => {
+                self.fence();
+                self.at(self.now + TICK_MS, Event::Tick);
+            }
+            Event::Deliver { epoch, command } => {
+                if epoch != self.epoch {
+                    return; // sent to a coordinator that crashed since
+                }
+                if let Command::Heartbeat { node_id, .. } = &command {
+                    let node = node_id.clone();
+                    if let Some(agent) = self.agents.get(&node) {
+                        let session = agent.session;
+                        let at = self.now + self.delay();
+                        self.at(at, Event::Pong { node, session });
+                    }
+                }
+                commands.push(command);
+            }
+            Event::Pong { node, session } => {
+                let now = self.now;
+                if let Some(agent) = self.agents.get_mut(&node)
+                    && agent.session == session
+                    && agent.connected
+                    && !agent.partitioned
+                {
+                    agent.last_heard = now;
+                }
+            }
+            Event::ToAgent {
+                node,
+                session,
+                message,
+            } => self.agent_hears(&node, session, message),
+            Event::Boot { node } => {
+                if let Some(agent) = self.agents.get_mut(&node)
+                    && !agent.gone
+                {
+                    agent.up = true;
+                    self.connect(&node);
+                }
+            }
+            Event::Connect { node } => self.connect(&node),
+            Event::InstanceEnds { node, slot } => {
+                let Some(agent) = self.agents.get_mut(&node) else {
+                    return;
+                };
+                let Some((_, code)) = agent.running.remove(&slot) else {
+                    return; // stopped before
+                };
+                let outcome = if code == 0 { "completed" } else { "failed" };
+                self.exited(&node, slot, outcome, Some(code));
+            }
+            Event::Heartbeat { node, session } => {
+                let Some(agent) = self.agents.get(&node) else {
+                    return;
+                };
+                if agent.session != session || !agent.up || !agent.connected {
+                    return;
+                }
+                self.send_from(
+                    &node,
+                    Command::Heartbeat {
+                        node_id: node.clone(),
+                        cpu_percent: 0.0,
+                        memory_used_bytes: 0,
+                        stats: Default::default(),
+                        usage: Vec::new(),
+                    },
+                );
+                let every = self.config.heartbeat_interval.as_millis() as Millis;
+                self.at(self.now + every, Event::Heartbeat { node, session });
+            }
+            Event::Submit { index } => {
+                let (reply, answer) = oneshot::channel();
+                let request = Box::new(self.jobs[index].clone());
+                self.submits.push((index, answer));
+                self.send(Command::SubmitJob(request, reply));
+            }
+            Event::Cancel { index } => {
+                let id = self
+                    .accepted
+                    .iter()
+                    .find(|(_, i)| **i == index)
+                    .map(|(id, _)| id.clone());
+                if let Some(id) = id {
+                    let (reply, _) = oneshot::channel();
+                    self.send(Command::CancelJob(id, reply));
+                }
+            }
+            Event::AgentCrash => {
+                if let Some(node) = self.pick_agent() {
+                    self.crash_agent(&node);
+                    let at = self.now + self.rng.random_range(200..4_000);
+                    self.at(at, Event::AgentRestart { node });
+                }
+            }
+            Event::AgentRestart { node } => {
+                if let Some(agent) = self.agents.get_mut(&node)
+                    && !agent.gone
+                {
+                    agent.up = true;
+                    self.connect(&node);
+                }
+            }
+            Event::PartitionStart => {
+                if let Some(node) = self.pick_agent() {
+                    if let Some(agent) = self.agents.get_mut(&node) {
+                        agent.partitioned = true;
+                    }
+                    let at = self.now + self.rng.random_range(500..12_000);
+                    self.at(at, Event::PartitionEnd { node });
+                }
+            }
+            Event::PartitionEnd { node } => {
+                // The session timed out meanwhile: the agent connects anew.
+                if let Some(agent) = self.agents.get_mut(&node) {
+                    agent.partitioned = false;
+                }
+                self.break_session(&node);
+            }
+            Event::BreakSession => {
+                if let Some(node) = self.pick_agent() {
+                    self.break_session(&node);
+                }
+            }
+            Event::CoordinatorCrash => {
+                // Its inbox and whatever it had not committed are lost; agents
+                // keep their work and connect to the new one.
+                commands.clear();
+                self.control = None;
+                self.restarts += 1;
+                self.submits.clear();
+                self.boot_coordinator();
+                let nodes: Vec<String> = self.agents.keys().cloned().collect();
+                for node in nodes {
+                    if let Some(agent) = self.agents.get_mut(&node) {
+                        agent.connected = false;
+                        agent.link = None;
+                    }
+                    let at = self.now + self.rng.random_range(100..3_000);
+                    self.at(at, Event::Connect { node });
+                }
+            }
+            Event::Preempt => {
+                let low: Vec<String> = self
+                    .agents
+                    .iter()
+                    .filter(|(_, a)| a.cluster == "low" && a.up && !a.gone)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                if !low.is_empty() {
+                    let node = low[self.rng.random_range(0..low.len())].clone();
+                    let (reply, _) = oneshot::channel();
+                    self.send(Command::PreemptNode(node, Some(2), reply));
+                }
+            }
+        }
+    }
+
+    fn pick_agent(&mut self) -> Option<String> {
+        let up: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.up && !a.gone)
+            .map(|(id, _)| id.clone())
+            .collect();
+        (!up.is_empty()).then(|| up[self.rng.random_range(0..up.len())].clone())
+    }
+
+    /// The agent's process dies with its work (process jobs die with it).
+    fn crash_agent(&mut self, node: &str) {
+        let session = self.agents.get(node).map(|a| (a.session, a.connected));
+        if let Some((session, true)) = session {
+            self.send(Command::AgentGone {
+                node_id: node.to_string(),
+                session,
+            });
+        }
+        if let Some(agent) = self.agents.get_mut(node) {
+            agent.up = false;
+            agent.connected = false;
+            agent.link = None;
+            agent.running.clear();
+            agent.finished.clear();
+        }
+    }
+
+    fn break_session(&mut self, node: &str) {
+        let Some(agent) = self.agents.get_mut(node) else {
+            return;
+        };
+        if !agent.up || agent.gone {
+            return;
+        }
+        let (session, connected) = (agent.session, agent.connected);
+        agent.connected = false;
+        agent.link = None;
+        if connected {
+            self.send(Command::AgentGone {
+                node_id: node.to_string(),
+                session,
+            });
+        }
+        let at = self.now + self.rng.random_range(50..1_000);
+        self.at(
+            at,
+            Event::Connect {
+                node: node.to_string(),
+            },
+        );
+    }
+
+    /// A new session: the agent registers with what it runs and what ended.
+    fn connect(&mut self, node: &str) {
+        let session = self.next_session;
+        self.next_session += 1;
+        let now = self.now;
+        let Some(agent) = self.agents.get_mut(node) else {
+            return;
+        };
+        if !agent.up || agent.gone || agent.connected || agent.partitioned {
+            return;
+        }
+        let (link, receiver) = mpsc::unbounded_channel();
+        agent.session = session;
+        agent.connected = true;
+        agent.link = Some(receiver);
+        agent.last_heard = now;
+        let mut attempts: Vec<AttemptReport> = agent
+            .running
+            .keys()
+            .map(|slot| AttemptReport {
+                slot: slot.clone(),
+                exited: None,
+            })
+            .collect();
+        attempts.extend(agent.finished.iter().map(|(slot, exit)| AttemptReport {
+            slot: slot.clone(),
+            exited: Some(exit.clone()),
+        }));
+        let gpus = (0..agent.gpus)
+            .map(|index| GpuStat {
+                index,
+                uuid: format!("GPU-{node}-{index}"),
+                model: "simulated".into(),
+                ..Default::default()
+            })
+            .collect();
+        let registration = Registration {
+            node_id: node.to_string(),
+            cluster: agent.cluster.clone(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            hostname: node.to_string(),
+            pid: 1,
+            runtimes: vec!["process".into()],
+            attempts,
+            gpus,
+            gpu_reason: String::new(),
+        };
+        let (reply, _) = oneshot::channel();
+        self.send_from(
+            node,
+            Command::AgentRegister {
+                registration,
+                session,
+                link,
+                reply,
+            },
+        );
+        let every = self.config.heartbeat_interval.as_millis() as Millis;
+        self.at(
+            now + every,
+            Event::Heartbeat {
+                node: node.to_string(),
+                session,
+            },
+        );
+    }
+
+    fn exited(&mut self, node: &str, slot: Slot, outcome: &str, code: Option<i32>) {
+        let exit = ExitReport {
+            exit_code: code,
+            outcome: outcome.into(),
+            message: String::new(),
+            usage: None,
+        };
+        if let Some(agent) = self.agents.get_mut(node) {
+            agent.finished.push((slot.clone(), exit.clone()));
+        }
+        self.send_from(
+            node,
+            Command::InstanceExited {
+                node_id: node.to_string(),
+                slot,
+                exit,
+            },
+        );
+    }
+
+    /// Stops every instance on the node, reporting each with `outcome`.
+    fn stop_all(&mut self, node: &str, outcome: &str) {
+        let running: Vec<Slot> = self
+            .agents
+            .get_mut(node)
+            .map(|a| std::mem::take(&mut a.running).into_keys().collect())
+            .unwrap_or_default();
+        for slot in running {
+            self.exited(node, slot, outcome, None);
+        }
+    }
+
+    /// Agents that heard nothing for too long stop their work themselves.
+    fn fence(&mut self) {
+        let after = fence_after(self.config.lease);
+        let silent: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.up && !a.running.is_empty() && self.now - a.last_heard >= after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node in silent {
+            self.stop_all(&node, "canceled");
+        }
+    }
+
+    fn agent_hears(&mut self, node: &str, session: u64, message: ToAgent) {
+        let now = self.now;
+        let Some(agent) = self.agents.get_mut(node) else {
+            return;
+        };
+        if agent.session != session || !agent.up || !agent.connected || agent.partitioned {
+            return;
+        }
+        agent.last_heard = now;
+        match message {
+            ToAgent::Registered { .. } | ToAgent::Pong | ToAgent::Exec(_) => {}
+            ToAgent::Launch(order) => {
+                if agent.running.contains_key(&order.slot)
+                    || agent.finished.iter().any(|(s, _)| *s == order.slot)
+                {
+                    return;
+                }
+                let duration: Millis = order.argv.get(1).and_then(|d| d.parse().ok()).unwrap_or(0);
+                let code: i32 = order.argv.get(2).and_then(|c| c.parse().ok()).unwrap_or(0);
+                agent
+                    .running
+                    .insert(order.slot.clone(), (now + duration, code));
+                self.send_from(
+                    node,
+                    Command::InstanceStarted {
+                        node_id: node.to_string(),
+                        slot: order.slot.clone(),
+                        gpus: (0..order.gpus).collect(),
+                    },
+                );
+                self.at(
+                    now + duration,
+                    Event::InstanceEnds {
+                        node: node.to_string(),
+                        slot: order.slot,
+                    },
+                );
+            }
+            ToAgent::Cancel { slot, .. } => {
+                if agent.running.remove(&slot).is_some() {
+                    self.exited(node, slot, "canceled", None);
+                }
+            }
+            ToAgent::Preempt { .. } => self.stop_all(node, "preempted"),
+            ToAgent::Shutdown { .. } => {
+                self.stop_all(node, "canceled");
+                if let Some(agent) = self.agents.get_mut(node) {
+                    agent.gone = true;
+                }
+            }
+        }
+    }
+
+    /// One batch through the core, then its effects, then the invariants.
+    fn step(&mut self, commands: Vec<Command>) -> Result<(), Box<Failure>> {
+        self.steps += 1;
+        let now = self.now;
+        let control = self.coordinator();
+        for command in commands {
+            control.apply(command, now);
+        }
+        control.tick(now);
+        control.decide(now);
+        let effects = control.effects();
+        self.execute(effects);
+        self.observe()?;
+        Ok(())
+    }
+
+    fn execute(&mut self, mut effects: Effects) {
+        let committed = self.store.commit(&effects.batch).expect("the commit");
+        let now = self.now;
+        self.coordinator()
+            .committed(&committed, &effects.jobs_touched, now);
+        for reply in effects.replies.drain(..) {
+            reply(None);
+        }
+        for (link, message) in effects.messages.drain(..) {
+            let _ = link.send(message);
+        }
+        // Messages go out on each session in order.
+        let nodes: Vec<String> = self.agents.keys().cloned().collect();
+        for node in nodes {
+            loop {
+                let delay = self.delay();
+                let Some(agent) = self.agents.get_mut(&node) else {
+                    break;
+                };
+                let Some(Ok(message)) = agent.link.as_mut().map(|l| l.try_recv()) else {
+                    break;
+                };
+                let at = (now + delay).max(agent.down_clear);
+                agent.down_clear = at;
+                let session = agent.session;
+                self.at(
+                    at,
+                    Event::ToAgent {
+                        node: node.clone(),
+                        session,
+                        message,
+                    },
+                );
+            }
+        }
+        for launch in effects.create.drain(..) {
+            if self.rng.random_bool(self.scale.provider_failure) {
+                self.send(Command::NodeFailed {
+                    node_id: launch.node_id,
+                    error: "the simulated provider failed".into(),
+                });
+                continue;
+            }
+            let gpus = launch.gpus;
+            self.agents.insert(
+                launch.node_id.clone(),
+                Agent {
+                    cluster: launch.cluster,
+                    gpus,
+                    ..Default::default()
+                },
+            );
+            self.send(Command::NodeStarted {
+                node_id: launch.node_id.clone(),
+                pid: None,
+            });
+            let at = now + self.rng.random_range(50..800);
+            self.at(
+                at,
+                Event::Boot {
+                    node: launch.node_id,
+                },
+            );
+        }
+        for gone in effects.remove.drain(..) {
+            self.crash_agent(&gone.node_id);
+            if let Some(agent) = self.agents.get_mut(&gone.node_id) {
+                agent.gone = true;
+            }
+            self.send(Command::NodeRemoved {
+                node_id: gone.node_id,
+            });
+        }
+    }
+
+    fn fail(&self, what: String) -> Box<Failure> {
+        Box::new(Failure {
+            seed: self.seed,
+            at_ms: self.now,
+            step: self.steps,
+            what,
+            trace: self.trace.clone(),
+        })
+    }
+
+    /// The invariants after a step.
+    fn observe(&mut self) -> Result<(), Box<Failure>> {
+        for (index, mut answer) in std::mem::take(&mut self.submits) {
+            match answer.try_recv() {
+                Ok(Ok(job)) => {
+                    self.accepted.insert(job.id, index);
+                }
+                Ok(Err(e)) => return Err(self.fail(format!("a submit was refused: {e}"))),
+                Err(oneshot::error::TryRecvError::Empty) => self.submits.push((index, answer)),
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            }
+        }
+        let control = self.control.as_ref().expect("the coordinator runs");
+        let broken = control.invariant_violations();
+        if let Some(first) = broken.into_iter().next() {
+            return Err(self.fail(first));
+        }
+        // No job runs two attempts at once on the agents.
+        let mut attempts: HashMap<&str, &str> = HashMap::new();
+        for (node, agent) in &self.agents {
+            if !agent.up {
+                continue;
+            }
+            for slot in agent.running.keys() {
+                let job = crate::control::job_of_attempt(&slot.attempt_id).unwrap_or("");
+                if let Some(other) = attempts.insert(job, &slot.attempt_id)
+                    && other != slot.attempt_id
+                {
+                    return Err(self.fail(format!(
+                        "{job} runs twice: attempts {other} and {} (one on {node})",
+                        slot.attempt_id
+                    )));
+                }
+            }
+        }
+        // Every accepted job ends once and stays ended.
+        let mut newly = Vec::new();
+        for id in self.accepted.keys() {
+            let Some(status) = control.job_status(id) else {
+                return Err(self.fail(format!("accepted job {id} is gone")));
+            };
+            match self.ended.get(id) {
+                Some(first) if *first != status => {
+                    return Err(self.fail(format!(
+                        "{id} ended {} and then became {}",
+                        first.as_str(),
+                        status.as_str()
+                    )));
+                }
+                None if status.is_final() => newly.push((id.clone(), status)),
+                _ => {}
+            }
+        }
+        if !newly.is_empty() {
+            self.last_end = self.now;
+        }
+        self.ended.extend(newly);
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        let all_ended =
+            self.accepted.len() == self.scale.jobs && self.ended.len() == self.scale.jobs;
+        // Once the last job has ended and the last fault has healed (a restart,
+        // a reconnection and a lease at most): the idle time, a tick, and the
+        // provider's removal.
+        let healed = self.scale.faults_over.as_millis() as Millis + 4_000 + 3_000 + 6_000;
+        let quiet = self.last_end.max(healed);
+        all_ended && self.now > quiet + (IDLE_SECONDS as Millis) * 1_000 + 3 * TICK_MS + 1_000
+    }
+
+    fn final_checks(&self) -> Result<(), Box<Failure>> {
+        if self.accepted.len() != self.scale.jobs {
+            // Submits lost to a coordinator crash were never acknowledged: fine.
+            let acked_and_open: Vec<&String> = self
+                .accepted
+                .keys()
+                .filter(|id| !self.ended.contains_key(*id))
+                .collect();
+            if !acked_and_open.is_empty() {
+                return Err(self.fail(format!("jobs never ended: {acked_and_open:?}")));
+            }
+        }
+        let open: Vec<&String> = self
+            .accepted
+            .keys()
+            .filter(|id| !self.ended.contains_key(*id))
+            .collect();
+        if !open.is_empty() {
+            return Err(self.fail(format!("jobs never ended: {open:?}")));
+        }
+        let control = self.control.as_ref().expect("the coordinator runs");
+        for (name, _, _, min) in CLUSTERS {
+            let allocated = control.allocated_nodes(name);
+            if allocated != min {
+                return Err(self.fail(format!(
+                    "cluster {name} has {allocated} nodes {} ms after the last job ended and the faults healed (min_nodes {min}, idle {IDLE_SECONDS} s)",
+                    self.now - self.last_end
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> Report {
+        let mut ended = BTreeMap::new();
+        for status in self.ended.values() {
+            *ended.entry(status.as_str().to_string()).or_default() += 1;
+        }
+        Report {
+            seed: self.seed,
+            steps: self.steps,
+            simulated_ms: self.now,
+            accepted: self.accepted.len(),
+            ended,
+            coordinator_restarts: self.restarts,
+        }
+    }
+}
+
+fn command_name(command: &Command) -> String {
+    let text = format!("{command:?}");
+    text.chars().take(160).collect()
+}
+
+fn agent_message_name(message: &ToAgent) -> String {
+    match message {
+        ToAgent::Launch(order) => {
+            format!("launch {}/{}", order.slot.attempt_id, order.slot.instance)
+        }
+        ToAgent::Cancel { slot, reason } => {
+            format!("cancel {}/{} ({reason})", slot.attempt_id, slot.instance)
+        }
+        other => format!("{other:?}").chars().take(120).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seeds `from..from + count`, or the one in SHOAL_SIM_SEED.
+    fn seeds(from: u64, count: u64) {
+        let only: Option<u64> = std::env::var("SHOAL_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let range: Vec<u64> = match only {
+            Some(seed) => vec![seed],
+            None => (from..from + count).collect(),
+        };
+        for seed in range {
+            if let Err(failure) = run(seed, &Scale::default()) {
+                panic!("{failure}");
+            }
+        }
+    }
+
+    #[test]
+    fn seeds_0_to_99_hold_every_invariant() {
+        seeds(0, 100);
+    }
+
+    #[test]
+    fn a_seed_replays_exactly() {
+        let first = run(7, &Scale::default()).expect("seed 7");
+        let second = run(7, &Scale::default()).expect("seed 7 again");
+        assert_eq!(first.steps, second.steps);
+        assert_eq!(first.simulated_ms, second.simulated_ms);
+        assert_eq!(first.ended, second.ended);
+    }
+}
