@@ -15,6 +15,10 @@
 //! beside a warm cluster: submit rate as the queue grows, then with the queue
 //! full the warm cluster's latency, the idle coordinator's CPU and RSS, and the
 //! decision pass's time (from /metrics): what waits elsewhere must cost nothing.
+//! `fleet [NODES] [JOBS]`: NODES (default 5,000) in-process agents heartbeating
+//! every 5 s, idle and then running JOBS (default 100,000) zero-work jobs: the
+//! process's CPU and RSS, and the decision pass's time.
+//! `sim [SEEDS]`: the deterministic simulator over SEEDS seeds (default 1,000).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,17 +148,17 @@ struct InProcess {
 
 impl InProcess {
     async fn start(nodes: u32) -> anyhow::Result<Self> {
+        Self::start_with(nodes, ControlConfig::default()).await
+    }
+
+    async fn start_with(nodes: u32, config: ControlConfig) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let store = SqliteStore::open(&dir.path().join("shoal.db"))?;
         let (created_tx, mut created) = mpsc::unbounded_channel();
         let provider = InProcessProvider {
             created: created_tx,
         };
-        let (control, handle, inbox) = Driver::new(
-            ControlConfig::default(),
-            Box::new(store),
-            Arc::new(provider),
-        )?;
+        let (control, handle, inbox) = Driver::new(config, Box::new(store), Arc::new(provider))?;
         let (stop, stopped) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Handle::current();
         let control_thread = tokio::task::spawn_blocking(move || {
@@ -818,6 +822,87 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Decision-pass percentiles between two scrapes of /metrics.
+fn decide_percentiles(before: &str, after: &str) -> String {
+    const DECIDE: &str = "shoal_scheduler_decide_seconds";
+    let (b, a) = (buckets(before, DECIDE), buckets(after, DECIDE));
+    let (p50, passes) = bucket_percentile(&b, &a, 0.5);
+    let (p99, _) = bucket_percentile(&b, &a, 0.99);
+    format!(
+        "{passes} decision passes, p50 ≤ {:.2} ms, p99 ≤ {:.2} ms (bucket bounds)",
+        p50 * 1000.0,
+        p99 * 1000.0
+    )
+}
+
+async fn fleet(nodes: u32, jobs: usize) -> anyhow::Result<()> {
+    let config = ControlConfig {
+        heartbeat_interval: Duration::from_secs(5),
+        quotas: shoal_coordinator::governance::Quotas {
+            default_family_cores: u32::MAX / 4,
+            low_priority_cores: u32::MAX / 4,
+            total_cores: u32::MAX / 4,
+            ..Default::default()
+        },
+        ..ControlConfig::default()
+    };
+    let started = Instant::now();
+    let bench = InProcess::start_with(nodes, config).await?;
+    println!(
+        "fleet: {nodes} in-process agents registered in {:.1} s; RSS {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_mib()
+    );
+    let before = bench.handle.metrics().await?;
+    let (cpu, wall) = (cpu_seconds(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let idle_cpu = 100.0 * (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64();
+    let after = bench.handle.metrics().await?;
+    println!(
+        "fleet: idle, heartbeats every 5 s ({:.0}/s): {idle_cpu:.1}% of a core (loop and agents), RSS {:.1} MiB; {}",
+        f64::from(nodes) / 5.0,
+        rss_mib(),
+        decide_percentiles(&before, &after)
+    );
+    let before = after;
+    let (cpu, wall) = (cpu_seconds(), Instant::now());
+    bench.run(jobs, jobs as u64).await?;
+    let elapsed = wall.elapsed().as_secs_f64();
+    let after = bench.handle.metrics().await?;
+    println!(
+        "fleet: {jobs} zero-work jobs on {nodes} nodes in {elapsed:.1} s ({:.0} jobs/s): {:.0}% of a core, RSS {:.1} MiB; {}",
+        jobs as f64 / elapsed,
+        100.0 * (cpu_seconds() - cpu) / elapsed,
+        rss_mib(),
+        decide_percentiles(&before, &after)
+    );
+    bench.stop().await;
+    Ok(())
+}
+
+fn sim(seeds: u64) -> anyhow::Result<()> {
+    let scale = shoal_coordinator::sim::Scale::default();
+    let started = Instant::now();
+    let mut steps = 0;
+    let mut simulated = 0;
+    for seed in 0..seeds {
+        match shoal_coordinator::sim::run(seed, &scale) {
+            Ok(report) => {
+                steps += report.steps;
+                simulated += report.simulated_ms;
+            }
+            Err(failure) => bail!("{failure}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "sim: {seeds} seeds held every invariant: {steps} steps, {:.0} simulated minutes, in {elapsed:.1} s ({:.0} seeds/s)",
+        simulated as f64 / 60_000.0,
+        seeds as f64 / elapsed
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -848,6 +933,19 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(what, "docker" | "all") {
         docker(20, shoal.clone()).await?;
+    }
+    let number = |i: usize| args.get(i).map(|n| n.parse::<u64>()).transpose();
+    if what == "fleet" {
+        let nodes = number(1)
+            .context("fleet takes a node count")?
+            .unwrap_or(5_000);
+        let jobs = number(2).context("and a job count")?.unwrap_or(100_000);
+        fleet(nodes as u32, jobs as usize).await?;
+    }
+    if what == "sim" {
+        sim(number(1)
+            .context("sim takes a seed count")?
+            .unwrap_or(1_000))?;
     }
     if what == "backlog" {
         let queued = args

@@ -770,9 +770,10 @@ pub struct JobSpec {
     pub distribution: Option<Distribution>,
     /// A parallel (batch inference) job: how its mini-batches run.
     #[serde(default)]
-    pub parallel: Option<crate::parallel::ParallelSpec>,
+    pub parallel: Option<Box<crate::parallel::ParallelSpec>>,
+    /// Boxed: most jobs have none of it, and every queued job is held in memory.
     #[serde(flatten)]
-    pub extras: JobExtras,
+    pub extras: Box<JobExtras>,
 }
 
 /// What admission adds to a job from its job file (never from a bare request):
@@ -1006,8 +1007,8 @@ impl JobSpec {
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
             gpus_per_instance: request.gpus_per_instance,
             distribution: request.distribution,
-            parallel: request.parallel.map(|(spec, _)| spec),
-            extras: request.extras,
+            parallel: request.parallel.map(|(spec, _)| Box::new(spec)),
+            extras: Box::new(request.extras),
         })
     }
 }

@@ -12,6 +12,79 @@ pub struct Placement {
     pub nodes: Vec<String>,
 }
 
+/// Whether a job's gang fits on the free nodes of its cluster now, and if not,
+/// why: what `place` acts on and what `shoal job why` says, from one function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fit {
+    Fits,
+    /// Fewer free nodes than instances.
+    TooFewFree {
+        wanted: u32,
+        free: u32,
+    },
+    /// Free nodes enough, but too few of them with the GPUs each instance needs.
+    TooFewWithGpus {
+        wanted: u32,
+        free: u32,
+        with_gpus: u32,
+        gpus: u32,
+    },
+}
+
+impl Fit {
+    /// In words, for `job why`.
+    pub fn describe(&self) -> String {
+        let gang = |wanted: u32| {
+            if wanted > 1 {
+                format!(" at once (a gang of {wanted})")
+            } else {
+                String::new()
+            }
+        };
+        match *self {
+            Fit::Fits => "fits on the free nodes now: placed on the next pass".into(),
+            Fit::TooFewFree { wanted, free } => {
+                format!(
+                    "needs {wanted} free node(s){}; {free} free now",
+                    gang(wanted)
+                )
+            }
+            Fit::TooFewWithGpus {
+                wanted,
+                free,
+                with_gpus,
+                gpus,
+            } => format!(
+                "needs {wanted} free node(s) with {gpus} GPU(s) each{}; {free} free now, {with_gpus} of them with enough GPUs",
+                gang(wanted)
+            ),
+        }
+    }
+}
+
+/// Does `job` fit on `free` (free nodes of its cluster)?
+pub fn fit(job: &Job, free: &[&Node]) -> Fit {
+    let wanted = job.spec.instance_count;
+    let count = free.len() as u32;
+    if count < wanted {
+        return Fit::TooFewFree {
+            wanted,
+            free: count,
+        };
+    }
+    // GPUs are a hard requirement; the runtime is a preference.
+    let with_gpus = free.iter().filter(|n| n.has_gpus_for(&job.spec)).count() as u32;
+    if with_gpus < wanted {
+        return Fit::TooFewWithGpus {
+            wanted,
+            free: count,
+            with_gpus,
+            gpus: job.spec.gpus_per_instance,
+        };
+    }
+    Fit::Fits
+}
+
 /// Places `queued` (oldest first) on free nodes of their own cluster, preferring
 /// nodes that have the job's runtime.
 ///
@@ -37,9 +110,7 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             continue;
         };
         let wanted = job.spec.instance_count as usize;
-        // GPUs are a hard requirement; the runtime is a preference.
-        let with_gpus = list.iter().filter(|n| n.has_gpus_for(&job.spec)).count();
-        if with_gpus < wanted {
+        if fit(job, list) != Fit::Fits {
             continue;
         }
         // The warmest nodes that have the job's runtime first; then others, whose
@@ -185,6 +256,37 @@ mod tests {
         let placements = place([&wants_three, &wants_two], &refs);
         assert_eq!(placements.len(), 1, "{placements:?}");
         assert_eq!(placements[0].nodes, vec!["two-gpus".to_string()]);
+    }
+
+    #[test]
+    fn what_does_not_fit_says_why_in_the_schedulers_own_terms() {
+        let mut one_gpu = NodeBuilder::new("g").build();
+        one_gpu.gpus = vec![crate::model::GpuStat::default()];
+        let plain = NodeBuilder::new("p").build();
+        let free = [&one_gpu, &plain];
+        let mut gang = JobBuilder::new("job-1").instances(2).build();
+        gang.spec.gpus_per_instance = 1;
+        let verdict = fit(&gang, &free);
+        assert_eq!(
+            verdict,
+            Fit::TooFewWithGpus {
+                wanted: 2,
+                free: 2,
+                with_gpus: 1,
+                gpus: 1
+            }
+        );
+        assert_eq!(
+            verdict.describe(),
+            "needs 2 free node(s) with 1 GPU(s) each at once (a gang of 2); 2 free now, 1 of them with enough GPUs"
+        );
+        // What `fit` refuses, `place` does not place; what it accepts, it does.
+        assert!(place([&gang], &free).is_empty());
+        let wide = JobBuilder::new("job-2").instances(3).build();
+        assert_eq!(fit(&wide, &free), Fit::TooFewFree { wanted: 3, free: 2 });
+        let narrow = JobBuilder::new("job-3").instances(2).build();
+        assert_eq!(fit(&narrow, &free), Fit::Fits);
+        assert_eq!(place([&narrow], &free).len(), 1);
     }
 
     #[test]

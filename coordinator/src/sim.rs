@@ -573,7 +573,11 @@ impl World {
                 if !low.is_empty() {
                     let node = low[self.rng.random_range(0..low.len())].clone();
                     let (reply, _) = oneshot::channel();
-                    self.send(Command::PreemptNode(node, Some(2), reply));
+                    self.send(Command::PreemptNode {
+                        node_id: node,
+                        notice_seconds: Some(2),
+                        reply,
+                    });
                 }
             }
         }
@@ -1057,9 +1061,25 @@ mod tests {
         }
     }
 
+    // 400 seeds, in four tests so that they share the cores.
     #[test]
     fn seeds_0_to_99_hold_every_invariant() {
         seeds(0, 100);
+    }
+
+    #[test]
+    fn seeds_100_to_199_hold_every_invariant() {
+        seeds(100, 100);
+    }
+
+    #[test]
+    fn seeds_200_to_299_hold_every_invariant() {
+        seeds(200, 100);
+    }
+
+    #[test]
+    fn seeds_300_to_399_hold_every_invariant() {
+        seeds(300, 100);
     }
 
     #[test]

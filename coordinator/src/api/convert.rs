@@ -270,7 +270,7 @@ pub fn job(job: &Job) -> pb::Job {
         gpus_per_instance: job.spec.gpus_per_instance,
         flags: job.flags.clone(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
-        parallel: job.spec.parallel.as_ref().map(parallel_to_wire),
+        parallel: job.spec.parallel.as_deref().map(parallel_to_wire),
         progress: job.progress.as_ref().map(progress),
         inputs: job
             .spec

@@ -54,18 +54,13 @@ impl Control {
             counts.preparing, counts.leaving, counts.preempted, counts.unusable, info.target_node_count, spec.min_nodes, spec.max_nodes
         ));
         if job.status == JobStatus::Queued {
-            let free = self
+            // What the scheduler itself would say of it.
+            let free: Vec<&Node> = self
                 .nodes
                 .values()
                 .filter(|n| n.cluster == spec.name && n.is_free())
-                .count();
-            let need = job.spec.instance_count;
-            let gang = if need > 1 {
-                format!(" at once (a gang of {need})")
-            } else {
-                String::new()
-            };
-            lines.push(format!("needs {need} free node(s){gang}; {free} free now"));
+                .collect();
+            lines.push(scheduler::fit(job, &free).describe());
             let ahead = self
                 .queue
                 .cluster(&spec.name)

@@ -74,7 +74,12 @@ impl ControlHandle {
     }
     /// `None` unlocks.
     pub async fn lock_cluster(&self, name: String, kind: Option<LockKind>) -> Result<ClusterInfo> {
-        self.ask(|r| Command::LockCluster(name, kind, r)).await
+        self.ask(|reply| Command::LockCluster {
+            cluster: name,
+            kind,
+            reply,
+        })
+        .await
     }
     pub async fn join_node(
         &self,
@@ -83,15 +88,25 @@ impl ControlHandle {
         cores: u32,
         memory_bytes: u64,
     ) -> Result<Node> {
-        self.ask(|r| Command::JoinNode(cluster, hostname, cores, memory_bytes, r))
-            .await
+        self.ask(|reply| Command::JoinNode {
+            cluster,
+            hostname,
+            cores,
+            memory_bytes,
+            reply,
+        })
+        .await
     }
     pub async fn revoke_node(&self, node_id: String) -> Result<Node> {
         self.ask(|r| Command::RevokeNode(node_id, r)).await
     }
     pub async fn preempt_node(&self, node_id: String, notice_seconds: Option<u64>) -> Result<Node> {
-        self.ask(|r| Command::PreemptNode(node_id, notice_seconds, r))
-            .await
+        self.ask(|reply| Command::PreemptNode {
+            node_id,
+            notice_seconds,
+            reply,
+        })
+        .await
     }
     pub async fn create_identity(&self, name: String) -> Result<Identity> {
         self.ask(|reply| Command::CreateIdentity { name, reply })

@@ -277,8 +277,12 @@ fn launches_for(node: &str, order: &LaunchOrder) -> bool {
 fn jobs_waiting_on_a_locked_cluster_cost_the_others_nothing_and_say_why() {
     let mut m = Machine::new(ControlConfig::default());
     m.cluster("parked", 4, 600);
-    m.ask(|reply| Command::LockCluster("parked".into(), Some(LockKind::ReadOnly), reply))
-        .expect("lock");
+    m.ask(|reply| Command::LockCluster {
+        cluster: "parked".into(),
+        kind: Some(LockKind::ReadOnly),
+        reply,
+    })
+    .expect("lock");
     let parked: Vec<String> = (0..2_000).map(|_| m.submit("parked", 1)).collect();
     m.cluster("warm", 1, 600);
     let id = m.submit("warm", 1);

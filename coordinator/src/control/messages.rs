@@ -170,10 +170,26 @@ pub enum Command {
     DeleteJob(String, Reply<()>),
     CancelJob(String, Reply<Job>),
     ListNodes(Option<String>, Reply<Vec<Node>>),
-    LockCluster(String, Option<LockKind>, Reply<ClusterInfo>),
-    PreemptNode(String, Option<u64>, Reply<Node>),
+    /// Locks a cluster (None: unlocks it).
+    LockCluster {
+        cluster: String,
+        kind: Option<LockKind>,
+        reply: Reply<ClusterInfo>,
+    },
+    /// Preempts a node now, with this notice (None: the configured one).
+    PreemptNode {
+        node_id: String,
+        notice_seconds: Option<u64>,
+        reply: Reply<Node>,
+    },
     /// An agent started by hand joins a cluster: (cluster, hostname, cores, memory).
-    JoinNode(String, String, u32, u64, Reply<Node>),
+    JoinNode {
+        cluster: String,
+        hostname: String,
+        cores: u32,
+        memory_bytes: u64,
+        reply: Reply<Node>,
+    },
     /// The node is ended: its agent told to stop, its work requeued.
     RevokeNode(String, Reply<Node>),
     GetQuotas(Reply<QuotaReport>),

@@ -509,11 +509,21 @@ impl Control {
                 }
             }
             Command::NodeRemoved { node_id } => self.forget_node(&node_id),
-            Command::LockCluster(name, kind, reply) => {
+            Command::LockCluster {
+                cluster: name,
+                kind,
+                reply,
+            } => {
                 let result = self.lock_cluster(&name, kind);
                 self.defer(reply, result);
             }
-            Command::JoinNode(cluster, hostname, cores, memory, reply) => {
+            Command::JoinNode {
+                cluster,
+                hostname,
+                cores,
+                memory_bytes: memory,
+                reply,
+            } => {
                 let result = self.join_node(&cluster, &hostname, cores, memory, now);
                 self.defer(reply, result);
             }
@@ -534,7 +544,11 @@ impl Control {
                 };
                 self.defer(reply, result);
             }
-            Command::PreemptNode(node_id, notice, reply) => {
+            Command::PreemptNode {
+                node_id,
+                notice_seconds: notice,
+                reply,
+            } => {
                 let notice = notice.map_or(self.config.preemption_notice, Duration::from_secs);
                 let result = self.preempt_node(&node_id, notice, "preempted on request", now);
                 self.defer(reply, result);

@@ -59,7 +59,7 @@ impl Control {
         for (job_id, list) in by_job {
             if let Some(spec) = self.jobs.get(&job_id).and_then(|j| j.spec.parallel.clone()) {
                 self.parallel
-                    .insert(job_id.clone(), Batches::restore(&job_id, spec, list));
+                    .insert(job_id.clone(), Batches::restore(&job_id, *spec, list));
             }
         }
     }
@@ -70,7 +70,7 @@ impl Control {
         };
         let counts: Vec<u64> = cuts.iter().map(|c| c.count).collect();
         self.parallel
-            .insert(job_id.to_string(), Batches::new(job_id, spec, &counts));
+            .insert(job_id.to_string(), Batches::new(job_id, *spec, &counts));
         self.new_cuts.push((job_id.to_string(), cuts));
     }
 
