@@ -40,12 +40,12 @@ use tokio_stream::StreamExt;
 /// Nodes come up as in-process agents registered by the bench itself.
 #[derive(Clone)]
 struct InProcessProvider {
-    created: mpsc::UnboundedSender<String>,
+    created: mpsc::UnboundedSender<(String, String)>,
 }
 
 impl NodeProvider for InProcessProvider {
     fn create(&self, launch: NodeLaunch) -> BoxFuture<'static, Result<StartedNode, String>> {
-        let _ = self.created.send(launch.node_id);
+        let _ = self.created.send((launch.node_id, launch.cluster));
         async {
             Ok(StartedNode {
                 pid: None,
@@ -69,11 +69,11 @@ impl Drop for AbortOnDrop {
 }
 
 /// An agent that "runs" each launch by reporting it started and exited 0 at once.
-async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
+async fn instant_agent(handle: ControlHandle, node_id: String, cluster: String, session: u64) {
     let (link, mut orders) = mpsc::unbounded_channel();
     let registration = Registration {
         node_id: node_id.clone(),
-        cluster: "bench".into(),
+        cluster,
         cores: 2,
         memory_bytes: 1 << 30,
         hostname: "localhost".into(),
@@ -141,6 +141,7 @@ async fn instant_agent(handle: ControlHandle, node_id: String, session: u64) {
 /// in-process agents that finish each instance at once.
 struct InProcess {
     _dir: tempfile::TempDir,
+    clusters: Vec<String>,
     handle: ControlHandle,
     stop: oneshot::Sender<()>,
     control_thread: tokio::task::JoinHandle<()>,
@@ -166,18 +167,39 @@ impl InProcess {
                 let _ = stopped.await;
             }))
         });
-        handle
-            .create_cluster(ClusterRequest {
-                name: "bench".into(),
-                vm_size: "Standard_D2_v2".into(),
-                min_nodes: Some(nodes),
-                max_nodes: Some(nodes),
-                ..Default::default()
+        // Clusters of at most 2,500 nodes (without internode communication past
+        // 100, as the service caps them).
+        let count = nodes.div_ceil(2_500).max(1);
+        let clusters: Vec<String> = (0..count)
+            .map(|i| {
+                if i == 0 {
+                    "bench".to_string()
+                } else {
+                    format!("bench-{}", i + 1)
+                }
             })
-            .await?;
+            .collect();
+        for (i, name) in clusters.iter().enumerate() {
+            let share = nodes / count + u32::from((i as u32) < nodes % count);
+            handle
+                .create_cluster(ClusterRequest {
+                    name: name.clone(),
+                    vm_size: "Standard_D2_v2".into(),
+                    min_nodes: Some(share),
+                    max_nodes: Some(share),
+                    internode_communication: Some(share <= 100),
+                    ..Default::default()
+                })
+                .await?;
+        }
         for session in 0..nodes {
-            let node_id = created.recv().await.context("node creation")?;
-            tokio::spawn(instant_agent(handle.clone(), node_id, u64::from(session)));
+            let (node_id, cluster) = created.recv().await.context("node creation")?;
+            tokio::spawn(instant_agent(
+                handle.clone(),
+                node_id,
+                cluster,
+                u64::from(session),
+            ));
         }
         // Let every agent register before the clock starts.
         loop {
@@ -189,6 +211,7 @@ impl InProcess {
         }
         Ok(InProcess {
             _dir: dir,
+            clusters,
             handle,
             stop,
             control_thread,
@@ -231,10 +254,11 @@ impl InProcess {
         for worker in 0..submitters {
             let handle = self.handle.clone();
             let share = jobs / submitters + usize::from(worker < jobs % submitters);
+            let cluster = self.clusters[worker % self.clusters.len()].clone();
             tasks.push(tokio::spawn(async move {
                 for _ in 0..share {
                     let request = JobRequest {
-                        cluster: "bench".into(),
+                        cluster: cluster.clone(),
                         argv: vec!["true".into()],
                         ..Default::default()
                     };

@@ -90,6 +90,41 @@ pub fn usage(clusters: &BTreeMap<String, Cluster>, nodes: &[&Node], catalog: &Ca
 
 /// How many more nodes of `cores` cores the quotas allow for a cluster of this
 /// family and tier, and, when that is fewer than `wanted`, which quota says so.
+/// What keeps a cluster from growing: a value in the loop, words at the edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// Locked read-only.
+    Locked { cluster: String },
+    /// A quota has no room for one more node.
+    Quota {
+        /// `family NAME`, `low-priority` or `total`.
+        scope: String,
+        used: u32,
+        limit: u32,
+        node_cores: u32,
+    },
+}
+
+impl std::fmt::Display for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Block::Locked { cluster } => write!(
+                f,
+                "cluster locked read-only; `shoal cluster unlock {cluster}` lets it scale"
+            ),
+            Block::Quota {
+                scope,
+                used,
+                limit,
+                node_cores,
+            } => write!(
+                f,
+                "quota: {scope} {used}/{limit} cores used; a node needs {node_cores}"
+            ),
+        }
+    }
+}
+
 pub fn room(
     quotas: &Quotas,
     used: &Usage,
@@ -97,7 +132,7 @@ pub fn room(
     priority: Priority,
     cores: u32,
     wanted: u32,
-) -> (u32, Option<String>) {
+) -> (u32, Option<Block>) {
     let cores = cores.max(1);
     let (scope, limit, in_use) = match priority {
         Priority::Dedicated => (
@@ -118,12 +153,19 @@ pub fn room(
         return (wanted, None);
     }
     let why = if by_scope <= by_total {
-        format!("quota: {scope} {in_use}/{limit} cores used; a node needs {cores}")
+        Block::Quota {
+            scope,
+            used: in_use,
+            limit,
+            node_cores: cores,
+        }
     } else {
-        format!(
-            "quota: total {}/{} cores used; a node needs {cores}",
-            used.total, quotas.total_cores
-        )
+        Block::Quota {
+            scope: "total".into(),
+            used: used.total,
+            limit: quotas.total_cores,
+            node_cores: cores,
+        }
     };
     (fits, Some(why))
 }
@@ -145,12 +187,9 @@ pub fn idle_gpu(
 }
 
 /// What stops a cluster from scaling at all.
-pub fn lock_block(cluster: &Cluster) -> Option<String> {
-    (cluster.lock == Some(LockKind::ReadOnly)).then(|| {
-        format!(
-            "cluster locked read-only; `shoal cluster unlock {}` lets it scale",
-            cluster.spec.name
-        )
+pub fn lock_block(cluster: &Cluster) -> Option<Block> {
+    (cluster.lock == Some(LockKind::ReadOnly)).then(|| Block::Locked {
+        cluster: cluster.spec.name.clone(),
     })
 }
 
@@ -206,7 +245,7 @@ mod tests {
         );
         assert_eq!(fits, 0);
         assert_eq!(
-            why.as_deref(),
+            why.map(|b| b.to_string()).as_deref(),
             Some("quota: family standardDv2Family 8/8 cores used; a node needs 4")
         );
         let (fits, why) = room(
@@ -233,14 +272,14 @@ mod tests {
         let used = usage(&clusters(Priority::LowPriority), &refs, &catalog);
         let (fits, why) = room(&quotas, &used, "x", Priority::LowPriority, 4, 1);
         assert_eq!(fits, 0);
-        assert!(why.is_some_and(|w| w.starts_with("quota: low-priority 4/4")));
+        assert!(why.is_some_and(|w| w.to_string().starts_with("quota: low-priority 4/4")));
         let tight = Quotas {
             total_cores: 4,
             ..Quotas::default()
         };
         let (fits, why) = room(&tight, &used, "x", Priority::Dedicated, 4, 1);
         assert_eq!(fits, 0);
-        assert!(why.is_some_and(|w| w.starts_with("quota: total 4/4")));
+        assert!(why.is_some_and(|w| w.to_string().starts_with("quota: total 4/4")));
     }
 
     #[test]
@@ -265,7 +304,7 @@ mod tests {
         assert!(lock_block(&cluster).is_none());
         cluster.lock = Some(LockKind::ReadOnly);
         assert_eq!(
-            lock_block(&cluster).as_deref(),
+            lock_block(&cluster).map(|b| b.to_string()).as_deref(),
             Some("cluster locked read-only; `shoal cluster unlock c` lets it scale")
         );
     }

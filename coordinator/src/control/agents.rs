@@ -65,7 +65,7 @@ impl Control {
         // A node that starts clears the node failures; what blocks scaling stays.
         if let Some(c) = self.clusters.get_mut(&cluster) {
             let before = c.errors.len();
-            c.errors.retain(|e| e.starts_with("scale-up blocked: "));
+            c.errors.clear();
             if c.errors.len() != before {
                 self.dirty_clusters.insert(cluster);
             }

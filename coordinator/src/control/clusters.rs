@@ -5,7 +5,14 @@ use super::*;
 
 impl Control {
     pub(super) fn cluster_info(&self, name: &str) -> Result<ClusterInfo> {
-        let cluster = self.cluster(name)?.clone();
+        let mut cluster = self.cluster(name)?.clone();
+        // What blocks its growth now, first among its errors (kept as a value,
+        // not written with them).
+        if let Some(block) = self.blocked.get(name) {
+            cluster
+                .errors
+                .insert(0, format!("scale-up blocked: {block}"));
+        }
         let mut counts = NodeCounts::default();
         for node in self.nodes.values().filter(|n| n.cluster == name) {
             let counter = match node.state {

@@ -151,7 +151,7 @@ impl Control {
         }
         // A quota's words count the nodes just created too.
         let block = match block {
-            Some(quota) if quota.starts_with("quota:") => {
+            Some(quota @ crate::governance::Block::Quota { .. }) => {
                 self.quota_room(name, 1).1.or(Some(quota))
             }
             other => other,
@@ -162,7 +162,7 @@ impl Control {
         }
         let reason = (waiting_instances > 0).then(|| {
             let reason = match (self.blocked.get(name), self.create_backoff.get(name)) {
-                (Some(block), _) => block.clone(),
+                (Some(block), _) => block.to_string(),
                 (None, Some(backoff)) => format!(
                     "{}; {} node(s) failed to start in a row, the last: {}",
                     waiting_reason(&spec, active, decision.target, free as u32, widest),

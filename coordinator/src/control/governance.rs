@@ -4,8 +4,9 @@
 use super::*;
 
 impl Control {
-    /// Records (or clears) what blocks a cluster's scale-up, in its errors too.
-    pub(super) fn set_block(&mut self, cluster: &str, block: Option<String>) {
+    /// Records (or clears) what blocks a cluster's scale-up (shown with its
+    /// errors by `cluster_info`).
+    pub(super) fn set_block(&mut self, cluster: &str, block: Option<crate::governance::Block>) {
         let previous = match &block {
             Some(why) => self.blocked.insert(cluster.to_string(), why.clone()),
             None => self.blocked.remove(cluster),
@@ -13,18 +14,19 @@ impl Control {
         if previous == block {
             return;
         }
-        if let Some(c) = self.clusters.get_mut(cluster) {
-            c.errors.retain(|e| !e.starts_with("scale-up blocked: "));
-            if let Some(why) = &block {
-                info!(cluster, why = %why, "scale-up blocked");
-                c.errors.push(format!("scale-up blocked: {why}"));
-            }
-            self.dirty_clusters.insert(cluster.to_string());
+        if let Some(why) = &block {
+            info!(cluster, why = %why, "scale-up blocked");
         }
+        // Its readers look again; nothing of it is written.
+        self.notify_clusters.insert(cluster.to_string());
     }
 
     /// How many of `wanted` new nodes the quotas allow, and which quota says no.
-    pub(super) fn quota_room(&self, cluster: &str, wanted: u32) -> (u32, Option<String>) {
+    pub(super) fn quota_room(
+        &self,
+        cluster: &str,
+        wanted: u32,
+    ) -> (u32, Option<crate::governance::Block>) {
         if wanted == 0 {
             return (0, None);
         }
@@ -109,9 +111,6 @@ impl Control {
         })?;
         cluster.lock = kind;
         if kind != Some(LockKind::ReadOnly) {
-            cluster
-                .errors
-                .retain(|e| !e.starts_with("scale-up blocked: cluster locked"));
             self.blocked.remove(name);
         }
         info!(

@@ -153,7 +153,7 @@ pub struct Control {
     quotas: crate::governance::Quotas,
     quotas_dirty: bool,
     /// Per cluster: what blocks scale-up now (lock, quota), for reasons and `why`.
-    blocked: HashMap<String, String>,
+    blocked: HashMap<String, crate::governance::Block>,
     /// Preempted nodes: when their notice ends.
     preempt_deadlines: HashMap<String, Millis>,
     /// Nodes taken by a preemption, until they are gone: whatever of theirs ends
