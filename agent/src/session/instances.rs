@@ -1,0 +1,549 @@
+//! Instances on this node: launch (inputs and code first), run (one process,
+//! ranks, an MPI sandbox), stop, and finish (outputs up, the exit reported).
+
+use super::*;
+
+impl Agent {
+    pub(super) fn running_count(&self) -> usize {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        attempts.values().filter(|e| e.exited.is_none()).count()
+    }
+
+    pub(super) fn cancel(&self, slot: &Slot, reason: &str) {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = attempts.get(slot) {
+            info!(attempt = %slot.attempt_id, instance = slot.instance, reason, "canceling");
+            entry
+                .stop
+                .send_replace(Some(Stop::Cancel(reason.to_string())));
+        }
+    }
+
+    pub(super) fn cancel_all(&self, reason: &str) {
+        self.stop_every(Stop::Cancel(reason.to_string()));
+    }
+
+    pub(super) fn stop_every(&self, stop: Stop) {
+        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in attempts.values().filter(|e| e.exited.is_none()) {
+            entry.stop.send_replace(Some(stop.clone()));
+        }
+    }
+
+    /// Stops everything with no session to report to, and waits (bounded) for it.
+    pub(super) async fn stop_all(&self, reason: &str) {
+        self.cancel_all(reason);
+        let deadline = Instant::now() + self.config.stop_grace * 2;
+        while self.running_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub(super) fn launch(&self, launch: pb::Launch) {
+        let slot = Slot {
+            attempt_id: launch.attempt_id.clone(),
+            instance: launch.instance,
+        };
+        let (stop, stop_rx) = watch::channel(None);
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if attempts.contains_key(&slot) {
+                debug!(attempt = %slot.attempt_id, "launch repeated; already running");
+                return;
+            }
+            // Exact GPUs, never shared; None if this node has too few free.
+            let gpus = self
+                .gpu_allocator
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .allocate(launch.gpus);
+            let mut entry =
+                Entry::new(stop, gpus.clone().unwrap_or_default(), launch.token.clone());
+            entry.outputs = launch
+                .outputs
+                .iter()
+                .map(|o| (o.name.clone(), o.folder))
+                .collect();
+            attempts.insert(slot.clone(), entry);
+            if gpus.is_none() {
+                let free = self.gpu_allocator.lock().map(|g| g.free()).unwrap_or(0);
+                let why = format!(
+                    "node {} has {free} free GPU(s); the job needs {} per instance",
+                    self.config.node_id, launch.gpus
+                );
+                let agent = self.clone();
+                tokio::spawn(async move {
+                    let sink = EventSink {
+                        slot: slot.clone(),
+                        tx: agent.events.clone(),
+                        gpus: Vec::new(),
+                        rank_failure: None,
+                    };
+                    agent.finish(slot, sink, Outcome::failed(why)).await;
+                });
+                return;
+            }
+        }
+        info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
+        let agent = self.clone();
+        tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
+    }
+
+    pub(super) async fn run_instance(
+        self,
+        slot: Slot,
+        mut launch: pb::Launch,
+        stop: watch::Receiver<Option<Stop>>,
+    ) {
+        let gpus = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(&slot)
+                .map(|e| e.gpus.clone())
+                .unwrap_or_default()
+        };
+        let sink = EventSink {
+            slot: slot.clone(),
+            tx: self.events.clone(),
+            gpus: gpus.clone(),
+            rank_failure: (launch.mpi && slot.instance == 0).then(Arc::default),
+        };
+        let dir = self
+            .config
+            .work_dir
+            .join("attempts")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        let outcome = match self.prepare(&dir, &launch).await {
+            Err(why) => Outcome::failed(why),
+            Ok(()) => {
+                let mut env: std::collections::BTreeMap<String, String> =
+                    std::mem::take(&mut launch.env).into_iter().collect();
+                env.insert(
+                    "SHOAL_OUTPUT_DIR".into(),
+                    dir.join("outputs").to_string_lossy().into_owned(),
+                );
+                env.extend(gpu_env(&gpus));
+                if let Some(secret) = env.get("IDENTITY_HEADER").cloned() {
+                    self.identity
+                        .admit(&secret, slot.clone(), launch.token.clone());
+                    env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
+                }
+                let image = (!launch.image.is_empty()).then_some(launch.image.clone());
+                let root = if image.is_some() {
+                    "/job".to_string()
+                } else {
+                    dir.to_string_lossy().into_owned()
+                };
+                let mut argv = data::substitute(std::mem::take(&mut launch.argv), &launch, &root);
+                if image.is_none() && !launch.path_prefix.is_empty() {
+                    // A host environment: its prefix's programs come first.
+                    let path = std::env::var("PATH").unwrap_or_default();
+                    let prefix = launch.path_prefix.trim_end_matches('/');
+                    env.insert("PATH".into(), format!("{prefix}/bin:{path}"));
+                    env.insert("VIRTUAL_ENV".into(), prefix.to_string());
+                }
+                let mut mounts = Vec::new();
+                if launch.mpi {
+                    let job = (launch.job_id.as_str(), launch.token.as_str());
+                    match self.mpi_sandbox(&slot, job, image.is_some(), &mut env) {
+                        Ok((wrapped, extra)) => {
+                            argv = wrapped.into_iter().chain(argv).collect();
+                            mounts = extra;
+                        }
+                        Err(why) => {
+                            self.finish(slot, sink, Outcome::failed(why)).await;
+                            return;
+                        }
+                    }
+                }
+                let spec = RunSpec {
+                    slot: slot.clone(),
+                    argv,
+                    env,
+                    cwd: dir.clone(),
+                    timeout: (launch.timeout_seconds > 0)
+                        .then(|| Duration::from_secs(launch.timeout_seconds)),
+                    stop_grace: self.config.stop_grace,
+                    image,
+                    gpus: gpus.iter().map(u32::to_string).collect(),
+                    rank: None,
+                    mounts,
+                    token: launch.token.clone(),
+                    shm_size_bytes: (launch.shm_size_bytes > 0).then_some(launch.shm_size_bytes),
+                };
+                if launch.mpi {
+                    let sandbox = match (&spec.image, &self.docker) {
+                        (Some(_), Ok(docker)) => crate::exec::Sandbox::Container {
+                            name: docker.container_name(&slot, None),
+                            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                        },
+                        _ => crate::exec::Sandbox::Process {
+                            env: spec.env.clone(),
+                            cwd: dir.clone(),
+                        },
+                    };
+                    self.execs.sandbox_ready(slot.clone(), sandbox);
+                }
+                if launch.parallel_workers > 0 {
+                    let mut spec = spec;
+                    if launch.parallel_worker_mode {
+                        spec.env.insert("SHOAL_TASK_MODE".into(), "worker".into());
+                    }
+                    self.run_parallel(spec, launch.parallel_workers, sink.clone(), stop)
+                        .await
+                } else {
+                    self.run_ranks(spec, launch.processes, sink.clone(), stop)
+                        .await
+                }
+            }
+        };
+        self.finish(slot, sink, outcome).await;
+    }
+
+    /// One process of an instance, in the runtime its image asks for.
+    pub(super) async fn run_one(
+        &self,
+        spec: RunSpec,
+        sink: EventSink,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        match (&spec.image, &self.docker) {
+            (None, _) => self.process.run(spec, sink, stop).await,
+            (Some(_), Ok(docker)) => docker.run(spec, sink, stop).await,
+            (Some(image), Err(why)) => Outcome::failed(format!(
+                "node {} cannot run image `{image}`: {why}",
+                self.config.node_id
+            )),
+        }
+    }
+
+    /// `processes` processes of one instance (a distributed job's ranks on this node):
+    /// each gets LOCAL_RANK and RANK; the first to fail stops the others and names
+    /// itself in the outcome.
+    pub(super) async fn run_ranks(
+        &self,
+        spec: RunSpec,
+        processes: u32,
+        sink: EventSink,
+        stop: watch::Receiver<Option<Stop>>,
+    ) -> Outcome {
+        use futures::StreamExt;
+        if processes <= 1 {
+            return self.run_one(spec, sink, stop).await;
+        }
+        let node_rank: u32 = spec
+            .env
+            .get("NODE_RANK")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let (ranks_stop, ranks_stop_rx) = watch::channel(None);
+        let forward = {
+            let ranks_stop = ranks_stop.clone();
+            let mut stop = stop;
+            tokio::spawn(async move {
+                loop {
+                    if let Some(reason) = stop.borrow_and_update().clone() {
+                        ranks_stop.send_replace(Some(reason));
+                        return;
+                    }
+                    if stop.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut runs = futures::stream::FuturesUnordered::new();
+        for local in 0..processes {
+            let mut spec = spec.clone();
+            let rank = node_rank.saturating_mul(processes).saturating_add(local);
+            spec.env.insert("LOCAL_RANK".into(), local.to_string());
+            spec.env.insert("RANK".into(), rank.to_string());
+            spec.rank = Some(local);
+            let run = self.run_one(spec, sink.clone(), ranks_stop_rx.clone());
+            runs.push(async move { (rank, local, run.await) });
+        }
+        let mut first_bad: Option<(u32, u32, Outcome)> = None;
+        while let Some((rank, local, outcome)) = runs.next().await {
+            if outcome.outcome != "completed" && first_bad.is_none() {
+                ranks_stop.send_replace(Some(Stop::Cancel(format!(
+                    "rank {rank} ended: {}",
+                    outcome.outcome
+                ))));
+                first_bad = Some((rank, local, outcome));
+            }
+        }
+        forward.abort();
+        match first_bad {
+            None => Outcome {
+                exit_code: Some(0),
+                outcome: "completed",
+                message: String::new(),
+            },
+            Some((rank, local, outcome)) => Outcome {
+                exit_code: outcome.exit_code,
+                outcome: outcome.outcome,
+                message: format!("rank {rank} (local rank {local}): {}", outcome.message),
+            },
+        }
+    }
+
+    /// An MPI instance's sandbox: the command to put before the job's (the launcher
+    /// on instance 0, a holder on the others), the settings that give each node's
+    /// daemons their own folders, and the mounts a container needs for them.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn mpi_sandbox(
+        &self,
+        slot: &Slot,
+        (job_id, token): (&str, &str),
+        container: bool,
+        env: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<(Vec<String>, Vec<(std::path::PathBuf, String)>), String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find the shoal binary for the MPI helper: {e}"))?;
+        // Replaced while running (a rebuild, an upgrade): the new one is at the path.
+        let exe = match exe.to_string_lossy().strip_suffix(" (deleted)") {
+            Some(path) => std::path::PathBuf::from(path),
+            None => exe,
+        };
+        let run = self
+            .config
+            .work_dir
+            .join("run")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        let tmp = run.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        if let (false, Some(user)) = (container, &self.process.run_as) {
+            user.own(&run)
+                .map_err(|e| format!("{}: {e}", run.display()))?;
+        }
+        let socket = run.join("exec.sock");
+        let (helper, socket_inside, tmp_inside, mounts) = if container {
+            (
+                "/shoal/bin/shoal".to_string(),
+                "/shoal/run/exec.sock".to_string(),
+                "/tmp".to_string(),
+                vec![
+                    (exe.clone(), "/shoal/bin/shoal".to_string()),
+                    (run.clone(), "/shoal/run".to_string()),
+                ],
+            )
+        } else {
+            let tmp = tmp.to_string_lossy().into_owned();
+            (
+                exe.to_string_lossy().into_owned(),
+                socket.to_string_lossy().into_owned(),
+                tmp,
+                Vec::new(),
+            )
+        };
+        let mut set = |key: &str, value: String| {
+            env.entry(key.to_string()).or_insert(value);
+        };
+        set("OMPI_MCA_plm_rsh_agent", format!("{helper} mpi rsh"));
+        set("TMPDIR", tmp_inside.clone());
+        set("OMPI_MCA_orte_tmpdir_base", tmp_inside.clone());
+        set("OMPI_MCA_btl_vader_backing_directory", tmp_inside);
+        if container {
+            // Containers have no CAP_SYS_PTRACE: no cross-memory attach between ranks.
+            set("OMPI_MCA_btl_vader_single_copy_mechanism", "none".into());
+        }
+        if !container && let Some(interface) = crate::telemetry::default_route_interface() {
+            set("OMPI_MCA_btl_tcp_if_include", interface.clone());
+            set("OMPI_MCA_oob_tcp_if_include", interface);
+        }
+        if slot.instance == 0 {
+            self.execs
+                .serve_launcher(slot.clone(), job_id.to_string(), token.to_string(), &socket)
+                .map_err(|e| {
+                    format!(
+                        "cannot open the MPI launcher socket {}: {e}",
+                        socket.display()
+                    )
+                })?;
+            env.insert("SHOAL_EXEC_SOCKET".into(), socket_inside);
+            Ok((
+                vec![helper, "mpi".into(), "launch".into(), "--".into()],
+                mounts,
+            ))
+        } else {
+            // The holder replaces the job's command: mpirun starts the ranks here.
+            Ok((
+                vec![helper, "mpi".into(), "hold".into(), "--".into()],
+                mounts,
+            ))
+        }
+    }
+
+    /// Uploads outputs, records and reports the exit, and clears the working dir.
+    pub(super) async fn finish(&self, slot: Slot, sink: EventSink, mut outcome: Outcome) {
+        self.execs.instance_ended(&slot);
+        self.identity.forget(&slot);
+        if outcome.outcome == "failed"
+            && let Some(line) = sink.rank_failure()
+        {
+            outcome.message = format!("mpirun: {line}");
+        }
+        let run = self
+            .config
+            .work_dir
+            .join("run")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        if run.exists() {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(run)).await;
+        }
+        let dir = self
+            .config
+            .work_dir
+            .join("attempts")
+            .join(format!("{}-{}", slot.attempt_id, slot.instance));
+        if let Err(why) = self.upload_outputs(&slot, &dir.join("outputs")).await {
+            warn!(attempt = %slot.attempt_id, %why, "outputs not uploaded");
+            outcome.message = format!("{} (outputs not uploaded: {why})", outcome.message)
+                .trim()
+                .to_string();
+        }
+        let (token, named) = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(&slot)
+                .map(|e| (e.token.clone(), e.outputs.clone()))
+                .unwrap_or_default()
+        };
+        if let Err(why) = self.upload_named(&slot, &token, &dir, &named).await {
+            warn!(attempt = %slot.attempt_id, %why, "named outputs not uploaded");
+            outcome.message = format!("{} (named outputs not uploaded: {why})", outcome.message)
+                .trim()
+                .to_string();
+        }
+        info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        let mut exited = outcome.to_wire();
+        let sample = self.telemetry.latest();
+        {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = attempts.get_mut(&slot) {
+                // The last sample may be newer than the last heartbeat.
+                if let Some(seconds) = entry
+                    .group
+                    .and_then(|g| sample.cpu_seconds_by_group.get(&g))
+                {
+                    entry.usage.cpu_seconds = entry.usage.cpu_seconds.max(*seconds);
+                }
+                exited.usage = Some(usage_to_wire(&entry.usage));
+                self.gpu_allocator
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release(&std::mem::take(&mut entry.gpus));
+                entry.exited = Some((exited.clone(), Instant::now()));
+            }
+        }
+        sink.exited(exited);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+
+    /// The working dir: a fresh copy of the job's code, with an empty `outputs/`.
+    pub(super) async fn prepare(
+        &self,
+        dir: &std::path::Path,
+        launch: &pb::Launch,
+    ) -> Result<(), String> {
+        let instance = pb::AttemptRef {
+            attempt_id: launch.attempt_id.clone(),
+            instance: launch.instance,
+            token: launch.token.clone(),
+        };
+        let code = if launch.has_code {
+            let mut client = self.client.clone();
+            let request = instance.clone();
+            let artifact = client
+                .fetch_code(request)
+                .await
+                .map_err(|s| format!("could not fetch the job's code: {}", s.message()))?;
+            Some(artifact.into_inner().data)
+        } else {
+            None
+        };
+        // A rerun (after a preemption or a lost node) starts from the outputs, and so
+        // the checkpoints, that this instance's last attempt left.
+        let previous = if launch.restore_outputs {
+            let mut client = self.client.clone();
+            let outputs = client.restore_outputs(instance).await.map_err(|s| {
+                format!(
+                    "could not fetch the last attempt's outputs: {}",
+                    s.message()
+                )
+            })?;
+            Some(outputs.into_inner().data).filter(|data| !data.is_empty())
+        } else {
+            None
+        };
+        let inputs = self.fetch_inputs(launch).await?;
+        let layout = launch.clone();
+        let dir = dir.to_path_buf();
+        // Containers keep their own user; process jobs may run as an unprivileged one.
+        let run_as = if launch.image.is_empty() {
+            self.process.run_as.clone()
+        } else {
+            None
+        };
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("outputs"))
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            if let Some(code) = code {
+                archive::unpack(&code, &dir)
+                    .map_err(|e| format!("cannot unpack the job's code: {e}"))?;
+            }
+            if let Some(outputs) = previous {
+                archive::unpack(&outputs, &dir.join("outputs"))
+                    .map_err(|e| format!("cannot restore the last attempt's outputs: {e}"))?;
+            }
+            data::lay_out(&dir, &layout, inputs)?;
+            if let Some(user) = &run_as {
+                user.own(&dir)
+                    .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), user.name))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("preparing the working dir failed: {e}"))?
+    }
+
+    pub(super) async fn upload_outputs(
+        &self,
+        slot: &Slot,
+        outputs: &std::path::Path,
+    ) -> Result<(), String> {
+        let outputs = outputs.to_path_buf();
+        let packed = tokio::task::spawn_blocking(move || archive::pack_dir(&outputs))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot pack outputs: {e}"))?;
+        let Some(data) = packed else {
+            return Ok(());
+        };
+        let token = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(slot)
+                .map(|e| e.token.clone())
+                .unwrap_or_default()
+        };
+        let upload = pb::OutputsUpload {
+            attempt_id: slot.attempt_id.clone(),
+            instance: slot.instance,
+            data,
+            token,
+            output_name: String::new(),
+        };
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            let mut client = self.client.clone();
+            match client.upload_outputs(upload.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(status) => last = status.message().to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        Err(last)
+    }
+}

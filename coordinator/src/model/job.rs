@@ -1,0 +1,485 @@
+//! Jobs: requests, specs, attempts, instances, environments, distribution.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Preparing,
+    Running,
+    /// Canceled by a person or a policy; some instance is still stopping.
+    Canceling,
+    Completed,
+    Failed,
+    Canceled,
+    TimedOut,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Canceled | JobStatus::TimedOut
+        )
+    }
+
+    /// Final, or on its way there (canceling): it wants no more work.
+    pub fn is_ending(self) -> bool {
+        self.is_final() || self == JobStatus::Canceling
+    }
+
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Queued,
+        JobStatus::Preparing,
+        JobStatus::Running,
+        JobStatus::Canceling,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+        JobStatus::TimedOut,
+    ];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Preparing => "preparing",
+            JobStatus::Running => "running",
+            JobStatus::Canceling => "canceling",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+            JobStatus::TimedOut => "timed_out",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Sent to the node, not yet started.
+    Launching,
+    Running,
+    /// Told to stop; its agent has not said it has.
+    Stopping,
+    Completed,
+    Failed,
+    Canceled,
+    TimedOut,
+    /// Its node went away: the attempt is requeued.
+    Lost,
+    /// Its low-priority node was preempted: the job is requeued.
+    Preempted,
+}
+
+impl InstanceStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            InstanceStatus::Launching | InstanceStatus::Running | InstanceStatus::Stopping
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Launching => "launching",
+            InstanceStatus::Running => "running",
+            InstanceStatus::Stopping => "stopping",
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Canceled => "canceled",
+            InstanceStatus::TimedOut => "timed_out",
+            InstanceStatus::Lost => "lost",
+            InstanceStatus::Preempted => "preempted",
+        }
+    }
+
+    /// The outcome words agents report.
+    pub fn from_outcome(outcome: &str, exit_code: Option<i32>) -> Self {
+        match outcome {
+            "canceled" => InstanceStatus::Canceled,
+            "timed_out" => InstanceStatus::TimedOut,
+            "preempted" => InstanceStatus::Preempted,
+            "completed" if exit_code == Some(0) => InstanceStatus::Completed,
+            _ => InstanceStatus::Failed,
+        }
+    }
+}
+
+/// What a job runs, after validation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub cluster: String,
+    /// The exact argv each instance runs (a YAML `command` becomes `sh -c <command>`).
+    pub argv: Vec<String>,
+    /// The command line as the user wrote it, when given as one.
+    pub command: String,
+    pub environment_variables: BTreeMap<String, String>,
+    pub instance_count: u32,
+    pub timeout_seconds: Option<u64>,
+    /// Where the coordinator keeps the code snapshot, when there is one.
+    pub code_path: Option<String>,
+    /// The container image it runs in; None: a plain process.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Preemptions it is requeued after before it fails.
+    #[serde(default = "default_max_preemptions")]
+    pub max_preemptions: u32,
+    #[serde(default)]
+    pub gpus_per_instance: u32,
+    #[serde(default)]
+    pub distribution: Option<Distribution>,
+    /// A parallel (batch inference) job: how its mini-batches run.
+    #[serde(default)]
+    pub parallel: Option<Box<crate::parallel::ParallelSpec>>,
+    /// Boxed: most jobs have none of it, and every queued job is held in memory.
+    #[serde(flatten)]
+    pub extras: Box<JobExtras>,
+}
+
+/// What admission adds to a job from its job file (never from a bare request):
+/// its data, where its environment came from, and what people wrote about it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobExtras {
+    #[serde(default)]
+    pub inputs: BTreeMap<String, crate::data::DataInput>,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, crate::data::DataOutput>,
+    /// Keys of the job file that have no effect here, each with why.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub experiment_name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// How its environment was named (`azureml:sklearn@latest`), when it was.
+    #[serde(default)]
+    pub environment: String,
+    /// A host environment's venv or conda prefix, first on PATH.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// A container's shared memory.
+    #[serde(default)]
+    pub shm_size_bytes: Option<u64>,
+}
+
+/// An environment registered here (`shoal environment create`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub kind: EnvironmentKind,
+    /// How it was defined (an image, a build context, a conda file on an image).
+    #[serde(default)]
+    pub defined_by: String,
+    #[serde(default)]
+    pub archived: bool,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentKind {
+    /// Jobs run in containers of this image (built here, if it was built).
+    Image { image: String },
+    /// Jobs run as processes on the node's own software.
+    Host { prefix: Option<String> },
+}
+
+/// How a distributed job's processes find each other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Distribution {
+    /// P processes per instance with MASTER_ADDR/PORT, WORLD_SIZE, RANK, LOCAL_RANK...
+    Pytorch {
+        #[serde(default = "one")]
+        process_count_per_instance: u32,
+    },
+    /// One task per instance: workers first, then parameter servers; TF_CONFIG.
+    Tensorflow {
+        #[serde(default = "one")]
+        worker_count: u32,
+        #[serde(default)]
+        parameter_server_count: u32,
+    },
+    Mpi {
+        #[serde(default = "one")]
+        process_count_per_instance: u32,
+    },
+}
+
+pub(super) fn one() -> u32 {
+    1
+}
+
+impl Distribution {
+    /// Processes each instance runs.
+    pub fn processes_per_instance(&self) -> u32 {
+        match self {
+            Distribution::Pytorch {
+                process_count_per_instance,
+            }
+            | Distribution::Mpi {
+                process_count_per_instance,
+            } => *process_count_per_instance,
+            Distribution::Tensorflow { .. } => 1,
+        }
+    }
+
+    /// Processes the agent starts per instance: mpirun starts an MPI job's ranks.
+    pub fn agent_processes(&self) -> u32 {
+        match self {
+            Distribution::Mpi { .. } => 1,
+            other => other.processes_per_instance(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Distribution::Pytorch { .. } => "pytorch",
+            Distribution::Tensorflow { .. } => "tensorflow",
+            Distribution::Mpi { .. } => "mpi",
+        }
+    }
+}
+
+pub const DEFAULT_MAX_PREEMPTIONS: u32 = 10;
+
+pub(super) fn default_max_preemptions() -> u32 {
+    DEFAULT_MAX_PREEMPTIONS
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobRequest {
+    pub name: String,
+    pub cluster: String,
+    pub argv: Vec<String>,
+    pub command: String,
+    pub environment_variables: BTreeMap<String, String>,
+    pub instance_count: u32,
+    pub timeout_seconds: u64,
+    pub code_path: Option<String>,
+    pub image: String,
+    pub max_preemptions: Option<u32>,
+    pub gpus_per_instance: u32,
+    pub distribution: Option<Distribution>,
+    /// A parallel job, with its input already cut into mini-batches.
+    pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
+    pub extras: JobExtras,
+}
+
+impl JobSpec {
+    /// Checks a request against the cluster it names (whose VM size has `vm_gpus`).
+    pub fn from_request(request: JobRequest, cluster: &ClusterSpec, vm_gpus: u32) -> Result<Self> {
+        let instance_count = check_distribution(&request, cluster)?;
+        if let Some((parallel, _)) = &request.parallel {
+            parallel.check()?;
+            if request.distribution.is_some() {
+                return Err(Error::invalid(
+                    "distribution",
+                    "a parallel job spreads mini-batches itself; leave distribution out",
+                ));
+            }
+        }
+        if request.gpus_per_instance > vm_gpus {
+            return Err(Error::invalid(
+                "resources.gpus_per_instance",
+                format!(
+                    "{} GPU(s) per instance, but cluster `{}` is made of {} with {vm_gpus}",
+                    request.gpus_per_instance, cluster.name, cluster.vm_size
+                ),
+            ));
+        }
+        let argv = match (request.argv.is_empty(), request.command.trim().is_empty()) {
+            (false, true) => request.argv,
+            (true, false) => vec!["sh".into(), "-c".into(), request.command.clone()],
+            (false, false) => {
+                return Err(Error::invalid(
+                    "command",
+                    "give either a command line or an argv, not both",
+                ));
+            }
+            (true, true) => {
+                return Err(Error::invalid(
+                    "command",
+                    "a job needs a command (YAML `command:`, or the words after `--`)",
+                ));
+            }
+        };
+        if argv[0].is_empty() {
+            return Err(Error::invalid("command", "the program name is empty"));
+        }
+        if instance_count > cluster.max_nodes {
+            return Err(Error::invalid(
+                "resources.instance_count",
+                format!(
+                    "{instance_count} instances need {instance_count} nodes, but cluster `{}` has max_nodes {}",
+                    cluster.name, cluster.max_nodes
+                ),
+            ));
+        }
+        if let Some(key) = request
+            .environment_variables
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(Error::invalid(
+                "environment_variables",
+                format!("`{key}` is not a valid variable name"),
+            ));
+        }
+        let image = request.image.trim().to_string();
+        if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::invalid(
+                "environment.image",
+                format!("`{image}` is not an image name"),
+            ));
+        }
+        if request.timeout_seconds > MAX_TIMEOUT_SECONDS {
+            return Err(Error::invalid(
+                "limits.timeout",
+                format!(
+                    "{} s is more than a year ({MAX_TIMEOUT_SECONDS} s); leave it out for no limit",
+                    request.timeout_seconds
+                ),
+            ));
+        }
+        if request.name.len() > 256 {
+            return Err(Error::invalid("name", "at most 256 characters"));
+        }
+        Ok(JobSpec {
+            name: request.name,
+            cluster: cluster.name.clone(),
+            argv,
+            command: request.command,
+            environment_variables: request.environment_variables,
+            instance_count,
+            timeout_seconds: (request.timeout_seconds > 0).then_some(request.timeout_seconds),
+            code_path: request.code_path,
+            image: (!image.is_empty()).then_some(image),
+            max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
+            gpus_per_instance: request.gpus_per_instance,
+            distribution: request.distribution,
+            parallel: request.parallel.map(|(spec, _)| Box::new(spec)),
+            extras: Box::new(request.extras),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceRun {
+    pub index: u32,
+    pub node: String,
+    pub status: InstanceStatus,
+    pub exit_code: Option<i32>,
+    pub message: String,
+    /// GPU indices it holds on its node.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    /// The secret its node's agent shows on every call about it (sent with its
+    /// Launch; never shown to people).
+    #[serde(default)]
+    pub token: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub id: String,
+    pub number: u32,
+    pub instances: Vec<InstanceRun>,
+    pub started_at: Millis,
+    pub ended_at: Millis,
+    pub reason: String,
+}
+
+impl Attempt {
+    pub fn is_settled(&self) -> bool {
+        self.instances.iter().all(|i| i.status.is_final())
+    }
+
+    /// Ended because a node went away (not preempted): counts against max_attempts.
+    pub fn was_lost(&self) -> bool {
+        let any = |status| self.instances.iter().any(|i| i.status == status);
+        any(InstanceStatus::Lost) && !any(InstanceStatus::Preempted)
+    }
+
+    /// The attempt's status, derived from its instances.
+    pub fn status(&self) -> &'static str {
+        let statuses = || self.instances.iter().map(|i| i.status);
+        // Told to stop, not stopped yet: what it ends as comes after.
+        if statuses().any(|s| s == InstanceStatus::Stopping) {
+            return "stopping";
+        }
+        if statuses().any(|s| s == InstanceStatus::Preempted) {
+            return "preempted";
+        }
+        if statuses().any(|s| s == InstanceStatus::Lost) {
+            return "lost";
+        }
+        for bad in [
+            InstanceStatus::TimedOut,
+            InstanceStatus::Failed,
+            InstanceStatus::Canceled,
+        ] {
+            if statuses().any(|s| s == bad) {
+                return bad.as_str();
+            }
+        }
+        if statuses().all(|s| s == InstanceStatus::Completed) {
+            "completed"
+        } else if statuses().all(|s| s == InstanceStatus::Running) {
+            "running"
+        } else {
+            "preparing"
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub seq: u64,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub attempts: Vec<Attempt>,
+    pub created_at: Millis,
+    pub started_at: Millis,
+    pub ended_at: Millis,
+    /// Why it waits, or why it ended.
+    pub reason: String,
+    /// Times a preemption sent it back to the queue.
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Things worth a look (an idle GPU).
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// A parallel job's progress (derived, filled in for readers).
+    #[serde(skip)]
+    pub progress: Option<crate::parallel::Progress>,
+}
+
+impl Job {
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Final, and no instance of any attempt still runs: nothing more can happen to it.
+    pub fn is_settled(&self) -> bool {
+        self.status.is_final() && self.attempts.iter().all(Attempt::is_settled)
+    }
+}
