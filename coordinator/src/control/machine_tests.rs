@@ -12,6 +12,8 @@ struct Machine {
     /// Nodes the provider was asked for, and to remove, so far.
     created: Vec<String>,
     removed: Vec<String>,
+    /// What the provider says back (a removal done), for the next step.
+    pending: Vec<Command>,
 }
 
 impl Machine {
@@ -25,11 +27,13 @@ impl Machine {
             now: 1_000,
             created: Vec::new(),
             removed: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
     /// One batch: the commands, the timeouts, the decisions, the commit, the effects.
     fn step(&mut self, commands: Vec<Command>) {
+        let commands: Vec<Command> = self.pending.drain(..).chain(commands).collect();
         for command in commands {
             self.control.apply(command, self.now);
         }
@@ -47,8 +51,12 @@ impl Machine {
         }
         self.created
             .extend(effects.create.drain(..).map(|l| l.node_id));
-        self.removed
-            .extend(effects.remove.drain(..).map(|r| r.node_id));
+        for gone in effects.remove.drain(..) {
+            self.pending.push(Command::NodeRemoved {
+                node_id: gone.node_id.clone(),
+            });
+            self.removed.push(gone.node_id);
+        }
     }
 
     fn advance(&mut self, ms: Millis) {
@@ -93,28 +101,76 @@ impl Machine {
 
     /// The node's agent registers; its link.
     fn register(&mut self, node: &str, cluster: &str) -> UnboundedReceiver<ToAgent> {
+        self.register_with(registration(node, cluster), 1)
+            .expect("registered")
+    }
+
+    fn register_with(
+        &mut self,
+        registration: Registration,
+        session: u64,
+    ) -> Result<UnboundedReceiver<ToAgent>> {
         let (link, agent) = mpsc::unbounded_channel();
-        let registration = Registration {
-            node_id: node.into(),
-            cluster: cluster.into(),
-            cores: 2,
-            memory_bytes: 1 << 30,
-            hostname: "localhost".into(),
-            pid: 1,
-            runtimes: vec!["process".into()],
-            attempts: Vec::new(),
-            gpus: Vec::new(),
-            gpu_reason: String::new(),
-        };
         self.ask(|reply| Command::AgentRegister {
             registration,
-            session: 1,
+            session,
             link,
             reply,
         })
-        .expect("registered");
-        agent
+        .map(|()| agent)
     }
+
+    fn node(&mut self, id: &str) -> Node {
+        let nodes = self
+            .ask(|reply| Command::ListNodes(None, reply))
+            .expect("nodes");
+        nodes.into_iter().find(|n| n.id == id).expect("the node")
+    }
+
+    fn started(&mut self, node: &str, order: &LaunchOrder) {
+        self.step(vec![Command::InstanceStarted {
+            node_id: node.into(),
+            slot: order.slot.clone(),
+            gpus: (0..order.gpus).collect(),
+        }]);
+    }
+
+    /// A job on cluster `cl` (made with at least one node), placed on its first
+    /// node and running there.
+    fn one_running(&mut self) -> (String, String, UnboundedReceiver<ToAgent>, LaunchOrder) {
+        let id = self.submit("cl", 1);
+        let node = self.created[0].clone();
+        let mut agent = self.register(&node, "cl");
+        let order = launches(&mut agent).pop().expect("launched");
+        self.started(&node, &order);
+        assert_eq!(self.job(&id).status, JobStatus::Running);
+        (id, node, agent, order)
+    }
+}
+
+fn registration(node: &str, cluster: &str) -> Registration {
+    Registration {
+        node_id: node.into(),
+        cluster: cluster.into(),
+        cores: 2,
+        memory_bytes: 1 << 30,
+        hostname: "localhost".into(),
+        pid: 1,
+        runtimes: vec!["process".into()],
+        attempts: Vec::new(),
+        gpus: Vec::new(),
+        gpu_reason: String::new(),
+    }
+}
+
+fn cancels(agent: &mut UnboundedReceiver<ToAgent>) -> Vec<Slot> {
+    let mut out = Vec::new();
+    while let Ok(message) = agent.try_recv() {
+        if let ToAgent::Cancel { slot, .. } = message {
+            out.push(slot);
+        }
+    }
+    out
 }
 
 /// Launches the agent was told about, in order.
@@ -161,6 +217,11 @@ fn a_node_that_fails_to_start_is_retried_after_its_backoff_and_not_before() {
         "{}",
         m.job(&id).reason
     );
+    let cluster = m
+        .ask(|reply| Command::GetCluster("cl".into(), reply))
+        .expect("cluster");
+    let error = cluster.cluster.errors.first().cloned().unwrap_or_default();
+    assert!(error.contains("cannot start the agent"), "{error}");
     m.advance(2);
     assert_eq!(m.created.len(), 2, "retried once the backoff is over");
     assert_ne!(m.created[1], first);
@@ -200,6 +261,36 @@ fn a_silent_node_has_its_work_rerun_exactly_a_lease_after_it_was_last_heard() {
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Queued, "rerun: {}", job.reason);
     assert!(job.reason.starts_with("requeued"), "{}", job.reason);
+    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Lost);
+    let silent = m.node(&node);
+    assert_eq!(silent.state, NodeState::Unusable);
+    assert!(
+        silent.message.contains("no word from its agent"),
+        "{}",
+        silent.message
+    );
+    // It comes back, having stopped the work itself: the old attempt's exit
+    // changes nothing, and the node is usable again.
+    let mut back = registration(&node, "cl");
+    back.attempts = vec![AttemptReport {
+        slot: order.slot.clone(),
+        exited: Some(ExitReport {
+            exit_code: Some(143),
+            outcome: "canceled".into(),
+            message: "fenced".into(),
+            usage: None,
+        }),
+    }];
+    m.register_with(back, 2).expect("back");
+    assert!(
+        matches!(m.node(&node).state, NodeState::Idle | NodeState::Running),
+        "{:?}",
+        m.node(&node).state
+    );
+    assert_eq!(
+        m.job(&id).attempts[0].instances[0].status,
+        InstanceStatus::Lost
+    );
 }
 
 #[test]
@@ -319,6 +410,11 @@ fn an_idle_node_goes_at_its_idle_timeout_and_not_before() {
     let node = m.created[0].clone();
     let mut agent = m.register(&node, "cl");
     let order = launches(&mut agent).pop().expect("launched");
+    assert_eq!(order.slot.attempt_id, format!("{id}.1"));
+    assert_eq!(
+        order.env.get("SHOAL_NUM_NODES").map(String::as_str),
+        Some("1")
+    );
     m.step(vec![
         Command::InstanceStarted {
             node_id: node.clone(),
@@ -328,6 +424,7 @@ fn an_idle_node_goes_at_its_idle_timeout_and_not_before() {
         exit(&node, order.slot.clone(), "completed"),
     ]);
     assert_eq!(m.job(&id).status, JobStatus::Completed);
+    assert_eq!(m.job(&id).attempts[0].instances[0].exit_code, Some(0));
     let idle_from = m.now;
     // Heartbeats keep the node in contact; only the idle time counts.
     while m.now < idle_from + 29_000 {
@@ -343,4 +440,258 @@ fn an_idle_node_goes_at_its_idle_timeout_and_not_before() {
     assert!(m.removed.is_empty(), "not before the idle timeout");
     m.advance(idle_from + 30_001 - m.now);
     assert_eq!(m.removed, vec![node], "removed at the idle timeout");
+}
+
+#[test]
+fn an_agent_restarted_without_its_attempt_gets_the_job_again_as_attempt_2() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 60);
+    let id = m.submit("cl", 1);
+    let node = m.created[0].clone();
+    let mut first = m.register(&node, "cl");
+    let order = launches(&mut first).pop().expect("launched");
+    let mut second = m
+        .register_with(registration(&node, "cl"), 2)
+        .expect("registered again");
+    let again = launches(&mut second).pop().expect("launched again");
+    assert_eq!(again.slot.attempt_id, format!("{id}.2"));
+    assert_ne!(order.slot, again.slot);
+    assert_eq!(
+        again.env.get("SHOAL_ATTEMPT").map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        again.restore_outputs,
+        "a rerun starts from the last outputs"
+    );
+    assert_eq!(
+        m.job(&id).attempts[0].instances[0].status,
+        InstanceStatus::Lost
+    );
+}
+
+#[test]
+fn an_exit_reported_at_registration_is_applied_once() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 60);
+    let id = m.submit("cl", 1);
+    let node = m.created[0].clone();
+    let mut first = m.register(&node, "cl");
+    let order = launches(&mut first).pop().expect("launched");
+    let mut with_exit = registration(&node, "cl");
+    with_exit.attempts = vec![AttemptReport {
+        slot: order.slot.clone(),
+        exited: Some(ExitReport {
+            exit_code: Some(3),
+            outcome: "failed".into(),
+            message: String::new(),
+            usage: None,
+        }),
+    }];
+    m.register_with(with_exit.clone(), 2).expect("registered");
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Failed);
+    assert!(job.reason.contains("exit code 3"), "{}", job.reason);
+    // Reported again (the agent did not know it was delivered): nothing changes.
+    m.advance(5_000);
+    m.register_with(with_exit, 3).expect("registered again");
+    let again = m.job(&id);
+    assert_eq!(again.attempts.len(), 1);
+    assert_eq!(again.ended_at, job.ended_at);
+}
+
+#[test]
+fn an_unknown_agent_is_refused() {
+    let mut m = Machine::new(ControlConfig::default());
+    let err = m
+        .register_with(registration("stranger", "cl"), 1)
+        .expect_err("refused");
+    assert!(err.to_string().contains("stranger"), "{err}");
+}
+
+#[test]
+fn preemption_requeues_the_job_until_max_preemptions() {
+    let mut m = Machine::new(ControlConfig::default());
+    let request = ClusterRequest {
+        name: "cl".into(),
+        vm_size: "Standard_D2_v2".into(),
+        vm_priority: "lowpriority".into(),
+        max_nodes: Some(1),
+        ..Default::default()
+    };
+    m.ask(|reply| Command::CreateCluster(request, reply))
+        .expect("cluster");
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "true".into(),
+        max_preemptions: Some(1),
+        ..Default::default()
+    };
+    let id = m
+        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
+        .expect("submit")
+        .id;
+    for round in 0..2 {
+        let node = m.created[round].clone();
+        let mut agent = m
+            .register_with(registration(&node, "cl"), round as u64 + 1)
+            .expect("registered");
+        let order = launches(&mut agent).pop().expect("launched");
+        assert_eq!(
+            order
+                .env
+                .get("SHOAL_PREEMPTION_DEADLINE")
+                .map(String::as_str),
+            Some("30")
+        );
+        assert_eq!(order.restore_outputs, round > 0);
+        m.started(&node, &order);
+        let preempted = m
+            .ask(|reply| Command::PreemptNode {
+                node_id: node.clone(),
+                notice_seconds: Some(5),
+                reply,
+            })
+            .expect("preempt");
+        assert_eq!(preempted.state, NodeState::Preempted);
+        m.step(vec![exit(&node, order.slot, "preempted")]);
+        if round == 0 {
+            let job = m.job(&id);
+            assert_eq!(job.status, JobStatus::Queued, "{}", job.reason);
+            assert!(job.reason.contains("preempted on node"), "{}", job.reason);
+            // The preempted node goes; once the provider has removed it (the
+            // next step here), a new one comes for the requeued job.
+            assert_eq!(m.removed, vec![node.clone()]);
+            assert_eq!(m.created.len(), 2);
+            assert_ne!(m.created[1], node);
+        }
+    }
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.preemptions, 2);
+    assert!(job.reason.contains("max_preemptions 1"), "{}", job.reason);
+}
+
+#[test]
+fn a_job_whose_gpu_idles_is_flagged_exactly_at_the_limit_and_canceled_by_the_policy() {
+    let mut m = Machine::new(ControlConfig {
+        idle_gpu_after: Duration::from_secs(600),
+        ..ControlConfig::default()
+    });
+    let request = ClusterRequest {
+        name: "cl".into(),
+        vm_size: "Standard_NC6".into(),
+        max_nodes: Some(1),
+        cancel_idle_gpu_jobs: Some(true),
+        ..Default::default()
+    };
+    m.ask(|reply| Command::CreateCluster(request, reply))
+        .expect("cluster");
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "train".into(),
+        gpus_per_instance: 1,
+        ..Default::default()
+    };
+    let id = m
+        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
+        .expect("submit")
+        .id;
+    let node = m.created[0].clone();
+    let mut with_gpu = registration(&node, "cl");
+    with_gpu.gpus = vec![crate::model::GpuStat {
+        index: 0,
+        model: "Fake".into(),
+        ..Default::default()
+    }];
+    let mut agent = m.register_with(with_gpu, 1).expect("registered");
+    let order = launches(&mut agent).pop().expect("launched");
+    assert_eq!(order.gpus, 1);
+    m.started(&node, &order);
+    let idle = Usage {
+        samples: 3,
+        gpu_utilization_percent: 1,
+        ..Default::default()
+    };
+    let beat = |usage: Usage| Command::Heartbeat {
+        node_id: node.clone(),
+        cpu_percent: 1.0,
+        memory_used_bytes: 0,
+        stats: NodeStats::default(),
+        usage: vec![(order.slot.clone(), usage)],
+    };
+    m.step(vec![beat(idle.clone())]);
+    let low_from = m.now;
+    m.now = low_from + 599_999;
+    m.step(vec![beat(idle.clone())]);
+    assert_eq!(
+        m.job(&id).status,
+        JobStatus::Running,
+        "1 ms short of the limit"
+    );
+    assert!(m.job(&id).flags.is_empty());
+    m.now = low_from + 600_000;
+    m.step(vec![beat(idle)]);
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Canceling, "{}", job.reason);
+    assert_eq!(cancels(&mut agent), vec![order.slot.clone()]);
+    m.step(vec![exit(&node, order.slot.clone(), "canceled")]);
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Canceled);
+    assert!(
+        job.flags
+            .iter()
+            .any(|f| f.starts_with("idle GPU: instance 0 below 5% GPU utilization")),
+        "{:?}",
+        job.flags
+    );
+    assert!(job.reason.contains("idle-GPU policy"), "{}", job.reason);
+}
+
+#[test]
+fn a_canceled_job_shows_canceling_until_its_instance_has_stopped() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 60);
+    let (id, node, mut agent, order) = m.one_running();
+    let answer = m
+        .ask(|reply| Command::CancelJob(id.clone(), reply))
+        .expect("cancel");
+    assert_eq!(answer.status, JobStatus::Canceling, "still running");
+    assert_eq!(
+        answer.attempts[0].instances[0].status,
+        InstanceStatus::Stopping
+    );
+    assert_eq!(answer.attempts[0].status(), "stopping");
+    let again = m
+        .ask(|reply| Command::CancelJob(id.clone(), reply))
+        .expect("a second cancel");
+    assert_eq!(
+        again.status,
+        JobStatus::Canceling,
+        "idempotent while stopping"
+    );
+    assert_eq!(cancels(&mut agent), vec![order.slot.clone()]);
+    // Only the agent's word ends it, however long it takes.
+    m.advance(25_000);
+    assert_eq!(m.job(&id).status, JobStatus::Canceling);
+    m.step(vec![exit(&node, order.slot, "canceled")]);
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Canceled);
+    assert_eq!(job.reason, "canceled by user");
+    assert_eq!(job.attempts[0].status(), "canceled");
+    assert!(
+        m.ask(|reply| Command::CancelJob(id, reply)).is_err(),
+        "an ended job cannot be canceled"
+    );
+}
+
+#[test]
+fn a_queued_job_is_canceled_at_once() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 60);
+    let id = m.submit("cl", 1);
+    let answer = m
+        .ask(|reply| Command::CancelJob(id, reply))
+        .expect("cancel");
+    assert_eq!(answer.status, JobStatus::Canceled, "nothing of it runs");
 }

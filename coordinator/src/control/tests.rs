@@ -1,4 +1,6 @@
-//! The control loop on an in-memory store, a fake provider and channel agents.
+//! The control loop through its driver (tokio, the real store, channel agents):
+//! what needs the driver itself. Timings and state changes are tested on the
+//! state machine by hand in `machine_tests`.
 use super::*;
 use crate::store::SqliteStore;
 use crate::testing::{ClusterBuilder, FakeProvider};
@@ -36,14 +38,6 @@ async fn harness_full(provider: FakeProvider, config: ControlConfig) -> Harness 
         provider,
         _stop: stop,
     }
-}
-
-/// What `one_running` leaves: the job, its node, the node's agent link, the launch.
-struct Running {
-    id: String,
-    node: String,
-    agent: UnboundedReceiver<ToAgent>,
-    order: LaunchOrder,
 }
 
 async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -110,29 +104,6 @@ impl Harness {
         rx
     }
 
-    /// A job submitted, placed on the cluster's first node (registered now) and
-    /// running there.
-    async fn one_running(&self) -> Running {
-        let id = self.submit().await;
-        let node = self.created_node(0).await;
-        let mut agent = self.register(&node, 1, vec![]).await;
-        let order = next_launch(&mut agent).await;
-        self.handle
-            .send(Command::InstanceStarted {
-                node_id: node.clone(),
-                slot: order.slot.clone(),
-                gpus: vec![],
-            })
-            .await;
-        self.job_status(&id, JobStatus::Running).await;
-        Running {
-            id,
-            node,
-            agent,
-            order,
-        }
-    }
-
     async fn job_status(&self, id: &str, status: JobStatus) -> Job {
         self.job_until(id, |job| job.status == status).await
     }
@@ -161,27 +132,6 @@ async fn next_launch(rx: &mut UnboundedReceiver<ToAgent>) -> LaunchOrder {
     }
 }
 
-async fn next_cancel(rx: &mut UnboundedReceiver<ToAgent>) -> (Slot, String) {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-            .await
-            .expect("a message in time")
-            .expect("link open");
-        if let ToAgent::Cancel { slot, reason } = message {
-            return (slot, reason);
-        }
-    }
-}
-
-fn canceled() -> ExitReport {
-    ExitReport {
-        exit_code: Some(143),
-        outcome: "canceled".into(),
-        message: "stopped".into(),
-        usage: None,
-    }
-}
-
 fn exit(code: i32) -> ExitReport {
     ExitReport {
         exit_code: Some(code),
@@ -189,111 +139,6 @@ fn exit(code: i32) -> ExitReport {
         message: String::new(),
         usage: None,
     }
-}
-
-#[tokio::test]
-async fn a_job_scales_a_node_up_runs_and_the_node_leaves_when_idle() {
-    let h = harness().await;
-    h.cluster(1, 0).await;
-    let id = h.submit().await;
-    let node = h.created_node(0).await;
-    let mut agent = h.register(&node, 1, vec![]).await;
-    let order = next_launch(&mut agent).await;
-    assert_eq!(order.slot.attempt_id, format!("{id}.1"));
-    assert_eq!(
-        order.env.get("SHOAL_NUM_NODES").map(String::as_str),
-        Some("1")
-    );
-    h.handle
-        .send(Command::InstanceStarted {
-            node_id: node.clone(),
-            slot: order.slot.clone(),
-            gpus: Vec::new(),
-        })
-        .await;
-    h.job_status(&id, JobStatus::Running).await;
-    h.handle
-        .send(Command::InstanceExited {
-            node_id: node.clone(),
-            slot: order.slot,
-            exit: exit(0),
-        })
-        .await;
-    let job = h.job_status(&id, JobStatus::Completed).await;
-    assert_eq!(job.attempts[0].instances[0].exit_code, Some(0));
-    let removed = h.provider.removed.clone();
-    eventually("idle node removal", || {
-        removed.lock().ok()?.contains(&node).then_some(())
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn requeue_after_agent_restart_without_the_attempt() {
-    let h = harness().await;
-    h.cluster(1, 60).await;
-    let id = h.submit().await;
-    let node = h.created_node(0).await;
-    let mut first = h.register(&node, 1, vec![]).await;
-    let order = next_launch(&mut first).await;
-    // The agent restarts and no longer knows the attempt: it is lost, and the
-    // job runs again as attempt 2.
-    let mut second = h.register(&node, 2, vec![]).await;
-    let again = next_launch(&mut second).await;
-    assert_eq!(again.slot.attempt_id, format!("{id}.2"));
-    let job = h.handle.get_job(id.clone()).await.expect("job");
-    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Lost);
-    assert_ne!(order.slot, again.slot);
-    assert_eq!(
-        again.env.get("SHOAL_ATTEMPT").map(String::as_str),
-        Some("2")
-    );
-}
-
-#[tokio::test]
-async fn an_exit_reported_at_registration_is_applied_once() {
-    let h = harness().await;
-    h.cluster(1, 60).await;
-    let id = h.submit().await;
-    let node = h.created_node(0).await;
-    let mut first = h.register(&node, 1, vec![]).await;
-    let order = next_launch(&mut first).await;
-    let report = AttemptReport {
-        slot: order.slot.clone(),
-        exited: Some(exit(3)),
-    };
-    let _second = h.register(&node, 2, vec![report.clone()]).await;
-    let job = h.job_status(&id, JobStatus::Failed).await;
-    assert!(job.reason.contains("exit code 3"), "{}", job.reason);
-    // Reported again (the agent did not know it was delivered): nothing changes.
-    let _third = h.register(&node, 3, vec![report]).await;
-    let again = h.handle.get_job(id).await.expect("job");
-    assert_eq!(again.attempts.len(), 1);
-    assert_eq!(again.ended_at, job.ended_at);
-}
-
-#[tokio::test]
-async fn an_unknown_agent_is_refused() {
-    let h = harness().await;
-    let (link, _rx) = mpsc::unbounded_channel();
-    let registration = Registration {
-        node_id: "stranger".into(),
-        cluster: "cl".into(),
-        cores: 1,
-        memory_bytes: 1,
-        hostname: String::new(),
-        pid: 1,
-        runtimes: vec!["process".into()],
-        attempts: vec![],
-        gpus: Vec::new(),
-        gpu_reason: String::new(),
-    };
-    let err = h
-        .handle
-        .register_agent(registration, 1, link)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("stranger"), "{err}");
 }
 
 #[test]
@@ -314,32 +159,6 @@ fn waiting_reasons_name_the_blocker() {
     assert_eq!(
         waiting_reason(&wide, 3, 3, 1, 3),
         "gang of 3 needs 3 nodes, 1 ready"
-    );
-}
-
-#[tokio::test]
-async fn nodes_that_fail_to_start_are_retried_with_backoff() {
-    let h = harness_with(FakeProvider {
-        fail: true,
-        ..Default::default()
-    })
-    .await;
-    h.cluster(1, 60).await;
-    let id = h.submit().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let attempts = h.provider.created.lock().map(|c| c.len()).unwrap_or(0);
-    assert!(
-        (1..=2).contains(&attempts),
-        "{attempts} node starts in 0.8 s"
-    );
-    let cluster = h.handle.get_cluster("cl".into()).await.expect("cluster");
-    let error = cluster.cluster.errors.first().cloned().unwrap_or_default();
-    assert!(error.contains("cannot start the agent"), "{error}");
-    let job = h.handle.get_job(id).await.expect("job");
-    assert_eq!(
-        job.status,
-        JobStatus::Queued,
-        "the job waits, it does not fail"
     );
 }
 
@@ -402,158 +221,6 @@ async fn a_quota_names_the_scope_and_the_numbers() {
         report.lines.contains(&("total".to_string(), 2, 2)),
         "{report:?}"
     );
-}
-
-#[tokio::test]
-async fn preemption_requeues_the_job_until_max_preemptions() {
-    let h = harness().await;
-    h.handle
-        .create_cluster(ClusterRequest {
-            name: "cl".into(),
-            vm_size: "Standard_D2_v2".into(),
-            vm_priority: "lowpriority".into(),
-            max_nodes: Some(1),
-            ..Default::default()
-        })
-        .await
-        .expect("cluster");
-    let request = JobRequest {
-        cluster: "cl".into(),
-        command: "true".into(),
-        max_preemptions: Some(1),
-        ..Default::default()
-    };
-    let id = h.handle.submit_job(request).await.expect("submit").id;
-    let preempted = ExitReport {
-        exit_code: Some(143),
-        outcome: "preempted".into(),
-        message: "preempted on request".into(),
-        usage: None,
-    };
-    for round in 0..2 {
-        let node = h.created_node(round).await;
-        let mut agent = h.register(&node, round as u64 + 1, vec![]).await;
-        let order = next_launch(&mut agent).await;
-        assert_eq!(
-            order
-                .env
-                .get("SHOAL_PREEMPTION_DEADLINE")
-                .map(String::as_str),
-            Some("30")
-        );
-        assert_eq!(order.restore_outputs, round > 0);
-        let node_now = h
-            .handle
-            .preempt_node(node.clone(), Some(5))
-            .await
-            .expect("preempt");
-        assert_eq!(node_now.state, NodeState::Preempted);
-        h.handle
-            .send(Command::InstanceExited {
-                node_id: node,
-                slot: order.slot,
-                exit: preempted.clone(),
-            })
-            .await;
-        if round == 0 {
-            let reason = job_reason(&h, &id, "requeued").await;
-            assert!(reason.contains("preempted on node"), "{reason}");
-        }
-    }
-    let job = h.job_status(&id, JobStatus::Failed).await;
-    assert_eq!(job.preemptions, 2);
-    assert!(job.reason.contains("max_preemptions 1"), "{}", job.reason);
-}
-
-#[tokio::test]
-async fn a_job_whose_gpu_idles_is_flagged_and_canceled_by_the_cluster_policy() {
-    let h = harness_config(ControlConfig {
-        idle_gpu_after: Duration::ZERO,
-        ..ControlConfig::default()
-    })
-    .await;
-    h.handle
-        .create_cluster(ClusterRequest {
-            name: "cl".into(),
-            vm_size: "Standard_NC6".into(),
-            max_nodes: Some(1),
-            cancel_idle_gpu_jobs: Some(true),
-            ..Default::default()
-        })
-        .await
-        .expect("cluster");
-    let request = JobRequest {
-        cluster: "cl".into(),
-        command: "train".into(),
-        gpus_per_instance: 1,
-        ..Default::default()
-    };
-    let id = h.handle.submit_job(request).await.expect("submit").id;
-    let node = h.created_node(0).await;
-    let (link, mut agent) = mpsc::unbounded_channel();
-    let registration = Registration {
-        node_id: node.clone(),
-        cluster: "cl".into(),
-        cores: 6,
-        memory_bytes: 1 << 30,
-        hostname: "localhost".into(),
-        pid: 1,
-        runtimes: vec!["process".into()],
-        attempts: vec![],
-        gpus: vec![crate::model::GpuStat {
-            index: 0,
-            model: "Fake".into(),
-            ..Default::default()
-        }],
-        gpu_reason: String::new(),
-    };
-    h.handle
-        .register_agent(registration, 1, link)
-        .await
-        .expect("register");
-    let order = next_launch(&mut agent).await;
-    assert_eq!(order.gpus, 1);
-    h.handle
-        .send(Command::InstanceStarted {
-            node_id: node.clone(),
-            slot: order.slot.clone(),
-            gpus: vec![0],
-        })
-        .await;
-    h.job_status(&id, JobStatus::Running).await;
-    let idle = Usage {
-        samples: 3,
-        gpu_utilization_percent: 1,
-        ..Default::default()
-    };
-    h.handle
-        .send(Command::Heartbeat {
-            node_id: node,
-            cpu_percent: 1.0,
-            memory_used_bytes: 0,
-            stats: NodeStats::default(),
-            usage: vec![(order.slot.clone(), idle)],
-        })
-        .await;
-    h.job_status(&id, JobStatus::Canceling).await;
-    let (slot, _) = next_cancel(&mut agent).await;
-    assert_eq!(slot, order.slot);
-    h.handle
-        .send(Command::InstanceExited {
-            node_id: order.env["SHOAL_NODE_ID"].clone(),
-            slot,
-            exit: canceled(),
-        })
-        .await;
-    let job = h.job_status(&id, JobStatus::Canceled).await;
-    assert!(
-        job.flags
-            .iter()
-            .any(|f| f.starts_with("idle GPU: instance 0 below 5% GPU utilization")),
-        "{:?}",
-        job.flags
-    );
-    assert!(job.reason.contains("idle-GPU policy"), "{}", job.reason);
 }
 
 #[tokio::test]
@@ -643,70 +310,6 @@ async fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
         })
         .await;
     assert_eq!(job.status, JobStatus::Completed);
-}
-
-#[tokio::test]
-async fn a_canceled_job_shows_canceling_until_its_instance_has_stopped() {
-    let h = harness().await;
-    h.cluster(1, 60).await;
-    let Running {
-        id,
-        node,
-        mut agent,
-        order,
-    } = h.one_running().await;
-
-    let answer = h.handle.cancel_job(id.clone()).await.expect("cancel");
-    assert_eq!(
-        answer.status,
-        JobStatus::Canceling,
-        "still running: not canceled yet"
-    );
-    assert_eq!(
-        answer.attempts[0].instances[0].status,
-        crate::model::InstanceStatus::Stopping
-    );
-    assert_eq!(answer.attempts[0].status(), "stopping");
-    let again = h
-        .handle
-        .cancel_job(id.clone())
-        .await
-        .expect("a second cancel");
-    assert_eq!(
-        again.status,
-        JobStatus::Canceling,
-        "cancel is idempotent while stopping"
-    );
-    let (slot, _) = next_cancel(&mut agent).await;
-    assert_eq!(slot, order.slot);
-    // Only the agent's word ends it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let job = h.handle.get_job(id.clone()).await.expect("job");
-    assert_eq!(job.status, JobStatus::Canceling);
-
-    h.handle
-        .send(Command::InstanceExited {
-            node_id: node,
-            slot,
-            exit: canceled(),
-        })
-        .await;
-    let job = h.job_status(&id, JobStatus::Canceled).await;
-    assert_eq!(job.reason, "canceled by user");
-    assert_eq!(job.attempts[0].status(), "canceled");
-    assert!(
-        h.handle.cancel_job(id).await.is_err(),
-        "an ended job cannot be canceled"
-    );
-}
-
-#[tokio::test]
-async fn a_queued_job_is_canceled_at_once() {
-    let h = harness().await;
-    h.cluster(1, 60).await;
-    let id = h.submit().await;
-    let answer = h.handle.cancel_job(id).await.expect("cancel");
-    assert_eq!(answer.status, JobStatus::Canceled, "nothing of it runs");
 }
 
 #[tokio::test]
@@ -852,63 +455,6 @@ async fn identities_of_an_earlier_version_are_imported_once() {
         "committed, not only in memory"
     );
     assert_eq!(reopened.clusters[0].identities.len(), 1);
-}
-
-#[tokio::test]
-async fn a_silent_node_has_its_work_rerun_after_the_lease_and_may_come_back() {
-    let h = harness_config(ControlConfig {
-        lease: Duration::from_millis(300),
-        ..ControlConfig::default()
-    })
-    .await;
-    h.cluster(2, 60).await;
-    let Running {
-        id, node, order, ..
-    } = h.one_running().await;
-    // No heartbeat, though the session stays open (a cut network): a lease later
-    // the work is rerun and the node is out, for now.
-    let job = h
-        .job_until(&id, |j| {
-            j.status == JobStatus::Queued && j.attempts.len() == 1
-        })
-        .await;
-    assert_eq!(
-        job.attempts[0].instances[0].status,
-        crate::model::InstanceStatus::Lost
-    );
-    assert!(job.reason.contains("requeued"), "{}", job.reason);
-    let nodes = h.handle.list_nodes(None).await.expect("nodes");
-    let silent = nodes.iter().find(|n| n.id == node).expect("node");
-    assert_eq!(silent.state, NodeState::Unusable);
-    assert!(
-        silent.message.contains("no word from its agent"),
-        "{}",
-        silent.message
-    );
-    // It comes back, having stopped the work itself: the old attempt's exit
-    // changes nothing, and the node is idle again.
-    let _back = h
-        .register(
-            &node,
-            2,
-            vec![AttemptReport {
-                slot: order.slot.clone(),
-                exited: Some(canceled()),
-            }],
-        )
-        .await;
-    let nodes = h.handle.list_nodes(None).await.expect("nodes");
-    let back = nodes.iter().find(|n| n.id == node).expect("node");
-    assert!(
-        matches!(back.state, NodeState::Idle | NodeState::Running),
-        "{:?}",
-        back.state
-    );
-    let job = h.handle.get_job(id).await.expect("job");
-    assert_eq!(
-        job.attempts[0].instances[0].status,
-        crate::model::InstanceStatus::Lost
-    );
 }
 
 #[tokio::test]
