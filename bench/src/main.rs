@@ -19,6 +19,10 @@
 //! every 5 s, idle and then running JOBS (default 100,000) zero-work jobs: the
 //! process's CPU and RSS, and the decision pass's time.
 //! `sim [SEEDS]`: the deterministic simulator over SEEDS seeds (default 1,000).
+//! `grpc-fleet [NODES] [JOBS]`: a real coordinator process and NODES agents that
+//! join with a join token and keep a real gRPC session each (register, heartbeats
+//! every 5 s, launches answered at once), over 50 HTTP/2 connections: the
+//! coordinator process's own CPU and RSS, idle and while JOBS zero-work jobs run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -927,6 +931,333 @@ fn sim(seeds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A process's CPU seconds and RSS (MiB), from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0);
+    ((ticks(11) + ticks(12)) / 100.0, rss)
+}
+
+/// One joined agent on its own gRPC session: it finishes every launch at once.
+async fn session_agent(
+    channel: tonic::transport::Channel,
+    join_token: String,
+    index: usize,
+) -> anyhow::Result<()> {
+    let mut joining = pb::agent_client::AgentClient::new(channel.clone());
+    let joined = joining
+        .join(pb::JoinRequest {
+            join_token,
+            hostname: format!("fake-{index}"),
+            cores: 2,
+            memory_bytes: 1 << 30,
+        })
+        .await?
+        .into_inner();
+    let bearer =
+        shoal_proto::Bearer::new(Some(&joined.credential)).map_err(|e| anyhow::anyhow!(e))?;
+    let mut client = pb::agent_client::AgentClient::new(
+        tonic::service::interceptor::InterceptedService::new(channel, bearer),
+    );
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+    let up = |msg| pb::AgentMessage { msg: Some(msg) };
+    tx.send(up(pb::agent_message::Msg::Register(pb::Register {
+        protocol_version: shoal_proto::PROTOCOL_VERSION,
+        node_id: joined.node_id.clone(),
+        cluster: joined.cluster.clone(),
+        cores: 2,
+        memory_bytes: 1 << 30,
+        runtimes: vec!["process".into()],
+        hostname: format!("fake-{index}"),
+        pid: 1,
+        ..Default::default()
+    })))
+    .await?;
+    let mut down = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let beating = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let beat = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
+                };
+                if tx.send(beat).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let _stop_beating = AbortOnDrop(beating);
+    while let Some(message) = down.next().await {
+        let Some(pb::coordinator_message::Msg::Launch(launch)) = message?.msg else {
+            continue;
+        };
+        let event = |kind| {
+            up(pb::agent_message::Msg::Event(pb::AttemptEvent {
+                attempt_id: launch.attempt_id.clone(),
+                instance: launch.instance,
+                kind: Some(kind),
+            }))
+        };
+        tx.send(event(pb::attempt_event::Kind::Started(
+            pb::Started::default(),
+        )))
+        .await?;
+        tx.send(event(pb::attempt_event::Kind::Exited(pb::Exited {
+            exit_code: Some(0),
+            outcome: "completed".into(),
+            ..Default::default()
+        })))
+        .await?;
+    }
+    Ok(())
+}
+
+async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let address = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.to_string()
+    };
+    let mut coordinator = tokio::process::Command::new(&shoal)
+        .args(["coordinator", "--listen", &address, "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = coordinator.id().context("the coordinator's pid")?;
+    let token_file = data.join("admin.token");
+    let started = Instant::now();
+    let channel = loop {
+        if token_file.exists()
+            && let Ok(channel) =
+                tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                    .connect()
+                    .await
+        {
+            break channel;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the coordinator did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = std::fs::read_to_string(&token_file)?.trim().to_string();
+    let admin = shoal_proto::Bearer::new(Some(&token)).map_err(|e| anyhow::anyhow!(e))?;
+    let admin = tonic::service::interceptor::InterceptedService::new(channel, admin);
+    let mut clusters = pb::clusters_client::ClustersClient::new(admin.clone());
+    let mut join_tokens = pb::join_tokens_client::JoinTokensClient::new(admin.clone());
+    let mut jobs_client = pb::jobs_client::JobsClient::new(admin.clone());
+    let nodes_client = pb::nodes_client::NodesClient::new(admin);
+    // Clusters of at most 2,500 joined nodes, each with a join token.
+    let count = nodes.div_ceil(2_500).max(1);
+    let mut tokens = Vec::new();
+    for i in 0..count {
+        let name = format!("fleet-{i}");
+        clusters
+            .create(pb::ClusterSpec {
+                name: name.clone(),
+                vm_size: "Standard_D2_v2".into(),
+                max_nodes: Some(4_000),
+                idle_seconds_before_scaledown: Some(86_400),
+                internode_communication: Some(false),
+                ..Default::default()
+            })
+            .await?;
+        let created = join_tokens
+            .create(pb::JoinTokenRequest {
+                cluster: name.clone(),
+                uses: nodes.div_ceil(count) as u32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        tokens.push((name, created.token));
+    }
+    // 50 connections, each carrying its share of the sessions.
+    let mut connections = Vec::new();
+    for _ in 0..50 {
+        connections.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    let joined = Instant::now();
+    let mut agents = Vec::new();
+    for index in 0..nodes {
+        let channel = connections[index % connections.len()].clone();
+        let join_token = tokens[index % tokens.len()].1.clone();
+        agents.push(AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = session_agent(channel, join_token, index).await {
+                eprintln!("agent {index}: {e}");
+            }
+        })));
+    }
+    loop {
+        let mut nodes_client = nodes_client.clone();
+        let listed = nodes_client
+            .list(pb::ListNodesRequest::default())
+            .await?
+            .into_inner()
+            .nodes;
+        let idle = listed.iter().filter(|n| n.state == "idle").count();
+        if idle >= nodes {
+            break;
+        }
+        if joined.elapsed() > Duration::from_secs(600) {
+            bail!("only {idle} of {nodes} agents registered in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, rss) = proc_usage(pid);
+    println!(
+        "grpc-fleet: {nodes} agents joined and registered over 50 connections in {:.1} s; coordinator RSS {rss:.1} MiB",
+        joined.elapsed().as_secs_f64()
+    );
+    let (cpu, wall) = (proc_usage(pid).0, Instant::now());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (cpu_after, rss) = proc_usage(pid);
+    println!(
+        "grpc-fleet: idle, {:.0} heartbeats/s: coordinator {:.1}% of a core over 30 s, RSS {rss:.1} MiB",
+        nodes as f64 / 5.0,
+        100.0 * (cpu_after - cpu) / wall.elapsed().as_secs_f64()
+    );
+    // The steady state: 100,000 jobs queued (on a locked cluster) while
+    // the fleet heartbeats.
+    clusters
+        .create(pb::ClusterSpec {
+            name: "parked".into(),
+            vm_size: "Standard_D2_v2".into(),
+            max_nodes: Some(4),
+            ..Default::default()
+        })
+        .await?;
+    clusters
+        .lock(pb::ClusterLock {
+            name: "parked".into(),
+            kind: "read-only".into(),
+        })
+        .await?;
+    let parking = Instant::now();
+    let mut parkers = Vec::new();
+    for worker in 0..16 {
+        let mut client = jobs_client.clone();
+        let share = 100_000 / 16 + usize::from(worker < 100_000 % 16);
+        parkers.push(tokio::spawn(async move {
+            for _ in 0..share {
+                client
+                    .submit(pb::JobSpec {
+                        cluster: "parked".into(),
+                        argv: vec!["true".into()],
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in parkers {
+        task.await??;
+    }
+    let parked_in = parking.elapsed().as_secs_f64();
+    let (cpu, wall) = (proc_usage(pid).0, Instant::now());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (cpu_after, rss) = proc_usage(pid);
+    println!(
+        "grpc-fleet: 100000 jobs queued on a locked cluster (submitted in {parked_in:.1} s), {:.0} heartbeats/s: coordinator {:.1}% of a core over 30 s, RSS {rss:.1} MiB",
+        nodes as f64 / 5.0,
+        100.0 * (cpu_after - cpu) / wall.elapsed().as_secs_f64()
+    );
+    let (cpu, wall) = (proc_usage(pid).0, Instant::now());
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let mut client = jobs_client.clone();
+        let names: Vec<String> = tokens.iter().map(|(n, _)| n.clone()).collect();
+        let share = jobs / 16 + usize::from(worker < jobs % 16);
+        tasks.push(tokio::spawn(async move {
+            let mut last = String::new();
+            for i in 0..share {
+                last = client
+                    .submit(pb::JobSpec {
+                        cluster: names[(worker + i) % names.len()].clone(),
+                        argv: vec!["true".into()],
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .id;
+            }
+            anyhow::Ok(last)
+        }));
+    }
+    let mut lasts = Vec::new();
+    for task in tasks {
+        lasts.push(task.await??);
+    }
+    let submitted = wall.elapsed().as_secs_f64();
+    // Each submitter's last job done, then every node idle: all of them are done.
+    for id in lasts.into_iter().filter(|id| !id.is_empty()) {
+        loop {
+            let job = jobs_client
+                .get(pb::JobRef { id: id.clone() })
+                .await?
+                .into_inner();
+            if job.status == "completed" {
+                break;
+            }
+            if job.status == "failed" {
+                bail!("{id} failed: {}", job.reason);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    loop {
+        let mut nodes_client = nodes_client.clone();
+        let listed = nodes_client
+            .list(pb::ListNodesRequest::default())
+            .await?
+            .into_inner()
+            .nodes;
+        if listed.iter().all(|n| n.state == "idle") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = wall.elapsed().as_secs_f64();
+    let (cpu_after, rss) = proc_usage(pid);
+    println!(
+        "grpc-fleet: {jobs} zero-work jobs submitted over gRPC in {submitted:.1} s, all done in {elapsed:.1} s ({:.0} jobs/s): coordinator {:.0}% of a core, RSS {rss:.1} MiB",
+        jobs as f64 / elapsed,
+        100.0 * (cpu_after - cpu) / elapsed
+    );
+    drop(agents);
+    let _ = coordinator.start_kill();
+    let _ = coordinator.wait().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -946,7 +1277,11 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(1_000_000);
         history(total, 100).await?;
     }
-    if matches!(what, "latency" | "docker" | "backlog" | "all") && !shoal.exists() {
+    if matches!(
+        what,
+        "latency" | "docker" | "backlog" | "grpc-fleet" | "all"
+    ) && !shoal.exists()
+    {
         bail!(
             "{} not found: run `cargo build --release` first, or set SHOAL_BIN",
             shoal.display()
@@ -965,6 +1300,13 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(5_000);
         let jobs = number(2).context("and a job count")?.unwrap_or(100_000);
         fleet(nodes as u32, jobs as usize).await?;
+    }
+    if what == "grpc-fleet" {
+        let nodes = number(1)
+            .context("grpc-fleet takes a node count")?
+            .unwrap_or(5_000);
+        let jobs = number(2).context("and a job count")?.unwrap_or(100_000);
+        grpc_fleet(nodes as usize, jobs as usize, shoal.clone()).await?;
     }
     if what == "sim" {
         sim(number(1)
