@@ -426,6 +426,78 @@ impl Warm {
     }
 }
 
+type JobsClient = pb::jobs_client::JobsClient<shoal_proto::AuthChannel>;
+
+/// Submits `count` zero-work `true` jobs from 16 concurrent gRPC clients, spread
+/// over `clusters`; each client's last job id.
+async fn submit_spread(
+    client: &JobsClient,
+    clusters: &[String],
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let mut client = client.clone();
+        let clusters = clusters.to_vec();
+        let share = count / 16 + usize::from(worker < count % 16);
+        tasks.push(tokio::spawn(async move {
+            let mut last = String::new();
+            for i in 0..share {
+                last = client
+                    .submit(pb::JobSpec {
+                        cluster: clusters[(worker + i) % clusters.len()].clone(),
+                        argv: vec!["true".into()],
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .id;
+            }
+            anyhow::Ok(last)
+        }));
+    }
+    let mut lasts = Vec::new();
+    for task in tasks {
+        lasts.push(task.await??);
+    }
+    Ok(lasts)
+}
+
+/// `shoal job submit --wait -- true` on cluster `warm`, `runs` times: each start to exit.
+async fn cli_round_trips(
+    shoal: &std::path::Path,
+    warm: &Warm,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let status = tokio::process::Command::new(shoal)
+            .env("SHOAL_TOKEN", &warm.token)
+            .args([
+                "job",
+                "submit",
+                "--cluster",
+                "warm",
+                "--wait",
+                "--endpoint",
+                &warm.address,
+                "-o",
+                "json",
+                "--",
+                "true",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("`shoal job submit --wait` failed");
+        }
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -478,32 +550,7 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
         samples,
     );
 
-    let mut cli = Vec::new();
-    for _ in 0..runs.min(30) {
-        let started = Instant::now();
-        let status = tokio::process::Command::new(&shoal)
-            .env("SHOAL_TOKEN", &warm.token)
-            .args([
-                "job",
-                "submit",
-                "--cluster",
-                "warm",
-                "--wait",
-                "--endpoint",
-                &warm.address,
-                "-o",
-                "json",
-                "--",
-                "true",
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("`shoal job submit --wait` failed");
-        }
-        cli.push(started.elapsed());
-    }
+    let cli = cli_round_trips(&shoal, &warm, runs.min(30)).await?;
     summary(
         "latency (`shoal job submit --wait -- true` process, start to exit)",
         cli,
@@ -760,25 +807,7 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
             while sent < backlog {
                 let count = chunk.min(backlog - sent);
                 let started = Instant::now();
-                let mut tasks = Vec::new();
-                for client in 0..16 {
-                    let mut jobs = warm.jobs.clone();
-                    let share = count / 16 + usize::from(client < count % 16);
-                    tasks.push(tokio::spawn(async move {
-                        for _ in 0..share {
-                            jobs.submit(pb::JobSpec {
-                                cluster: "parked".into(),
-                                argv: vec!["true".into()],
-                                ..Default::default()
-                            })
-                            .await?;
-                        }
-                        anyhow::Ok(())
-                    }));
-                }
-                for task in tasks {
-                    task.await??;
-                }
+                submit_spread(&warm.jobs, &["parked".to_string()], count).await?;
                 println!(
                     "  jobs {:>6} to {:>6}: {:>6.0} submits/s",
                     sent + 1,
@@ -798,32 +827,7 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
             &format!("backlog ({phase}): gRPC submit → completed on `warm`"),
             samples,
         );
-        let mut cli = Vec::new();
-        for _ in 0..20 {
-            let started = Instant::now();
-            let status = tokio::process::Command::new(&shoal)
-                .env("SHOAL_TOKEN", &warm.token)
-                .args([
-                    "job",
-                    "submit",
-                    "--cluster",
-                    "warm",
-                    "--wait",
-                    "--endpoint",
-                    &warm.address,
-                    "-o",
-                    "json",
-                    "--",
-                    "true",
-                ])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .await?;
-            if !status.success() {
-                bail!("`shoal job submit --wait` failed");
-            }
-            cli.push(started.elapsed());
-        }
+        let cli = cli_round_trips(&shoal, &warm, 20).await?;
         summary(
             &format!("backlog ({phase}): `shoal job submit --wait -- true`"),
             cli,
@@ -1161,26 +1165,7 @@ async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> any
         })
         .await?;
     let parking = Instant::now();
-    let mut parkers = Vec::new();
-    for worker in 0..16 {
-        let mut client = jobs_client.clone();
-        let share = 100_000 / 16 + usize::from(worker < 100_000 % 16);
-        parkers.push(tokio::spawn(async move {
-            for _ in 0..share {
-                client
-                    .submit(pb::JobSpec {
-                        cluster: "parked".into(),
-                        argv: vec!["true".into()],
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in parkers {
-        task.await??;
-    }
+    submit_spread(&jobs_client, &["parked".to_string()], 100_000).await?;
     let parked_in = parking.elapsed().as_secs_f64();
     let (cpu, wall) = (proc_usage(pid).0, Instant::now());
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -1191,31 +1176,8 @@ async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> any
         100.0 * (cpu_after - cpu) / wall.elapsed().as_secs_f64()
     );
     let (cpu, wall) = (proc_usage(pid).0, Instant::now());
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let mut client = jobs_client.clone();
-        let names: Vec<String> = tokens.iter().map(|(n, _)| n.clone()).collect();
-        let share = jobs / 16 + usize::from(worker < jobs % 16);
-        tasks.push(tokio::spawn(async move {
-            let mut last = String::new();
-            for i in 0..share {
-                last = client
-                    .submit(pb::JobSpec {
-                        cluster: names[(worker + i) % names.len()].clone(),
-                        argv: vec!["true".into()],
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner()
-                    .id;
-            }
-            anyhow::Ok(last)
-        }));
-    }
-    let mut lasts = Vec::new();
-    for task in tasks {
-        lasts.push(task.await??);
-    }
+    let names: Vec<String> = tokens.iter().map(|(n, _)| n.clone()).collect();
+    let lasts = submit_spread(&jobs_client, &names, jobs).await?;
     let submitted = wall.elapsed().as_secs_f64();
     // Each submitter's last job done, then every node idle: all of them are done.
     for id in lasts.into_iter().filter(|id| !id.is_empty()) {
