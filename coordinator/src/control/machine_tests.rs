@@ -695,3 +695,263 @@ fn a_queued_job_is_canceled_at_once() {
         .expect("cancel");
     assert_eq!(answer.status, JobStatus::Canceled, "nothing of it runs");
 }
+
+#[test]
+fn a_read_only_lock_holds_scaling_and_says_so() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 60);
+    m.ask(|reply| Command::LockCluster {
+        cluster: "cl".into(),
+        kind: Some(LockKind::ReadOnly),
+        reply,
+    })
+    .expect("lock");
+    let id = m.submit("cl", 1);
+    assert_eq!(
+        m.job(&id).reason,
+        "cluster locked read-only; `shoal cluster unlock cl` lets it scale"
+    );
+    m.advance(60_000);
+    assert!(m.created.is_empty(), "a minute later, still no node");
+    let cluster = m
+        .ask(|reply| Command::GetCluster("cl".into(), reply))
+        .expect("cluster");
+    assert_eq!(
+        cluster.cluster.errors.first().map(String::as_str),
+        Some("scale-up blocked: cluster locked read-only; `shoal cluster unlock cl` lets it scale")
+    );
+    m.ask(|reply| Command::LockCluster {
+        cluster: "cl".into(),
+        kind: None,
+        reply,
+    })
+    .expect("unlock");
+    assert_eq!(m.created.len(), 1, "unlocked: it scales in the same pass");
+    let cluster = m
+        .ask(|reply| Command::GetCluster("cl".into(), reply))
+        .expect("cluster");
+    assert!(
+        cluster.cluster.errors.is_empty(),
+        "{:?}",
+        cluster.cluster.errors
+    );
+}
+
+#[test]
+fn a_quota_names_the_scope_and_the_numbers() {
+    let mut m = Machine::new(ControlConfig {
+        quotas: crate::governance::Quotas {
+            total_cores: 2,
+            ..Default::default()
+        },
+        ..ControlConfig::default()
+    });
+    m.cluster("cl", 4, 60);
+    let id = m.submit("cl", 2);
+    assert_eq!(
+        m.job(&id).reason,
+        "quota: total 2/2 cores used; a node needs 2"
+    );
+    assert_eq!(m.created.len(), 1, "one node fits the quota, not two");
+    let report = m.ask(Command::GetQuotas).expect("quotas");
+    assert!(
+        report.lines.contains(&("total".to_string(), 2, 2)),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 60);
+    let request = JobRequest {
+        cluster: "cl".into(),
+        command: "train".into(),
+        instance_count: 2,
+        distribution: Some(crate::model::Distribution::Mpi {
+            process_count_per_instance: 3,
+        }),
+        ..Default::default()
+    };
+    let id = m
+        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
+        .expect("submit")
+        .id;
+    let nodes = m.created.clone();
+    let mut links = [m.register(&nodes[0], "cl"), m.register(&nodes[1], "cl")];
+    let mut orders: Vec<LaunchOrder> = links.iter_mut().flat_map(launches).collect();
+    orders.sort_by_key(|o| o.slot.instance);
+    assert_eq!(orders.len(), 2);
+    for order in &orders {
+        // mpirun starts the ranks: the agent starts one process per instance.
+        assert!(order.mpi);
+        assert_eq!(order.processes, 1);
+        assert_eq!(order.env["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
+        assert_eq!(order.env["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
+        assert_eq!(order.env["SHOAL_NODE_IDS"].split(',').count(), 2);
+    }
+    let node_of = |order: &LaunchOrder| order.env["SHOAL_NODE_ID"].clone();
+    for order in &orders {
+        m.started(&node_of(order), order);
+    }
+    assert_eq!(m.job(&id).status, JobStatus::Running);
+    // The launcher (instance 0) ends well: the job is done, the holder released.
+    m.step(vec![exit(
+        &node_of(&orders[0]),
+        orders[0].slot.clone(),
+        "completed",
+    )]);
+    assert_eq!(m.job(&id).status, JobStatus::Completed);
+    let holder = node_of(&orders[1]);
+    let link = if holder == nodes[0] {
+        &mut links[0]
+    } else {
+        &mut links[1]
+    };
+    let mut released = None;
+    while let Ok(message) = link.try_recv() {
+        if let ToAgent::Cancel { slot, reason } = message {
+            released = Some((slot, reason));
+        }
+    }
+    let (slot, reason) = released.expect("the holder is told to stop");
+    assert_eq!(slot, orders[1].slot);
+    assert_eq!(reason, super::MPI_RELEASE);
+    m.step(vec![Command::InstanceExited {
+        node_id: holder,
+        slot,
+        exit: ExitReport {
+            exit_code: Some(0),
+            outcome: "canceled".into(),
+            message: reason,
+            usage: None,
+        },
+    }]);
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(
+        job.attempts[0].instances[1].status,
+        InstanceStatus::Completed,
+        "released when the work was done: its part is done"
+    );
+}
+
+#[test]
+fn identities_are_made_with_their_cluster_and_go_with_it() {
+    let mut m = Machine::new(ControlConfig::default());
+    let bot = m
+        .ask(|reply| Command::CreateIdentity {
+            name: "reader-bot".into(),
+            reply,
+        })
+        .expect("identity");
+    assert!(
+        m.ask(|reply| Command::CreateIdentity {
+            name: "reader-bot".into(),
+            reply,
+        })
+        .is_err(),
+        "names are unique"
+    );
+    let request = |identities: &[&str]| ClusterRequest {
+        name: "cl".into(),
+        vm_size: "Standard_D2_v2".into(),
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // An unknown identity refuses the whole create: no cluster is left behind.
+    let wanted = request(&["[system]", "nobody"]);
+    let err = m
+        .ask(|reply| Command::CreateCluster(wanted, reply))
+        .expect_err("unknown identity");
+    assert!(err.to_string().contains("no identity `nobody`"), "{err}");
+    assert!(
+        m.ask(|reply| Command::GetCluster("cl".into(), reply))
+            .is_err(),
+        "nothing was created"
+    );
+    // By resource id, as the managed service's examples name them; system first.
+    let resource = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/reader-bot";
+    let wanted = request(&[resource, "[system]"]);
+    let info = m
+        .ask(|reply| Command::CreateCluster(wanted, reply))
+        .expect("cluster");
+    let kinds: Vec<_> = info
+        .identities
+        .iter()
+        .map(|a| (a.kind, a.name.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (crate::model::IdentityKind::SystemAssigned, "cl".to_string()),
+            (
+                crate::model::IdentityKind::UserAssigned,
+                "reader-bot".to_string()
+            ),
+        ]
+    );
+    assert_eq!(info.identities[1].client_id, bot.client_id);
+    let info = m
+        .ask(|reply| Command::RemoveIdentity {
+            cluster: "cl".into(),
+            identity: "[system]".into(),
+            reply,
+        })
+        .expect("remove");
+    assert_eq!(info.identities.len(), 1);
+    // Deleted with the cluster: a new cluster of the same name inherits nothing.
+    m.ask(|reply| Command::DeleteCluster("cl".into(), reply))
+        .expect("delete");
+    let wanted = request(&[]);
+    let info = m
+        .ask(|reply| Command::CreateCluster(wanted, reply))
+        .expect("again");
+    assert!(info.identities.is_empty(), "{:?}", info.identities);
+    let info = m
+        .ask(|reply| Command::AssignIdentity {
+            cluster: "cl".into(),
+            identity: bot.client_id.clone(),
+            reply,
+        })
+        .expect("by client id");
+    assert_eq!(info.identities[0].name, "reader-bot");
+}
+
+#[test]
+fn only_live_and_recent_jobs_stay_in_memory() {
+    let mut m = Machine::new(ControlConfig {
+        recent_jobs: 2,
+        ..ControlConfig::default()
+    });
+    m.cluster("cl", 1, 60);
+    let ids: Vec<String> = (0..4).map(|_| m.submit("cl", 1)).collect();
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    for id in &ids {
+        let order = launches(&mut agent).pop().expect("the next launch");
+        m.step(vec![exit(&node, order.slot, "completed")]);
+        assert_eq!(m.job(id).status, JobStatus::Completed);
+    }
+    // The two oldest are in the store only; every one is counted.
+    for old in &ids[..2] {
+        let old = old.clone();
+        let err = m
+            .ask(|reply| Command::GetJob(old, reply))
+            .expect_err("evicted");
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+    }
+    assert_eq!(m.job(&ids[3]).status, JobStatus::Completed);
+    let counts = m.ask(Command::JobCounts).expect("counts");
+    assert_eq!(counts.get(&JobStatus::Completed), Some(&4));
+    // Deleting a live job is refused; an ended one is forgotten at once.
+    let live = m.submit("cl", 1);
+    assert!(m.ask(|reply| Command::DeleteJob(live, reply)).is_err());
+    let last = ids[3].clone();
+    m.ask(|reply| Command::DeleteJob(last, reply))
+        .expect("delete");
+    let last = ids[3].clone();
+    assert!(m.ask(|reply| Command::GetJob(last, reply)).is_err());
+    let counts = m.ask(Command::JobCounts).expect("counts");
+    assert_eq!(counts.get(&JobStatus::Completed), Some(&3));
+}
