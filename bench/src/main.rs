@@ -18,7 +18,8 @@
 //! `fleet [NODES] [JOBS]`: NODES (default 5,000) in-process agents heartbeating
 //! every 5 s, idle and then running JOBS (default 100,000) zero-work jobs: the
 //! process's CPU and RSS, and the decision pass's time.
-//! `sim [SEEDS]`: the deterministic simulator over SEEDS seeds (default 1,000).
+//! `sim [SEEDS] [--rough]`: the deterministic simulator over SEEDS seeds (default
+//! 1,000); `--rough`: twice the jobs, three times the faults (`Scale::rough`).
 //! `grpc-fleet [NODES] [JOBS]`: a real coordinator process and NODES agents that
 //! join with a join token and keep a real gRPC session each (register, heartbeats
 //! every 5 s, launches answered at once), over 50 HTTP/2 connections: the
@@ -912,8 +913,12 @@ async fn fleet(nodes: u32, jobs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sim(seeds: u64) -> anyhow::Result<()> {
-    let scale = shoal_coordinator::sim::Scale::default();
+fn sim(seeds: u64, rough: bool) -> anyhow::Result<()> {
+    let scale = if rough {
+        shoal_coordinator::sim::Scale::rough()
+    } else {
+        shoal_coordinator::sim::Scale::default()
+    };
     let started = Instant::now();
     let mut steps = 0;
     let mut simulated = 0;
@@ -1271,9 +1276,15 @@ async fn main() -> anyhow::Result<()> {
         grpc_fleet(nodes as usize, jobs as usize, shoal.clone()).await?;
     }
     if what == "sim" {
-        sim(number(1)
-            .context("sim takes a seed count")?
-            .unwrap_or(1_000))?;
+        let rough = args.iter().any(|a| a == "--rough");
+        let count = args
+            .iter()
+            .skip(1)
+            .find(|a| *a != "--rough")
+            .map(|n| n.parse::<u64>())
+            .transpose()
+            .context("sim takes a seed count")?;
+        sim(count.unwrap_or(1_000), rough)?;
     }
     if what == "backlog" {
         let queued = args
