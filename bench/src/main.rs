@@ -303,12 +303,7 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
 
 /// This process's resident memory, in MiB.
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_usage(std::process::id()).1
 }
 
 /// Bounded history: `total` zero-work jobs pass through the control loop, at
@@ -499,6 +494,51 @@ async fn cli_round_trips(
     Ok(samples)
 }
 
+/// Submit → completed of one `true` job on cluster `warm`, watched over gRPC.
+async fn warm_round_trip(jobs: &mut JobsClient) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let job = jobs
+        .submit(pb::JobSpec {
+            cluster: "warm".into(),
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
+    while let Some(update) = watch.next().await {
+        let job = update?;
+        if job.status == "completed" {
+            return Ok(started.elapsed());
+        }
+        if job.status == "failed" {
+            bail!("the trivial job failed: {}", job.reason);
+        }
+    }
+    bail!("the watch ended early")
+}
+
+/// A cluster `parked`, locked read-only: what is submitted to it waits for good.
+async fn park_cluster(
+    clusters: &mut pb::clusters_client::ClustersClient<shoal_proto::AuthChannel>,
+) -> anyhow::Result<()> {
+    clusters
+        .create(pb::ClusterSpec {
+            name: "parked".into(),
+            vm_size: "Standard_D2_v2".into(),
+            max_nodes: Some(4),
+            ..Default::default()
+        })
+        .await?;
+    clusters
+        .lock(pb::ClusterLock {
+            name: "parked".into(),
+            kind: "read-only".into(),
+        })
+        .await?;
+    Ok(())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -518,28 +558,7 @@ fn summary(name: &str, mut samples: Vec<Duration>) {
 async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
     let warm = Warm::start(shoal.clone()).await?;
     let (mut clusters, mut jobs) = (warm.clusters.clone(), warm.jobs.clone());
-    let mut run_once = async || -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let job = jobs
-            .submit(pb::JobSpec {
-                cluster: "warm".into(),
-                argv: vec!["true".into()],
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
-        while let Some(update) = watch.next().await {
-            let job = update?;
-            if job.status == "completed" {
-                return Ok(started.elapsed());
-            }
-            if job.status == "failed" {
-                bail!("the trivial job failed: {}", job.reason);
-            }
-        }
-        bail!("the watch ended early")
-    };
+    let mut run_once = async || warm_round_trip(&mut jobs).await;
     // The first run also waits for the node to come up: not counted.
     run_once().await?;
     let mut samples = Vec::new();
@@ -687,18 +706,7 @@ async fn docker(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
 
 /// CPU seconds (user + system) this process has used.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command's closing parenthesis; utime and stime are
-    // the 14th and 15th of the whole line, in clock ticks (100 a second here).
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    proc_usage(std::process::id()).0
 }
 
 /// A histogram's buckets from Prometheus text: (upper bound, cumulative count).
@@ -757,40 +765,8 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
             .text()
             .await?)
     };
-    clusters
-        .create(pb::ClusterSpec {
-            name: "parked".into(),
-            vm_size: "Standard_D2_v2".into(),
-            max_nodes: Some(4),
-            ..Default::default()
-        })
-        .await?;
-    clusters
-        .lock(pb::ClusterLock {
-            name: "parked".into(),
-            kind: "read-only".into(),
-        })
-        .await?;
-    let mut run_once = async || -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        let job = jobs
-            .submit(pb::JobSpec {
-                cluster: "warm".into(),
-                argv: vec!["true".into()],
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut watch = jobs.watch(pb::JobRef { id: job.id }).await?.into_inner();
-        while let Some(update) = watch.next().await {
-            match update?.status.as_str() {
-                "completed" => return Ok(started.elapsed()),
-                "failed" => bail!("the trivial job failed"),
-                _ => {}
-            }
-        }
-        bail!("the watch ended early")
-    };
+    park_cluster(&mut clusters).await?;
+    let mut run_once = async || warm_round_trip(&mut jobs).await;
     run_once().await?; // the node comes up
     let idle_cpu = async || {
         let (cpu, wall) = (cpu_seconds(), Instant::now());
@@ -940,7 +916,9 @@ fn sim(seeds: u64, rough: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A process's CPU seconds and RSS (MiB), from /proc.
+/// A process's CPU seconds (user + system) and RSS (MiB), from /proc. In
+/// `stat`, utime and stime are the 14th and 15th fields (clock ticks, 100 a
+/// second here), counted after the command's closing parenthesis.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -1155,20 +1133,7 @@ async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> any
     );
     // The steady state: 100,000 jobs queued (on a locked cluster) while
     // the fleet heartbeats.
-    clusters
-        .create(pb::ClusterSpec {
-            name: "parked".into(),
-            vm_size: "Standard_D2_v2".into(),
-            max_nodes: Some(4),
-            ..Default::default()
-        })
-        .await?;
-    clusters
-        .lock(pb::ClusterLock {
-            name: "parked".into(),
-            kind: "read-only".into(),
-        })
-        .await?;
+    park_cluster(&mut clusters).await?;
     let parking = Instant::now();
     submit_spread(&jobs_client, &["parked".to_string()], 100_000).await?;
     let parked_in = parking.elapsed().as_secs_f64();

@@ -126,7 +126,7 @@ impl Control {
     }
 
     /// The session ended; a lease after the agent was last heard from, its work
-    /// is rerun (`housekeep`).
+    /// is rerun (`tick`).
     pub(super) fn agent_gone(&mut self, node_id: &str, session: u64) {
         if self.links.get(node_id).is_some_and(|(s, _)| *s == session) {
             self.links.remove(node_id);

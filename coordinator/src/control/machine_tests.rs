@@ -71,24 +71,30 @@ impl Machine {
     }
 
     fn cluster(&mut self, name: &str, max: u32, idle_seconds: u64) {
-        let request = ClusterRequest {
+        self.create_cluster(ClusterRequest {
             name: name.into(),
             vm_size: "Standard_D2_v2".into(),
             max_nodes: Some(max),
             idle_seconds_before_scaledown: Some(idle_seconds),
             ..Default::default()
-        };
+        });
+    }
+
+    fn create_cluster(&mut self, request: ClusterRequest) {
         self.ask(|reply| Command::CreateCluster(request, reply))
             .expect("cluster");
     }
 
     fn submit(&mut self, cluster: &str, instances: u32) -> String {
-        let request = JobRequest {
+        self.submit_request(JobRequest {
             cluster: cluster.into(),
             argv: vec!["true".into()],
             instance_count: instances,
             ..Default::default()
-        };
+        })
+    }
+
+    fn submit_request(&mut self, request: JobRequest) -> String {
         self.ask(|reply| Command::SubmitJob(Box::new(request), reply))
             .expect("submit")
             .id
@@ -519,18 +525,14 @@ fn preemption_requeues_the_job_until_max_preemptions() {
         max_nodes: Some(1),
         ..Default::default()
     };
-    m.ask(|reply| Command::CreateCluster(request, reply))
-        .expect("cluster");
+    m.create_cluster(request);
     let request = JobRequest {
         cluster: "cl".into(),
         command: "true".into(),
         max_preemptions: Some(1),
         ..Default::default()
     };
-    let id = m
-        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
-        .expect("submit")
-        .id;
+    let id = m.submit_request(request);
     for round in 0..2 {
         let node = m.created[round].clone();
         let mut agent = m
@@ -585,18 +587,14 @@ fn a_job_whose_gpu_idles_is_flagged_exactly_at_the_limit_and_canceled_by_the_pol
         cancel_idle_gpu_jobs: Some(true),
         ..Default::default()
     };
-    m.ask(|reply| Command::CreateCluster(request, reply))
-        .expect("cluster");
+    m.create_cluster(request);
     let request = JobRequest {
         cluster: "cl".into(),
         command: "train".into(),
         gpus_per_instance: 1,
         ..Default::default()
     };
-    let id = m
-        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
-        .expect("submit")
-        .id;
+    let id = m.submit_request(request);
     let node = m.created[0].clone();
     let mut with_gpu = registration(&node, "cl");
     with_gpu.gpus = vec![crate::model::GpuStat {
@@ -773,10 +771,7 @@ fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
         }),
         ..Default::default()
     };
-    let id = m
-        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
-        .expect("submit")
-        .id;
+    let id = m.submit_request(request);
     let nodes = m.created.clone();
     let mut links = [m.register(&nodes[0], "cl"), m.register(&nodes[1], "cl")];
     let mut orders: Vec<LaunchOrder> = links.iter_mut().flat_map(launches).collect();
