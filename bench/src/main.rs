@@ -36,7 +36,6 @@ use shoal_coordinator::control::{
 };
 use shoal_coordinator::model::{ClusterRequest, JobRequest, JobStatus};
 use shoal_coordinator::provider::{NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
-use shoal_coordinator::server::{ConfigFile, CoordinatorConfig, serve};
 use shoal_coordinator::store::SqliteStore;
 use shoal_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
@@ -359,43 +358,105 @@ async fn history(total: usize, nodes: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An embedded coordinator with a cluster `warm` of one local node (min 1, max 1).
-struct Warm {
+/// A `shoal coordinator` process on a loopback port, with its own data dir:
+/// what is measured of it (CPU, RSS) is the server's alone, as a peer's server
+/// is measured.
+struct CoordinatorProcess {
     _dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    pid: u32,
+    address: String,
+    /// The admin token it made.
+    token: String,
+    /// An admin channel to it.
+    channel: shoal_proto::AuthChannel,
+}
+
+impl CoordinatorProcess {
+    async fn start(shoal: &std::path::Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let address = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?.to_string()
+        };
+        let child = tokio::process::Command::new(shoal)
+            .args(["coordinator", "--listen", &address, "--data-dir"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", shoal.display()))?;
+        let pid = child.id().context("the coordinator's pid")?;
+        let token_file = data.join("admin.token");
+        let started = Instant::now();
+        let channel = loop {
+            if token_file.exists()
+                && let Ok(channel) =
+                    tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await
+            {
+                break channel;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the coordinator did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let token = std::fs::read_to_string(&token_file)?.trim().to_string();
+        let admin = shoal_proto::Bearer::new(Some(&token)).map_err(|e| anyhow::anyhow!(e))?;
+        let channel = tonic::service::interceptor::InterceptedService::new(channel, admin);
+        Ok(CoordinatorProcess {
+            _dir: dir,
+            child,
+            pid,
+            address,
+            token,
+            channel,
+        })
+    }
+
+    /// Its CPU seconds and RSS (MiB).
+    fn usage(&self) -> (f64, f64) {
+        proc_usage(self.pid)
+    }
+
+    /// SIGTERM, then waits: it stops its nodes as `shoal coordinator` does.
+    async fn stop(mut self) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// A coordinator process with a cluster `warm` of one local node (min 1, max 1).
+struct Warm {
+    coordinator: CoordinatorProcess,
     address: String,
     clusters: pb::clusters_client::ClustersClient<shoal_proto::AuthChannel>,
     jobs: pb::jobs_client::JobsClient<shoal_proto::AuthChannel>,
-    /// The admin token the embedded coordinator made.
+    /// The admin token the coordinator made.
     token: String,
-    stop: oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<shoal_coordinator::Result<()>>,
 }
 
 impl Warm {
     async fn start(shoal: std::path::PathBuf) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?.to_string();
-        let data = dir.path().join("data");
-        shoal_coordinator::auth::bootstrap(&data)?;
-        let token = std::fs::read_to_string(data.join("admin.token"))?
-            .trim()
-            .to_string();
-        let config = CoordinatorConfig::new(data, shoal, ConfigFile::default());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, config, async move {
-            let _ = stopped.await;
-        }));
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        let channel = tonic::service::interceptor::InterceptedService::new(
-            channel,
-            shoal_proto::Bearer::new(Some(&token)).map_err(|e| anyhow::anyhow!(e))?,
-        );
-        let mut clusters = pb::clusters_client::ClustersClient::new(channel.clone());
-        let jobs = pb::jobs_client::JobsClient::new(channel);
+        let coordinator = CoordinatorProcess::start(&shoal).await?;
+        let mut clusters = pb::clusters_client::ClustersClient::new(coordinator.channel.clone());
+        let jobs = pb::jobs_client::JobsClient::new(coordinator.channel.clone());
         clusters
             .create(pb::ClusterSpec {
                 name: "warm".into(),
@@ -406,19 +467,16 @@ impl Warm {
             })
             .await?;
         Ok(Warm {
-            _dir: dir,
-            address,
-            token,
+            address: coordinator.address.clone(),
+            token: coordinator.token.clone(),
+            coordinator,
             clusters,
             jobs,
-            stop,
-            server,
         })
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.server.await;
+        self.coordinator.stop().await;
     }
 }
 
@@ -769,9 +827,9 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
     let mut run_once = async || warm_round_trip(&mut jobs).await;
     run_once().await?; // the node comes up
     let idle_cpu = async || {
-        let (cpu, wall) = (cpu_seconds(), Instant::now());
+        let (cpu, wall) = (warm.coordinator.usage().0, Instant::now());
         tokio::time::sleep(Duration::from_secs(10)).await;
-        100.0 * (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()
+        100.0 * (warm.coordinator.usage().0 - cpu) / wall.elapsed().as_secs_f64()
     };
     let mut phases = Vec::new();
     for (phase, backlog) in [("empty queue", 0), ("backlog", queued)] {
@@ -812,9 +870,9 @@ async fn backlog(queued: usize, shoal: std::path::PathBuf) -> anyhow::Result<()>
         let (p50, passes) = bucket_percentile(&before, &after, 0.5);
         let (p99, _) = bucket_percentile(&before, &after, 0.99);
         let cpu = idle_cpu().await;
-        let rss = rss_mib();
+        let rss = warm.coordinator.usage().1;
         println!(
-            "backlog ({phase}): {passes} decision passes during those 50 jobs: p50 ≤ {:.2} ms, p99 ≤ {:.2} ms (bucket bounds); idle coordinator {cpu:.2}% of a core over 10 s; RSS {rss:.1} MiB",
+            "backlog ({phase}): {passes} decision passes during those 50 jobs: p50 ≤ {:.2} ms, p99 ≤ {:.2} ms (bucket bounds); idle coordinator process {cpu:.2}% of a core over 10 s; its RSS {rss:.1} MiB",
             p50 * 1000.0,
             p99 * 1000.0
         );
@@ -939,6 +997,36 @@ fn proc_usage(pid: u32) -> (f64, f64) {
 }
 
 /// One joined agent on its own gRPC session: it finishes every launch at once.
+/// What a real agent's heartbeat carries on a 2-core node with one GPU: CPU
+/// (whole and per core), memory, disk, network and the GPU's readings, a little
+/// different each beat (so nothing is cached away).
+fn telemetry(node: usize, beat: u64) -> pb::Heartbeat {
+    let wobble = ((node as u64 * 7 + beat * 13) % 100) as f32;
+    pb::Heartbeat {
+        cpu_percent: wobble,
+        memory_used_bytes: (1 << 29) + beat * 4096,
+        memory_total_bytes: 1 << 30,
+        per_core_percent: vec![wobble, 100.0 - wobble],
+        disk_free_bytes: 50 << 30,
+        disk_total_bytes: 100 << 30,
+        network_rx_bytes: beat * 1_000_000,
+        network_tx_bytes: beat * 500_000,
+        gpus: vec![pb::GpuStat {
+            index: 0,
+            uuid: format!("GPU-{node:08x}-0000-0000-0000-000000000000"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            utilization_percent: wobble as u32,
+            memory_used_bytes: 1 << 30,
+            memory_total_bytes: 80 << 30,
+            temperature_c: 40 + (beat % 20) as u32,
+            power_milliwatts: 120_000 + (beat % 50) as u32 * 1000,
+            energy_millijoules: beat * 600_000,
+            process_ids: Vec::new(),
+        }],
+        usage: Vec::new(),
+    }
+}
+
 async fn session_agent(
     channel: tonic::transport::Channel,
     join_token: String,
@@ -981,10 +1069,10 @@ async fn session_agent(
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
+            for beat in 0u64.. {
                 every.tick().await;
                 let beat = pb::AgentMessage {
-                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())),
+                    msg: Some(pb::agent_message::Msg::Heartbeat(telemetry(index, beat))),
                 };
                 if tx.send(beat).await.is_err() {
                     return;
@@ -1019,39 +1107,12 @@ async fn session_agent(
 }
 
 async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let address = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.to_string()
-    };
-    let mut coordinator = tokio::process::Command::new(&shoal)
-        .args(["coordinator", "--listen", &address, "--data-dir"])
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = coordinator.id().context("the coordinator's pid")?;
-    let token_file = data.join("admin.token");
-    let started = Instant::now();
-    let channel = loop {
-        if token_file.exists()
-            && let Ok(channel) =
-                tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-                    .connect()
-                    .await
-        {
-            break channel;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the coordinator did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let token = std::fs::read_to_string(&token_file)?.trim().to_string();
-    let admin = shoal_proto::Bearer::new(Some(&token)).map_err(|e| anyhow::anyhow!(e))?;
-    let admin = tonic::service::interceptor::InterceptedService::new(channel, admin);
+    let coordinator = CoordinatorProcess::start(&shoal).await?;
+    let (address, pid, admin) = (
+        coordinator.address.clone(),
+        coordinator.pid,
+        coordinator.channel.clone(),
+    );
     let mut clusters = pb::clusters_client::ClustersClient::new(admin.clone());
     let mut join_tokens = pb::join_tokens_client::JoinTokensClient::new(admin.clone());
     let mut jobs_client = pb::jobs_client::JobsClient::new(admin.clone());
@@ -1185,8 +1246,7 @@ async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> any
         100.0 * (cpu_after - cpu) / elapsed
     );
     drop(agents);
-    let _ = coordinator.start_kill();
-    let _ = coordinator.wait().await;
+    coordinator.stop().await;
     Ok(())
 }
 

@@ -127,7 +127,7 @@ pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> 
             }
         }
         placements.push(Placement {
-            job_id: job.id.clone(),
+            job_id: job.id.to_string(),
             nodes: chosen,
         });
     }

@@ -933,7 +933,7 @@ impl World {
         for (index, mut answer) in std::mem::take(&mut self.submits) {
             match answer.try_recv() {
                 Ok(Ok(job)) => {
-                    self.accepted.insert(job.id, index);
+                    self.accepted.insert(job.id.to_string(), index);
                 }
                 Ok(Err(e)) => return Err(self.fail(format!("a submit was refused: {e}"))),
                 Err(oneshot::error::TryRecvError::Empty) => self.submits.push((index, answer)),

@@ -415,9 +415,9 @@ impl Store for SqliteStore {
                     0
                 };
                 put_job.execute(params![
-                    job.id,
+                    job.id.as_str(),
                     job.seq as i64,
-                    job.spec.cluster,
+                    job.spec.cluster.as_str(),
                     job.status.as_str(),
                     encode(job)?,
                     ended_at
@@ -570,7 +570,7 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         })
         .collect();
     Ok(Some(Purged {
-        id: job.id,
+        id: job.id.to_string(),
         status: job.status,
         code_path: job.spec.code_path,
         inputs,

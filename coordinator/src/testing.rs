@@ -98,7 +98,8 @@ impl JobBuilder {
     pub fn new(id: &str) -> Self {
         JobBuilder(Job {
             id: id.into(),
-            seq: 0,
+            // A job's id names its sequence number (`job-<seq>`).
+            seq: crate::control::job_seq(id).unwrap_or(0),
             spec: JobSpec {
                 name: id.into(),
                 cluster: "c".into(),
@@ -120,7 +121,7 @@ impl JobBuilder {
             created_at: 0,
             started_at: 0,
             ended_at: 0,
-            reason: String::new(),
+            reason: crate::model::JobReason::None,
             preemptions: 0,
             flags: Vec::new(),
             progress: None,

@@ -237,11 +237,11 @@ fn instance(run: &InstanceRun) -> pb::Instance {
 
 pub fn job(job: &Job) -> pb::Job {
     pb::Job {
-        id: job.id.clone(),
-        name: job.spec.name.clone(),
-        cluster: job.spec.cluster.clone(),
+        id: job.id.to_string(),
+        name: job.name().to_string(),
+        cluster: job.spec.cluster.to_string(),
         status: job.status.as_str().into(),
-        argv: job.spec.argv.clone(),
+        argv: job.spec.argv.iter().map(ToString::to_string).collect(),
         command: job.spec.command.clone(),
         environment_variables: job.spec.environment_variables.clone().into_iter().collect(),
         instance_count: job.spec.instance_count,
@@ -263,7 +263,7 @@ pub fn job(job: &Job) -> pb::Job {
         created_at_ms: job.created_at,
         started_at_ms: job.started_at,
         ended_at_ms: job.ended_at,
-        reason: job.reason.clone(),
+        reason: job.reason.to_string(),
         image: job.spec.image.clone().unwrap_or_default(),
         preemptions: job.preemptions,
         max_preemptions: job.spec.max_preemptions,
@@ -271,7 +271,7 @@ pub fn job(job: &Job) -> pb::Job {
         flags: job.flags.clone(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
         parallel: job.spec.parallel.as_deref().map(parallel_to_wire),
-        progress: job.progress.as_ref().map(progress),
+        progress: job.progress.as_deref().map(progress),
         inputs: job
             .spec
             .extras

@@ -62,7 +62,7 @@ impl Api {
         let live: Vec<String> = page
             .iter()
             .filter(|j| !j.is_settled() || j.spec.parallel.is_some())
-            .map(|j| j.id.clone())
+            .map(|j| j.id.to_string())
             .collect();
         if !live.is_empty() {
             for fresh in self.control.live_jobs(live).await? {
@@ -72,7 +72,7 @@ impl Api {
             }
         }
         let next = (page.len() == limit)
-            .then(|| page.last().map(|j| j.id.clone()))
+            .then(|| page.last().map(|j| j.id.to_string()))
             .flatten();
         Ok((page, next))
     }
@@ -150,7 +150,7 @@ impl Api {
             Err(Error::NotFound(_)) => {
                 let job = self.reader.job(id).await?.ok_or_else(|| not_found(id))?;
                 let mut lines = vec![format!("{} is {}", job.id, job.status.as_str())];
-                if !job.reason.is_empty() {
+                if !job.reason.is_none() {
                     lines.push(format!("reason: {}", job.reason));
                 }
                 lines.push(format!("attempts: {}", job.attempts.len()));
@@ -305,7 +305,8 @@ impl Api {
                     return;
                 }
                 // A queued job's reason is its cluster's: it changes with the cluster.
-                let cluster = (job.status == JobStatus::Queued).then(|| job.spec.cluster.clone());
+                let cluster =
+                    (job.status == JobStatus::Queued).then(|| job.spec.cluster.to_string());
                 let mine = |c: &Change| match c {
                     Change::Job(id) => *id == job_id,
                     Change::Cluster(name) => cluster.as_ref() == Some(name),

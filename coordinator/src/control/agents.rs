@@ -161,12 +161,12 @@ impl Control {
         if all_running && job.status == JobStatus::Preparing {
             attempt.started_at = now;
             job.status = JobStatus::Running;
-            job.reason.clear();
+            job.reason = JobReason::None;
             if job.started_at == 0 {
                 job.started_at = now;
             }
         }
-        let id = job.id.clone();
+        let id = job.id.to_string();
         self.dirty_jobs.insert(id);
     }
 
@@ -189,7 +189,7 @@ impl Control {
         let mut status = InstanceStatus::from_outcome(&exit.outcome, exit.exit_code);
         // Asked to stop: a cancel is what we wanted, not a loss.
         let was_stopping = instance.status == InstanceStatus::Stopping;
-        let job_id = job.id.clone();
+        let job_id = job.id.to_string();
         let job_final = job.status.is_ending();
         // Requeued (a sibling was lost or preempted): this attempt is over, and
         // how its instances stop says nothing about the job.
@@ -226,10 +226,12 @@ impl Control {
         }
         match status {
             InstanceStatus::Completed => {
-                let done = self.jobs[&job_id].attempts[index]
-                    .instances
-                    .iter()
-                    .all(|i| i.status == InstanceStatus::Completed);
+                let done = self.jobs.get(&job_id).is_some_and(|job| {
+                    job.attempts[index]
+                        .instances
+                        .iter()
+                        .all(|i| i.status == InstanceStatus::Completed)
+                });
                 if done {
                     self.end_job(&job_id, JobStatus::Completed, String::new(), now);
                 } else if mpi && slot.instance == 0 {
@@ -303,7 +305,7 @@ impl Control {
         if attempt.is_settled() {
             attempt.ended_at = now;
         }
-        let job_id = job.id.clone();
+        let job_id = job.id.to_string();
         let attempts_used = job.attempts.iter().filter(|a| a.was_lost()).count() as u32;
         let job_final = job.status.is_ending();
         self.dirty_jobs.insert(job_id.clone());
@@ -324,7 +326,10 @@ impl Control {
         {
             warn!(job = %job_id, attempt = %slot.attempt_id, why, "attempt lost; requeued");
             job.status = JobStatus::Queued;
-            job.reason = format!("requeued: attempt {} lost ({why})", attempts_used);
+            job.reason = JobReason::Requeued(Box::new(Requeue::Lost {
+                lost: attempts_used,
+                why: why.to_string(),
+            }));
             self.queue.push(job);
         }
     }
@@ -369,7 +374,7 @@ impl Control {
         let cancel = self
             .jobs
             .get(&job_id)
-            .and_then(|j| self.clusters.get(&j.spec.cluster))
+            .and_then(|j| self.clusters.get(j.spec.cluster.as_str()))
             .is_some_and(|c| c.spec.cancel_idle_gpu_jobs);
         if let Some(job) = self.jobs.get_mut(&job_id)
             && !job.flags.contains(&flag)

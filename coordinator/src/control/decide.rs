@@ -51,15 +51,15 @@ impl Control {
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter(|j| j.status == JobStatus::Queued)
-            .map(|j| &j.spec.cluster);
+            .map(|j| j.spec.cluster.as_str());
         let nodes = self
             .dirty_nodes
             .iter()
             .filter_map(|id| self.nodes.get(id))
-            .map(|n| &n.cluster);
+            .map(|n| n.cluster.as_str());
         jobs.chain(nodes)
-            .chain(self.dirty_clusters.iter())
-            .cloned()
+            .chain(self.dirty_clusters.iter().map(String::as_str))
+            .map(str::to_string)
             .collect()
     }
 
@@ -78,8 +78,8 @@ impl Control {
             return;
         }
         let schedulable = queue
-            .ids()
-            .filter_map(|id| self.jobs.get(id))
+            .seqs()
+            .filter_map(|seq| self.jobs.by_seq(seq))
             .filter(|j| j.current_attempt().is_none_or(Attempt::is_settled));
         let placements = scheduler::place(schedulable, &nodes);
         for placement in placements {
@@ -192,7 +192,7 @@ impl Control {
     /// A queued job's reason: its own (a requeue says why) or its cluster's, and
     /// a job no live node has the GPUs for says so.
     pub(super) fn queued_reason(&self, job: &Job) -> Option<String> {
-        let cluster = &job.spec.cluster;
+        let cluster = job.spec.cluster.as_str();
         let waiting = self.queue_reasons.get(cluster)?;
         if let Some(most) = waiting.most_gpus
             && job.spec.gpus_per_instance > most
@@ -206,6 +206,8 @@ impl Control {
                 )
             });
         }
-        (!job.reason.starts_with("requeued")).then(|| waiting.reason.clone())
+        // A requeued job says why itself; one waiting its turn has its cluster's reason.
+        let own = matches!(job.reason, JobReason::Requeued(_) | JobReason::Said(_));
+        (!own).then(|| waiting.reason.clone())
     }
 }

@@ -11,7 +11,7 @@ impl Control {
             JobStatus::Queued => self.queued_reason(job),
             _ => None,
         }
-        .unwrap_or_else(|| job.reason.clone());
+        .unwrap_or_else(|| job.reason.to_string());
         if !reason.is_empty() {
             lines.push(format!("reason: {reason}"));
         }

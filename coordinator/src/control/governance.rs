@@ -201,7 +201,7 @@ impl Control {
         if attempt.is_settled() {
             attempt.ended_at = now;
         }
-        let job_id = job.id.clone();
+        let job_id = job.id.to_string();
         let job_final = job.status.is_ending();
         self.dirty_jobs.insert(job_id.clone());
         self.free_node(&node_id, slot, now);
@@ -238,10 +238,12 @@ impl Control {
         self.parallel_take_back(job_id, None);
         if let Some(job) = self.jobs.get_mut(job_id) {
             job.status = JobStatus::Queued;
-            job.reason = format!(
-                "requeued: preempted on node {node_id} (attempt {}, preemption {count} of at most {limit})",
-                slot.attempt_id
-            );
+            job.reason = JobReason::Requeued(Box::new(Requeue::Preempted {
+                node: node_id.to_string(),
+                attempt: slot.attempt_id.clone(),
+                count,
+                limit,
+            }));
             self.queue.push(job);
         }
     }

@@ -28,7 +28,7 @@ impl Control {
             .jobs
             .values()
             .filter(|j| j.is_settled())
-            .map(|j| (j.ended_at, j.id.clone()))
+            .map(|j| (j.ended_at, j.id.to_string()))
             .collect();
         ended.sort();
         for (_, id) in ended {

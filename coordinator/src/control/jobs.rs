@@ -27,31 +27,24 @@ impl Control {
         let seq = self.next_job_seq;
         self.next_job_seq += 1;
         self.seqs_dirty = true;
-        let id = format!("job-{seq}");
+        let id = job_table::job_id(seq);
         let job = Job {
-            id: id.clone(),
+            id: id.as_str().into(),
             seq,
-            spec: JobSpec {
-                name: if spec.name.is_empty() {
-                    id.clone()
-                } else {
-                    spec.name.clone()
-                },
-                ..spec
-            },
+            spec,
             status: JobStatus::Queued,
             attempts: Vec::new(),
             created_at: now,
             started_at: 0,
             ended_at: 0,
-            reason: "queued".into(),
+            reason: JobReason::Queued,
             preemptions: 0,
             flags: Vec::new(),
             progress: None,
         };
         debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
         self.queue.push(&job);
-        self.jobs.insert(id.clone(), job.clone());
+        self.jobs.insert(job.clone()).map_err(Error::Internal)?;
         if let Some(cuts) = cuts {
             self.add_parallel(&id, cuts);
         }
@@ -90,21 +83,21 @@ impl Control {
         }
         info!(job = %job_id, %reason, "job canceling");
         job.status = JobStatus::Canceling;
-        job.reason = reason;
+        job.reason = JobReason::said(reason);
         self.dirty_jobs.insert(job_id.to_string());
         self.stop_live_instances(job_id, tell_agent);
     }
 
     /// Canceling jobs of this batch whose instances have all stopped are canceled.
     pub(super) fn finish_canceling(&mut self, now: Millis) {
-        let stopped: Vec<(String, String)> = self
+        let stopped: Vec<(String, JobReason)> = self
             .dirty_jobs
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter(|j| {
                 j.status == JobStatus::Canceling && j.attempts.iter().all(Attempt::is_settled)
             })
-            .map(|j| (j.id.clone(), j.reason.clone()))
+            .map(|j| (j.id.to_string(), j.reason.clone()))
             .collect();
         for (id, reason) in stopped {
             self.end_job(&id, JobStatus::Canceled, reason, now);
@@ -144,7 +137,14 @@ impl Control {
         self.dirty_jobs.insert(job_id.to_string());
     }
 
-    pub(super) fn end_job(&mut self, job_id: &str, status: JobStatus, reason: String, now: Millis) {
+    pub(super) fn end_job(
+        &mut self,
+        job_id: &str,
+        status: JobStatus,
+        reason: impl Into<JobReason>,
+        now: Millis,
+    ) {
+        let reason = reason.into();
         if let Some(job) = self.jobs.get_mut(job_id) {
             self.queue.remove(job);
             info!(job = %job_id, status = status.as_str(), %reason, "job ended");

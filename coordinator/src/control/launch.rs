@@ -117,7 +117,7 @@ impl Control {
         let attempt_id = format!("{}.{number}", job.id);
         let low_priority = self
             .clusters
-            .get(&job.spec.cluster)
+            .get(job.spec.cluster.as_str())
             .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority);
         let preemption_notice = self.config.preemption_notice.as_secs().to_string();
         // How instances reach each other: local nodes share this machine's loopback;
@@ -143,7 +143,7 @@ impl Control {
         // instance that the node's token endpoint asks for.
         let default_identity = self
             .clusters
-            .get(&job.spec.cluster)
+            .get(job.spec.cluster.as_str())
             .and_then(|c| c.identities.first())
             .map(|a| a.client_id.clone());
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
@@ -156,14 +156,14 @@ impl Control {
             let token = random_hex(&mut self.rng, 16);
             let mut env = job.spec.environment_variables.clone();
             for (key, value) in [
-                ("SHOAL_JOB_ID", job.id.clone()),
+                ("SHOAL_JOB_ID", job.id.to_string()),
                 ("SHOAL_ATTEMPT", number.to_string()),
                 ("SHOAL_ATTEMPT_ID", attempt_id.clone()),
                 ("SHOAL_INSTANCE", index.to_string()),
                 ("SHOAL_NODE_RANK", index.to_string()),
                 ("SHOAL_NUM_NODES", job.spec.instance_count.to_string()),
                 ("SHOAL_NODE_ID", node_id.clone()),
-                ("SHOAL_CLUSTER", job.spec.cluster.clone()),
+                ("SHOAL_CLUSTER", job.spec.cluster.to_string()),
                 ("SHOAL_MASTER_NODE", master.clone()),
                 ("SHOAL_PREEMPTION_DEADLINE", preemption_notice.clone()),
             ] {
@@ -193,8 +193,8 @@ impl Control {
                 node_id,
                 ToAgent::Launch(LaunchOrder {
                     slot: slot.clone(),
-                    job_id: job.id.clone(),
-                    argv: job.spec.argv.clone(),
+                    job_id: job.id.to_string(),
+                    argv: job.spec.argv.iter().map(ToString::to_string).collect(),
                     env,
                     timeout_seconds: job.spec.timeout_seconds,
                     has_code: job.spec.code_path.is_some(),
@@ -245,7 +245,9 @@ impl Control {
             reason: String::new(),
         });
         job.status = JobStatus::Preparing;
-        job.reason = format!("starting on {}", placement.nodes.join(", "));
+        job.reason = JobReason::Starting {
+            nodes: placement.nodes.clone(),
+        };
         self.queue.remove(job);
         self.dirty_jobs.insert(placement.job_id.clone());
     }

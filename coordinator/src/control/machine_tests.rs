@@ -98,6 +98,7 @@ impl Machine {
         self.ask(|reply| Command::SubmitJob(Box::new(request), reply))
             .expect("submit")
             .id
+            .to_string()
     }
 
     fn job(&mut self, id: &str) -> Job {
@@ -219,7 +220,7 @@ fn a_node_that_fails_to_start_is_retried_after_its_backoff_and_not_before() {
     assert_eq!(m.created.len(), 1, "no new node inside the backoff");
     assert_eq!(m.job(&id).status, JobStatus::Queued);
     assert!(
-        m.job(&id).reason.contains("failed to start"),
+        m.job(&id).reason.to_string().contains("failed to start"),
         "{}",
         m.job(&id).reason
     );
@@ -266,7 +267,11 @@ fn a_silent_node_has_its_work_rerun_exactly_a_lease_after_it_was_last_heard() {
     m.advance(1);
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Queued, "rerun: {}", job.reason);
-    assert!(job.reason.starts_with("requeued"), "{}", job.reason);
+    assert!(
+        matches!(&job.reason, JobReason::Requeued(r) if matches!(**r, Requeue::Lost { lost: 1, .. })),
+        "{}",
+        job.reason
+    );
     assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Lost);
     let silent = m.node(&node);
     assert_eq!(silent.state, NodeState::Unusable);
@@ -403,7 +408,7 @@ fn jobs_waiting_on_a_locked_cluster_cost_the_others_nothing_and_say_why() {
     // Every parked job gives the cluster's reason, stored once for them all.
     let last = parked.last().expect("parked jobs").clone();
     let reason = m.job(&last).reason;
-    assert!(reason.contains("locked read-only"), "{reason}");
+    assert!(reason.to_string().contains("locked read-only"), "{reason}");
     assert_eq!(m.job(&parked[0]).reason, reason);
     assert_eq!(m.created.len(), 1, "the locked cluster never grew");
 }
@@ -497,7 +502,11 @@ fn an_exit_reported_at_registration_is_applied_once() {
     m.register_with(with_exit.clone(), 2).expect("registered");
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Failed);
-    assert!(job.reason.contains("exit code 3"), "{}", job.reason);
+    assert!(
+        job.reason.to_string().contains("exit code 3"),
+        "{}",
+        job.reason
+    );
     // Reported again (the agent did not know it was delivered): nothing changes.
     m.advance(5_000);
     m.register_with(with_exit, 3).expect("registered again");
@@ -560,7 +569,16 @@ fn preemption_requeues_the_job_until_max_preemptions() {
         if round == 0 {
             let job = m.job(&id);
             assert_eq!(job.status, JobStatus::Queued, "{}", job.reason);
-            assert!(job.reason.contains("preempted on node"), "{}", job.reason);
+            assert!(
+                matches!(&job.reason, JobReason::Requeued(r) if matches!(&**r, Requeue::Preempted { node: on, count: 1, limit: 1, .. } if *on == node)),
+                "{}",
+                job.reason
+            );
+            assert!(
+                job.reason.to_string().contains("preempted on node"),
+                "{}",
+                job.reason
+            );
             // The preempted node goes; once the provider has removed it (the
             // next step here), a new one comes for the requeued job.
             assert_eq!(m.removed, vec![node.clone()]);
@@ -571,7 +589,11 @@ fn preemption_requeues_the_job_until_max_preemptions() {
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.preemptions, 2);
-    assert!(job.reason.contains("max_preemptions 1"), "{}", job.reason);
+    assert!(
+        job.reason.to_string().contains("max_preemptions 1"),
+        "{}",
+        job.reason
+    );
 }
 
 #[test]
@@ -643,7 +665,11 @@ fn a_job_whose_gpu_idles_is_flagged_exactly_at_the_limit_and_canceled_by_the_pol
         "{:?}",
         job.flags
     );
-    assert!(job.reason.contains("idle-GPU policy"), "{}", job.reason);
+    assert!(
+        job.reason.to_string().contains("idle-GPU policy"),
+        "{}",
+        job.reason
+    );
 }
 
 #[test]
@@ -675,7 +701,7 @@ fn a_canceled_job_shows_canceling_until_its_instance_has_stopped() {
     m.step(vec![exit(&node, order.slot, "canceled")]);
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Canceled);
-    assert_eq!(job.reason, "canceled by user");
+    assert_eq!(job.reason.to_string(), "canceled by user");
     assert_eq!(job.attempts[0].status(), "canceled");
     assert!(
         m.ask(|reply| Command::CancelJob(id, reply)).is_err(),
@@ -706,7 +732,7 @@ fn a_read_only_lock_holds_scaling_and_says_so() {
     .expect("lock");
     let id = m.submit("cl", 1);
     assert_eq!(
-        m.job(&id).reason,
+        m.job(&id).reason.to_string(),
         "cluster locked read-only; `shoal cluster unlock cl` lets it scale"
     );
     m.advance(60_000);
@@ -747,7 +773,7 @@ fn a_quota_names_the_scope_and_the_numbers() {
     m.cluster("cl", 4, 60);
     let id = m.submit("cl", 2);
     assert_eq!(
-        m.job(&id).reason,
+        m.job(&id).reason.to_string(),
         "quota: total 2/2 cores used; a node needs 2"
     );
     assert_eq!(m.created.len(), 1, "one node fits the quota, not two");

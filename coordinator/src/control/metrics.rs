@@ -91,7 +91,7 @@ impl Control {
                     .as_ref()
                     .and_then(|slot| self.instance(slot))
                     .filter(|(_, run)| run.gpus.contains(&index))
-                    .map(|(job, _)| job.id.clone())
+                    .map(|(job, _)| job.id.to_string())
                     .unwrap_or_default()
             };
             for gpu in &node.stats.gpus {

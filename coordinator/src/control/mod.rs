@@ -131,7 +131,7 @@ pub struct Control {
     new_data_assets: Vec<crate::data::DataAsset>,
     new_environments: Vec<Environment>,
     nodes: BTreeMap<String, Node>,
-    jobs: HashMap<String, Job>,
+    jobs: job_table::JobTable,
     /// Queued jobs, by cluster, oldest first.
     queue: queue::Queue,
     /// Why each cluster's queued jobs wait (one reason for them all), given to
@@ -249,7 +249,7 @@ impl Control {
             new_data_assets: Vec::new(),
             new_environments: Vec::new(),
             nodes: BTreeMap::new(),
-            jobs: HashMap::new(),
+            jobs: job_table::JobTable::default(),
             queue: queue::Queue::default(),
             queue_reasons: HashMap::new(),
             place_all: true,
@@ -307,7 +307,9 @@ impl Control {
             if job.status == JobStatus::Queued {
                 control.queue.push(&job);
             }
-            control.jobs.insert(job.id.clone(), job);
+            if let Err(e) = control.jobs.insert(job) {
+                error!("stored job left out: {e}");
+            }
         }
         control.load_parallel(snapshot.mini_batches);
         control.remember_loaded();
@@ -736,6 +738,7 @@ mod handle;
 mod history;
 mod identities;
 mod invariants;
+mod job_table;
 mod jobs;
 mod launch;
 mod messages;
@@ -748,6 +751,7 @@ pub use decide::waiting_reason;
 pub use driver::Driver;
 pub use effects::{Effects, Link, Timings};
 pub use handle::ControlHandle;
+pub use job_table::{job_id, job_seq};
 pub use launch::{MPI_RELEASE, PYTORCH_MASTER_PORT, TENSORFLOW_BASE_PORT, distribution_env};
 pub use messages::*;
 pub use ownership::{AgentCall, Claim, Granted};

@@ -155,8 +155,8 @@ pub fn check(job: Option<&Job>, claim: &Claim, call: &AgentCall) -> Result<Grant
         return Err(Refusal::Ended(slot.clone()));
     }
     let mut granted = Granted {
-        job_id: job.id.clone(),
-        cluster: job.spec.cluster.clone(),
+        job_id: job.id.to_string(),
+        cluster: job.spec.cluster.to_string(),
         code_path: job.spec.code_path.clone(),
         earlier_attempts: job.attempts[..position]
             .iter()
@@ -167,7 +167,7 @@ pub fn check(job: Option<&Job>, claim: &Claim, call: &AgentCall) -> Result<Grant
     };
     if let AgentCall::Exec { target_node } = call {
         if !matches!(job.spec.distribution, Some(Distribution::Mpi { .. })) {
-            return Err(Refusal::NotMpi(job.id.clone()));
+            return Err(Refusal::NotMpi(job.id.to_string()));
         }
         let target = attempt
             .instances

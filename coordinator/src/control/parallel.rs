@@ -80,11 +80,11 @@ impl Control {
         if job.status == JobStatus::Queued
             && let Some(reason) = self.queued_reason(job)
         {
-            out.reason = reason;
+            out.reason = JobReason::Said(reason);
         }
-        if let Some(batches) = self.parallel.get(&job.id) {
+        if let Some(batches) = self.parallel.get(job.id.as_str()) {
             let until = if job.ended_at > 0 { job.ended_at } else { now };
-            out.progress = Some(batches.progress(job.started_at, until));
+            out.progress = Some(Box::new(batches.progress(job.started_at, until)));
         }
         out
     }

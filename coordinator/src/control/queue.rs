@@ -1,15 +1,15 @@
 //! The queue, by cluster, with what the autoscaler needs kept up to date as jobs
 //! come and go: a decision pass costs what changed, not how many jobs wait.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::Job;
 
 /// Queued jobs of one cluster, oldest first, and their totals.
 #[derive(Debug, Default)]
 pub(super) struct ClusterQueue {
-    /// seq -> job id.
-    jobs: BTreeMap<u64, String>,
+    /// Sequence numbers (a job's id is `job-<seq>`).
+    jobs: BTreeSet<u64>,
     /// Instances the queued jobs want, in all.
     instances: u64,
     /// Jobs by instance count: the widest gang is the last key.
@@ -17,8 +17,9 @@ pub(super) struct ClusterQueue {
 }
 
 impl ClusterQueue {
-    pub(super) fn ids(&self) -> impl Iterator<Item = &String> {
-        self.jobs.values()
+    /// Sequence numbers, oldest first.
+    pub(super) fn seqs(&self) -> impl Iterator<Item = u64> {
+        self.jobs.iter().copied()
     }
 
     /// Jobs queued before `seq`.
@@ -42,8 +43,11 @@ pub(super) struct Queue {
 impl Queue {
     /// Queues a job (again); a job already queued stays as it is.
     pub(super) fn push(&mut self, job: &Job) {
-        let queue = self.clusters.entry(job.spec.cluster.clone()).or_default();
-        if queue.jobs.insert(job.seq, job.id.clone()).is_none() {
+        let queue = self
+            .clusters
+            .entry(job.spec.cluster.to_string())
+            .or_default();
+        if queue.jobs.insert(job.seq) {
             let width = job.spec.instance_count;
             queue.instances += u64::from(width);
             *queue.widths.entry(width).or_default() += 1;
@@ -53,10 +57,10 @@ impl Queue {
 
     /// Takes a job off the queue, if it is on it.
     pub(super) fn remove(&mut self, job: &Job) {
-        let Some(queue) = self.clusters.get_mut(&job.spec.cluster) else {
+        let Some(queue) = self.clusters.get_mut(job.spec.cluster.as_str()) else {
             return;
         };
-        if queue.jobs.remove(&job.seq).is_none() {
+        if !queue.jobs.remove(&job.seq) {
             return;
         }
         let width = job.spec.instance_count;
@@ -69,7 +73,7 @@ impl Queue {
         }
         self.len -= 1;
         if queue.jobs.is_empty() {
-            self.clusters.remove(&job.spec.cluster);
+            self.clusters.remove(job.spec.cluster.as_str());
         }
     }
 
@@ -118,9 +122,9 @@ mod tests {
                 let widest = mine.iter().map(|(_, (_, w))| *w).max().unwrap_or(0);
                 let got = queue.cluster(name).map_or((0, 0), ClusterQueue::waiting);
                 prop_assert_eq!(got, (instances, widest));
-                let ids: Vec<String> = queue.cluster(name).map_or(Vec::new(), |q| q.ids().cloned().collect());
-                let want: Vec<String> = mine.iter().map(|(s, _)| format!("job-{s}")).collect();
-                prop_assert_eq!(ids, want);
+                let seqs: Vec<u64> = queue.cluster(name).map_or(Vec::new(), |q| q.seqs().collect());
+                let want: Vec<u64> = mine.iter().map(|(s, _)| **s).collect();
+                prop_assert_eq!(seqs, want);
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Jobs: requests, specs, attempts, instances, environments, distribution.
 
+use compact_str::CompactString;
+
 use super::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -113,10 +115,12 @@ impl InstanceStatus {
 /// What a job runs, after validation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
+    /// Empty when none was given: `Job::name` is then its id.
     pub name: String,
-    pub cluster: String,
-    /// The exact argv each instance runs (a YAML `command` becomes `sh -c <command>`).
-    pub argv: Vec<String>,
+    pub cluster: CompactString,
+    /// The exact argv each instance runs (a YAML `command` becomes `sh -c <command>`);
+    /// short words (most are) are kept inline.
+    pub argv: Vec<CompactString>,
     /// The command line as the user wrote it, when given as one.
     pub command: String,
     pub environment_variables: BTreeMap<String, String>,
@@ -137,9 +141,48 @@ pub struct JobSpec {
     /// A parallel (batch inference) job: how its mini-batches run.
     #[serde(default)]
     pub parallel: Option<Box<crate::parallel::ParallelSpec>>,
-    /// Boxed: most jobs have none of it, and every queued job is held in memory.
+    /// Most jobs have none of it, and every queued job is held in memory: a
+    /// job without any holds no allocation for it.
     #[serde(flatten)]
-    pub extras: Box<JobExtras>,
+    pub extras: Extras,
+}
+
+/// A job's `JobExtras`, allocated only when it has some: reads see the empty
+/// ones otherwise. Stored flattened into the spec, as `JobExtras` always was.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Extras(Option<Box<JobExtras>>);
+
+static NO_EXTRAS: JobExtras = JobExtras::EMPTY;
+
+impl From<JobExtras> for Extras {
+    fn from(extras: JobExtras) -> Self {
+        Extras((extras != JobExtras::EMPTY).then(|| Box::new(extras)))
+    }
+}
+
+impl std::ops::Deref for Extras {
+    type Target = JobExtras;
+
+    fn deref(&self) -> &JobExtras {
+        self.0.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+}
+
+impl Serialize for Extras {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        (**self).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Extras {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        JobExtras::deserialize(deserializer).map(Extras::from)
+    }
 }
 
 /// What admission adds to a job from its job file (never from a bare request):
@@ -170,6 +213,22 @@ pub struct JobExtras {
     /// A container's shared memory.
     #[serde(default)]
     pub shm_size_bytes: Option<u64>,
+}
+
+impl JobExtras {
+    /// None of it: what a bare request has.
+    pub const EMPTY: JobExtras = JobExtras {
+        inputs: BTreeMap::new(),
+        outputs: BTreeMap::new(),
+        warnings: Vec::new(),
+        experiment_name: String::new(),
+        description: String::new(),
+        tags: BTreeMap::new(),
+        properties: BTreeMap::new(),
+        environment: String::new(),
+        path_prefix: None,
+        shm_size_bytes: None,
+    };
 }
 
 /// An environment registered here (`shoal environment create`).
@@ -362,8 +421,8 @@ impl JobSpec {
         }
         Ok(JobSpec {
             name: request.name,
-            cluster: cluster.name.clone(),
-            argv,
+            cluster: cluster.name.as_str().into(),
+            argv: argv.into_iter().map(CompactString::from).collect(),
             command: request.command,
             environment_variables: request.environment_variables,
             instance_count,
@@ -374,7 +433,7 @@ impl JobSpec {
             gpus_per_instance: request.gpus_per_instance,
             distribution: request.distribution,
             parallel: request.parallel.map(|(spec, _)| Box::new(spec)),
-            extras: Box::new(request.extras),
+            extras: request.extras.into(),
         })
     }
 }
@@ -450,9 +509,120 @@ impl Attempt {
     }
 }
 
+/// Why a job waits, or why it ended: a value in the core, words at the edge.
+/// Stored as its words, as it always was; read back, "queued" and "" are
+/// themselves again, and any other words are the job's own (`Said`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum JobReason {
+    /// Nothing to say (running, or completed).
+    #[default]
+    None,
+    /// Waiting its turn: readers are given its cluster's reason (one for all of
+    /// them, kept by the scheduler) instead of a copy in every job.
+    Queued,
+    /// Back in the queue after an attempt ended early: its own reason, not the
+    /// cluster's, until it starts again. (Boxed: it is rare, and every queued
+    /// job holds a reason.)
+    Requeued(Box<Requeue>),
+    /// Placed; its instances are starting on these nodes.
+    Starting { nodes: Vec<String> },
+    /// In words: why it is stopping or why it ended, or what it was told.
+    Said(String),
+}
+
+/// Why a job went back to the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// A node of its attempt went away (`lost` attempts so far, counted
+    /// against max_attempts).
+    Lost { lost: u32, why: String },
+    /// Its low-priority node was preempted (the `count`th time, of at most `limit`).
+    Preempted {
+        node: String,
+        attempt: String,
+        count: u32,
+        limit: u32,
+    },
+}
+
+impl JobReason {
+    /// Words, or nothing: `Said` of an empty text is no reason.
+    pub fn said(text: impl Into<String>) -> Self {
+        let text = text.into();
+        if text.is_empty() {
+            JobReason::None
+        } else {
+            JobReason::Said(text)
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == JobReason::None
+    }
+}
+
+impl From<String> for JobReason {
+    fn from(text: String) -> Self {
+        JobReason::said(text)
+    }
+}
+
+impl std::fmt::Display for JobReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobReason::None => Ok(()),
+            JobReason::Queued => f.write_str("queued"),
+            JobReason::Requeued(requeue) => write!(f, "requeued: {requeue}"),
+            JobReason::Starting { nodes } => write!(f, "starting on {}", nodes.join(", ")),
+            JobReason::Said(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::fmt::Display for Requeue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Requeue::Lost { lost, why } => write!(f, "attempt {lost} lost ({why})"),
+            Requeue::Preempted {
+                node,
+                attempt,
+                count,
+                limit,
+            } => write!(
+                f,
+                "preempted on node {node} (attempt {attempt}, preemption {count} of at most {limit})"
+            ),
+        }
+    }
+}
+
+impl Serialize for JobReason {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobReason {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(if text == "queued" {
+            JobReason::Queued
+        } else {
+            JobReason::said(text)
+        })
+    }
+}
+
+/// Every queued job is held in memory: its short strings (its id, its
+/// cluster's name) are `CompactString`s, kept inline up to 24 bytes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Job {
-    pub id: String,
+    pub id: CompactString,
     pub seq: u64,
     pub spec: JobSpec,
     pub status: JobStatus,
@@ -461,19 +631,29 @@ pub struct Job {
     pub started_at: Millis,
     pub ended_at: Millis,
     /// Why it waits, or why it ended.
-    pub reason: String,
+    pub reason: JobReason,
     /// Times a preemption sent it back to the queue.
     #[serde(default)]
     pub preemptions: u32,
     /// Things worth a look (an idle GPU).
     #[serde(default)]
     pub flags: Vec<String>,
-    /// A parallel job's progress (derived, filled in for readers).
+    /// A parallel job's progress (derived, filled in for readers; boxed, as
+    /// only readers' copies have it).
     #[serde(skip)]
-    pub progress: Option<crate::parallel::Progress>,
+    pub progress: Option<Box<crate::parallel::Progress>>,
 }
 
 impl Job {
+    /// Its name: the one it was given, else its id (not kept twice).
+    pub fn name(&self) -> &str {
+        if self.spec.name.is_empty() {
+            &self.id
+        } else {
+            &self.spec.name
+        }
+    }
+
     pub fn current_attempt(&self) -> Option<&Attempt> {
         self.attempts.last()
     }
@@ -481,5 +661,80 @@ impl Job {
     /// Final, and no instance of any attempt still runs: nothing more can happen to it.
     pub fn is_settled(&self) -> bool {
         self.status.is_final() && self.attempts.iter().all(Attempt::is_settled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job as an earlier version stored it: reason in words, the name a copy
+    /// of the id, every `JobExtras` key flattened into the spec.
+    fn stored(reason: &str, experiment: &str) -> String {
+        format!(
+            r#"{{"id":"job-3","seq":3,"spec":{{"name":"job-3","cluster":"cpu","argv":["sh","-c","echo hi"],
+            "command":"echo hi","environment_variables":{{}},"instance_count":1,"timeout_seconds":null,
+            "code_path":null,"image":null,"max_preemptions":10,"gpus_per_instance":0,"distribution":null,
+            "parallel":null,"inputs":{{}},"outputs":{{}},"warnings":[],"experiment_name":"{experiment}",
+            "description":"","tags":{{}},"properties":{{}},"environment":"","path_prefix":null,
+            "shm_size_bytes":null}},"status":"queued","attempts":[],"created_at":1,"started_at":0,
+            "ended_at":0,"reason":"{reason}","preemptions":0,"flags":[]}}"#
+        )
+    }
+
+    #[test]
+    fn jobs_stored_by_an_earlier_version_read_back_with_their_meaning() {
+        let queued: Job = serde_json::from_str(&stored("queued", "")).expect("a queued job");
+        assert_eq!(queued.reason, JobReason::Queued);
+        assert_eq!(queued.name(), "job-3");
+        assert_eq!(queued.spec.argv, vec!["sh", "-c", "echo hi"]);
+        assert_eq!(
+            queued.spec.extras,
+            Extras::default(),
+            "no extras, no allocation"
+        );
+        let requeued: Job = serde_json::from_str(&stored("requeued: attempt 1 lost (gone)", "exp"))
+            .expect("a requeued job");
+        assert_eq!(
+            requeued.reason,
+            JobReason::Said("requeued: attempt 1 lost (gone)".into()),
+            "its own words, not its cluster's reason"
+        );
+        assert_eq!(requeued.spec.extras.experiment_name, "exp");
+        let none: Job = serde_json::from_str(&stored("", "")).expect("a job with no reason");
+        assert!(none.reason.is_none());
+    }
+
+    #[test]
+    fn a_job_is_stored_as_before() {
+        let mut job: Job = serde_json::from_str(&stored("queued", "exp")).expect("a job");
+        job.reason = JobReason::Requeued(Box::new(Requeue::Preempted {
+            node: "n1".into(),
+            attempt: "job-3.1".into(),
+            count: 1,
+            limit: 10,
+        }));
+        let body: serde_json::Value = serde_json::to_value(&job).expect("encoded");
+        assert_eq!(
+            body["reason"],
+            "requeued: preempted on node n1 (attempt job-3.1, preemption 1 of at most 10)"
+        );
+        assert_eq!(
+            body["spec"]["experiment_name"], "exp",
+            "extras stay flattened"
+        );
+        assert_eq!(body["spec"]["argv"][2], "echo hi");
+        let plain = JobSpec {
+            extras: JobExtras::default().into(),
+            ..job.spec.clone()
+        };
+        let body = serde_json::to_value(&plain).expect("encoded");
+        assert_eq!(
+            body["inputs"],
+            serde_json::json!({}),
+            "empty extras are written out"
+        );
+        let back: JobSpec = serde_json::from_value(body).expect("decoded");
+        assert_eq!(back, plain);
     }
 }
