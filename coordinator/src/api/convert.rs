@@ -212,7 +212,12 @@ pub fn cluster(info: &ClusterInfo) -> pb::Cluster {
             preempted: counts.preempted,
             unusable: counts.unusable,
         }),
-        errors: info.cluster.errors.clone(),
+        errors: info
+            .cluster
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         created_at_ms: info.cluster.created_at,
         lock: info
             .cluster

@@ -11,7 +11,7 @@ impl Control {
         if let Some(block) = self.blocked.get(name) {
             cluster
                 .errors
-                .insert(0, format!("scale-up blocked: {block}"));
+                .insert(0, ClusterError::Blocked(block.clone()));
         }
         let mut counts = NodeCounts::default();
         for node in self.nodes.values().filter(|n| n.cluster == name) {

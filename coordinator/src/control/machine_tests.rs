@@ -227,8 +227,12 @@ fn a_node_that_fails_to_start_is_retried_after_its_backoff_and_not_before() {
     let cluster = m
         .ask(|reply| Command::GetCluster("cl".into(), reply))
         .expect("cluster");
-    let error = cluster.cluster.errors.first().cloned().unwrap_or_default();
-    assert!(error.contains("cannot start the agent"), "{error}");
+    let error = cluster.cluster.errors.first().cloned();
+    assert!(
+        matches!(&error, Some(ClusterError::NodeFailed { node, why, wait_seconds: 2 })
+            if *node == first && why.contains("cannot start the agent")),
+        "{error:?}"
+    );
     m.advance(2);
     assert_eq!(m.created.len(), 2, "retried once the backoff is over");
     assert_ne!(m.created[1], first);
@@ -741,7 +745,12 @@ fn a_read_only_lock_holds_scaling_and_says_so() {
         .ask(|reply| Command::GetCluster("cl".into(), reply))
         .expect("cluster");
     assert_eq!(
-        cluster.cluster.errors.first().map(String::as_str),
+        cluster
+            .cluster
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .as_deref(),
         Some("scale-up blocked: cluster locked read-only; `shoal cluster unlock cl` lets it scale")
     );
     m.ask(|reply| Command::LockCluster {

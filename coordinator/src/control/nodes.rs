@@ -40,7 +40,10 @@ impl Control {
         }
         if lost_contact {
             if let Some(c) = self.clusters.get_mut(&cluster) {
-                c.errors.push(format!("node {node_id}: {why}"));
+                c.errors.push(ClusterError::LostContact {
+                    node: node_id.to_string(),
+                    why: why.to_string(),
+                });
                 let excess = c.errors.len().saturating_sub(5);
                 c.errors.drain(..excess);
                 self.dirty_clusters.insert(cluster);
@@ -59,10 +62,11 @@ impl Control {
             },
         );
         if let Some(c) = self.clusters.get_mut(&cluster) {
-            c.errors.push(format!(
-                "node {node_id}: {why} (new nodes wait {} s)",
-                delay_ms / 1000
-            ));
+            c.errors.push(ClusterError::NodeFailed {
+                node: node_id.to_string(),
+                why: why.to_string(),
+                wait_seconds: delay_ms / 1000,
+            });
             let excess = c.errors.len().saturating_sub(5);
             c.errors.drain(..excess);
             self.dirty_clusters.insert(cluster);

@@ -254,13 +254,65 @@ pub(super) fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// A problem that stops a cluster from reaching its target: a value in the
+/// core, words at the edge. Stored as its words (as it always was); read back,
+/// they are `Said`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterError {
+    /// What blocks its growth now (a lock, a quota); never stored, it is
+    /// added when the cluster is read.
+    Blocked(crate::governance::Block),
+    /// A node failed to start or broke; new nodes wait `wait_seconds`.
+    NodeFailed {
+        node: String,
+        why: String,
+        wait_seconds: i64,
+    },
+    /// A node's agent stopped answering (it may come back).
+    LostContact { node: String, why: String },
+    /// Words, as stored by an earlier run.
+    Said(String),
+}
+
+impl std::fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterError::Blocked(block) => write!(f, "scale-up blocked: {block}"),
+            ClusterError::NodeFailed {
+                node,
+                why,
+                wait_seconds,
+            } => write!(f, "node {node}: {why} (new nodes wait {wait_seconds} s)"),
+            ClusterError::LostContact { node, why } => write!(f, "node {node}: {why}"),
+            ClusterError::Said(text) => f.write_str(text),
+        }
+    }
+}
+
+impl Serialize for ClusterError {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterError {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        String::deserialize(deserializer).map(ClusterError::Said)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub created_at: Millis,
     /// Problems that stop the cluster from reaching its target (kept current).
     #[serde(default)]
-    pub errors: Vec<String>,
+    pub errors: Vec<ClusterError>,
     #[serde(default)]
     pub lock: Option<LockKind>,
     /// The managed identities its jobs may get tokens for; its own (system-assigned)
