@@ -1070,8 +1070,8 @@ fn agent_message_name(message: &ToAgent) -> String {
 mod tests {
     use super::*;
 
-    /// Seeds `from..from + count`, or the one in SHOAL_SIM_SEED.
-    fn seeds(from: u64, count: u64) {
+    /// Seeds `from..from + count` at `scale`, or the one in SHOAL_SIM_SEED.
+    fn seeds(from: u64, count: u64, scale: &Scale) {
         let only: Option<u64> = std::env::var("SHOAL_SIM_SEED")
             .ok()
             .and_then(|s| s.parse().ok());
@@ -1080,43 +1080,37 @@ mod tests {
             None => (from..from + count).collect(),
         };
         for seed in range {
-            if let Err(failure) = run(seed, &Scale::default()) {
+            if let Err(failure) = run(seed, scale) {
                 panic!("{failure}");
             }
         }
     }
 
-    // 400 seeds, in four tests so that they share the cores.
-    #[test]
-    fn seeds_0_to_99_hold_every_invariant() {
-        seeds(0, 100);
-    }
-
-    #[test]
-    fn seeds_100_to_199_hold_every_invariant() {
-        seeds(100, 100);
-    }
-
-    #[test]
-    fn seeds_200_to_299_hold_every_invariant() {
-        seeds(200, 100);
-    }
-
-    #[test]
-    fn seeds_300_to_399_hold_every_invariant() {
-        seeds(300, 100);
-    }
-
-    #[test]
-    fn rough_seeds_0_to_39_hold_every_invariant() {
-        let only: Option<u64> = std::env::var("SHOAL_SIM_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok());
-        for seed in only.map_or(0..40, |s| s..s + 1) {
-            if let Err(failure) = run(seed, &Scale::rough()) {
-                panic!("rough scale: {failure}");
+    /// 2,000 seeds at the default scale and 200 rough ones, in tests of 250 and
+    /// 50 so that they share the cores (`cargo test` optimizes the core: about
+    /// 4 s per 100 default seeds on one core of the CI machine).
+    macro_rules! seed_tests {
+        ($($name:ident: $from:literal + $count:literal at $scale:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                seeds($from, $count, &$scale);
             }
-        }
+        )*};
+    }
+
+    seed_tests! {
+        seeds_0_to_249_hold_every_invariant: 0 + 250 at Scale::default();
+        seeds_250_to_499_hold_every_invariant: 250 + 250 at Scale::default();
+        seeds_500_to_749_hold_every_invariant: 500 + 250 at Scale::default();
+        seeds_750_to_999_hold_every_invariant: 750 + 250 at Scale::default();
+        seeds_1000_to_1249_hold_every_invariant: 1000 + 250 at Scale::default();
+        seeds_1250_to_1499_hold_every_invariant: 1250 + 250 at Scale::default();
+        seeds_1500_to_1749_hold_every_invariant: 1500 + 250 at Scale::default();
+        seeds_1750_to_1999_hold_every_invariant: 1750 + 250 at Scale::default();
+        rough_seeds_0_to_49_hold_every_invariant: 0 + 50 at Scale::rough();
+        rough_seeds_50_to_99_hold_every_invariant: 50 + 50 at Scale::rough();
+        rough_seeds_100_to_149_hold_every_invariant: 100 + 50 at Scale::rough();
+        rough_seeds_150_to_199_hold_every_invariant: 150 + 50 at Scale::rough();
     }
 
     #[test]
