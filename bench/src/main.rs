@@ -9,11 +9,12 @@
 //! ten waves, with the process's RSS after each: memory holds only live and
 //! recent jobs, the store the rest.
 //! `latency`: submit → completed for a trivial job (`true`) on a warm local node,
-//! through gRPC on loopback with a real agent process; and the same through the
-//! `shoal job submit --wait` CLI process.
+//! through gRPC on loopback to a `shoal coordinator` process with a real agent
+//! process; and the same through the `shoal job submit --wait` CLI process.
 //! `backlog [N]`: N (default 100,000) jobs queued on a cluster locked read-only,
 //! beside a warm cluster: submit rate as the queue grows, then with the queue
-//! full the warm cluster's latency, the idle coordinator's CPU and RSS, and the
+//! full the warm cluster's latency, the idle coordinator process's CPU and RSS
+//! (its own, as `bench/peer-backlog.sh` reads HyperQueue's server), and the
 //! decision pass's time (from /metrics): what waits elsewhere must cost nothing.
 //! `fleet [NODES] [JOBS]`: NODES (default 5,000) in-process agents heartbeating
 //! every 5 s, idle and then running JOBS (default 100,000) zero-work jobs: the
@@ -22,7 +23,8 @@
 //! 1,000); `--rough`: twice the jobs, three times the faults (`Scale::rough`).
 //! `grpc-fleet [NODES] [JOBS]`: a real coordinator process and NODES agents that
 //! join with a join token and keep a real gRPC session each (register, heartbeats
-//! every 5 s, launches answered at once), over 50 HTTP/2 connections: the
+//! every 5 s with a real agent's telemetry, launches answered at once), over 50
+//! HTTP/2 connections: the
 //! coordinator process's own CPU and RSS, idle and while JOBS zero-work jobs run.
 
 use std::sync::Arc;
