@@ -194,7 +194,8 @@ struct Agent {
     partitioned: bool,
     last_heard: Millis,
     /// Instances running here: when each ends, and how.
-    running: BTreeMap<Slot, (Millis, i32)>,
+    /// Instances it runs: when each ends, its exit code, the GPUs it holds.
+    running: BTreeMap<Slot, (Millis, i32, Vec<u32>)>,
     /// Exits, reported again at each registration.
     finished: Vec<(Slot, ExitReport)>,
     /// When the last message on each direction arrives (sessions keep order).
@@ -489,7 +490,7 @@ impl World {
                 let Some(agent) = self.agents.get_mut(&node) else {
                     return;
                 };
-                let Some((_, code)) = agent.running.remove(&slot) else {
+                let Some((_, code, _)) = agent.running.remove(&slot) else {
                     return; // stopped before
                 };
                 let outcome = if code == 0 { "completed" } else { "failed" };
@@ -677,15 +678,17 @@ impl World {
         agent.last_heard = now;
         let mut attempts: Vec<AttemptReport> = agent
             .running
-            .keys()
-            .map(|slot| AttemptReport {
+            .iter()
+            .map(|(slot, running)| AttemptReport {
                 slot: slot.clone(),
                 exited: None,
+                gpus: running.2.clone(),
             })
             .collect();
         attempts.extend(agent.finished.iter().map(|(slot, exit)| AttemptReport {
             slot: slot.clone(),
             exited: Some(exit.clone()),
+            gpus: Vec::new(),
         }));
         let gpus = (0..agent.gpus)
             .map(|index| GpuStat {
@@ -792,15 +795,16 @@ impl World {
                 }
                 let duration: Millis = order.argv.get(1).and_then(|d| d.parse().ok()).unwrap_or(0);
                 let code: i32 = order.argv.get(2).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let gpus: Vec<u32> = (0..order.gpus).collect();
                 agent
                     .running
-                    .insert(order.slot.clone(), (now + duration, code));
+                    .insert(order.slot.clone(), (now + duration, code, gpus.clone()));
                 self.send_from(
                     node,
                     Command::InstanceStarted {
                         node_id: node.to_string(),
                         slot: order.slot.clone(),
-                        gpus: (0..order.gpus).collect(),
+                        gpus,
                     },
                 );
                 self.at(

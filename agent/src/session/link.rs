@@ -187,6 +187,7 @@ impl Agent {
                 attempt_id: slot.attempt_id.clone(),
                 instance: slot.instance,
                 exited: entry.exited.as_ref().map(|(e, _)| e.clone()),
+                gpus: entry.gpus.clone(),
             })
             .collect();
         pb::AgentMessage {

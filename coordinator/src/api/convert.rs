@@ -514,6 +514,7 @@ pub fn registration(register: pb::Register) -> Registration {
                     instance: r.instance,
                 },
                 exited: r.exited.map(exited),
+                gpus: r.gpus,
             })
             .collect(),
     }

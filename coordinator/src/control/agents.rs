@@ -83,7 +83,16 @@ impl Control {
             let wanted = self.instance_wanted_on(node_id, &report.slot);
             match (report.exited, wanted) {
                 (Some(exit), _) => self.instance_exited(node_id, &report.slot, exit, now),
-                (None, true) => self.instance_started(node_id, &report.slot, now),
+                (None, true) => {
+                    if let Some((job, index)) = self.instance_mut(&report.slot) {
+                        let instance =
+                            &mut job.attempts[index].instances[report.slot.instance as usize];
+                        if instance.gpus.is_empty() {
+                            instance.gpus = report.gpus;
+                        }
+                    }
+                    self.instance_started(node_id, &report.slot, now)
+                }
                 (None, false) => {
                     warn!(node = %node_id, attempt = %report.slot.attempt_id, "agent runs an attempt that is no longer wanted; canceling it");
                     self.tell(

@@ -31,8 +31,10 @@ impl Control {
                 )),
             }
         }
-        // No node is booked twice: at most one instance not yet ended on each.
+        // No node is booked twice: at most one instance not yet ended on each;
+        // and no GPU of a node is held by two.
         let mut booked: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut gpus_held: HashMap<(&str, u32), Vec<String>> = HashMap::new();
         for job in self.jobs.values() {
             for attempt in &job.attempts {
                 // Gangs are whole: every instance, each on a node of its own.
@@ -54,7 +56,39 @@ impl Control {
                         .entry(instance.node.as_str())
                         .or_default()
                         .push(format!("{}/{}", attempt.id, instance.index));
+                    for gpu in &instance.gpus {
+                        gpus_held
+                            .entry((instance.node.as_str(), *gpu))
+                            .or_default()
+                            .push(format!("{}/{}", attempt.id, instance.index));
+                    }
+                    // Once started it holds the GPUs it asked for (its agent
+                    // says which), and they are its node's.
+                    let node_gpus = self.nodes.get(&instance.node).map(|n| n.gpus.len());
+                    let started = instance.status == InstanceStatus::Running;
+                    if started && instance.gpus.len() != job.spec.gpus_per_instance as usize
+                        || node_gpus
+                            .is_some_and(|count| instance.gpus.iter().any(|g| *g as usize >= count))
+                    {
+                        broken.push(format!(
+                            "{}/{} on {} holds GPUs {:?}, wanting {} of the node's {:?}",
+                            attempt.id,
+                            instance.index,
+                            instance.node,
+                            instance.gpus,
+                            job.spec.gpus_per_instance,
+                            node_gpus
+                        ));
+                    }
                 }
+            }
+        }
+        for ((node, gpu), slots) in gpus_held {
+            if slots.len() > 1 {
+                broken.push(format!(
+                    "GPU {gpu} of node {node} is held by {}",
+                    slots.join(", ")
+                ));
             }
         }
         for (node, slots) in booked {

@@ -295,6 +295,7 @@ fn a_silent_node_has_its_work_rerun_exactly_a_lease_after_it_was_last_heard() {
             message: "fenced".into(),
             usage: None,
         }),
+        gpus: Vec::new(),
     }];
     m.register_with(back, 2).expect("back");
     assert!(
@@ -502,6 +503,7 @@ fn an_exit_reported_at_registration_is_applied_once() {
             message: String::new(),
             usage: None,
         }),
+        gpus: Vec::new(),
     }];
     m.register_with(with_exit.clone(), 2).expect("registered");
     let job = m.job(&id);
@@ -984,4 +986,48 @@ fn only_live_and_recent_jobs_stay_in_memory() {
     assert!(m.ask(|reply| Command::GetJob(last, reply)).is_err());
     let counts = m.ask(Command::JobCounts).expect("counts");
     assert_eq!(counts.get(&JobStatus::Completed), Some(&3));
+}
+
+/// Found by the simulator (seed 125): a coordinator that restarted before it
+/// committed an instance's start learned it runs from the agent's
+/// registration, but not which GPUs it holds.
+#[test]
+fn a_running_instance_reported_at_registration_keeps_its_gpus() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.create_cluster(ClusterRequest {
+        name: "cl".into(),
+        vm_size: "Standard_NC6".into(),
+        max_nodes: Some(1),
+        ..Default::default()
+    });
+    let id = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        command: "train".into(),
+        gpus_per_instance: 1,
+        ..Default::default()
+    });
+    let node = m.created[0].clone();
+    let with_gpu = || {
+        let mut registration = registration(&node, "cl");
+        registration.gpus = vec![crate::model::GpuStat {
+            index: 0,
+            model: "Fake".into(),
+            ..Default::default()
+        }];
+        registration
+    };
+    let mut agent = m.register_with(with_gpu(), 1).expect("registered");
+    let order = launches(&mut agent).pop().expect("launched");
+    // Its start never reached the coordinator; the agent comes back running it.
+    let mut back = with_gpu();
+    back.attempts = vec![AttemptReport {
+        slot: order.slot.clone(),
+        exited: None,
+        gpus: vec![0],
+    }];
+    m.register_with(back, 2).expect("back");
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Running, "{}", job.reason);
+    assert_eq!(job.attempts[0].instances[0].gpus, vec![0]);
+    assert!(m.control.invariant_violations().is_empty());
 }

@@ -91,6 +91,9 @@ pub struct AttemptReport {
     pub slot: Slot,
     /// None: still running.
     pub exited: Option<ExitReport>,
+    /// The GPUs it holds while it runs (its agent chose them): a coordinator
+    /// that restarted before it committed the instance's start learns them here.
+    pub gpus: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
