@@ -19,8 +19,10 @@
 //! `fleet [NODES] [JOBS]`: NODES (default 5,000) in-process agents heartbeating
 //! every 5 s, idle and then running JOBS (default 100,000) zero-work jobs: the
 //! process's CPU and RSS, and the decision pass's time.
-//! `sim [SEEDS] [--rough]`: the deterministic simulator over SEEDS seeds (default
-//! 1,000); `--rough`: twice the jobs, three times the faults (`Scale::rough`).
+//! `sim [SEEDS] [--rough | --nodes N]`: the deterministic simulator over SEEDS seeds
+//! (default 1,000); `--rough`: twice the jobs, three times the faults
+//! (`Scale::rough`); `--nodes N`: a fleet of up to N nodes, three jobs a node and
+//! faults in proportion (`Scale::fleet`).
 //! `grpc-fleet [NODES] [JOBS]`: a real coordinator process and NODES agents that
 //! join with a join token and keep a real gRPC session each (register, heartbeats
 //! every 5 s with a real agent's telemetry, launches answered at once), over 50
@@ -949,11 +951,11 @@ async fn fleet(nodes: u32, jobs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sim(seeds: u64, rough: bool) -> anyhow::Result<()> {
-    let scale = if rough {
-        shoal_coordinator::sim::Scale::rough()
-    } else {
-        shoal_coordinator::sim::Scale::default()
+fn sim(seeds: u64, rough: bool, nodes: Option<u32>) -> anyhow::Result<()> {
+    let scale = match (nodes, rough) {
+        (Some(nodes), _) => shoal_coordinator::sim::Scale::fleet(nodes),
+        (None, true) => shoal_coordinator::sim::Scale::rough(),
+        (None, false) => shoal_coordinator::sim::Scale::default(),
     };
     let started = Instant::now();
     let mut steps = 0;
@@ -969,9 +971,11 @@ fn sim(seeds: u64, rough: bool) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "sim: {seeds} seeds held every invariant: {steps} steps, {:.0} simulated minutes, in {elapsed:.1} s ({:.0} seeds/s)",
+        "sim: {seeds} seeds held every invariant: {steps} steps, {:.0} simulated minutes, in {elapsed:.1} s ({:.2} seeds/s); {} jobs a seed, at most {} nodes a cluster",
         simulated as f64 / 60_000.0,
-        seeds as f64 / elapsed
+        seeds as f64 / elapsed,
+        scale.jobs,
+        scale.max_nodes
     );
     Ok(())
 }
@@ -1304,14 +1308,19 @@ async fn main() -> anyhow::Result<()> {
     }
     if what == "sim" {
         let rough = args.iter().any(|a| a == "--rough");
-        let count = args
+        let nodes = args
             .iter()
-            .skip(1)
-            .find(|a| *a != "--rough")
+            .position(|a| a == "--nodes")
+            .map(|i| args.get(i + 1).map_or("", String::as_str).parse::<u32>())
+            .transpose()
+            .context("--nodes takes a node count")?;
+        let count = args
+            .get(1)
+            .filter(|a| !a.starts_with("--"))
             .map(|n| n.parse::<u64>())
             .transpose()
             .context("sim takes a seed count")?;
-        sim(count.unwrap_or(1_000), rough)?;
+        sim(count.unwrap_or(1_000), rough, nodes)?;
     }
     if what == "backlog" {
         let queued = args

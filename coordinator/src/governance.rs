@@ -63,12 +63,14 @@ pub struct Usage {
     pub total: u32,
 }
 
-/// Cores in use now, by scope.
+/// Cores in use now, by scope: every node that exists, a node out of contact
+/// too (it may come back, and its machine is still there until it is removed),
+/// but not one that failed.
 pub fn usage(clusters: &BTreeMap<String, Cluster>, nodes: &[&Node], catalog: &Catalog) -> Usage {
     let mut used = Usage::default();
     for node in nodes
         .iter()
-        .filter(|n| n.state != crate::model::NodeState::Unusable)
+        .filter(|n| n.state != crate::model::NodeState::Unusable || n.lost_contact)
     {
         let Some(cluster) = clusters.get(&node.cluster) else {
             continue;

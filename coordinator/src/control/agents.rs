@@ -12,6 +12,12 @@ impl Control {
         now: Millis,
     ) -> Result<()> {
         let node_id = registration.node_id.clone();
+        if let Some(refusal) = self.replaced_while_away(&node_id) {
+            self.remove_node(&node_id, &refusal);
+            return Err(Error::FailedPrecondition(format!(
+                "{refusal}; the agent should stop"
+            )));
+        }
         let Some(node) = self.nodes.get_mut(&node_id) else {
             return Err(Error::NotFound(format!(
                 "node `{node_id}` is not part of this coordinator's clusters; the agent should stop"
@@ -111,6 +117,23 @@ impl Control {
         {
             self.instance_lost(&slot, &format!("node {node_id} restarted without it"), now);
         }
+    }
+
+    /// A node back after it lost contact may have been replaced meanwhile: it
+    /// comes back only if its cluster is still under max_nodes (else it would
+    /// push the cluster over). Quotas always have room for it: a node out of
+    /// contact still counts against them (`governance::usage`).
+    fn replaced_while_away(&self, node_id: &str) -> Option<String> {
+        let node = self.nodes.get(node_id)?;
+        if !(node.state == NodeState::Unusable && node.lost_contact) {
+            return None;
+        }
+        let max_nodes = self.clusters.get(&node.cluster)?.spec.max_nodes;
+        (self.allocated_nodes(&node.cluster) >= max_nodes).then(|| {
+            format!(
+                "node `{node_id}` was replaced while it was out of contact (its cluster is at max_nodes {max_nodes})"
+            )
+        })
     }
 
     /// The instance is placed on this node and should still run.

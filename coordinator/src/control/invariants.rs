@@ -99,7 +99,23 @@ impl Control {
         // Quotas are never exceeded.
         for (scope, limit, used) in self.quota_report().lines {
             if used > limit {
-                broken.push(format!("quota {scope}: {used} cores used of {limit}"));
+                // Which nodes hold the cores, by cluster and state.
+                let mut holders: BTreeMap<(String, &str, u32), u32> = BTreeMap::new();
+                for node in self.nodes.values() {
+                    *holders
+                        .entry((node.cluster.clone(), node.state.as_str(), node.cores))
+                        .or_default() += 1;
+                }
+                let holders: Vec<String> = holders
+                    .iter()
+                    .map(|((cluster, state, cores), count)| {
+                        format!("{cluster} {state} {count}×{cores}")
+                    })
+                    .collect();
+                broken.push(format!(
+                    "quota {scope}: {used} cores used of {limit} ({})",
+                    holders.join(", ")
+                ));
             }
         }
         // The queue holds exactly the queued jobs.

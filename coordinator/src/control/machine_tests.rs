@@ -1031,3 +1031,61 @@ fn a_running_instance_reported_at_registration_keeps_its_gpus() {
     assert_eq!(job.attempts[0].instances[0].gpus, vec![0]);
     assert!(m.control.invariant_violations().is_empty());
 }
+
+/// Found by the simulator at 300 nodes: a node back after it lost contact,
+/// once its replacement was made, pushed its cluster over max_nodes and the
+/// quotas over their limit. A node out of contact now counts against the
+/// quotas, and one that comes back to a full cluster is sent away.
+#[test]
+fn a_node_replaced_while_out_of_contact_is_sent_away_when_it_comes_back() {
+    let config = ControlConfig {
+        lease: Duration::from_secs(6),
+        ..ControlConfig::default()
+    };
+    let mut m = Machine::new(config);
+    m.cluster("cl", 1, 600);
+    m.submit("cl", 1);
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &order);
+    let used = |m: &mut Machine| {
+        let report = m.ask(Command::GetQuotas).expect("quotas");
+        report
+            .lines
+            .iter()
+            .find(|(scope, _, _)| scope == "total")
+            .map(|(_, _, used)| *used)
+    };
+    assert_eq!(used(&mut m), Some(2));
+    m.advance(6_001);
+    assert_eq!(m.node(&node).state, NodeState::Unusable);
+    // The job is rerun on a replacement (max_nodes 1: the lost node is not
+    // allocated), and the lost node's cores still count beside its own.
+    assert_eq!(m.created.len(), 2, "a replacement: {:?}", m.created);
+    assert_eq!(
+        used(&mut m),
+        Some(4),
+        "out of contact, its cores still count"
+    );
+    let replacement = m.created[1].clone();
+    let mut second = m.register(&replacement, "cl");
+    assert_eq!(launches(&mut second).len(), 1, "the rerun runs there");
+    let refused = m
+        .register_with(registration(&node, "cl"), 2)
+        .expect_err("a full cluster sends it away");
+    assert!(
+        refused
+            .to_string()
+            .contains("replaced while it was out of contact"),
+        "{refused}"
+    );
+    assert!(m.removed.contains(&node), "removed: {:?}", m.removed);
+    m.step(Vec::new());
+    let nodes = m
+        .ask(|reply| Command::ListNodes(None, reply))
+        .expect("nodes");
+    assert!(nodes.iter().all(|n| n.id != node), "it is gone");
+    assert!(m.control.invariant_violations().is_empty());
+    assert!(m.control.allocated_nodes("cl") <= 1);
+}
