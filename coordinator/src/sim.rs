@@ -1026,6 +1026,11 @@ impl World {
             .filter(|id| check_all || !self.ended.contains_key(*id));
         for id in watched {
             let Some(status) = control.job_status(id) else {
+                if self.ended.contains_key(id) {
+                    // Ended jobs leave memory after a restart when more than
+                    // the most recent are stored (a fleet's); the store has them.
+                    continue;
+                }
                 return Err(self.fail(format!("accepted job {id} is gone")));
             };
             match self.ended.get(id) {
