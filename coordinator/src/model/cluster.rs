@@ -257,7 +257,8 @@ pub(super) fn validate_tags(tags: &BTreeMap<String, String>) -> Result<()> {
 /// A problem that stops a cluster from reaching its target: a value in the
 /// core, words at the edge. Stored as its words (as it always was); read back,
 /// they are `Said`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
 pub enum ClusterError {
     /// What blocks its growth now (a lock, a quota); never stored, it is
     /// added when the cluster is read.
@@ -289,20 +290,15 @@ impl std::fmt::Display for ClusterError {
     }
 }
 
-impl Serialize for ClusterError {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+impl From<ClusterError> for String {
+    fn from(error: ClusterError) -> String {
+        error.to_string()
     }
 }
 
-impl<'de> Deserialize<'de> for ClusterError {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        String::deserialize(deserializer).map(ClusterError::Said)
+impl From<String> for ClusterError {
+    fn from(text: String) -> Self {
+        ClusterError::Said(text)
     }
 }
 

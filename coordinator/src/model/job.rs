@@ -512,7 +512,8 @@ impl Attempt {
 /// Why a job waits, or why it ended: a value in the core, words at the edge.
 /// Stored as its words, as it always was; read back, "queued" and "" are
 /// themselves again, and any other words are the job's own (`Said`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
 pub enum JobReason {
     /// Nothing to say (running, or completed).
     #[default]
@@ -561,9 +562,21 @@ impl JobReason {
     }
 }
 
+/// Words back into a reason: "queued" is `Queued` again, any other words the
+/// job's own.
 impl From<String> for JobReason {
     fn from(text: String) -> Self {
-        JobReason::said(text)
+        if text == "queued" {
+            JobReason::Queued
+        } else {
+            JobReason::said(text)
+        }
+    }
+}
+
+impl From<JobReason> for String {
+    fn from(reason: JobReason) -> String {
+        reason.to_string()
     }
 }
 
@@ -593,28 +606,6 @@ impl std::fmt::Display for Requeue {
                 "preempted on node {node} (attempt {attempt}, preemption {count} of at most {limit})"
             ),
         }
-    }
-}
-
-impl Serialize for JobReason {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for JobReason {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Ok(if text == "queued" {
-            JobReason::Queued
-        } else {
-            JobReason::said(text)
-        })
     }
 }
 
