@@ -29,13 +29,14 @@ pub(super) struct JobTable {
 }
 
 impl JobTable {
+    // A job held under `seq` has the id `job_id(seq)` (`insert` sees to it),
+    // and `job_seq` reads only that spelling: a lookup by id needs no compare.
     pub(super) fn get(&self, id: &str) -> Option<&Job> {
-        self.by_seq(job_seq(id)?).filter(|job| job.id == id)
+        self.by_seq(job_seq(id)?)
     }
 
     pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut Job> {
-        let job = self.by_seq.get_mut(&job_seq(id)?)?;
-        (job.id == id).then_some(&mut **job)
+        self.by_seq.get_mut(&job_seq(id)?).map(Box::as_mut)
     }
 
     pub(super) fn by_seq(&self, seq: u64) -> Option<&Job> {
@@ -59,11 +60,7 @@ impl JobTable {
     }
 
     pub(super) fn remove(&mut self, id: &str) -> Option<Job> {
-        let seq = job_seq(id)?;
-        if self.by_seq.get(&seq)?.id != id {
-            return None;
-        }
-        self.by_seq.remove(&seq).map(|job| *job)
+        self.by_seq.remove(&job_seq(id)?).map(|job| *job)
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &Job> {

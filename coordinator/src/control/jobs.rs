@@ -43,8 +43,9 @@ impl Control {
             progress: None,
         };
         debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
-        self.queue.push(&job);
+        // Held first: a job the table refused must not be left on the queue.
         self.jobs.insert(job.clone()).map_err(Error::Internal)?;
+        self.queue.push(&job);
         if let Some(cuts) = cuts {
             self.add_parallel(&id, cuts);
         }

@@ -149,7 +149,8 @@ pub struct JobSpec {
 
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
 /// ones otherwise. Stored flattened into the spec, as `JobExtras` always was.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "JobExtras", into = "JobExtras")]
 pub struct Extras(Option<Box<JobExtras>>);
 
 static NO_EXTRAS: JobExtras = JobExtras::EMPTY;
@@ -168,20 +169,9 @@ impl std::ops::Deref for Extras {
     }
 }
 
-impl Serialize for Extras {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        (**self).serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Extras {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        JobExtras::deserialize(deserializer).map(Extras::from)
+impl From<Extras> for JobExtras {
+    fn from(extras: Extras) -> Self {
+        extras.0.map(|boxed| *boxed).unwrap_or_default()
     }
 }
 
