@@ -122,15 +122,13 @@ fn disk_of(disks: &Disks, path: &std::path::Path) -> (u64, u64) {
         .map_or((0, 0), |d| (d.available_space(), d.total_space()))
 }
 
-/// CPU seconds per process group, from /proc (utime + stime + the children reaped).
-fn cpu_seconds_by_group() -> HashMap<i32, f64> {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let mut groups = HashMap::new();
+/// Every process's group and the fields of its `/proc/PID/stat` after the
+/// command (state ppid pgrp session tty tpgid flags minflt cminflt majflt
+/// cmajflt utime stime cutime cstime priority nice threads itrealvalue
+/// starttime vsize rss ...).
+fn each_process(mut visit: impl FnMut(i32, &[&str])) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return groups;
+        return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -143,22 +141,47 @@ fn cpu_seconds_by_group() -> HashMap<i32, f64> {
         let Some((_, rest)) = stat.rsplit_once(')') else {
             continue;
         };
-        // After the command: state ppid pgrp session tty tpgid flags minflt cminflt
-        // majflt cmajflt utime stime cutime cstime ...
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let number = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let Some(group) = fields.get(2).and_then(|f| f.parse::<i32>().ok()) else {
-            continue;
-        };
-        let seconds = (number(11) + number(12) + number(13) + number(14)) / ticks;
-        *groups.entry(group).or_insert(0.0) += seconds;
+        if let Some(group) = fields.get(2).and_then(|f| f.parse::<i32>().ok()) {
+            visit(group, &fields);
+        }
     }
+}
+
+fn field(fields: &[&str], index: usize) -> f64 {
+    fields
+        .get(index)
+        .and_then(|f| f.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds per process group, from /proc (utime + stime + the children reaped).
+fn cpu_seconds_by_group() -> HashMap<i32, f64> {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut groups = HashMap::new();
+    each_process(|group, fields| {
+        let seconds = (11..=14).map(|i| field(fields, i)).sum::<f64>() / ticks;
+        *groups.entry(group).or_insert(0.0) += seconds;
+    });
     groups
+}
+
+/// The resident memory of a process group's processes, in bytes, from /proc.
+pub fn group_resident_bytes(group: i32) -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let mut pages = 0u64;
+    each_process(|of, fields| {
+        if of == group {
+            pages += field(fields, 21) as u64;
+        }
+    });
+    pages * page
 }
 
 /// This machine's cores and memory, for an agent not told its capacity.

@@ -16,11 +16,12 @@ pub struct ScaleDecision {
     pub wake_at: Option<Millis>,
 }
 
-/// `waiting_instances`: instances of queued jobs that the scheduler could not place.
+/// `waiting_nodes`: nodes that the queued jobs the scheduler could not place
+/// would fill (one per whole-node instance, shares packed).
 pub fn decide(
     spec: &ClusterSpec,
     nodes: &[&Node],
-    waiting_instances: u32,
+    waiting_nodes: u32,
     now: Millis,
 ) -> ScaleDecision {
     let count = |state: NodeState| nodes.iter().filter(|n| n.state == state).count() as u32;
@@ -28,7 +29,7 @@ pub fn decide(
     let leaving = count(NodeState::Leaving);
     let active = count(NodeState::Preparing) + count(NodeState::Idle) + running;
 
-    let wanted = running.saturating_add(waiting_instances);
+    let wanted = running.saturating_add(waiting_nodes);
     let target = wanted.clamp(spec.min_nodes, spec.max_nodes);
     let mut decision = ScaleDecision {
         target,
@@ -48,7 +49,7 @@ pub fn decide(
     let idle_ms = (spec.idle_seconds_before_scaledown as i64).saturating_mul(1000);
     let mut idle: Vec<&&Node> = nodes
         .iter()
-        .filter(|n| n.state == NodeState::Idle && n.running.is_none())
+        .filter(|n| n.state == NodeState::Idle && n.running.is_empty())
         // Joined machines are the user's own: never scaled away.
         .filter(|n| n.provider != crate::model::ProviderKind::Joined)
         .collect();

@@ -1,9 +1,11 @@
-//! Placement: a pure function from queued jobs and nodes to placements. Each
-//! instance gets a node of its own; a job is placed whole (a gang) or not at all.
+//! Placement: a pure function from queued jobs and nodes to placements. An
+//! instance asks for a share of a node (cores, memory, GPUs) or the whole node;
+//! shares are packed onto nodes, never over; a job is placed whole (a gang) or
+//! not at all, each of its instances on a node of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::model::{Job, Node};
+use crate::model::{Job, Node, Resources, Room, human_bytes};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -12,12 +14,32 @@ pub struct Placement {
     pub nodes: Vec<String>,
 }
 
-/// Whether a job's gang fits on the free nodes of its cluster now, and if not,
+/// What a job asks of each node it is placed on: jobs of one shape fit, or do
+/// not, alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub share: Resources,
+    pub gpus: u32,
+    /// Instances, each on a node of its own.
+    pub width: u32,
+}
+
+impl Shape {
+    pub fn of(job: &Job) -> Self {
+        Shape {
+            share: job.spec.resources,
+            gpus: job.spec.gpus_per_instance,
+            width: job.spec.instance_count,
+        }
+    }
+}
+
+/// Whether a job's gang fits on the open nodes of its cluster now, and if not,
 /// why: what `place` acts on and what `shoal job why` says, from one function.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fit {
     Fits,
-    /// Fewer free nodes than instances.
+    /// Fewer free nodes than instances (each wants a whole node).
     TooFewFree {
         wanted: u32,
         free: u32,
@@ -29,24 +51,33 @@ pub enum Fit {
         with_gpus: u32,
         gpus: u32,
     },
+    /// Each instance asks for a share: too few nodes have that much left.
+    TooFewWithRoom {
+        wanted: u32,
+        share: Resources,
+        gpus: u32,
+        /// The open nodes and what each has left.
+        rooms: Vec<(String, Room)>,
+    },
+}
+
+fn gang(wanted: u32) -> String {
+    if wanted > 1 {
+        format!(" at once (a gang of {wanted})")
+    } else {
+        String::new()
+    }
 }
 
 impl Fit {
     /// In words, for `job why`.
     pub fn describe(&self) -> String {
-        let gang = |wanted: u32| {
-            if wanted > 1 {
-                format!(" at once (a gang of {wanted})")
-            } else {
-                String::new()
-            }
-        };
-        match *self {
-            Fit::Fits => "fits on the free nodes now: placed on the next pass".into(),
+        match self {
+            Fit::Fits => "fits on the open nodes now: placed on the next pass".into(),
             Fit::TooFewFree { wanted, free } => {
                 format!(
                     "needs {wanted} free node(s){}; {free} free now",
-                    gang(wanted)
+                    gang(*wanted)
                 )
             }
             Fit::TooFewWithGpus {
@@ -56,82 +87,206 @@ impl Fit {
                 gpus,
             } => format!(
                 "needs {wanted} free node(s) with {gpus} GPU(s) each{}; {free} free now, {with_gpus} of them with enough GPUs",
-                gang(wanted)
+                gang(*wanted)
             ),
+            Fit::TooFewWithRoom {
+                wanted,
+                share,
+                gpus,
+                rooms,
+            } => {
+                let gpus = if *gpus > 0 {
+                    format!(", {gpus} GPU(s)")
+                } else {
+                    String::new()
+                };
+                let each = if *wanted > 1 {
+                    format!(" on each of {wanted} nodes{}", gang(*wanted))
+                } else {
+                    String::new()
+                };
+                let nodes = if rooms.is_empty() {
+                    "no node is open now".to_string()
+                } else {
+                    const SHOWN: usize = 8;
+                    let mut said: Vec<String> = rooms
+                        .iter()
+                        .take(SHOWN)
+                        .map(|(id, room)| format!("{id} {}", left(room)))
+                        .collect();
+                    if rooms.len() > SHOWN {
+                        said.push(format!("{} more", rooms.len() - SHOWN));
+                    }
+                    said.join(", ")
+                };
+                format!("needs {share}{gpus}{each}; {nodes}")
+            }
         }
     }
 }
 
-/// Does `job` fit on `free` (free nodes of its cluster)?
-pub fn fit(job: &Job, free: &[&Node]) -> Fit {
-    let wanted = job.spec.instance_count;
-    let count = free.len() as u32;
-    if count < wanted {
-        return Fit::TooFewFree {
-            wanted,
-            free: count,
-        };
+/// What a node has left, in words: `has 1 cpu, 2 GiB free`, `is full`.
+fn left(room: &Room) -> String {
+    if room.is_full() {
+        return "is full".into();
     }
-    // GPUs are a hard requirement; the runtime is a preference.
-    let with_gpus = free.iter().filter(|n| n.has_gpus_for(&job.spec)).count() as u32;
-    if with_gpus < wanted {
-        return Fit::TooFewWithGpus {
+    let cpus = f64::from(room.millicpus) / 1000.0;
+    let mut words = format!(
+        "has {cpus} cpu{} and {} free",
+        if cpus == 1.0 { "" } else { "s" },
+        human_bytes(room.memory_bytes)
+    );
+    if room.gpus > 0 {
+        words.push_str(&format!(", {} GPU(s)", room.gpus));
+    }
+    words
+}
+
+/// A node open to placement, and what it has left as this pass books it.
+struct Open<'a> {
+    node: &'a Node,
+    room: Room,
+}
+
+/// Does `job` fit on `nodes` (its cluster's) now?
+pub fn fit(job: &Job, nodes: &[&Node]) -> Fit {
+    let open: Vec<Open> = nodes
+        .iter()
+        .filter(|n| n.is_open())
+        .map(|n| Open {
+            node: n,
+            room: n.room(),
+        })
+        .collect();
+    fit_open(job, &open)
+}
+
+fn fit_open(job: &Job, open: &[Open]) -> Fit {
+    let wanted = job.spec.instance_count;
+    let gpus = job.spec.gpus_per_instance;
+    let share = job.spec.resources;
+    if share.is_whole() {
+        let free: Vec<&Open> = open.iter().filter(|o| o.room.empty).collect();
+        let count = free.len() as u32;
+        if count < wanted {
+            return Fit::TooFewFree {
+                wanted,
+                free: count,
+            };
+        }
+        // GPUs are a hard requirement; the runtime is a preference.
+        let with_gpus = free.iter().filter(|o| o.room.gpus >= gpus).count() as u32;
+        if with_gpus < wanted {
+            return Fit::TooFewWithGpus {
+                wanted,
+                free: count,
+                with_gpus,
+                gpus,
+            };
+        }
+        return Fit::Fits;
+    }
+    let takers = open.iter().filter(|o| o.room.takes(share, gpus)).count() as u32;
+    if takers < wanted {
+        return Fit::TooFewWithRoom {
             wanted,
-            free: count,
-            with_gpus,
-            gpus: job.spec.gpus_per_instance,
+            share,
+            gpus,
+            rooms: open.iter().map(|o| (o.node.id.clone(), o.room)).collect(),
         };
     }
     Fit::Fits
 }
 
-/// Places `queued` (oldest first) on free nodes of their own cluster, preferring
-/// nodes that have the job's runtime.
+/// Places `queued` (oldest first) on the open nodes of their cluster. A whole-
+/// node instance goes to the warmest free node; a share to the fullest node it
+/// fits on (so idle nodes stay idle and can scale down), then the warmest free
+/// one; either way nodes with the job's runtime first.
 ///
-/// A job that does not fit is skipped, and later jobs may still use the free nodes
-/// (backfill); the autoscaler sizes the cluster for everything that waits.
-pub fn place<'a>(queued: impl IntoIterator<Item = &'a Job>, nodes: &[&Node]) -> Vec<Placement> {
-    let mut free: HashMap<&str, Vec<&Node>> = HashMap::new();
-    for node in nodes.iter().filter(|n| n.is_free()) {
-        free.entry(node.cluster.as_str()).or_default().push(node);
+/// A job that does not fit is skipped, and later jobs may still use the room
+/// (backfill); the autoscaler sizes the cluster for everything that waits. Jobs
+/// of a shape that did not fit are not tried again this pass (rooms only
+/// shrink), and once every one of the queue's `shapes` has missed, the rest
+/// of the queue is not read.
+pub fn place<'a>(
+    queued: impl IntoIterator<Item = &'a Job>,
+    nodes: &[&Node],
+    shapes: usize,
+) -> Vec<Placement> {
+    let mut open: HashMap<&str, Vec<Open>> = HashMap::new();
+    for node in nodes.iter().filter(|n| n.is_open()) {
+        let room = node.room();
+        if !room.is_full() {
+            open.entry(node.cluster.as_str())
+                .or_default()
+                .push(Open { node, room });
+        }
     }
-    // Most recently busy last, so `pop` reuses warm nodes and the longest-idle ones
-    // can reach their scale-down time.
-    for list in free.values_mut() {
-        list.sort_by(|a, b| a.state_since.cmp(&b.state_since).then(a.id.cmp(&b.id)));
+    // Most recently busy last: the warmest are tried first, and the longest-idle
+    // ones can reach their scale-down time.
+    for list in open.values_mut() {
+        list.sort_by(|a, b| {
+            (a.node.state_since, &a.node.id).cmp(&(b.node.state_since, &b.node.id))
+        });
     }
+    let mut missed: HashSet<(&str, Shape)> = HashSet::new();
     let mut placements = Vec::new();
     for job in queued {
-        // Nothing is free any more: what waits behind stays queued unread.
-        if free.values().all(Vec::is_empty) {
+        // Nothing is open any more, or nothing waiting fits: the rest stays queued unread.
+        if open.values().all(Vec::is_empty) || missed.len() >= shapes {
             break;
         }
-        let Some(list) = free.get_mut(job.spec.cluster.as_str()) else {
+        let cluster = job.spec.cluster.as_str();
+        let Some(list) = open.get_mut(cluster) else {
             continue;
         };
-        let wanted = job.spec.instance_count as usize;
-        if fit(job, list) != Fit::Fits {
+        let shape = Shape::of(job);
+        if missed.contains(&(cluster, shape)) {
             continue;
         }
-        // The warmest nodes that have the job's runtime first; then others, whose
-        // agent fails the job with the reason rather than leave it waiting forever.
-        let mut chosen = Vec::with_capacity(wanted);
-        for capable in [true, false] {
-            let mut index = list.len();
-            while chosen.len() < wanted && index > 0 {
-                index -= 1;
-                let node = &list[index];
-                if node.has_gpus_for(&job.spec) && node.can_run(&job.spec) == capable {
-                    chosen.push(list.remove(index).id.clone());
-                }
-            }
+        let Some(chosen) = choose(job, list) else {
+            missed.insert((cluster, shape));
+            continue;
+        };
+        let mut ids = Vec::with_capacity(chosen.len());
+        for &index in &chosen {
+            list[index].room.book(shape.share, shape.gpus);
+            ids.push(list[index].node.id.clone());
         }
+        list.retain(|o| !o.room.is_full());
         placements.push(Placement {
             job_id: job.id.to_string(),
-            nodes: chosen,
+            nodes: ids,
         });
     }
     placements
+}
+
+/// The nodes (indices into `list`) one placement of `job` takes, or None if it
+/// does not fit.
+fn choose(job: &Job, list: &[Open]) -> Option<Vec<usize>> {
+    if fit_open(job, list) != Fit::Fits {
+        return None;
+    }
+    let (share, gpus) = (job.spec.resources, job.spec.gpus_per_instance);
+    let wanted = job.spec.instance_count as usize;
+    let mut candidates: Vec<usize> = (0..list.len())
+        .filter(|&i| list[i].room.takes(share, gpus))
+        .collect();
+    // The runtime first; then, for a share, busy nodes before free ones and the
+    // fullest first; then the warmest (the list is coldest first).
+    candidates.sort_by_key(|&i| {
+        let o = &list[i];
+        let capable = o.node.can_run(&job.spec);
+        let packing = if share.is_whole() {
+            (false, 0)
+        } else {
+            (o.room.empty, o.room.millicpus)
+        };
+        (!capable, packing, std::cmp::Reverse(i))
+    });
+    candidates.truncate(wanted);
+    (candidates.len() == wanted).then_some(candidates)
 }
 
 #[cfg(test)]
@@ -150,7 +305,7 @@ mod tests {
         ];
         let node_refs: Vec<&Node> = nodes.iter().collect();
         let job = JobBuilder::new("job-1").instances(3).build();
-        let placements = place([&job], &node_refs);
+        let placements = place([&job], &node_refs, usize::MAX);
         assert_eq!(placements.len(), 1);
         let distinct: HashSet<&String> = placements[0].nodes.iter().collect();
         assert_eq!(distinct.len(), 3);
@@ -165,7 +320,7 @@ mod tests {
         let node_refs: Vec<&Node> = nodes.iter().collect();
         let wide = JobBuilder::new("job-1").instances(3).build();
         let narrow = JobBuilder::new("job-2").instances(2).build();
-        let placements = place([&wide, &narrow], &node_refs);
+        let placements = place([&wide, &narrow], &node_refs, usize::MAX);
         assert_eq!(placements.len(), 1, "{placements:?}");
         assert_eq!(placements[0].job_id, "job-2");
     }
@@ -182,7 +337,7 @@ mod tests {
         ];
         let node_refs: Vec<&Node> = nodes.iter().collect();
         let job = JobBuilder::new("job-1").build();
-        assert!(place([&job], &node_refs).is_empty());
+        assert!(place([&job], &node_refs, usize::MAX).is_empty());
     }
 
     #[test]
@@ -194,42 +349,55 @@ mod tests {
         let mut boxed = JobBuilder::new("job-1").build();
         boxed.spec.image = Some("shoal/base".into());
         let plain = JobBuilder::new("job-2").build();
-        let placements = place([&boxed, &plain], &node_refs);
+        let placements = place([&boxed, &plain], &node_refs, usize::MAX);
         assert_eq!(placements[0].nodes, vec!["docker".to_string()]);
         assert_eq!(placements[1].nodes, vec!["plain".to_string()]);
         // With no docker node at all, the job still goes out (and fails with why).
         let plain_only = [NodeBuilder::new("plain").build()];
         let refs: Vec<&Node> = plain_only.iter().collect();
-        assert_eq!(place([&boxed], &refs)[0].nodes, vec!["plain".to_string()]);
+        assert_eq!(
+            place([&boxed], &refs, usize::MAX)[0].nodes,
+            vec!["plain".to_string()]
+        );
     }
 
     #[test]
     fn two_gangs_on_room_for_one_take_turns_without_deadlock() {
-        let mut nodes = vec![
+        let mut nodes = [
             NodeBuilder::new("n1").build(),
             NodeBuilder::new("n2").build(),
         ];
         let first = JobBuilder::new("job-1").instances(2).build();
         let second = JobBuilder::new("job-2").instances(2).build();
         let refs: Vec<&Node> = nodes.iter().collect();
-        let round1 = place([&first, &second], &refs);
+        let round1 = place([&first, &second], &refs, usize::MAX);
         assert_eq!(round1.len(), 1);
         assert_eq!(
             round1[0].job_id, "job-1",
             "the older gang goes first, whole"
         );
         // While job-1 runs, job-2 holds nothing and waits.
-        for node in &mut nodes {
-            node.state = NodeState::Running;
+        let slot = |instance| crate::model::Slot {
+            attempt_id: "job-1.1".into(),
+            instance,
+        };
+        for (instance, node) in nodes.iter_mut().enumerate() {
+            let booked = crate::model::Booked {
+                slot: slot(instance as u32),
+                share: Resources::WHOLE,
+                gpus: 0,
+            };
+            node.book(booked, 1);
         }
         let refs: Vec<&Node> = nodes.iter().collect();
-        assert!(place([&second], &refs).is_empty());
+        assert!(place([&second], &refs, usize::MAX).is_empty());
         // job-1 ends: job-2 gets both nodes.
-        for node in &mut nodes {
-            node.state = NodeState::Idle;
+        for (instance, node) in nodes.iter_mut().enumerate() {
+            assert!(node.release(&slot(instance as u32), 2));
+            assert_eq!(node.state, NodeState::Idle);
         }
         let refs: Vec<&Node> = nodes.iter().collect();
-        let round3 = place([&second], &refs);
+        let round3 = place([&second], &refs, usize::MAX);
         assert_eq!(round3[0].nodes.len(), 2);
     }
 
@@ -253,7 +421,7 @@ mod tests {
         wants_two.spec.gpus_per_instance = 2;
         let mut wants_three = JobBuilder::new("job-2").build();
         wants_three.spec.gpus_per_instance = 3;
-        let placements = place([&wants_three, &wants_two], &refs);
+        let placements = place([&wants_three, &wants_two], &refs, usize::MAX);
         assert_eq!(placements.len(), 1, "{placements:?}");
         assert_eq!(placements[0].nodes, vec!["two-gpus".to_string()]);
     }
@@ -281,12 +449,12 @@ mod tests {
             "needs 2 free node(s) with 1 GPU(s) each at once (a gang of 2); 2 free now, 1 of them with enough GPUs"
         );
         // What `fit` refuses, `place` does not place; what it accepts, it does.
-        assert!(place([&gang], &free).is_empty());
+        assert!(place([&gang], &free, usize::MAX).is_empty());
         let wide = JobBuilder::new("job-2").instances(3).build();
         assert_eq!(fit(&wide, &free), Fit::TooFewFree { wanted: 3, free: 2 });
         let narrow = JobBuilder::new("job-3").instances(2).build();
         assert_eq!(fit(&narrow, &free), Fit::Fits);
-        assert_eq!(place([&narrow], &free).len(), 1);
+        assert_eq!(place([&narrow], &free, usize::MAX).len(), 1);
     }
 
     #[test]
@@ -297,7 +465,109 @@ mod tests {
         ];
         let node_refs: Vec<&Node> = nodes.iter().collect();
         let job = JobBuilder::new("job-1").build();
-        assert_eq!(place([&job], &node_refs)[0].nodes, vec!["warm".to_string()]);
+        assert_eq!(
+            place([&job], &node_refs, usize::MAX)[0].nodes,
+            vec!["warm".to_string()]
+        );
+    }
+
+    fn share(job: &str, cpus: f64, memory: u64) -> Job {
+        let mut job = JobBuilder::new(job).build();
+        job.spec.resources = Resources::share(cpus, memory).expect("a share");
+        job
+    }
+
+    fn sized(id: &str, cores: u32, memory: u64) -> Node {
+        let mut node = NodeBuilder::new(id).build();
+        node.cores = cores;
+        node.memory_bytes = memory;
+        node
+    }
+
+    #[test]
+    fn a_four_core_node_takes_four_one_cpu_jobs_and_the_fifth_waits() {
+        let node = sized("n1", 4, 8 << 30);
+        let jobs: Vec<Job> = (1..=5)
+            .map(|i| share(&format!("job-{i}"), 1.0, 0))
+            .collect();
+        let placements = place(jobs.iter(), &[&node], 1);
+        assert_eq!(placements.len(), 4, "{placements:?}");
+        assert!(placements.iter().all(|p| p.nodes == vec!["n1".to_string()]));
+        assert_eq!(placements[3].job_id, "job-4", "oldest first");
+        // Booked, the node says so, and the fifth is told why.
+        let mut node = node;
+        for (i, p) in placements.iter().enumerate() {
+            let slot = crate::model::Slot {
+                attempt_id: format!("{}.1", p.job_id),
+                instance: 0,
+            };
+            let booked = crate::model::Booked {
+                slot,
+                share: jobs[i].spec.resources,
+                gpus: 0,
+            };
+            node.book(booked, 1);
+        }
+        assert_eq!(node.state, NodeState::Running);
+        assert!(place([&jobs[4]], &[&node], 1).is_empty());
+        assert_eq!(
+            fit(&jobs[4], &[&node]).describe(),
+            "needs 1 cpu; n1 is full"
+        );
+    }
+
+    #[test]
+    fn shares_pack_onto_busy_nodes_and_say_what_each_node_has_left() {
+        let mut busy = sized("busy", 4, 8 << 30);
+        busy.book(
+            crate::model::Booked {
+                slot: crate::model::Slot {
+                    attempt_id: "job-9.1".into(),
+                    instance: 0,
+                },
+                share: Resources::share(3.0, 2 << 30).expect("a share"),
+                gpus: 0,
+            },
+            5,
+        );
+        let idle = sized("idle", 4, 8 << 30);
+        let small = share("job-1", 1.0, 1 << 30);
+        // The busy node has one core left: the small job packs there, and the
+        // idle node stays idle (it can scale down).
+        let placements = place([&small], &[&busy, &idle], 1);
+        assert_eq!(placements[0].nodes, vec!["busy".to_string()]);
+        // Two cpus fit only on the idle node; a whole-node job too.
+        let two = share("job-2", 2.0, 0);
+        assert_eq!(
+            place([&two], &[&busy, &idle], 1)[0].nodes,
+            vec!["idle".to_string()]
+        );
+        let whole = JobBuilder::new("job-3").build();
+        assert_eq!(
+            place([&whole], &[&busy, &idle], 1)[0].nodes,
+            vec!["idle".to_string()]
+        );
+        // A gang of two 2-cpu instances does not fit: the words say why.
+        let mut gang = share("job-4", 2.0, 4 << 30);
+        gang.spec.instance_count = 2;
+        assert_eq!(
+            fit(&gang, &[&busy, &idle]).describe(),
+            "needs 2 cpus, 4 GiB on each of 2 nodes at once (a gang of 2); busy has 1 cpu and 6 GiB free, idle has 4 cpus and 8 GiB free"
+        );
+    }
+
+    #[test]
+    fn a_shape_that_missed_is_not_tried_again_and_smaller_jobs_backfill() {
+        let node = sized("n1", 2, 4 << 30);
+        let big = share("job-1", 4.0, 0);
+        let big_again = share("job-2", 4.0, 0);
+        let small = share("job-3", 0.5, 0);
+        let placements = place([&big, &big_again, &small], &[&node], 2);
+        assert_eq!(placements.len(), 1);
+        assert_eq!(placements[0].job_id, "job-3");
+        // Every shape missed: what waits behind is not read at all.
+        let more = share("job-4", 0.5, 0);
+        assert!(place([&big, &big_again, &more], &[&node], 1).is_empty());
     }
 
     proptest::proptest! {
@@ -315,7 +585,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, w)| JobBuilder::new(&format!("job-{i}")).instances(*w).build())
                 .collect();
-            let placements = place(jobs.iter(), &node_refs);
+            let placements = place(jobs.iter(), &node_refs, usize::MAX);
             let mut used = HashSet::new();
             for p in &placements {
                 let job = jobs.iter().find(|j| j.id == p.job_id).expect("placed job exists");
@@ -329,6 +599,70 @@ mod tests {
             for job in &jobs {
                 if placements.iter().all(|p| p.job_id != job.id) {
                     proptest::prop_assert!(job.spec.instance_count as usize > left);
+                }
+            }
+        }
+
+        /// However shares, whole-node jobs, gangs and node sizes mix, no node is
+        /// booked over (a whole-node instance alone; cores, memory and GPUs
+        /// within its size), gangs are whole on distinct nodes, and a job left
+        /// waiting does not fit in what is left.
+        #[test]
+        fn packing_never_over_commits(
+            sizes in proptest::collection::vec((1u32..9, 1u64..17, 0u32..3), 1..6),
+            asks in proptest::collection::vec((0u32..5, 0u64..9, 0u32..3, 1u32..3), 1..16),
+        ) {
+            let mut nodes: Vec<Node> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, (cores, gib, gpus))| {
+                    let mut node = sized(&format!("n{i}"), *cores, gib << 30);
+                    node.gpus = (0..*gpus).map(|index| crate::model::GpuStat { index, ..Default::default() }).collect();
+                    node
+                })
+                .collect();
+            let jobs: Vec<Job> = asks
+                .iter()
+                .enumerate()
+                .map(|(i, (quarters, gib, gpus, width))| {
+                    // 0 quarters and no memory: the whole node.
+                    let mut job = share(&format!("job-{i}"), f64::from(*quarters) / 4.0, if *quarters == 0 { 0 } else { gib << 29 });
+                    job.spec.gpus_per_instance = *gpus;
+                    job.spec.instance_count = *width;
+                    job
+                })
+                .collect();
+            let shapes: HashSet<Shape> = jobs.iter().map(Shape::of).collect();
+            let refs: Vec<&Node> = nodes.iter().collect();
+            let placements = place(jobs.iter(), &refs, shapes.len());
+            for p in &placements {
+                let job = jobs.iter().find(|j| j.id == p.job_id).expect("placed job exists");
+                let distinct: HashSet<&String> = p.nodes.iter().collect();
+                proptest::prop_assert_eq!(distinct.len(), job.spec.instance_count as usize);
+                for (instance, id) in p.nodes.iter().enumerate() {
+                    let node = nodes.iter_mut().find(|n| &n.id == id).expect("a node");
+                    let booked = crate::model::Booked {
+                        slot: crate::model::Slot { attempt_id: format!("{}.1", job.id), instance: instance as u32 },
+                        share: job.spec.resources,
+                        gpus: job.spec.gpus_per_instance,
+                    };
+                    node.book(booked, 1);
+                }
+            }
+            for node in &nodes {
+                let whole = node.running.iter().filter(|b| b.share.is_whole()).count();
+                proptest::prop_assert!(whole == 0 || node.running.len() == 1, "{} holds a whole-node instance and more", node.id);
+                let cpus: u32 = node.running.iter().map(|b| b.share.millicpus).sum();
+                let memory: u64 = node.running.iter().map(|b| b.share.memory_bytes).sum();
+                let gpus: u32 = node.running.iter().map(|b| b.gpus).sum();
+                proptest::prop_assert!(cpus <= node.cores * 1000, "{}: {} millicpus of {} cores", node.id, cpus, node.cores);
+                proptest::prop_assert!(memory <= node.memory_bytes);
+                proptest::prop_assert!(gpus as usize <= node.gpus.len());
+            }
+            let refs: Vec<&Node> = nodes.iter().collect();
+            for job in &jobs {
+                if placements.iter().all(|p| p.job_id != job.id) {
+                    proptest::prop_assert!(fit(job, &refs) != Fit::Fits, "{} waits but fits", job.id);
                 }
             }
         }

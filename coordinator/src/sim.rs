@@ -9,7 +9,7 @@
 //! around them is simulated.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -215,6 +215,9 @@ enum Event {
 struct Agent {
     cluster: String,
     gpus: u32,
+    /// Its machine's size, as the provider made it.
+    cores: u32,
+    memory_bytes: u64,
     /// The process runs.
     up: bool,
     /// Removed by the provider, or told to stop for good.
@@ -393,10 +396,20 @@ impl World {
             let width = self.rng.random_range(1..=self.scale.max_nodes.min(3));
             let duration: Millis = self.rng.random_range(100..6_000);
             let code = i32::from(self.rng.random_bool(0.1));
+            // Some ask for a share of a node (packed beside others), the rest for
+            // whole nodes.
+            let resources = if self.rng.random_bool(0.4) {
+                let cpus = [0.5, 1.0, 2.0][self.rng.random_range(0..3)];
+                let memory = self.rng.random_range(0..3u64) << 30;
+                crate::model::Resources::share(cpus, memory).expect("a share")
+            } else {
+                crate::model::Resources::WHOLE
+            };
             self.jobs.push(JobRequest {
                 cluster: cluster.into(),
                 argv: vec!["sim".into(), duration.to_string(), code.to_string()],
                 instance_count: width,
+                resources,
                 gpus_per_instance: u32::from(cluster == "gpu"),
                 max_preemptions: Some(100),
                 ..Default::default()
@@ -745,8 +758,8 @@ impl World {
         let registration = Registration {
             node_id: node.to_string(),
             cluster: agent.cluster.clone(),
-            cores: 2,
-            memory_bytes: 1 << 30,
+            cores: agent.cores,
+            memory_bytes: agent.memory_bytes,
             hostname: node.to_string(),
             pid: 1,
             runtimes: vec!["process".into()],
@@ -839,7 +852,16 @@ impl World {
                 }
                 let duration: Millis = order.argv.get(1).and_then(|d| d.parse().ok()).unwrap_or(0);
                 let code: i32 = order.argv.get(2).and_then(|c| c.parse().ok()).unwrap_or(0);
-                let gpus: Vec<u32> = (0..order.gpus).collect();
+                // The lowest GPUs no instance of this node holds.
+                let held: BTreeSet<u32> = agent
+                    .running
+                    .values()
+                    .flat_map(|(_, _, gpus)| gpus.iter().copied())
+                    .collect();
+                let gpus: Vec<u32> = (0..)
+                    .filter(|g| !held.contains(g))
+                    .take(order.gpus as usize)
+                    .collect();
                 agent
                     .running
                     .insert(order.slot.clone(), (now + duration, code, gpus.clone()));
@@ -940,6 +962,8 @@ impl World {
                 Agent {
                     cluster: launch.cluster,
                     gpus,
+                    cores: launch.cores,
+                    memory_bytes: launch.memory_bytes,
                     ..Default::default()
                 },
             );

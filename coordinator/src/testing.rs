@@ -54,7 +54,7 @@ impl NodeBuilder {
             memory_bytes: 1 << 30,
             created_at: 0,
             state_since: 0,
-            running: None,
+            running: Vec::new(),
             hostname: String::new(),
             pid: None,
             message: String::new(),
@@ -74,8 +74,19 @@ impl NodeBuilder {
         self.0.cluster = name.into();
         self
     }
+    /// A running node runs something: a whole-node instance of `job-0.1`.
     pub fn state(mut self, state: NodeState) -> Self {
         self.0.state = state;
+        if state == NodeState::Running {
+            self.0.running = vec![crate::model::Booked {
+                slot: crate::model::Slot {
+                    attempt_id: "job-0.1".into(),
+                    instance: 0,
+                },
+                share: crate::model::Resources::WHOLE,
+                gpus: 0,
+            }];
+        }
         self
     }
     pub fn idle_since(mut self, at: Millis) -> Self {
@@ -112,6 +123,7 @@ impl JobBuilder {
                 image: None,
                 max_preemptions: 10,
                 gpus_per_instance: 0,
+                resources: Default::default(),
                 distribution: None,
                 parallel: None,
                 extras: Default::default(),

@@ -188,6 +188,9 @@ pub struct Job {
     pub preemptions: u32,
     pub max_preemptions: u32,
     pub gpus_per_instance: u32,
+    /// Each instance's cores and memory; None: a whole node each.
+    pub cpus: Option<f64>,
+    pub memory_bytes: Option<u64>,
     pub flags: Vec<String>,
     /// The instances of the latest attempt.
     pub instances: Vec<Instance>,
@@ -292,6 +295,8 @@ impl From<&pb::Job> for Job {
             preemptions: j.preemptions,
             max_preemptions: j.max_preemptions,
             gpus_per_instance: j.gpus_per_instance,
+            cpus: (j.millicpus > 0).then(|| f64::from(j.millicpus) / 1000.0),
+            memory_bytes: (j.memory_bytes > 0).then_some(j.memory_bytes),
             flags: j.flags.clone(),
             instances,
             attempts,
@@ -345,6 +350,32 @@ pub struct Node {
     pub disk_total_bytes: u64,
     pub network_rx_bytes: u64,
     pub network_tx_bytes: u64,
+    /// What it runs, and the share each instance holds.
+    pub allocations: Vec<Allocation>,
+}
+
+#[derive(Serialize)]
+pub struct Allocation {
+    pub job_id: String,
+    pub attempt_id: String,
+    pub instance: u32,
+    /// None: the whole node.
+    pub cpus: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub gpus: u32,
+}
+
+impl From<&pb::Allocation> for Allocation {
+    fn from(a: &pb::Allocation) -> Self {
+        Allocation {
+            job_id: a.job_id.clone(),
+            attempt_id: a.attempt_id.clone(),
+            instance: a.instance,
+            cpus: (a.millicpus > 0).then(|| f64::from(a.millicpus) / 1000.0),
+            memory_bytes: (a.memory_bytes > 0).then_some(a.memory_bytes),
+            gpus: a.gpus,
+        }
+    }
 }
 
 impl From<&pb::Node> for Node {
@@ -371,6 +402,7 @@ impl From<&pb::Node> for Node {
             disk_total_bytes: n.disk_total_bytes,
             network_rx_bytes: n.network_rx_bytes,
             network_tx_bytes: n.network_tx_bytes,
+            allocations: n.allocations.iter().map(Allocation::from).collect(),
         }
     }
 }

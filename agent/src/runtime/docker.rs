@@ -314,8 +314,17 @@ impl DockerRuntime {
             attach_stderr: interactive.then_some(true),
             host_config: Some(HostConfig {
                 binds: Some(binds),
-                nano_cpus: Some(self.nano_cpus),
-                memory: Some(self.memory_bytes),
+                // Its share of the node, or the whole node.
+                nano_cpus: Some(if spec.millicpus > 0 {
+                    i64::from(spec.millicpus) * 1_000_000
+                } else {
+                    self.nano_cpus
+                }),
+                memory: Some(
+                    spec.memory_limit
+                        .and_then(|b| i64::try_from(b).ok())
+                        .unwrap_or(self.memory_bytes),
+                ),
                 network_mode: self.network.clone(),
                 // Unprivileged: no capabilities, no privilege gain, the
                 // cluster's network (never the host's).
@@ -474,8 +483,27 @@ impl DockerRuntime {
         {
             debug!(container, "log stream still open after exit");
         }
+        // Killed by the engine for going over its memory: say so.
+        let oom = match &exit {
+            Ok(code) if *code != 0 => self
+                .docker
+                .inspect_container(&container, None::<InspectContainerOptions>)
+                .await
+                .ok()
+                .filter(|c| c.state.as_ref().and_then(|s| s.oom_killed) == Some(true))
+                .map(|c| {
+                    let limit = c.host_config.and_then(|h| h.memory).unwrap_or(0);
+                    crate::runtime::over_memory(u64::try_from(limit).unwrap_or(0), None)
+                }),
+            _ => None,
+        };
         self.remove(&container).await;
         match exit {
+            Ok(code) if oom.is_some() => Outcome {
+                exit_code: Some(i32::try_from(code).unwrap_or(i32::MAX)),
+                outcome: "failed",
+                message: oom.unwrap_or_default(),
+            },
             Ok(code) => {
                 let exit_code = i32::try_from(code).unwrap_or(i32::MAX);
                 let outcome = outcome.unwrap_or(if exit_code == 0 {

@@ -45,6 +45,25 @@ pub struct RunSpec {
     pub token: String,
     /// A container's /dev/shm (None: the engine's).
     pub shm_size_bytes: Option<u64>,
+    /// Its share of the node's cores, in thousandths (0: the whole node):
+    /// a container's CPU limit.
+    pub millicpus: u32,
+    /// Its memory limit (None: the node's): a container's, or watched for a
+    /// process, which is killed when its group goes over.
+    pub memory_limit: Option<u64>,
+}
+
+/// Why an instance was killed for its memory, in words: `used 80 MiB, over its
+/// memory limit of 64 MiB`.
+pub fn over_memory(limit: u64, used: Option<u64>) -> String {
+    let mib = |b: u64| format!("{} MiB", b.div_ceil(1 << 20));
+    let used = used
+        .map(|u| format!("used {}, ", mib(u)))
+        .unwrap_or_default();
+    format!(
+        "killed: {used}over its memory limit of {} (ask for more with resources.memory or --memory)",
+        mib(limit)
+    )
 }
 
 /// Why an instance is being stopped before it ends on its own.

@@ -180,18 +180,47 @@ async fn run(
             }
         }
     };
+    // A memory limit is watched: the group's resident memory, every 100 ms.
+    let over_memory = async {
+        let Some(limit) = spec.memory_limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let used = tokio::task::spawn_blocking(move || {
+                crate::telemetry::group_resident_bytes(group.as_raw())
+            })
+            .await
+            .unwrap_or(0);
+            if used > limit {
+                return (limit, used);
+            }
+        }
+    };
     enum End {
         Exited(std::io::Result<std::process::ExitStatus>),
         TimedOut,
         Stopped(Stop),
+        OverMemory(u64, u64),
     }
     let end = tokio::select! {
         status = child.wait() => End::Exited(status),
         _ = timeout => End::TimedOut,
         reason = stop_asked => End::Stopped(reason),
+        (limit, used) = over_memory => End::OverMemory(limit, used),
     };
     let (status, outcome, message) = match end {
         End::Exited(status) => (status, None, String::new()),
+        End::OverMemory(limit, used) => {
+            // As the kernel's OOM killer would: at once, no grace.
+            warn!(attempt = %spec.slot.attempt_id, limit, used, "over its memory limit; killing");
+            signal_group(group, Signal::SIGKILL);
+            (
+                child.wait().await,
+                Some("failed"),
+                super::over_memory(limit, Some(used)),
+            )
+        }
         other => {
             let grace = match &other {
                 End::Stopped(stop) => stop.terms(spec.stop_grace).0,
@@ -219,7 +248,7 @@ async fn run(
                     let (_, outcome, reason) = stop.terms(spec.stop_grace);
                     (status, Some(outcome), reason)
                 }
-                End::Exited(_) => unreachable!("handled above"),
+                End::Exited(_) | End::OverMemory(..) => unreachable!("handled above"),
             }
         }
     };
@@ -283,6 +312,8 @@ mod tests {
             mounts: Vec::new(),
             token: String::new(),
             shm_size_bytes: None,
+            millicpus: 0,
+            memory_limit: None,
         }
     }
 
@@ -370,5 +401,37 @@ mod tests {
         let outcome = run(missing, sink, stop, None).await;
         assert_eq!(outcome.exit_code, Some(127));
         assert!(outcome.message.contains("not found"), "{}", outcome.message);
+    }
+
+    #[tokio::test]
+    async fn a_process_over_its_memory_limit_is_killed_and_says_so() {
+        let (sink, _rx) = sink();
+        let (_stop_tx, stop) = watch::channel(None);
+        // A child of the shell holds 200 MiB (the whole group is counted).
+        let mut hungry = spec(
+            "python3 -c 'import time; x = bytearray(200 << 20); time.sleep(30)'; echo survived",
+            Some(Duration::from_secs(20)),
+        );
+        hungry.memory_limit = Some(64 << 20);
+        let started = std::time::Instant::now();
+        let outcome = run(hungry, sink, stop, None).await;
+        assert_eq!(outcome.outcome, "failed", "{}", outcome.message);
+        assert_eq!(outcome.exit_code, Some(128 + 9));
+        assert!(
+            outcome.message.contains("over its memory limit of 64 MiB"),
+            "{}",
+            outcome.message
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Within its limit, the same job runs to the end.
+        let (modest_sink, _rx) = super::tests::sink();
+        let (_stop_tx, stop) = watch::channel(None);
+        let mut modest = spec(
+            "python3 -c 'import time; x = bytearray(16 << 20); time.sleep(0.5)'",
+            None,
+        );
+        modest.memory_limit = Some(256 << 20);
+        let outcome = run(modest, modest_sink, stop, None).await;
+        assert_eq!(outcome.outcome, "completed", "{}", outcome.message);
     }
 }

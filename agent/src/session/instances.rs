@@ -170,6 +170,8 @@ impl Agent {
                     mounts,
                     token: launch.token.clone(),
                     shm_size_bytes: (launch.shm_size_bytes > 0).then_some(launch.shm_size_bytes),
+                    millicpus: launch.millicpus,
+                    memory_limit: (launch.memory_bytes > 0).then_some(launch.memory_bytes),
                 };
                 if launch.mpi {
                     let sandbox = match (&spec.image, &self.docker) {

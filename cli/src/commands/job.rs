@@ -143,6 +143,15 @@ pub struct SubmitArgs {
     /// GPUs each instance gets, exclusively (CUDA_VISIBLE_DEVICES / Docker device request).
     #[arg(long, visible_alias = "gpus")]
     pub gpus_per_instance: Option<u32>,
+    /// Cores each instance gets (`0.5`, `2`): instances then share nodes,
+    /// packed by cores, memory and GPUs. Without --cpus or --memory, each
+    /// instance has a whole node.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory each instance gets (`512m`, `4g`), enforced: an instance that
+    /// goes over is killed and says so. Alone, it asks for one core too.
+    #[arg(long)]
+    pub memory: Option<String>,
     /// Preemptions the job is requeued after before it fails [default: 10].
     #[arg(long)]
     pub max_preemptions: Option<u32>,
@@ -274,6 +283,12 @@ fn job_document(args: &SubmitArgs) -> anyhow::Result<(Value, PathBuf)> {
     if let Some(n) = args.gpus_per_instance {
         put(&mut doc, &["resources", "gpus_per_instance"], json!(n));
     }
+    if let Some(cpus) = args.cpus {
+        put(&mut doc, &["resources", "cpus"], json!(cpus));
+    }
+    if let Some(memory) = &args.memory {
+        put(&mut doc, &["resources", "memory"], json!(memory));
+    }
     if let Some(seconds) = args.timeout {
         put(&mut doc, &["limits", "timeout"], json!(seconds));
     }
@@ -369,6 +384,13 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     };
     println!("command:   {command}");
     println!("instances: {}", job.instance_count);
+    if job.millicpus > 0 {
+        let share = shoal_coordinator::model::Resources {
+            millicpus: job.millicpus,
+            memory_bytes: job.memory_bytes,
+        };
+        println!("resources: {share} each");
+    }
     if let (Some(progress), Some(parallel)) = (&job.progress, &job.parallel) {
         println!(
             "input:     {} ({}, {} items)",

@@ -132,8 +132,8 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                     g.process_ids
                 );
             }
-            if !n.attempt_id.is_empty() {
-                println!("running:   {}#{}", n.attempt_id, n.instance);
+            for a in &n.allocations {
+                println!("running:   {}", allocation(a, n.cores));
             }
             println!("heartbeat: {}", output::ago(n.last_heartbeat_ms));
             return Ok(ExitCode::SUCCESS);
@@ -197,10 +197,18 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         "MESSAGE",
     ]);
     for n in &nodes {
-        let running = if n.attempt_id.is_empty() {
-            "-".to_string()
-        } else {
-            format!("{}#{}", n.attempt_id, n.instance)
+        let running = match n.allocations.as_slice() {
+            [] => "-".to_string(),
+            [one] => format!("{}#{}", one.attempt_id, one.instance),
+            many => {
+                let cpus: u32 = many.iter().map(|a| a.millicpus).sum();
+                format!(
+                    "{} instances ({} of {} cpus)",
+                    many.len(),
+                    f64::from(cpus) / 1000.0,
+                    n.cores
+                )
+            }
         };
         table.add_row(vec![
             n.id.clone(),
@@ -319,4 +327,26 @@ pub async fn run_vm_sizes(
     }
     println!("{table}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One instance on a node and its share: `job-7.1#0 (job-7): 2 cpus, 4 GiB, 1 GPU(s)`.
+fn allocation(a: &pb::Allocation, cores: u32) -> String {
+    let share = if a.millicpus == 0 {
+        format!("the whole node ({cores} cpus)")
+    } else {
+        shoal_coordinator::model::Resources {
+            millicpus: a.millicpus,
+            memory_bytes: a.memory_bytes,
+        }
+        .to_string()
+    };
+    let gpus = if a.gpus > 0 {
+        format!(", {} GPU(s)", a.gpus)
+    } else {
+        String::new()
+    };
+    format!(
+        "{}#{} ({}): {share}{gpus}",
+        a.attempt_id, a.instance, a.job_id
+    )
 }

@@ -129,8 +129,15 @@ pub struct Resources {
     #[serde(default)]
     pub instance_count: Option<u32>,
     /// GPUs each instance gets, exclusively.
-    #[serde(default, alias = "gpu_count")]
+    #[serde(default, alias = "gpu_count", alias = "gpus")]
     pub gpus_per_instance: Option<u32>,
+    /// Cores each instance gets (`0.5`, `2`); with `memory`, instances share
+    /// nodes. Neither: each instance has a node of its own.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory each instance gets, enforced (`4g`, `512m`, or bytes).
+    #[serde(default)]
+    pub memory: Option<Scalar>,
     /// Accepted with a warning: the cluster's VM size decides.
     #[serde(default)]
     pub instance_type: Option<String>,
@@ -424,8 +431,8 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = JobFile::from_yaml("command: x\ninstance_cout: 2\n").unwrap_err();
         assert!(err.to_string().contains("instance_cout"), "{err}");
-        let err = JobFile::from_yaml("command: x\nresources: {gpus: 1}\n").unwrap_err();
-        assert!(err.to_string().contains("gpus"), "{err}");
+        let err = JobFile::from_yaml("command: x\nresources: {cores: 1}\n").unwrap_err();
+        assert!(err.to_string().contains("cores"), "{err}");
     }
 
     #[test]

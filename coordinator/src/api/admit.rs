@@ -202,6 +202,11 @@ impl Api {
                 .unwrap_or(0),
             distribution: file.distribution_wire(),
             parallel,
+            cpus: file.resources.as_ref().and_then(|r| r.cpus).unwrap_or(0.0),
+            memory_bytes: match file.resources.as_ref().and_then(|r| r.memory.as_ref()) {
+                None => 0,
+                Some(size) => memory_size(&size.to_string())?,
+            },
         };
         let extras = JobExtras {
             inputs,
@@ -629,8 +634,18 @@ impl Api {
     }
 }
 
-/// `2g`, `512m`, `64k` or a number of bytes.
+/// `resources.shm_size`: `2g`, `512m`, `64k` or a number of bytes.
 pub fn shm_size(text: &str) -> Result<u64> {
+    size("resources.shm_size", text)
+}
+
+/// `resources.memory`: `4g`, `512m` or a number of bytes.
+pub fn memory_size(text: &str) -> Result<u64> {
+    size("resources.memory", text)
+}
+
+/// `2g`, `512m`, `64k` or a number of bytes, for the key `field`.
+fn size(field: &str, text: &str) -> Result<u64> {
     let lower = text.trim().to_ascii_lowercase();
     let split = lower
         .find(|c: char| c.is_ascii_alphabetic())
@@ -643,21 +658,19 @@ pub fn shm_size(text: &str) -> Result<u64> {
         "g" => 1 << 30,
         _ => {
             return Err(Error::invalid(
-                "resources.shm_size",
+                field,
                 format!("`{text}` is not a size like 2g or 512m"),
             ));
         }
     };
-    let value: u64 = number.trim().parse().map_err(|_| {
-        Error::invalid(
-            "resources.shm_size",
-            format!("`{text}` is not a size like 2g or 512m"),
-        )
-    })?;
+    let value: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(field, format!("`{text}` is not a size like 2g or 512m")))?;
     value
         .checked_mul(scale)
         .filter(|b| *b > 0)
-        .ok_or_else(|| Error::invalid("resources.shm_size", format!("`{text}` is out of range")))
+        .ok_or_else(|| Error::invalid(field, format!("`{text}` is out of range")))
 }
 
 #[cfg(test)]

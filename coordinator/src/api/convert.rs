@@ -61,6 +61,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         image: spec.image,
         max_preemptions: spec.max_preemptions,
         gpus_per_instance: spec.gpus_per_instance,
+        resources: crate::model::Resources::share(spec.cpus, spec.memory_bytes)?,
         distribution,
         parallel,
         extras: Default::default(),
@@ -273,6 +274,8 @@ pub fn job(job: &Job) -> pb::Job {
         preemptions: job.preemptions,
         max_preemptions: job.spec.max_preemptions,
         gpus_per_instance: job.spec.gpus_per_instance,
+        millicpus: job.spec.resources.millicpus,
+        memory_bytes: job.spec.resources.memory_bytes,
         flags: job.flags.clone(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
         parallel: job.spec.parallel.as_deref().map(parallel_to_wire),
@@ -349,15 +352,28 @@ pub fn environment(e: &crate::model::Environment) -> pb::Environment {
 pub fn node(node: &Node) -> pb::Node {
     let (attempt_id, instance) = node
         .running
-        .as_ref()
-        .map(|s| (s.attempt_id.clone(), s.instance))
+        .first()
+        .map(|b| (b.slot.attempt_id.clone(), b.slot.instance))
         .unwrap_or_default();
+    let allocations = node
+        .running
+        .iter()
+        .map(|b| pb::Allocation {
+            job_id: b.slot.job_id().to_string(),
+            attempt_id: b.slot.attempt_id.clone(),
+            instance: b.slot.instance,
+            millicpus: b.share.millicpus,
+            memory_bytes: b.share.memory_bytes,
+            gpus: b.gpus,
+        })
+        .collect();
     pb::Node {
         id: node.id.clone(),
         cluster: node.cluster.clone(),
         state: node.state.as_str().into(),
         attempt_id,
         instance,
+        allocations,
         cores: node.cores,
         memory_bytes: node.memory_bytes,
         cpu_percent: node.cpu_percent,
@@ -543,6 +559,8 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             image: order.image.unwrap_or_default(),
             restore_outputs: order.restore_outputs,
             gpus: order.gpus,
+            millicpus: order.share.millicpus,
+            memory_bytes: order.share.memory_bytes,
             processes: order.processes,
             mpi: order.mpi,
             parallel_workers: order.parallel_workers,

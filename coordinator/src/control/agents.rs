@@ -111,11 +111,13 @@ impl Control {
                 }
             }
         }
-        let expected = self.nodes.get(node_id).and_then(|n| n.running.clone());
-        if let Some(slot) = expected
-            && !reported.contains(&slot)
-        {
-            self.instance_lost(&slot, &format!("node {node_id} restarted without it"), now);
+        let expected: Vec<Slot> = self
+            .nodes
+            .get(node_id)
+            .map(|n| n.running.iter().map(|b| b.slot.clone()).collect())
+            .unwrap_or_default();
+        for slot in expected.iter().filter(|s| !reported.contains(s)) {
+            self.instance_lost(slot, &format!("node {node_id} restarted without it"), now);
         }
     }
 
@@ -301,13 +303,8 @@ impl Control {
     /// The node no longer runs `slot`.
     pub(super) fn free_node(&mut self, node_id: &str, slot: &Slot, now: Millis) {
         if let Some(node) = self.nodes.get_mut(node_id)
-            && node.running.as_ref() == Some(slot)
+            && node.release(slot, now)
         {
-            node.running = None;
-            if node.state == NodeState::Running {
-                node.state = NodeState::Idle;
-                node.state_since = now;
-            }
             self.dirty_nodes.insert(node_id.to_string());
         }
     }

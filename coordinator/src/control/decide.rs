@@ -74,14 +74,14 @@ impl Control {
             .values()
             .filter(|n| n.cluster == cluster)
             .collect();
-        if !nodes.iter().any(|n| n.is_free()) {
+        if !nodes.iter().any(|n| n.is_open() && !n.room().is_full()) {
             return;
         }
         let schedulable = queue
             .seqs()
             .filter_map(|seq| self.jobs.by_seq(seq))
             .filter(|j| j.current_attempt().is_none_or(Attempt::is_settled));
-        let placements = scheduler::place(schedulable, &nodes);
+        let placements = scheduler::place(schedulable, &nodes, queue.shapes());
         for placement in placements {
             self.start_attempt(&placement, now);
         }
@@ -90,15 +90,17 @@ impl Control {
     /// The autoscaler's decision for one cluster, carried out within its lock,
     /// quotas and start backoff; and why its queued jobs wait.
     pub(super) fn scale(&mut self, name: &str, now: Millis) {
-        let (waiting_instances, widest) = self
-            .queue
-            .cluster(name)
-            .map_or((0, 0), queue::ClusterQueue::waiting);
-        let waiting_instances = u32::try_from(waiting_instances).unwrap_or(u32::MAX);
         let spec = self.clusters[name].spec.clone();
+        let queued = self.queue.cluster(name);
+        let (waiting_instances, widest) = queued.map_or((0, 0), queue::ClusterQueue::waiting);
+        let waiting_nodes = match (queued, self.config.catalog.get(&spec.vm_size)) {
+            (Some(queued), Some(size)) => queued.nodes_wanted(size),
+            _ => waiting_instances,
+        };
+        let waiting_nodes = u32::try_from(waiting_nodes).unwrap_or(u32::MAX);
         let nodes: Vec<&Node> = self.nodes.values().filter(|n| n.cluster == name).collect();
         let free = nodes.iter().filter(|n| n.is_free()).count();
-        let decision = autoscaler::decide(&spec, &nodes, waiting_instances, now);
+        let decision = autoscaler::decide(&spec, &nodes, waiting_nodes, now);
         if let Some(at) = decision.wake_at {
             self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
         }
@@ -118,6 +120,10 @@ impl Control {
             .map(|n| (n.gpus.len() as u32, n))
             .collect::<Vec<_>>();
         let most_gpus = live_gpus.iter().map(|(count, _)| *count).max();
+        let most_room = live_gpus
+            .iter()
+            .map(|(_, n)| (n.cores.saturating_mul(1000), n.memory_bytes))
+            .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)));
         let gpu_why = live_gpus
             .iter()
             .find(|(_, n)| !n.gpu_reason.is_empty())
@@ -175,6 +181,7 @@ impl Control {
                 reason,
                 most_gpus,
                 gpu_why,
+                most_room,
             }
         });
         let changed = match reason {
@@ -205,6 +212,17 @@ impl Control {
                     job.spec.gpus_per_instance
                 )
             });
+        }
+        let share = job.spec.resources;
+        if let Some((cores, memory)) = waiting.most_room
+            && !share.is_whole()
+            && (share.millicpus > cores || share.memory_bytes > memory)
+        {
+            return Some(format!(
+                "no node in cluster {cluster} has room for {share} (the biggest has {} cpus, {})",
+                cores / 1000,
+                human_bytes(memory)
+            ));
         }
         // A requeued job says why itself; one waiting its turn has its cluster's reason.
         let own = matches!(job.reason, JobReason::Requeued(_) | JobReason::Said(_));

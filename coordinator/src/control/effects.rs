@@ -130,7 +130,7 @@ impl Control {
         let running: Vec<Slot> = self
             .nodes
             .values()
-            .filter_map(|n| n.running.clone())
+            .flat_map(|n| n.running.iter().map(|b| b.slot.clone()))
             .collect();
         for slot in running {
             self.instance_lost(&slot, "the coordinator stopped", now);

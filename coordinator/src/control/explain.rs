@@ -55,12 +55,23 @@ impl Control {
         ));
         if job.status == JobStatus::Queued {
             // What the scheduler itself would say of it.
-            let free: Vec<&Node> = self
+            let nodes: Vec<&Node> = self
                 .nodes
                 .values()
-                .filter(|n| n.cluster == spec.name && n.is_free())
+                .filter(|n| n.cluster == spec.name)
                 .collect();
-            lines.push(scheduler::fit(job, &free).describe());
+            if !job.spec.resources.is_whole() {
+                lines.push(format!(
+                    "each instance asks for {}{}",
+                    job.spec.resources,
+                    if job.spec.gpus_per_instance > 0 {
+                        format!(", {} GPU(s)", job.spec.gpus_per_instance)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            lines.push(scheduler::fit(job, &nodes).describe());
             let ahead = self
                 .queue
                 .cluster(&spec.name)

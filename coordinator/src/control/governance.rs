@@ -154,7 +154,7 @@ impl Control {
                 node.state.as_str()
             )));
         }
-        let busy = node.running.is_some();
+        let busy = !node.running.is_empty();
         warn!(
             node = node_id,
             notice_s = notice.as_secs(),

@@ -7,33 +7,32 @@ impl Control {
     /// Every broken invariant, described; empty when all hold.
     pub fn invariant_violations(&self) -> Vec<String> {
         let mut broken = Vec::new();
-        // A node runs at most one instance, and that instance is placed on it.
+        // Each instance a node runs is placed on it, and on no other node.
         let mut running_on: HashMap<&Slot, &str> = HashMap::new();
         for node in self.nodes.values() {
-            let Some(slot) = &node.running else {
-                continue;
-            };
-            if let Some(other) = running_on.insert(slot, &node.id) {
-                broken.push(format!(
-                    "{}/{} runs on two nodes: {other} and {}",
-                    slot.attempt_id, slot.instance, node.id
-                ));
-            }
-            match self.instance(slot) {
-                Some((_, instance)) if instance.node == node.id => {}
-                Some((_, instance)) => broken.push(format!(
-                    "node {} runs {}/{}, placed on {}",
-                    node.id, slot.attempt_id, slot.instance, instance.node
-                )),
-                None => broken.push(format!(
-                    "node {} runs {}/{}, which is unknown",
-                    node.id, slot.attempt_id, slot.instance
-                )),
+            for Booked { slot, .. } in &node.running {
+                if let Some(other) = running_on.insert(slot, &node.id) {
+                    broken.push(format!(
+                        "{}/{} runs on two nodes: {other} and {}",
+                        slot.attempt_id, slot.instance, node.id
+                    ));
+                }
+                match self.instance(slot) {
+                    Some((_, instance)) if instance.node == node.id => {}
+                    Some((_, instance)) => broken.push(format!(
+                        "node {} runs {}/{}, placed on {}",
+                        node.id, slot.attempt_id, slot.instance, instance.node
+                    )),
+                    None => broken.push(format!(
+                        "node {} runs {}/{}, which is unknown",
+                        node.id, slot.attempt_id, slot.instance
+                    )),
+                }
             }
         }
-        // No node is booked twice: at most one instance not yet ended on each;
-        // and no GPU of a node is held by two.
-        let mut booked: HashMap<&str, Vec<String>> = HashMap::new();
+        // No node is booked over: a whole-node instance alone, shares within
+        // its cores, memory and GPUs; and no GPU of a node is held by two.
+        let mut booked: HashMap<&str, Vec<(String, Resources, u32)>> = HashMap::new();
         let mut gpus_held: HashMap<(&str, u32), Vec<String>> = HashMap::new();
         for job in self.jobs.values() {
             for attempt in &job.attempts {
@@ -52,10 +51,11 @@ impl Control {
                     ));
                 }
                 for instance in attempt.instances.iter().filter(|i| !i.status.is_final()) {
-                    booked
-                        .entry(instance.node.as_str())
-                        .or_default()
-                        .push(format!("{}/{}", attempt.id, instance.index));
+                    booked.entry(instance.node.as_str()).or_default().push((
+                        format!("{}/{}", attempt.id, instance.index),
+                        job.spec.resources,
+                        job.spec.gpus_per_instance,
+                    ));
                     for gpu in &instance.gpus {
                         gpus_held
                             .entry((instance.node.as_str(), *gpu))
@@ -91,9 +91,37 @@ impl Control {
                 ));
             }
         }
-        for (node, slots) in booked {
-            if slots.len() > 1 {
-                broken.push(format!("node {node} is booked by {}", slots.join(", ")));
+        for (node, held) in booked {
+            let names = || {
+                held.iter()
+                    .map(|(name, share, _)| format!("{name} ({share})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let whole = held.iter().any(|(_, share, _)| share.is_whole());
+            if whole && held.len() > 1 {
+                broken.push(format!("node {node} is booked by {}", names()));
+                continue;
+            }
+            let Some(node) = self.nodes.get(node) else {
+                continue;
+            };
+            let cpus: u64 = held.iter().map(|(_, s, _)| u64::from(s.millicpus)).sum();
+            let memory: u64 = held.iter().map(|(_, s, _)| s.memory_bytes).sum();
+            let gpus: u32 = held.iter().map(|(_, _, g)| g).sum();
+            if !whole
+                && (cpus > u64::from(node.cores) * 1000
+                    || memory > node.memory_bytes
+                    || (gpus > 0 && gpus as usize > node.gpus.len()))
+            {
+                broken.push(format!(
+                    "node {} ({} cores, {}, {} GPUs) is booked over by {}",
+                    node.id,
+                    node.cores,
+                    human_bytes(node.memory_bytes),
+                    node.gpus.len(),
+                    names()
+                ));
             }
         }
         // Quotas are never exceeded.

@@ -13,17 +13,22 @@ impl Control {
                 ),
             )
         })?;
-        let vm_gpus = self
+        let size = self
             .config
             .catalog
             .get(&cluster.spec.vm_size)
-            .map_or(0, |s| s.gpus);
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "cluster `{}` has a vm size the catalog no longer knows",
+                    cluster.spec.name
+                ))
+            })?;
         let mut request = request;
         let cuts = request
             .parallel
             .as_mut()
             .map(|(_, cuts)| std::mem::take(cuts));
-        let spec = JobSpec::from_request(request, &cluster.spec, vm_gpus)?;
+        let spec = JobSpec::from_request(request, &cluster.spec, size)?;
         let seq = self.next_job_seq;
         self.next_job_seq += 1;
         self.seqs_dirty = true;

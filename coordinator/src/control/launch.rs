@@ -201,6 +201,7 @@ impl Control {
                     image: job.spec.image.clone(),
                     restore_outputs: number > 1,
                     gpus: job.spec.gpus_per_instance,
+                    share: job.spec.resources,
                     processes,
                     mpi,
                     parallel_workers: job.spec.parallel.as_ref().map_or(0, |p| p.concurrency),
@@ -219,9 +220,14 @@ impl Control {
                 }),
             );
             if let Some(node) = self.nodes.get_mut(node_id) {
-                node.state = NodeState::Running;
-                node.state_since = now;
-                node.running = Some(slot);
+                node.book(
+                    Booked {
+                        slot,
+                        share: job.spec.resources,
+                        gpus: job.spec.gpus_per_instance,
+                    },
+                    now,
+                );
                 self.dirty_nodes.insert(node_id.clone());
             }
             instances.push(InstanceRun {

@@ -1089,3 +1089,53 @@ fn a_node_replaced_while_out_of_contact_is_sent_away_when_it_comes_back() {
     assert!(m.control.invariant_violations().is_empty());
     assert!(m.control.allocated_nodes("cl") <= 1);
 }
+
+#[test]
+fn shares_pack_one_node_and_it_scales_for_the_cores_wanted_and_idles_only_when_empty() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let half = |m: &mut Machine| {
+        m.submit_request(JobRequest {
+            cluster: "cl".into(),
+            argv: vec!["true".into()],
+            resources: Resources::share(0.5, 0).expect("a share"),
+            ..Default::default()
+        })
+    };
+    // Five half-core instances want 2.5 cores: two 2-core nodes, not five.
+    let ids: Vec<String> = (0..5).map(|_| half(&mut m)).collect();
+    assert_eq!(m.created.len(), 2, "{:?}", m.created);
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let orders = launches(&mut agent);
+    assert_eq!(
+        orders.len(),
+        4,
+        "four halves fill the first node's two cores"
+    );
+    assert!(orders.iter().all(|o| o.share.millicpus == 500));
+    let booked = m.node(&node);
+    assert_eq!(booked.running.len(), 4);
+    assert_eq!(booked.state, NodeState::Running);
+    assert!(booked.room().is_full());
+    // One ends: its half core is free and the fifth takes it, on the same node.
+    for order in &orders {
+        m.started(&node, order);
+    }
+    m.step(vec![exit(&node, orders[0].slot.clone(), "completed")]);
+    let next = launches(&mut agent);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].slot.attempt_id, format!("{}.1", ids[4]));
+    // Until the last one ends the node is running, not idle.
+    m.started(&node, &next[0]);
+    for order in orders[1..].iter().chain(&next) {
+        assert_eq!(m.node(&node).state, NodeState::Running);
+        m.step(vec![exit(&node, order.slot.clone(), "completed")]);
+    }
+    let idle = m.node(&node);
+    assert_eq!((idle.state, idle.running.len()), (NodeState::Idle, 0));
+    for id in &ids {
+        assert_eq!(m.job(id).status, JobStatus::Completed);
+    }
+    assert!(m.control.invariant_violations().is_empty());
+}

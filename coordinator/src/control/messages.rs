@@ -42,6 +42,8 @@ pub struct LaunchOrder {
     pub restore_outputs: bool,
     /// GPUs the agent assigns to it.
     pub gpus: u32,
+    /// Its share of the node's cores and memory, which the agent enforces.
+    pub share: Resources,
     /// Processes the instance runs (each with LOCAL_RANK and RANK); 1 for most jobs.
     pub processes: u32,
     /// An MPI job: instance 0 runs mpirun, the others hold a sandbox for its daemons.

@@ -88,9 +88,9 @@ impl Control {
             );
             let job_of_gpu = |index: u32| -> String {
                 node.running
-                    .as_ref()
-                    .and_then(|slot| self.instance(slot))
-                    .filter(|(_, run)| run.gpus.contains(&index))
+                    .iter()
+                    .filter_map(|b| self.instance(&b.slot))
+                    .find(|(_, run)| run.gpus.contains(&index))
                     .map(|(job, _)| job.id.to_string())
                     .unwrap_or_default()
             };

@@ -99,6 +99,9 @@ struct QueueReason {
     most_gpus: Option<u32>,
     /// What a node said of its GPUs (no driver...), for jobs that want some.
     gpu_why: String,
+    /// The biggest live node's cores (thousandths) and memory, for shares
+    /// that want more (a joined machine may be smaller than the VM size).
+    most_room: Option<(u32, u64)>,
 }
 
 /// Nodes of a cluster that failed to start in a row: no new one before `until`.

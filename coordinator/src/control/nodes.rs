@@ -30,13 +30,13 @@ impl Control {
         node.message = why.to_string();
         node.connected = false;
         node.lost_contact = lost_contact;
-        let running = node.running.clone();
+        let running: Vec<Slot> = node.running.iter().map(|b| b.slot.clone()).collect();
         let cluster = node.cluster.clone();
         let gone = removal(node);
         self.dirty_nodes.insert(node_id.to_string());
         self.links.remove(node_id);
-        if let Some(slot) = running {
-            self.instance_lost(&slot, &format!("node {node_id} is unusable: {why}"), now);
+        for slot in &running {
+            self.instance_lost(slot, &format!("node {node_id} is unusable: {why}"), now);
         }
         if lost_contact {
             if let Some(c) = self.clusters.get_mut(&cluster) {
@@ -151,14 +151,18 @@ impl Control {
                     .preempt_deadlines
                     .get(&n.id)
                     .is_none_or(|deadline| now > deadline + 10_000);
-                (n.id.clone(), n.running.is_none() || overdue)
+                (n.id.clone(), n.running.is_empty() || overdue)
             })
             .collect();
         for (id, gone) in preempted {
             if gone {
-                let running = self.nodes.get(&id).and_then(|n| n.running.clone());
-                if let Some(slot) = running {
-                    self.instance_lost(&slot, &format!("node {id} was preempted"), now);
+                let running: Vec<Slot> = self
+                    .nodes
+                    .get(&id)
+                    .map(|n| n.running.iter().map(|b| b.slot.clone()).collect())
+                    .unwrap_or_default();
+                for slot in &running {
+                    self.instance_lost(slot, &format!("node {id} was preempted"), now);
                 }
                 self.preempt_deadlines.remove(&id);
                 self.remove_node(&id, "preempted");

@@ -1,19 +1,19 @@
 //! The queue, by cluster, with what the autoscaler needs kept up to date as jobs
 //! come and go: a decision pass costs what changed, not how many jobs wait.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::model::Job;
+use crate::scheduler::Shape;
+use crate::vmsize::VmSize;
 
 /// Queued jobs of one cluster, oldest first, and their totals.
 #[derive(Debug, Default)]
 pub(super) struct ClusterQueue {
     /// Sequence numbers (a job's id is `job-<seq>`).
     jobs: BTreeSet<u64>,
-    /// Instances the queued jobs want, in all.
-    instances: u64,
-    /// Jobs by instance count: the widest gang is the last key.
-    widths: BTreeMap<u32, u32>,
+    /// Jobs by shape (what each asks of each node): few, however many jobs.
+    shapes: HashMap<Shape, u64>,
 }
 
 impl ClusterQueue {
@@ -27,10 +27,44 @@ impl ClusterQueue {
         self.jobs.range(..seq).count()
     }
 
+    /// Distinct shapes of the queued jobs.
+    pub(super) fn shapes(&self) -> usize {
+        self.shapes.len()
+    }
+
     /// (instances wanted in all, the widest gang).
     pub(super) fn waiting(&self) -> (u64, u32) {
-        let widest = self.widths.keys().next_back().copied().unwrap_or(0);
-        (self.instances, widest)
+        let instances = self
+            .shapes
+            .iter()
+            .map(|(shape, count)| u64::from(shape.width) * count)
+            .sum();
+        let widest = self.shapes.keys().map(|s| s.width).max().unwrap_or(0);
+        (instances, widest)
+    }
+
+    /// Nodes of `size` that what waits would fill: one per whole-node
+    /// instance, and the shares packed by cores, memory and GPUs (whichever
+    /// needs most), never fewer than the widest gang.
+    pub(super) fn nodes_wanted(&self, size: &VmSize) -> u64 {
+        let (mut whole, mut millicpus, mut memory, mut gpus, mut widest) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        for (shape, count) in &self.shapes {
+            let instances = u64::from(shape.width) * count;
+            widest = widest.max(u64::from(shape.width));
+            if shape.share.is_whole() {
+                whole += instances;
+            } else {
+                millicpus += u64::from(shape.share.millicpus) * instances;
+                memory += shape.share.memory_bytes * instances;
+                gpus += u64::from(shape.gpus) * instances;
+            }
+        }
+        let per = |wanted: u64, each: u64| if each == 0 { 0 } else { wanted.div_ceil(each) };
+        let shared = per(millicpus, u64::from(size.cores) * 1000)
+            .max(per(memory, size.memory_bytes()))
+            .max(per(gpus, u64::from(size.gpus)));
+        (whole + shared).max(widest)
     }
 }
 
@@ -48,9 +82,7 @@ impl Queue {
             .entry(job.spec.cluster.to_string())
             .or_default();
         if queue.jobs.insert(job.seq) {
-            let width = job.spec.instance_count;
-            queue.instances += u64::from(width);
-            *queue.widths.entry(width).or_default() += 1;
+            *queue.shapes.entry(Shape::of(job)).or_default() += 1;
             self.len += 1;
         }
     }
@@ -63,12 +95,11 @@ impl Queue {
         if !queue.jobs.remove(&job.seq) {
             return;
         }
-        let width = job.spec.instance_count;
-        queue.instances -= u64::from(width);
-        if let Some(count) = queue.widths.get_mut(&width) {
+        let shape = Shape::of(job);
+        if let Some(count) = queue.shapes.get_mut(&shape) {
             *count -= 1;
             if *count == 0 {
-                queue.widths.remove(&width);
+                queue.shapes.remove(&shape);
             }
         }
         self.len -= 1;
@@ -91,6 +122,44 @@ mod tests {
     use super::*;
     use crate::testing::JobBuilder;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn nodes_wanted_packs_shares_and_counts_whole_nodes() {
+        let size = VmSize {
+            name: "s".into(),
+            cores: 4,
+            memory_gib: 16.0,
+            gpus: 0,
+            gpu_model: String::new(),
+            family: "f".into(),
+        };
+        let mut queue = Queue::default();
+        let mut seq = 0;
+        let mut push = |queue: &mut Queue, cpus: f64, memory: u64, width: u32| {
+            seq += 1;
+            let mut job = JobBuilder::new(&format!("job-{seq}"))
+                .instances(width)
+                .build();
+            job.seq = seq;
+            job.spec.resources = crate::model::Resources::share(cpus, memory).expect("a share");
+            queue.push(&job);
+        };
+        // Nine one-cpu instances fill two 4-core nodes and a quarter of a third.
+        for _ in 0..9 {
+            push(&mut queue, 1.0, 0, 1);
+        }
+        assert_eq!(queue.cluster("c").expect("queued").nodes_wanted(&size), 3);
+        // Memory decides when it is what runs out first: 3 × 8 GiB on 16 GiB nodes.
+        for _ in 0..3 {
+            push(&mut queue, 0.5, 8 << 30, 1);
+        }
+        assert_eq!(queue.cluster("c").expect("queued").nodes_wanted(&size), 3);
+        // A whole-node gang of 4 adds four nodes.
+        push(&mut queue, 0.0, 0, 4);
+        assert_eq!(queue.cluster("c").expect("queued").nodes_wanted(&size), 7);
+        assert_eq!(queue.cluster("c").expect("queued").shapes(), 3);
+    }
 
     proptest! {
         /// The kept totals are always what a walk over the queue would count.

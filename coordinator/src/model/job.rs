@@ -136,6 +136,9 @@ pub struct JobSpec {
     pub max_preemptions: u32,
     #[serde(default)]
     pub gpus_per_instance: u32,
+    /// The share of a node each instance gets; the whole node when none is asked.
+    #[serde(default, skip_serializing_if = "Resources::is_whole")]
+    pub resources: Resources,
     #[serde(default)]
     pub distribution: Option<Distribution>,
     /// A parallel (batch inference) job: how its mini-batches run.
@@ -145,6 +148,102 @@ pub struct JobSpec {
     /// job without any holds no allocation for it.
     #[serde(flatten)]
     pub extras: Extras,
+}
+
+/// What each instance of a job asks of its node besides GPUs: a share of its
+/// cores and memory, or (nothing asked) the whole node, the service's model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Thousandths of a core (1000: one core); 0: the whole node.
+    #[serde(default)]
+    pub millicpus: u32,
+    /// Memory reserved and enforced; 0: none reserved, and no limit.
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    /// The whole node: nothing else runs beside it.
+    pub const WHOLE: Resources = Resources {
+        millicpus: 0,
+        memory_bytes: 0,
+    };
+
+    pub fn is_whole(&self) -> bool {
+        self.millicpus == 0
+    }
+
+    /// A share of `cpus` cores (fractions to the thousandth) and `memory_bytes`;
+    /// memory alone asks for one core. Nothing asked: the whole node.
+    pub fn share(cpus: f64, memory_bytes: u64) -> Result<Self> {
+        if !(cpus.is_finite() && cpus >= 0.0) {
+            return Err(Error::invalid(
+                "resources.cpus",
+                format!("`{cpus}` is not a number of cores"),
+            ));
+        }
+        let millicpus = (cpus * 1000.0).round();
+        if cpus > 0.0 && millicpus < 1.0 {
+            return Err(Error::invalid(
+                "resources.cpus",
+                "at least 0.001 (a thousandth of a core)",
+            ));
+        }
+        if millicpus > f64::from(u32::MAX) {
+            return Err(Error::invalid(
+                "resources.cpus",
+                format!("{cpus} cores is too many"),
+            ));
+        }
+        let millicpus = millicpus as u32;
+        Ok(Resources {
+            millicpus: if millicpus == 0 && memory_bytes > 0 {
+                1000
+            } else {
+                millicpus
+            },
+            memory_bytes,
+        })
+    }
+
+    /// Cores, as people write them (`0.5`, `2`).
+    pub fn cpus(&self) -> f64 {
+        f64::from(self.millicpus) / 1000.0
+    }
+}
+
+impl std::fmt::Display for Resources {
+    /// `2 cpus, 4 GiB`; `the whole node`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_whole() {
+            return f.write_str("the whole node");
+        }
+        let cpus = self.cpus();
+        write!(f, "{cpus} cpu{}", if cpus == 1.0 { "" } else { "s" })?;
+        if self.memory_bytes > 0 {
+            write!(f, ", {}", human_bytes(self.memory_bytes))?;
+        }
+        Ok(())
+    }
+}
+
+/// `512 MiB`, `4 GiB`, `1.5 GiB`: memory as people read it.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = "B";
+    for next in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    let rounded = (value * 10.0).round() / 10.0;
+    format!("{rounded} {unit}")
 }
 
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
@@ -324,6 +423,8 @@ pub struct JobRequest {
     pub image: String,
     pub max_preemptions: Option<u32>,
     pub gpus_per_instance: u32,
+    /// Each instance's share of its node (`Resources::WHOLE`: the whole node).
+    pub resources: Resources,
     pub distribution: Option<Distribution>,
     /// A parallel job, with its input already cut into mini-batches.
     pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
@@ -331,8 +432,13 @@ pub struct JobRequest {
 }
 
 impl JobSpec {
-    /// Checks a request against the cluster it names (whose VM size has `vm_gpus`).
-    pub fn from_request(request: JobRequest, cluster: &ClusterSpec, vm_gpus: u32) -> Result<Self> {
+    /// Checks a request against the cluster it names (whose nodes are of `size`).
+    pub fn from_request(
+        request: JobRequest,
+        cluster: &ClusterSpec,
+        size: &crate::vmsize::VmSize,
+    ) -> Result<Self> {
+        let vm_gpus = size.gpus;
         let instance_count = check_distribution(&request, cluster)?;
         if let Some((parallel, _)) = &request.parallel {
             parallel.check()?;
@@ -350,6 +456,37 @@ impl JobSpec {
                     "{} GPU(s) per instance, but cluster `{}` is made of {} with {vm_gpus}",
                     request.gpus_per_instance, cluster.name, cluster.vm_size
                 ),
+            ));
+        }
+        let share = request.resources;
+        if share.millicpus > size.cores.saturating_mul(1000) {
+            return Err(Error::invalid(
+                "resources.cpus",
+                format!(
+                    "{} cpus per instance, but cluster `{}` is made of {} with {}",
+                    share.cpus(),
+                    cluster.name,
+                    cluster.vm_size,
+                    size.cores
+                ),
+            ));
+        }
+        if share.memory_bytes > size.memory_bytes() {
+            return Err(Error::invalid(
+                "resources.memory",
+                format!(
+                    "{} per instance, but cluster `{}` is made of {} with {}",
+                    human_bytes(share.memory_bytes),
+                    cluster.name,
+                    cluster.vm_size,
+                    human_bytes(size.memory_bytes())
+                ),
+            ));
+        }
+        if !share.is_whole() && request.distribution.is_some() {
+            return Err(Error::invalid(
+                "resources.cpus",
+                "a distributed job takes whole nodes (its ranks are laid out per node); leave cpus and memory out",
             ));
         }
         let argv = match (request.argv.is_empty(), request.command.trim().is_empty()) {
@@ -421,6 +558,7 @@ impl JobSpec {
             image: (!image.is_empty()).then_some(image),
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
             gpus_per_instance: request.gpus_per_instance,
+            resources: share,
             distribution: request.distribution,
             parallel: request.parallel.map(|(spec, _)| Box::new(spec)),
             extras: request.extras.into(),

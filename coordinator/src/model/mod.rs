@@ -168,13 +168,15 @@ mod tests {
 
     #[test]
     fn absurd_numbers_are_refused_not_overflowed() {
-        let cluster = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
+        let catalog = Catalog::default();
+        let cluster = ClusterSpec::from_request(request("c1"), &catalog).expect("valid");
+        let size = catalog.get(&cluster.vm_size).expect("a known size");
         let forever = JobRequest {
             command: "true".into(),
             timeout_seconds: u64::MAX,
             ..Default::default()
         };
-        let err = JobSpec::from_request(forever, &cluster, 0).unwrap_err();
+        let err = JobSpec::from_request(forever, &cluster, size).unwrap_err();
         assert!(err.to_string().contains("limits.timeout"), "{err}");
         let ranks = JobRequest {
             command: "true".into(),
@@ -183,7 +185,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let err = JobSpec::from_request(ranks, &cluster, 0).unwrap_err();
+        let err = JobSpec::from_request(ranks, &cluster, size).unwrap_err();
         assert!(
             err.to_string().contains("process_count_per_instance"),
             "{err}"
@@ -196,7 +198,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let err = JobSpec::from_request(tasks, &cluster, 0).unwrap_err();
+        let err = JobSpec::from_request(tasks, &cluster, size).unwrap_err();
         assert!(err.to_string().contains("instance_count"), "{err}");
         let mut idle = request("c2");
         idle.idle_seconds_before_scaledown = Some(u64::MAX);
@@ -209,10 +211,12 @@ mod tests {
 
     #[test]
     fn job_needs_a_command_and_fits_the_cluster() {
-        let cluster = ClusterSpec::from_request(request("c1"), &Catalog::default()).expect("valid");
+        let catalog = Catalog::default();
+        let cluster = ClusterSpec::from_request(request("c1"), &catalog).expect("valid");
+        let size = catalog.get(&cluster.vm_size).expect("a known size");
         let empty = JobRequest::default();
         assert!(
-            JobSpec::from_request(empty, &cluster, 0)
+            JobSpec::from_request(empty, &cluster, size)
                 .unwrap_err()
                 .to_string()
                 .contains("command")
@@ -222,13 +226,13 @@ mod tests {
             instance_count: 5,
             ..Default::default()
         };
-        let err = JobSpec::from_request(too_wide, &cluster, 0).unwrap_err();
+        let err = JobSpec::from_request(too_wide, &cluster, size).unwrap_err();
         assert!(err.to_string().contains("instance_count"), "{err}");
         let shell = JobRequest {
             command: "echo hi".into(),
             ..Default::default()
         };
-        let spec = JobSpec::from_request(shell, &cluster, 0).expect("valid");
+        let spec = JobSpec::from_request(shell, &cluster, size).expect("valid");
         assert_eq!(spec.argv, vec!["sh", "-c", "echo hi"]);
         assert_eq!(spec.instance_count, 1);
     }

@@ -33,6 +33,93 @@ pub struct Slot {
     pub instance: u32,
 }
 
+impl Slot {
+    /// The job it is of (an attempt's id is `<job>.<number>`).
+    pub fn job_id(&self) -> &str {
+        self.attempt_id
+            .rsplit_once('.')
+            .map_or(self.attempt_id.as_str(), |(job, _)| job)
+    }
+}
+
+/// An instance booked on a node, with the share it holds there. Stored
+/// beside the slot; a slot stored without one (as earlier versions did, one
+/// instance a node) holds the whole node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booked {
+    #[serde(flatten)]
+    pub slot: Slot,
+    #[serde(default, skip_serializing_if = "Resources::is_whole")]
+    pub share: Resources,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpus: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a node has left: cores (in thousandths), memory, GPUs; and whether it
+/// runs nothing at all (a whole-node instance needs that).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Room {
+    pub millicpus: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    pub empty: bool,
+}
+
+impl Room {
+    /// Can one instance of `share` with `gpus` GPUs go here?
+    pub fn takes(&self, share: Resources, gpus: u32) -> bool {
+        if share.is_whole() {
+            return self.empty && self.gpus >= gpus;
+        }
+        self.millicpus >= share.millicpus
+            && self.memory_bytes >= share.memory_bytes
+            && self.gpus >= gpus
+    }
+
+    /// Books one instance of `share` (the whole node: everything).
+    pub fn book(&mut self, share: Resources, gpus: u32) {
+        self.empty = false;
+        if share.is_whole() {
+            *self = Room {
+                millicpus: 0,
+                memory_bytes: 0,
+                gpus: 0,
+                empty: false,
+            };
+            return;
+        }
+        self.millicpus -= share.millicpus;
+        self.memory_bytes -= share.memory_bytes;
+        self.gpus -= gpus;
+    }
+
+    /// Nothing more fits: no core left, or a whole-node instance holds it.
+    pub fn is_full(&self) -> bool {
+        !self.empty && self.millicpus == 0
+    }
+}
+
+/// `running`, as stored: a list of bookings, or (earlier versions) one slot or none.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredRunning {
+    Many(Vec<Booked>),
+    One(Option<Booked>),
+}
+
+fn running_from_store<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<Booked>, D::Error> {
+    Ok(match StoredRunning::deserialize(d)? {
+        StoredRunning::Many(all) => all,
+        StoredRunning::One(one) => one.into_iter().collect(),
+    })
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Node {
     pub id: String,
@@ -43,7 +130,9 @@ pub struct Node {
     pub created_at: Millis,
     /// When the node entered its current state (idle since, preparing since, ...).
     pub state_since: Millis,
-    pub running: Option<Slot>,
+    /// The instances it runs (several, when each holds a share).
+    #[serde(default, deserialize_with = "running_from_store")]
+    pub running: Vec<Booked>,
     #[serde(default)]
     pub hostname: String,
     #[serde(default)]
@@ -97,7 +186,7 @@ impl Node {
             memory_bytes,
             created_at: now,
             state_since: now,
-            running: None,
+            running: Vec::new(),
             hostname: String::new(),
             pid: None,
             message: String::new(),
@@ -159,9 +248,65 @@ impl Node {
         self.gpus.len() as u32 >= job.gpus_per_instance
     }
 
-    /// Can take an instance now.
+    /// Runs nothing, and can take an instance now.
     pub fn is_free(&self) -> bool {
-        self.state == NodeState::Idle && self.connected && self.running.is_none()
+        self.is_open() && self.running.is_empty()
+    }
+
+    /// Can take instances now (if they fit in its room).
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, NodeState::Idle | NodeState::Running) && self.connected
+    }
+
+    /// What it has left, whatever its state.
+    pub fn room(&self) -> Room {
+        let mut room = Room {
+            millicpus: self.cores.saturating_mul(1000),
+            memory_bytes: self.memory_bytes,
+            gpus: self.gpus.len() as u32,
+            empty: self.running.is_empty(),
+        };
+        for booked in &self.running {
+            if booked.share.is_whole() {
+                room.millicpus = 0;
+                room.memory_bytes = 0;
+                room.gpus = room.gpus.saturating_sub(booked.gpus);
+            } else {
+                room.millicpus = room.millicpus.saturating_sub(booked.share.millicpus);
+                room.memory_bytes = room.memory_bytes.saturating_sub(booked.share.memory_bytes);
+                room.gpus = room.gpus.saturating_sub(booked.gpus);
+            }
+        }
+        room
+    }
+
+    /// Runs this slot.
+    pub fn runs(&self, slot: &Slot) -> bool {
+        self.running.iter().any(|b| &b.slot == slot)
+    }
+
+    /// Books an instance here: the node is running from now, if it was idle.
+    pub fn book(&mut self, booked: Booked, now: Millis) {
+        if self.state != NodeState::Running {
+            self.state = NodeState::Running;
+            self.state_since = now;
+        }
+        self.running.push(booked);
+    }
+
+    /// Frees a slot's share; a node that runs nothing more is idle from now.
+    /// False if it did not run it.
+    pub fn release(&mut self, slot: &Slot, now: Millis) -> bool {
+        let before = self.running.len();
+        self.running.retain(|b| &b.slot != slot);
+        if self.running.len() == before {
+            return false;
+        }
+        if self.running.is_empty() && self.state == NodeState::Running {
+            self.state = NodeState::Idle;
+            self.state_since = now;
+        }
+        true
     }
 
     /// Can run this job's instances: containers need the docker runtime.

@@ -1,0 +1,170 @@
+//! Many jobs per node: instances that ask for a share of a node (cores, memory)
+//! are packed onto it, never over, and their limits are enforced; on a real
+//! coordinator and real agent processes.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{TestCluster, eventually};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn submit(tc: &TestCluster, args: &[&str]) -> String {
+    let mut all = vec!["job", "submit"];
+    all.extend_from_slice(args);
+    let job = tc.shoal_json(&all);
+    job["id"].as_str().expect("job id").to_string()
+}
+
+/// A one-node cluster of 4-core, 14 GiB nodes.
+fn four_core_cluster(tc: &TestCluster) {
+    tc.shoal_json(&[
+        "cluster",
+        "create",
+        "--name",
+        "pack",
+        "--vm-size",
+        "Standard_D3_v2",
+        "--max-nodes",
+        "1",
+        "--idle-seconds-before-scaledown",
+        "60",
+    ]);
+}
+
+#[tokio::test]
+async fn a_four_core_node_runs_four_one_cpu_jobs_at_once_and_a_fifth_waits() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let gate = tc.scratch("gate");
+    // Each job holds its cpu until the gate file exists.
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
+    let ids: Vec<String> = (0..5)
+        .map(|_| {
+            submit(
+                &tc,
+                &[
+                    "--cluster",
+                    "pack",
+                    "--cpus",
+                    "1",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+            )
+        })
+        .collect();
+    // Four run at once on the one node...
+    let running = eventually("four jobs running", LIMIT, || async {
+        let mut running = Vec::new();
+        for id in &ids {
+            if tc.job(id).await.status == "running" {
+                running.push(id.clone());
+            }
+        }
+        (running.len() == 4).then_some(running)
+    })
+    .await;
+    assert_eq!(running, ids[..4].to_vec(), "the oldest four run");
+    let node = tc.shoal_json(&["node", "list", "--cluster", "pack"]);
+    let node = &node[0];
+    assert_eq!(node["cores"], 4);
+    let allocations = node["allocations"].as_array().expect("allocations");
+    assert_eq!(allocations.len(), 4, "{node}");
+    assert!(allocations.iter().all(|a| a["cpus"] == 1.0), "{node}");
+    // ...and the fifth waits, and says why in the scheduler's words.
+    let fifth = tc.job(&ids[4]).await;
+    assert_eq!(fifth.status, "queued");
+    let why = tc.shoal(&["job", "why", &ids[4]]);
+    let why = String::from_utf8_lossy(&why.stdout);
+    let node_id = node["id"].as_str().expect("node id");
+    assert!(
+        why.contains(&format!("needs 1 cpu; {node_id} is full")),
+        "{why}"
+    );
+    let shown = tc.shoal(&["node", "show", node_id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.matches("running:").count(), 4, "{shown}");
+    assert!(shown.contains(": 1 cpu"), "{shown}");
+    // The gate opens: the four end, the fifth runs and ends too.
+    std::fs::write(&gate, "").expect("gate");
+    for id in &ids {
+        tc.wait_status(id, "completed", LIMIT).await;
+    }
+    let first_end = {
+        let mut ends = Vec::new();
+        for id in &ids[..4] {
+            ends.push(tc.job(id).await.ended_at_ms);
+        }
+        ends.into_iter().min().expect("ends")
+    };
+    let fifth = tc.job(&ids[4]).await;
+    assert!(
+        fifth.started_at_ms >= first_end,
+        "the fifth started at {} before a cpu was freed at {first_end}",
+        fifth.started_at_ms
+    );
+}
+
+#[tokio::test]
+async fn a_job_over_its_memory_is_killed_and_says_so_and_shares_come_from_yaml() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    // From a job file: half a core and 256 MiB each.
+    let file = tc.scratch("job.yml");
+    std::fs::write(
+        &file,
+        "command: python3 -c 'x = bytearray(300 << 20); import time; time.sleep(20)'\n\
+         compute: pack\n\
+         resources: {cpus: 0.5, memory: 256m}\n",
+    )
+    .expect("job file");
+    let id = submit(&tc, &["-f", file.to_str().expect("path")]);
+    let job = tc.wait_status(&id, "failed", LIMIT).await;
+    assert_eq!(job.millicpus, 500);
+    assert_eq!(job.memory_bytes, 256 << 20);
+    assert!(
+        job.reason.contains("over its memory limit of 256 MiB"),
+        "{}",
+        job.reason
+    );
+    let shown = tc.shoal_json(&["job", "show", &id]);
+    assert_eq!(shown["cpus"], 0.5);
+    assert_eq!(shown["memory_bytes"], 256 << 20);
+    // Within its limit, the same program completes.
+    let fine = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--memory",
+            "256m",
+            "--",
+            "python3",
+            "-c",
+            "x = bytearray(32 << 20)",
+        ],
+    );
+    let job = tc.wait_status(&fine, "completed", LIMIT).await;
+    assert_eq!(job.millicpus, 1000, "memory alone asks for one core");
+    // More than a node has is refused at once, saying what the nodes have.
+    let refused = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "pack",
+        "--cpus",
+        "8",
+        "--",
+        "true",
+    ]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("8 cpus per instance") && said.contains("Standard_D3_v2 with 4"),
+        "{said}"
+    );
+}
