@@ -266,6 +266,7 @@ async fn statuses(tc: &TestCluster) -> BTreeMap<String, String> {
                 cluster: "fault".into(),
                 limit: 10_000,
                 after: after.clone(),
+                array: String::new(),
             })
             .await
             .expect("list")

@@ -168,3 +168,157 @@ async fn a_job_over_its_memory_is_killed_and_says_so_and_shares_come_from_yaml()
         "{said}"
     );
 }
+
+/// The indices a ledger file holds, one line each, sorted.
+fn ledger(path: &std::path::Path) -> Vec<u32> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut indices: Vec<u32> = text
+        .lines()
+        .map(|l| l.trim().parse().expect("an index"))
+        .collect();
+    indices.sort_unstable();
+    indices
+}
+
+#[tokio::test]
+async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    let script = format!("echo $SLURM_ARRAY_TASK_ID >> {}", path.display());
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "0.5",
+            "--array",
+            "0-999",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let job = tc
+        .wait_job(&array, "completed", Duration::from_secs(180), |j| {
+            j.status == "completed"
+        })
+        .await;
+    let counts = &job.array.as_ref().expect("an array").counts;
+    assert_eq!(counts.get("completed"), Some(&1000), "{counts:?}");
+    assert_eq!(job.reason, "1000 of 1000 tasks completed");
+    assert_eq!(ledger(&path), (0..1000).collect::<Vec<u32>>());
+    // Listed once; its tasks on asking, each with its index.
+    let listed = tc.shoal_json(&["job", "list"]);
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "the array, not its tasks");
+    let tasks = tc.shoal_json(&["job", "list", "--array", &array, "--limit", "10000"]);
+    assert_eq!(tasks.as_array().expect("tasks").len(), 1000);
+    let logs = tc.shoal(&["job", "logs", &array, "--task", "7"]);
+    assert!(logs.status.success(), "{logs:?}");
+    let task = tc.shoal_json(&["job", "show", &array, "--task", "7"]);
+    assert_eq!(task["status"], "completed");
+    let missing = tc.shoal(&["job", "show", &array, "--task", "1000"]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("has no task 1000 (its tasks: 0-999)"),
+        "{missing:?}"
+    );
+    // Deleted, it goes with its tasks.
+    let task_id = task["id"].as_str().expect("task id").to_string();
+    tc.shoal_json(&["job", "delete", &array]);
+    let tasks = tc.shoal_json(&["job", "list", "--array", &array, "--limit", "10000"]);
+    assert_eq!(tasks.as_array().expect("tasks").len(), 0);
+    let gone = tc.shoal(&["job", "show", &task_id]);
+    assert!(!gone.status.success(), "{gone:?}");
+}
+
+#[tokio::test]
+async fn one_task_or_the_whole_array_is_canceled() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-9%2",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    // Two run; task 5 is held: canceled alone, it ends at once.
+    eventually("two tasks running", LIMIT, || async {
+        let job = tc.job(&array).await;
+        (job.array.as_ref()?.counts.get("running") == Some(&2)).then_some(())
+    })
+    .await;
+    let one = tc.shoal_json(&["job", "cancel", &array, "--task", "5"]);
+    assert_eq!(one["status"], "canceled");
+    let job = tc.job(&array).await;
+    assert_eq!(
+        job.array.as_ref().expect("array").counts.get("canceled"),
+        Some(&1)
+    );
+    assert_eq!(job.status, "running");
+    // The whole array: running tasks stop, the rest end, and so does the array.
+    tc.shoal_json(&["job", "cancel", &array, "--wait"]);
+    let job = tc.wait_status(&array, "canceled", LIMIT).await;
+    assert_eq!(
+        job.array.as_ref().expect("array").counts.get("canceled"),
+        Some(&10)
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
+    let mut tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    let gate = tc.scratch("gate");
+    // Each task writes its index once it may finish: nothing is written twice
+    // unless a task runs twice.
+    let script = format!(
+        "while [ ! -e {g} ]; do sleep 0.05; done; echo $SHOAL_ARRAY_INDEX >> {l}",
+        g = gate.display(),
+        l = path.display()
+    );
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-199",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("four tasks running", LIMIT, || async {
+        let job = tc.job(&array).await;
+        (job.array.as_ref()?.counts.get("running") == Some(&4)).then_some(())
+    })
+    .await;
+    tc.kill9();
+    tc.restart().await;
+    std::fs::write(&gate, "").expect("open the gate");
+    let job = tc
+        .wait_job(&array, "completed", Duration::from_secs(180), |j| {
+            j.status == "completed"
+        })
+        .await;
+    assert_eq!(
+        job.array.as_ref().expect("array").counts.get("completed"),
+        Some(&200)
+    );
+    assert_eq!(ledger(&path), (0..200).collect::<Vec<u32>>());
+}

@@ -680,6 +680,7 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
                 cluster: "warm".into(),
                 limit: 10_000,
                 after: String::new(),
+                array: String::new(),
             })
             .await?
             .into_inner()

@@ -405,11 +405,19 @@ impl World {
             } else {
                 crate::model::Resources::WHOLE
             };
+            // Some are arrays of a few tasks, some of them held to two at once.
+            let array = self.rng.random_bool(0.1).then(|| crate::model::ArraySpec {
+                start: 0,
+                end: self.rng.random_range(1..6),
+                step: 1,
+                max_concurrent: if self.rng.random_bool(0.5) { 2 } else { 0 },
+            });
             self.jobs.push(JobRequest {
                 cluster: cluster.into(),
                 argv: vec!["sim".into(), duration.to_string(), code.to_string()],
                 instance_count: width,
                 resources,
+                array,
                 gpus_per_instance: u32::from(cluster == "gpu"),
                 max_preemptions: Some(100),
                 ..Default::default()

@@ -182,6 +182,9 @@ const MIGRATIONS: &[&str] = &[
                                PRIMARY KEY (name, version));
      CREATE TABLE environments (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
                                 PRIMARY KEY (name, version));",
+    // 7: a task's array, so that lists show an array once and its tasks on asking
+    "ALTER TABLE jobs ADD COLUMN array_seq INTEGER;
+     CREATE INDEX jobs_by_array ON jobs (array_seq, seq) WHERE array_seq IS NOT NULL;",
 ];
 
 /// Statuses of ended jobs, as stored.
@@ -405,8 +408,8 @@ impl Store for SqliteStore {
                 del_node.execute([id])?;
             }
             let mut put_job = tx.prepare_cached(
-                "INSERT OR REPLACE INTO jobs (id, seq, cluster, status, body, ended_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for job in &batch.jobs {
                 let ended_at = if job.status.is_final() {
@@ -420,7 +423,8 @@ impl Store for SqliteStore {
                     job.spec.cluster.as_str(),
                     job.status.as_str(),
                     encode(job)?,
-                    ended_at
+                    ended_at,
+                    job.task.map(|t| t.array_seq as i64)
                 ])?;
             }
             let mut doomed: Vec<String> = batch.delete_jobs.clone();
@@ -435,8 +439,18 @@ impl Store for SqliteStore {
                 }
             }
             for id in doomed {
-                if let Some(gone) = delete_job(&tx, &id)? {
-                    purged.push(gone);
+                // An array goes with its tasks.
+                let tasks: Vec<String> = match crate::control::job_seq(&id) {
+                    Some(seq) => tx
+                        .prepare_cached("SELECT id FROM jobs WHERE array_seq = ?1")?
+                        .query_map([seq as i64], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<_>>()?,
+                    None => Vec::new(),
+                };
+                for id in tasks.iter().chain([&id]) {
+                    if let Some(gone) = delete_job(&tx, id)? {
+                        purged.push(gone);
+                    }
                 }
             }
             let mut put_log = tx.prepare_cached(
@@ -559,11 +573,15 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         .execute([id])?;
     tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
         .execute([id])?;
+    // A task's code and inputs are its array's (shared by every task): they
+    // go with the array.
+    let owns_files = job.task.is_none();
     let inputs = job
         .spec
         .extras
         .inputs
         .values()
+        .filter(|_| owns_files)
         .filter_map(|input| match &input.source {
             crate::data::DataSource::Stored { path, .. } if !path.is_empty() => Some(path.clone()),
             _ => None,
@@ -572,7 +590,7 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
     Ok(Some(Purged {
         id: job.id.to_string(),
         status: job.status,
-        code_path: job.spec.code_path,
+        code_path: job.spec.code_path.filter(|_| owns_files),
         inputs,
         attempts: job.attempts.into_iter().map(|a| a.id).collect(),
     }))
@@ -659,19 +677,24 @@ impl Reader {
 
     /// Jobs newest first: at most `limit`, older than the job of seq `before`
     /// (None: from the newest), of one cluster or all.
+    /// A page of jobs, newest first: arrays once each (not their tasks), or,
+    /// given `array`, that array's tasks.
     pub async fn jobs(
         &self,
         cluster: Option<String>,
+        array: Option<u64>,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Job>> {
         self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, body FROM jobs WHERE (?1 IS NULL OR cluster = ?1) AND seq < ?2
+                 AND ((?4 IS NULL AND array_seq IS NULL) OR array_seq = ?4)
                  ORDER BY seq DESC LIMIT ?3",
             )?;
             let before = before.map_or(i64::MAX, |b| b as i64);
-            let rows = stmt.query_map(params![cluster, before, limit as i64], |r| {
+            let array = array.map(|a| a as i64);
+            let rows = stmt.query_map(params![cluster, before, limit as i64, array], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
             })?;
             let mut jobs = Vec::new();
@@ -846,11 +869,11 @@ mod tests {
             Some(RECENT_JOBS as u64 + 10)
         );
         let reader = store.reader().expect("reader");
-        let page = reader.jobs(None, None, 3).await.expect("page");
+        let page = reader.jobs(None, None, None, 3).await.expect("page");
         let seqs: Vec<u64> = page.iter().map(|j| j.seq).collect();
         let newest = RECENT_JOBS as u64 + 11;
         assert_eq!(seqs, vec![newest, newest - 1, newest - 2], "newest first");
-        let next = reader.jobs(None, Some(3), 10).await.expect("page");
+        let next = reader.jobs(None, None, Some(3), 10).await.expect("page");
         assert_eq!(next.iter().map(|j| j.seq).collect::<Vec<_>>(), vec![2, 1]);
 
         // Deleted on request, and by retention (ended before 4): with their logs.

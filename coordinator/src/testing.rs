@@ -136,6 +136,9 @@ impl JobBuilder {
             reason: crate::model::JobReason::None,
             preemptions: 0,
             flags: Vec::new(),
+            array: None,
+            task: None,
+            counted: None,
             progress: None,
         })
     }

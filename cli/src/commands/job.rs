@@ -44,9 +44,15 @@ pub enum Command {
         resources: {instance_count: 2}\n  \
         limits: {timeout: 3600}        # seconds\n\n\
         Keys of the schema that mean nothing here are accepted with a warning; any other key is an error.")]
-    Submit(SubmitArgs),
-    /// Show a job: status, why it waits or how it ended, instances and attempts.
-    Show { id: String },
+    Submit(Box<SubmitArgs>),
+    /// Show a job: status, why it waits or how it ended, instances and attempts
+    /// (an array: its tasks counted by status).
+    Show {
+        id: String,
+        /// One task of an array, by its index.
+        #[arg(long)]
+        task: Option<u32>,
+    },
     /// List jobs, newest first, a page at a time.
     #[command(after_help = "Examples:\n  \
         shoal job list                          # the newest 100\n  \
@@ -60,6 +66,9 @@ pub enum Command {
         /// Start after this job (the last one of the page before).
         #[arg(long)]
         after: Option<String>,
+        /// The tasks of this array (an array is otherwise listed once).
+        #[arg(long)]
+        array: Option<String>,
     },
     /// Print a job's logs; `-f` follows them live until the job ends.
     Logs {
@@ -69,9 +78,17 @@ pub enum Command {
         /// Only this instance's log.
         #[arg(long)]
         instance: Option<u32>,
+        /// One task of an array, by its index.
+        #[arg(long)]
+        task: Option<u32>,
     },
     /// Why the job is where it is: what the scheduler and autoscaler see, what blocks.
-    Why { id: String },
+    Why {
+        id: String,
+        /// One task of an array, by its index.
+        #[arg(long)]
+        task: Option<u32>,
+    },
     /// Cancel a queued or running job: its processes get SIGTERM, then SIGKILL after
     /// the stop grace; it shows `canceling` until every instance has stopped.
     Cancel {
@@ -79,6 +96,9 @@ pub enum Command {
         /// Return once every instance has stopped and the job is `canceled`.
         #[arg(long)]
         wait: bool,
+        /// Only this task of an array, by its index (else the whole array).
+        #[arg(long)]
+        task: Option<u32>,
     },
     /// Delete an ended job for good: its record, logs, result rows and outputs
     /// (ended jobs are deleted by themselves after `job_retention_days`, 30 by default).
@@ -155,6 +175,11 @@ pub struct SubmitArgs {
     /// Preemptions the job is requeued after before it fails [default: 10].
     #[arg(long)]
     pub max_preemptions: Option<u32>,
+    /// Many tasks in one submission, Slurm's way: `0-9999`, `1-100:2` (a
+    /// step), `0-999%10` (at most 10 at once). Each task gets SHOAL_ARRAY_INDEX
+    /// (and SLURM_ARRAY_TASK_ID); the array is listed as one job.
+    #[arg(long)]
+    pub array: Option<String>,
     /// Follow the job (progress and logs) until it ends; exit non-zero unless it completed.
     #[arg(long)]
     pub wait: bool,
@@ -295,6 +320,9 @@ fn job_document(args: &SubmitArgs) -> anyhow::Result<(Value, PathBuf)> {
     if let Some(n) = args.max_preemptions {
         put(&mut doc, &["max_preemptions"], json!(n));
     }
+    if let Some(array) = &args.array {
+        put(&mut doc, &["array"], json!(array));
+    }
     // `--` words replace a job file's command line.
     if !args.argv.is_empty() {
         put(&mut doc, &["argv"], json!(args.argv));
@@ -384,6 +412,31 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     };
     println!("command:   {command}");
     println!("instances: {}", job.instance_count);
+    if let Some(array) = &job.array {
+        let spec = array.spec.unwrap_or_default();
+        let limit = if spec.max_concurrent > 0 {
+            format!(", at most {} at once", spec.max_concurrent)
+        } else {
+            String::new()
+        };
+        println!(
+            "tasks:     {} ({}..={} step {}{limit}); `shoal job list --array {}`, `--task K` for one",
+            array.total,
+            spec.start,
+            spec.end,
+            spec.step.max(1),
+            job.id
+        );
+        let counts: Vec<String> = array
+            .counts
+            .iter()
+            .map(|(status, n)| format!("{n} {status}"))
+            .collect();
+        println!("progress:  {}", counts.join(", "));
+    }
+    if let Some(task) = &job.task {
+        println!("task:      index {} of array {}", task.index, task.array_id);
+    }
     if job.millicpus > 0 {
         let share = shoal_coordinator::model::Resources {
             millicpus: job.millicpus,
@@ -624,6 +677,9 @@ fn progress_text(job: &pb::Job) -> String {
     if let Some(progress) = &job.progress {
         return format!("{} {} {}", job.id, job.status, mini_batch_text(progress));
     }
+    if job.array.is_some() {
+        return format!("{} {} · {}", job.id, job.status, job.reason);
+    }
     let instances = job.attempts.last().map(|a| &a.instances[..]).unwrap_or(&[]);
     let running = instances.iter().filter(|i| i.status == "running").count();
     let detail = if job.reason.is_empty() {
@@ -635,6 +691,38 @@ fn progress_text(job: &pb::Job) -> String {
         "{} {} · {running}/{} instances running{detail}",
         job.id, job.status, job.instance_count
     )
+}
+
+/// The id of task `index` of array `id` (tasks are the jobs after the array's
+/// own, in index order); `id` itself when no task is asked for.
+async fn task_id(client: &Client, id: String, index: Option<u32>) -> anyhow::Result<String> {
+    let Some(index) = index else {
+        return Ok(id);
+    };
+    let job = client
+        .jobs()
+        .get(pb::JobRef { id: id.clone() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let Some(array) = job.array else {
+        bail!("job {id} is not an array: leave --task out");
+    };
+    let spec = array.spec.unwrap_or_default();
+    let spec = shoal_coordinator::model::ArraySpec {
+        start: spec.start,
+        end: spec.end,
+        step: spec.step.max(1),
+        max_concurrent: spec.max_concurrent,
+    };
+    let Some(position) = spec.position(index) else {
+        bail!("array {id} has no task {index} (its tasks: {spec})");
+    };
+    let first = shoal_coordinator::control::job_seq(&array.first_task_id)
+        .context("the array's first task has no job id")?;
+    Ok(shoal_coordinator::control::job_id(
+        first + u64::from(position),
+    ))
 }
 
 /// Follows a job until it is settled: progress on the spinner, logs printed above it.
@@ -809,13 +897,14 @@ async fn download_command(client: &Client, args: DownloadArgs) -> anyhow::Result
 
 pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
     if let Command::Submit(args) = command {
-        return submit(args, endpoint, format).await;
+        return submit(*args, endpoint, format).await;
     }
     let client = Client::connect(endpoint).await?;
     let mut jobs = client.jobs();
     match command {
         Command::Submit(_) => unreachable!("handled above"),
-        Command::Show { id } => {
+        Command::Show { id, task } => {
+            let id = task_id(&client, id, task).await?;
             let job = jobs
                 .get(pb::JobRef { id })
                 .await
@@ -827,12 +916,14 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             cluster,
             limit,
             after,
+            array,
         } => {
             let page = jobs
                 .list(pb::ListJobsRequest {
                     cluster: cluster.unwrap_or_default(),
                     limit,
                     after: after.clone().unwrap_or_default(),
+                    array: array.unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?
@@ -905,6 +996,7 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             id,
             follow: true,
             instance: None,
+            task: None,
         } if is_parallel(&client, &id).await? => {
             // A parallel job: its log, with the mini-batch progress bar below it.
             let bar = spinner();
@@ -915,7 +1007,9 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             id,
             follow,
             instance,
+            task,
         } => {
+            let id = task_id(&client, id, task).await?;
             let mut stream = jobs
                 .logs(pb::LogsRequest {
                     job_id: id.clone(),
@@ -941,7 +1035,8 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             }
             printer.finish(&mut print);
         }
-        Command::Why { id } => {
+        Command::Why { id, task } => {
+            let id = task_id(&client, id, task).await?;
             let lines = jobs
                 .why(pb::JobRef { id })
                 .await
@@ -956,7 +1051,8 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 }
             }
         }
-        Command::Cancel { id, wait } => {
+        Command::Cancel { id, wait, task } => {
+            let id = task_id(&client, id, task).await?;
             let mut job = jobs
                 .cancel(pb::JobRef { id })
                 .await

@@ -264,16 +264,22 @@ pub async fn run(args: MlArgs, endpoint: &str, format: Format) -> anyhow::Result
                     id: name.name,
                     follow: true,
                     instance: None,
+                    task: None,
                 },
-                Job::Show(name) => job::Command::Show { id: name.name },
+                Job::Show(name) => job::Command::Show {
+                    id: name.name,
+                    task: None,
+                },
                 Job::List { max_results } => job::Command::List {
                     cluster: None,
                     limit: max_results,
                     after: None,
+                    array: None,
                 },
                 Job::Cancel(name) => job::Command::Cancel {
                     id: name.name,
                     wait: false,
+                    task: None,
                 },
                 Job::Download(args) => job::Command::Download(args),
             };

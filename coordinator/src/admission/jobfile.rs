@@ -53,6 +53,10 @@ pub struct JobFile {
     /// Preemptions the job is requeued after before it fails (default 10).
     #[serde(default)]
     pub max_preemptions: Option<u32>,
+    /// A job array: `{start: 0, end: 99, step: 1, max_concurrent: 10}`, or
+    /// Slurm's `0-99%10`.
+    #[serde(default)]
+    pub array: Option<ArrayKey>,
     /// `{type: pytorch, process_count_per_instance: 2}`, `{type: tensorflow, worker_count: 2, parameter_server_count: 1}`, `{type: mpi, …}`.
     #[serde(default)]
     pub distribution: Option<crate::model::Distribution>,
@@ -113,6 +117,25 @@ pub struct Task {
     /// (one long-lived process per worker, fed mini-batches on stdin).
     #[serde(default)]
     pub mode: Option<String>,
+}
+
+/// `array:` as a mapping or as Slurm writes it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ArrayKey {
+    Text(String),
+    Spec(crate::model::ArraySpec),
+}
+
+impl ArrayKey {
+    pub fn spec(&self) -> crate::Result<crate::model::ArraySpec> {
+        let spec = match self {
+            ArrayKey::Text(text) => crate::model::ArraySpec::parse(text)?,
+            ArrayKey::Spec(spec) => *spec,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
 }
 
 /// `output: summary_only`, or `output: {append_row_to: results.csv}`.
@@ -425,6 +448,37 @@ mod tests {
         assert_eq!(file.env().get("EPOCHS").map(String::as_str), Some("3"));
         assert_eq!(file.resources.and_then(|r| r.instance_count), Some(2));
         assert_eq!(file.limits.and_then(|l| l.timeout), Some(600));
+    }
+
+    #[test]
+    fn an_array_is_a_mapping_or_slurms_spelling() {
+        let file = JobFile::from_yaml(
+            "command: x\narray: {start: 1, end: 9, step: 2, max_concurrent: 3}\n",
+        )
+        .expect("valid");
+        let spec = file.array.expect("an array").spec().expect("a spec");
+        assert_eq!(
+            (spec.count(), spec.index(4), spec.max_concurrent),
+            (5, 9, 3)
+        );
+        let file = JobFile::from_yaml("command: x\narray: 0-999%10\n").expect("valid");
+        let spec = file.array.expect("an array").spec().expect("a spec");
+        assert_eq!(spec.to_string(), "0-999%10");
+        assert_eq!(spec.position(7), Some(7));
+        let file = JobFile::from_yaml("command: x\narray: {start: 5, end: 1}\n").expect("parsed");
+        let err = file.array.expect("an array").spec().unwrap_err();
+        assert!(
+            err.to_string().contains("ends (1) before it starts (5)"),
+            "{err}"
+        );
+        for bad in ["", "a-b", "1-", "0-9:0", "0-2000000"] {
+            assert!(crate::model::ArraySpec::parse(bad).is_err(), "{bad}");
+        }
+        let stepped = crate::model::ArraySpec::parse("1-100:2").expect("stepped");
+        assert_eq!(
+            (stepped.count(), stepped.position(3), stepped.position(4)),
+            (50, Some(1), None)
+        );
     }
 
     #[test]

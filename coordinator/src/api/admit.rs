@@ -202,6 +202,11 @@ impl Api {
                 .unwrap_or(0),
             distribution: file.distribution_wire(),
             parallel,
+            array: file
+                .array
+                .as_ref()
+                .map(|a| a.spec().map(|s| crate::api::convert::array_spec(&s)))
+                .transpose()?,
             cpus: file.resources.as_ref().and_then(|r| r.cpus).unwrap_or(0.0),
             memory_bytes: match file.resources.as_ref().and_then(|r| r.memory.as_ref()) {
                 None => 0,

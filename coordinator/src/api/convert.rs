@@ -62,6 +62,12 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         max_preemptions: spec.max_preemptions,
         gpus_per_instance: spec.gpus_per_instance,
         resources: crate::model::Resources::share(spec.cpus, spec.memory_bytes)?,
+        array: spec.array.map(|a| crate::model::ArraySpec {
+            start: a.start,
+            end: a.end,
+            step: a.step.max(1),
+            max_concurrent: a.max_concurrent,
+        }),
         distribution,
         parallel,
         extras: Default::default(),
@@ -276,6 +282,20 @@ pub fn job(job: &Job) -> pb::Job {
         gpus_per_instance: job.spec.gpus_per_instance,
         millicpus: job.spec.resources.millicpus,
         memory_bytes: job.spec.resources.memory_bytes,
+        array: job.array.as_deref().map(|state| pb::ArrayProgress {
+            spec: Some(array_spec(&state.spec)),
+            total: state.spec.count(),
+            counts: state
+                .counts
+                .iter()
+                .map(|(s, n)| (s.as_str().to_string(), *n))
+                .collect(),
+            first_task_id: crate::control::job_id(state.first_seq),
+        }),
+        task: job.task.map(|t| pb::TaskOf {
+            array_id: crate::control::job_id(t.array_seq),
+            index: t.index,
+        }),
         flags: job.flags.clone(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
         parallel: job.spec.parallel.as_deref().map(parallel_to_wire),
@@ -609,4 +629,13 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
 
 fn duration_ms(duration: Duration) -> u64 {
     duration.as_millis() as u64
+}
+
+pub fn array_spec(a: &crate::model::ArraySpec) -> pb::ArraySpec {
+    pb::ArraySpec {
+        start: a.start,
+        end: a.end,
+        step: a.step,
+        max_concurrent: a.max_concurrent,
+    }
 }

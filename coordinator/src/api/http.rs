@@ -247,6 +247,9 @@ struct JobPage {
     limit: Option<usize>,
     #[serde(default)]
     after: Option<String>,
+    /// An array's tasks.
+    #[serde(default)]
+    array: Option<String>,
 }
 
 /// Newest first, a page at a time: `?limit=N&after=job-K` (the last of the page
@@ -256,7 +259,12 @@ async fn list_jobs(
     Query(page): Query<JobPage>,
 ) -> Result<Response, ApiError> {
     let (jobs, next) = api
-        .list_jobs(page.cluster, page.limit.unwrap_or(0), page.after.as_deref())
+        .list_jobs(
+            page.cluster,
+            page.array.as_deref(),
+            page.limit.unwrap_or(0),
+            page.after.as_deref(),
+        )
         .await?;
     let views: Vec<view::Job> = jobs
         .iter()

@@ -44,9 +44,16 @@ impl Api {
     pub async fn list_jobs(
         &self,
         cluster: Option<String>,
+        array: Option<&str>,
         limit: usize,
         after: Option<&str>,
     ) -> Result<(Vec<Job>, Option<String>)> {
+        let array = match array {
+            None => None,
+            Some(id) => Some(seq_of(id).ok_or_else(|| {
+                Error::invalid("array", format!("`{id}` is not a job id (job-N)"))
+            })?),
+        };
         let limit = match limit {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
@@ -57,7 +64,7 @@ impl Api {
                 Error::invalid("after", format!("`{id}` is not a job id (job-N)"))
             })?),
         };
-        let mut page = self.reader.jobs(cluster, before, limit).await?;
+        let mut page = self.reader.jobs(cluster, array, before, limit).await?;
         // Live jobs as the loop has them now (progress included).
         let live: Vec<String> = page
             .iter()

@@ -30,6 +30,8 @@ impl Control {
     /// Placement and scaling: what the jobs and nodes that changed now allow.
     pub fn decide(&mut self, now: Millis) {
         self.finish_canceling(now);
+        // Tasks that ended make room for their array's held ones, placed now.
+        self.account_arrays(now);
         for name in self.clusters_to_place() {
             self.place(&name, now);
         }
@@ -38,6 +40,8 @@ impl Control {
         for name in names {
             self.scale(&name, now);
         }
+        // What placement started counts too, before it is committed.
+        self.account_arrays(now);
     }
 
     /// The clusters where a placement could change: those whose queued jobs or

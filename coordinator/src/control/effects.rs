@@ -135,6 +135,7 @@ impl Control {
         for slot in running {
             self.instance_lost(&slot, "the coordinator stopped", now);
         }
+        self.account_arrays(now);
         self.outbox.clear();
         self.to_create.clear();
         self.to_remove.clear();

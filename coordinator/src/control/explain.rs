@@ -7,7 +7,26 @@ impl Control {
     pub(super) fn explain(&self, job_id: &str, now: Millis) -> Result<Vec<String>> {
         let job = self.job(job_id)?;
         let mut lines = vec![format!("{} is {}", job.id, job.status.as_str())];
+        if let Some(state) = job.array.as_deref() {
+            // An array runs nothing itself: its tasks do, each a job of its own.
+            lines.push(format!("array {}: {}", state.spec, state.summary()));
+            if state.released < state.spec.count() {
+                lines.push(format!(
+                    "{} task(s) held back: at most {} run at once",
+                    state.spec.count() - state.released,
+                    state.spec.max_concurrent
+                ));
+            }
+            lines.push(format!(
+                "a task's own story: `shoal job why {} --task K`",
+                job.id
+            ));
+            return Ok(lines);
+        }
         let reason = match job.status {
+            JobStatus::Queued if self.is_held(job) => {
+                Some(self.job_out(job, now).reason.to_string())
+            }
             JobStatus::Queued => self.queued_reason(job),
             _ => None,
         }

@@ -146,17 +146,45 @@ impl Control {
                 ));
             }
         }
-        // The queue holds exactly the queued jobs.
+        // The queue holds exactly the queued jobs (not an array's own record,
+        // nor the tasks it holds back).
         let queued = self
             .jobs
             .values()
-            .filter(|j| j.status == JobStatus::Queued)
+            .filter(|j| j.status == JobStatus::Queued && j.array.is_none() && !self.is_held(j))
             .count();
         if queued != self.queue.len() {
             broken.push(format!(
                 "{queued} jobs are queued but the queue holds {}",
                 self.queue.len()
             ));
+        }
+        // An array's counts are its tasks' statuses (those still in memory:
+        // every task that has not ended is).
+        for job in self.jobs.values() {
+            let Some(state) = job.array.as_deref() else {
+                continue;
+            };
+            let mut live: BTreeMap<JobStatus, u32> = BTreeMap::new();
+            for seq in state.first_seq..state.first_seq + u64::from(state.spec.count()) {
+                if let Some(task) = self.jobs.by_seq(seq)
+                    && !task.status.is_final()
+                {
+                    *live.entry(task.status).or_default() += 1;
+                }
+            }
+            let counted: BTreeMap<JobStatus, u32> = state
+                .counts
+                .iter()
+                .filter(|(s, _)| !s.is_final())
+                .map(|(s, n)| (*s, *n))
+                .collect();
+            if live != counted {
+                broken.push(format!(
+                    "array {} counts {counted:?} of its live tasks, which are {live:?}",
+                    job.id
+                ));
+            }
         }
         broken
     }

@@ -43,6 +43,10 @@ impl JobTable {
         self.by_seq.get(&seq).map(Box::as_ref)
     }
 
+    pub(super) fn by_seq_mut(&mut self, seq: u64) -> Option<&mut Job> {
+        self.by_seq.get_mut(&seq).map(Box::as_mut)
+    }
+
     /// Holds a job, replacing the one of the same id. A job whose id is not
     /// `job_id(seq)` is refused: it could never be found (no such job is ever
     /// made here; the store's and the tests' are checked).

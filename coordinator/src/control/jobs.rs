@@ -28,13 +28,24 @@ impl Control {
             .parallel
             .as_mut()
             .map(|(_, cuts)| std::mem::take(cuts));
+        let array = request.array;
+        if let Some(array) = &array {
+            array.check()?;
+            if request.parallel.is_some() {
+                return Err(Error::invalid(
+                    "array",
+                    "a parallel job spreads its mini-batches itself; it cannot be an array",
+                ));
+            }
+        }
         let spec = JobSpec::from_request(request, &cluster.spec, size)?;
         let seq = self.next_job_seq;
-        self.next_job_seq += 1;
+        let tasks = array.map_or(0, |a| u64::from(a.count()));
+        self.next_job_seq += 1 + tasks;
         self.seqs_dirty = true;
         let id = job_table::job_id(seq);
-        let job = Job {
-            id: id.as_str().into(),
+        let fresh = |seq: u64, spec: JobSpec| Job {
+            id: job_table::job_id(seq).into(),
             seq,
             spec,
             status: JobStatus::Queued,
@@ -45,18 +56,155 @@ impl Control {
             reason: JobReason::Queued,
             preemptions: 0,
             flags: Vec::new(),
+            array: None,
+            task: None,
+            counted: None,
             progress: None,
         };
-        debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
-        // Held first: a job the table refused must not be left on the queue.
-        self.jobs.insert(job.clone()).map_err(Error::Internal)?;
-        self.queue.push(&job);
-        if let Some(cuts) = cuts {
-            self.add_parallel(&id, cuts);
+        let Some(array) = array else {
+            let job = fresh(seq, spec);
+            debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");
+            // Held first: a job the table refused must not be left on the queue.
+            self.jobs.insert(job.clone()).map_err(Error::Internal)?;
+            self.queue.push(&job);
+            if let Some(cuts) = cuts {
+                self.add_parallel(&id, cuts);
+            }
+            let job = self.job_out(&job, now);
+            self.dirty_jobs.insert(id);
+            return Ok(job);
+        };
+        // An array: its own record, and a job per task (one commit for all).
+        let count = array.count();
+        let released = match array.max_concurrent {
+            0 => count,
+            max => max.min(count),
+        };
+        for position in 0..count {
+            let mut task = fresh(seq + 1 + u64::from(position), spec.clone());
+            task.task = Some(Task {
+                array_seq: seq,
+                index: array.index(position),
+                position,
+            });
+            task.counted = Some(JobStatus::Queued);
+            self.jobs.insert(task.clone()).map_err(Error::Internal)?;
+            if position < released {
+                self.queue.push(&task);
+            }
+            self.dirty_jobs.insert(task.id.to_string());
         }
+        let mut job = fresh(seq, spec);
+        job.array = Some(Box::new(ArrayState {
+            spec: array,
+            first_seq: seq + 1,
+            released,
+            counts: BTreeMap::from([(JobStatus::Queued, count)]),
+            canceled: false,
+        }));
+        info!(job = %id, cluster = %job.spec.cluster, tasks = count, "job array submitted");
+        self.jobs.insert(job.clone()).map_err(Error::Internal)?;
         let job = self.job_out(&job, now);
         self.dirty_jobs.insert(id);
         Ok(job)
+    }
+
+    /// Counts the tasks whose status changed into their arrays, releases held
+    /// tasks as others end (`max_concurrent`), and sets each touched array's
+    /// own status. The one place an array's record changes after submit.
+    pub(super) fn account_arrays(&mut self, now: Millis) {
+        let changed: Vec<(String, u64, JobStatus, Option<JobStatus>)> = self
+            .dirty_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|j| {
+                let task = j.task?;
+                (j.counted != Some(j.status))
+                    .then(|| (j.id.to_string(), task.array_seq, j.status, j.counted))
+            })
+            .collect();
+        let mut arrays = BTreeSet::new();
+        for (id, array_seq, status, counted) in changed {
+            if let Some(task) = self.jobs.get_mut(&id) {
+                task.counted = Some(status);
+            }
+            let Some(state) = self
+                .jobs
+                .by_seq_mut(array_seq)
+                .and_then(|a| a.array.as_deref_mut())
+            else {
+                continue;
+            };
+            if let Some(before) = counted
+                && let Some(n) = state.counts.get_mut(&before)
+            {
+                *n = n.saturating_sub(1);
+            }
+            *state.counts.entry(status).or_default() += 1;
+            state.counts.retain(|_, n| *n > 0);
+            arrays.insert(array_seq);
+        }
+        for array_seq in arrays {
+            self.release_tasks(array_seq);
+            let Some(array) = self.jobs.by_seq_mut(array_seq) else {
+                continue;
+            };
+            let Some(state) = array.array.as_deref() else {
+                continue;
+            };
+            let status = state.status();
+            if status != JobStatus::Queued && array.started_at == 0 {
+                array.started_at = now;
+            }
+            if status.is_final() && !array.status.is_final() {
+                array.ended_at = now;
+                *self.ended_counts.entry(status).or_default() += 1;
+            }
+            array.reason = if status.is_final() || status == JobStatus::Running {
+                JobReason::Said(state.summary())
+            } else {
+                array.reason.clone()
+            };
+            array.status = status;
+            self.dirty_jobs.insert(array.id.to_string());
+        }
+    }
+
+    /// Queues an array's held tasks while fewer than its `max_concurrent` are
+    /// queued or running.
+    fn release_tasks(&mut self, array_seq: u64) {
+        loop {
+            let Some(state) = self
+                .jobs
+                .by_seq_mut(array_seq)
+                .and_then(|a| a.array.as_deref_mut())
+            else {
+                return;
+            };
+            let count = state.spec.count();
+            let in_flight = state.released.saturating_sub(state.ended());
+            if state.released >= count || in_flight >= state.spec.max_concurrent {
+                return;
+            }
+            let seq = state.first_seq + u64::from(state.released);
+            state.released += 1;
+            if let Some(task) = self.jobs.by_seq(seq)
+                && task.status == JobStatus::Queued
+            {
+                self.queue.push(task);
+                self.dirty_jobs.insert(task.id.to_string());
+            }
+        }
+    }
+
+    /// A task its array holds back (`max_concurrent`): queued, not yet eligible.
+    pub(super) fn is_held(&self, job: &Job) -> bool {
+        job.task.is_some_and(|t| {
+            self.jobs
+                .by_seq(t.array_seq)
+                .and_then(|a| a.array.as_deref())
+                .is_some_and(|state| t.position >= state.released)
+        })
     }
 
     pub(super) fn cancel_job(&mut self, id: &str, now: Millis) -> Result<Job> {
@@ -66,6 +214,32 @@ impl Control {
                 "job `{id}` already ended ({}); nothing to cancel",
                 job.status.as_str()
             )));
+        }
+        if let Some(state) = job.array.as_deref() {
+            // The whole array: every task that has not ended, held ones too.
+            let (first, count) = (state.first_seq, state.spec.count());
+            let job_id = job.id.to_string();
+            if let Some(state) = self
+                .jobs
+                .get_mut(&job_id)
+                .and_then(|j| j.array.as_deref_mut())
+            {
+                state.canceled = true;
+                state.released = count;
+            }
+            for seq in first..first + u64::from(count) {
+                let live = self
+                    .jobs
+                    .by_seq(seq)
+                    .filter(|t| !t.status.is_ending())
+                    .map(|t| t.id.to_string());
+                if let Some(task) = live {
+                    self.cancel(&task, "canceled with its array".into(), "job canceled", now);
+                }
+            }
+            self.dirty_jobs.insert(job_id.clone());
+            self.account_arrays(now);
+            return self.job(&job_id).map(|j| self.job_out(j, now));
         }
         if job.status != JobStatus::Canceling {
             self.cancel(id, "canceled by user".into(), "job canceled", now);
@@ -100,8 +274,11 @@ impl Control {
             .dirty_jobs
             .iter()
             .filter_map(|id| self.jobs.get(id))
+            // An array's own record has no attempts: its tasks decide (`account_arrays`).
             .filter(|j| {
-                j.status == JobStatus::Canceling && j.attempts.iter().all(Attempt::is_settled)
+                j.status == JobStatus::Canceling
+                    && j.array.is_none()
+                    && j.attempts.iter().all(Attempt::is_settled)
             })
             .map(|j| (j.id.to_string(), j.reason.clone()))
             .collect();

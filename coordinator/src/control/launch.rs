@@ -172,6 +172,18 @@ impl Control {
             if !low_priority {
                 env.remove("SHOAL_PREEMPTION_DEADLINE");
             }
+            if let Some(task) = job.task {
+                // Slurm's names too, so ported scripts run as they are.
+                let array_id = job_table::job_id(task.array_seq);
+                for (key, value) in [
+                    ("SHOAL_ARRAY_INDEX", task.index.to_string()),
+                    ("SHOAL_ARRAY_JOB_ID", array_id.clone()),
+                    ("SLURM_ARRAY_TASK_ID", task.index.to_string()),
+                    ("SLURM_ARRAY_JOB_ID", task.array_seq.to_string()),
+                ] {
+                    env.insert(key.to_string(), value);
+                }
+            }
             env.insert("SHOAL_NODES".into(), hosts.join(","));
             env.insert("SHOAL_NODE_IDS".into(), placement.nodes.join(","));
             if self.config.identity_tokens {

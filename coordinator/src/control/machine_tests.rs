@@ -1139,3 +1139,105 @@ fn shares_pack_one_node_and_it_scales_for_the_cores_wanted_and_idles_only_when_e
     }
     assert!(m.control.invariant_violations().is_empty());
 }
+
+#[test]
+fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_whole() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("10-22:2%2").expect("an array")),
+        ..Default::default()
+    });
+    let job = m.job(&array);
+    let state = job.array.as_deref().expect("an array's record").clone();
+    assert_eq!((state.spec.count(), state.released), (7, 2));
+    assert_eq!(job.status, JobStatus::Queued);
+    // Two at once: two nodes, not seven.
+    assert_eq!(m.created.len(), 2, "{:?}", m.created);
+    let held = crate::control::job_id(state.first_seq + 2);
+    assert_eq!(
+        m.job(&held).reason.to_string(),
+        format!("held: array {array} runs at most 2 tasks at once")
+    );
+    let nodes = m.created.clone();
+    let mut agents: Vec<_> = nodes.iter().map(|n| m.register(n, "cl")).collect();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        // Whatever was launched runs and completes; the next is released.
+        let mut ran = false;
+        for (node, agent) in nodes.iter().zip(agents.iter_mut()) {
+            for order in launches(agent) {
+                seen.push(order.env["SHOAL_ARRAY_INDEX"].clone());
+                assert_eq!(
+                    order.env["SLURM_ARRAY_TASK_ID"],
+                    order.env["SHOAL_ARRAY_INDEX"]
+                );
+                assert_eq!(order.env["SHOAL_ARRAY_JOB_ID"], array);
+                m.started(node, &order);
+                let running = m
+                    .job(&array)
+                    .array
+                    .expect("state")
+                    .count(JobStatus::Running);
+                assert!(running <= 2, "{running} tasks run at once");
+                m.step(vec![exit(node, order.slot.clone(), "completed")]);
+                ran = true;
+            }
+        }
+        assert!(
+            m.control.invariant_violations().is_empty(),
+            "{:?}",
+            m.control.invariant_violations()
+        );
+        if !ran {
+            break;
+        }
+    }
+    seen.sort_by_key(|i| i.parse::<u32>().expect("an index"));
+    assert_eq!(
+        seen,
+        ["10", "12", "14", "16", "18", "20", "22"],
+        "each index once"
+    );
+    let done = m.job(&array);
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(done.reason.to_string(), "7 of 7 tasks completed");
+
+    // Canceled whole: the running task stops, the queued and held ones end now.
+    let second = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-4%1").expect("an array")),
+        ..Default::default()
+    });
+    let order = launches(&mut agents[0])
+        .into_iter()
+        .chain(launches(&mut agents[1]))
+        .next()
+        .expect("one task launched");
+    let node = nodes
+        .iter()
+        .find(|n| m.node(n).runs(&order.slot))
+        .expect("its node")
+        .clone();
+    m.started(&node, &order);
+    let canceled = m
+        .ask(|reply| Command::CancelJob(second.clone(), reply))
+        .expect("cancel");
+    assert_eq!(canceled.status, JobStatus::Canceling);
+    assert_eq!(
+        canceled
+            .array
+            .as_deref()
+            .expect("state")
+            .count(JobStatus::Canceled),
+        4
+    );
+    m.step(vec![exit(&node, order.slot.clone(), "canceled")]);
+    let over = m.job(&second);
+    assert_eq!(over.status, JobStatus::Canceled);
+    assert_eq!(over.array.expect("state").count(JobStatus::Canceled), 5);
+    assert!(m.control.invariant_violations().is_empty());
+}

@@ -306,12 +306,24 @@ impl Control {
             }
             control.nodes.insert(node.id.clone(), node);
         }
-        for job in snapshot.jobs {
-            if job.status == JobStatus::Queued {
-                control.queue.push(&job);
+        let mut queued = Vec::new();
+        for mut job in snapshot.jobs {
+            if job.task.is_some() {
+                // Its array's counts were committed with its status.
+                job.counted = Some(job.status);
+            }
+            if job.status == JobStatus::Queued && job.array.is_none() {
+                queued.push(job.seq);
             }
             if let Err(e) = control.jobs.insert(job) {
                 error!("stored job left out: {e}");
+            }
+        }
+        for seq in queued {
+            if let Some(job) = control.jobs.by_seq(seq)
+                && !control.is_held(job)
+            {
+                control.queue.push(job);
             }
         }
         control.load_parallel(snapshot.mini_batches);

@@ -78,9 +78,21 @@ impl Control {
     pub(super) fn job_out(&self, job: &Job, now: Millis) -> Job {
         let mut out = job.clone();
         if job.status == JobStatus::Queued
+            && job.array.is_none()
             && let Some(reason) = self.queued_reason(job)
         {
             out.reason = JobReason::Said(reason);
+        }
+        if job.status == JobStatus::Queued
+            && let Some(task) = job.task
+            && self.is_held(job)
+            && let Some(array) = self.jobs.by_seq(task.array_seq)
+        {
+            let max = array.array.as_deref().map_or(0, |s| s.spec.max_concurrent);
+            out.reason = JobReason::Said(format!(
+                "held: array {} runs at most {max} tasks at once",
+                array.id
+            ));
         }
         if let Some(batches) = self.parallel.get(job.id.as_str()) {
             let until = if job.ended_at > 0 { job.ended_at } else { now };

@@ -246,6 +246,191 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{rounded} {unit}")
 }
 
+/// A job array: one submission of tasks `start, start+step, ... ≤ end`, each
+/// a job of its own that knows its index; at most `max_concurrent` at once
+/// (0: no limit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArraySpec {
+    pub start: u32,
+    pub end: u32,
+    #[serde(default = "one")]
+    pub step: u32,
+    #[serde(default)]
+    pub max_concurrent: u32,
+}
+
+/// The most tasks one array may have.
+pub const MAX_ARRAY_TASKS: u32 = 1_000_000;
+
+impl ArraySpec {
+    /// Slurm's spelling: `0-9999`, `1-100:2`, `0-999%10`, `7`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "array",
+                format!("`{text}` is not an array like 0-9999, 1-100:2 or 0-999%10"),
+            )
+        };
+        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+        let (range, max_concurrent) = match text.split_once('%') {
+            Some((range, max)) => (range, number(max)?),
+            None => (text, 0),
+        };
+        let (range, step) = match range.split_once(':') {
+            Some((range, step)) => (range, number(step)?),
+            None => (range, 1),
+        };
+        let (start, end) = match range.split_once('-') {
+            Some((start, end)) => (number(start)?, number(end)?),
+            None => (number(range)?, number(range)?),
+        };
+        let spec = ArraySpec {
+            start,
+            end,
+            step,
+            max_concurrent,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if self.step == 0 {
+            return Err(Error::invalid("array.step", "must be at least 1"));
+        }
+        if self.end < self.start {
+            return Err(Error::invalid(
+                "array",
+                format!("ends ({}) before it starts ({})", self.end, self.start),
+            ));
+        }
+        if self.count() > MAX_ARRAY_TASKS {
+            return Err(Error::invalid(
+                "array",
+                format!(
+                    "{} tasks; at most {MAX_ARRAY_TASKS} in one array",
+                    self.count()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tasks in it.
+    pub fn count(&self) -> u32 {
+        (self.end - self.start) / self.step + 1
+    }
+
+    /// The index of its `k`th task (`SHOAL_ARRAY_INDEX`).
+    pub fn index(&self, k: u32) -> u32 {
+        self.start + k * self.step
+    }
+
+    /// Which task has this index, if one does.
+    pub fn position(&self, index: u32) -> Option<u32> {
+        (index >= self.start && index <= self.end && (index - self.start).is_multiple_of(self.step))
+            .then(|| (index - self.start) / self.step)
+    }
+}
+
+impl std::fmt::Display for ArraySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)?;
+        if self.step != 1 {
+            write!(f, ":{}", self.step)?;
+        }
+        if self.max_concurrent > 0 {
+            write!(f, "%{}", self.max_concurrent)?;
+        }
+        Ok(())
+    }
+}
+
+/// An array's own record: its tasks are the jobs `first_seq ..` in index order,
+/// counted by status as they change (one place: `Control::account_arrays`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayState {
+    pub spec: ArraySpec,
+    pub first_seq: u64,
+    /// Tasks eligible to run: the first `released` (all, with no limit).
+    pub released: u32,
+    /// Tasks by status.
+    pub counts: BTreeMap<JobStatus, u32>,
+    /// Canceled as a whole: tasks still running are stopping.
+    #[serde(default)]
+    pub canceled: bool,
+}
+
+impl ArrayState {
+    pub fn count(&self, status: JobStatus) -> u32 {
+        self.counts.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Tasks that have ended.
+    pub fn ended(&self) -> u32 {
+        self.counts
+            .iter()
+            .filter(|(s, _)| s.is_final())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The array's own status, from its tasks'.
+    pub fn status(&self) -> JobStatus {
+        let total = self.spec.count();
+        if self.ended() >= total {
+            return if self.count(JobStatus::Completed) == total {
+                JobStatus::Completed
+            } else if self.count(JobStatus::Failed) + self.count(JobStatus::TimedOut) > 0 {
+                JobStatus::Failed
+            } else {
+                JobStatus::Canceled
+            };
+        }
+        if self.canceled {
+            return JobStatus::Canceling;
+        }
+        let started = [
+            JobStatus::Preparing,
+            JobStatus::Running,
+            JobStatus::Canceling,
+        ]
+        .iter()
+        .map(|s| self.count(*s))
+        .sum::<u32>();
+        if started + self.ended() > 0 {
+            JobStatus::Running
+        } else {
+            JobStatus::Queued
+        }
+    }
+
+    /// How it stands, in words: `7 of 10 tasks completed, 1 failed, 2 running`.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!(
+            "{} of {} tasks completed",
+            self.count(JobStatus::Completed),
+            self.spec.count()
+        )];
+        for status in JobStatus::ALL {
+            let n = self.count(status);
+            if n > 0 && status != JobStatus::Completed {
+                parts.push(format!("{n} {}", status.as_str()));
+            }
+        }
+        parts.join(", ")
+    }
+}
+
+/// A task of an array: its array's sequence number and its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub array_seq: u64,
+    pub index: u32,
+    /// Its position in the array (the `k`th task).
+    pub position: u32,
+}
+
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
 /// ones otherwise. Stored flattened into the spec, as `JobExtras` always was.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -425,6 +610,8 @@ pub struct JobRequest {
     pub gpus_per_instance: u32,
     /// Each instance's share of its node (`Resources::WHOLE`: the whole node).
     pub resources: Resources,
+    /// Many tasks of this job in one submission.
+    pub array: Option<ArraySpec>,
     pub distribution: Option<Distribution>,
     /// A parallel job, with its input already cut into mini-batches.
     pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
@@ -757,6 +944,15 @@ pub struct Job {
     /// Things worth a look (an idle GPU).
     #[serde(default)]
     pub flags: Vec<String>,
+    /// An array's own record (it runs nothing itself: its tasks do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<Box<ArrayState>>,
+    /// A task of an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// The status its array last counted it as (tasks only; rebuilt on load).
+    #[serde(skip)]
+    pub counted: Option<JobStatus>,
     /// A parallel job's progress (derived, filled in for readers; boxed, as
     /// only readers' copies have it).
     #[serde(skip)]

@@ -21,8 +21,14 @@ impl pb::jobs_server::Jobs for Api {
     ) -> Result<Response<pb::JobList>, Status> {
         let asked = request.into_inner();
         let cluster = Some(asked.cluster).filter(|c| !c.is_empty());
+        let array = Some(asked.array).filter(|a| !a.is_empty());
         let (jobs, next) = self
-            .list_jobs(cluster, asked.limit as usize, Some(&asked.after))
+            .list_jobs(
+                cluster,
+                array.as_deref(),
+                asked.limit as usize,
+                Some(&asked.after),
+            )
             .await?;
         Ok(Response::new(pb::JobList {
             jobs: jobs.iter().map(convert::job).collect(),
