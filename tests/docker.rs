@@ -468,3 +468,67 @@ async fn an_unreachable_docker_engine_fails_image_jobs_and_the_node_stays_usable
         "the node stayed usable"
     );
 }
+
+#[tokio::test]
+async fn a_containers_share_is_its_cpu_and_memory_limit_and_going_over_says_so() {
+    let tc = box_cluster("1").await;
+    // Half a core and 64 MiB: the engine enforces both.
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--cpus",
+            "0.5",
+            "--memory",
+            "64m",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    tc.wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    let containers = containers_with(&tc, &format!("shoal.job={id}"));
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let limits = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+            &containers[0],
+        ])
+        .output()
+        .expect("docker inspect");
+    assert_eq!(
+        String::from_utf8_lossy(&limits.stdout).trim(),
+        format!("500000000 {}", 64u64 << 20)
+    );
+    tc.shoal_json(&["job", "cancel", &id, "--wait"]);
+    // dd's 200 MiB buffer is more than 64 MiB: the engine kills it, and the job says why.
+    let id = submit(
+        &tc,
+        &[
+            "--cluster",
+            "box",
+            "--image",
+            "shoal/base",
+            "--memory",
+            "64m",
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=200M",
+            "count=1",
+        ],
+    );
+    let job = tc.wait_status(&id, "failed", LIMIT).await;
+    assert!(
+        job.reason.contains("over its memory limit of 64 MiB"),
+        "{}",
+        job.reason
+    );
+}

@@ -580,6 +580,106 @@ async fn warm_round_trip(jobs: &mut JobsClient) -> anyhow::Result<Duration> {
     bail!("the watch ended early")
 }
 
+/// The machine's ceiling for short processes: `count` fork + exec + wait of
+/// /bin/true in two loops side by side (one per node of the array bench).
+fn fork_exec_ceiling(count: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let loops: Vec<_> = (0..2)
+        .map(|i| {
+            let share = count / 2 + usize::from(i < count % 2);
+            std::thread::spawn(move || -> std::io::Result<()> {
+                for _ in 0..share {
+                    std::process::Command::new("/bin/true").status()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for one in loops {
+        one.join()
+            .map_err(|_| anyhow::anyhow!("a loop panicked"))??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Submits an array of `count` `true` tasks (1 cpu each) to cluster `arrays`
+/// and waits for it to complete; tasks a second, submit to completed.
+async fn one_array(jobs: &mut JobsClient, count: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let array = jobs
+        .submit(pb::JobSpec {
+            cluster: "arrays".into(),
+            argv: vec!["true".into()],
+            cpus: 1.0,
+            array: Some(pb::ArraySpec {
+                start: 0,
+                end: count - 1,
+                step: 1,
+                max_concurrent: 0,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut watch = jobs.watch(pb::JobRef { id: array.id }).await?.into_inner();
+    while let Some(update) = watch.next().await {
+        let job = update?;
+        if job.status == "completed" {
+            return Ok(f64::from(count) / started.elapsed().as_secs_f64());
+        }
+        if job.status.as_str() == "failed" {
+            bail!("the array failed: {}", job.reason);
+        }
+    }
+    bail!("the watch ended early")
+}
+
+/// (a) of issue 17: `count` `true` tasks as one array on 2 local one-core nodes
+/// (1-cpu tasks), `runs` times, each beside the machine's fork/exec ceiling
+/// measured just before it.
+async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let coordinator = CoordinatorProcess::start(&shoal).await?;
+    let mut clusters = pb::clusters_client::ClustersClient::new(coordinator.channel.clone());
+    let mut jobs = pb::jobs_client::JobsClient::new(coordinator.channel.clone());
+    clusters
+        .create(pb::ClusterSpec {
+            name: "arrays".into(),
+            vm_size: "Standard_D1_v2".into(),
+            min_nodes: Some(2),
+            max_nodes: Some(2),
+            ..Default::default()
+        })
+        .await?;
+    // Warm: both nodes up, and a first array run through them.
+    one_array(&mut jobs, 200).await?;
+    let mut ratios = Vec::new();
+    for run in 1..=runs {
+        let ceiling = fork_exec_ceiling(count as usize)?;
+        let rate = one_array(&mut jobs, count).await?;
+        println!(
+            "arrays run {run}: {count} `true` tasks as one array on 2 one-core local nodes: {rate:.0} tasks/s; fork/exec ceiling (2 loops) {ceiling:.0}/s; {:.0}% of it",
+            rate / ceiling * 100.0
+        );
+        ratios.push((rate, ceiling));
+    }
+    let mut rates: Vec<f64> = ratios.iter().map(|(r, _)| *r).collect();
+    rates.sort_by(f64::total_cmp);
+    let mut shares: Vec<f64> = ratios.iter().map(|(r, c)| r / c * 100.0).collect();
+    shares.sort_by(f64::total_cmp);
+    println!(
+        "arrays: n={runs} median {:.0} tasks/s (min {:.0}, max {:.0}); {:.0}% of the ceiling (min {:.0}%, max {:.0}%); coordinator RSS {:.1} MiB",
+        rates[rates.len() / 2],
+        rates[0],
+        rates[rates.len() - 1],
+        shares[shares.len() / 2],
+        shares[0],
+        shares[shares.len() - 1],
+        coordinator.usage().1
+    );
+    coordinator.stop().await;
+    Ok(())
+}
+
 /// A cluster `parked`, locked read-only: what is submitted to it waits for good.
 async fn park_cluster(
     clusters: &mut pb::clusters_client::ClustersClient<shoal_proto::AuthChannel>,
@@ -1278,7 +1378,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(
         what,
-        "latency" | "docker" | "backlog" | "grpc-fleet" | "all"
+        "latency" | "docker" | "backlog" | "grpc-fleet" | "arrays" | "all"
     ) && !shoal.exists()
     {
         bail!(
@@ -1322,6 +1422,13 @@ async fn main() -> anyhow::Result<()> {
             .transpose()
             .context("sim takes a seed count")?;
         sim(count.unwrap_or(1_000), rough, nodes)?;
+    }
+    if what == "arrays" {
+        let count = number(1)
+            .context("arrays takes a task count")?
+            .unwrap_or(10_000);
+        let runs = number(2).context("and a run count")?.unwrap_or(5);
+        arrays(count as u32, runs as usize, shoal.clone()).await?;
     }
     if what == "backlog" {
         let queued = args
