@@ -653,7 +653,7 @@ mod tests {
                 let whole = node.running.iter().filter(|b| b.share.is_whole()).count();
                 proptest::prop_assert!(whole == 0 || node.running.len() == 1, "{} holds a whole-node instance and more", node.id);
                 let cpus: u32 = node.running.iter().map(|b| b.share.millicpus).sum();
-                let memory: u64 = node.running.iter().map(|b| b.share.memory_bytes).sum();
+                let memory: u64 = node.running.iter().map(|b| b.share.memory_bytes()).sum();
                 let gpus: u32 = node.running.iter().map(|b| b.gpus).sum();
                 proptest::prop_assert!(cpus <= node.cores * 1000, "{}: {} millicpus of {} cores", node.id, cpus, node.cores);
                 proptest::prop_assert!(memory <= node.memory_bytes);

@@ -129,16 +129,15 @@ impl JobBuilder {
                 extras: Default::default(),
             },
             status: JobStatus::Queued,
-            attempts: Vec::new(),
+            attempts: Default::default(),
             created_at: 0,
             started_at: 0,
             ended_at: 0,
             reason: crate::model::JobReason::None,
             preemptions: 0,
-            flags: Vec::new(),
+            flags: Default::default(),
             array: None,
             task: None,
-            counted: None,
             progress: None,
         })
     }

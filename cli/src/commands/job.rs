@@ -438,10 +438,7 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
         println!("task:      index {} of array {}", task.index, task.array_id);
     }
     if job.millicpus > 0 {
-        let share = shoal_coordinator::model::Resources {
-            millicpus: job.millicpus,
-            memory_bytes: job.memory_bytes,
-        };
+        let share = shoal_coordinator::model::Resources::from_wire(job.millicpus, job.memory_bytes);
         println!("resources: {share} each");
     }
     if let (Some(progress), Some(parallel)) = (&job.progress, &job.parallel) {

@@ -334,11 +334,7 @@ fn allocation(a: &pb::Allocation, cores: u32) -> String {
     let share = if a.millicpus == 0 {
         format!("the whole node ({cores} cpus)")
     } else {
-        shoal_coordinator::model::Resources {
-            millicpus: a.millicpus,
-            memory_bytes: a.memory_bytes,
-        }
-        .to_string()
+        shoal_coordinator::model::Resources::from_wire(a.millicpus, a.memory_bytes).to_string()
     };
     let gpus = if a.gpus > 0 {
         format!(", {} GPU(s)", a.gpus)

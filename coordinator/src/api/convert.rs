@@ -257,7 +257,10 @@ pub fn job(job: &Job) -> pb::Job {
         command: job.spec.command.clone(),
         environment_variables: job.spec.environment_variables.clone().into_iter().collect(),
         instance_count: job.spec.instance_count,
-        timeout_seconds: job.spec.timeout_seconds.unwrap_or(0),
+        timeout_seconds: job
+            .spec
+            .timeout_seconds
+            .map_or(0, std::num::NonZeroU64::get),
         has_code: job.spec.code_path.is_some(),
         attempts: job
             .attempts
@@ -281,7 +284,7 @@ pub fn job(job: &Job) -> pb::Job {
         max_preemptions: job.spec.max_preemptions,
         gpus_per_instance: job.spec.gpus_per_instance,
         millicpus: job.spec.resources.millicpus,
-        memory_bytes: job.spec.resources.memory_bytes,
+        memory_bytes: job.spec.resources.memory_bytes(),
         array: job.array.as_deref().map(|state| pb::ArrayProgress {
             spec: Some(array_spec(&state.spec)),
             total: state.spec.count(),
@@ -296,7 +299,7 @@ pub fn job(job: &Job) -> pb::Job {
             array_id: crate::control::job_id(t.array_seq),
             index: t.index,
         }),
-        flags: job.flags.clone(),
+        flags: job.flags.to_vec(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),
         parallel: job.spec.parallel.as_deref().map(parallel_to_wire),
         progress: job.progress.as_deref().map(progress),
@@ -383,7 +386,7 @@ pub fn node(node: &Node) -> pb::Node {
             attempt_id: b.slot.attempt_id.clone(),
             instance: b.slot.instance,
             millicpus: b.share.millicpus,
-            memory_bytes: b.share.memory_bytes,
+            memory_bytes: b.share.memory_bytes(),
             gpus: b.gpus,
         })
         .collect();
@@ -580,7 +583,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             restore_outputs: order.restore_outputs,
             gpus: order.gpus,
             millicpus: order.share.millicpus,
-            memory_bytes: order.share.memory_bytes,
+            memory_bytes: order.share.memory_bytes(),
             processes: order.processes,
             mpi: order.mpi,
             parallel_workers: order.parallel_workers,

@@ -220,7 +220,7 @@ impl Control {
         let share = job.spec.resources;
         if let Some((cores, memory)) = waiting.most_room
             && !share.is_whole()
-            && (share.millicpus > cores || share.memory_bytes > memory)
+            && (share.millicpus > cores || share.memory_bytes() > memory)
         {
             return Some(format!(
                 "no node in cluster {cluster} has room for {share} (the biggest has {} cpus, {})",

@@ -107,7 +107,7 @@ impl Control {
                 continue;
             };
             let cpus: u64 = held.iter().map(|(_, s, _)| u64::from(s.millicpus)).sum();
-            let memory: u64 = held.iter().map(|(_, s, _)| s.memory_bytes).sum();
+            let memory: u64 = held.iter().map(|(_, s, _)| s.memory_bytes()).sum();
             let gpus: u32 = held.iter().map(|(_, _, g)| g).sum();
             if !whole
                 && (cpus > u64::from(node.cores) * 1000

@@ -49,16 +49,15 @@ impl Control {
             seq,
             spec,
             status: JobStatus::Queued,
-            attempts: Vec::new(),
+            attempts: Default::default(),
             created_at: now,
             started_at: 0,
             ended_at: 0,
             reason: JobReason::Queued,
             preemptions: 0,
-            flags: Vec::new(),
+            flags: Default::default(),
             array: None,
             task: None,
-            counted: None,
             progress: None,
         };
         let Some(array) = array else {
@@ -85,9 +84,8 @@ impl Control {
             task.task = Some(Task {
                 array_seq: seq,
                 index: array.index(position),
-                position,
+                counted: Some(JobStatus::Queued),
             });
-            task.counted = Some(JobStatus::Queued);
             self.jobs.insert(task.clone()).map_err(Error::Internal)?;
             if position < released {
                 self.queue.push(&task);
@@ -119,13 +117,13 @@ impl Control {
             .filter_map(|id| self.jobs.get(id))
             .filter_map(|j| {
                 let task = j.task?;
-                (j.counted != Some(j.status))
-                    .then(|| (j.id.to_string(), task.array_seq, j.status, j.counted))
+                (task.counted != Some(j.status))
+                    .then(|| (j.id.to_string(), task.array_seq, j.status, task.counted))
             })
             .collect();
         let mut arrays = BTreeSet::new();
         for (id, array_seq, status, counted) in changed {
-            if let Some(task) = self.jobs.get_mut(&id) {
+            if let Some(task) = self.jobs.get_mut(&id).and_then(|j| j.task.as_mut()) {
                 task.counted = Some(status);
             }
             let Some(state) = self
@@ -203,7 +201,7 @@ impl Control {
             self.jobs
                 .by_seq(t.array_seq)
                 .and_then(|a| a.array.as_deref())
-                .is_some_and(|state| t.position >= state.released)
+                .is_some_and(|state| t.position(job.seq) >= state.released)
         })
     }
 

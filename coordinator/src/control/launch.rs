@@ -208,7 +208,7 @@ impl Control {
                     job_id: job.id.to_string(),
                     argv: job.spec.argv.iter().map(ToString::to_string).collect(),
                     env,
-                    timeout_seconds: job.spec.timeout_seconds,
+                    timeout_seconds: job.spec.timeout_seconds.map(std::num::NonZeroU64::get),
                     has_code: job.spec.code_path.is_some(),
                     image: job.spec.image.clone(),
                     restore_outputs: number > 1,

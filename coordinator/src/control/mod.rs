@@ -308,9 +308,10 @@ impl Control {
         }
         let mut queued = Vec::new();
         for mut job in snapshot.jobs {
-            if job.task.is_some() {
+            let status = job.status;
+            if let Some(task) = job.task.as_mut() {
                 // Its array's counts were committed with its status.
-                job.counted = Some(job.status);
+                task.counted = Some(status);
             }
             if job.status == JobStatus::Queued && job.array.is_none() {
                 queued.push(job.seq);

@@ -56,7 +56,7 @@ impl ClusterQueue {
                 whole += instances;
             } else {
                 millicpus += u64::from(shape.share.millicpus) * instances;
-                memory += shape.share.memory_bytes * instances;
+                memory += shape.share.memory_bytes() * instances;
                 gpus += u64::from(shape.gpus) * instances;
             }
         }

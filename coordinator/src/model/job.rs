@@ -125,7 +125,7 @@ pub struct JobSpec {
     pub command: String,
     pub environment_variables: BTreeMap<String, String>,
     pub instance_count: u32,
-    pub timeout_seconds: Option<u64>,
+    pub timeout_seconds: Option<std::num::NonZeroU64>,
     /// Where the coordinator keeps the code snapshot, when there is one.
     pub code_path: Option<String>,
     /// The container image it runs in; None: a plain process.
@@ -157,17 +157,30 @@ pub struct Resources {
     /// Thousandths of a core (1000: one core); 0: the whole node.
     #[serde(default)]
     pub millicpus: u32,
-    /// Memory reserved and enforced; 0: none reserved, and no limit.
+    /// Memory reserved and enforced, in MiB (a queued job holds this, so it is
+    /// kept small); 0: none reserved, and no limit.
     #[serde(default)]
-    pub memory_bytes: u64,
+    pub memory_mib: u32,
 }
 
 impl Resources {
     /// The whole node: nothing else runs beside it.
     pub const WHOLE: Resources = Resources {
         millicpus: 0,
-        memory_bytes: 0,
+        memory_mib: 0,
     };
+
+    /// As the wire has it: thousandths of a core, and bytes (rounded up to MiB).
+    pub fn from_wire(millicpus: u32, memory_bytes: u64) -> Self {
+        Resources {
+            millicpus,
+            memory_mib: u32::try_from(memory_bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX),
+        }
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) << 20
+    }
 
     pub fn is_whole(&self) -> bool {
         self.millicpus == 0
@@ -196,14 +209,14 @@ impl Resources {
             ));
         }
         let millicpus = millicpus as u32;
-        Ok(Resources {
-            millicpus: if millicpus == 0 && memory_bytes > 0 {
+        Ok(Resources::from_wire(
+            if millicpus == 0 && memory_bytes > 0 {
                 1000
             } else {
                 millicpus
             },
             memory_bytes,
-        })
+        ))
     }
 
     /// Cores, as people write them (`0.5`, `2`).
@@ -220,8 +233,8 @@ impl std::fmt::Display for Resources {
         }
         let cpus = self.cpus();
         write!(f, "{cpus} cpu{}", if cpus == 1.0 { "" } else { "s" })?;
-        if self.memory_bytes > 0 {
-            write!(f, ", {}", human_bytes(self.memory_bytes))?;
+        if self.memory_mib > 0 {
+            write!(f, ", {}", human_bytes(self.memory_bytes()))?;
         }
         Ok(())
     }
@@ -422,13 +435,22 @@ impl ArrayState {
     }
 }
 
-/// A task of an array: its array's sequence number and its index.
+/// A task of an array: its array's sequence number and its index. It is the
+/// array's `k`th task, `job-<array_seq + 1 + k>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     pub array_seq: u64,
     pub index: u32,
-    /// Its position in the array (the `k`th task).
-    pub position: u32,
+    /// The status its array last counted it as (rebuilt on load).
+    #[serde(skip)]
+    pub counted: Option<JobStatus>,
+}
+
+impl Task {
+    /// Its position in its array, from its own sequence number.
+    pub fn position(&self, seq: u64) -> u32 {
+        u32::try_from(seq.saturating_sub(self.array_seq + 1)).unwrap_or(u32::MAX)
+    }
 }
 
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
@@ -658,12 +680,12 @@ impl JobSpec {
                 ),
             ));
         }
-        if share.memory_bytes > size.memory_bytes() {
+        if share.memory_bytes() > size.memory_bytes() {
             return Err(Error::invalid(
                 "resources.memory",
                 format!(
                     "{} per instance, but cluster `{}` is made of {} with {}",
-                    human_bytes(share.memory_bytes),
+                    human_bytes(share.memory_bytes()),
                     cluster.name,
                     cluster.vm_size,
                     human_bytes(size.memory_bytes())
@@ -740,7 +762,7 @@ impl JobSpec {
             command: request.command,
             environment_variables: request.environment_variables,
             instance_count,
-            timeout_seconds: (request.timeout_seconds > 0).then_some(request.timeout_seconds),
+            timeout_seconds: std::num::NonZeroU64::new(request.timeout_seconds),
             code_path: request.code_path,
             image: (!image.is_empty()).then_some(image),
             max_preemptions: request.max_preemptions.unwrap_or(DEFAULT_MAX_PREEMPTIONS),
@@ -932,7 +954,8 @@ pub struct Job {
     pub seq: u64,
     pub spec: JobSpec,
     pub status: JobStatus,
-    pub attempts: Vec<Attempt>,
+    /// A pointer's worth when empty (as every queued job's are).
+    pub attempts: thin_vec::ThinVec<Attempt>,
     pub created_at: Millis,
     pub started_at: Millis,
     pub ended_at: Millis,
@@ -943,16 +966,13 @@ pub struct Job {
     pub preemptions: u32,
     /// Things worth a look (an idle GPU).
     #[serde(default)]
-    pub flags: Vec<String>,
+    pub flags: thin_vec::ThinVec<String>,
     /// An array's own record (it runs nothing itself: its tasks do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<Box<ArrayState>>,
     /// A task of an array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<Task>,
-    /// The status its array last counted it as (tasks only; rebuilt on load).
-    #[serde(skip)]
-    pub counted: Option<JobStatus>,
     /// A parallel job's progress (derived, filled in for readers; boxed, as
     /// only readers' copies have it).
     #[serde(skip)]

@@ -76,7 +76,7 @@ impl Room {
             return self.empty && self.gpus >= gpus;
         }
         self.millicpus >= share.millicpus
-            && self.memory_bytes >= share.memory_bytes
+            && self.memory_bytes >= share.memory_bytes()
             && self.gpus >= gpus
     }
 
@@ -93,7 +93,7 @@ impl Room {
             return;
         }
         self.millicpus -= share.millicpus;
-        self.memory_bytes -= share.memory_bytes;
+        self.memory_bytes -= share.memory_bytes();
         self.gpus -= gpus;
     }
 
@@ -273,7 +273,9 @@ impl Node {
                 room.gpus = room.gpus.saturating_sub(booked.gpus);
             } else {
                 room.millicpus = room.millicpus.saturating_sub(booked.share.millicpus);
-                room.memory_bytes = room.memory_bytes.saturating_sub(booked.share.memory_bytes);
+                room.memory_bytes = room
+                    .memory_bytes
+                    .saturating_sub(booked.share.memory_bytes());
                 room.gpus = room.gpus.saturating_sub(booked.gpus);
             }
         }
