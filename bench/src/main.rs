@@ -604,13 +604,13 @@ fn fork_exec_ceiling(count: usize) -> anyhow::Result<f64> {
 
 /// Submits an array of `count` `true` tasks (1 cpu each) to cluster `arrays`
 /// and waits for it to complete; tasks a second, submit to completed.
-async fn one_array(jobs: &mut JobsClient, count: u32) -> anyhow::Result<f64> {
+async fn one_array(jobs: &mut JobsClient, count: u32, cpus: f64) -> anyhow::Result<f64> {
     let started = Instant::now();
     let array = jobs
         .submit(pb::JobSpec {
             cluster: "arrays".into(),
             argv: vec!["true".into()],
-            cpus: 1.0,
+            cpus,
             array: Some(pb::ArraySpec {
                 start: 0,
                 end: count - 1,
@@ -650,12 +650,19 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
             ..Default::default()
         })
         .await?;
+    // Each task's cores (SHOAL_BENCH_CPUS, 1 by default: one task a node at a time).
+    let cpus: f64 = std::env::var("SHOAL_BENCH_CPUS")
+        .ok()
+        .map(|c| c.parse())
+        .transpose()
+        .context("SHOAL_BENCH_CPUS is a number of cores")?
+        .unwrap_or(1.0);
     // Warm: both nodes up, and a first array run through them.
-    one_array(&mut jobs, 200).await?;
+    one_array(&mut jobs, 200, cpus).await?;
     let mut ratios = Vec::new();
     for run in 1..=runs {
         let ceiling = fork_exec_ceiling(count as usize)?;
-        let rate = one_array(&mut jobs, count).await?;
+        let rate = one_array(&mut jobs, count, cpus).await?;
         println!(
             "arrays run {run}: {count} `true` tasks as one array on 2 one-core local nodes: {rate:.0} tasks/s; fork/exec ceiling (2 loops) {ceiling:.0}/s; {:.0}% of it",
             rate / ceiling * 100.0
