@@ -225,6 +225,25 @@ async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once(
         String::from_utf8_lossy(&missing.stderr).contains("has no task 1000 (its tasks: 0-999)"),
         "{missing:?}"
     );
+    // `--wait` follows an array to its end, and fails when a task failed.
+    let waited = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "pack",
+        "--cpus",
+        "1",
+        "--array",
+        "1-3",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "exit $(( SHOAL_ARRAY_INDEX == 2 ))",
+    ]);
+    assert!(!waited.status.success(), "{waited:?}");
+    let said = String::from_utf8_lossy(&waited.stdout);
+    assert!(said.contains("2 of 3 tasks completed, 1 failed"), "{said}");
     // Deleted, it goes with its tasks.
     let task_id = task["id"].as_str().expect("task id").to_string();
     tc.shoal_json(&["job", "delete", &array]);

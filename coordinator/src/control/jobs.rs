@@ -99,6 +99,7 @@ impl Control {
             released,
             counts: BTreeMap::from([(JobStatus::Queued, count)]),
             canceled: false,
+            ended_held: 0,
         }));
         info!(job = %id, cluster = %job.spec.cluster, tasks = count, "job array submitted");
         self.jobs.insert(job.clone()).map_err(Error::Internal)?;
@@ -111,18 +112,26 @@ impl Control {
     /// tasks as others end (`max_concurrent`), and sets each touched array's
     /// own status. The one place an array's record changes after submit.
     pub(super) fn account_arrays(&mut self, now: Millis) {
-        let changed: Vec<(String, u64, JobStatus, Option<JobStatus>)> = self
+        let changed: Vec<(String, u64, u32, JobStatus, Option<JobStatus>)> = self
             .dirty_jobs
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter_map(|j| {
                 let task = j.task?;
-                (task.counted != Some(j.status))
-                    .then(|| (j.id.to_string(), task.array_seq, j.status, task.counted))
+                (task.counted != Some(j.status)).then(|| {
+                    let position = task.position(j.seq);
+                    (
+                        j.id.to_string(),
+                        task.array_seq,
+                        position,
+                        j.status,
+                        task.counted,
+                    )
+                })
             })
             .collect();
         let mut arrays = BTreeSet::new();
-        for (id, array_seq, status, counted) in changed {
+        for (id, array_seq, position, status, counted) in changed {
             if let Some(task) = self.jobs.get_mut(&id).and_then(|j| j.task.as_mut()) {
                 task.counted = Some(status);
             }
@@ -140,6 +149,13 @@ impl Control {
             }
             *state.counts.entry(status).or_default() += 1;
             state.counts.retain(|_, n| *n > 0);
+            // A held task that ended (canceled alone) was never in flight.
+            if status.is_final()
+                && !counted.is_some_and(JobStatus::is_final)
+                && position >= state.released
+            {
+                state.ended_held += 1;
+            }
             arrays.insert(array_seq);
         }
         for array_seq in arrays {
@@ -180,17 +196,27 @@ impl Control {
                 return;
             };
             let count = state.spec.count();
-            let in_flight = state.released.saturating_sub(state.ended());
-            if state.released >= count || in_flight >= state.spec.max_concurrent {
+            if state.released >= count || state.in_flight() >= state.spec.max_concurrent {
                 return;
             }
             let seq = state.first_seq + u64::from(state.released);
             state.released += 1;
-            if let Some(task) = self.jobs.by_seq(seq)
-                && task.status == JobStatus::Queued
+            let ended = match self.jobs.by_seq(seq) {
+                Some(task) if task.status == JobStatus::Queued => {
+                    self.queue.push(task);
+                    self.dirty_jobs.insert(task.id.to_string());
+                    false
+                }
+                task => task.is_some_and(|t| t.status.is_final()),
+            };
+            // Ended while held: released now, it counts among the released.
+            if ended
+                && let Some(state) = self
+                    .jobs
+                    .by_seq_mut(array_seq)
+                    .and_then(|a| a.array.as_deref_mut())
             {
-                self.queue.push(task);
-                self.dirty_jobs.insert(task.id.to_string());
+                state.ended_held = state.ended_held.saturating_sub(1);
             }
         }
     }
@@ -224,6 +250,7 @@ impl Control {
             {
                 state.canceled = true;
                 state.released = count;
+                state.ended_held = 0;
             }
             for seq in first..first + u64::from(count) {
                 let live = self

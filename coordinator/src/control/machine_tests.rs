@@ -1241,3 +1241,57 @@ fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_wh
     assert_eq!(over.array.expect("state").count(JobStatus::Canceled), 5);
     assert!(m.control.invariant_violations().is_empty());
 }
+
+#[test]
+fn a_held_task_canceled_alone_does_not_let_its_array_run_more_at_once() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-5%2").expect("an array")),
+        ..Default::default()
+    });
+    let first = m.job(&array).array.expect("state").first_seq;
+    let held = crate::control::job_id(first + 4);
+    let canceled = m
+        .ask(|reply| Command::CancelJob(held.clone(), reply))
+        .expect("cancel");
+    assert_eq!(canceled.status, JobStatus::Canceled);
+    let nodes = m.created.clone();
+    assert_eq!(nodes.len(), 2);
+    let mut agents: Vec<_> = nodes.iter().map(|n| m.register(n, "cl")).collect();
+    let mut ran = Vec::new();
+    loop {
+        let mut orders = Vec::new();
+        for (node, agent) in nodes.iter().zip(agents.iter_mut()) {
+            for order in launches(agent) {
+                m.started(node, &order);
+                orders.push((node.clone(), order));
+            }
+        }
+        if orders.is_empty() {
+            break;
+        }
+        let state = m.job(&array).array.expect("state");
+        let live = state.count(JobStatus::Running) + state.count(JobStatus::Preparing);
+        assert!(live <= 2, "{live} tasks at once: {state:?}");
+        for (node, order) in orders {
+            ran.push(order.env["SHOAL_ARRAY_INDEX"].clone());
+            m.step(vec![exit(&node, order.slot.clone(), "completed")]);
+        }
+    }
+    ran.sort();
+    assert_eq!(ran, ["0", "1", "2", "3", "5"]);
+    let done = m.job(&array);
+    assert_eq!(
+        done.status,
+        JobStatus::Canceled,
+        "one task canceled, none failed"
+    );
+    assert_eq!(
+        done.reason.to_string(),
+        "5 of 6 tasks completed, 1 canceled"
+    );
+    assert!(m.control.invariant_violations().is_empty());
+}

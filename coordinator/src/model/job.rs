@@ -372,11 +372,19 @@ pub struct ArrayState {
     /// Canceled as a whole: tasks still running are stopping.
     #[serde(default)]
     pub canceled: bool,
+    /// Tasks that ended while held back (canceled alone): ended, never in flight.
+    #[serde(default)]
+    pub ended_held: u32,
 }
 
 impl ArrayState {
     pub fn count(&self, status: JobStatus) -> u32 {
         self.counts.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Released tasks that have not ended: queued to run, or running.
+    pub fn in_flight(&self) -> u32 {
+        (self.released + self.ended_held).saturating_sub(self.ended())
     }
 
     /// Tasks that have ended.
