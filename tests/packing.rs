@@ -220,6 +220,11 @@ async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once(
     assert!(logs.status.success(), "{logs:?}");
     let task = tc.shoal_json(&["job", "show", &array, "--task", "7"]);
     assert_eq!(task["status"], "completed");
+    assert_eq!(task["task"]["index"], 7);
+    assert_eq!(task["task"]["array_id"], array.as_str());
+    let shown = tc.shoal_json(&["job", "show", &array]);
+    assert_eq!(shown["array"]["tasks"], 1000);
+    assert_eq!(shown["array"]["counts"]["completed"], 1000);
     let missing = tc.shoal(&["job", "show", &array, "--task", "1000"]);
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("has no task 1000 (its tasks: 0-999)"),

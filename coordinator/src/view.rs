@@ -201,6 +201,12 @@ pub struct Job {
     /// A parallel job's mini-batches.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// A job array's own record: its tasks, counted by status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArrayView>,
+    /// A task of an array.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
     /// Data inputs: name → {type, mode, uri}.
     pub inputs: BTreeMap<String, JobInput>,
     pub outputs: Vec<String>,
@@ -321,6 +327,22 @@ impl From<&pb::Job> for Job {
                     .filter(|x| !x.append_row_to.is_empty())
                     .map(|x| x.append_row_to.clone()),
             }),
+            array: j.array.as_ref().map(|a| {
+                let spec = a.spec.unwrap_or_default();
+                ArrayView {
+                    start: spec.start,
+                    end: spec.end,
+                    step: spec.step.max(1),
+                    max_concurrent: spec.max_concurrent,
+                    tasks: a.total,
+                    counts: a.counts.clone().into_iter().collect(),
+                    first_task_id: a.first_task_id.clone(),
+                }
+            }),
+            task: j.task.as_ref().map(|t| TaskView {
+                array_id: t.array_id.clone(),
+                index: t.index,
+            }),
             created_at: time(j.created_at_ms),
             started_at: time(j.started_at_ms),
             ended_at: time(j.ended_at_ms),
@@ -428,4 +450,23 @@ impl From<&pb::VmSize> for VmSize {
             family: s.family.clone(),
         }
     }
+}
+
+#[derive(Serialize)]
+pub struct ArrayView {
+    pub start: u32,
+    pub end: u32,
+    pub step: u32,
+    /// 0: no limit.
+    pub max_concurrent: u32,
+    pub tasks: u32,
+    /// Status → tasks.
+    pub counts: BTreeMap<String, u32>,
+    pub first_task_id: String,
+}
+
+#[derive(Serialize)]
+pub struct TaskView {
+    pub array_id: String,
+    pub index: u32,
 }
