@@ -95,7 +95,8 @@ impl Fit {
                 gpus,
                 rooms,
             } => {
-                let gpus = if *gpus > 0 {
+                let wants_gpus = *gpus > 0;
+                let gpus = if wants_gpus {
                     format!(", {gpus} GPU(s)")
                 } else {
                     String::new()
@@ -112,7 +113,7 @@ impl Fit {
                     let mut said: Vec<String> = rooms
                         .iter()
                         .take(SHOWN)
-                        .map(|(id, room)| format!("{id} {}", left(room)))
+                        .map(|(id, room)| format!("{id} {}", left(room, wants_gpus)))
                         .collect();
                     if rooms.len() > SHOWN {
                         said.push(format!("{} more", rooms.len() - SHOWN));
@@ -125,21 +126,20 @@ impl Fit {
     }
 }
 
-/// What a node has left, in words: `has 1 cpu, 2 GiB free`, `is full`.
-fn left(room: &Room) -> String {
+/// What a node has left, in words: `has 1 cpu and 2 GiB free`, `is full`;
+/// its free GPUs too when some are there or the job wants some.
+fn left(room: &Room, gpus_wanted: bool) -> String {
     if room.is_full() {
         return "is full".into();
     }
     let cpus = f64::from(room.millicpus) / 1000.0;
-    let mut words = format!(
-        "has {cpus} cpu{} and {} free",
-        if cpus == 1.0 { "" } else { "s" },
-        human_bytes(room.memory_bytes)
-    );
-    if room.gpus > 0 {
-        words.push_str(&format!(", {} GPU(s)", room.gpus));
+    let cpus = format!("{cpus} cpu{}", if cpus == 1.0 { "" } else { "s" });
+    let memory = human_bytes(room.memory_bytes);
+    if room.gpus > 0 || gpus_wanted {
+        format!("has {cpus}, {memory} and {} GPU(s) free", room.gpus)
+    } else {
+        format!("has {cpus} and {memory} free")
     }
-    words
 }
 
 /// A node open to placement, and what it has left as this pass books it.
@@ -559,6 +559,13 @@ mod tests {
     #[test]
     fn a_shape_that_missed_is_not_tried_again_and_smaller_jobs_backfill() {
         let node = sized("n1", 2, 4 << 30);
+        // A job wanting a GPU hears how many each node has free.
+        let mut gpu = share("job-9", 1.0, 0);
+        gpu.spec.gpus_per_instance = 1;
+        assert_eq!(
+            fit(&gpu, &[&node]).describe(),
+            "needs 1 cpu, 1 GPU(s); n1 has 2 cpus, 4 GiB and 0 GPU(s) free"
+        );
         let big = share("job-1", 4.0, 0);
         let big_again = share("job-2", 4.0, 0);
         let small = share("job-3", 0.5, 0);
