@@ -30,7 +30,9 @@ pub enum Command {
     /// flags and the command after `--`.
     #[command(after_help = "Examples:\n  \
         shoal job submit --cluster cpu-cluster --instance-count 2 -- python3 train.py --epochs 3\n  \
-        shoal job submit -f job.yml --set inputs.epochs=3 --set compute=gpu --wait\n\n\
+        shoal job submit -f job.yml --set inputs.epochs=3 --set compute=gpu --wait\n  \
+        shoal job submit --cluster cpu-cluster --cpus 0.5 --memory 1g -- python3 eval.py   # shares a node\n  \
+        shoal job submit --cluster cpu-cluster --cpus 1 --array 0-999%50 -- sh -c 'python3 prep.py $SHOAL_ARRAY_INDEX'\n\n\
         job.yml (the managed service's commandJob schema):\n  \
         command: python train.py --data ${{inputs.iris}} --lr ${{inputs.lr}} --out ${{outputs.model}} [--seed ${{inputs.seed}}]\n  \
         code: ./src                    # snapshotted (honours .gitignore/.amlignore)\n  \
@@ -41,7 +43,7 @@ pub enum Command {
           iris: {type: uri_file, path: ./iris.csv, mode: download}   # or https://, azureml://datastores/NAME/paths/P, azureml:NAME:VERSION\n  \
         outputs:\n    \
           model: {type: uri_folder}    # `shoal job download ID --output-name model`\n  \
-        resources: {instance_count: 2}\n  \
+        resources: {instance_count: 2}   # or a share of a node: {cpus: 0.5, memory: 1g, gpus: 1}\n  \
         limits: {timeout: 3600}        # seconds\n\n\
         Keys of the schema that mean nothing here are accepted with a warning; any other key is an error.")]
     Submit(Box<SubmitArgs>),
