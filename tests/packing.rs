@@ -185,7 +185,10 @@ async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once(
     let tc = TestCluster::start().await;
     four_core_cluster(&tc);
     let path = tc.scratch("ledger");
-    let script = format!("echo $SLURM_ARRAY_TASK_ID >> {}", path.display());
+    let script = format!(
+        "echo $SLURM_ARRAY_TASK_ID >> {}; echo task $SHOAL_ARRAY_INDEX",
+        path.display()
+    );
     let array = submit(
         &tc,
         &[
@@ -218,6 +221,7 @@ async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once(
     assert_eq!(tasks.as_array().expect("tasks").len(), 1000);
     let logs = tc.shoal(&["job", "logs", &array, "--task", "7"]);
     assert!(logs.status.success(), "{logs:?}");
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "task 7");
     let task = tc.shoal_json(&["job", "show", &array, "--task", "7"]);
     assert_eq!(task["status"], "completed");
     assert_eq!(task["task"]["index"], 7);

@@ -52,12 +52,7 @@ pub fn short_duration(ms: i64) -> String {
     }
 }
 
+/// Bytes as people read them (`520 MiB`, `56 GiB`): the coordinator's words.
 pub fn bytes(n: u64) -> String {
-    const GIB: f64 = (1u64 << 30) as f64;
-    const MIB: f64 = (1u64 << 20) as f64;
-    if n as f64 >= GIB {
-        format!("{:.1} GiB", n as f64 / GIB)
-    } else {
-        format!("{:.0} MiB", n as f64 / MIB)
-    }
+    shoal_coordinator::model::human_bytes(n)
 }

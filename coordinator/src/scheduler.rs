@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::model::{Job, Node, Resources, Room, human_bytes};
+use crate::model::{Job, Node, Resources, Room, cpus_words, human_bytes};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -132,8 +132,7 @@ fn left(room: &Room, gpus_wanted: bool) -> String {
     if room.is_full() {
         return "is full".into();
     }
-    let cpus = f64::from(room.millicpus) / 1000.0;
-    let cpus = format!("{cpus} cpu{}", if cpus == 1.0 { "" } else { "s" });
+    let cpus = cpus_words(room.millicpus);
     let memory = human_bytes(room.memory_bytes);
     if room.gpus > 0 || gpus_wanted {
         format!("has {cpus}, {memory} and {} GPU(s) free", room.gpus)
@@ -262,12 +261,9 @@ pub fn place<'a>(
     placements
 }
 
-/// The nodes (indices into `list`) one placement of `job` takes, or None if it
-/// does not fit.
+/// The nodes (indices into `list`) one placement of `job` takes, or None if
+/// fewer than its instances have room (what `fit_open` says, without its words).
 fn choose(job: &Job, list: &[Open]) -> Option<Vec<usize>> {
-    if fit_open(job, list) != Fit::Fits {
-        return None;
-    }
     let (share, gpus) = (job.spec.resources, job.spec.gpus_per_instance);
     let wanted = job.spec.instance_count as usize;
     let mut candidates: Vec<usize> = (0..list.len())

@@ -498,12 +498,11 @@ impl DockerRuntime {
             _ => None,
         };
         self.remove(&container).await;
+        let (outcome, message) = match oom {
+            Some(why) => (Some("failed"), why),
+            None => (outcome, message),
+        };
         match exit {
-            Ok(code) if oom.is_some() => Outcome {
-                exit_code: Some(i32::try_from(code).unwrap_or(i32::MAX)),
-                outcome: "failed",
-                message: oom.unwrap_or_default(),
-            },
             Ok(code) => {
                 let exit_code = i32::try_from(code).unwrap_or(i32::MAX);
                 let outcome = outcome.unwrap_or(if exit_code == 0 {

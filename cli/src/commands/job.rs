@@ -698,22 +698,11 @@ async fn task_id(client: &Client, id: String, index: Option<u32>) -> anyhow::Res
     let Some(index) = index else {
         return Ok(id);
     };
-    let job = client
-        .jobs()
-        .get(pb::JobRef { id: id.clone() })
-        .await
-        .map_err(status)?
-        .into_inner();
-    let Some(array) = job.array else {
+    let Some(array) = get_job(client, &id).await?.array else {
         bail!("job {id} is not an array: leave --task out");
     };
-    let spec = array.spec.unwrap_or_default();
-    let spec = shoal_coordinator::model::ArraySpec {
-        start: spec.start,
-        end: spec.end,
-        step: spec.step.max(1),
-        max_concurrent: spec.max_concurrent,
-    };
+    let spec =
+        shoal_coordinator::api::convert::array_spec_from_wire(&array.spec.unwrap_or_default());
     let Some(position) = spec.position(index) else {
         bail!("array {id} has no task {index} (its tasks: {spec})");
     };
@@ -789,14 +778,17 @@ pub async fn follow(
     last.ok_or_else(|| anyhow!("the coordinator ended the watch of {job_id} without a word"))
 }
 
-async fn is_parallel(client: &Client, id: &str) -> anyhow::Result<bool> {
-    let job = client
+async fn get_job(client: &Client, id: &str) -> anyhow::Result<pb::Job> {
+    Ok(client
         .jobs()
         .get(pb::JobRef { id: id.to_string() })
         .await
         .map_err(status)?
-        .into_inner();
-    Ok(job.parallel.is_some())
+        .into_inner())
+}
+
+async fn is_parallel(client: &Client, id: &str) -> anyhow::Result<bool> {
+    Ok(get_job(client, id).await?.parallel.is_some())
 }
 
 /// Downloads a job's outputs under `into/<job id>`: each instance's ./outputs in

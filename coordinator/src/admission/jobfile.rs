@@ -471,7 +471,7 @@ mod tests {
             err.to_string().contains("ends (1) before it starts (5)"),
             "{err}"
         );
-        for bad in ["", "a-b", "1-", "0-9:0", "0-2000000"] {
+        for bad in ["", "a-b", "1-", "0-9:0", "0-2000000", "0-4294967295"] {
             assert!(crate::model::ArraySpec::parse(bad).is_err(), "{bad}");
         }
         let stepped = crate::model::ArraySpec::parse("1-100:2").expect("stepped");

@@ -62,12 +62,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         max_preemptions: spec.max_preemptions,
         gpus_per_instance: spec.gpus_per_instance,
         resources: crate::model::Resources::share(spec.cpus, spec.memory_bytes)?,
-        array: spec.array.map(|a| crate::model::ArraySpec {
-            start: a.start,
-            end: a.end,
-            step: a.step.max(1),
-            max_concurrent: a.max_concurrent,
-        }),
+        array: spec.array.as_ref().map(array_spec_from_wire),
         distribution,
         parallel,
         extras: Default::default(),
@@ -293,7 +288,7 @@ pub fn job(job: &Job) -> pb::Job {
                 .iter()
                 .map(|(s, n)| (s.as_str().to_string(), *n))
                 .collect(),
-            first_task_id: crate::control::job_id(state.first_seq),
+            first_task_id: crate::control::job_id(crate::model::Task::seq(job.seq, 0)),
         }),
         task: job.task.map(|t| pb::TaskOf {
             array_id: crate::control::job_id(t.array_seq),
@@ -632,6 +627,16 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
 
 fn duration_ms(duration: Duration) -> u64 {
     duration.as_millis() as u64
+}
+
+/// The wire's array (a step of 0 is 1).
+pub fn array_spec_from_wire(a: &pb::ArraySpec) -> crate::model::ArraySpec {
+    crate::model::ArraySpec {
+        start: a.start,
+        end: a.end,
+        step: a.step.max(1),
+        max_concurrent: a.max_concurrent,
+    }
 }
 
 pub fn array_spec(a: &crate::model::ArraySpec) -> pb::ArraySpec {

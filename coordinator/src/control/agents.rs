@@ -111,11 +111,7 @@ impl Control {
                 }
             }
         }
-        let expected: Vec<Slot> = self
-            .nodes
-            .get(node_id)
-            .map(|n| n.running.iter().map(|b| b.slot.clone()).collect())
-            .unwrap_or_default();
+        let expected: Vec<Slot> = self.nodes.get(node_id).map(Node::slots).unwrap_or_default();
         for slot in expected.iter().filter(|s| !reported.contains(s)) {
             self.instance_lost(slot, &format!("node {node_id} restarted without it"), now);
         }

@@ -200,9 +200,20 @@ impl Control {
         }
     }
 
-    /// A queued job's reason: its own (a requeue says why) or its cluster's, and
-    /// a job no live node has the GPUs for says so.
+    /// A queued job's reason: a task its array holds back says so; else its
+    /// own (a requeue says why) or its cluster's, and a job no live node has the
+    /// GPUs or the room for says so.
     pub(super) fn queued_reason(&self, job: &Job) -> Option<String> {
+        if let Some(task) = job.task
+            && self.is_held(job)
+            && let Some(array) = self.jobs.by_seq(task.array_seq)
+        {
+            let max = array.array.as_deref().map_or(0, |s| s.spec.max_concurrent);
+            return Some(format!(
+                "held: array {} runs at most {max} tasks at once",
+                array.id
+            ));
+        }
         let cluster = job.spec.cluster.as_str();
         let waiting = self.queue_reasons.get(cluster)?;
         if let Some(most) = waiting.most_gpus

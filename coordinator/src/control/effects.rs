@@ -127,11 +127,7 @@ impl Control {
     /// their nodes), every agent is told to stop and every node is forgotten;
     /// what the provider must remove.
     pub fn stop_all(&mut self, now: Millis) -> Vec<NodeRemoval> {
-        let running: Vec<Slot> = self
-            .nodes
-            .values()
-            .flat_map(|n| n.running.iter().map(|b| b.slot.clone()))
-            .collect();
+        let running: Vec<Slot> = self.nodes.values().flat_map(Node::slots).collect();
         for slot in running {
             self.instance_lost(&slot, "the coordinator stopped", now);
         }

@@ -24,9 +24,6 @@ impl Control {
             return Ok(lines);
         }
         let reason = match job.status {
-            JobStatus::Queued if self.is_held(job) => {
-                Some(self.job_out(job, now).reason.to_string())
-            }
             JobStatus::Queued => self.queued_reason(job),
             _ => None,
         }
@@ -79,17 +76,6 @@ impl Control {
                 .values()
                 .filter(|n| n.cluster == spec.name)
                 .collect();
-            if !job.spec.resources.is_whole() {
-                lines.push(format!(
-                    "each instance asks for {}{}",
-                    job.spec.resources,
-                    if job.spec.gpus_per_instance > 0 {
-                        format!(", {} GPU(s)", job.spec.gpus_per_instance)
-                    } else {
-                        String::new()
-                    }
-                ));
-            }
             lines.push(scheduler::fit(job, &nodes).describe());
             let ahead = self
                 .queue

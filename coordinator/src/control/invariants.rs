@@ -166,7 +166,8 @@ impl Control {
                 continue;
             };
             let mut live: BTreeMap<JobStatus, u32> = BTreeMap::new();
-            for seq in state.first_seq..state.first_seq + u64::from(state.spec.count()) {
+            for position in 0..state.spec.count() {
+                let seq = Task::seq(job.seq, position);
                 if let Some(task) = self.jobs.by_seq(seq)
                     && !task.status.is_final()
                 {

@@ -80,22 +80,24 @@ impl Control {
             max => max.min(count),
         };
         for position in 0..count {
-            let mut task = fresh(seq + 1 + u64::from(position), spec.clone());
+            let task_seq = Task::seq(seq, position);
+            let mut task = fresh(task_seq, spec.clone());
             task.task = Some(Task {
                 array_seq: seq,
                 index: array.index(position),
                 counted: Some(JobStatus::Queued),
             });
-            self.jobs.insert(task.clone()).map_err(Error::Internal)?;
-            if position < released {
-                self.queue.push(&task);
-            }
             self.dirty_jobs.insert(task.id.to_string());
+            self.jobs.insert(task).map_err(Error::Internal)?;
+            if position < released
+                && let Some(task) = self.jobs.by_seq(task_seq)
+            {
+                self.queue.push(task);
+            }
         }
         let mut job = fresh(seq, spec);
         job.array = Some(Box::new(ArrayState {
             spec: array,
-            first_seq: seq + 1,
             released,
             counts: BTreeMap::from([(JobStatus::Queued, count)]),
             canceled: false,
@@ -199,7 +201,7 @@ impl Control {
             if state.released >= count || state.in_flight() >= state.spec.max_concurrent {
                 return;
             }
-            let seq = state.first_seq + u64::from(state.released);
+            let seq = Task::seq(array_seq, state.released);
             state.released += 1;
             let ended = match self.jobs.by_seq(seq) {
                 Some(task) if task.status == JobStatus::Queued => {
@@ -241,7 +243,7 @@ impl Control {
         }
         if let Some(state) = job.array.as_deref() {
             // The whole array: every task that has not ended, held ones too.
-            let (first, count) = (state.first_seq, state.spec.count());
+            let (first, count) = (Task::seq(job.seq, 0), state.spec.count());
             let job_id = job.id.to_string();
             if let Some(state) = self
                 .jobs

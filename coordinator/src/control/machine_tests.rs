@@ -1156,7 +1156,7 @@ fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_wh
     assert_eq!(job.status, JobStatus::Queued);
     // Two at once: two nodes, not seven.
     assert_eq!(m.created.len(), 2, "{:?}", m.created);
-    let held = crate::control::job_id(state.first_seq + 2);
+    let held = crate::control::job_id(Task::seq(job.seq, 2));
     assert_eq!(
         m.job(&held).reason.to_string(),
         format!("held: array {array} runs at most 2 tasks at once")
@@ -1252,8 +1252,8 @@ fn a_held_task_canceled_alone_does_not_let_its_array_run_more_at_once() {
         array: Some(ArraySpec::parse("0-5%2").expect("an array")),
         ..Default::default()
     });
-    let first = m.job(&array).array.expect("state").first_seq;
-    let held = crate::control::job_id(first + 4);
+    let array_seq = m.job(&array).seq;
+    let held = crate::control::job_id(Task::seq(array_seq, 4));
     let canceled = m
         .ask(|reply| Command::CancelJob(held.clone(), reply))
         .expect("cancel");

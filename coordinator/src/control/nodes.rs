@@ -30,7 +30,7 @@ impl Control {
         node.message = why.to_string();
         node.connected = false;
         node.lost_contact = lost_contact;
-        let running: Vec<Slot> = node.running.iter().map(|b| b.slot.clone()).collect();
+        let running = node.slots();
         let cluster = node.cluster.clone();
         let gone = removal(node);
         self.dirty_nodes.insert(node_id.to_string());
@@ -156,11 +156,7 @@ impl Control {
             .collect();
         for (id, gone) in preempted {
             if gone {
-                let running: Vec<Slot> = self
-                    .nodes
-                    .get(&id)
-                    .map(|n| n.running.iter().map(|b| b.slot.clone()).collect())
-                    .unwrap_or_default();
+                let running: Vec<Slot> = self.nodes.get(&id).map(Node::slots).unwrap_or_default();
                 for slot in &running {
                     self.instance_lost(slot, &format!("node {id} was preempted"), now);
                 }

@@ -83,17 +83,6 @@ impl Control {
         {
             out.reason = JobReason::Said(reason);
         }
-        if job.status == JobStatus::Queued
-            && let Some(task) = job.task
-            && self.is_held(job)
-            && let Some(array) = self.jobs.by_seq(task.array_seq)
-        {
-            let max = array.array.as_deref().map_or(0, |s| s.spec.max_concurrent);
-            out.reason = JobReason::Said(format!(
-                "held: array {} runs at most {max} tasks at once",
-                array.id
-            ));
-        }
         if let Some(batches) = self.parallel.get(job.id.as_str()) {
             let until = if job.ended_at > 0 { job.ended_at } else { now };
             out.progress = Some(Box::new(batches.progress(job.started_at, until)));

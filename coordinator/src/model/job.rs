@@ -231,13 +231,18 @@ impl std::fmt::Display for Resources {
         if self.is_whole() {
             return f.write_str("the whole node");
         }
-        let cpus = self.cpus();
-        write!(f, "{cpus} cpu{}", if cpus == 1.0 { "" } else { "s" })?;
+        f.write_str(&cpus_words(self.millicpus))?;
         if self.memory_mib > 0 {
             write!(f, ", {}", human_bytes(self.memory_bytes()))?;
         }
         Ok(())
     }
+}
+
+/// `1 cpu`, `0.5 cpus`, `4 cpus`: thousandths of a core as people read them.
+pub fn cpus_words(millicpus: u32) -> String {
+    let cpus = f64::from(millicpus) / 1000.0;
+    format!("{cpus} cpu{}", if millicpus == 1000 { "" } else { "s" })
 }
 
 /// `512 MiB`, `4 GiB`, `1.5 GiB`: memory as people read it.
@@ -317,21 +322,19 @@ impl ArraySpec {
                 format!("ends ({}) before it starts ({})", self.end, self.start),
             ));
         }
-        if self.count() > MAX_ARRAY_TASKS {
+        let count = u64::from((self.end - self.start) / self.step) + 1;
+        if count > u64::from(MAX_ARRAY_TASKS) {
             return Err(Error::invalid(
                 "array",
-                format!(
-                    "{} tasks; at most {MAX_ARRAY_TASKS} in one array",
-                    self.count()
-                ),
+                format!("{count} tasks; at most {MAX_ARRAY_TASKS} in one array"),
             ));
         }
         Ok(())
     }
 
-    /// Tasks in it.
+    /// Tasks in it (`check` keeps it within `MAX_ARRAY_TASKS`).
     pub fn count(&self) -> u32 {
-        (self.end - self.start) / self.step + 1
+        (self.end.saturating_sub(self.start) / self.step.max(1)).saturating_add(1)
     }
 
     /// The index of its `k`th task (`SHOAL_ARRAY_INDEX`).
@@ -359,12 +362,12 @@ impl std::fmt::Display for ArraySpec {
     }
 }
 
-/// An array's own record: its tasks are the jobs `first_seq ..` in index order,
-/// counted by status as they change (one place: `Control::account_arrays`).
+/// An array's own record: its tasks are the jobs right after it, in index
+/// order (`Task::seq`), counted by status as they change (one place:
+/// `Control::account_arrays`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArrayState {
     pub spec: ArraySpec,
-    pub first_seq: u64,
     /// Tasks eligible to run: the first `released` (all, with no limit).
     pub released: u32,
     /// Tasks by status.
@@ -455,9 +458,14 @@ pub struct Task {
 }
 
 impl Task {
+    /// The sequence number of the task at `position` of the array `array_seq`.
+    pub fn seq(array_seq: u64, position: u32) -> u64 {
+        array_seq + 1 + u64::from(position)
+    }
+
     /// Its position in its array, from its own sequence number.
     pub fn position(&self, seq: u64) -> u32 {
-        u32::try_from(seq.saturating_sub(self.array_seq + 1)).unwrap_or(u32::MAX)
+        u32::try_from(seq.saturating_sub(Task::seq(self.array_seq, 0))).unwrap_or(u32::MAX)
     }
 }
 

@@ -80,21 +80,18 @@ impl Room {
             && self.gpus >= gpus
     }
 
-    /// Books one instance of `share` (the whole node: everything).
+    /// Books one instance of `share` with `gpus` GPUs (the whole node: all its
+    /// cores and memory).
     pub fn book(&mut self, share: Resources, gpus: u32) {
         self.empty = false;
         if share.is_whole() {
-            *self = Room {
-                millicpus: 0,
-                memory_bytes: 0,
-                gpus: 0,
-                empty: false,
-            };
-            return;
+            self.millicpus = 0;
+            self.memory_bytes = 0;
+        } else {
+            self.millicpus = self.millicpus.saturating_sub(share.millicpus);
+            self.memory_bytes = self.memory_bytes.saturating_sub(share.memory_bytes());
         }
-        self.millicpus -= share.millicpus;
-        self.memory_bytes -= share.memory_bytes();
-        self.gpus -= gpus;
+        self.gpus = self.gpus.saturating_sub(gpus);
     }
 
     /// Nothing more fits: no core left, or a whole-node instance holds it.
@@ -243,11 +240,6 @@ pub struct Usage {
 }
 
 impl Node {
-    /// Has the GPUs the job asks for (a hard requirement, unlike the runtime).
-    pub fn has_gpus_for(&self, job: &JobSpec) -> bool {
-        self.gpus.len() as u32 >= job.gpus_per_instance
-    }
-
     /// Runs nothing, and can take an instance now.
     pub fn is_free(&self) -> bool {
         self.is_open() && self.running.is_empty()
@@ -264,22 +256,17 @@ impl Node {
             millicpus: self.cores.saturating_mul(1000),
             memory_bytes: self.memory_bytes,
             gpus: self.gpus.len() as u32,
-            empty: self.running.is_empty(),
+            empty: true,
         };
         for booked in &self.running {
-            if booked.share.is_whole() {
-                room.millicpus = 0;
-                room.memory_bytes = 0;
-                room.gpus = room.gpus.saturating_sub(booked.gpus);
-            } else {
-                room.millicpus = room.millicpus.saturating_sub(booked.share.millicpus);
-                room.memory_bytes = room
-                    .memory_bytes
-                    .saturating_sub(booked.share.memory_bytes());
-                room.gpus = room.gpus.saturating_sub(booked.gpus);
-            }
+            room.book(booked.share, booked.gpus);
         }
         room
+    }
+
+    /// The slots it runs.
+    pub fn slots(&self) -> Vec<Slot> {
+        self.running.iter().map(|b| b.slot.clone()).collect()
     }
 
     /// Runs this slot.
