@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// work: the coordinator reruns it elsewhere after exactly this long. The
     /// coordinator's own value (sent at registration) wins.
     pub lease: Duration,
+    /// For benchmarks only: each launch is reported started and completed at
+    /// once, with nothing run (the control plane's own throughput).
+    pub zero_work: bool,
 }
 
 /// When an agent that hears nothing starts stopping its work: early enough that

@@ -28,6 +28,10 @@
 //! every 5 s with a real agent's telemetry, launches answered at once), over 50
 //! HTTP/2 connections: the
 //! coordinator process's own CPU and RSS, idle and while JOBS zero-work jobs run.
+//! `arrays [N] [RUNS]`: N `true` tasks as one array on 2 one-core local nodes,
+//! beside the machine's fork/exec ceiling measured in the same run.
+//! `zero-work [N] [RUNS]`: N tasks through the real API to 2 `--zero-work` agent
+//! processes, as one array and as single-job requests, one and 64 tasks a node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -378,6 +382,11 @@ struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     async fn start(shoal: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_with(shoal, &[]).await
+    }
+
+    /// With extra environment (its local nodes' agents inherit it).
+    async fn start_with(shoal: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
         let address = {
@@ -387,6 +396,7 @@ impl CoordinatorProcess {
         let child = tokio::process::Command::new(shoal)
             .args(["coordinator", "--listen", &address, "--data-dir"])
             .arg(&data)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -681,6 +691,154 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
         shares[shares.len() / 2],
         shares[0],
         shares[shares.len() - 1],
+        coordinator.usage().1
+    );
+    coordinator.stop().await;
+    Ok(())
+}
+
+/// Counts of jobs by state, from /metrics.
+async fn completed_count(
+    http: &reqwest::Client,
+    address: &str,
+    token: &str,
+) -> anyhow::Result<u64> {
+    let text = http
+        .get(format!("http://{address}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("shoal_jobs{") && l.contains("state=\"completed\""))
+        .context("no completed count in /metrics")?;
+    let value = line.rsplit(' ').next().unwrap_or("0");
+    Ok(value.parse::<f64>()? as u64)
+}
+
+/// `count` single-job requests (`true`, `cpus` each, 64 in flight) to `cluster`;
+/// tasks a second, first submit to the last completed.
+async fn singles(
+    coordinator: &CoordinatorProcess,
+    cluster: &str,
+    count: u32,
+    cpus: f64,
+) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let before = completed_count(&http, &coordinator.address, &coordinator.token).await?;
+    let jobs = pb::jobs_client::JobsClient::new(coordinator.channel.clone());
+    let started = Instant::now();
+    let submits = futures::StreamExt::map(futures::stream::iter(0..count), |_| {
+        let mut jobs = jobs.clone();
+        async move {
+            jobs.submit(pb::JobSpec {
+                cluster: cluster.into(),
+                argv: vec!["true".into()],
+                cpus,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let mut submits = futures::StreamExt::buffer_unordered(submits, 64);
+    while let Some(submitted) = futures::StreamExt::next(&mut submits).await {
+        submitted?;
+    }
+    loop {
+        let done = completed_count(&http, &coordinator.address, &coordinator.token).await?;
+        if done >= before + u64::from(count) {
+            return Ok(f64::from(count) / started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (b) of issue 17: `count` tasks end to end through the real API to 2 real
+/// agent processes started with `--zero-work` (each launch reported completed
+/// at once, nothing run): as one array and as single-job requests, with one
+/// task a node at a time (1-core nodes, 1-cpu tasks) and with 64 (8-core nodes,
+/// 1/8-cpu tasks), `runs` times each. HyperQueue's zero-worker build on the same
+/// workload: `HQ=../shared/peers/hq-zero-worker [CPUS=64] ../shared/peers/hq-bench.sh N`.
+async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let coordinator =
+        CoordinatorProcess::start_with(&shoal, &[("SHOAL_AGENT_ZERO_WORK", "1")]).await?;
+    let mut clusters = pb::clusters_client::ClustersClient::new(coordinator.channel.clone());
+    let mut jobs = pb::jobs_client::JobsClient::new(coordinator.channel.clone());
+    let layouts = [
+        ("zw-one", "Standard_D1_v2", 1.0, "1 task a node"),
+        ("zw-many", "Standard_D4_v2", 0.125, "64 tasks a node"),
+    ];
+    for (cluster, size, cpus, said) in layouts {
+        clusters
+            .create(pb::ClusterSpec {
+                name: cluster.into(),
+                vm_size: size.into(),
+                min_nodes: Some(2),
+                max_nodes: Some(2),
+                ..Default::default()
+            })
+            .await?;
+        let one_array = async |jobs: &mut JobsClient, count: u32| -> anyhow::Result<f64> {
+            let started = Instant::now();
+            let array = jobs
+                .submit(pb::JobSpec {
+                    cluster: cluster.into(),
+                    argv: vec!["true".into()],
+                    cpus,
+                    array: Some(pb::ArraySpec {
+                        start: 0,
+                        end: count - 1,
+                        step: 1,
+                        max_concurrent: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut watch = jobs.watch(pb::JobRef { id: array.id }).await?.into_inner();
+            while let Some(update) = watch.next().await {
+                let job = update?;
+                if job.status == "completed" {
+                    return Ok(f64::from(count) / started.elapsed().as_secs_f64());
+                }
+                if job.status == "failed" {
+                    bail!("the array failed: {}", job.reason);
+                }
+            }
+            bail!("the watch ended early")
+        };
+        one_array(&mut jobs, 200).await?; // both nodes up
+        let (mut arrays, mut single) = (Vec::new(), Vec::new());
+        for run in 1..=runs {
+            let rate = one_array(&mut jobs, count).await?;
+            arrays.push(rate);
+            let rate_single = singles(&coordinator, cluster, count, cpus).await?;
+            single.push(rate_single);
+            println!(
+                "zero-work run {run}, {said}: {count} tasks as one array {rate:.0}/s; as {count} single-job requests {rate_single:.0}/s"
+            );
+        }
+        for (how, mut rates) in [("one array", arrays), ("single-job requests", single)] {
+            rates.sort_by(f64::total_cmp);
+            println!(
+                "zero-work, {said}, {count} tasks as {how}: n={runs} median {:.0} tasks/s (min {:.0}, max {:.0})",
+                rates[rates.len() / 2],
+                rates[0],
+                rates[rates.len() - 1],
+            );
+        }
+        clusters
+            .delete(pb::ClusterRef {
+                name: cluster.into(),
+            })
+            .await?;
+    }
+    println!(
+        "zero-work: coordinator CPU {:.1} s, RSS {:.1} MiB",
+        coordinator.usage().0,
         coordinator.usage().1
     );
     coordinator.stop().await;
@@ -1385,7 +1543,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(
         what,
-        "latency" | "docker" | "backlog" | "grpc-fleet" | "arrays" | "all"
+        "latency" | "docker" | "backlog" | "grpc-fleet" | "arrays" | "zero-work" | "all"
     ) && !shoal.exists()
     {
         bail!(
@@ -1436,6 +1594,13 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(10_000);
         let runs = number(2).context("and a run count")?.unwrap_or(5);
         arrays(count as u32, runs as usize, shoal.clone()).await?;
+    }
+    if what == "zero-work" {
+        let count = number(1)
+            .context("zero-work takes a task count")?
+            .unwrap_or(10_000);
+        let runs = number(2).context("and a run count")?.unwrap_or(5);
+        zero_work(count as u32, runs as usize, shoal.clone()).await?;
     }
     if what == "backlog" {
         let queued = args

@@ -64,6 +64,10 @@ impl Agent {
                 .iter()
                 .map(|o| (o.name.clone(), o.folder))
                 .collect();
+            if self.config.zero_work && gpus.is_some() {
+                self.complete_at_once(slot, entry, &mut attempts);
+                return;
+            }
             attempts.insert(slot.clone(), entry);
             if gpus.is_none() {
                 let free = self.gpu_allocator.lock().map(|g| g.free()).unwrap_or(0);
@@ -87,6 +91,31 @@ impl Agent {
         info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
         let agent = self.clone();
         tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
+    }
+
+    /// `--zero-work`: the instance is reported started and completed, with
+    /// nothing run.
+    fn complete_at_once(&self, slot: Slot, mut entry: Entry, attempts: &mut HashMap<Slot, Entry>) {
+        let sink = EventSink {
+            slot: slot.clone(),
+            tx: self.events.clone(),
+            gpus: entry.gpus.clone(),
+            rank_failure: None,
+        };
+        sink.started(0);
+        let exited = Outcome {
+            exit_code: Some(0),
+            outcome: "completed",
+            message: String::new(),
+        }
+        .to_wire();
+        self.gpu_allocator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(&std::mem::take(&mut entry.gpus));
+        entry.exited = Some((exited.clone(), Instant::now()));
+        attempts.insert(slot, entry);
+        sink.exited(exited);
     }
 
     pub(super) async fn run_instance(

@@ -68,6 +68,10 @@ pub struct Args {
     /// Seconds between telemetry samples (CPU, memory, disk, network, GPUs).
     #[arg(long, env = "SHOAL_TELEMETRY_INTERVAL_SECONDS", default_value_t = 5)]
     telemetry_interval_seconds: u64,
+    /// For benchmarks only: complete every instance at once without running it
+    /// (measures the control plane, as HyperQueue's zero-worker build does).
+    #[arg(long, env = "SHOAL_AGENT_ZERO_WORK", value_parser = clap::builder::BoolishValueParser::new())]
+    zero_work: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -111,6 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         run_as: args.run_as,
         ca_file: args.ca_file,
         lease: Duration::from_secs(args.lease_seconds.max(1)),
+        zero_work: args.zero_work,
     };
     shoal_agent::run(config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)
