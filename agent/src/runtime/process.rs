@@ -1,7 +1,6 @@
 //! The `process` runtime: the job's command as a child process in a process group
 //! of its own, so cancel and timeout reach every process it started.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -121,47 +120,47 @@ async fn run(
     let Some(program) = spec.argv.first() else {
         return Outcome::failed("the job has an empty command");
     };
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(&spec.argv[1..])
-        .envs(&spec.env)
-        .current_dir(&spec.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(user) = &run_as {
-        user.apply(&mut command);
-    }
-    die_with_agent(&mut command);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            let why = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "cannot start `{program}`: not found (is it installed on the node and on PATH?)"
-                )
-            } else {
-                format!("cannot start `{program}`: {e}")
-            };
+    let user_env = run_as
+        .as_ref()
+        .map(|u| [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())]);
+    let started = super::spawn::spawn(&super::spawn::SpawnSpec {
+        program,
+        args: &spec.argv[1..],
+        env: &spec.env,
+        cwd: &spec.cwd,
+        user: run_as.as_ref().map(|u| (u.uid, u.gid)),
+        extra_env: user_env.as_ref().map_or(&[], |e| e.as_slice()),
+    });
+    let (mut child, stdout, stderr) = match started {
+        Ok(started) => started,
+        Err(super::spawn::SpawnError::NotFound) => {
             return Outcome {
                 exit_code: Some(127),
                 outcome: "failed",
-                message: why,
+                message: format!(
+                    "cannot start `{program}`: not found (is it installed on the node and on PATH?)"
+                ),
+            };
+        }
+        Err(super::spawn::SpawnError::Other(e)) => {
+            return Outcome {
+                exit_code: Some(127),
+                outcome: "failed",
+                message: format!("cannot start `{program}`: {e}"),
             };
         }
     };
-    let Some(pid) = child.id() else {
-        return Outcome::failed("the process ended before it could be watched");
-    };
+    let pid = child.pid as u32;
     let group = Pid::from_raw(pid as i32);
     sink.started(pid);
     let mut pumps = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.push(tokio::spawn(pump(out, "stdout", sink.clone())));
-    }
-    if let Some(err) = child.stderr.take() {
-        pumps.push(tokio::spawn(pump(err, "stderr", sink.clone())));
+    for (fd, stream) in [(stdout, "stdout"), (stderr, "stderr")] {
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+            Ok(reader) => pumps.push(tokio::spawn(pump(reader, stream, sink.clone()))),
+            Err(e) => {
+                warn!(attempt = %spec.slot.attempt_id, error = %e, "cannot read the job's {stream}")
+            }
+        }
     }
 
     let timeout = async {

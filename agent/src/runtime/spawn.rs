@@ -1,0 +1,420 @@
+//! Starting a job's process without copying the agent: `clone(CLONE_VM |
+//! CLONE_VFORK)`, as glibc's `posix_spawn` does, so the cost does not grow with
+//! the agent's memory (a `fork` copies its page tables, then the child's `exec`
+//! tears them down: most of the agent's CPU per short job). What `posix_spawn`
+//! cannot do, and Shoal needs, is done in the child before `exec`: the parent-death
+//! signal (the job dies with its agent), its own process group, and the user it
+//! runs as. Everything the child touches is prepared by the parent first; the
+//! child makes raw system calls only (no allocation, no locks, no libc wrappers
+//! that talk to other threads).
+//!
+//! The parent is suspended until the child has called `exec` (or failed), so the
+//! child's stack and the prepared arguments outlive it. The child's exit is
+//! followed through a pidfd.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::unix::AsyncFd;
+
+/// What to start.
+pub(crate) struct SpawnSpec<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub env: &'a std::collections::BTreeMap<String, String>,
+    pub cwd: &'a Path,
+    /// (uid, gid) to run as; None: the agent's.
+    pub user: Option<(u32, u32)>,
+    /// Set after `env` (USER and LOGNAME of that user).
+    pub extra_env: &'a [(&'a str, &'a str)],
+}
+
+/// A started process: the leader of its own process group.
+pub(crate) struct Spawned {
+    pub pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+    reaped: bool,
+}
+
+/// Why a start failed: the program was not found, or another error.
+pub(crate) enum SpawnError {
+    NotFound,
+    Other(io::Error),
+}
+
+/// Finds `program` as `execvp` would, on the job's own PATH (or the agent's).
+fn resolve(
+    program: &str,
+    env: &std::collections::BTreeMap<String, String>,
+    cwd: &Path,
+) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(cwd.join(program));
+    }
+    let path = env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    which::which_in(program, Some(path), cwd).ok()
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the command"))
+}
+
+/// Everything the child reads, laid out before the clone.
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    user: Option<(u32, u32)>,
+    parent: libc::pid_t,
+    mask: libc::sigset_t,
+    /// The errno of the step that failed (0: exec succeeded).
+    error: i32,
+}
+
+/// The child, on its own small stack and the parent's memory: raw system calls
+/// only, then `execve`; on failure it records the errno and exits with 127.
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive while the parent is
+    // suspended (CLONE_VFORK); only raw system calls follow.
+    unsafe {
+        let args = &mut *arg.cast::<ChildArgs>();
+        let fail = |args: &mut ChildArgs| -> libc::c_int {
+            args.error = *libc::__errno_location();
+            libc::syscall(libc::SYS_exit, 127);
+            127
+        };
+        // Handlers the agent installed would run on the agent's memory: default
+        // them. The kernel's sigaction starts with the handler, as libc's does, and
+        // is smaller: a zeroed libc struct with SIG_DFL reads as SIG_DFL, no flags,
+        // no mask.
+        for signal in 1..65 {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                std::ptr::null::<libc::sigaction>(),
+                &mut old,
+                8usize,
+            ) == 0
+                && old.sa_sigaction != libc::SIG_IGN
+                && old.sa_sigaction != libc::SIG_DFL
+            {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    &default,
+                    std::ptr::null_mut::<libc::sigaction>(),
+                    8usize,
+                );
+            }
+        }
+        if libc::syscall(libc::SYS_setpgid, 0, 0) != 0
+            || libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            return fail(args);
+        }
+        // The agent died before the signal was set: do not run unsupervised.
+        if libc::syscall(libc::SYS_getppid) as libc::pid_t != args.parent {
+            libc::syscall(libc::SYS_exit, 127);
+        }
+        if let Some((uid, gid)) = args.user
+            && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0)
+        {
+            return fail(args);
+        }
+        for (from, to) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
+            if libc::syscall(libc::SYS_dup3, from, to, 0) < 0 {
+                return fail(args);
+            }
+        }
+        if libc::syscall(libc::SYS_chdir, args.cwd) != 0 {
+            return fail(args);
+        }
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &args.mask,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8usize,
+        );
+        libc::syscall(libc::SYS_execve, args.program, args.argv, args.envp);
+        fail(args)
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Starts the process (stdin from /dev/null, stdout and stderr to pipes); the
+/// process and the read ends of its stdout and stderr.
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+    let other = SpawnError::Other;
+    let program = resolve(spec.program, spec.env, spec.cwd).ok_or(SpawnError::NotFound)?;
+    let program = cstring(program.as_os_str().as_bytes()).map_err(other)?;
+    let mut argv = vec![cstring(spec.program.as_bytes()).map_err(other)?];
+    for arg in spec.args {
+        argv.push(cstring(arg.as_bytes()).map_err(other)?);
+    }
+    let env: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(spec.extra_env.iter().copied())
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .collect::<io::Result<_>>()
+        .map_err(other)?;
+    let cwd = cstring(OsStr::as_bytes(spec.cwd.as_os_str())).map_err(other)?;
+    let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+        strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let (argv_p, envp_p) = (pointers(&argv), pointers(&env));
+    let stdin = std::fs::File::open("/dev/null").map_err(other)?;
+    let (out_r, out_w) = pipe().map_err(other)?;
+    let (err_r, err_w) = pipe().map_err(other)?;
+    let mut args = ChildArgs {
+        program: program.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+        cwd: cwd.as_ptr(),
+        stdin: stdin.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        user: spec.user,
+        parent: std::process::id() as libc::pid_t,
+        // SAFETY: a plain C struct, filled by pthread_sigmask below.
+        mask: unsafe { std::mem::zeroed() },
+        error: 0,
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: all signals are blocked around the clone (a handler must not run
+    // in the child on the shared memory); the child gets the old mask back just
+    // before exec. CLONE_VFORK suspends this thread until the child has exec'd
+    // or exited, so `args`, the strings and `stack` outlive its use of them.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut args.mask);
+        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+        let pid = libc::clone(
+            child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw mut args).cast::<libc::c_void>(),
+        );
+        let error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(other(error));
+        }
+        pid
+    };
+    drop((out_w, err_w, stdin));
+    if args.error != 0 {
+        // It exited with 127 without exec: reap it.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        let error = io::Error::from_raw_os_error(args.error);
+        return Err(match error.kind() {
+            io::ErrorKind::NotFound => SpawnError::NotFound,
+            _ => SpawnError::Other(error),
+        });
+    }
+    // SAFETY: pidfd_open(2) with a pid this process has not reaped yet.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let error = io::Error::last_os_error();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        return Err(other(error));
+    }
+    // SAFETY: a new descriptor this process owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: an OwnedFd keeps its one descriptor open until it is dropped.
+    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| other(e.into()))?;
+    let spawned = Spawned {
+        pid,
+        pidfd,
+        reaped: false,
+    };
+    Ok((spawned, out_r, err_r))
+}
+
+impl Spawned {
+    /// Waits for the process to end; its exit status.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        loop {
+            let mut ready = self.pidfd.readable().await?;
+            let mut status = 0;
+            // SAFETY: waitpid(2) on this process's own child, without blocking.
+            let reaped = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            if reaped == self.pid {
+                self.reaped = true;
+                return Ok(std::process::ExitStatus::from_raw(status));
+            }
+            if reaped < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+impl Drop for Spawned {
+    /// Never left as a zombie: killed (with its group) and reaped off the runtime.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        std::thread::spawn(move || {
+            let _ = nix::sys::wait::waitpid(pid, None);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn start(
+        program: &str,
+        args: &[&str],
+        env: &BTreeMap<String, String>,
+        cwd: &Path,
+    ) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        spawn(&SpawnSpec {
+            program,
+            args: &args,
+            env,
+            cwd,
+            user: None,
+            extra_env: &[("EXTRA", "yes")],
+        })
+    }
+
+    #[tokio::test]
+    async fn runs_in_its_folder_with_its_env_in_a_group_of_its_own() {
+        let dir = tempfile::tempdir().expect("dir");
+        let env = BTreeMap::from([
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("GREETING".to_string(), "hi".to_string()),
+        ]);
+        let Ok((mut child, out, _err)) = start(
+            "sh",
+            &[
+                "-c",
+                "echo $GREETING $EXTRA $(pwd); ps -o pgid= -p $$; exit 7",
+            ],
+            &env,
+            dir.path(),
+        ) else {
+            panic!("sh did not start");
+        };
+        let status = child.wait().await.expect("waited");
+        assert_eq!(status.code(), Some(7));
+        let text = std::fs::read_to_string(format!("/proc/self/fd/{}", out.as_raw_fd()))
+            .unwrap_or_default();
+        let mut lines = text.lines();
+        let real = dir.path().canonicalize().expect("real path");
+        assert_eq!(
+            lines.next(),
+            Some(format!("hi yes {}", real.display()).as_str())
+        );
+        assert_eq!(
+            lines.next().map(str::trim),
+            Some(child.pid.to_string().as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_not_found() {
+        let env = BTreeMap::new();
+        assert!(matches!(
+            start("no-such-program-xyz", &[], &env, Path::new("/")),
+            Err(SpawnError::NotFound)
+        ));
+        // A folder that is not there fails in the child, and is said.
+        let missing = Path::new("/no/such/folder");
+        match start("true", &[], &env, missing) {
+            Err(SpawnError::Other(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            Err(SpawnError::NotFound) => {}
+            Ok(_) => panic!("started in a folder that does not exist"),
+        }
+    }
+
+    #[test]
+    fn the_process_dies_with_the_thread_that_started_it() {
+        // The parent-death signal follows the starting thread: when it ends, so
+        // does the process (as when the agent dies).
+        let pid = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let env = BTreeMap::new();
+                let Ok((child, _out, _err)) = start("sleep", &["30"], &env, Path::new("/")) else {
+                    panic!("sleep did not start");
+                };
+                let pid = child.pid;
+                std::mem::forget(child);
+                pid
+            })
+        })
+        .join()
+        .expect("joined");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid(2) on this test process's own child.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                assert!(libc::WIFSIGNALED(status), "status {status}");
+                assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process outlived its parent thread"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
