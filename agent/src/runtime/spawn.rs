@@ -181,12 +181,20 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd),
     for arg in spec.args {
         argv.push(cstring(arg.as_bytes()).map_err(other)?);
     }
-    let env: Vec<CString> = spec
+    // The agent's environment, with the job's over it (as `Command::envs`).
+    let mut merged: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
+        std::env::vars_os().collect();
+    for (k, v) in spec
         .env
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain(spec.extra_env.iter().copied())
-        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+    {
+        merged.insert(k.into(), v.into());
+    }
+    let env: Vec<CString> = merged
+        .iter()
+        .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
         .collect::<io::Result<_>>()
         .map_err(other)?;
     let cwd = cstring(OsStr::as_bytes(spec.cwd.as_os_str())).map_err(other)?;
