@@ -612,13 +612,18 @@ fn fork_exec_ceiling(count: usize) -> anyhow::Result<f64> {
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Submits an array of `count` `true` tasks (1 cpu each) to cluster `arrays`
-/// and waits for it to complete; tasks a second, submit to completed.
-async fn one_array(jobs: &mut JobsClient, count: u32, cpus: f64) -> anyhow::Result<f64> {
+/// Submits an array of `count` `true` tasks (`cpus` each) to `cluster` and
+/// waits for it to complete; tasks a second, submit to completed.
+async fn one_array(
+    jobs: &mut JobsClient,
+    cluster: &str,
+    count: u32,
+    cpus: f64,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let array = jobs
         .submit(pb::JobSpec {
-            cluster: "arrays".into(),
+            cluster: cluster.into(),
             argv: vec!["true".into()],
             cpus,
             array: Some(pb::ArraySpec {
@@ -668,11 +673,11 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
         .context("SHOAL_BENCH_CPUS is a number of cores")?
         .unwrap_or(1.0);
     // Warm: both nodes up, and a first array run through them.
-    one_array(&mut jobs, 200, cpus).await?;
+    one_array(&mut jobs, "arrays", 200, cpus).await?;
     let mut ratios = Vec::new();
     for run in 1..=runs {
         let ceiling = fork_exec_ceiling(count as usize)?;
-        let rate = one_array(&mut jobs, count, cpus).await?;
+        let rate = one_array(&mut jobs, "arrays", count, cpus).await?;
         println!(
             "arrays run {run}: {count} `true` tasks as one array on 2 one-core local nodes: {rate:.0} tasks/s; fork/exec ceiling (2 loops) {ceiling:.0}/s; {:.0}% of it",
             rate / ceiling * 100.0
@@ -781,39 +786,10 @@ async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow
                 ..Default::default()
             })
             .await?;
-        let one_array = async |jobs: &mut JobsClient, count: u32| -> anyhow::Result<f64> {
-            let started = Instant::now();
-            let array = jobs
-                .submit(pb::JobSpec {
-                    cluster: cluster.into(),
-                    argv: vec!["true".into()],
-                    cpus,
-                    array: Some(pb::ArraySpec {
-                        start: 0,
-                        end: count - 1,
-                        step: 1,
-                        max_concurrent: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let mut watch = jobs.watch(pb::JobRef { id: array.id }).await?.into_inner();
-            while let Some(update) = watch.next().await {
-                let job = update?;
-                if job.status == "completed" {
-                    return Ok(f64::from(count) / started.elapsed().as_secs_f64());
-                }
-                if job.status == "failed" {
-                    bail!("the array failed: {}", job.reason);
-                }
-            }
-            bail!("the watch ended early")
-        };
-        one_array(&mut jobs, 200).await?; // both nodes up
+        one_array(&mut jobs, cluster, 200, cpus).await?; // both nodes up
         let (mut arrays, mut single) = (Vec::new(), Vec::new());
         for run in 1..=runs {
-            let rate = one_array(&mut jobs, count).await?;
+            let rate = one_array(&mut jobs, cluster, count, cpus).await?;
             arrays.push(rate);
             let rate_single = singles(&coordinator, cluster, count, cpus).await?;
             single.push(rate_single);
