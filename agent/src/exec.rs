@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -25,7 +24,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::runtime::docker::DockerRuntime;
-use crate::runtime::{Slot, process};
+use crate::runtime::{Slot, process, spawn};
 
 /// Where an instance's commands run.
 #[derive(Clone, Debug)]
@@ -293,28 +292,23 @@ async fn run_process(
     started: impl FnOnce(i32),
     output: &(dyn Fn(&'static str, Vec<u8>) + Sync),
 ) -> Result<i32, String> {
-    let mut child = tokio::process::Command::new("sh");
-    child
-        .arg("-c")
-        .arg(command)
-        .envs(env)
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(user) = user {
-        user.apply(&mut child);
-    }
-    process::die_with_agent(&mut child);
-    let mut child = child.spawn().map_err(|e| format!("cannot start sh: {e}"))?;
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        started(pid);
-    }
-    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err("no output pipes".into());
+    let argv = ["-c".to_string(), command.to_string()];
+    let (mut child, stdout, stderr) = spawn::spawn(&spawn::SpawnSpec {
+        program: "sh",
+        args: &argv,
+        env,
+        cwd,
+        user,
+    })
+    .map_err(|e| match e {
+        spawn::SpawnError::NotFound => "cannot start sh: not found".to_string(),
+        spawn::SpawnError::Other(e) => format!("cannot start sh: {e}"),
+    })?;
+    started(child.pid);
+    let open = |fd| {
+        tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|e| format!("output pipe: {e}"))
     };
+    let (mut stdout, mut stderr) = (open(stdout)?, open(stderr)?);
     let pump = |reader: &'static str| move |data: &[u8]| output(reader, data.to_vec());
     let out = pump("stdout");
     let err = pump("stderr");

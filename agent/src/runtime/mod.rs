@@ -4,7 +4,7 @@
 
 pub mod docker;
 pub(crate) mod process;
-mod spawn;
+pub(crate) mod spawn;
 
 use std::collections::BTreeMap;
 use std::future::Future;

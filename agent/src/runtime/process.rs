@@ -120,16 +120,12 @@ async fn run(
     let Some(program) = spec.argv.first() else {
         return Outcome::failed("the job has an empty command");
     };
-    let user_env = run_as
-        .as_ref()
-        .map(|u| [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())]);
     let started = super::spawn::spawn(&super::spawn::SpawnSpec {
         program,
         args: &spec.argv[1..],
         env: &spec.env,
         cwd: &spec.cwd,
-        user: run_as.as_ref().map(|u| (u.uid, u.gid)),
-        extra_env: user_env.as_ref().map_or(&[], |e| e.as_slice()),
+        user: run_as.as_ref(),
     });
     let (mut child, stdout, stderr) = match started {
         Ok(started) => started,

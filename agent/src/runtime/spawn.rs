@@ -28,10 +28,8 @@ pub(crate) struct SpawnSpec<'a> {
     pub args: &'a [String],
     pub env: &'a std::collections::BTreeMap<String, String>,
     pub cwd: &'a Path,
-    /// (uid, gid) to run as; None: the agent's.
-    pub user: Option<(u32, u32)>,
-    /// Set after `env` (USER and LOGNAME of that user).
-    pub extra_env: &'a [(&'a str, &'a str)],
+    /// The user to run as (and its USER and LOGNAME); None: the agent's.
+    pub user: Option<&'a super::RunAs>,
 }
 
 /// A started process: the leader of its own process group.
@@ -41,10 +39,31 @@ pub(crate) struct Spawned {
     reaped: bool,
 }
 
-/// Why a start failed: the program was not found, or another error.
+/// Why a start failed: the program was not found, or another error (said with
+/// the step that failed).
 pub(crate) enum SpawnError {
     NotFound,
     Other(io::Error),
+}
+
+/// The steps the child takes before `exec`, by the number it records.
+const STEPS: [&str; 6] = [
+    "cannot start a process group",
+    "cannot set the parent-death signal",
+    "cannot switch to the job's user",
+    "cannot connect its input and output",
+    "cannot enter the working folder",
+    "cannot execute it",
+];
+const CWD: usize = 4;
+const EXEC: usize = 5;
+
+/// The agent's own environment, read once: a job gets it beneath its own.
+fn agent_env() -> &'static std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> {
+    static ENV: std::sync::OnceLock<
+        std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString>,
+    > = std::sync::OnceLock::new();
+    ENV.get_or_init(|| std::env::vars_os().collect())
 }
 
 /// Finds `program` as `execvp` would, on the job's own PATH (or the agent's).
@@ -81,8 +100,9 @@ struct ChildArgs {
     user: Option<(u32, u32)>,
     parent: libc::pid_t,
     mask: libc::sigset_t,
-    /// The errno of the step that failed (0: exec succeeded).
+    /// The errno of the step that failed (0: exec succeeded), and which (`STEPS`).
     error: i32,
+    step: usize,
 }
 
 /// The child, on its own small stack and the parent's memory: raw system calls
@@ -92,8 +112,9 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     // suspended (CLONE_VFORK); only raw system calls follow.
     unsafe {
         let args = &mut *arg.cast::<ChildArgs>();
-        let fail = |args: &mut ChildArgs| -> libc::c_int {
+        let fail = |args: &mut ChildArgs, step: usize| -> libc::c_int {
             args.error = *libc::__errno_location();
+            args.step = step;
             libc::syscall(libc::SYS_exit, 127);
             127
         };
@@ -124,17 +145,19 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 );
             }
         }
-        if libc::syscall(libc::SYS_setpgid, 0, 0) != 0
-            || libc::syscall(
-                libc::SYS_prctl,
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL,
-                0,
-                0,
-                0,
-            ) != 0
+        if libc::syscall(libc::SYS_setpgid, 0, 0) != 0 {
+            return fail(args, 0);
+        }
+        if libc::syscall(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL,
+            0,
+            0,
+            0,
+        ) != 0
         {
-            return fail(args);
+            return fail(args, 1);
         }
         // The agent died before the signal was set: do not run unsupervised.
         if libc::syscall(libc::SYS_getppid) as libc::pid_t != args.parent {
@@ -145,15 +168,15 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 || libc::syscall(libc::SYS_setgid, gid) != 0
                 || libc::syscall(libc::SYS_setuid, uid) != 0)
         {
-            return fail(args);
+            return fail(args, 2);
         }
         for (from, to) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
             if libc::syscall(libc::SYS_dup3, from, to, 0) < 0 {
-                return fail(args);
+                return fail(args, 3);
             }
         }
         if libc::syscall(libc::SYS_chdir, args.cwd) != 0 {
-            return fail(args);
+            return fail(args, CWD);
         }
         libc::syscall(
             libc::SYS_rt_sigprocmask,
@@ -163,7 +186,7 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             8usize,
         );
         libc::syscall(libc::SYS_execve, args.program, args.argv, args.envp);
-        fail(args)
+        fail(args, EXEC)
     }
 }
 
@@ -182,13 +205,15 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd),
         argv.push(cstring(arg.as_bytes()).map_err(other)?);
     }
     // The agent's environment, with the job's over it (as `Command::envs`).
-    let mut merged: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
-        std::env::vars_os().collect();
+    let mut merged = agent_env().clone();
+    let user_env = spec
+        .user
+        .map(|u| [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())]);
     for (k, v) in spec
         .env
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain(spec.extra_env.iter().copied())
+        .chain(user_env.into_iter().flatten())
     {
         merged.insert(k.into(), v.into());
     }
@@ -217,11 +242,12 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd),
         stdin: stdin.as_raw_fd(),
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
-        user: spec.user,
+        user: spec.user.map(|u| (u.uid, u.gid)),
         parent: std::process::id() as libc::pid_t,
         // SAFETY: a plain C struct, filled by pthread_sigmask below.
         mask: unsafe { std::mem::zeroed() },
         error: 0,
+        step: 0,
     };
     let mut stack = vec![0u8; 64 * 1024];
     // SAFETY: all signals are blocked around the clone (a handler must not run
@@ -251,10 +277,19 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd),
         // It exited with 127 without exec: reap it.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         let error = io::Error::from_raw_os_error(args.error);
-        return Err(match error.kind() {
-            io::ErrorKind::NotFound => SpawnError::NotFound,
-            _ => SpawnError::Other(error),
-        });
+        if args.step == EXEC && error.kind() == io::ErrorKind::NotFound {
+            return Err(SpawnError::NotFound);
+        }
+        let step = STEPS.get(args.step).copied().unwrap_or("cannot start it");
+        let step = if args.step == CWD {
+            format!("{step} {}", spec.cwd.display())
+        } else {
+            step.to_string()
+        };
+        return Err(SpawnError::Other(io::Error::new(
+            error.kind(),
+            format!("{step}: {error}"),
+        )));
     }
     // SAFETY: pidfd_open(2) with a pid this process has not reaped yet.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -333,7 +368,6 @@ mod tests {
             env,
             cwd,
             user: None,
-            extra_env: &[("EXTRA", "yes")],
         })
     }
 
@@ -348,7 +382,7 @@ mod tests {
             "sh",
             &[
                 "-c",
-                "echo $GREETING $EXTRA $(pwd); ps -o pgid= -p $$; exit 7",
+                "echo $GREETING $(pwd); ps -o pgid= -p $$; echo $HOME; exit 7",
             ],
             &env,
             dir.path(),
@@ -363,12 +397,15 @@ mod tests {
         let real = dir.path().canonicalize().expect("real path");
         assert_eq!(
             lines.next(),
-            Some(format!("hi yes {}", real.display()).as_str())
+            Some(format!("hi {}", real.display()).as_str())
         );
         assert_eq!(
             lines.next().map(str::trim),
             Some(child.pid.to_string().as_str())
         );
+        // The agent's own variables are kept beneath the job's.
+        let home = std::env::var("HOME").expect("the test has a HOME");
+        assert_eq!(lines.next(), Some(home.as_str()));
     }
 
     #[tokio::test]
@@ -378,11 +415,19 @@ mod tests {
             start("no-such-program-xyz", &[], &env, Path::new("/")),
             Err(SpawnError::NotFound)
         ));
-        // A folder that is not there fails in the child, and is said.
+        // A folder that is not there fails in the child, and is said as such
+        // (not as a missing program).
         let missing = Path::new("/no/such/folder");
         match start("true", &[], &env, missing) {
-            Err(SpawnError::Other(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
-            Err(SpawnError::NotFound) => {}
+            Err(SpawnError::Other(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::NotFound);
+                let said = e.to_string();
+                assert!(
+                    said.starts_with("cannot enter the working folder /no/such/folder:"),
+                    "{said}"
+                );
+            }
+            Err(SpawnError::NotFound) => panic!("a missing folder said as a missing program"),
             Ok(_) => panic!("started in a folder that does not exist"),
         }
     }
