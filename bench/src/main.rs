@@ -702,7 +702,7 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
     Ok(())
 }
 
-/// Counts of jobs by state, from /metrics.
+/// How many jobs have completed, from /metrics.
 async fn completed_count(
     http: &reqwest::Client,
     address: &str,
