@@ -14,18 +14,22 @@ pub fn unpack(data: &[u8], dir: &Path) -> std::io::Result<()> {
 
 /// Packs `dir` (its contents, not the folder itself); None when it is empty or absent.
 pub fn pack_dir(dir: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    let has_entries = match std::fs::read_dir(dir) {
-        Ok(mut entries) => entries.next().is_some(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    };
-    if !has_entries {
+    if !has_entries(dir)? {
         return Ok(None);
     }
     let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
     builder.follow_symlinks(false);
     builder.append_dir_all(".", dir)?;
     Ok(Some(builder.into_inner()?.finish()?))
+}
+
+/// Whether `dir` holds anything (a missing folder holds nothing); one read.
+pub fn has_entries(dir: &Path) -> std::io::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Packs a folder's contents, or one file (by its name), as tar.gz.

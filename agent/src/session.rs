@@ -25,6 +25,7 @@ mod data;
 mod instances;
 mod link;
 mod parallel;
+mod workdirs;
 pub use link::run;
 
 /// How long an exit is remembered for re-registration, in case it was never delivered.
@@ -117,6 +118,7 @@ struct Agent {
     memory_bytes: u64,
     hostname: String,
     contact: Arc<Contact>,
+    workdirs: Arc<workdirs::WorkDirs>,
 }
 
 /// When the coordinator was last heard from, and the lease it set.

@@ -468,7 +468,9 @@ impl Agent {
             }
         }
         sink.exited(exited);
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        if !self.workdirs.keep(&dir) {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
     }
 
     /// The working dir: a fresh copy of the job's code, with an empty `outputs/`.
@@ -516,9 +518,18 @@ impl Agent {
         } else {
             None
         };
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        // A spare folder is owned as process jobs' are: reused for those, or by all
+        // where every job's folder has the agent's owner.
+        let reuse = run_as.is_some() || self.process.run_as.is_none();
+        let workdirs = self.workdirs.clone();
+        // With nothing to unpack or copy, laying out is a few folder operations:
+        // done here, with no hand-off to a thread.
+        let small =
+            code.is_none() && previous.is_none() && launch.inputs.is_empty() && !dir.exists();
+        let lay_out = move || -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(dir.join("outputs"))
+            workdirs
+                .make(&dir, reuse)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             if let Some(code) = code {
                 archive::unpack(&code, &dir)
@@ -534,9 +545,13 @@ impl Agent {
                     .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), user.name))?;
             }
             Ok(())
-        })
-        .await
-        .map_err(|e| format!("preparing the working dir failed: {e}"))?
+        };
+        if small {
+            return lay_out();
+        }
+        tokio::task::spawn_blocking(lay_out)
+            .await
+            .map_err(|e| format!("preparing the working dir failed: {e}"))?
     }
 
     pub(super) async fn upload_outputs(
@@ -544,6 +559,10 @@ impl Agent {
         slot: &Slot,
         outputs: &std::path::Path,
     ) -> Result<(), String> {
+        // Most small jobs write nothing: one read here, no hand-off to a thread.
+        if !archive::has_entries(outputs).map_err(|e| format!("cannot read outputs: {e}"))? {
+            return Ok(());
+        }
         let outputs = outputs.to_path_buf();
         let packed = tokio::task::spawn_blocking(move || archive::pack_dir(&outputs))
             .await

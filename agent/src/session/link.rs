@@ -58,6 +58,11 @@ pub async fn run(
         docker.clone().ok(),
         run_as.clone(),
     );
+    let workdirs = workdirs::WorkDirs::new(
+        &config.work_dir,
+        run_as.as_ref().map(|user| (user.uid, user.gid)),
+    )
+    .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
     let identity = crate::identity::TokenEndpoint::start(client.clone())
         .await
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
@@ -73,6 +78,7 @@ pub async fn run(
         memory_bytes,
         docker,
         hostname: telemetry::hostname(),
+        workdirs: Arc::new(workdirs),
         config: Arc::new(config),
         client,
         process: Arc::new(ProcessRuntime { run_as }),

@@ -40,6 +40,7 @@ impl Control {
         for name in names {
             self.scale(&name, now);
         }
+        self.lazy_writes_due(now);
         // What placement started counts too, before it is committed.
         self.account_arrays(now);
     }

@@ -38,6 +38,30 @@ impl Default for Timings {
 }
 
 impl Control {
+    /// `id` changed in a way no one waits on: it is written with the next
+    /// batch that writes anything (or, at the latest, `LAZY_WRITE_MS` on).
+    pub(super) fn write_later(&mut self, id: String, now: Millis) {
+        if !self.dirty_jobs.contains(&id) {
+            self.lazy_jobs.insert(id);
+            self.lazy_since.get_or_insert(now);
+        }
+    }
+
+    /// Changes that waited long enough are written in this pass; else the
+    /// loop is woken for them.
+    pub(super) fn lazy_writes_due(&mut self, now: Millis) {
+        let Some(since) = self.lazy_since else {
+            return;
+        };
+        let due = since + LAZY_WRITE_MS;
+        if now >= due {
+            self.dirty_jobs.append(&mut self.lazy_jobs);
+            self.lazy_since = None;
+        } else {
+            self.wake_at = Some(self.wake_at.map_or(due, |w| w.min(due)));
+        }
+    }
+
     /// What this pass decided, for the driver: the batch to commit, and what
     /// waits on that commit (replies, agent messages, provider calls, changes).
     pub fn effects(&mut self) -> Effects {
@@ -89,6 +113,17 @@ impl Control {
             defaults: std::mem::take(&mut self.defaults_dirty).then(|| self.defaults.clone()),
         };
         self.parallel_changes(&mut batch);
+        // A batch is written anyway: what waited goes with it.
+        if !batch.is_empty() && self.lazy_since.take().is_some() {
+            for id in std::mem::take(&mut self.lazy_jobs) {
+                if !self.dirty_jobs.contains(&id)
+                    && let Some(job) = self.jobs.get(&id)
+                {
+                    batch.jobs.push(job.clone());
+                    self.dirty_jobs.insert(id);
+                }
+            }
+        }
         self.dirty_clusters.clear();
         self.dirty_nodes.clear();
         self.seqs_dirty = false;

@@ -114,11 +114,18 @@ impl Control {
     /// tasks as others end (`max_concurrent`), and sets each touched array's
     /// own status. The one place an array's record changes after submit.
     pub(super) fn account_arrays(&mut self, now: Millis) {
-        let changed: Vec<(String, u64, u32, JobStatus, Option<JobStatus>)> = self
+        // Tasks written later (started) change their array's counts, written later too.
+        let lazy = self
+            .lazy_jobs
+            .iter()
+            .filter(|id| !self.dirty_jobs.contains(*id));
+        let changed: Vec<(String, u64, u32, JobStatus, Option<JobStatus>, bool)> = self
             .dirty_jobs
             .iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter_map(|j| {
+            .map(|id| (id, true))
+            .chain(lazy.map(|id| (id, false)))
+            .filter_map(|(id, urgent)| Some((self.jobs.get(id)?, urgent)))
+            .filter_map(|(j, urgent)| {
                 let task = j.task?;
                 (task.counted != Some(j.status)).then(|| {
                     let position = task.position(j.seq);
@@ -128,12 +135,13 @@ impl Control {
                         position,
                         j.status,
                         task.counted,
+                        urgent,
                     )
                 })
             })
             .collect();
-        let mut arrays = BTreeSet::new();
-        for (id, array_seq, position, status, counted) in changed {
+        let mut arrays: BTreeMap<u64, bool> = BTreeMap::new();
+        for (id, array_seq, position, status, counted, urgent) in changed {
             if let Some(task) = self.jobs.get_mut(&id).and_then(|j| j.task.as_mut()) {
                 task.counted = Some(status);
             }
@@ -158,9 +166,9 @@ impl Control {
             {
                 state.ended_held += 1;
             }
-            arrays.insert(array_seq);
+            *arrays.entry(array_seq).or_default() |= urgent;
         }
-        for array_seq in arrays {
+        for (array_seq, urgent) in arrays {
             self.release_tasks(array_seq);
             let Some(array) = self.jobs.by_seq_mut(array_seq) else {
                 continue;
@@ -182,7 +190,12 @@ impl Control {
                 array.reason.clone()
             };
             array.status = status;
-            self.dirty_jobs.insert(array.id.to_string());
+            let id = array.id.to_string();
+            if urgent {
+                self.dirty_jobs.insert(id);
+            } else {
+                self.write_later(id, now);
+            }
         }
     }
 

@@ -14,6 +14,8 @@ struct Machine {
     removed: Vec<String>,
     /// What the provider says back (a removal done), for the next step.
     pending: Vec<Command>,
+    /// The jobs the last step's batch wrote.
+    written: Vec<String>,
 }
 
 impl Machine {
@@ -28,6 +30,7 @@ impl Machine {
             created: Vec::new(),
             removed: Vec::new(),
             pending: Vec::new(),
+            written: Vec::new(),
         }
     }
 
@@ -41,6 +44,12 @@ impl Machine {
         self.control.decide(self.now);
         let mut effects = self.control.effects();
         let committed = self.store.commit(&effects.batch).expect("commit");
+        self.written = effects
+            .batch
+            .jobs
+            .iter()
+            .map(|j| j.id.to_string())
+            .collect();
         self.control
             .committed(&committed, &effects.jobs_touched, self.now);
         for reply in effects.replies.drain(..) {
@@ -1294,4 +1303,51 @@ fn a_held_task_canceled_alone_does_not_let_its_array_run_more_at_once() {
         "5 of 6 tasks completed, 1 canceled"
     );
     assert!(m.control.invariant_violations().is_empty());
+}
+
+#[test]
+fn a_start_is_written_with_the_next_batch_that_writes_or_a_tenth_of_a_second_later() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 600);
+    let id = m.submit("cl", 1);
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &order);
+    assert!(
+        m.written.is_empty(),
+        "a start alone costs no commit: {:?}",
+        m.written
+    );
+    assert_eq!(m.control.wake_at(), Some(m.now + 100), "woken to write it");
+    assert_eq!(
+        m.job(&id).status,
+        JobStatus::Running,
+        "running at once in memory"
+    );
+    m.advance(99);
+    assert!(m.written.is_empty(), "{:?}", m.written);
+    m.advance(1);
+    assert_eq!(m.written, vec![id.clone()]);
+    let stored = m.store.load().expect("load");
+    let job = stored
+        .jobs
+        .iter()
+        .find(|j| j.id.as_str() == id)
+        .expect("stored");
+    assert_eq!(job.status, JobStatus::Running);
+    // A second start goes with the next batch that writes anything: a submit.
+    let other = m.submit("cl", 1);
+    let node = m.created[1].clone();
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &order);
+    assert!(m.written.is_empty(), "{:?}", m.written);
+    let third = m.submit("cl", 1);
+    assert!(
+        m.written.contains(&other) && m.written.contains(&third),
+        "{:?}",
+        m.written
+    );
+    assert!(m.control.lazy_jobs.is_empty(), "nothing left to write");
 }

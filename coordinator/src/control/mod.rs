@@ -200,7 +200,14 @@ pub struct Control {
     next_purge: Millis,
     /// Jobs whose readers should look again, with nothing of the job itself to write.
     notify_jobs: BTreeSet<String>,
+    /// Jobs changed in a way no one waits on (an instance started), written with
+    /// the next batch that writes anything, or `LAZY_WRITE_MS` after the first.
+    lazy_jobs: BTreeSet<String>,
+    lazy_since: Option<Millis>,
 }
+
+/// How long a change no one waits on may wait for a batch to go with.
+const LAZY_WRITE_MS: Millis = 100;
 
 impl Control {
     /// The state machine over a loaded snapshot, at `now`.
@@ -295,6 +302,8 @@ impl Control {
             purge_before: None,
             next_purge: now,
             notify_jobs: BTreeSet::new(),
+            lazy_jobs: BTreeSet::new(),
+            lazy_since: None,
         };
         for mut node in snapshot.nodes {
             // Agents of an earlier run reconnect on their own; until then they are
