@@ -213,6 +213,10 @@ async fn an_array_of_1000_tasks_runs_each_index_exactly_once_and_is_listed_once(
     assert_eq!(counts.get("completed"), Some(&1000), "{counts:?}");
     assert_eq!(job.reason, "1000 of 1000 tasks completed");
     assert_eq!(ledger(&path), (0..1000).collect::<Vec<u32>>());
+    // Short tasks on a cluster at max_nodes: the node was told tasks ahead
+    // (each started once the one before it ended), and still each ran once.
+    let booked = successors_booked(&tc).await;
+    assert!(booked > 100, "{booked} tasks booked ahead");
     // Listed once; its tasks on asking, each with its index.
     let listed = tc.shoal_json(&["job", "list"]);
     let listed = listed.as_array().expect("a list");
@@ -349,4 +353,120 @@ async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
         Some(&200)
     );
     assert_eq!(ledger(&path), (0..200).collect::<Vec<u32>>());
+}
+
+/// `shoal_successors_booked_total` from /metrics.
+async fn successors_booked(tc: &TestCluster) -> u64 {
+    let (_, metrics) = tc
+        .http("GET", "/metrics", Some(&tc.admin_token()), "")
+        .await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_successors_booked_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no successors counter in {metrics}"))
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothing() {
+    let mut tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    let script = format!("echo $SHOAL_ARRAY_INDEX >> {}", path.display());
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-2999",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    // Short tasks: once some have completed, each slot has the next booked behind it.
+    eventually("tasks booked ahead", LIMIT, || async {
+        let completed = tc
+            .job(&array)
+            .await
+            .array?
+            .counts
+            .get("completed")
+            .copied()?;
+        (completed >= 100 && successors_booked(&tc).await > 0).then_some(())
+    })
+    .await;
+    // Killed mid-run: agents report what they ran, run and hold when it is back.
+    tc.kill9();
+    tc.restart().await;
+    let job = tc
+        .wait_job(&array, "completed", Duration::from_secs(240), |j| {
+            j.status == "completed"
+        })
+        .await;
+    assert_eq!(
+        job.array.as_ref().expect("array").counts.get("completed"),
+        Some(&3000)
+    );
+    assert_eq!(ledger(&path), (0..3000).collect::<Vec<u32>>());
+}
+
+#[tokio::test]
+async fn an_array_told_ahead_is_canceled_whole_with_nothing_left_running_or_held() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    let script = format!("echo $SHOAL_ARRAY_INDEX >> {}", path.display());
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-19999",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("tasks booked ahead", LIMIT, || async {
+        let completed = tc
+            .job(&array)
+            .await
+            .array?
+            .counts
+            .get("completed")
+            .copied()?;
+        (completed >= 100 && successors_booked(&tc).await > 0).then_some(())
+    })
+    .await;
+    tc.shoal_json(&["job", "cancel", &array, "--wait"]);
+    let job = tc.wait_status(&array, "canceled", LIMIT).await;
+    let counts = &job.array.as_ref().expect("array").counts;
+    let (completed, canceled) = (counts["completed"], counts["canceled"]);
+    assert_eq!(completed + canceled, 20_000, "{counts:?}");
+    // Nothing ran twice, and what completed wrote its line; the node holds
+    // nothing more (no held successor, no running task).
+    let ran = ledger(&path);
+    let mut unique = ran.clone();
+    unique.dedup();
+    assert_eq!(ran, unique, "a task ran twice");
+    assert!(
+        ran.len() as u32 >= completed,
+        "{} lines, {completed} completed",
+        ran.len()
+    );
+    eventually("the node empty", LIMIT, || async {
+        let nodes = tc.shoal_json(&["node", "list"]);
+        let node = nodes.as_array()?.first()?.clone();
+        node["allocations"].as_array()?.is_empty().then_some(())
+    })
+    .await;
 }

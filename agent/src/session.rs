@@ -109,6 +109,9 @@ struct Agent {
     /// The docker runtime, or why this node has none.
     docker: Result<DockerRuntime, String>,
     attempts: Arc<Mutex<HashMap<Slot, Entry>>>,
+    /// Successors (`Launch.after`) by the instance each follows, started when
+    /// it ends. Locked inside `attempts`, never the other way round.
+    held: Arc<Mutex<HashMap<Slot, pb::Launch>>>,
     events: mpsc::UnboundedSender<pb::AgentMessage>,
     telemetry: Telemetry,
     gpu_allocator: Arc<Mutex<GpuAllocator>>,

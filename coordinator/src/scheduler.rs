@@ -382,6 +382,7 @@ mod tests {
                 slot: slot(instance as u32),
                 share: Resources::WHOLE,
                 gpus: 0,
+                after: None,
             };
             node.book(booked, 1);
         }
@@ -501,6 +502,7 @@ mod tests {
                 slot,
                 share: jobs[i].spec.resources,
                 gpus: 0,
+                after: None,
             };
             node.book(booked, 1);
         }
@@ -523,6 +525,7 @@ mod tests {
                 },
                 share: Resources::share(3.0, 2 << 30).expect("a share"),
                 gpus: 0,
+                after: None,
             },
             5,
         );
@@ -648,6 +651,7 @@ mod tests {
                         slot: crate::model::Slot { attempt_id: format!("{}.1", job.id), instance: instance as u32 },
                         share: job.spec.resources,
                         gpus: job.spec.gpus_per_instance,
+                        after: None,
                     };
                     node.book(booked, 1);
                 }

@@ -85,6 +85,7 @@ impl NodeBuilder {
                 },
                 share: crate::model::Resources::WHOLE,
                 gpus: 0,
+                after: None,
             }];
         }
         self

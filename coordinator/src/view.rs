@@ -385,6 +385,10 @@ pub struct Allocation {
     pub cpus: Option<f64>,
     pub memory_bytes: Option<u64>,
     pub gpus: u32,
+    /// A successor: it starts when this instance (`attempt#instance`) ends,
+    /// and holds nothing before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 impl From<&pb::Allocation> for Allocation {
@@ -396,6 +400,7 @@ impl From<&pb::Allocation> for Allocation {
             cpus: (a.millicpus > 0).then(|| f64::from(a.millicpus) / 1000.0),
             memory_bytes: (a.memory_bytes > 0).then_some(a.memory_bytes),
             gpus: a.gpus,
+            after: (!a.after.is_empty()).then(|| a.after.clone()),
         }
     }
 }

@@ -10,7 +10,21 @@ impl Agent {
     }
 
     pub(super) fn cancel(&self, slot: &Slot, reason: &str) {
-        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let successor = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let after = held
+                .iter()
+                .find(|(_, l)| l.attempt_id == slot.attempt_id && l.instance == slot.instance)
+                .map(|(after, _)| after.clone());
+            after.and_then(|after| held.remove(&after))
+        };
+        if let Some(launch) = successor {
+            info!(attempt = %slot.attempt_id, instance = slot.instance, reason, "canceled before it started");
+            let stop = Stop::Cancel(reason.to_string());
+            self.end_unstarted(launch, &stop, &mut attempts);
+            return;
+        }
         if let Some(entry) = attempts.get(slot) {
             info!(attempt = %slot.attempt_id, instance = slot.instance, reason, "canceling");
             entry
@@ -24,7 +38,15 @@ impl Agent {
     }
 
     pub(super) fn stop_every(&self, stop: Stop) {
-        let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        // Successors end as they are: the instances they follow are stopping.
+        let held: Vec<pb::Launch> = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.drain().map(|(_, launch)| launch).collect()
+        };
+        for launch in held {
+            self.end_unstarted(launch, &stop, &mut attempts);
+        }
         for entry in attempts.values().filter(|e| e.exited.is_none()) {
             entry.stop.send_replace(Some(stop.clone()));
         }
@@ -39,7 +61,7 @@ impl Agent {
         }
     }
 
-    pub(super) fn launch(&self, launch: pb::Launch) {
+    pub(super) fn launch(&self, mut launch: pb::Launch) {
         let slot = Slot {
             attempt_id: launch.attempt_id.clone(),
             instance: launch.instance,
@@ -50,6 +72,24 @@ impl Agent {
             if attempts.contains_key(&slot) {
                 debug!(attempt = %slot.attempt_id, "launch repeated; already running");
                 return;
+            }
+            // A successor waits for the instance it follows, if that still runs.
+            if let Some(after) = launch.after.take() {
+                let after = Slot {
+                    attempt_id: after.attempt_id,
+                    instance: after.instance,
+                };
+                if attempts.get(&after).is_some_and(|e| e.exited.is_none()) {
+                    let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                    let repeated = held
+                        .values()
+                        .any(|l| l.attempt_id == slot.attempt_id && l.instance == slot.instance);
+                    if !repeated {
+                        debug!(attempt = %slot.attempt_id, after = %after.attempt_id, "held until the instance it follows ends");
+                        held.insert(after, launch);
+                    }
+                    return;
+                }
             }
             // Exact GPUs, never shared; None if this node has too few free.
             let gpus = self
@@ -91,6 +131,33 @@ impl Agent {
         info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
         let agent = self.clone();
         tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
+    }
+
+    /// A successor that never started: its end is recorded (a re-registration
+    /// reports it) and sent, as the stop says.
+    fn end_unstarted(&self, launch: pb::Launch, stop: &Stop, attempts: &mut HashMap<Slot, Entry>) {
+        let slot = Slot {
+            attempt_id: launch.attempt_id,
+            instance: launch.instance,
+        };
+        let (_, outcome, message) = stop.terms(Duration::ZERO);
+        let exited = Outcome {
+            exit_code: None,
+            outcome,
+            message,
+        }
+        .to_wire();
+        let (stop, _) = watch::channel(None);
+        let mut entry = Entry::new(stop, Vec::new(), launch.token);
+        entry.exited = Some((exited.clone(), Instant::now()));
+        attempts.insert(slot.clone(), entry);
+        let sink = EventSink {
+            slot,
+            tx: self.events.clone(),
+            gpus: Vec::new(),
+            rank_failure: None,
+        };
+        sink.exited(exited);
     }
 
     /// `--zero-work`: the instance is reported started and completed, with
@@ -449,7 +516,7 @@ impl Agent {
         info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
         let mut exited = outcome.to_wire();
         let sample = self.telemetry.latest();
-        {
+        let successor = {
             let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(entry) = attempts.get_mut(&slot) {
                 // The last sample may be newer than the last heartbeat.
@@ -466,8 +533,16 @@ impl Agent {
                     .release(&std::mem::take(&mut entry.gpus));
                 entry.exited = Some((exited.clone(), Instant::now()));
             }
-        }
+            // Its successor, if it has one, from now on starts at once.
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&slot)
+        };
         sink.exited(exited);
+        if let Some(launch) = successor {
+            self.launch(launch);
+        }
         if !self.workdirs.keep(&dir) {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }

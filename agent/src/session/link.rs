@@ -83,6 +83,7 @@ pub async fn run(
         client,
         process: Arc::new(ProcessRuntime { run_as }),
         attempts: Arc::default(),
+        held: Arc::default(),
         events,
         gpu_allocator: Arc::default(),
         telemetry,
@@ -187,6 +188,7 @@ impl Agent {
                 .as_ref()
                 .is_none_or(|(_, at)| at.elapsed() < EXIT_MEMORY)
         });
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let reports = attempts
             .iter()
             .map(|(slot, entry)| pb::AttemptReport {
@@ -194,7 +196,15 @@ impl Agent {
                 instance: slot.instance,
                 exited: entry.exited.as_ref().map(|(e, _)| e.clone()),
                 gpus: entry.gpus.clone(),
+                held: false,
             })
+            .chain(held.values().map(|launch| pb::AttemptReport {
+                attempt_id: launch.attempt_id.clone(),
+                instance: launch.instance,
+                exited: None,
+                gpus: Vec::new(),
+                held: true,
+            }))
             .collect();
         pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Register(pb::Register {

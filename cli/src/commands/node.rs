@@ -133,7 +133,11 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 );
             }
             for a in &n.allocations {
-                println!("running:   {}", allocation(a, n.cores));
+                if a.after.is_empty() {
+                    println!("running:   {}", allocation(a, n.cores));
+                } else {
+                    println!("next:      {} after {}", allocation(a, n.cores), a.after);
+                }
             }
             println!("heartbeat: {}", output::ago(n.last_heartbeat_ms));
             return Ok(ExitCode::SUCCESS);
@@ -197,7 +201,14 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
         "MESSAGE",
     ]);
     for n in &nodes {
-        let running = match n.allocations.as_slice() {
+        // Successors hold nothing until the instance each follows ends.
+        let held: Vec<pb::Allocation> = n
+            .allocations
+            .iter()
+            .filter(|a| a.after.is_empty())
+            .cloned()
+            .collect();
+        let running = match held.as_slice() {
             [] => "-".to_string(),
             [one] => format!("{}#{}", one.attempt_id, one.instance),
             many => {

@@ -383,6 +383,11 @@ pub fn node(node: &Node) -> pb::Node {
             millicpus: b.share.millicpus,
             memory_bytes: b.share.memory_bytes(),
             gpus: b.gpus,
+            after: b
+                .after
+                .as_ref()
+                .map(|s| format!("{}#{}", s.attempt_id, s.instance))
+                .unwrap_or_default(),
         })
         .collect();
     pb::Node {
@@ -549,6 +554,7 @@ pub fn registration(register: pb::Register) -> Registration {
                 },
                 exited: r.exited.map(exited),
                 gpus: r.gpus,
+                held: r.held,
             })
             .collect(),
     }
@@ -609,6 +615,10 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
                 .collect(),
             path_prefix: order.path_prefix.unwrap_or_default(),
             shm_size_bytes: order.shm_size_bytes.unwrap_or(0),
+            after: order.after.map(|slot| pb::Slot {
+                attempt_id: slot.attempt_id,
+                instance: slot.instance,
+            }),
         }),
         ToAgent::Cancel { slot, reason } => Msg::Cancel(pb::Cancel {
             attempt_id: slot.attempt_id,

@@ -82,13 +82,22 @@ impl Control {
     }
 
     /// Brings what the agent says it runs and what we think it runs together.
-    pub(super) fn reconcile(&mut self, node_id: &str, reports: Vec<AttemptReport>, now: Millis) {
+    pub(super) fn reconcile(
+        &mut self,
+        node_id: &str,
+        mut reports: Vec<AttemptReport>,
+        now: Millis,
+    ) {
+        // Ends first: a successor that started took its predecessor's place.
+        reports.sort_by_key(|r| r.exited.is_none());
         let mut reported = BTreeSet::new();
         for report in reports {
             reported.insert(report.slot.clone());
             let wanted = self.instance_wanted_on(node_id, &report.slot);
             match (report.exited, wanted) {
                 (Some(exit), _) => self.instance_exited(node_id, &report.slot, exit, now),
+                // Its agent holds it until the instance it follows ends.
+                (None, true) if report.held => {}
                 (None, true) => {
                     if let Some((job, index)) = self.instance_mut(&report.slot) {
                         let instance =
@@ -250,6 +259,15 @@ impl Control {
         let attempt = &mut job.attempts[index];
         if attempt.is_settled() {
             attempt.ended_at = now;
+        }
+        let quick = match (job.task, status) {
+            (Some(task), InstanceStatus::Completed) if attempt.started_at > 0 => {
+                Some((task.array_seq, now - attempt.started_at))
+            }
+            _ => None,
+        };
+        if let Some((array_seq, millis)) = quick {
+            self.task_ran(array_seq, millis);
         }
         self.dirty_jobs.insert(job_id.clone());
         if job_final || requeued {

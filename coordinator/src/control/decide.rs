@@ -34,6 +34,7 @@ impl Control {
         self.account_arrays(now);
         for name in self.clusters_to_place() {
             self.place(&name, now);
+            self.book_successors(&name, now);
         }
         self.wake_at = None;
         let names: Vec<String> = self.clusters.keys().cloned().collect();
@@ -88,7 +89,7 @@ impl Control {
             .filter(|j| j.current_attempt().is_none_or(Attempt::is_settled));
         let placements = scheduler::place(schedulable, &nodes, queue.shapes());
         for placement in placements {
-            self.start_attempt(&placement, now);
+            self.start_attempt(&placement, None, now);
         }
     }
 

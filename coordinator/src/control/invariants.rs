@@ -9,7 +9,31 @@ impl Control {
         let mut broken = Vec::new();
         // Each instance a node runs is placed on it, and on no other node.
         let mut running_on: HashMap<&Slot, &str> = HashMap::new();
+        // Successors hold nothing until the instance each follows ends.
+        let mut successors: HashSet<&Slot> = HashSet::new();
         for node in self.nodes.values() {
+            for booked in node.running.iter().filter(|b| b.after.is_some()) {
+                successors.insert(&booked.slot);
+                let after = booked.after.as_ref().expect("a successor");
+                let leads = node
+                    .running
+                    .iter()
+                    .any(|b| &b.slot == after && b.after.is_none());
+                let followers = node
+                    .running
+                    .iter()
+                    .filter(|b| b.after.as_ref() == Some(after))
+                    .count();
+                let started = self
+                    .instance(&booked.slot)
+                    .is_some_and(|(_, i)| i.status == InstanceStatus::Running);
+                if !leads || followers > 1 || started {
+                    broken.push(format!(
+                        "node {}: {}/{} follows {}/{}, which it does not run first ({followers} follow it; started: {started})",
+                        node.id, booked.slot.attempt_id, booked.slot.instance, after.attempt_id, after.instance
+                    ));
+                }
+            }
             for Booked { slot, .. } in &node.running {
                 if let Some(other) = running_on.insert(slot, &node.id) {
                     broken.push(format!(
@@ -51,6 +75,13 @@ impl Control {
                     ));
                 }
                 for instance in attempt.instances.iter().filter(|i| !i.status.is_final()) {
+                    let slot = Slot {
+                        attempt_id: attempt.id.clone(),
+                        instance: instance.index,
+                    };
+                    if successors.contains(&slot) {
+                        continue;
+                    }
                     booked.entry(instance.node.as_str()).or_default().push((
                         format!("{}/{}", attempt.id, instance.index),
                         job.spec.resources,

@@ -109,7 +109,14 @@ pub fn distribution_env(spec: &JobSpec, hosts: &[String]) -> Vec<Vec<(String, St
 }
 
 impl Control {
-    pub(super) fn start_attempt(&mut self, placement: &scheduler::Placement, now: Millis) {
+    /// Starts an attempt on the placement's nodes; a successor (`after`, one
+    /// instance) is booked to follow that instance on its node.
+    pub(super) fn start_attempt(
+        &mut self,
+        placement: &scheduler::Placement,
+        after: Option<Slot>,
+        now: Millis,
+    ) {
         let Some(job) = self.jobs.get_mut(&placement.job_id) else {
             return;
         };
@@ -229,6 +236,7 @@ impl Control {
                         .collect(),
                     path_prefix: job.spec.extras.path_prefix.clone(),
                     shm_size_bytes: job.spec.extras.shm_size_bytes,
+                    after: after.clone(),
                 }),
             );
             if let Some(node) = self.nodes.get_mut(node_id) {
@@ -237,6 +245,7 @@ impl Control {
                         slot,
                         share: job.spec.resources,
                         gpus: job.spec.gpus_per_instance,
+                        after: after.clone(),
                     },
                     now,
                 );

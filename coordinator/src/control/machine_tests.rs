@@ -305,6 +305,7 @@ fn a_silent_node_has_its_work_rerun_exactly_a_lease_after_it_was_last_heard() {
             usage: None,
         }),
         gpus: Vec::new(),
+        held: false,
     }];
     m.register_with(back, 2).expect("back");
     assert!(
@@ -513,6 +514,7 @@ fn an_exit_reported_at_registration_is_applied_once() {
             usage: None,
         }),
         gpus: Vec::new(),
+        held: false,
     }];
     m.register_with(with_exit.clone(), 2).expect("registered");
     let job = m.job(&id);
@@ -1033,6 +1035,7 @@ fn a_running_instance_reported_at_registration_keeps_its_gpus() {
         slot: order.slot.clone(),
         exited: None,
         gpus: vec![0],
+        held: false,
     }];
     m.register_with(back, 2).expect("back");
     let job = m.job(&id);
@@ -1350,4 +1353,143 @@ fn a_start_is_written_with_the_next_batch_that_writes_or_a_tenth_of_a_second_lat
         m.written
     );
     assert!(m.control.lazy_jobs.is_empty(), "nothing left to write");
+}
+
+#[test]
+fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_before() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-5").expect("an array")),
+        ..Default::default()
+    });
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    // Nothing is known of the tasks yet: one at a time.
+    let first = launches(&mut agent);
+    assert_eq!(first.len(), 1);
+    assert!(first[0].after.is_none());
+    m.started(&node, &first[0]);
+    m.advance(200);
+    // A task ran in 0.2 s: the next is placed, and the one after it booked behind it.
+    m.step(vec![exit(&node, first[0].slot.clone(), "completed")]);
+    let orders = launches(&mut agent);
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    let (second, third) = (&orders[0], &orders[1]);
+    assert!(second.after.is_none());
+    assert_eq!(third.after.as_ref(), Some(&second.slot));
+    assert_eq!(third.env["SHOAL_ARRAY_INDEX"], "2");
+    let booked = m.node(&node);
+    assert_eq!(booked.running.len(), 2);
+    assert!(
+        booked.room().is_full(),
+        "the successor holds nothing yet, the one before all"
+    );
+    assert!(
+        m.control.invariant_violations().is_empty(),
+        "{:?}",
+        m.control.invariant_violations()
+    );
+    // One booked behind each instance, not more.
+    m.advance(50);
+    assert!(launches(&mut agent).is_empty());
+    // The second ends: the third holds the node, and the fourth is booked behind it.
+    m.started(&node, second);
+    m.step(vec![exit(&node, second.slot.clone(), "completed")]);
+    let promoted = m.node(&node);
+    assert!(promoted.running.iter().all(|b| b.slot != second.slot));
+    assert!(
+        promoted
+            .running
+            .iter()
+            .any(|b| b.slot == third.slot && b.after.is_none()),
+        "{:?}",
+        promoted.running
+    );
+    let fourth = launches(&mut agent)
+        .pop()
+        .expect("the fourth, booked ahead");
+    assert_eq!(fourth.after.as_ref(), Some(&third.slot));
+    assert!(
+        m.control.invariant_violations().is_empty(),
+        "{:?}",
+        m.control.invariant_violations()
+    );
+    // Canceled whole: the running third and the held fourth are both stopped;
+    // the held one ends without having started.
+    m.started(&node, third);
+    m.ask(|reply| Command::CancelJob(array.clone(), reply))
+        .expect("cancel");
+    let stopped = cancels(&mut agent);
+    assert!(
+        stopped.contains(&third.slot) && stopped.contains(&fourth.slot),
+        "{stopped:?}"
+    );
+    m.step(vec![exit(&node, fourth.slot.clone(), "canceled")]);
+    m.step(vec![exit(&node, third.slot.clone(), "canceled")]);
+    let over = m.job(&array);
+    assert_eq!(over.status, JobStatus::Canceled);
+    let state = over.array.expect("state");
+    assert_eq!(
+        (
+            state.count(JobStatus::Completed),
+            state.count(JobStatus::Canceled)
+        ),
+        (2, 4)
+    );
+    assert!(m.node(&node).running.is_empty());
+    assert!(
+        m.control.invariant_violations().is_empty(),
+        "{:?}",
+        m.control.invariant_violations()
+    );
+}
+
+#[test]
+fn no_task_is_booked_ahead_behind_a_slow_one_or_while_a_node_is_coming() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-9").expect("an array")),
+        ..Default::default()
+    });
+    assert_eq!(m.created.len(), 2);
+    let (a, b) = (m.created[0].clone(), m.created[1].clone());
+    // One node up, the other still coming: quick tasks wait for it, not ahead.
+    let mut agent = m.register(&a, "cl");
+    let first = launches(&mut agent).pop().expect("launched");
+    m.started(&a, &first);
+    m.advance(100);
+    m.step(vec![exit(&a, first.slot.clone(), "completed")]);
+    let next = launches(&mut agent);
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert!(next[0].after.is_none());
+    // Both up: the next is booked ahead on each.
+    let mut other = m.register(&b, "cl");
+    let on_b = launches(&mut other);
+    let ahead: Vec<_> = launches(&mut agent)
+        .into_iter()
+        .chain(on_b.clone())
+        .filter(|o| o.after.is_some())
+        .collect();
+    assert_eq!(ahead.len(), 2, "{ahead:?} (b got {on_b:?})");
+    // A task that ran 1.5 s: the array's tasks are no longer booked ahead.
+    m.started(&a, &next[0]);
+    m.advance(1_500);
+    m.step(vec![exit(&a, next[0].slot.clone(), "completed")]);
+    let after_slow: Vec<_> = launches(&mut agent);
+    assert!(
+        after_slow.iter().all(|o| o.after.is_none()),
+        "{after_slow:?}"
+    );
+    assert!(
+        m.control.invariant_violations().is_empty(),
+        "{:?}",
+        m.control.invariant_violations()
+    );
+    let _ = array;
 }

@@ -60,6 +60,8 @@ pub struct LaunchOrder {
     /// A host environment's prefix, first on PATH.
     pub path_prefix: Option<String>,
     pub shm_size_bytes: Option<u64>,
+    /// A successor: the node starts it once its instance `after` has ended.
+    pub after: Option<Slot>,
 }
 
 /// An input as a node makes it.
@@ -96,6 +98,8 @@ pub struct AttemptReport {
     /// The GPUs it holds while it runs (its agent chose them): a coordinator
     /// that restarted before it committed the instance's start learns them here.
     pub gpus: Vec<u32>,
+    /// A successor its agent holds until its predecessor ends: wanted, not started.
+    pub held: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -149,6 +149,11 @@ impl Control {
             "Batches the control loop has applied",
             self.batches_total,
         );
+        m.counter(
+            "successors_booked",
+            "Tasks a node was told ahead, to start when the one before ends",
+            self.successors_booked,
+        );
         m.histogram_seconds(
             "scheduler_decide",
             "Time of each placement and autoscaling pass",

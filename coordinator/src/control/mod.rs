@@ -12,7 +12,8 @@
 //! (node lifecycle and `tick`), `decide` (placement and scaling) with `queue`,
 //! `governance` (quotas, locks, preemption, chaos), `launch` (attempts and their
 //! environment), `explain` (`job why`), `metrics`, `effects`, `ownership`,
-//! `history`, `identities`, `parallel`, `assets`, `invariants`.
+//! `history`, `identities`, `parallel`, `assets`, `invariants`, `successors`
+//! (a node told its next short task before the current one ends).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -204,6 +205,11 @@ pub struct Control {
     /// the next batch that writes anything, or `LAZY_WRITE_MS` after the first.
     lazy_jobs: BTreeSet<String>,
     lazy_since: Option<Millis>,
+    /// Arrays whose last task to complete ran under `successors::QUICK_TASK_MS`
+    /// (by the array's seq): their nodes are told the next task ahead.
+    quick_arrays: HashSet<u64>,
+    /// Successors booked since the coordinator started (for /metrics).
+    successors_booked: u64,
 }
 
 /// How long a change no one waits on may wait for a batch to go with.
@@ -304,6 +310,8 @@ impl Control {
             notify_jobs: BTreeSet::new(),
             lazy_jobs: BTreeSet::new(),
             lazy_since: None,
+            quick_arrays: HashSet::new(),
+            successors_booked: 0,
         };
         for mut node in snapshot.nodes {
             // Agents of an earlier run reconnect on their own; until then they are
@@ -772,6 +780,7 @@ mod nodes;
 pub mod ownership;
 mod parallel;
 mod queue;
+mod successors;
 pub use decide::waiting_reason;
 pub use driver::Driver;
 pub use effects::{Effects, Link, Timings};

@@ -53,6 +53,10 @@ pub struct Booked {
     pub share: Resources,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub gpus: u32,
+    /// A successor: it takes this instance's share when it ends (the node
+    /// starts it then), and holds nothing before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Slot>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -258,7 +262,7 @@ impl Node {
             gpus: self.gpus.len() as u32,
             empty: true,
         };
-        for booked in &self.running {
+        for booked in self.running.iter().filter(|b| b.after.is_none()) {
             room.book(booked.share, booked.gpus);
         }
         room
@@ -283,13 +287,23 @@ impl Node {
         self.running.push(booked);
     }
 
-    /// Frees a slot's share; a node that runs nothing more is idle from now.
-    /// False if it did not run it.
+    /// Has an instance booked to follow this one.
+    pub fn followed(&self, slot: &Slot) -> bool {
+        self.running.iter().any(|b| b.after.as_ref() == Some(slot))
+    }
+
+    /// Frees a slot's share (its successor, if any, takes it); a node that
+    /// runs nothing more is idle from now. False if it did not run it.
     pub fn release(&mut self, slot: &Slot, now: Millis) -> bool {
         let before = self.running.len();
         self.running.retain(|b| &b.slot != slot);
         if self.running.len() == before {
             return false;
+        }
+        for booked in &mut self.running {
+            if booked.after.as_ref() == Some(slot) {
+                booked.after = None;
+            }
         }
         if self.running.is_empty() && self.state == NodeState::Running {
             self.state = NodeState::Idle;
