@@ -367,28 +367,28 @@ async fn successors_booked(tc: &TestCluster) -> u64 {
         .unwrap_or_else(|| panic!("no successors counter in {metrics}"))
 }
 
-#[tokio::test]
-async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothing() {
-    let mut tc = TestCluster::start().await;
-    four_core_cluster(&tc);
+/// An array of `count` short tasks (each appends its index to the ledger it
+/// returns) on the one-node cluster, once some have completed and the next
+/// tasks are booked ahead of the running ones.
+async fn told_ahead(tc: &TestCluster, count: u32) -> (String, std::path::PathBuf) {
     let path = tc.scratch("ledger");
     let script = format!("echo $SHOAL_ARRAY_INDEX >> {}", path.display());
+    let range = format!("0-{}", count - 1);
     let array = submit(
-        &tc,
+        tc,
         &[
             "--cluster",
             "pack",
             "--cpus",
             "1",
             "--array",
-            "0-2999",
+            &range,
             "--",
             "sh",
             "-c",
             &script,
         ],
     );
-    // Short tasks: once some have completed, each slot has the next booked behind it.
     eventually("tasks booked ahead", LIMIT, || async {
         let completed = tc
             .job(&array)
@@ -397,9 +397,17 @@ async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothi
             .counts
             .get("completed")
             .copied()?;
-        (completed >= 100 && successors_booked(&tc).await > 0).then_some(())
+        (completed >= 100 && successors_booked(tc).await > 0).then_some(())
     })
     .await;
+    (array, path)
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothing() {
+    let mut tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let (array, path) = told_ahead(&tc, 3000).await;
     // Killed mid-run: agents report what they ran, run and hold when it is back.
     tc.kill9();
     tc.restart().await;
@@ -419,34 +427,7 @@ async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothi
 async fn an_array_told_ahead_is_canceled_whole_with_nothing_left_running_or_held() {
     let tc = TestCluster::start().await;
     four_core_cluster(&tc);
-    let path = tc.scratch("ledger");
-    let script = format!("echo $SHOAL_ARRAY_INDEX >> {}", path.display());
-    let array = submit(
-        &tc,
-        &[
-            "--cluster",
-            "pack",
-            "--cpus",
-            "1",
-            "--array",
-            "0-19999",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    eventually("tasks booked ahead", LIMIT, || async {
-        let completed = tc
-            .job(&array)
-            .await
-            .array?
-            .counts
-            .get("completed")
-            .copied()?;
-        (completed >= 100 && successors_booked(&tc).await > 0).then_some(())
-    })
-    .await;
+    let (array, path) = told_ahead(&tc, 20_000).await;
     tc.shoal_json(&["job", "cancel", &array, "--wait"]);
     let job = tc.wait_status(&array, "canceled", LIMIT).await;
     let counts = &job.array.as_ref().expect("array").counts;
