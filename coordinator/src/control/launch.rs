@@ -272,8 +272,14 @@ impl Control {
             reason: String::new(),
         });
         job.status = JobStatus::Preparing;
-        job.reason = JobReason::Starting {
-            nodes: placement.nodes.clone(),
+        job.reason = match (&after, placement.nodes.first()) {
+            (Some(after), Some(node)) => JobReason::Next {
+                node: node.clone(),
+                after: after.job_id().to_string(),
+            },
+            _ => JobReason::Starting {
+                nodes: placement.nodes.clone(),
+            },
         };
         self.queue.remove(job);
         self.dirty_jobs.insert(placement.job_id.clone());

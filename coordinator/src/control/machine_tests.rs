@@ -1381,6 +1381,14 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
     assert!(second.after.is_none());
     assert_eq!(third.after.as_ref(), Some(&second.slot));
     assert_eq!(third.env["SHOAL_ARRAY_INDEX"], "2");
+    let waiting = m.job(third.slot.job_id());
+    assert_eq!(
+        waiting.reason.to_string(),
+        format!(
+            "next on {node}: starts when {} ends there",
+            second.slot.job_id()
+        )
+    );
     let booked = m.node(&node);
     assert_eq!(booked.running.len(), 2);
     assert!(

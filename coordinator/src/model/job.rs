@@ -880,6 +880,8 @@ pub enum JobReason {
     Requeued(Box<Requeue>),
     /// Placed; its instances are starting on these nodes.
     Starting { nodes: Vec<String> },
+    /// Booked on a node to start there when the job before it ends (a successor).
+    Next { node: String, after: String },
     /// In words: why it is stopping or why it ended, or what it was told.
     Said(String),
 }
@@ -940,6 +942,9 @@ impl std::fmt::Display for JobReason {
             JobReason::Queued => f.write_str("queued"),
             JobReason::Requeued(requeue) => write!(f, "requeued: {requeue}"),
             JobReason::Starting { nodes } => write!(f, "starting on {}", nodes.join(", ")),
+            JobReason::Next { node, after } => {
+                write!(f, "next on {node}: starts when {after} ends there")
+            }
             JobReason::Said(text) => f.write_str(text),
         }
     }
