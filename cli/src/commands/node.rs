@@ -202,13 +202,12 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
     ]);
     for n in &nodes {
         // Successors hold nothing until the instance each follows ends.
-        let held: Vec<pb::Allocation> = n
+        let running: Vec<&pb::Allocation> = n
             .allocations
             .iter()
             .filter(|a| a.after.is_empty())
-            .cloned()
             .collect();
-        let running = match held.as_slice() {
+        let running = match running.as_slice() {
             [] => "-".to_string(),
             [one] => format!("{}#{}", one.attempt_id, one.instance),
             many => {

@@ -19,7 +19,15 @@ pub const QUICK_TASK_MS: Millis = 1_000;
 impl Control {
     /// Books successors on the cluster's nodes, as far as its queue allows.
     pub(super) fn book_successors(&mut self, cluster: &str, now: Millis) {
-        if self.quick_arrays.is_empty() || !self.cluster_is_complete(cluster) {
+        // Nothing queued, or no array's tasks known to be short: nothing to
+        // walk (this runs on every pass that touches the cluster).
+        let Some(queue) = self.queue.cluster(cluster) else {
+            return;
+        };
+        if self.quick_arrays.is_empty() || queue.seqs().next().is_none() {
+            return;
+        }
+        if !self.cluster_is_complete(cluster) {
             return;
         }
         // Each instance that may be followed, with its array and its share.
@@ -28,8 +36,13 @@ impl Control {
             if node.cluster != cluster || !node.is_open() {
                 continue;
             }
+            let followed: HashSet<&Slot> = node
+                .running
+                .iter()
+                .filter_map(|b| b.after.as_ref())
+                .collect();
             for booked in node.running.iter().filter(|b| b.after.is_none()) {
-                if node.followed(&booked.slot) {
+                if followed.contains(&booked.slot) {
                     continue;
                 }
                 let Some((job, instance)) = self.instance(&booked.slot) else {
@@ -57,9 +70,6 @@ impl Control {
         }
         // The oldest queued jobs, in order, each behind an instance of its
         // array; the first that cannot follow any stops the booking.
-        let Some(queue) = self.queue.cluster(cluster) else {
-            return;
-        };
         let mut bookings: Vec<(scheduler::Placement, Slot)> = Vec::new();
         for seq in queue.seqs() {
             if leaders.is_empty() {

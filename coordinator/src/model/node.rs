@@ -287,11 +287,6 @@ impl Node {
         self.running.push(booked);
     }
 
-    /// Has an instance booked to follow this one.
-    pub fn followed(&self, slot: &Slot) -> bool {
-        self.running.iter().any(|b| b.after.as_ref() == Some(slot))
-    }
-
     /// Frees a slot's share (its successor, if any, takes it); a node that
     /// runs nothing more is idle from now. False if it did not run it.
     pub fn release(&mut self, slot: &Slot, now: Millis) -> bool {
