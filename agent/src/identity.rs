@@ -4,6 +4,11 @@
 //! resource, token_type, client_id}`. The header is a secret of one attempt's
 //! instance (from its launch); it dies with the instance. The token itself comes
 //! from the coordinator, which checks the cluster's identities and signs it.
+//!
+//! The same endpoint is the jobs' `MLFLOW_TRACKING_URI`: MLflow's calls
+//! (`/api/2.0/mlflow...`, with `MLFLOW_TRACKING_TOKEN` as the bearer token, again a
+//! secret of one instance) are relayed to the coordinator as `Agent.Track`, which
+//! answers them as its tracking API does, writing only the job's own runs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,16 +25,126 @@ use tracing::warn;
 
 use crate::runtime::Slot;
 
+/// Each instance's secret, with its slot and the token its launch carried.
+type Secrets = Arc<Mutex<HashMap<String, (Slot, String)>>>;
+
 #[derive(Clone)]
 pub struct TokenEndpoint {
-    secrets: Arc<Mutex<HashMap<String, (Slot, String)>>>,
+    secrets: Secrets,
+    tracking: Secrets,
     pub url: String,
+    /// MLFLOW_TRACKING_URI for this node's jobs.
+    pub tracking_url: String,
 }
 
 #[derive(Clone)]
 struct Shared {
-    secrets: Arc<Mutex<HashMap<String, (Slot, String)>>>,
+    secrets: Secrets,
+    tracking: Secrets,
     client: AgentClient<AuthChannel>,
+}
+
+/// Largest MLflow call relayed (an artifact travels in one).
+const MAX_TRACKING_BODY: usize = 256 << 20;
+
+/// An MLflow error, as its server writes them.
+fn mlflow_error(code: StatusCode, error_code: &str, why: &str) -> Response {
+    (
+        code,
+        Json(serde_json::json!({"error_code": error_code, "message": why})),
+    )
+        .into_response()
+}
+
+/// One MLflow call of a job, relayed to the coordinator with its instance's token.
+async fn track(State(shared): State<Shared>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let secret = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(secret) = secret else {
+        return mlflow_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "no MLFLOW_TRACKING_TOKEN: this endpoint answers the jobs of this node only",
+        );
+    };
+    let known = shared
+        .tracking
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(secret)
+        .cloned();
+    let Some((slot, token)) = known else {
+        return mlflow_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "unknown MLFLOW_TRACKING_TOKEN (its job has ended?)",
+        );
+    };
+    let body = match axum::body::to_bytes(body, MAX_TRACKING_BODY).await {
+        Ok(body) => body,
+        Err(e) => {
+            return mlflow_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "INVALID_PARAMETER_VALUE",
+                &format!(
+                    "cannot read the call (at most {} MiB): {e}",
+                    MAX_TRACKING_BODY >> 20
+                ),
+            );
+        }
+    };
+    let call = pb::TrackCall {
+        attempt_id: slot.attempt_id,
+        instance: slot.instance,
+        token,
+        method: parts.method.to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        content_type: parts
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        body: body.to_vec(),
+    };
+    let mut client = shared.client.clone();
+    match client.track(call).await {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            let status =
+                StatusCode::from_u16(reply.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (status, reply.body).into_response();
+            if let Ok(kind) = axum::http::HeaderValue::from_str(&reply.content_type) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, kind);
+            }
+            response
+        }
+        Err(status) => {
+            // Refused by the coordinator: not a retryable 5xx, so the client says why.
+            let (code, error_code) = match status.code() {
+                tonic::Code::PermissionDenied => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+                tonic::Code::Unauthenticated | tonic::Code::NotFound => {
+                    (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED")
+                }
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+                    (StatusCode::BAD_REQUEST, "INVALID_PARAMETER_VALUE")
+                }
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "TEMPORARILY_UNAVAILABLE"),
+            };
+            mlflow_error(code, error_code, status.message())
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -112,13 +227,17 @@ impl TokenEndpoint {
     /// Serves on a free port of loopback: the node's own jobs (processes, and
     /// containers that share the node's network) reach it; others have no secret.
     pub async fn start(client: AgentClient<AuthChannel>) -> std::io::Result<Self> {
-        let secrets: Arc<Mutex<HashMap<String, (Slot, String)>>> = Arc::default();
+        let secrets = Secrets::default();
+        let tracking = Secrets::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/msi/token", listener.local_addr()?);
+        let address = listener.local_addr()?;
+        let url = format!("http://{address}/msi/token");
         let app = axum::Router::new()
             .route("/msi/token", axum::routing::get(token))
+            .route("/api/2.0/{*call}", axum::routing::any(track))
             .with_state(Shared {
                 secrets: secrets.clone(),
+                tracking: tracking.clone(),
                 client,
             });
         tokio::spawn(async move {
@@ -126,7 +245,12 @@ impl TokenEndpoint {
                 warn!(error = %e, "identity endpoint stopped");
             }
         });
-        Ok(TokenEndpoint { secrets, url })
+        Ok(TokenEndpoint {
+            secrets,
+            tracking,
+            url,
+            tracking_url: format!("http://{address}"),
+        })
     }
 
     /// The job's `IDENTITY_HEADER` secret stands for its instance (and the
@@ -138,10 +262,20 @@ impl TokenEndpoint {
             .insert(secret.to_string(), (slot, token));
     }
 
-    pub fn forget(&self, slot: &Slot) {
-        self.secrets
+    /// The job's `MLFLOW_TRACKING_TOKEN` stands for its instance, likewise.
+    pub fn admit_tracking(&self, secret: &str, slot: Slot, token: String) {
+        self.tracking
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (s, _)| s != slot);
+            .insert(secret.to_string(), (slot, token));
+    }
+
+    pub fn forget(&self, slot: &Slot) {
+        for secrets in [&self.secrets, &self.tracking] {
+            secrets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, (s, _)| s != slot);
+        }
     }
 }

@@ -519,7 +519,7 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
         return match (service, call) {
             ("Agent", _) => Needs::Node,
             ("Clusters", "Get" | "List" | "Watch")
-            | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why" | "DownloadOutputs")
+            | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why" | "DownloadOutputs" | "Metrics")
             | ("Datastores" | "DataAssets" | "Environments", "Get" | "List")
             | ("Settings", "GetDefaults")
             | ("Nodes", "List")
@@ -534,6 +534,14 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
     }
     if method == Method::GET || method == Method::HEAD {
         return Needs::Role(Role::Reader);
+    }
+    // MLflow's tracking API: its searches are POSTs that only read.
+    if path.starts_with("/api/2.0/mlflow") {
+        return if path.ends_with("/search") {
+            Needs::Role(Role::Reader)
+        } else {
+            Needs::Role(Role::User)
+        };
     }
     if path.starts_with("/api/v1/jobs")
         || path.starts_with("/api/v1/data")
@@ -643,6 +651,21 @@ mod tests {
             Needs::Role(Role::Admin)
         );
         assert_eq!(needs("/metrics", &Method::GET), Needs::Role(Role::Reader));
+        assert_eq!(
+            needs("/api/2.0/mlflow/runs/search", &Method::POST),
+            Needs::Role(Role::Reader)
+        );
+        assert_eq!(
+            needs("/api/2.0/mlflow/runs/log-batch", &Method::POST),
+            Needs::Role(Role::User)
+        );
+        assert_eq!(
+            needs(
+                "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/a.txt",
+                &Method::PUT
+            ),
+            Needs::Role(Role::User)
+        );
         assert_eq!(
             needs("/shoal.v1.Unknown/Thing", &Method::POST),
             Needs::Role(Role::Admin)

@@ -22,6 +22,7 @@ pub mod server;
 pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod tracking;
 pub mod view;
 pub mod vmsize;
 

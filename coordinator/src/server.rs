@@ -245,7 +245,9 @@ pub async fn serve(
             ))
         })?;
     }
+    let tracking = crate::tracking::Tracking::open(&config.data_dir)?;
     let mut control_config = config.control.clone();
+    control_config.tracking = Some(tracking.clone());
     control_config.identity_tokens = true;
     control_config.artifacts = Some(artifacts.clone());
     control_config.datastores_root = Some(datastores);
@@ -260,6 +262,9 @@ pub async fn serve(
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
     let mut api = Api::new(handle, catalog, artifacts, max_code, auth.clone(), reader);
     api.signer = Some(signer);
+    let tracking_routes = crate::tracking::rest::router(tracking.clone());
+    api.tracking = Some(tracking);
+    api.tracking_routes = Some(tracking_routes.clone());
 
     let grpc = tonic::service::Routes::new(
         pb::clusters_server::ClustersServer::new(api.clone())
@@ -292,9 +297,14 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     let auth_for_retention = auth.clone();
-    let app = grpc.into_axum_router().merge(http::router(api)).layer(
-        axum::middleware::from_fn_with_state(auth, crate::api::guard::guard),
-    );
+    let app = grpc
+        .into_axum_router()
+        .merge(http::router(api))
+        .merge(tracking_routes)
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::api::guard::guard,
+        ));
     node_link.set_app(app.clone());
     // Revoked tokens (node credentials of nodes long gone, mostly) go with the
     // history they belonged to.

@@ -643,7 +643,7 @@ impl Reader {
     }
 
     /// Runs `f` on a connection, off the async runtime.
-    async fn with<T: Send + 'static>(
+    pub(crate) async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {

@@ -533,3 +533,23 @@ pub fn image_ready(name: &str) {
         assert!(built.success(), "images/build.sh {name} failed");
     }
 }
+
+/// The tests' Python, with the real `mlflow` client (`scripts/test-venv.sh`: made
+/// from PyPI on first use). Without python3 the test fails, saying so (never skips).
+pub fn test_python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::create_dir_all(root.join("target")).expect("target dir");
+    // Test binaries run side by side: one makes the venv, the others wait.
+    let lock = std::fs::File::create(root.join("target/test-venv.lock")).expect("lock file");
+    lock.lock().expect("lock the test venv");
+    let output = Command::new("bash")
+        .arg(root.join("scripts/test-venv.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/test-venv.sh");
+    assert!(
+        output.status.success(),
+        "scripts/test-venv.sh failed: the tracking tests need python3 with venv and PyPI (or run the suite through .ci/run)"
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}

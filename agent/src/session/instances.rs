@@ -224,6 +224,14 @@ impl Agent {
                         .admit(&secret, slot.clone(), launch.token.clone());
                     env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
                 }
+                if let Some(secret) = env.get("MLFLOW_TRACKING_TOKEN").cloned() {
+                    self.identity
+                        .admit_tracking(&secret, slot.clone(), launch.token.clone());
+                    env.insert(
+                        "MLFLOW_TRACKING_URI".into(),
+                        self.identity.tracking_url.clone(),
+                    );
+                }
                 let image = (!launch.image.is_empty()).then_some(launch.image.clone());
                 let root = if image.is_some() {
                     "/job".to_string()

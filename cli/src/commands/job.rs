@@ -102,12 +102,33 @@ pub enum Command {
         #[arg(long)]
         task: Option<u32>,
     },
+    /// What a job logged with MLflow (`mlflow.log_metric`, `log_param`...): each
+    /// run's params and a table of its metrics, drawn as sparklines.
+    #[command(
+        after_help = "Jobs log with the mlflow client as they do on the managed service:\n  \
+        MLFLOW_TRACKING_URI, MLFLOW_TRACKING_TOKEN, MLFLOW_RUN_ID and MLFLOW_EXPERIMENT_NAME are set\n  \
+        for every job, so `mlflow.start_run()` and `mlflow.autolog()` attach to the job's run.\n\n\
+        Examples:\n  \
+        shoal job metrics job-7                  # every metric, with its history drawn\n  \
+        shoal job metrics job-7 --name loss      # one metric, every point listed\n  \
+        shoal job metrics job-7 -o json          # the histories as JSON (as GET /api/v1/jobs/ID/metrics)"
+    )]
+    Metrics {
+        id: String,
+        /// Only this metric (repeat for several); its points are listed.
+        #[arg(long)]
+        name: Vec<String>,
+        /// One task of an array, by its index.
+        #[arg(long)]
+        task: Option<u32>,
+    },
     /// Delete an ended job for good: its record, logs, result rows and outputs
     /// (ended jobs are deleted by themselves after `job_retention_days`, 30 by default).
     Delete { id: String },
     /// Download a job's outputs: what each instance wrote to ./outputs (into
-    /// DIR/<job id>/instance-<k>) and its named outputs (into
-    /// DIR/<job id>/named-outputs/<name>).
+    /// DIR/<job id>/instance-<k>), its named outputs (into
+    /// DIR/<job id>/named-outputs/<name>), and what it logged with MLflow's
+    /// `log_artifact` (into DIR/<job id>/artifacts/<run id>).
     Download(DownloadArgs),
 }
 
@@ -826,6 +847,29 @@ pub async fn download(
                 .with_context(|| format!("cannot write {}", path.display()))?;
             written.push(path);
         }
+        for logged in &list.logged {
+            // Only plain names below the run's folder: nothing climbs out.
+            let parts: Vec<&str> = logged.path.split('/').collect();
+            if parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\\'))
+                || logged.run_id.contains('/')
+            {
+                bail!(
+                    "the coordinator sent an artifact path `{}` that is not plain",
+                    logged.path
+                );
+            }
+            let mut path = root.join("artifacts").join(&logged.run_id);
+            path.extend(&parts);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            std::fs::write(&path, &logged.data)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written.push(path);
+        }
         for output in &list.outputs {
             let dir = root.join(format!("instance-{}", output.instance));
             unpack(
@@ -902,6 +946,36 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 .map_err(status)?
                 .into_inner();
             print_job(&job, format)?;
+            if format != Format::Json {
+                let logged = jobs
+                    .metrics(pb::MetricsRequest {
+                        job_id: job.id.clone(),
+                        names: Vec::new(),
+                        latest_only: true,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                super::metrics::print_latest(&logged);
+            }
+        }
+        Command::Metrics { id, name, task } => {
+            let id = task_id(&client, id, task).await?;
+            let listed = !name.is_empty();
+            let logged = jobs
+                .metrics(pb::MetricsRequest {
+                    job_id: id,
+                    names: name,
+                    latest_only: false,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format == Format::Json {
+                output::json(&super::metrics::to_json(&logged))?;
+            } else {
+                super::metrics::print(&logged, listed);
+            }
         }
         Command::List {
             cluster,

@@ -3,6 +3,7 @@ pub mod assets;
 pub mod cluster;
 pub mod job;
 pub mod local;
+pub mod metrics;
 pub mod ml;
 pub mod mpi;
 pub mod node;

@@ -217,7 +217,12 @@ impl Api {
             inputs,
             outputs,
             warnings: draft.warnings.clone(),
-            experiment_name: file.experiment_name.clone().unwrap_or_default(),
+            experiment_name: file
+                .experiment_name
+                .clone()
+                .filter(|e| !e.trim().is_empty())
+                .or_else(|| file.code_dir().ok().flatten().and_then(|c| folder_name(&c)))
+                .unwrap_or_default(),
             description: file.description.clone().unwrap_or_default(),
             tags: text_map(&file.tags),
             properties: text_map(&file.properties),
@@ -704,5 +709,26 @@ mod tests {
         assert!(conda.contains("micromamba install -y -n base -f /tmp/shoal-conda.yml"));
         assert!(conda_dockerfile("x", "pip3").contains("RUN pip3 install"));
         assert!(conda_dockerfile("x", "conda").contains("RUN conda env update -n base"));
+    }
+}
+
+/// A code folder's own name (the default experiment, as the service has it):
+/// `./src/train/` is `train`; `.`, `..` and references have none here.
+fn folder_name(code: &str) -> Option<String> {
+    if code.contains(':') {
+        return None;
+    }
+    let name = code.trim_end_matches('/').rsplit('/').next()?;
+    (!name.is_empty() && name != "." && name != "..").then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod experiment_tests {
+    #[test]
+    fn the_default_experiment_is_the_code_folders_name() {
+        assert_eq!(super::folder_name("./src/train/").as_deref(), Some("train"));
+        assert_eq!(super::folder_name("src").as_deref(), Some("src"));
+        assert_eq!(super::folder_name("."), None);
+        assert_eq!(super::folder_name("azureml:code:1"), None);
     }
 }

@@ -242,6 +242,42 @@ fn instance(run: &InstanceRun) -> pb::Instance {
     }
 }
 
+/// What a job logged (tracking), for the wire.
+pub fn job_metrics(metrics: crate::tracking::JobMetrics) -> pb::JobMetrics {
+    let point = |m: &crate::tracking::model::Metric| pb::MetricPoint {
+        step: m.step,
+        value: m.value,
+        timestamp_ms: m.timestamp,
+    };
+    pb::JobMetrics {
+        job_id: metrics.job_id,
+        runs: metrics
+            .runs
+            .into_iter()
+            .map(|run| pb::TrackedRun {
+                run_id: run.run_id,
+                run_name: run.run_name,
+                experiment_id: run.experiment_id,
+                status: run.status,
+                start_ms: run.start_ms,
+                end_ms: run.end_ms.unwrap_or_default(),
+                params: run.params.into_iter().collect(),
+                tags: run.tags.into_iter().collect(),
+                metrics: run
+                    .metrics
+                    .iter()
+                    .map(|series| pb::MetricSeries {
+                        name: series.name.clone(),
+                        latest: Some(point(&series.latest)),
+                        points: series.points.iter().map(point).collect(),
+                    })
+                    .collect(),
+                attempt_id: run.attempt_id,
+            })
+            .collect(),
+    }
+}
+
 pub fn job(job: &Job) -> pb::Job {
     pb::Job {
         id: job.id.to_string(),

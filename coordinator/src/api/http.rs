@@ -39,6 +39,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/logs", get(job_logs))
+        .route("/api/v1/jobs/{id}/metrics", get(job_metrics))
         .route("/api/v1/jobs/{id}/outputs/{instance}", get(job_outputs))
         .route(
             "/api/v1/jobs/{id}/named-outputs/{name}",
@@ -315,6 +316,31 @@ struct LogQuery {
 }
 
 /// The stored log as text (all instances interleaved in arrival order, or one).
+#[derive(Deserialize)]
+struct MetricsQuery {
+    /// Comma-separated metric names (none: all).
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    latest_only: bool,
+}
+
+/// What the job logged with MLflow: runs, params, tags, metric histories.
+async fn job_metrics(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(query): Query<MetricsQuery>,
+) -> ApiResult<crate::tracking::JobMetrics> {
+    let names = query
+        .name
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .collect();
+    Ok(Json(api.job_metrics(&id, names, query.latest_only).await?))
+}
+
 async fn job_logs(
     State(api): State<Api>,
     Path(id): Path<String>,

@@ -84,6 +84,23 @@ impl Api {
         Ok((page, next))
     }
 
+    /// What the job logged with MLflow (nothing where tracking is not served).
+    pub async fn job_metrics(
+        &self,
+        id: &str,
+        names: Vec<String>,
+        latest_only: bool,
+    ) -> Result<crate::tracking::JobMetrics> {
+        let job = self.job(id).await?;
+        match &self.tracking {
+            Some(tracking) => tracking.job_metrics(&job.id, names, latest_only).await,
+            None => Ok(crate::tracking::JobMetrics {
+                job_id: job.id.to_string(),
+                runs: Vec::new(),
+            }),
+        }
+    }
+
     /// Deletes an ended job with its logs, rows and files; the job as it was.
     pub async fn delete_job(&self, id: &str) -> Result<Job> {
         let job = self.job(id).await?;
@@ -173,6 +190,15 @@ impl Api {
             outputs: Vec::new(),
             files: self.output_files(&job).await?,
             named: self.named_outputs(&job).await?,
+            logged: match &self.tracking {
+                None => Vec::new(),
+                Some(tracking) => tracking
+                    .job_artifacts(&job.id)
+                    .await?
+                    .into_iter()
+                    .map(|(run_id, path, data)| pb::LoggedArtifact { run_id, path, data })
+                    .collect(),
+            },
         };
         for attempt in job.attempts.iter().rev() {
             let found = self

@@ -159,6 +159,12 @@ impl Driver {
                 data: log.data,
             }));
         }
+        if let Some(tracking) = self.control.config.tracking.clone()
+            && !committed.purged.is_empty()
+        {
+            let jobs = committed.purged.iter().map(|p| p.id.clone()).collect();
+            tokio::spawn(async move { tracking.forget_jobs(jobs).await });
+        }
         if let Some(artifacts) = self.control.config.artifacts.clone()
             && !committed.purged.is_empty()
         {

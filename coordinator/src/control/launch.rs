@@ -197,6 +197,33 @@ impl Control {
                 // Every instance may ask; a cluster with no identity gets a clear 400.
                 env.insert("IDENTITY_HEADER".into(), random_hex(&mut self.rng, 24));
             }
+            if self.config.tracking.is_some()
+                && !job
+                    .spec
+                    .environment_variables
+                    .contains_key("MLFLOW_TRACKING_URI")
+            {
+                // MLflow logs to the job's run; the agent serves the tracking URI
+                // and knows this secret as the instance's.
+                env.insert(
+                    "MLFLOW_TRACKING_TOKEN".into(),
+                    random_hex(&mut self.rng, 24),
+                );
+                env.insert(
+                    "MLFLOW_RUN_ID".into(),
+                    crate::tracking::model::run_id_of_attempt(&attempt_id),
+                );
+                let experiment = &job.spec.extras.experiment_name;
+                env.insert(
+                    "MLFLOW_EXPERIMENT_NAME".into(),
+                    if experiment.is_empty() {
+                        "Default"
+                    } else {
+                        experiment
+                    }
+                    .to_string(),
+                );
+            }
             if let Some(client_id) = &default_identity {
                 env.insert("DEFAULT_IDENTITY_CLIENT_ID".into(), client_id.clone());
             }

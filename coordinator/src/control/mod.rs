@@ -60,6 +60,9 @@ pub struct ControlConfig {
     pub job_retention: Option<Duration>,
     /// Where jobs' files (code snapshots, outputs) are, to delete them with the job.
     pub artifacts: Option<crate::artifacts::Artifacts>,
+    /// MLflow tracking (None: not served): jobs are given their run
+    /// (MLFLOW_RUN_ID...), and deleted jobs' runs go with them.
+    pub tracking: Option<crate::tracking::Tracking>,
     /// Where the built-in datastores live (None: there are none).
     pub datastores_root: Option<std::path::PathBuf>,
     /// Ended jobs kept in memory beside the live ones (older ones are read from
@@ -83,6 +86,7 @@ impl Default for ControlConfig {
             identity_tokens: false,
             job_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             artifacts: None,
+            tracking: None,
             datastores_root: None,
             recent_jobs: crate::store::RECENT_JOBS,
         }

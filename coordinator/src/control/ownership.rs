@@ -23,6 +23,9 @@ pub enum AgentCall {
     /// A parallel job's worker: its last result, and maybe its next mini-batch.
     Work,
     IssueToken,
+    /// The job's MLflow calls (tracking), through its node's agent. Not only while
+    /// it runs: a run may be ended by a job that is stopping.
+    Track,
     /// The MPI launcher runs a command in the sandbox of the same attempt on this node.
     Exec {
         target_node: String,
@@ -116,6 +119,9 @@ pub struct Granted {
     pub earlier_attempts: Vec<String>,
     /// Exec: the instance that runs on the target node.
     pub target_instance: Option<u32>,
+    /// The job's experiment (tracking) and name.
+    pub experiment: String,
+    pub job_name: String,
 }
 
 fn same_secret(given: &str, expected: &str) -> bool {
@@ -164,6 +170,8 @@ pub fn check(job: Option<&Job>, claim: &Claim, call: &AgentCall) -> Result<Grant
             .map(|a| a.id.clone())
             .collect(),
         target_instance: None,
+        experiment: job.spec.extras.experiment_name.clone(),
+        job_name: job.name().to_string(),
     };
     if let AgentCall::Exec { target_node } = call {
         if !matches!(job.spec.distribution, Some(Distribution::Mpi { .. })) {

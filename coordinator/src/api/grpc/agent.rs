@@ -302,6 +302,81 @@ impl pb::agent_server::Agent for Api {
         }))
     }
 
+    async fn track(
+        &self,
+        request: Request<pb::TrackCall>,
+    ) -> Result<Response<pb::TrackReply>, Status> {
+        use tower::ServiceExt;
+        let node = caller_node(&request)?;
+        let call = request.into_inner();
+        let (Some(tracking), Some(routes)) = (&self.tracking, &self.tracking_routes) else {
+            return Err(Status::failed_precondition(
+                "this coordinator serves no tracking API",
+            ));
+        };
+        if !call.path_and_query.starts_with("/api/2.0/mlflow") {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a tracking call (/api/2.0/mlflow...)",
+                call.path_and_query
+            )));
+        }
+        let caller = match tracking.granted(&node, &call.attempt_id, call.instance, &call.token) {
+            Some(caller) => caller,
+            None => {
+                let claim = claim(
+                    node.clone(),
+                    call.attempt_id.clone(),
+                    call.instance,
+                    call.token.clone(),
+                );
+                let granted = self.control.authorize(claim, AgentCall::Track).await?;
+                let caller = crate::tracking::JobCaller {
+                    job_id: granted.job_id,
+                    attempt_id: call.attempt_id.clone(),
+                    instance: call.instance,
+                    node,
+                    cluster: granted.cluster,
+                    experiment: granted.experiment,
+                    run_name: granted.job_name,
+                };
+                tracking.ensure_job_run(&caller).await?;
+                tracking.remember_grant(&call.token, &caller);
+                caller
+            }
+        };
+        let mut relayed = axum::http::Request::builder()
+            .method(call.method.as_str())
+            .uri(call.path_and_query.as_str());
+        if !call.content_type.is_empty() {
+            relayed = relayed.header(axum::http::header::CONTENT_TYPE, call.content_type);
+        }
+        let mut relayed = relayed
+            .body(axum::body::Body::from(call.body))
+            .map_err(|e| Status::invalid_argument(format!("not an HTTP request: {e}")))?;
+        relayed
+            .extensions_mut()
+            .insert(crate::tracking::Caller::Job(Box::new(caller)));
+        let answer = routes
+            .clone()
+            .oneshot(relayed)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (parts, body) = answer.into_parts();
+        let body = axum::body::to_bytes(body, crate::server::MAX_MESSAGE_BYTES)
+            .await
+            .map_err(|e| Status::internal(format!("tracking answer: {e}")))?;
+        Ok(Response::new(pb::TrackReply {
+            status: u32::from(parts.status.as_u16()),
+            content_type: parts
+                .headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            body: body.to_vec(),
+        }))
+    }
+
     async fn upload_outputs(
         &self,
         request: Request<pb::OutputsUpload>,

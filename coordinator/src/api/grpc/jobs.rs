@@ -99,6 +99,17 @@ impl pb::jobs_server::Jobs for Api {
         Ok(Response::new(pb::Explanation { lines }))
     }
 
+    async fn metrics(
+        &self,
+        request: Request<pb::MetricsRequest>,
+    ) -> Result<Response<pb::JobMetrics>, Status> {
+        let asked = request.into_inner();
+        let metrics = self
+            .job_metrics(&asked.job_id, asked.names, asked.latest_only)
+            .await?;
+        Ok(Response::new(convert::job_metrics(metrics)))
+    }
+
     async fn download_outputs(
         &self,
         request: Request<pb::JobRef>,

@@ -77,6 +77,10 @@ pub struct Api {
     pub reader: crate::store::Reader,
     /// Signs jobs' managed-identity tokens (None: no identities here).
     pub signer: Option<crate::identity::Signer>,
+    /// MLflow tracking (None: not served, as in unit tests of the services).
+    pub tracking: Option<crate::tracking::Tracking>,
+    /// The tracking API's routes, which jobs' calls (`Agent.Track`) are answered by.
+    pub tracking_routes: Option<axum::Router>,
     sessions: Arc<AtomicU64>,
     exec: super::exec::ExecRelay,
 }
@@ -98,6 +102,8 @@ impl Api {
             auth,
             reader,
             signer: None,
+            tracking: None,
+            tracking_routes: None,
             sessions: Arc::new(AtomicU64::new(1)),
             exec: super::exec::ExecRelay::default(),
         }
