@@ -532,3 +532,51 @@ async fn a_containers_share_is_its_cpu_and_memory_limit_and_going_over_says_so()
         job.reason
     );
 }
+
+/// Container jobs reach their node's agent for tracking too: on a local node
+/// through the default bridge's gateway, on a docker-provider node by the node's
+/// name on its cluster's network. (busybox's wget speaks MLflow's REST here.)
+#[tokio::test]
+async fn container_jobs_log_metrics_to_their_run_on_local_and_docker_nodes() {
+    let tc = box_cluster("1").await;
+    tc.create_cluster(
+        "dk",
+        &[
+            "--provider",
+            "docker",
+            "--max-nodes",
+            "1",
+            "--idle-seconds-before-scaledown",
+            "2",
+        ],
+    );
+    let log = r#"wget -q -O - --header "Authorization: Bearer $MLFLOW_TRACKING_TOKEN" --post-data "{\"run_id\":\"$MLFLOW_RUN_ID\",\"key\":\"seen\",\"value\":7,\"timestamp\":1,\"step\":3}" "$MLFLOW_TRACKING_URI/api/2.0/mlflow/runs/log-metric" && echo logged"#;
+    for cluster in ["box", "dk"] {
+        let job = tc.shoal_json(&[
+            "job",
+            "submit",
+            "--cluster",
+            cluster,
+            "--image",
+            "shoal/base",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            log,
+        ]);
+        let id = job["id"].as_str().expect("id");
+        let logs = String::from_utf8_lossy(&tc.shoal(&["job", "logs", id]).stdout).into_owned();
+        assert_eq!(
+            job["status"],
+            "completed",
+            "{cluster}: {job:#}\n{logs}\n{}",
+            tc.coordinator_log()
+        );
+        let logged = tc.shoal_json(&["job", "metrics", id]);
+        let metric = &logged["runs"][0]["metrics"][0];
+        assert_eq!(metric["name"], "seen", "{cluster}: {logged:#}");
+        assert_eq!(metric["latest"]["value"], 7.0);
+        assert_eq!(metric["latest"]["step"], 3);
+    }
+}

@@ -35,6 +35,9 @@ pub struct TokenEndpoint {
     pub url: String,
     /// MLFLOW_TRACKING_URI for this node's jobs.
     pub tracking_url: String,
+    /// The same endpoint where this node's job containers reach it (the URL's
+    /// scheme, host and port: `http://172.17.0.1:41234`); None: they cannot.
+    pub container_base: Option<String>,
 }
 
 #[derive(Clone)]
@@ -226,7 +229,12 @@ async fn token(
 impl TokenEndpoint {
     /// Serves on a free port of loopback: the node's own jobs (processes, and
     /// containers that share the node's network) reach it; others have no secret.
-    pub async fn start(client: AgentClient<AuthChannel>) -> std::io::Result<Self> {
+    /// `for_containers`: also listens where job containers reach this agent
+    /// (the address to bind, and the host they know it by).
+    pub async fn start(
+        client: AgentClient<AuthChannel>,
+        for_containers: Option<(std::net::IpAddr, String)>,
+    ) -> std::io::Result<Self> {
         let secrets = Secrets::default();
         let tracking = Secrets::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -240,6 +248,23 @@ impl TokenEndpoint {
                 tracking: tracking.clone(),
                 client,
             });
+        let mut container_base = None;
+        if let Some((bind, host)) = for_containers {
+            match tokio::net::TcpListener::bind((bind, 0)).await {
+                Ok(second) => {
+                    let port = second.local_addr()?.port();
+                    container_base = Some(format!("http://{host}:{port}"));
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(second, app).await {
+                            warn!(error = %e, "the containers' identity endpoint stopped");
+                        }
+                    });
+                }
+                Err(e) => warn!(address = %bind, error = %e,
+                    "cannot listen where job containers would reach this agent: containers get no identity or tracking endpoint"),
+            }
+        }
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 warn!(error = %e, "identity endpoint stopped");
@@ -250,6 +275,7 @@ impl TokenEndpoint {
             tracking,
             url,
             tracking_url: format!("http://{address}"),
+            container_base,
         })
     }
 
@@ -268,6 +294,16 @@ impl TokenEndpoint {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(secret.to_string(), (slot, token));
+    }
+
+    /// The identity endpoint's URL and the tracking URI for a job: a container's
+    /// (None: containers cannot reach this agent), or a process's.
+    pub fn urls(&self, container: bool) -> Option<(String, String)> {
+        if !container {
+            return Some((self.url.clone(), self.tracking_url.clone()));
+        }
+        let base = self.container_base.as_ref()?;
+        Some((format!("{base}/msi/token"), base.clone()))
     }
 
     pub fn forget(&self, slot: &Slot) {

@@ -105,6 +105,37 @@ impl DockerRuntime {
         })
     }
 
+    /// Where job containers reach this agent's endpoint (managed identity and
+    /// MLflow tracking): on the default bridge (a local node), the bridge's
+    /// gateway; on a cluster's network (a docker-provider node, itself a
+    /// container), any of its addresses, by its name there (the node id). The
+    /// address to listen on, and the host jobs are given. None: not found.
+    pub async fn address_for_jobs(&self, node_id: &str) -> Option<(std::net::IpAddr, String)> {
+        match &self.network {
+            Some(_) => Some((std::net::Ipv4Addr::UNSPECIFIED.into(), node_id.to_string())),
+            None => {
+                let bridge = self
+                    .docker
+                    .inspect_network(
+                        "bridge",
+                        None::<bollard::query_parameters::InspectNetworkOptions>,
+                    )
+                    .await
+                    .ok()?;
+                // Older engines name only the subnet: the gateway is its first address.
+                let gateway = bridge.ipam?.config?.into_iter().find_map(|c| {
+                    if let Some(gateway) = c.gateway.and_then(|g| g.parse().ok()) {
+                        return Some(gateway);
+                    }
+                    let subnet = c.subnet?;
+                    let base: std::net::Ipv4Addr = subnet.split_once('/')?.0.parse().ok()?;
+                    Some(std::net::IpAddr::V4((u32::from(base) + 1).into()))
+                })?;
+                Some((gateway, gateway.to_string()))
+            }
+        }
+    }
+
     pub fn container_name(&self, slot: &Slot, rank: Option<u32>) -> String {
         let base = format!("shoal-{}-{}-{}", self.owner, slot.attempt_id, slot.instance);
         match rank {

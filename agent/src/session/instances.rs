@@ -219,18 +219,30 @@ impl Agent {
                     dir.join("outputs").to_string_lossy().into_owned(),
                 );
                 env.extend(gpu_env(&gpus));
-                if let Some(secret) = env.get("IDENTITY_HEADER").cloned() {
-                    self.identity
-                        .admit(&secret, slot.clone(), launch.token.clone());
-                    env.insert("IDENTITY_ENDPOINT".into(), self.identity.url.clone());
-                }
-                if let Some(secret) = env.get("MLFLOW_TRACKING_TOKEN").cloned() {
-                    self.identity
-                        .admit_tracking(&secret, slot.clone(), launch.token.clone());
-                    env.insert(
-                        "MLFLOW_TRACKING_URI".into(),
-                        self.identity.tracking_url.clone(),
-                    );
+                // Processes reach the agent on loopback; containers where it
+                // listens for them (or not at all).
+                if let Some((identity_url, tracking_url)) =
+                    self.identity.urls(!launch.image.is_empty())
+                {
+                    if let Some(secret) = env.get("IDENTITY_HEADER").cloned() {
+                        self.identity
+                            .admit(&secret, slot.clone(), launch.token.clone());
+                        env.insert("IDENTITY_ENDPOINT".into(), identity_url);
+                    }
+                    if let Some(secret) = env.get("MLFLOW_TRACKING_TOKEN").cloned() {
+                        self.identity
+                            .admit_tracking(&secret, slot.clone(), launch.token.clone());
+                        env.insert("MLFLOW_TRACKING_URI".into(), tracking_url);
+                    }
+                } else {
+                    // No way to the run: mlflow logs to the container's ./mlruns.
+                    for key in [
+                        "MLFLOW_TRACKING_TOKEN",
+                        "MLFLOW_RUN_ID",
+                        "MLFLOW_EXPERIMENT_NAME",
+                    ] {
+                        env.remove(key);
+                    }
                 }
                 let image = (!launch.image.is_empty()).then_some(launch.image.clone());
                 let root = if image.is_some() {

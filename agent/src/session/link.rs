@@ -63,7 +63,11 @@ pub async fn run(
         run_as.as_ref().map(|user| (user.uid, user.gid)),
     )
     .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
-    let identity = crate::identity::TokenEndpoint::start(client.clone())
+    let for_containers = match &docker {
+        Ok(docker) => docker.address_for_jobs(&config.node_id).await,
+        Err(_) => None,
+    };
+    let identity = crate::identity::TokenEndpoint::start(client.clone(), for_containers)
         .await
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
     let contact = Arc::new(Contact {
