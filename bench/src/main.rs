@@ -581,7 +581,12 @@ async fn warm_round_trip(jobs: &mut JobsClient) -> anyhow::Result<Duration> {
     while let Some(update) = watch.next().await {
         let job = update?;
         if job.status == "completed" {
-            return Ok(started.elapsed());
+            let took = started.elapsed();
+            // The stream ends right after the final state: read to its end, so
+            // no cancel of a closing stream counts against the connection (h2
+            // gives up on a connection after 1024 such resets).
+            let _ = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
+            return Ok(took);
         }
         if job.status == "failed" {
             bail!("the trivial job failed: {}", job.reason);
@@ -938,6 +943,166 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
         count as f64 / elapsed.as_secs_f64(),
         listing.len()
     );
+    warm.stop().await;
+    Ok(())
+}
+
+/// What the tracking bench's job runs: `threads` connections to its
+/// MLFLOW_TRACKING_URI, each sending log-batch calls of 1000 points (10 metrics,
+/// 100 steps each) until `points` are sent, as fast as it can or paced at a rate
+/// (points/s, 0: not paced); prints the rate it saw.
+const TRACKING_LOGGER: &str = r#"
+import http.client, json, os, sys, threading, time, urllib.parse
+points, threads, pace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+uri = urllib.parse.urlparse(os.environ["MLFLOW_TRACKING_URI"])
+headers = {"Authorization": "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"],
+           "Content-Type": "application/json"}
+run = os.environ["MLFLOW_RUN_ID"]
+calls = points // 1000
+def send(first, count):
+    conn = http.client.HTTPConnection(uri.hostname, uri.port)
+    for n, call in enumerate(range(first, first + count)):
+        if pace > 0:
+            # Paced: this connection's share of `pace` points/s.
+            ahead = started + n * 1000 * threads / pace - time.time()
+            if ahead > 0:
+                time.sleep(ahead)
+        step0 = call * 100
+        metrics = [{"key": "m%d" % k, "value": (step0 + s) * 0.001, "timestamp": 1, "step": step0 + s}
+                   for k in range(10) for s in range(100)]
+        conn.request("POST", "/api/2.0/mlflow/runs/log-batch",
+                     json.dumps({"run_id": run, "metrics": metrics}), headers)
+        answer = conn.getresponse()
+        body = answer.read()
+        if answer.status != 200:
+            sys.exit("log-batch: %d %s" % (answer.status, body))
+started = time.time()
+share = calls // threads
+workers = [threading.Thread(target=send, args=(i * share, share)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+elapsed = time.time() - started
+print("RATE %d %.3f" % (share * threads * 1000, elapsed))
+"#;
+
+/// Metric ingestion: a job on its own node sends `points` through log-batch
+/// (`runs` times) as fast as it can, then paced at the goal (50,000 points/s),
+/// while gRPC submit → completed of `true` on another warm node is
+/// measured before and during.
+async fn tracking(points: u64, runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let warm = Warm::start(shoal.clone()).await?;
+    let (mut clusters, mut jobs) = (warm.clusters.clone(), warm.jobs.clone());
+    clusters
+        .create(pb::ClusterSpec {
+            name: "logger".into(),
+            vm_size: "Standard_D2_v2".into(),
+            min_nodes: Some(1),
+            max_nodes: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    warm_round_trip(&mut jobs).await?;
+    let mut quiet = Vec::new();
+    for _ in 0..50 {
+        quiet.push(warm_round_trip(&mut jobs).await?);
+    }
+    summary(
+        "latency, nothing logging (gRPC submit → completed, `true`)",
+        quiet,
+    );
+    for pace in [0u64, 50_000] {
+        let how = if pace == 0 {
+            "as fast as it can".to_string()
+        } else {
+            format!("paced at {pace} points/s")
+        };
+        let mut rates = Vec::new();
+        let mut busy = Vec::new();
+        for run in 0..runs {
+            let job = jobs
+                .submit(pb::JobSpec {
+                    cluster: "logger".into(),
+                    argv: vec![
+                        "python3".into(),
+                        "-c".into(),
+                        TRACKING_LOGGER.into(),
+                        points.to_string(),
+                        "4".into(),
+                        pace.to_string(),
+                    ],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            // Latency samples while it runs (the first run also waits for its node).
+            loop {
+                let now = jobs
+                    .get(pb::JobRef { id: job.id.clone() })
+                    .await?
+                    .into_inner();
+                match now.status.as_str() {
+                    "completed" => break,
+                    "failed" | "canceled" => {
+                        bail!("the logging job {}: {}", now.status, now.reason)
+                    }
+                    "running" => busy.push(warm_round_trip(&mut jobs).await?),
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let mut log = String::new();
+            let mut chunks = jobs
+                .logs(pb::LogsRequest {
+                    job_id: job.id.clone(),
+                    instance: None,
+                    follow: false,
+                })
+                .await?
+                .into_inner();
+            while let Some(chunk) = chunks.next().await {
+                log.push_str(&String::from_utf8_lossy(&chunk?.data));
+            }
+            let rate = log
+                .lines()
+                .find_map(|l| l.strip_prefix("RATE "))
+                .and_then(|l| {
+                    let (sent, seconds) = l.split_once(' ')?;
+                    Some(sent.parse::<f64>().ok()? / seconds.parse::<f64>().ok()?)
+                })
+                .with_context(|| format!("the logging job printed no rate: {log}"))?;
+            let stored = jobs
+                .metrics(pb::MetricsRequest {
+                    job_id: job.id.clone(),
+                    names: vec!["m0".into()],
+                    latest_only: false,
+                })
+                .await?
+                .into_inner();
+            let kept = stored
+                .runs
+                .first()
+                .and_then(|r| r.metrics.first())
+                .map_or(0, |m| m.points.len());
+            if kept as u64 != points / 10 {
+                bail!("{} kept {kept} points of m0, not {}", job.id, points / 10);
+            }
+            println!(
+                "run {}: {points} points in log-batch calls of 1000 from 4 connections, {how}: {rate:.0} points/s",
+                run + 1
+            );
+            rates.push(rate);
+        }
+        rates.sort_by(f64::total_cmp);
+        println!(
+            "ingestion: median {:.0} points/s (min {:.0}, max {:.0}) over {runs} runs",
+            rates[rates.len() / 2],
+            rates[0],
+            rates[rates.len() - 1]
+        );
+        summary(
+            &format!("latency while a job logs {how} (gRPC submit → completed, `true`)"),
+            busy,
+        );
+    }
     warm.stop().await;
     Ok(())
 }
@@ -1519,7 +1684,14 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(
         what,
-        "latency" | "docker" | "backlog" | "grpc-fleet" | "arrays" | "zero-work" | "all"
+        "latency"
+            | "docker"
+            | "backlog"
+            | "grpc-fleet"
+            | "arrays"
+            | "zero-work"
+            | "tracking"
+            | "all"
     ) && !shoal.exists()
     {
         bail!(
@@ -1577,6 +1749,13 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(10_000);
         let runs = number(2).context("and a run count")?.unwrap_or(5);
         zero_work(count as u32, runs as usize, shoal.clone()).await?;
+    }
+    if what == "tracking" {
+        let points = number(1)
+            .context("tracking takes a point count")?
+            .unwrap_or(1_000_000);
+        let runs = number(2).context("and a run count")?.unwrap_or(5);
+        tracking(points, runs as usize, shoal.clone()).await?;
     }
     if what == "backlog" {
         let queued = args
