@@ -43,8 +43,13 @@ fn run_job(tc: &TestCluster, file: &Path) -> String {
 }
 
 const TRAIN: &str = r#"
-import os, mlflow
+import os, mlflow, mlflow.pyfunc
 from mlflow.entities import Metric, Param, RunTag
+
+class Doubler(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return [x * 2 for x in model_input]
+
 assert os.environ["MLFLOW_RUN_ID"].startswith(os.environ["SHOAL_JOB_ID"] + "-"), os.environ["MLFLOW_RUN_ID"]
 with mlflow.start_run() as run:
     mlflow.log_param("lr", 0.1)
@@ -59,7 +64,9 @@ with mlflow.start_run() as run:
     with open("note.txt", "w") as f:
         f.write("logged by the job")
     mlflow.log_artifact("note.txt", artifact_path="notes")
+    model = mlflow.pyfunc.log_model(name="doubler", python_model=Doubler())
 print("logged to", run.info.run_id)
+print("MODEL " + model.model_id)
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +155,13 @@ async fn a_job_logs_with_the_real_mlflow_client_and_its_values_come_back_everywh
     );
 
     // MLflow's own client, from this machine, with an API token.
+    let job_log = String::from_utf8_lossy(&tc.shoal(&["job", "logs", &id]).stdout).into_owned();
+    let model_id = job_log
+        .lines()
+        .find_map(|l| l.strip_prefix("MODEL "))
+        .unwrap_or_else(|| panic!("the job logged no model: {job_log}"))
+        .trim()
+        .to_string();
     let check = format!(
         r#"
 import json, mlflow
@@ -159,6 +173,8 @@ print(json.dumps({{
     "runs": [r.info.run_id for r in runs],
     "artifacts": [a.path for a in c.list_artifacts("{run_id}", "notes")],
     "note": open(c.download_artifacts("{run_id}", "notes/note.txt")).read(),
+    "outputs": [o.model_id for o in c.get_run("{run_id}").outputs.model_outputs],
+    "predicted": [float(v) for v in mlflow.pyfunc.load_model("models:/{model_id}").predict([1, 2])],
 }}))
 "#
     );
@@ -183,8 +199,19 @@ print(json.dumps({{
         serde_json::json!([run_id]),
         "the experiment is the code folder's name"
     );
-    assert_eq!(seen["artifacts"], serde_json::json!(["notes/note.txt"]));
+    // (MLflow 3's client lists the run's logged models' files beside its own.)
+    let listed = seen["artifacts"].as_array().expect("artifacts");
+    assert!(
+        listed.contains(&serde_json::json!("notes/note.txt")),
+        "{seen}"
+    );
     assert_eq!(seen["note"], "logged by the job");
+    assert_eq!(seen["outputs"], serde_json::json!([model_id]));
+    assert_eq!(
+        seen["predicted"],
+        serde_json::json!([2.0, 4.0]),
+        "log_model, then load_model"
+    );
 
     // shoal job download brings the logged artifact down.
     let into = tc.scratch("download");
@@ -202,6 +229,16 @@ print(json.dumps({{
     assert_eq!(
         std::fs::read_to_string(&note).unwrap_or_else(|e| panic!("{}: {e}", note.display())),
         "logged by the job"
+    );
+    let model_file = into
+        .join(&id)
+        .join("artifacts")
+        .join(&model_id)
+        .join("MLmodel");
+    assert!(
+        model_file.exists(),
+        "{} was not downloaded",
+        model_file.display()
     );
 }
 

@@ -10,6 +10,7 @@
 //! only the runs its job made, its attempts' runs first of all.
 
 pub mod model;
+pub mod models;
 pub mod rest;
 pub mod search;
 pub mod store;
@@ -426,18 +427,35 @@ impl Tracking {
         })
     }
 
-    /// Every artifact file the job's runs logged: (run id, path under the run's
-    /// artifacts, bytes).
+    /// Every artifact file the job's runs and logged models have: (run or model
+    /// id, path under its artifacts, bytes).
     pub async fn job_artifacts(&self, job_id: &str) -> Result<Vec<(String, String, Vec<u8>)>> {
         let root = self.inner.artifacts.clone();
-        let runs = self.job_runs(job_id).await?;
+        let job = job_id.to_string();
+        // Each run's artifacts, and each logged model's files, by the run's or
+        // model's id.
+        let folders = self
+            .read(move |conn| {
+                let mut folders: Vec<(String, PathBuf)> = store::runs_of_job(conn, &job)?
+                    .into_iter()
+                    .map(|run| {
+                        let dir = PathBuf::from(&run.info.experiment_id).join(&run.info.run_id);
+                        (run.info.run_id, dir)
+                    })
+                    .collect();
+                for (experiment, model) in models::models_of_job(conn, &job)? {
+                    let dir = PathBuf::from(experiment.to_string())
+                        .join("models")
+                        .join(&model);
+                    folders.push((model, dir));
+                }
+                Ok(folders)
+            })
+            .await?;
         tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
-            for run in runs {
-                let base = root
-                    .join(&run.info.experiment_id)
-                    .join(&run.info.run_id)
-                    .join("artifacts");
+            for (id, folder) in folders {
+                let base = root.join(folder).join("artifacts");
                 let mut stack = vec![base.clone()];
                 while let Some(dir) = stack.pop() {
                     let entries = match std::fs::read_dir(&dir) {
@@ -457,7 +475,7 @@ impl Tracking {
                                 .unwrap_or(&path)
                                 .to_string_lossy()
                                 .into_owned();
-                            found.push((run.info.run_id.clone(), relative, data));
+                            found.push((id.clone(), relative, data));
                         }
                     }
                 }
@@ -477,8 +495,8 @@ impl Tracking {
             .await
         {
             Ok(gone) => {
-                for (experiment, run_id) in gone {
-                    let dir = root.join(experiment.to_string()).join(&run_id);
+                for (experiment, folder) in gone {
+                    let dir = root.join(experiment.to_string()).join(&folder);
                     if let Err(e) = std::fs::remove_dir_all(&dir)
                         && e.kind() != std::io::ErrorKind::NotFound
                     {

@@ -61,6 +61,8 @@ pub struct Run {
     pub data: RunData,
     /// Dataset and model inputs: not kept here.
     pub inputs: serde_json::Value,
+    /// The models the run logged (`model_outputs`).
+    pub outputs: serde_json::Value,
 }
 
 /// The run statuses MLflow knows.

@@ -65,11 +65,12 @@ pub fn router(tracking: Tracking) -> Router {
             "/api/2.0/mlflow-artifacts/artifacts/{*path}",
             get(download_artifact).put(upload_artifact),
         )
+        .merge(super::models::routes())
         .with_state(tracking)
 }
 
 /// An error as MLflow's server writes it: `{error_code, message}`, with its status.
-pub struct MlflowError(Error);
+pub struct MlflowError(pub Error);
 
 impl From<Error> for MlflowError {
     fn from(e: Error) -> Self {
@@ -101,7 +102,7 @@ impl IntoResponse for MlflowError {
     }
 }
 
-type Answer = Result<Json<Value>, MlflowError>;
+pub(super) type Answer = Result<Json<Value>, MlflowError>;
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = MlflowError;
@@ -120,7 +121,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, MlflowError> {
+pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, MlflowError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -147,7 +148,7 @@ fn param<'a>(query: &'a HashMap<String, String>, names: &[&str]) -> Result<&'a s
         .ok_or_else(|| MlflowError(Error::invalid(names[0], "missing")))
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     crate::model::now_ms() as i64
 }
 
@@ -228,7 +229,7 @@ fn stages(view: &str) -> Result<&'static [&'static str], MlflowError> {
 }
 
 /// One page of `items` from the offset `token` names; the next token, if any.
-fn page<T>(
+pub(super) fn page<T>(
     items: Vec<T>,
     token: &str,
     max: Option<i64>,
@@ -776,25 +777,37 @@ async fn upload_artifact(
             format!("`{path}` is not under a run (<experiment>/<run>/artifacts/...)"),
         )));
     };
-    // The run must exist, be in the experiment the path names, and be the
-    // caller's to write.
-    let experiment = path
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    t.write_run(&caller, run_id, false, move |conn, id| {
-        let actual = store::run_experiment(conn, id)?;
-        if actual.to_string() != experiment {
-            return Err(Error::invalid(
-                "path",
-                format!("run {id} is in experiment {actual}, not {experiment}"),
-            ));
-        }
-        Ok(())
-    })
-    .await?;
+    // The run (or logged model) must exist, be in the experiment the path names,
+    // and be the caller's to write.
+    let mut parts = path.trim_start_matches('/').split('/');
+    let experiment = parts.next().unwrap_or_default().to_string();
+    if run_id == "models" {
+        let model = parts.nth(1).unwrap_or_default().to_string();
+        t.write(move |conn| {
+            super::models::may_write(conn, &caller, &model)?;
+            let info = super::models::model(conn, &model)?;
+            if info["info"]["experiment_id"] != experiment.as_str() {
+                return Err(Error::invalid(
+                    "path",
+                    format!("logged model {model} is not in experiment {experiment}"),
+                ));
+            }
+            Ok(())
+        })
+        .await?;
+    } else {
+        t.write_run(&caller, run_id, false, move |conn, id| {
+            let actual = store::run_experiment(conn, id)?;
+            if actual.to_string() != experiment {
+                return Err(Error::invalid(
+                    "path",
+                    format!("run {id} is in experiment {actual}, not {experiment}"),
+                ));
+            }
+            Ok(())
+        })
+        .await?;
+    }
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let dir = file.parent().unwrap_or(&file);
         std::fs::create_dir_all(dir)?;
@@ -927,6 +940,42 @@ mod tests {
         );
         let jobs = tracking.job_runs("job-2").await.expect("runs");
         assert_eq!(jobs.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_logged_model_is_its_jobs_to_finalize_and_fill() {
+        let dir = tempfile::tempdir().expect("dir");
+        let routes = router(Tracking::open(dir.path()).expect("open"));
+        let (one, two) = (job("job-1"), job("job-2"));
+        let (code, made) = call(
+            &routes,
+            Some(&one),
+            "POST",
+            "/api/2.0/mlflow/logged-models",
+            r#"{"experiment_id":"0","name":"m","params":[{"key":"k","value":"v"}]}"#,
+        )
+        .await;
+        assert_eq!(code, 200, "{made}");
+        let id = made["model"]["info"]["model_id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        assert_eq!(made["model"]["info"]["status"], "LOGGED_MODEL_PENDING");
+        let file = format!("/api/2.0/mlflow-artifacts/artifacts/0/models/{id}/artifacts/MLmodel");
+        assert_eq!(call(&routes, Some(&two), "PUT", &file, "x").await.0, 403);
+        assert_eq!(call(&routes, Some(&one), "PUT", &file, "x").await.0, 200);
+        let path = format!("/api/2.0/mlflow/logged-models/{id}");
+        let ready = r#"{"status":"LOGGED_MODEL_READY"}"#;
+        assert_eq!(
+            call(&routes, Some(&two), "PATCH", &path, ready).await.0,
+            403
+        );
+        let (code, done) = call(&routes, Some(&one), "PATCH", &path, ready).await;
+        assert_eq!(code, 200, "{done}");
+        assert_eq!(done["model"]["info"]["status"], "LOGGED_MODEL_READY");
+        assert_eq!(done["model"]["data"]["params"][0]["value"], "v");
+        let (code, _) = call(&routes, Some(&one), "PATCH", &path, r#"{"status":"GOOD"}"#).await;
+        assert_eq!(code, 400);
     }
 
     #[tokio::test]

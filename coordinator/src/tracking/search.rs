@@ -485,6 +485,7 @@ mod tests {
                 }],
             },
             inputs: serde_json::json!({}),
+            outputs: serde_json::json!({}),
         }
     }
 

@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS metrics (
   run_id TEXT NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,
   timestamp INTEGER NOT NULL, value REAL
 );
-CREATE INDEX IF NOT EXISTS metrics_by_key ON metrics (run_id, key);
+-- A point logged twice (the same key, step, timestamp and value) is kept once, as
+-- MLflow's server keeps it (log_model logs the run's points again, for its model).
+CREATE UNIQUE INDEX IF NOT EXISTS metrics_once ON metrics (run_id, key, step, timestamp, value);
 -- Each metric's latest point (highest step, then timestamp, then value), as MLflow's.
 CREATE TABLE IF NOT EXISTS latest_metrics (
   run_id TEXT NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,
@@ -64,6 +66,7 @@ pub fn open(path: &Path, now_ms: i64) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(super::models::SCHEMA)?;
     // MLflow's experiment 0, where runs go that name no experiment.
     conn.execute(
         "INSERT OR IGNORE INTO experiments (id, name, created_ms, updated_ms)
@@ -374,7 +377,7 @@ pub fn log_params(conn: &Connection, run_id: &str, params: &[Tag]) -> Result<()>
 
 pub fn log_metrics(conn: &Connection, run_id: &str, metrics: &[Metric]) -> Result<()> {
     let mut insert = conn.prepare_cached(
-        "INSERT INTO metrics (run_id, key, step, timestamp, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR IGNORE INTO metrics (run_id, key, step, timestamp, value) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     // The newest point of each key in this batch, then compared with the kept one.
     let mut newest: BTreeMap<&str, &Metric> = BTreeMap::new();
@@ -499,6 +502,7 @@ fn run_row(conn: &Connection, r: &rusqlite::Row<'_>) -> Result<Run> {
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
+    let outputs = serde_json::json!({"model_outputs": super::models::run_outputs(conn, &run_id)?});
     Ok(Run {
         info: RunInfo {
             run_uuid: run_id.clone(),
@@ -518,6 +522,7 @@ fn run_row(conn: &Connection, r: &rusqlite::Row<'_>) -> Result<Run> {
             tags,
         },
         inputs: serde_json::json!({}),
+        outputs,
     })
 }
 
@@ -548,7 +553,8 @@ pub fn runs_of_experiment(conn: &Connection, experiment_id: i64) -> Result<Vec<R
     runs_where(conn, "experiment_id = ?1", &experiment_id)
 }
 
-/// Forgets the runs of deleted jobs, with their points; the run ids, for their files.
+/// Forgets the runs and logged models of deleted jobs, with their points; the
+/// folders of their files (`<run id>`, `models/<model id>`) by experiment.
 pub fn delete_job_runs(conn: &Connection, job_ids: &[String]) -> Result<Vec<(i64, String)>> {
     let mut gone = Vec::new();
     let mut find =
@@ -558,12 +564,26 @@ pub fn delete_job_runs(conn: &Connection, job_ids: &[String]) -> Result<Vec<(i64
             .query_map([job], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         for (_, run_id) in &runs {
-            for table in ["metrics", "latest_metrics", "params", "tags", "runs"] {
+            for table in [
+                "metrics",
+                "latest_metrics",
+                "params",
+                "tags",
+                "run_outputs",
+                "runs",
+            ] {
                 conn.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
             }
         }
         gone.extend(runs);
+        for (experiment, model) in super::models::models_of_job(conn, job)? {
+            for table in ["logged_model_params", "logged_model_tags", "logged_models"] {
+                conn.prepare_cached(&format!("DELETE FROM {table} WHERE model_id = ?1"))?
+                    .execute([&model])?;
+            }
+            gone.push((experiment, format!("models/{model}")));
+        }
     }
     Ok(gone)
 }
@@ -614,6 +634,7 @@ mod tests {
         )
         .expect("log");
         log_metrics(&conn, "r1", &[point("loss", 1, 12, 0.7)]).expect("log");
+        log_metrics(&conn, "r1", &[point("loss", 1, 12, 0.7)]).expect("the same point again");
         log_metrics(&conn, "r1", &[point("acc", 0, 1, f64::NAN)]).expect("log");
         let run = run(&conn, "r1").expect("run");
         let latest: BTreeMap<_, _> = run
