@@ -15,9 +15,7 @@ pub mod rest;
 pub mod search;
 pub mod store;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -108,13 +106,9 @@ struct Inner {
     writes: std::sync::mpsc::Sender<Op>,
     reader: crate::store::Reader,
     artifacts: PathBuf,
-    /// (run, instance) pairs whose run is known to exist with that instance's tags.
-    ensured: Mutex<HashSet<(String, u32)>>,
     /// Jobs' calls already let in, by node and slot, with the token they showed:
     /// a slot's node and token never change, so the next call skips the loop.
     grants: Mutex<std::collections::HashMap<GrantKey, (String, JobCaller)>>,
-    points: AtomicU64,
-    commits: AtomicU64,
 }
 
 /// A job's calls by node, attempt and instance.
@@ -147,25 +141,13 @@ impl Tracking {
             writes,
             reader,
             artifacts,
-            ensured: Mutex::default(),
             grants: Mutex::default(),
-            points: AtomicU64::new(0),
-            commits: AtomicU64::new(0),
         });
-        let counters = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("shoal-tracking".into())
-            .spawn(move || write_loop(conn, queue, counters))
+            .spawn(move || write_loop(conn, queue))
             .map_err(|e| Error::Internal(format!("tracking writer: {e}")))?;
         Ok(Tracking { inner })
-    }
-
-    /// Metric points stored, and transactions committed, since start.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.inner.points.load(Ordering::Relaxed),
-            self.inner.commits.load(Ordering::Relaxed),
-        )
     }
 
     /// A job's call let in before, from the same node, for the same slot, with
@@ -258,17 +240,8 @@ impl Tracking {
 
     /// A job's own run (its attempt's), made the first time the job asks, in the
     /// job's experiment, tagged with the job, attempt, cluster and each instance's node.
+    /// Called once per grant (`Agent.Track` remembers it), so not per call.
     pub async fn ensure_job_run(&self, job: &JobCaller) -> Result<()> {
-        let key = (job.run_id(), job.instance);
-        if self
-            .inner
-            .ensured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&key)
-        {
-            return Ok(());
-        }
         let job_owned = job.clone();
         self.write(move |conn| {
             let job = job_owned;
@@ -312,13 +285,7 @@ impl Tracking {
                 }],
             )
         })
-        .await?;
-        self.inner
-            .ensured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key);
-        Ok(())
+        .await
     }
 
     /// Metrics, params and tags of one run, in one transaction (log-metric,
@@ -332,16 +299,13 @@ impl Tracking {
         tags: Vec<Tag>,
     ) -> Result<()> {
         let caller = caller.clone();
-        let points = metrics.len() as u64;
         self.write(move |conn| {
             Self::may_write(conn, &caller, &run_id)?;
             store::log_params(conn, &run_id, &params)?;
             store::log_metrics(conn, &run_id, &metrics)?;
             store::set_tags(conn, &run_id, &tags)
         })
-        .await?;
-        self.inner.points.fetch_add(points, Ordering::Relaxed);
-        Ok(())
+        .await
     }
 
     /// Any other write to one run (update, delete, restore, delete-tag).
@@ -495,14 +459,18 @@ impl Tracking {
             .await
         {
             Ok(gone) => {
-                for (experiment, folder) in gone {
-                    let dir = root.join(experiment.to_string()).join(&folder);
-                    if let Err(e) = std::fs::remove_dir_all(&dir)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        warn!(dir = %dir.display(), error = %e, "cannot remove a deleted run's artifacts");
+                // Off the async workers: a run's files may be many.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (experiment, folder) in gone {
+                        let dir = root.join(experiment.to_string()).join(&folder);
+                        if let Err(e) = std::fs::remove_dir_all(&dir)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            warn!(dir = %dir.display(), error = %e, "cannot remove a deleted run's artifacts");
+                        }
                     }
-                }
+                })
+                .await;
             }
             Err(e) => warn!(error = %e, "cannot forget deleted jobs' runs"),
         }
@@ -534,11 +502,7 @@ impl Tracking {
     }
 }
 
-fn write_loop(
-    mut conn: Connection,
-    queue: std::sync::mpsc::Receiver<Op>,
-    counters: std::sync::Weak<Inner>,
-) {
+fn write_loop(mut conn: Connection, queue: std::sync::mpsc::Receiver<Op>) {
     while let Ok(first) = queue.recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {
@@ -588,9 +552,6 @@ fn write_loop(
         };
         if let Some(why) = &failed {
             warn!(error = %why, "tracking commit failed");
-        }
-        if let Some(inner) = counters.upgrade() {
-            inner.commits.fetch_add(1, Ordering::Relaxed);
         }
         for reply in replies {
             reply(failed.clone());

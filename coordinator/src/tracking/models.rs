@@ -69,21 +69,6 @@ fn no_model(id: &str) -> Error {
     Error::NotFound(format!("no logged model with id {id}"))
 }
 
-fn pairs(conn: &Connection, table: &str, id: &str) -> Result<Vec<Tag>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT key, value FROM {table} WHERE model_id = ?1 ORDER BY key"
-    ))?;
-    let rows = stmt
-        .query_map([id], |r| {
-            Ok(Tag {
-                key: r.get(0)?,
-                value: r.get(1)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
-}
-
 /// A logged model as MLflow's JSON has it.
 pub fn model(conn: &Connection, id: &str) -> Result<Value> {
     let row = conn
@@ -120,9 +105,12 @@ pub fn model(conn: &Connection, id: &str) -> Result<Value> {
             "status": status,
             "status_message": message,
             "lifecycle_stage": stage,
-            "tags": pairs(conn, "logged_model_tags", id)?,
+            "tags": store::pairs(conn, "logged_model_tags", "model_id", &id)?,
         },
-        "data": {"params": pairs(conn, "logged_model_params", id)?, "metrics": []},
+        "data": {
+            "params": store::pairs(conn, "logged_model_params", "model_id", &id)?,
+            "metrics": [],
+        },
     }))
 }
 
@@ -145,14 +133,7 @@ pub fn may_write(conn: &Connection, caller: &Caller, id: &str) -> Result<()> {
 }
 
 fn upsert(conn: &Connection, table: &str, id: &str, items: &[Tag]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO {table} (model_id, key, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT (model_id, key) DO UPDATE SET value = excluded.value"
-    ))?;
-    for item in items {
-        stmt.execute(params![id, item.key, item.value])?;
-    }
-    Ok(())
+    store::upsert_pairs(conn, table, "model_id", &id, items)
 }
 
 #[derive(Deserialize)]
@@ -266,6 +247,22 @@ struct Items {
     tags: Vec<Tag>,
 }
 
+/// Params or tags of a model, set by a caller who may write it.
+async fn set_pairs(
+    t: Tracking,
+    caller: Caller,
+    id: String,
+    table: &'static str,
+    items: Vec<Tag>,
+) -> Answer {
+    t.write(move |conn| {
+        may_write(conn, &caller, &id)?;
+        upsert(conn, table, &id, &items)
+    })
+    .await?;
+    Ok(Json(json!({})))
+}
+
 async fn log_params(
     State(t): State<Tracking>,
     caller: Caller,
@@ -273,12 +270,7 @@ async fn log_params(
     raw: Bytes,
 ) -> Answer {
     let asked: Items = body(&raw)?;
-    t.write(move |conn| {
-        may_write(conn, &caller, &id)?;
-        upsert(conn, "logged_model_params", &id, &asked.params)
-    })
-    .await?;
-    Ok(Json(json!({})))
+    set_pairs(t, caller, id, "logged_model_params", asked.params).await
 }
 
 async fn set_tags(
@@ -288,12 +280,7 @@ async fn set_tags(
     raw: Bytes,
 ) -> Answer {
     let asked: Items = body(&raw)?;
-    t.write(move |conn| {
-        may_write(conn, &caller, &id)?;
-        upsert(conn, "logged_model_tags", &id, &asked.tags)
-    })
-    .await?;
-    Ok(Json(json!({})))
+    set_pairs(t, caller, id, "logged_model_tags", asked.tags).await
 }
 
 async fn delete_tag(

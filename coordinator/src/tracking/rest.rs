@@ -156,10 +156,13 @@ fn check_key(what: &str, key: &str) -> Result<(), MlflowError> {
     if key.trim().is_empty() {
         return Err(MlflowError(Error::invalid(what, "a key cannot be empty")));
     }
-    if key.len() > 250 {
+    if key.chars().count() > 250 {
         return Err(MlflowError(Error::invalid(
             what,
-            format!("key `{}…` is longer than 250 characters", &key[..40]),
+            format!(
+                "key `{}…` is longer than 250 characters",
+                key.chars().take(40).collect::<String>()
+            ),
         )));
     }
     Ok(())
@@ -1037,6 +1040,14 @@ mod tests {
                 .as_str()
                 .unwrap_or_default()
                 .contains("at most 1000"),
+            "{body}"
+        );
+        // A long key of characters wider than a byte is refused, not a panic.
+        let long = json!({"run_id": run, "key": "é".repeat(300), "value": "1"}).to_string();
+        let (code, body) = call(&routes, None, "POST", "/api/2.0/mlflow/runs/set-tag", &long).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains("250"),
             "{body}"
         );
         let (code, body) = call(

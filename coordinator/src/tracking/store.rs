@@ -134,13 +134,51 @@ pub fn experiment_id_by_name(conn: &Connection, name: &str) -> Result<Option<i64
         .optional()?)
 }
 
-pub fn set_experiment_tag(conn: &Connection, id: i64, tag: &Tag) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO experiment_tags (experiment_id, key, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT (experiment_id, key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute(params![id, tag.key, tag.value])?;
+/// The key-value pairs (tags, params) of one owner in `table`, by key.
+pub fn pairs(
+    conn: &Connection,
+    table: &str,
+    owner_column: &str,
+    owner: &dyn rusqlite::ToSql,
+) -> rusqlite::Result<Vec<Tag>> {
+    conn.prepare_cached(&format!(
+        "SELECT key, value FROM {table} WHERE {owner_column} = ?1 ORDER BY key"
+    ))?
+    .query_map([owner], |r| {
+        Ok(Tag {
+            key: r.get(0)?,
+            value: r.get(1)?,
+        })
+    })?
+    .collect()
+}
+
+/// Sets pairs of one owner in `table`, a value given again replacing the old.
+pub fn upsert_pairs(
+    conn: &Connection,
+    table: &str,
+    owner_column: &str,
+    owner: &dyn rusqlite::ToSql,
+    items: &[Tag],
+) -> Result<()> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT INTO {table} ({owner_column}, key, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT ({owner_column}, key) DO UPDATE SET value = excluded.value"
+    ))?;
+    for item in items {
+        stmt.execute(params![owner, item.key, item.value])?;
+    }
     Ok(())
+}
+
+pub fn set_experiment_tag(conn: &Connection, id: i64, tag: &Tag) -> Result<()> {
+    upsert_pairs(
+        conn,
+        "experiment_tags",
+        "experiment_id",
+        &id,
+        std::slice::from_ref(tag),
+    )
 }
 
 pub fn set_experiment_lifecycle(conn: &Connection, id: i64, stage: &str, now: i64) -> Result<()> {
@@ -172,17 +210,7 @@ pub fn rename_experiment(conn: &Connection, id: i64, name: &str, now: i64) -> Re
 
 fn experiment_row(conn: &Connection, row: &rusqlite::Row<'_>) -> rusqlite::Result<Experiment> {
     let id: i64 = row.get(0)?;
-    let tags = conn
-        .prepare_cached(
-            "SELECT key, value FROM experiment_tags WHERE experiment_id = ?1 ORDER BY key",
-        )?
-        .query_map([id], |r| {
-            Ok(Tag {
-                key: r.get(0)?,
-                value: r.get(1)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let tags = pairs(conn, "experiment_tags", "experiment_id", &id)?;
     Ok(Experiment {
         experiment_id: id.to_string(),
         name: row.get(1)?,
@@ -325,14 +353,7 @@ pub fn set_run_lifecycle(conn: &Connection, run_id: &str, stage: &str) -> Result
 }
 
 pub fn set_tags(conn: &Connection, run_id: &str, tags: &[Tag]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO tags (run_id, key, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
-    )?;
-    for tag in tags {
-        stmt.execute(params![run_id, tag.key, tag.value])?;
-    }
-    Ok(())
+    upsert_pairs(conn, "tags", "run_id", &run_id, tags)
 }
 
 pub fn delete_tag(conn: &Connection, run_id: &str, key: &str) -> Result<()> {
@@ -475,20 +496,8 @@ const RUN_COLUMNS: &str =
 fn run_row(conn: &Connection, r: &rusqlite::Row<'_>) -> Result<Run> {
     let run_id: String = r.get(0)?;
     let experiment_id: i64 = r.get(1)?;
-    let pairs = |sql: &str| -> Result<Vec<Tag>> {
-        let mut stmt = conn.prepare_cached(sql)?;
-        let rows = stmt
-            .query_map([&run_id], |r| {
-                Ok(Tag {
-                    key: r.get(0)?,
-                    value: r.get(1)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    };
-    let params = pairs("SELECT key, value FROM params WHERE run_id = ?1 ORDER BY key")?;
-    let tags = pairs("SELECT key, value FROM tags WHERE run_id = ?1 ORDER BY key")?;
+    let params = pairs(conn, "params", "run_id", &run_id)?;
+    let tags = pairs(conn, "tags", "run_id", &run_id)?;
     let metrics = conn
         .prepare_cached(
             "SELECT key, step, timestamp, value FROM latest_metrics WHERE run_id = ?1 ORDER BY key",
