@@ -259,6 +259,10 @@ pub async fn serve(
         control.import_identities(users, assigned)?;
         auth.clear_legacy_identities()?;
     }
+    tokio::spawn(crate::sweep::conductor::run(
+        handle.clone(),
+        tracking.clone(),
+    ));
     let max_code = config.file.max_code_mib.unwrap_or(64) << 20;
     let mut api = Api::new(handle, catalog, artifacts, max_code, auth.clone(), reader);
     api.signer = Some(signer);

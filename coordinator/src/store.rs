@@ -424,7 +424,7 @@ impl Store for SqliteStore {
                     job.status.as_str(),
                     encode(job)?,
                     ended_at,
-                    job.task.map(|t| t.array_seq as i64)
+                    job.parent_seq().map(|seq| seq as i64)
                 ])?;
             }
             let mut doomed: Vec<String> = batch.delete_jobs.clone();
@@ -439,7 +439,7 @@ impl Store for SqliteStore {
                 }
             }
             for id in doomed {
-                // An array goes with its tasks.
+                // An array goes with its tasks, a sweep with its trials.
                 let tasks: Vec<String> = match crate::control::job_seq(&id) {
                     Some(seq) => tx
                         .prepare_cached("SELECT id FROM jobs WHERE array_seq = ?1")?
@@ -573,9 +573,9 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         .execute([id])?;
     tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
         .execute([id])?;
-    // A task's code and inputs are its array's (shared by every task): they
-    // go with the array.
-    let owns_files = job.task.is_none();
+    // A task's code and inputs are its array's (shared by every task), and a
+    // trial's its sweep's: they go with the record.
+    let owns_files = job.parent_seq().is_none();
     let inputs = job
         .spec
         .extras

@@ -139,6 +139,8 @@ impl JobBuilder {
             flags: Default::default(),
             array: None,
             task: None,
+            sweep: None,
+            trial: None,
             progress: None,
         })
     }

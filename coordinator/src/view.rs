@@ -207,6 +207,12 @@ pub struct Job {
     /// A task of an array.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskView>,
+    /// A sweep's record: its search and its trials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepView>,
+    /// A trial of a sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trial: Option<TrialOfView>,
     /// Data inputs: name → {type, mode, uri}.
     pub inputs: BTreeMap<String, JobInput>,
     pub outputs: Vec<String>,
@@ -343,6 +349,34 @@ impl From<&pb::Job> for Job {
                 array_id: t.array_id.clone(),
                 index: t.index,
             }),
+            sweep: j.sweep.as_ref().map(|s| SweepView {
+                primary_metric: s.primary_metric.clone(),
+                goal: s.goal.clone(),
+                sampling: s.sampling.clone(),
+                max_total_trials: s.max_total_trials,
+                max_concurrent_trials: s.max_concurrent_trials,
+                early_termination: (!s.early_termination.is_empty())
+                    .then(|| s.early_termination.clone()),
+                best_trial: s
+                    .best
+                    .and_then(|b| s.trials.get(b as usize))
+                    .map(|t| t.job_id.clone()),
+                trials: s
+                    .trials
+                    .iter()
+                    .map(|t| TrialView {
+                        index: t.index,
+                        id: t.job_id.clone(),
+                        params: t.params.clone().into_iter().collect(),
+                        status: t.status.clone(),
+                        score: t.score,
+                    })
+                    .collect(),
+            }),
+            trial: j.trial.as_ref().map(|t| TrialOfView {
+                sweep_id: t.sweep_id.clone(),
+                index: t.index,
+            }),
             created_at: time(j.created_at_ms),
             started_at: time(j.started_at_ms),
             ended_at: time(j.ended_at_ms),
@@ -473,5 +507,35 @@ pub struct ArrayView {
 #[derive(Serialize)]
 pub struct TaskView {
     pub array_id: String,
+    pub index: u32,
+}
+
+#[derive(Serialize)]
+pub struct SweepView {
+    pub primary_metric: String,
+    pub goal: String,
+    pub sampling: String,
+    pub max_total_trials: u32,
+    pub max_concurrent_trials: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_termination: Option<String>,
+    /// The best trial's id: once the sweep has ended, or the best so far.
+    pub best_trial: Option<String>,
+    pub trials: Vec<TrialView>,
+}
+
+#[derive(Serialize)]
+pub struct TrialView {
+    pub index: u32,
+    pub id: String,
+    pub params: BTreeMap<String, String>,
+    pub status: String,
+    /// Its primary metric: the final value, or the latest while it runs.
+    pub score: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct TrialOfView {
+    pub sweep_id: String,
     pub index: u32,
 }

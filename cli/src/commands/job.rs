@@ -51,7 +51,7 @@ pub enum Command {
     /// (an array: its tasks counted by status).
     Show {
         id: String,
-        /// One task of an array, by its index.
+        /// One task of an array, or trial of a sweep, by its index.
         #[arg(long)]
         task: Option<u32>,
     },
@@ -68,9 +68,10 @@ pub enum Command {
         /// Start after this job (the last one of the page before).
         #[arg(long)]
         after: Option<String>,
-        /// The tasks of this array (an array is otherwise listed once).
-        #[arg(long)]
-        array: Option<String>,
+        /// The children of this job: a sweep's trials, an array's tasks (each
+        /// is otherwise listed once, without its children).
+        #[arg(long, visible_alias = "array")]
+        parent: Option<String>,
     },
     /// Print a job's logs; `-f` follows them live until the job ends.
     Logs {
@@ -80,14 +81,14 @@ pub enum Command {
         /// Only this instance's log.
         #[arg(long)]
         instance: Option<u32>,
-        /// One task of an array, by its index.
+        /// One task of an array, or trial of a sweep, by its index.
         #[arg(long)]
         task: Option<u32>,
     },
     /// Why the job is where it is: what the scheduler and autoscaler see, what blocks.
     Why {
         id: String,
-        /// One task of an array, by its index.
+        /// One task of an array, or trial of a sweep, by its index.
         #[arg(long)]
         task: Option<u32>,
     },
@@ -118,7 +119,7 @@ pub enum Command {
         /// Only this metric (repeat for several); its points are listed.
         #[arg(long)]
         name: Vec<String>,
-        /// One task of an array, by its index.
+        /// One task of an array, or trial of a sweep, by its index.
         #[arg(long)]
         task: Option<u32>,
     },
@@ -460,6 +461,12 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     if let Some(task) = &job.task {
         println!("task:      index {} of array {}", task.index, task.array_id);
     }
+    if let Some(sweep) = &job.sweep {
+        print_sweep(&job.id, sweep);
+    }
+    if let Some(trial) = &job.trial {
+        println!("trial:     {} of sweep {}", trial.index, trial.sweep_id);
+    }
     if job.millicpus > 0 {
         let share = shoal_coordinator::model::Resources::from_wire(job.millicpus, job.memory_bytes);
         println!("resources: {share} each");
@@ -693,7 +700,81 @@ pub fn mini_batch_text(progress: &pb::Progress) -> String {
     text
 }
 
+/// A sweep's search, then its trials: parameters, status and primary metric, the best marked.
+fn print_sweep(id: &str, sweep: &pb::SweepProgress) {
+    let policy = if sweep.early_termination.is_empty() {
+        String::new()
+    } else {
+        format!("; early termination: {}", sweep.early_termination)
+    };
+    println!(
+        "sweep:     {} sampling to {} {}; {} trials at most, {} at once{policy}",
+        sweep.sampling,
+        sweep.goal,
+        sweep.primary_metric,
+        sweep.max_total_trials,
+        sweep.max_concurrent_trials
+    );
+    if let Some(best) = sweep.best.and_then(|b| sweep.trials.get(b as usize)) {
+        let score = best.score.map(|s| s.to_string()).unwrap_or_default();
+        println!(
+            "best:      trial {} ({}): {} {score}",
+            best.index, best.job_id, sweep.primary_metric
+        );
+    }
+    println!(
+        "trials:    {} made; `shoal job list --parent {id}`, `--task K` for one",
+        sweep.trials.len()
+    );
+    if sweep.trials.is_empty() {
+        return;
+    }
+    let metric = sweep.primary_metric.to_uppercase();
+    let mut table = output::table(&["  TRIAL", "JOB", "STATUS", &metric, "PARAMS", ""]);
+    let rows = sweep.trials.iter().map(|t| {
+        let params: Vec<String> = t.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        vec![
+            format!("  {}", t.index),
+            t.job_id.clone(),
+            t.status.clone(),
+            t.score.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            params.join(" "),
+            if sweep.best == Some(t.index) {
+                "best".into()
+            } else {
+                String::new()
+            },
+        ]
+    });
+    for row in rows {
+        table.add_row(row);
+    }
+    println!("{table}");
+}
+
 fn progress_text(job: &pb::Job) -> String {
+    if let Some(sweep) = &job.sweep {
+        let ended = sweep
+            .trials
+            .iter()
+            .filter(|t| t.status != "running")
+            .count();
+        let best = sweep
+            .best
+            .and_then(|b| sweep.trials.get(b as usize))
+            .and_then(|t| {
+                t.score
+                    .map(|s| format!(", best {} {s} ({})", sweep.primary_metric, t.job_id))
+            })
+            .unwrap_or_default();
+        return format!(
+            "{} {} · {ended} of {} trials ended, {} running{best}",
+            job.id,
+            job.status,
+            sweep.max_total_trials,
+            sweep.trials.len() - ended
+        );
+    }
     if let Some(progress) = &job.progress {
         return format!("{} {} {}", job.id, job.status, mini_batch_text(progress));
     }
@@ -719,8 +800,18 @@ async fn task_id(client: &Client, id: String, index: Option<u32>) -> anyhow::Res
     let Some(index) = index else {
         return Ok(id);
     };
-    let Some(array) = get_job(client, &id).await?.array else {
-        bail!("job {id} is not an array: leave --task out");
+    let job = get_job(client, &id).await?;
+    if let Some(sweep) = job.sweep {
+        return match sweep.trials.get(index as usize) {
+            Some(trial) => Ok(trial.job_id.clone()),
+            None => bail!(
+                "sweep {id} has no trial {index} yet ({} made so far)",
+                sweep.trials.len()
+            ),
+        };
+    }
+    let Some(array) = job.array else {
+        bail!("job {id} is neither an array nor a sweep: leave --task out");
     };
     let spec =
         shoal_coordinator::api::convert::array_spec_from_wire(&array.spec.unwrap_or_default());
@@ -981,14 +1072,14 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             cluster,
             limit,
             after,
-            array,
+            parent,
         } => {
             let page = jobs
                 .list(pb::ListJobsRequest {
                     cluster: cluster.unwrap_or_default(),
                     limit,
                     after: after.clone().unwrap_or_default(),
-                    array: array.unwrap_or_default(),
+                    array: parent.unwrap_or_default(),
                 })
                 .await
                 .map_err(status)?

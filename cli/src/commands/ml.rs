@@ -274,7 +274,7 @@ pub async fn run(args: MlArgs, endpoint: &str, format: Format) -> anyhow::Result
                     cluster: None,
                     limit: max_results,
                     after: None,
-                    array: None,
+                    parent: None,
                 },
                 Job::Cancel(name) => job::Command::Cancel {
                     id: name.name,

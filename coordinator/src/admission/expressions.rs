@@ -52,6 +52,8 @@ pub struct Known<'a> {
     /// Data inputs (paths on the node).
     pub data: &'a BTreeSet<String>,
     pub outputs: &'a BTreeSet<String>,
+    /// A sweep's hyperparameters (each trial puts its values in).
+    pub search_space: &'a BTreeSet<String>,
 }
 
 impl Known<'_> {
@@ -100,11 +102,23 @@ pub fn resolve(command: &str, known: &Known) -> Result<String> {
                     ));
                 }
             }
+            "search_space" if known.search_space.contains(&expr.name) => {
+                out.push_str(&format!("${{{{search_space.{}}}}}", expr.name));
+            }
+            "search_space" if !known.search_space.is_empty() => {
+                return Err(Error::invalid(
+                    "trial.command",
+                    format!(
+                        "`{written}` names no hyperparameter; declare `search_space: {{{}: {{type: ..., ...}}}}`",
+                        expr.name
+                    ),
+                ));
+            }
             other => {
                 return Err(Error::invalid(
                     "command",
                     format!(
-                        "`{written}`: a command job's command may name `inputs.X` and `outputs.X`, not `{other}`"
+                        "`{written}`: a command job's command may name `inputs.X` and `outputs.X`, not `{other}` (`search_space.X` belongs to a sweep's trial)"
                     ),
                 ));
             }
@@ -153,6 +167,8 @@ pub fn placeholders(command: &str) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
+    static EMPTY: BTreeSet<String> = BTreeSet::new();
+
     fn known<'a>(
         literals: &'a BTreeMap<String, String>,
         data: &'a BTreeSet<String>,
@@ -162,6 +178,7 @@ mod tests {
             literals,
             data,
             outputs,
+            search_space: &EMPTY,
         }
     }
 

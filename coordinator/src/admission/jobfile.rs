@@ -89,6 +89,16 @@ pub struct JobFile {
     pub task: Option<Task>,
     #[serde(default)]
     pub output: Option<Output>,
+
+    // type: sweep (the trial's keys are read as the job's own: `flatten_sweep`)
+    #[serde(default)]
+    pub search_space: Option<Value>,
+    #[serde(default)]
+    pub sampling_algorithm: Option<Value>,
+    #[serde(default)]
+    pub objective: Option<Value>,
+    #[serde(default)]
+    pub early_termination: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,9 +187,16 @@ pub struct Resources {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Seconds.
+    /// Seconds (a sweep's: the whole sweep).
     #[serde(default)]
     pub timeout: Option<u64>,
+    /// A sweep's: seconds each trial may run.
+    #[serde(default)]
+    pub trial_timeout: Option<u64>,
+    #[serde(default)]
+    pub max_total_trials: Option<u32>,
+    #[serde(default)]
+    pub max_concurrent_trials: Option<u32>,
 }
 
 /// YAML values people write for env vars and tags: `1`, `true`, `"x"` all become text.
@@ -217,16 +234,80 @@ pub fn document(text: &str) -> Result<Value> {
     }
 }
 
-/// `command` and `parallel` jobs run here; other types (pipeline, sweep, ...) are
-/// refused by name before their keys are read.
+/// `command`, `parallel` and `sweep` jobs run here; other types (pipeline, ...)
+/// are refused by name before their keys are read.
 pub fn check_type(kind: &str) -> Result<()> {
     match kind {
-        "command" | "parallel" => Ok(()),
+        "command" | "parallel" | "sweep" => Ok(()),
         other => Err(Error::invalid(
             "type",
-            format!("`{other}` jobs are not supported; use `type: command` or `type: parallel`"),
+            format!(
+                "`{other}` jobs are not supported; use `type: command`, `type: parallel` or `type: sweep`"
+            ),
         )),
     }
+}
+
+/// Keys a sweep's `trial` (a command job) may have.
+const TRIAL_KEYS: &[&str] = &[
+    "type",
+    "command",
+    "code",
+    "environment",
+    "environment_variables",
+    "resources",
+    "distribution",
+    "argv",
+];
+
+/// A sweep's `trial` read into the job's own keys, so the trial is checked as
+/// the command job it is (a key given both in `trial` and at the top is refused).
+fn flatten_sweep(doc: &mut Value) -> Result<()> {
+    let Value::Object(map) = doc else {
+        return Ok(());
+    };
+    let trial = match map.remove("trial") {
+        Some(Value::Object(trial)) => trial,
+        Some(Value::String(reference)) => {
+            return Err(Error::invalid(
+                "trial",
+                format!(
+                    "`{reference}`: a trial from a component file is not read here; write the command job inline: trial: {{command: ..., code: ..., environment: ...}}"
+                ),
+            ));
+        }
+        _ => {
+            return Err(Error::invalid(
+                "trial",
+                "a sweep needs a trial, the command job each trial runs: trial: {command: python train.py --lr ${{search_space.lr}}, code: ./src}",
+            ));
+        }
+    };
+    for (key, value) in trial {
+        if !TRIAL_KEYS.contains(&key.as_str()) {
+            return Err(Error::invalid(
+                format!("trial.{key}"),
+                format!(
+                    "a trial has {}; inputs, outputs, compute and limits are the sweep's own keys",
+                    TRIAL_KEYS[1..].join(", ")
+                ),
+            ));
+        }
+        if key == "type" {
+            if value.as_str() != Some("command") {
+                return Err(Error::invalid("trial.type", "a trial is a command job"));
+            }
+            continue;
+        }
+        if map.contains_key(&key) {
+            return Err(Error::invalid(
+                format!("trial.{key}"),
+                format!("`{key}` is given both in the trial and at the top of the sweep; keep one"),
+            ));
+        }
+        map.insert(key, value);
+    }
+    Ok(())
 }
 
 impl JobFile {
@@ -234,9 +315,12 @@ impl JobFile {
         Self::from_document(document(text)?)
     }
 
-    pub fn from_document(doc: Value) -> Result<Self> {
+    pub fn from_document(mut doc: Value) -> Result<Self> {
         if let Some(kind) = doc.get("type").and_then(Value::as_str) {
             check_type(kind)?;
+            if kind == "sweep" {
+                flatten_sweep(&mut doc)?;
+            }
         }
         serde_json::from_value(doc).map_err(|e| Error::invalid("job file", e.to_string()))
     }
@@ -264,11 +348,61 @@ impl JobFile {
                 "mini_batch_size, task, output and retry_settings belong to `type: parallel` jobs",
             ));
         }
+        let limits = self.limits.as_ref();
+        let sweep_only = self.search_space.is_some()
+            || self.sampling_algorithm.is_some()
+            || self.objective.is_some()
+            || self.early_termination.is_some()
+            || limits.is_some_and(|l| {
+                l.trial_timeout.is_some()
+                    || l.max_total_trials.is_some()
+                    || l.max_concurrent_trials.is_some()
+            });
+        if sweep_only && !self.is_sweep() {
+            return Err(Error::invalid(
+                "type",
+                "search_space, sampling_algorithm, objective, early_termination and the trial limits belong to `type: sweep` jobs",
+            ));
+        }
+        if self.is_sweep() && self.array.is_some() {
+            return Err(Error::invalid(
+                "array",
+                "a sweep makes its own trials; it cannot be an array",
+            ));
+        }
         Ok(())
     }
 
     pub fn is_parallel(&self) -> bool {
         self.kind.as_deref() == Some("parallel")
+    }
+
+    pub fn is_sweep(&self) -> bool {
+        self.kind.as_deref() == Some("sweep")
+    }
+
+    /// Seconds each instance may run: a sweep's `limits.trial_timeout`, else `limits.timeout`.
+    pub fn instance_timeout(&self) -> Option<u64> {
+        let limits = self.limits.as_ref()?;
+        if self.is_sweep() {
+            limits.trial_timeout
+        } else {
+            limits.timeout
+        }
+    }
+
+    /// A sweep's keys, as written.
+    pub fn sweep_keys(&self) -> crate::sweep::SweepKeys<'_> {
+        let limits = self.limits.as_ref();
+        crate::sweep::SweepKeys {
+            search_space: self.search_space.as_ref(),
+            sampling_algorithm: self.sampling_algorithm.as_ref(),
+            objective: self.objective.as_ref(),
+            early_termination: self.early_termination.as_ref(),
+            max_total_trials: limits.and_then(|l| l.max_total_trials),
+            max_concurrent_trials: limits.and_then(|l| l.max_concurrent_trials),
+            timeout: limits.and_then(|l| l.timeout),
+        }
     }
 
     /// The input a parallel job cuts into mini-batches: the one named `data`, or

@@ -141,6 +141,8 @@ pub struct Draft {
     /// The command with literals put in and optional parts settled; None for an
     /// argv job.
     pub command: Option<String>,
+    /// A sweep: its search space, sampling, objective, limits and policy.
+    pub sweep: Option<crate::sweep::SweepSpec>,
 }
 
 /// Names of inputs and outputs: letters, digits and `_`, starting with a letter or `_`.
@@ -360,6 +362,18 @@ pub fn draft(mut doc: Value, sets: &[String]) -> Result<Draft> {
         Some(value) => EnvDecl::parse("environment", value, &mut warnings)?,
     };
     let code = file.code_dir()?;
+    let sweep = if file.is_sweep() {
+        Some(crate::sweep::SweepSpec::parse(
+            &file.sweep_keys(),
+            &mut warnings,
+        )?)
+    } else {
+        None
+    };
+    let hyperparameters: BTreeSet<String> = sweep
+        .iter()
+        .flat_map(|s| s.search_space.keys().cloned())
+        .collect();
     let compute = match file.compute.as_deref().map(str::trim) {
         None | Some("") => None,
         Some("local") => {
@@ -379,10 +393,17 @@ pub fn draft(mut doc: Value, sets: &[String]) -> Result<Draft> {
                 literals: &literals,
                 data: &data,
                 outputs: &names,
+                search_space: &hyperparameters,
             };
             Some(expressions::resolve(&line, &known)?)
         }
     };
+    if sweep.is_some() && command.is_none() && file.argv.is_empty() {
+        return Err(Error::invalid(
+            "trial.command",
+            "a sweep's trial needs a command: trial: {command: python train.py --lr ${{search_space.lr}}}",
+        ));
+    }
     if file.is_parallel() && !outputs.is_empty() {
         return Err(Error::invalid(
             "outputs",
@@ -399,6 +420,7 @@ pub fn draft(mut doc: Value, sets: &[String]) -> Result<Draft> {
         code,
         compute,
         command,
+        sweep,
     })
 }
 

@@ -191,7 +191,7 @@ impl Api {
             command: draft.command.clone().unwrap_or_default(),
             environment_variables: file.env().into_iter().collect(),
             instance_count,
-            timeout_seconds: file.limits.as_ref().and_then(|l| l.timeout).unwrap_or(0),
+            timeout_seconds: file.instance_timeout().unwrap_or(0),
             code,
             image: env.image.clone().unwrap_or_default(),
             max_preemptions: file.max_preemptions,
@@ -231,7 +231,9 @@ impl Api {
             shm_size_bytes,
         };
         let warnings = extras.warnings.clone();
-        let job = self.submit_with(spec, extras, stored).await?;
+        let job = self
+            .submit_with(spec, extras, draft.sweep.clone(), stored)
+            .await?;
         info!(job = %job.id, warnings = warnings.len(), "job file admitted");
         Ok((job, warnings))
     }

@@ -45,6 +45,85 @@ pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
     }
 }
 
+/// A sweep's record as people read it: the trials' final scores (live trials'
+/// latest ones are filled in by the API from tracking), and the best so far.
+pub fn sweep_progress(state: &crate::model::SweepState) -> pb::SweepProgress {
+    use crate::sweep::{Goal, Policy, Sampling, Slack, value_text};
+    let spec = &state.spec;
+    let policy = match &spec.early_termination {
+        None => String::new(),
+        Some(Policy::Bandit {
+            slack,
+            evaluation_interval,
+            delay_evaluation,
+        }) => {
+            let slack = match slack {
+                Slack::Factor(f) => format!("slack_factor {f}"),
+                Slack::Amount(a) => format!("slack_amount {a}"),
+            };
+            format!(
+                "bandit ({slack}, every {evaluation_interval} reports after {delay_evaluation})"
+            )
+        }
+        Some(Policy::MedianStopping {
+            evaluation_interval,
+            delay_evaluation,
+        }) => format!(
+            "median stopping (every {evaluation_interval} reports after {delay_evaluation})"
+        ),
+        Some(Policy::TruncationSelection {
+            truncation_percentage,
+            evaluation_interval,
+            delay_evaluation,
+            ..
+        }) => format!(
+            "truncation selection ({truncation_percentage}%, every {evaluation_interval} reports after {delay_evaluation})"
+        ),
+    };
+    let scored: Vec<(u32, f64)> = state
+        .trials
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.score.map(|s| (i as u32, s)))
+        .collect();
+    pb::SweepProgress {
+        primary_metric: spec.objective.primary_metric.clone(),
+        goal: match spec.objective.goal {
+            Goal::Maximize => "maximize",
+            Goal::Minimize => "minimize",
+        }
+        .into(),
+        sampling: match spec.sampling {
+            Sampling::Random => "random",
+            Sampling::Grid => "grid",
+            Sampling::Bayesian => "bayesian",
+        }
+        .into(),
+        max_total_trials: spec.max_total_trials,
+        max_concurrent_trials: spec.max_concurrent_trials,
+        early_termination: policy,
+        trials: state
+            .trials
+            .iter()
+            .enumerate()
+            .map(|(index, t)| pb::TrialSummary {
+                index: index as u32,
+                job_id: crate::control::job_id(t.seq),
+                params: t
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), value_text(v)))
+                    .collect(),
+                status: t.ended.map_or("running", |s| s.as_str()).into(),
+                score: t.score,
+            })
+            .collect(),
+        best: state
+            .best
+            .or_else(|| crate::sweep::best(spec, &scored).map(|(i, _)| i)),
+    }
+}
+
 /// The code bytes are taken out by the API first (they go to the artifact store).
 pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Result<JobRequest> {
     let distribution = spec.distribution.map(distribution).transpose()?;
@@ -63,6 +142,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         gpus_per_instance: spec.gpus_per_instance,
         resources: crate::model::Resources::share(spec.cpus, spec.memory_bytes)?,
         array: spec.array.as_ref().map(array_spec_from_wire),
+        sweep: None,
         distribution,
         parallel,
         extras: Default::default(),
@@ -328,6 +408,11 @@ pub fn job(job: &Job) -> pb::Job {
         }),
         task: job.task.map(|t| pb::TaskOf {
             array_id: crate::control::job_id(t.array_seq),
+            index: t.index,
+        }),
+        sweep: job.sweep.as_deref().map(sweep_progress),
+        trial: job.trial.map(|t| pb::TrialOf {
+            sweep_id: crate::control::job_id(t.sweep_seq),
             index: t.index,
         }),
         flags: job.flags.to_vec(),

@@ -248,9 +248,9 @@ struct JobPage {
     limit: Option<usize>,
     #[serde(default)]
     after: Option<String>,
-    /// An array's tasks.
-    #[serde(default)]
-    array: Option<String>,
+    /// A record's children: a sweep's trials (`?parent=job-N`), an array's tasks.
+    #[serde(default, alias = "array")]
+    parent: Option<String>,
 }
 
 /// Newest first, a page at a time: `?limit=N&after=job-K` (the last of the page
@@ -262,7 +262,7 @@ async fn list_jobs(
     let (jobs, next) = api
         .list_jobs(
             page.cluster,
-            page.array.as_deref(),
+            page.parent.as_deref(),
             page.limit.unwrap_or(0),
             page.after.as_deref(),
         )
@@ -301,7 +301,7 @@ async fn submit_job(
 
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {
     let job = api.job(&id).await?;
-    Ok(Json(view::Job::from(&convert::job(&job))))
+    Ok(Json(view::Job::from(&api.job_wire(&job).await?)))
 }
 
 async fn cancel_job(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<view::Job> {

@@ -39,19 +39,44 @@ impl Api {
         }
     }
 
+    /// A job as the wire has it; a running sweep's live trials carry their
+    /// primary metric's latest value, read from tracking.
+    pub async fn job_wire(&self, job: &Job) -> Result<pb::Job> {
+        let mut wire = convert::job(job);
+        if let (Some(state), Some(progress), Some(tracking)) =
+            (job.sweep.as_deref(), wire.sweep.as_mut(), &self.tracking)
+        {
+            let live: Vec<usize> = (0..state.trials.len())
+                .filter(|i| !state.trials[*i].settled)
+                .collect();
+            let ids = live
+                .iter()
+                .map(|i| crate::control::job_id(state.trials[*i].seq))
+                .collect();
+            let values = tracking
+                .metric_values(ids, &state.spec.objective.primary_metric)
+                .await?;
+            for (i, series) in live.into_iter().zip(values) {
+                progress.trials[i].score = series.last().copied();
+            }
+        }
+        Ok(wire)
+    }
+
     /// A page of jobs, newest first, after the job `after` (the last of the page
     /// before); and the job to continue after when there may be more.
     pub async fn list_jobs(
         &self,
         cluster: Option<String>,
-        array: Option<&str>,
+        parent: Option<&str>,
         limit: usize,
         after: Option<&str>,
     ) -> Result<(Vec<Job>, Option<String>)> {
-        let array = match array {
+        // A sweep's trials or an array's tasks.
+        let parent = match parent {
             None => None,
             Some(id) => Some(seq_of(id).ok_or_else(|| {
-                Error::invalid("array", format!("`{id}` is not a job id (job-N)"))
+                Error::invalid("parent", format!("`{id}` is not a job id (job-N)"))
             })?),
         };
         let limit = match limit {
@@ -64,7 +89,7 @@ impl Api {
                 Error::invalid("after", format!("`{id}` is not a job id (job-N)"))
             })?),
         };
-        let mut page = self.reader.jobs(cluster, array, before, limit).await?;
+        let mut page = self.reader.jobs(cluster, parent, before, limit).await?;
         // Live jobs as the loop has them now (progress included).
         let live: Vec<String> = page
             .iter()
@@ -185,7 +210,15 @@ impl Api {
     }
 
     pub async fn outputs(&self, job_id: String) -> Result<pb::OutputsList, Status> {
-        let job = self.job(&job_id).await?;
+        let mut job = self.job(&job_id).await?;
+        // A sweep's outputs are its best trial's.
+        if let Some(best) = job
+            .sweep
+            .as_deref()
+            .and_then(|s| s.best.and_then(|b| s.trials.get(b as usize)))
+        {
+            job = self.job(&crate::control::job_id(best.seq)).await?;
+        }
         let mut list = pb::OutputsList {
             outputs: Vec::new(),
             files: self.output_files(&job).await?,
@@ -334,7 +367,11 @@ impl Api {
                     }
                 };
                 let settled = job.is_settled();
-                if tx.send(Ok(convert::job(&job))).await.is_err() || settled {
+                let wire = match api.job_wire(&job).await {
+                    Ok(wire) => wire,
+                    Err(_) => convert::job(&job),
+                };
+                if tx.send(Ok(wire)).await.is_err() || settled {
                     return;
                 }
                 // A queued job's reason is its cluster's: it changes with the cluster.

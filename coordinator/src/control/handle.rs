@@ -69,6 +69,13 @@ impl ControlHandle {
     pub async fn delete_job(&self, id: String) -> Result<()> {
         self.ask(|r| Command::DeleteJob(id, r)).await
     }
+    pub async fn running_sweeps(&self) -> Result<Vec<Job>> {
+        self.ask(Command::RunningSweeps).await
+    }
+    pub async fn step_sweep(&self, id: String, plan: crate::sweep::Plan) -> Result<()> {
+        self.ask(|reply| Command::StepSweep { id, plan, reply })
+            .await
+    }
     pub async fn cancel_job(&self, id: String) -> Result<Job> {
         self.ask(|r| Command::CancelJob(id, r)).await
     }

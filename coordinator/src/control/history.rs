@@ -72,6 +72,11 @@ impl Control {
                     job.status.as_str()
                 )));
             }
+            if job.sweep.as_deref().is_some_and(|s| s.live() > 0) {
+                return Err(Error::FailedPrecondition(format!(
+                    "sweep `{id}` has trials still stopping; delete it once they have ended"
+                )));
+            }
             self.drop_job(id);
         }
         self.delete_jobs.push(id.to_string());

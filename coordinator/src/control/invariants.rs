@@ -182,7 +182,7 @@ impl Control {
         let queued = self
             .jobs
             .values()
-            .filter(|j| j.status == JobStatus::Queued && j.array.is_none() && !self.is_held(j))
+            .filter(|j| j.status == JobStatus::Queued && !j.is_record() && !self.is_held(j))
             .count();
         if queued != self.queue.len() {
             broken.push(format!(

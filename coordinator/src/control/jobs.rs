@@ -38,7 +38,17 @@ impl Control {
                 ));
             }
         }
+        let sweep = request.sweep.take();
+        if sweep.is_some() && (array.is_some() || request.parallel.is_some()) {
+            return Err(Error::invalid(
+                "type",
+                "a sweep makes its own trials; it cannot be an array or a parallel job",
+            ));
+        }
         let spec = JobSpec::from_request(request, &cluster.spec, size)?;
+        if let Some(sweep) = sweep {
+            return self.submit_sweep(spec, sweep, now);
+        }
         let seq = self.next_job_seq;
         let tasks = array.map_or(0, |a| u64::from(a.count()));
         self.next_job_seq += 1 + tasks;
@@ -58,6 +68,8 @@ impl Control {
             flags: Default::default(),
             array: None,
             task: None,
+            sweep: None,
+            trial: None,
             progress: None,
         };
         let Some(array) = array else {
@@ -255,6 +267,9 @@ impl Control {
                 job.status.as_str()
             )));
         }
+        if job.sweep.is_some() {
+            return self.cancel_sweep(id, now);
+        }
         if let Some(state) = job.array.as_deref() {
             // The whole array: every task that has not ended, held ones too.
             let (first, count) = (Task::seq(job.seq, 0), state.spec.count());
@@ -315,10 +330,10 @@ impl Control {
             .dirty_jobs
             .iter()
             .filter_map(|id| self.jobs.get(id))
-            // An array's own record has no attempts: its tasks decide (`account_arrays`).
+            // A record has no attempts: its tasks decide (`account_arrays`), or its trials (`trial_ended`).
             .filter(|j| {
                 j.status == JobStatus::Canceling
-                    && j.array.is_none()
+                    && !j.is_record()
                     && j.attempts.iter().all(Attempt::is_settled)
             })
             .map(|j| (j.id.to_string(), j.reason.clone()))
@@ -379,7 +394,11 @@ impl Control {
             }
             job.reason = reason;
             job.ended_at = now;
+            let trial = job.trial.filter(|_| newly);
             self.dirty_jobs.insert(job_id.to_string());
+            if let Some(trial) = trial {
+                self.trial_ended(trial, status, now);
+            }
         }
     }
 }

@@ -1501,3 +1501,183 @@ fn no_task_is_booked_ahead_behind_a_slow_one_or_while_a_node_is_coming() {
     );
     let _ = array;
 }
+
+fn sweep_spec(total: u32, concurrent: u32) -> crate::sweep::SweepSpec {
+    use crate::sweep::{Goal, Objective, Param, Sampling, SweepSpec};
+    SweepSpec {
+        search_space: [(
+            "lr".to_string(),
+            Param::Uniform {
+                min_value: 0.0,
+                max_value: 1.0,
+            },
+        )]
+        .into(),
+        sampling: Sampling::Random,
+        seed: None,
+        objective: Objective {
+            goal: Goal::Maximize,
+            primary_metric: "accuracy".into(),
+        },
+        max_total_trials: total,
+        max_concurrent_trials: concurrent,
+        timeout_seconds: None,
+        early_termination: None,
+    }
+}
+
+/// The conductor's side, by hand: plans from the record as it stands, metrics given.
+fn plan_sweep(m: &mut Machine, id: &str, metrics: &[f64]) -> crate::sweep::Plan {
+    let record = m.job(id);
+    let state = record.sweep.as_deref().expect("a sweep");
+    let trials: Vec<crate::sweep::TrialState> = state
+        .trials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| crate::sweep::TrialState {
+            index: i as u32,
+            params: t.params.clone(),
+            ended: t.ended,
+            settled: t.settled,
+            score: t.score,
+            series: metrics.get(i).map(|v| vec![*v]).unwrap_or_default(),
+        })
+        .collect();
+    crate::sweep::plan(&state.spec, record.seq, &trials, 0)
+}
+
+#[test]
+fn a_sweep_makes_trials_as_planned_refuses_a_stale_plan_and_cancels_whole() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let sweep = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "train --lr ${{search_space.lr}}".into(),
+        ],
+        sweep: Some(sweep_spec(5, 2)),
+        ..Default::default()
+    });
+    assert_eq!(m.job(&sweep).status, JobStatus::Running);
+    let plan = plan_sweep(&mut m, &sweep, &[]);
+    assert_eq!(plan.start.len(), 2);
+    let stale = plan.clone();
+    m.ask(|reply| Command::StepSweep {
+        id: sweep.clone(),
+        plan,
+        reply,
+    })
+    .expect("applied");
+    // The same plan again would make trials 0 and 1 twice: refused.
+    let err = m
+        .ask(|reply| Command::StepSweep {
+            id: sweep.clone(),
+            plan: stale,
+            reply,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("moved on"), "{err}");
+    let record = m.job(&sweep);
+    let state = record.sweep.as_deref().expect("a sweep");
+    assert_eq!(state.trials.len(), 2);
+    let first = job_id(state.trials[0].seq);
+    let trial = m.job(&first);
+    assert_eq!(
+        trial.trial.map(|t| (t.sweep_seq, t.index)),
+        Some((record.seq, 0))
+    );
+    let lr = crate::sweep::value_text(&state.trials[0].params["lr"]);
+    assert_eq!(trial.spec.argv[2], format!("train --lr {lr}"));
+    assert_eq!(trial.spec.environment_variables["AZUREML_SWEEP_lr"], lr);
+    assert_eq!(trial.status, JobStatus::Queued);
+
+    // Canceling the sweep cancels its trials (queued: at once), then the sweep.
+    let canceled = m
+        .ask(|reply| Command::CancelJob(sweep.clone(), reply))
+        .expect("cancel");
+    assert_eq!(canceled.status, JobStatus::Canceled);
+    for entry in &m.job(&sweep).sweep.expect("a sweep").trials {
+        let trial = m.job(&job_id(entry.seq));
+        assert_eq!(trial.status, JobStatus::Canceled);
+        assert_eq!(trial.reason.to_string(), "canceled with its sweep");
+        assert_eq!(entry.ended, Some(JobStatus::Canceled));
+    }
+    // A canceled sweep takes no more plans.
+    let late = plan_sweep(&mut m, &sweep, &[]);
+    let err = m
+        .ask(|reply| Command::StepSweep {
+            id: sweep.clone(),
+            plan: late,
+            reply,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("makes no more trials"), "{err}");
+    assert!(m.control.invariant_violations().is_empty());
+}
+
+#[test]
+fn a_completed_trial_without_its_metric_fails_and_the_sweep_ends_with_its_best() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 30);
+    let sweep = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        sweep: Some(sweep_spec(2, 2)),
+        ..Default::default()
+    });
+    let plan = plan_sweep(&mut m, &sweep, &[]);
+    m.ask(|reply| Command::StepSweep {
+        id: sweep.clone(),
+        plan,
+        reply,
+    })
+    .expect("applied");
+    let nodes = m.created.clone();
+    let mut agents: Vec<_> = nodes.iter().map(|n| m.register(n, "cl")).collect();
+    for (node, agent) in nodes.iter().zip(agents.iter_mut()) {
+        for order in launches(agent) {
+            m.started(node, &order);
+            m.step(vec![exit(node, order.slot.clone(), "completed")]);
+        }
+    }
+    let trials = m.job(&sweep).sweep.expect("a sweep").trials;
+    assert!(
+        trials.iter().all(|t| t.ended == Some(JobStatus::Completed)),
+        "{trials:?}"
+    );
+    let before = m.control.job_counts();
+    // Trial 0 logged 0.7; trial 1 logged nothing.
+    let plan = plan_sweep(&mut m, &sweep, &[0.7]);
+    m.ask(|reply| Command::StepSweep {
+        id: sweep.clone(),
+        plan,
+        reply,
+    })
+    .expect("applied");
+    let silent = m.job(&job_id(trials[1].seq));
+    assert_eq!(silent.status, JobStatus::Failed);
+    assert!(
+        silent
+            .reason
+            .to_string()
+            .starts_with("primary metric `accuracy` was never logged")
+    );
+    // The silent trial moved from completed to failed; the sweep completed.
+    let counts = m.control.job_counts();
+    assert_eq!(counts[&JobStatus::Completed], before[&JobStatus::Completed]);
+    assert_eq!(
+        counts.get(&JobStatus::Failed).copied().unwrap_or(0),
+        before.get(&JobStatus::Failed).copied().unwrap_or(0) + 1
+    );
+    let record = m.job(&sweep);
+    assert_eq!(record.status, JobStatus::Completed);
+    assert_eq!(record.sweep.as_deref().and_then(|s| s.best), Some(0));
+    assert!(
+        record.reason.to_string().contains(&job_id(trials[0].seq)),
+        "{}",
+        record.reason
+    );
+    assert!(m.control.invariant_violations().is_empty());
+}

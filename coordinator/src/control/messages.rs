@@ -178,6 +178,14 @@ pub enum Command {
     /// Deletes an ended job with its logs, rows and files.
     DeleteJob(String, Reply<()>),
     CancelJob(String, Reply<Job>),
+    /// The sweeps still making trials (their records).
+    RunningSweeps(Reply<Vec<Job>>),
+    /// A conductor's plan for one sweep, applied in one commit.
+    StepSweep {
+        id: String,
+        plan: crate::sweep::Plan,
+        reply: Reply<()>,
+    },
     ListNodes(Option<String>, Reply<Vec<Node>>),
     /// Locks a cluster (None: unlocks it).
     LockCluster {

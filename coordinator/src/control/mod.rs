@@ -334,7 +334,7 @@ impl Control {
                 // Its array's counts were committed with its status.
                 task.counted = Some(status);
             }
-            if job.status == JobStatus::Queued && job.array.is_none() {
+            if job.status == JobStatus::Queued && !job.is_record() {
                 queued.push(job.seq);
             }
             if let Err(e) = control.jobs.insert(job) {
@@ -444,6 +444,13 @@ impl Control {
             }
             Command::DeleteJob(id, reply) => {
                 let result = self.delete_job(&id);
+                self.defer(reply, result);
+            }
+            Command::RunningSweeps(reply) => {
+                let _ = reply.send(Ok(self.running_sweeps()));
+            }
+            Command::StepSweep { id, plan, reply } => {
+                let result = self.step_sweep(&id, plan, now);
                 self.defer(reply, result);
             }
             Command::CancelJob(id, reply) => {
@@ -785,6 +792,7 @@ pub mod ownership;
 mod parallel;
 mod queue;
 mod successors;
+mod sweeps;
 pub use decide::waiting_reason;
 pub use driver::Driver;
 pub use effects::{Effects, Link, Timings};

@@ -78,7 +78,7 @@ impl Control {
     pub(super) fn job_out(&self, job: &Job, now: Millis) -> Job {
         let mut out = job.clone();
         if job.status == JobStatus::Queued
-            && job.array.is_none()
+            && !job.is_record()
             && let Some(reason) = self.queued_reason(job)
         {
             out.reason = JobReason::Said(reason);

@@ -469,6 +469,46 @@ impl Task {
     }
 }
 
+/// A sweep's own record: its spec, and one entry per trial made so far (trial
+/// `k` is the job `trials[k].seq`), kept by the core as trials end and as the
+/// conductor records their results, so the sweep never needs its trials in memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepState {
+    pub spec: crate::sweep::SweepSpec,
+    pub trials: Vec<TrialEntry>,
+    /// The best trial, once the sweep has ended with one.
+    #[serde(default)]
+    pub best: Option<u32>,
+}
+
+impl SweepState {
+    /// Trials that have not ended.
+    pub fn live(&self) -> usize {
+        self.trials.iter().filter(|t| t.ended.is_none()).count()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrialEntry {
+    pub seq: u64,
+    pub params: crate::sweep::Params,
+    #[serde(default)]
+    pub ended: Option<JobStatus>,
+    /// Its result is recorded (`score`, or that it has none).
+    #[serde(default)]
+    pub settled: bool,
+    /// Its primary metric's last value, when it completed with one.
+    #[serde(default)]
+    pub score: Option<f64>,
+}
+
+/// A trial of a sweep: the sweep's sequence number and the trial's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    pub sweep_seq: u64,
+    pub index: u32,
+}
+
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
 /// ones otherwise. Stored flattened into the spec, as `JobExtras` always was.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -650,6 +690,8 @@ pub struct JobRequest {
     pub resources: Resources,
     /// Many tasks of this job in one submission.
     pub array: Option<ArraySpec>,
+    /// A sweep: this job is its trials' template (`${{search_space.X}}` in its command).
+    pub sweep: Option<crate::sweep::SweepSpec>,
     pub distribution: Option<Distribution>,
     /// A parallel job, with its input already cut into mini-batches.
     pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
@@ -994,6 +1036,12 @@ pub struct Job {
     /// A task of an array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<Task>,
+    /// A sweep's own record (it runs nothing itself: its trials do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<Box<SweepState>>,
+    /// A trial of a sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial: Option<Trial>,
     /// A parallel job's progress (derived, filled in for readers; boxed, as
     /// only readers' copies have it).
     #[serde(skip)]
@@ -1012,6 +1060,18 @@ impl Job {
 
     pub fn current_attempt(&self) -> Option<&Attempt> {
         self.attempts.last()
+    }
+
+    /// An array's or a sweep's own record: it runs nothing itself.
+    pub fn is_record(&self) -> bool {
+        self.array.is_some() || self.sweep.is_some()
+    }
+
+    /// The record it belongs to: its array's, or its sweep's.
+    pub fn parent_seq(&self) -> Option<u64> {
+        self.task
+            .map(|t| t.array_seq)
+            .or(self.trial.map(|t| t.sweep_seq))
     }
 
     /// Final, and no instance of any attempt still runs: nothing more can happen to it.

@@ -327,6 +327,19 @@ impl Tracking {
         .await
     }
 
+    /// One metric of each of these jobs, value by value as logged (a sweep's
+    /// trials' primary metric); a job that logged none has none.
+    pub async fn metric_values(&self, job_ids: Vec<String>, key: &str) -> Result<Vec<Vec<f64>>> {
+        let key = key.to_string();
+        self.read(move |conn| {
+            job_ids
+                .iter()
+                .map(|job| store::job_metric_values(conn, job, &key))
+                .collect()
+        })
+        .await
+    }
+
     /// The runs of one job (its attempts' and any it made), newest first.
     pub async fn job_runs(&self, job_id: &str) -> Result<Vec<Run>> {
         let job_id = job_id.to_string();

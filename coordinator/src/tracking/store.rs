@@ -480,6 +480,27 @@ pub fn metric_history(conn: &Connection, run_id: &str, key: &str) -> Result<Vec<
     Ok(points)
 }
 
+/// One metric of a job, value by value in the order logged, from the newest of
+/// its runs that logged it (a rerun attempt's run replaces the one before).
+pub fn job_metric_values(conn: &Connection, job_id: &str, key: &str) -> Result<Vec<f64>> {
+    let runs: Vec<String> = conn
+        .prepare_cached("SELECT run_id FROM runs WHERE job_id = ?1 ORDER BY start_ms DESC, run_id")?
+        .query_map([job_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut points = conn.prepare_cached(
+        "SELECT value FROM metrics WHERE run_id = ?1 AND key = ?2 ORDER BY rowid",
+    )?;
+    for run_id in runs {
+        let values: Vec<f64> = points
+            .query_map(params![run_id, key], |r| Ok(read_value(r.get(0)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !values.is_empty() {
+            return Ok(values);
+        }
+    }
+    Ok(Vec::new())
+}
+
 /// The names of a run's metrics.
 pub fn metric_keys(conn: &Connection, run_id: &str) -> Result<Vec<String>> {
     let mut stmt =

@@ -12,7 +12,7 @@ impl pb::jobs_server::Jobs for Api {
 
     async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         let job = self.job(&request.into_inner().id).await?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(self.job_wire(&job).await?))
     }
 
     async fn list(

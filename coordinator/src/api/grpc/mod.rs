@@ -129,7 +129,7 @@ impl Api {
 
     pub async fn submit(&self, spec: pb::JobSpec) -> Result<pb::Job, Status> {
         let job = self
-            .submit_with(spec, Default::default(), Vec::new())
+            .submit_with(spec, Default::default(), None, Vec::new())
             .await?;
         Ok(convert::job(&job))
     }
@@ -141,6 +141,7 @@ impl Api {
         &self,
         mut spec: pb::JobSpec,
         extras: crate::model::JobExtras,
+        sweep: Option<crate::sweep::SweepSpec>,
         stored: Vec<String>,
     ) -> Result<crate::model::Job, Status> {
         let discard = |paths: Vec<String>| async move {
@@ -186,6 +187,7 @@ impl Api {
             }
         };
         request.extras = extras;
+        request.sweep = sweep;
         match self.control.submit_job(request).await {
             Ok(job) => Ok(job),
             Err(e) => {
