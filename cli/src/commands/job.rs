@@ -45,6 +45,13 @@ pub enum Command {
           model: {type: uri_folder}    # `shoal job download ID --output-name model`\n  \
         resources: {instance_count: 2}   # or a share of a node: {cpus: 0.5, memory: 1g, gpus: 1}\n  \
         limits: {timeout: 3600}        # seconds\n\n\
+        A sweep (the sweepJob schema: `type: sweep`):\n  \
+        trial: {command: python train.py --lr ${{search_space.lr}}, code: ./src, environment: host}\n  \
+        search_space: {lr: {type: loguniform, min_value: -6, max_value: -1}, opt: {type: choice, values: [adam, sgd]}}\n  \
+        sampling_algorithm: random     # {type: random, seed: 7}, grid, bayesian\n  \
+        objective: {goal: maximize, primary_metric: accuracy}   # logged with mlflow.log_metric\n  \
+        limits: {max_total_trials: 20, max_concurrent_trials: 4, timeout: 7200, trial_timeout: 600}\n  \
+        early_termination: {type: bandit, slack_factor: 0.1, delay_evaluation: 3}\n\n\
         Keys of the schema that mean nothing here are accepted with a warning; any other key is an error.")]
     Submit(Box<SubmitArgs>),
     /// Show a job: status, why it waits or how it ended, instances and attempts
