@@ -2,6 +2,28 @@
 
 use super::*;
 
+/// A job just made: queued, no attempts yet.
+pub(super) fn fresh_job(seq: u64, spec: JobSpec, now: Millis) -> Job {
+    Job {
+        id: job_table::job_id(seq).into(),
+        seq,
+        spec,
+        status: JobStatus::Queued,
+        attempts: Default::default(),
+        created_at: now,
+        started_at: 0,
+        ended_at: 0,
+        reason: JobReason::Queued,
+        preemptions: 0,
+        flags: Default::default(),
+        array: None,
+        task: None,
+        sweep: None,
+        trial: None,
+        progress: None,
+    }
+}
+
 impl Control {
     pub(super) fn submit_job(&mut self, request: JobRequest, now: Millis) -> Result<Job> {
         let cluster = self.clusters.get(&request.cluster).ok_or_else(|| {
@@ -54,24 +76,7 @@ impl Control {
         self.next_job_seq += 1 + tasks;
         self.seqs_dirty = true;
         let id = job_table::job_id(seq);
-        let fresh = |seq: u64, spec: JobSpec| Job {
-            id: job_table::job_id(seq).into(),
-            seq,
-            spec,
-            status: JobStatus::Queued,
-            attempts: Default::default(),
-            created_at: now,
-            started_at: 0,
-            ended_at: 0,
-            reason: JobReason::Queued,
-            preemptions: 0,
-            flags: Default::default(),
-            array: None,
-            task: None,
-            sweep: None,
-            trial: None,
-            progress: None,
-        };
+        let fresh = |seq: u64, spec: JobSpec| fresh_job(seq, spec, now);
         let Some(array) = array else {
             let job = fresh(seq, spec);
             debug!(job = %id, cluster = %job.spec.cluster, instances = job.spec.instance_count, "job submitted");

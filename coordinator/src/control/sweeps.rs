@@ -20,26 +20,15 @@ impl Control {
         self.seqs_dirty = true;
         let id = job_table::job_id(seq);
         let job = Job {
-            id: id.clone().into(),
-            seq,
-            spec,
             status: JobStatus::Running,
-            attempts: Default::default(),
-            created_at: now,
             started_at: now,
-            ended_at: 0,
             reason: JobReason::said("sweeping"),
-            preemptions: 0,
-            flags: Default::default(),
-            array: None,
-            task: None,
             sweep: Some(Box::new(SweepState {
                 spec: sweep,
                 trials: Vec::new(),
                 best: None,
             })),
-            trial: None,
-            progress: None,
+            ..super::jobs::fresh_job(seq, spec, now)
         };
         info!(job = %id, cluster = %job.spec.cluster, "sweep submitted");
         self.jobs.insert(job.clone()).map_err(Error::Internal)?;
@@ -173,22 +162,8 @@ impl Control {
         self.seqs_dirty = true;
         let id = job_table::job_id(seq);
         let job = Job {
-            id: id.clone().into(),
-            seq,
-            spec,
-            status: JobStatus::Queued,
-            attempts: Default::default(),
-            created_at: now,
-            started_at: 0,
-            ended_at: 0,
-            reason: JobReason::Queued,
-            preemptions: 0,
-            flags: Default::default(),
-            array: None,
-            task: None,
-            sweep: None,
             trial: Some(Trial { sweep_seq, index }),
-            progress: None,
+            ..super::jobs::fresh_job(seq, spec, now)
         };
         debug!(job = %id, sweep = sweep_seq, index, "trial made");
         self.jobs.insert(job).map_err(Error::Internal)?;
