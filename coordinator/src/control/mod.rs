@@ -212,6 +212,9 @@ pub struct Control {
     /// Arrays whose last task to complete ran under `successors::QUICK_TASK_MS`
     /// (by the array's seq): their nodes are told the next task ahead.
     quick_arrays: HashSet<u64>,
+    /// Sweeps that may still be running (by seq; ended ones leave lazily), so
+    /// the conductor's question does not walk every job.
+    sweeps: BTreeSet<u64>,
     /// Successors booked since the coordinator started (for /metrics).
     successors_booked: u64,
 }
@@ -315,6 +318,7 @@ impl Control {
             lazy_jobs: BTreeSet::new(),
             lazy_since: None,
             quick_arrays: HashSet::new(),
+            sweeps: BTreeSet::new(),
             successors_booked: 0,
         };
         for mut node in snapshot.nodes {
@@ -336,6 +340,9 @@ impl Control {
             }
             if job.status == JobStatus::Queued && !job.is_record() {
                 queued.push(job.seq);
+            }
+            if job.sweep.is_some() && !job.status.is_final() {
+                control.sweeps.insert(job.seq);
             }
             if let Err(e) = control.jobs.insert(job) {
                 error!("stored job left out: {e}");

@@ -32,15 +32,23 @@ impl Control {
         };
         info!(job = %id, cluster = %job.spec.cluster, "sweep submitted");
         self.jobs.insert(job.clone()).map_err(Error::Internal)?;
+        self.sweeps.insert(seq);
         self.dirty_jobs.insert(id);
         Ok(self.job_out(&job, now))
     }
 
-    /// The sweeps still making trials, as their records stand.
-    pub(super) fn running_sweeps(&self) -> Vec<Job> {
-        self.jobs
-            .values()
-            .filter(|j| j.sweep.is_some() && j.status == JobStatus::Running)
+    /// The sweeps still making trials, as their records stand (those that have
+    /// ended leave the index here).
+    pub(super) fn running_sweeps(&mut self) -> Vec<Job> {
+        let jobs = &self.jobs;
+        self.sweeps.retain(|seq| {
+            jobs.by_seq(*seq)
+                .is_some_and(|j| j.sweep.is_some() && !j.status.is_final())
+        });
+        self.sweeps
+            .iter()
+            .filter_map(|seq| self.jobs.by_seq(*seq))
+            .filter(|j| j.status == JobStatus::Running)
             .cloned()
             .collect()
     }

@@ -9,10 +9,11 @@
 
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use super::{TrialState, plan};
-use crate::control::ControlHandle;
+use crate::control::{Change, ControlHandle};
 use crate::model::{Job, now_ms};
 use crate::tracking::Tracking;
 
@@ -23,29 +24,41 @@ const MIN_GAP: Duration = Duration::from_millis(200);
 /// Runs until the control loop stops.
 pub async fn run(control: ControlHandle, tracking: Tracking) {
     let mut changes = control.subscribe_changes();
+    let mut sweeps: Vec<String> = Vec::new();
     loop {
         match pass(&control, &tracking).await {
-            Ok(()) => {}
+            Ok(running) => sweeps = running,
             Err(crate::Error::Internal(why)) if why.contains("shutting down") => return,
             Err(e) => warn!(error = %e, "sweep pass"),
         }
         tokio::time::sleep(MIN_GAP).await;
-        // Woken by any job's change (a trial ending), or by the clock (metrics
-        // come in without one, and so does a timeout).
-        let _ = tokio::time::timeout(EVERY, changes.recv()).await;
-        while changes.try_recv().is_ok() {}
+        // Woken when a running sweep's record changes (a trial of it ended), or
+        // by the clock (metrics come in without a change, and so do timeouts
+        // and new sweeps); other jobs' changes do not wake it.
+        let woken = async {
+            loop {
+                match changes.recv().await {
+                    Ok(Change::Job(id)) if sweeps.contains(&id) => return,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(EVERY, woken).await;
     }
 }
 
-async fn pass(control: &ControlHandle, tracking: &Tracking) -> crate::Result<()> {
-    for record in control.running_sweeps().await? {
-        if let Err(e) = step(control, tracking, &record).await {
+/// One pass over the running sweeps; their ids.
+async fn pass(control: &ControlHandle, tracking: &Tracking) -> crate::Result<Vec<String>> {
+    let running = control.running_sweeps().await?;
+    for record in &running {
+        if let Err(e) = step(control, tracking, record).await {
             // A plan from a view the core has moved past is refused; the next
             // pass plans again.
             debug!(sweep = %record.id, error = %e, "sweep step");
         }
     }
-    Ok(())
+    Ok(running.into_iter().map(|r| r.id.to_string()).collect())
 }
 
 async fn step(control: &ControlHandle, tracking: &Tracking, record: &Job) -> crate::Result<()> {
