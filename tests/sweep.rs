@@ -378,7 +378,7 @@ async fn a_sweep_resumes_after_a_coordinator_sigkill_without_rerunning_finished_
         let job = trial["id"].as_str().expect("id");
         assert!(
             ran.contains(&format!("ran {job} ")),
-            "{job} never ran:\n{ran}"
+            "{job} never ran:\n{ran}\n{trial:#}"
         );
         let score = trial["score"].as_f64().expect("score");
         if score < lowest.1 {

@@ -124,6 +124,51 @@ struct Agent {
     workdirs: Arc<workdirs::WorkDirs>,
 }
 
+impl Agent {
+    /// Calls the coordinator until it answers (`until_answered`).
+    async fn until_answered<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(AgentClient<AuthChannel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        until_answered(&self.client, self.config.give_up_after, call).await
+    }
+}
+
+/// Calls the coordinator until it answers: a restart (or a moment without it)
+/// must not fail the work that asked. Transport failures are asked again with
+/// backoff for up to `give_up_after`; an answer, a refusal included, is
+/// returned as it came.
+async fn until_answered<C, T, F, Fut>(
+    client: &C,
+    give_up_after: Duration,
+    mut call: F,
+) -> Result<T, tonic::Status>
+where
+    C: Clone,
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match call(client.clone()).await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) && started.elapsed() < give_up_after =>
+            {
+                debug!(%status, retry_in = ?backoff, "coordinator unavailable; asking again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
 /// When the coordinator was last heard from, and the lease it set.
 struct Contact {
     last: Mutex<Instant>,
@@ -165,6 +210,78 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Sizes;
+
+    #[tonic::async_trait]
+    impl pb::vm_sizes_server::VmSizes for Sizes {
+        async fn list(
+            &self,
+            _: tonic::Request<pb::ListVmSizesRequest>,
+        ) -> Result<tonic::Response<pb::VmSizeList>, tonic::Status> {
+            Ok(tonic::Response::new(pb::VmSizeList {
+                sizes: vec![pb::VmSize {
+                    name: "answered".into(),
+                    ..Default::default()
+                }],
+            }))
+        }
+    }
+
+    /// A port nothing listens on yet (bound, then let go).
+    fn free_port() -> std::net::SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    }
+
+    #[tokio::test]
+    async fn a_call_made_while_the_coordinator_is_away_is_answered_once_it_is_back() {
+        let addr = free_port();
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let client = pb::vm_sizes_client::VmSizesClient::new(channel);
+        // Nothing listens for the first 400 ms: those calls are refused connections.
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            tonic::transport::Server::builder()
+                .add_service(pb::vm_sizes_server::VmSizesServer::new(Sizes))
+                .serve(addr)
+                .await
+        });
+        let mut calls = 0;
+        let answer = until_answered(&client, Duration::from_secs(20), |mut c| {
+            calls += 1;
+            async move { c.list(pb::ListVmSizesRequest {}).await }
+        })
+        .await
+        .expect("answered once the server is up");
+        assert_eq!(answer.sizes[0].name, "answered");
+        assert!(
+            calls > 1,
+            "the first call found no server, so it was asked again"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_that_stays_away_fails_the_call_after_the_give_up_time() {
+        let addr = free_port();
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let client = pb::vm_sizes_client::VmSizesClient::new(channel);
+        let started = Instant::now();
+        let status = until_answered(&client, Duration::from_millis(300), |mut c| async move {
+            c.list(pb::ListVmSizesRequest {}).await
+        })
+        .await
+        .expect_err("no server ever listens");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn gpu_env_names_exactly_the_assigned_ids() {

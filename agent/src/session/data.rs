@@ -97,7 +97,6 @@ impl Agent {
                     })?)
                 }
                 Some(Source::Fetch(_)) | None => {
-                    let mut client = self.client.clone();
                     let request = pb::InputRef {
                         instance: Some(pb::AttemptRef {
                             attempt_id: launch.attempt_id.clone(),
@@ -106,11 +105,13 @@ impl Agent {
                         }),
                         name: input.name.clone(),
                     };
-                    let data = client
-                        .fetch_input(request)
+                    let data = self
+                        .until_answered(|mut client| {
+                            let request = request.clone();
+                            async move { client.fetch_input(request).await }
+                        })
                         .await
                         .map_err(|s| format!("input `{}`: {}", input.name, s.message()))?
-                        .into_inner()
                         .data;
                     Fetched::Bytes(data)
                 }
@@ -166,17 +167,19 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("cannot pack output `{name}`: {e}"))?;
-            let mut client = self.client.clone();
-            client
-                .upload_outputs(pb::OutputsUpload {
-                    attempt_id: slot.attempt_id.clone(),
-                    instance: slot.instance,
-                    data: packed,
-                    token: token.to_string(),
-                    output_name: name.clone(),
-                })
-                .await
-                .map_err(|s| format!("output `{name}`: {}", s.message()))?;
+            let upload = pb::OutputsUpload {
+                attempt_id: slot.attempt_id.clone(),
+                instance: slot.instance,
+                data: packed,
+                token: token.to_string(),
+                output_name: name.clone(),
+            };
+            self.until_answered(|mut client| {
+                let upload = upload.clone();
+                async move { client.upload_outputs(upload).await }
+            })
+            .await
+            .map_err(|s| format!("output `{name}`: {}", s.message()))?;
         }
         Ok(())
     }

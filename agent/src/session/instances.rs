@@ -580,27 +580,33 @@ impl Agent {
             token: launch.token.clone(),
         };
         let code = if launch.has_code {
-            let mut client = self.client.clone();
-            let request = instance.clone();
-            let artifact = client
-                .fetch_code(request)
+            let artifact = self
+                .until_answered(|mut client| {
+                    let request = instance.clone();
+                    async move { client.fetch_code(request).await }
+                })
                 .await
                 .map_err(|s| format!("could not fetch the job's code: {}", s.message()))?;
-            Some(artifact.into_inner().data)
+            Some(artifact.data)
         } else {
             None
         };
         // A rerun (after a preemption or a lost node) starts from the outputs, and so
         // the checkpoints, that this instance's last attempt left.
         let previous = if launch.restore_outputs {
-            let mut client = self.client.clone();
-            let outputs = client.restore_outputs(instance).await.map_err(|s| {
-                format!(
-                    "could not fetch the last attempt's outputs: {}",
-                    s.message()
-                )
-            })?;
-            Some(outputs.into_inner().data).filter(|data| !data.is_empty())
+            let outputs = self
+                .until_answered(|mut client| {
+                    let request = instance.clone();
+                    async move { client.restore_outputs(request).await }
+                })
+                .await
+                .map_err(|s| {
+                    format!(
+                        "could not fetch the last attempt's outputs: {}",
+                        s.message()
+                    )
+                })?;
+            Some(outputs.data).filter(|data| !data.is_empty())
         } else {
             None
         };
@@ -680,15 +686,12 @@ impl Agent {
             token,
             output_name: String::new(),
         };
-        let mut last = String::new();
-        for attempt in 0..5u32 {
-            let mut client = self.client.clone();
-            match client.upload_outputs(upload.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(status) => last = status.message().to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        Err(last)
+        self.until_answered(|mut client| {
+            let upload = upload.clone();
+            async move { client.upload_outputs(upload).await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|status| status.message().to_string())
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use shoal_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::Agent;
 use crate::runtime::{EventSink, Outcome, RunSpec, Stop, process};
@@ -381,32 +381,14 @@ impl Agent {
     }
 
     /// Asks until the coordinator answers: a result must not be lost to a
-    /// coordinator restart. Gives up after the agent's give-up time.
+    /// coordinator restart.
     async fn ask_for_work(&self, request: pb::WorkRequest) -> Result<pb::MiniBatchLease, String> {
-        let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let mut client = self.client.clone();
-            match client.work(request.clone()).await {
-                Ok(reply) => return Ok(reply.into_inner()),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) && started.elapsed() < self.config.give_up_after =>
-                {
-                    debug!(%status, "coordinator unavailable; asking again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(status) => {
-                    return Err(format!(
-                        "the coordinator refused this worker: {}",
-                        status.message()
-                    ));
-                }
-            }
-        }
+        self.until_answered(|mut client| {
+            let request = request.clone();
+            async move { client.work(request).await }
+        })
+        .await
+        .map_err(|status| format!("the coordinator refused this worker: {}", status.message()))
     }
 
     async fn run_mini_batch(
