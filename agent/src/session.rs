@@ -228,20 +228,23 @@ mod tests {
         }
     }
 
-    /// A port nothing listens on yet (bound, then let go).
-    fn free_port() -> std::net::SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
+    /// A port nothing listens on yet (bound, then let go), and a client for it.
+    fn client_of_free_port() -> (
+        std::net::SocketAddr,
+        pb::vm_sizes_client::VmSizesClient<tonic::transport::Channel>,
+    ) {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .expect("a free port")
+            .expect("a free port");
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        (addr, pb::vm_sizes_client::VmSizesClient::new(channel))
     }
 
     #[tokio::test]
     async fn a_call_made_while_the_coordinator_is_away_is_answered_once_it_is_back() {
-        let addr = free_port();
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_lazy();
-        let client = pb::vm_sizes_client::VmSizesClient::new(channel);
+        let (addr, client) = client_of_free_port();
         // Nothing listens for the first 400 ms: those calls are refused connections.
         let server = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(400)).await;
@@ -267,11 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_coordinator_that_stays_away_fails_the_call_after_the_give_up_time() {
-        let addr = free_port();
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_lazy();
-        let client = pb::vm_sizes_client::VmSizesClient::new(channel);
+        let (_, client) = client_of_free_port();
         let started = Instant::now();
         let status = until_answered(&client, Duration::from_millis(300), |mut c| async move {
             c.list(pb::ListVmSizesRequest {}).await
