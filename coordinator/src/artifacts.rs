@@ -181,14 +181,9 @@ impl Artifacts {
 impl Artifacts {
     /// Deletes a job's files: its code snapshot, its uploaded inputs and its
     /// attempts' outputs (blocking: call it off the async runtime).
-    pub fn remove_job_files(
-        &self,
-        code_path: Option<&str>,
-        inputs: &[String],
-        attempts: &[String],
-    ) {
+    pub fn remove_job_files(&self, code_paths: &[String], inputs: &[String], attempts: &[String]) {
         // Only the job's own files: a data asset's content (in `data/`) stays.
-        let code = code_path.into_iter().map(|p| (p, "code"));
+        let code = code_paths.iter().map(|p| (p.as_str(), "code"));
         let uploaded = inputs.iter().map(|p| (p.as_str(), "inputs"));
         for (path, folder) in code.chain(uploaded) {
             if Path::new(path).starts_with(self.root.join(folder)) {

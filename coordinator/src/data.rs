@@ -143,6 +143,11 @@ pub enum DataSource {
     Host { path: String },
     /// Fetched by the node (and cached there).
     Url { url: String },
+    /// Another step's named output, in a pipeline's step not yet made.
+    Step { step: String, output: String },
+    /// A job's named output (a pipeline step's, read by a later step), as its
+    /// last attempt wrote it.
+    Output { job: String, output: String },
 }
 
 /// A job's data input, resolved.

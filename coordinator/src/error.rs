@@ -32,6 +32,17 @@ impl Error {
         }
     }
 
+    /// The same error about a key inside `prefix` (a pipeline step's `jobs.NAME`).
+    pub fn in_field(self, prefix: &str) -> Self {
+        match self {
+            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     pub fn code(&self) -> tonic::Code {
         match self {
             Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,

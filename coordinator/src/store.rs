@@ -101,7 +101,8 @@ pub const PURGE_PER_BATCH: usize = 1_000;
 pub struct Purged {
     pub id: String,
     pub status: JobStatus,
-    pub code_path: Option<String>,
+    /// Its code snapshots (a pipeline's: each step's).
+    pub code_paths: Vec<String>,
     /// Inputs uploaded with it, kept by the coordinator.
     pub inputs: Vec<String>,
     pub attempts: Vec<String>,
@@ -575,22 +576,30 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         .execute([id])?;
     // A task's code and inputs are its array's (shared by every task), and a
     // trial's its sweep's: they go with the record.
+    // A pipeline's steps' files are its own: its record holds every step's spec.
     let owns_files = job.parent_seq().is_none();
-    let inputs = job
-        .spec
-        .extras
-        .inputs
-        .values()
+    let steps = job
+        .pipeline
+        .as_deref()
+        .map(|p| &p.steps[..])
+        .unwrap_or_default();
+    let specs = || std::iter::once(&job.spec).chain(steps.iter().map(|s| &s.spec));
+    let inputs = specs()
+        .flat_map(|spec| spec.extras.inputs.values())
         .filter(|_| owns_files)
         .filter_map(|input| match &input.source {
             crate::data::DataSource::Stored { path, .. } if !path.is_empty() => Some(path.clone()),
             _ => None,
         })
         .collect();
+    let code_paths = specs()
+        .filter(|_| owns_files)
+        .filter_map(|spec| spec.code_path.clone())
+        .collect();
     Ok(Some(Purged {
         id: job.id.to_string(),
         status: job.status,
-        code_path: job.spec.code_path.filter(|_| owns_files),
+        code_paths,
         inputs,
         attempts: job.attempts.into_iter().map(|a| a.id).collect(),
     }))

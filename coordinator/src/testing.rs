@@ -141,6 +141,8 @@ impl JobBuilder {
             task: None,
             sweep: None,
             trial: None,
+            pipeline: None,
+            step: None,
             progress: None,
         })
     }

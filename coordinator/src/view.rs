@@ -213,6 +213,12 @@ pub struct Job {
     /// A trial of a sweep.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trial: Option<TrialOfView>,
+    /// A pipeline's record: its steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineView>,
+    /// A step of a pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepOfView>,
     /// Data inputs: name → {type, mode, uri}.
     pub inputs: BTreeMap<String, JobInput>,
     pub outputs: Vec<String>,
@@ -377,6 +383,25 @@ impl From<&pb::Job> for Job {
                 sweep_id: t.sweep_id.clone(),
                 index: t.index,
             }),
+            pipeline: j.pipeline.as_ref().map(|p| PipelineView {
+                continue_on_step_failure: p.continue_on_step_failure,
+                outputs: p.outputs.clone().into_iter().collect(),
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|s| StepView {
+                        name: s.name.clone(),
+                        id: (!s.job_id.is_empty()).then(|| s.job_id.clone()),
+                        status: s.status.clone(),
+                        after: s.after.clone(),
+                        reason: (!s.reason.is_empty()).then(|| s.reason.clone()),
+                    })
+                    .collect(),
+            }),
+            step: j.step.as_ref().map(|s| StepOfView {
+                pipeline_id: s.pipeline_id.clone(),
+                name: s.name.clone(),
+            }),
             created_at: time(j.created_at_ms),
             started_at: time(j.started_at_ms),
             ended_at: time(j.ended_at_ms),
@@ -532,6 +557,33 @@ pub struct TrialView {
     pub status: String,
     /// Its primary metric: the final value, or the latest while it runs.
     pub score: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct PipelineView {
+    pub continue_on_step_failure: bool,
+    /// Each pipeline output: the step output it is (`STEP.OUTPUT`).
+    pub outputs: BTreeMap<String, String>,
+    /// In an order where each step follows those it reads from.
+    pub steps: Vec<StepView>,
+}
+
+#[derive(Serialize)]
+pub struct StepView {
+    pub name: String,
+    /// Its job, once its inputs exist.
+    pub id: Option<String>,
+    /// Its job's status; `waiting` (not made yet) or `not run`.
+    pub status: String,
+    pub after: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct StepOfView {
+    pub pipeline_id: String,
+    pub name: String,
 }
 
 #[derive(Serialize)]

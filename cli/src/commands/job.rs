@@ -52,6 +52,14 @@ pub enum Command {
         objective: {goal: maximize, primary_metric: accuracy}   # logged with mlflow.log_metric\n  \
         limits: {max_total_trials: 20, max_concurrent_trials: 4, timeout: 7200, trial_timeout: 600}\n  \
         early_termination: {type: bandit, slack_factor: 0.1, delay_evaluation: 3}\n\n\
+        A pipeline (the pipelineJob schema: `type: pipeline`; its steps are command jobs):\n  \
+        inputs: {raw: {type: uri_folder, path: ./data}}\n  \
+        outputs: {report: }            # `shoal job download ID`: the step output bound to it\n  \
+        settings: {default_compute: cpu, continue_on_step_failure: false}\n  \
+        jobs:\n    \
+          prep: {command: ..., inputs: {raw: ${{parent.inputs.raw}}}, outputs: {clean: }}\n    \
+          train: {command: ..., inputs: {data: ${{parent.jobs.prep.outputs.clean}}}, outputs: {report: ${{parent.outputs.report}}}}\n  \
+        A step starts once the steps it reads from have completed; `shoal job show ID` draws them.\n\n\
         Keys of the schema that mean nothing here are accepted with a warning; any other key is an error.")]
     Submit(Box<SubmitArgs>),
     /// Show a job: status, why it waits or how it ended, instances and attempts
@@ -375,8 +383,8 @@ fn job_request(args: &SubmitArgs) -> anyhow::Result<pb::JobFileRequest> {
         Some(path) => anyhow!("{e} (in {})", path.display()),
         None => anyhow!("{e}"),
     };
-    let draft = admission::draft(doc.clone(), &[]).map_err(in_file)?;
-    let files = super::local::job_files(&draft, &base)?;
+    let drafted = admission::read(doc.clone(), &[]).map_err(in_file)?;
+    let files = super::local::job_files(&drafted.local_paths(), &base)?;
     Ok(pb::JobFileRequest {
         text: serde_json::to_string(&doc)?,
         set: Vec::new(),
@@ -421,6 +429,47 @@ pub async fn submit(args: SubmitArgs, endpoint: &str, format: Format) -> anyhow:
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A pipeline's steps, in the order they can run: each with its job, status and
+/// the steps it reads from.
+fn print_pipeline(pipeline: &pb::PipelineProgress) {
+    let done = pipeline
+        .steps
+        .iter()
+        .filter(|s| s.status == "completed")
+        .count();
+    println!("steps:     {done} of {} completed", pipeline.steps.len());
+    let width = pipeline
+        .steps
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    for step in &pipeline.steps {
+        let job = if step.job_id.is_empty() {
+            "-"
+        } else {
+            &step.job_id
+        };
+        let reads = if step.after.is_empty() {
+            String::new()
+        } else {
+            format!("  ← {}", step.after.join(", "))
+        };
+        let why = if step.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", step.reason)
+        };
+        println!(
+            "  {:<width$}  {:<10} {:<9}{reads}{why}",
+            step.name, job, step.status
+        );
+    }
+    for (name, from) in &pipeline.outputs {
+        println!("output:    {name} = {from} (`shoal job download`)");
+    }
 }
 
 pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
@@ -473,6 +522,12 @@ pub fn print_job(job: &pb::Job, format: Format) -> anyhow::Result<()> {
     }
     if let Some(trial) = &job.trial {
         println!("trial:     {} of sweep {}", trial.index, trial.sweep_id);
+    }
+    if let Some(pipeline) = &job.pipeline {
+        print_pipeline(pipeline);
+    }
+    if let Some(step) = &job.step {
+        println!("step:      {} of pipeline {}", step.name, step.pipeline_id);
     }
     if job.millicpus > 0 {
         let share = shoal_coordinator::model::Resources::from_wire(job.millicpus, job.memory_bytes);

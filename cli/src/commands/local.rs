@@ -59,7 +59,18 @@ pub fn inline_definition(env: &mut Value, dir: &Path, field: &str) -> anyhow::Re
 pub fn inline_environments(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
     inline_one(doc.get_mut("environment"), base, "environment")?;
     let task = doc.get_mut("task").and_then(|t| t.get_mut("environment"));
-    inline_one(task, base, "task.environment")
+    inline_one(task, base, "task.environment")?;
+    // A pipeline's steps.
+    if let Some(Value::Object(steps)) = doc.get_mut("jobs") {
+        for (name, step) in steps.iter_mut() {
+            inline_one(
+                step.get_mut("environment"),
+                base,
+                &format!("jobs.{name}.environment"),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn inline_one(slot: Option<&mut Value>, base: &Path, field: &str) -> anyhow::Result<()> {
@@ -134,17 +145,18 @@ pub fn read_local(
     }
 }
 
-/// Every local path a drafted job file names, read.
+/// Every local path a drafted job file names (`Drafted::local_paths`), read.
 pub fn job_files(
-    draft: &admission::Draft,
+    paths: &[admission::LocalPath],
     base: &Path,
 ) -> anyhow::Result<HashMap<String, pb::LocalFile>> {
     let mut files = HashMap::new();
-    for local in admission::local_paths(draft) {
+    for local in paths.iter().cloned() {
         if files.contains_key(&local.path) {
             continue;
         }
-        let is_code = local.field == "code";
+        // `code`, or a pipeline step's `jobs.NAME.code`.
+        let is_code = local.field == "code" || local.field.ends_with(".code");
         let file = read_local(base, &local.path, local.folder, is_code)
             .map_err(|e| anyhow!("invalid {}: {e:#}", local.field))?;
         files.insert(local.path, file);

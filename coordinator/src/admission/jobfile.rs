@@ -234,15 +234,19 @@ pub fn document(text: &str) -> Result<Value> {
     }
 }
 
-/// `command`, `parallel` and `sweep` jobs run here; other types (pipeline, ...)
-/// are refused by name before their keys are read.
+/// `command`, `parallel` and `sweep` jobs run here (and `pipeline`, read apart:
+/// `admission::read`); other types are refused by name before their keys are read.
 pub fn check_type(kind: &str) -> Result<()> {
     match kind {
         "command" | "parallel" | "sweep" => Ok(()),
+        "pipeline" => Err(Error::invalid(
+            "type",
+            "a pipeline is not a step or a trial: its jobs are",
+        )),
         other => Err(Error::invalid(
             "type",
             format!(
-                "`{other}` jobs are not supported; use `type: command`, `type: parallel` or `type: sweep`"
+                "`{other}` jobs are not supported; use `type: command`, `type: parallel`, `type: sweep` or `type: pipeline`"
             ),
         )),
     }

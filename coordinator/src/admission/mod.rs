@@ -9,6 +9,7 @@ pub mod datafile;
 pub mod environment;
 pub mod expressions;
 pub mod jobfile;
+pub mod pipeline;
 pub mod set;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +36,8 @@ pub enum DataRef {
         name: String,
         version: Option<String>,
     },
+    /// `${{parent.jobs.STEP.outputs.NAME}}`: a pipeline step's output.
+    Step { step: String, output: String },
 }
 
 impl DataRef {
@@ -42,6 +45,9 @@ impl DataRef {
         let text = text.trim();
         if text.is_empty() {
             return Err(Error::invalid(field, "the path is empty"));
+        }
+        if let Some((step, output)) = pipeline::step_binding(text) {
+            return Ok(DataRef::Step { step, output });
         }
         if text.starts_with("http://") || text.starts_with("https://") {
             return Ok(DataRef::Url(text.to_string()));
@@ -318,9 +324,46 @@ fn warnings_of(file: &JobFile) -> Vec<String> {
     warnings
 }
 
+/// A job file read: one job, or a pipeline of them (made once per submission,
+/// so its size does not matter).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Drafted {
+    Job(Draft),
+    Pipeline(pipeline::PipelineDraft),
+}
+
+impl Drafted {
+    /// The local paths it names, each to be uploaded with it.
+    pub fn local_paths(&self) -> Vec<LocalPath> {
+        match self {
+            Drafted::Job(draft) => local_paths(draft),
+            Drafted::Pipeline(p) => pipeline::local_paths(p),
+        }
+    }
+}
+
+/// Reads any job file (`type: pipeline` too), with `sets` applied first.
+pub fn read(mut doc: Value, sets: &[String]) -> Result<Drafted> {
+    set::apply(&mut doc, sets)?;
+    if doc.get("type").and_then(Value::as_str) == Some("pipeline") {
+        return pipeline::draft_pipeline(doc).map(Drafted::Pipeline);
+    }
+    draft_in(doc, false).map(Drafted::Job)
+}
+
 /// Reads a job file's document, with `sets` (`--set KEY=VALUE`) applied first.
 pub fn draft(mut doc: Value, sets: &[String]) -> Result<Draft> {
     set::apply(&mut doc, sets)?;
+    draft_in(doc, false)
+}
+
+/// A pipeline step's document, its bindings settled (it may read other steps).
+fn draft_step(doc: Value) -> Result<Draft> {
+    draft_in(doc, true)
+}
+
+fn draft_in(doc: Value, in_pipeline: bool) -> Result<Draft> {
     let file = JobFile::from_document(doc)?;
     file.check_supported()?;
     let mut warnings = warnings_of(&file);
@@ -330,6 +373,12 @@ pub fn draft(mut doc: Value, sets: &[String]) -> Result<Draft> {
         check_io_name("inputs", name)?;
         match parse_input(name, value)? {
             Some(decl) => {
+                if !in_pipeline && matches!(decl.path, DataRef::Step { .. }) {
+                    return Err(Error::invalid(
+                        format!("inputs.{name}.path"),
+                        "${{parent.jobs.STEP.outputs.NAME}} reads a step's output: it is written only inside a pipeline's jobs",
+                    ));
+                }
                 inputs.insert(name.clone(), decl);
             }
             None => {

@@ -116,7 +116,7 @@ pub fn conda_dockerfile(base: &str, tool: &str) -> String {
 
 impl Api {
     /// A job file and the local files it names: drafted, resolved, submitted; the
-    /// job and its warnings.
+    /// job and its warnings. A pipeline's steps are each resolved as a job would be.
     pub async fn create_job(
         &self,
         text: &str,
@@ -124,10 +124,118 @@ impl Api {
         files: Uploads,
     ) -> std::result::Result<(Job, Vec<String>), tonic::Status> {
         let doc = admission::jobfile::document(text)?;
-        let mut draft = admission::draft(doc, sets)?;
+        let mut stored = Vec::new();
+        let created = match admission::read(doc, sets)? {
+            admission::Drafted::Job(mut draft) => {
+                match self.resolve_job(&mut draft, &files, &mut stored).await {
+                    Ok((spec, extras)) => {
+                        let warnings = extras.warnings.clone();
+                        // submit_with discards what it was given if refused.
+                        let stored = std::mem::take(&mut stored);
+                        self.submit_with(spec, extras, draft.sweep.clone(), stored)
+                            .await
+                            .map(|job| (job, warnings))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            admission::Drafted::Pipeline(pipeline) => {
+                self.submit_pipeline(pipeline, &files, &mut stored).await
+            }
+        };
+        match created {
+            Ok((job, warnings)) => {
+                info!(job = %job.id, warnings = warnings.len(), "job file admitted");
+                Ok((job, warnings))
+            }
+            Err(e) => {
+                for path in stored {
+                    crate::artifacts::Artifacts::discard(&path).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A pipeline's steps resolved and kept (files in `stored`), and the pipeline
+    /// submitted: steps run under the pipeline's experiment.
+    async fn submit_pipeline(
+        &self,
+        pipeline: admission::pipeline::PipelineDraft,
+        files: &Uploads,
+        stored: &mut Vec<String>,
+    ) -> std::result::Result<(Job, Vec<String>), tonic::Status> {
+        let mut warnings = pipeline.warnings.clone();
+        let mut steps = Vec::with_capacity(pipeline.steps.len());
+        let mut experiment = pipeline.experiment_name.clone().unwrap_or_default();
+        for step in pipeline.steps {
+            let mut draft = step.draft;
+            let in_step = |e: tonic::Status| {
+                tonic::Status::new(e.code(), format!("step `{}`: {}", step.name, e.message()))
+            };
+            let (spec, mut extras) = self
+                .resolve_job(&mut draft, files, stored)
+                .await
+                .map_err(in_step)?;
+            if experiment.is_empty() {
+                experiment = extras.experiment_name.clone();
+            }
+            extras.warnings.clear();
+            let request = self
+                .request_of(spec, extras, stored)
+                .await
+                .map_err(in_step)?;
+            steps.push((step.name, request, step.after));
+        }
+        if experiment.is_empty() {
+            experiment = "pipeline".into();
+        }
+        for (_, request, _) in &mut steps {
+            request.extras.experiment_name = experiment.clone();
+        }
+        let cluster = match pipeline.compute.clone() {
+            Some(name) => name,
+            None => steps
+                .first()
+                .map(|(_, r, _)| r.cluster.clone())
+                .unwrap_or_default(),
+        };
+        warnings.sort();
+        warnings.dedup();
+        let record = crate::model::JobRequest {
+            name: pipeline.display_name.clone().unwrap_or_default(),
+            cluster,
+            extras: JobExtras {
+                warnings: warnings.clone(),
+                experiment_name: experiment,
+                description: pipeline.description.clone().unwrap_or_default(),
+                tags: pipeline.tags.clone(),
+                properties: pipeline.properties.clone(),
+                ..Default::default()
+            },
+            pipeline: Some(crate::model::PipelineRequest {
+                steps,
+                continue_on_step_failure: pipeline.continue_on_step_failure,
+                outputs: pipeline.outputs.clone(),
+            }),
+            ..Default::default()
+        };
+        let job = self.control.submit_job(record).await?;
+        Ok((job, warnings))
+    }
+
+    /// One job's draft resolved: its environment (built here if it must be), its
+    /// compute (or the default), code, data and outputs; files kept for it are
+    /// pushed to `stored`.
+    async fn resolve_job(
+        &self,
+        draft: &mut Draft,
+        files: &Uploads,
+        stored: &mut Vec<String>,
+    ) -> std::result::Result<(pb::JobSpec, JobExtras), tonic::Status> {
         let mut log = |line: String| tracing::debug!(%line, "environment build");
         let env = self
-            .resolve_environment(&draft.environment, &files, &mut draft.warnings, &mut log)
+            .resolve_environment(&draft.environment, files, &mut draft.warnings, &mut log)
             .await?;
         let cluster = match draft.compute.clone() {
             Some(name) => name,
@@ -141,24 +249,14 @@ impl Api {
         let code = match &draft.code {
             None => Vec::new(),
             Some(path) => {
-                let upload = uploaded(&files, "code", path)?;
+                let upload = uploaded(files, "code", path)?;
                 if !upload.folder {
                     return Err(Error::invalid("code", format!("`{path}` is not a folder")).into());
                 }
                 upload.data.clone()
             }
         };
-        let mut stored = Vec::new();
-        let resolved = self.resolve_io(&mut draft, &files, &mut stored).await;
-        let (inputs, outputs, parallel) = match resolved {
-            Ok(resolved) => resolved,
-            Err(e) => {
-                for path in stored {
-                    crate::artifacts::Artifacts::discard(&path).await;
-                }
-                return Err(e.into());
-            }
-        };
+        let (inputs, outputs, parallel) = self.resolve_io(draft, files, stored).await?;
         let file = &draft.file;
         let shm_size_bytes = match file.resources.as_ref().and_then(|r| r.shm_size.as_ref()) {
             None => None,
@@ -230,12 +328,7 @@ impl Api {
             path_prefix: env.path_prefix.clone(),
             shm_size_bytes,
         };
-        let warnings = extras.warnings.clone();
-        let job = self
-            .submit_with(spec, extras, draft.sweep.clone(), stored)
-            .await?;
-        info!(job = %job.id, warnings = warnings.len(), "job file admitted");
-        Ok((job, warnings))
+        Ok((spec, extras))
     }
 
     /// Data inputs and named outputs resolved (uploaded ones kept, their paths in
@@ -378,6 +471,27 @@ impl Api {
                 self.check_host_path(&field, &at, kind, &uri).await?;
                 (DataSource::Host { path: at }, uri)
             }
+            DataRef::Step { step, output } => {
+                if decl.mode == InputMode::Direct {
+                    return Err(Error::invalid(
+                        &field,
+                        "direct mode passes the data's URI; a step's output has none (leave mode out)",
+                    ));
+                }
+                if kind.is_file() {
+                    return Err(Error::invalid(
+                        format!("inputs.{name}.type"),
+                        "a step's output is read as a folder: give `type: uri_folder` (or leave type out)",
+                    ));
+                }
+                (
+                    DataSource::Step {
+                        step: step.clone(),
+                        output: output.clone(),
+                    },
+                    format!("${{{{parent.jobs.{step}.outputs.{output}}}}}"),
+                )
+            }
             DataRef::Asset {
                 name: asset,
                 version,
@@ -421,6 +535,7 @@ impl Api {
             DataSource::Url { url } => file_name_of(url),
             DataSource::Host { path } => file_name_of(path),
             DataSource::Stored { .. } => file_name_of(&uri),
+            DataSource::Step { output, .. } | DataSource::Output { output, .. } => output.clone(),
         };
         Ok(DataInput {
             kind,
@@ -471,6 +586,10 @@ impl Api {
                     .await
                     .map_err(|e| Error::Internal(format!("reading {field}: {e}")))?
             }
+            DataSource::Output { job, output } => self.step_output(job, output).await,
+            DataSource::Step { step, .. } => Err(Error::Internal(format!(
+                "{field}: step `{step}` has not been made a job yet"
+            ))),
             DataSource::Url { url } => Err(Error::invalid(
                 field,
                 format!(
@@ -478,6 +597,37 @@ impl Api {
                 ),
             )),
         }
+    }
+
+    /// What a job wrote to a named output, as a folder's tar.gz: its last attempt
+    /// that wrote it (several instances' folders laid one over the other, in order).
+    async fn step_output(&self, job: &str, output: &str) -> Result<Vec<u8>> {
+        let producer = self.job(job).await?;
+        for attempt in producer.attempts.iter().rev() {
+            let mut found = self
+                .artifacts
+                .named(&attempt.id, attempt.instances.len() as u32, output)
+                .await?;
+            match found.len() {
+                0 => continue,
+                1 => return Ok(found.remove(0).1),
+                _ => {
+                    return tokio::task::spawn_blocking(move || {
+                        let dir = tempfile::tempdir()
+                            .map_err(|e| Error::Internal(format!("a folder to merge in: {e}")))?;
+                        for (_, data) in &found {
+                            crate::artifacts::unpack_into(data, dir.path())?;
+                        }
+                        crate::artifacts::pack_path(dir.path())
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("merging outputs: {e}")))?;
+                }
+            }
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{job} wrote nothing to its output `{output}`"
+        )))
     }
 
     /// What an environment declaration runs as: builds (a context, or a conda

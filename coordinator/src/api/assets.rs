@@ -95,6 +95,12 @@ impl Api {
                 }
                 DataSource::Host { path: at }
             }
+            DataRef::Step { .. } => {
+                return Err(Error::invalid(
+                    "path",
+                    "a data asset's path is data, not a pipeline step's output",
+                ));
+            }
             DataRef::Asset { .. } => {
                 return Err(Error::invalid(
                     "path",

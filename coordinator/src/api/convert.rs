@@ -45,6 +45,40 @@ pub fn cluster_update(update: pb::ClusterUpdate) -> ClusterUpdate {
     }
 }
 
+/// A pipeline's record as people read it: steps made and live say "running"
+/// here (the API puts in their jobs' own status).
+pub fn pipeline_progress(state: &crate::model::PipelineState) -> pb::PipelineProgress {
+    pb::PipelineProgress {
+        steps: state
+            .steps
+            .iter()
+            .map(|step| pb::StepSummary {
+                name: step.name.clone(),
+                job_id: step.seq.map(crate::control::job_id).unwrap_or_default(),
+                status: match (&step.ended, &step.skipped, step.seq) {
+                    (Some(status), _, _) => status.as_str().to_string(),
+                    (None, Some(_), _) => "not run".into(),
+                    (None, None, Some(_)) => "running".into(),
+                    (None, None, None) => "waiting".into(),
+                },
+                after: step
+                    .after
+                    .iter()
+                    .filter_map(|&a| state.steps.get(a as usize))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                reason: step.skipped.clone().unwrap_or_default(),
+            })
+            .collect(),
+        continue_on_step_failure: state.continue_on_step_failure,
+        outputs: state
+            .outputs
+            .iter()
+            .map(|(name, o)| (name.clone(), format!("{}.{}", o.step, o.output)))
+            .collect(),
+    }
+}
+
 /// A sweep's record as people read it: the trials' final scores (live trials'
 /// latest ones are filled in by the API from tracking), and the best so far.
 pub fn sweep_progress(state: &crate::model::SweepState) -> pb::SweepProgress {
@@ -143,6 +177,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
         resources: crate::model::Resources::share(spec.cpus, spec.memory_bytes)?,
         array: spec.array.as_ref().map(array_spec_from_wire),
         sweep: None,
+        pipeline: None,
         distribution,
         parallel,
         extras: Default::default(),
@@ -414,6 +449,12 @@ pub fn job(job: &Job) -> pb::Job {
         trial: job.trial.map(|t| pb::TrialOf {
             sweep_id: crate::control::job_id(t.sweep_seq),
             index: t.index,
+        }),
+        pipeline: job.pipeline.as_deref().map(pipeline_progress),
+        step: job.step.map(|s| pb::StepOf {
+            pipeline_id: crate::control::job_id(s.pipeline_seq),
+            name: job.spec.name.clone(),
+            index: s.index,
         }),
         flags: job.flags.to_vec(),
         distribution: job.spec.distribution.as_ref().map(distribution_to_wire),

@@ -60,6 +60,16 @@ impl Api {
                 progress.trials[i].score = series.last().copied();
             }
         }
+        // A pipeline's live steps: their jobs' own status (queued, running...).
+        if let Some(progress) = wire.pipeline.as_mut() {
+            for step in &mut progress.steps {
+                if step.status == "running"
+                    && let Ok(job) = self.job(&step.job_id).await
+                {
+                    step.status = job.status.as_str().to_string();
+                }
+            }
+        }
         Ok(wire)
     }
 
@@ -218,6 +228,30 @@ impl Api {
             .and_then(|s| s.best.and_then(|b| s.trials.get(b as usize)))
         {
             job = self.job(&crate::control::job_id(best.seq)).await?;
+        }
+        // A pipeline's outputs are the step outputs bound to them.
+        if let Some(state) = job.pipeline.as_deref() {
+            let mut named = Vec::new();
+            for (name, bound) in &state.outputs {
+                let Some(seq) = state.index_of(&bound.step).and_then(|i| state.steps[i].seq) else {
+                    continue;
+                };
+                let step = self.job(&crate::control::job_id(seq)).await?;
+                named.extend(
+                    self.named_outputs(&step)
+                        .await?
+                        .into_iter()
+                        .filter(|o| o.name == bound.output)
+                        .map(|o| pb::NamedOutput {
+                            name: name.clone(),
+                            ..o
+                        }),
+                );
+            }
+            return Ok(pb::OutputsList {
+                named,
+                ..Default::default()
+            });
         }
         let mut list = pb::OutputsList {
             outputs: Vec::new(),

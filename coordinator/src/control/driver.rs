@@ -171,11 +171,7 @@ impl Driver {
             let purged = committed.purged;
             tokio::task::spawn_blocking(move || {
                 for gone in purged {
-                    artifacts.remove_job_files(
-                        gone.code_path.as_deref(),
-                        &gone.inputs,
-                        &gone.attempts,
-                    );
+                    artifacts.remove_job_files(&gone.code_paths, &gone.inputs, &gone.attempts);
                 }
             });
         }

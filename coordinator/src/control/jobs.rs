@@ -20,18 +20,25 @@ pub(super) fn fresh_job(seq: u64, spec: JobSpec, now: Millis) -> Job {
         task: None,
         sweep: None,
         trial: None,
+        pipeline: None,
+        step: None,
         progress: None,
     }
 }
 
 impl Control {
-    pub(super) fn submit_job(&mut self, request: JobRequest, now: Millis) -> Result<Job> {
-        let cluster = self.clusters.get(&request.cluster).ok_or_else(|| {
+    /// A request checked against the cluster it names.
+    pub(super) fn spec_of(&self, request: JobRequest) -> Result<JobSpec> {
+        let (cluster, size) = self.cluster_and_size(&request.cluster)?;
+        JobSpec::from_request(request, &cluster.spec, size)
+    }
+
+    fn cluster_and_size(&self, name: &str) -> Result<(&Cluster, &crate::vmsize::VmSize)> {
+        let cluster = self.clusters.get(name).ok_or_else(|| {
             Error::invalid(
                 "compute",
                 format!(
-                    "cluster `{}` does not exist; create it with `shoal cluster create` or see `shoal cluster list`",
-                    request.cluster
+                    "cluster `{name}` does not exist; create it with `shoal cluster create` or see `shoal cluster list`"
                 ),
             )
         })?;
@@ -41,11 +48,16 @@ impl Control {
             .get(&cluster.spec.vm_size)
             .ok_or_else(|| {
                 Error::Internal(format!(
-                    "cluster `{}` has a vm size the catalog no longer knows",
-                    cluster.spec.name
+                    "cluster `{name}` has a vm size the catalog no longer knows"
                 ))
             })?;
-        let mut request = request;
+        Ok((cluster, size))
+    }
+
+    pub(super) fn submit_job(&mut self, mut request: JobRequest, now: Millis) -> Result<Job> {
+        if let Some(pipeline) = request.pipeline.take() {
+            return self.submit_pipeline(request, pipeline, now);
+        }
         let cuts = request
             .parallel
             .as_mut()
@@ -67,7 +79,7 @@ impl Control {
                 "a sweep makes its own trials; it cannot be an array or a parallel job",
             ));
         }
-        let spec = JobSpec::from_request(request, &cluster.spec, size)?;
+        let spec = self.spec_of(request)?;
         if let Some(sweep) = sweep {
             return self.submit_sweep(spec, sweep, now);
         }
@@ -275,6 +287,9 @@ impl Control {
         if job.sweep.is_some() {
             return self.cancel_sweep(id, now);
         }
+        if job.pipeline.is_some() {
+            return self.cancel_pipeline(id, now);
+        }
         if let Some(state) = job.array.as_deref() {
             // The whole array: every task that has not ended, held ones too.
             let (first, count) = (Task::seq(job.seq, 0), state.spec.count());
@@ -399,10 +414,13 @@ impl Control {
             }
             job.reason = reason;
             job.ended_at = now;
-            let trial = job.trial.filter(|_| newly);
+            let (trial, step) = (job.trial.filter(|_| newly), job.step.filter(|_| newly));
             self.dirty_jobs.insert(job_id.to_string());
             if let Some(trial) = trial {
                 self.trial_ended(trial, status, now);
+            }
+            if let Some(step) = step {
+                self.step_ended(step, status, now);
             }
         }
     }

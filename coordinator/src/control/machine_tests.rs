@@ -1681,3 +1681,276 @@ fn a_completed_trial_without_its_metric_fails_and_the_sweep_ends_with_its_best()
     );
     assert!(m.control.invariant_violations().is_empty());
 }
+
+/// A pipeline request: each step `(name, reads from)` runs `true` on `cl`, with
+/// an output `out` and, for each step it reads, an input of that step's `out`.
+fn pipeline_request(steps: &[(&str, &[&str])], continue_on_step_failure: bool) -> JobRequest {
+    use crate::data::{DataInput, DataKind, DataOutput, DataSource, InputMode, OutputMode};
+    let position = |name: &str| steps.iter().position(|(n, _)| *n == name).expect("a step") as u32;
+    let steps = steps
+        .iter()
+        .map(|(name, reads)| {
+            let mut extras = JobExtras::default();
+            extras.outputs.insert(
+                "out".into(),
+                DataOutput {
+                    kind: DataKind::UriFolder,
+                    mode: OutputMode::RwMount,
+                    destination: None,
+                    uri: String::new(),
+                },
+            );
+            for read in *reads {
+                extras.inputs.insert(
+                    format!("from_{read}"),
+                    DataInput {
+                        kind: DataKind::UriFolder,
+                        mode: InputMode::RoMount,
+                        source: DataSource::Step {
+                            step: read.to_string(),
+                            output: "out".into(),
+                        },
+                        uri: String::new(),
+                        file_name: "out".into(),
+                    },
+                );
+            }
+            let request = JobRequest {
+                cluster: "cl".into(),
+                argv: vec!["true".into()],
+                extras,
+                ..Default::default()
+            };
+            (
+                name.to_string(),
+                request,
+                reads.iter().map(|r| position(r)).collect(),
+            )
+        })
+        .collect();
+    JobRequest {
+        name: "pipe".into(),
+        cluster: "cl".into(),
+        pipeline: Some(crate::model::PipelineRequest {
+            steps,
+            continue_on_step_failure,
+            outputs: Default::default(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs every launch the agents were told of to its end: `outcome(job name)`.
+fn run_launched(
+    m: &mut Machine,
+    agents: &mut [(String, UnboundedReceiver<ToAgent>)],
+    outcome: impl Fn(&str) -> &'static str,
+) -> usize {
+    // Those told so far, then each run: what their ends launch waits for the next call.
+    let told: Vec<(String, LaunchOrder)> = agents
+        .iter_mut()
+        .flat_map(|(node, agent)| launches(agent).into_iter().map(|o| (node.clone(), o)))
+        .collect();
+    for (node, order) in &told {
+        let name = m.job(&order.job_id).spec.name.clone();
+        m.started(node, order);
+        m.step(vec![exit(node, order.slot.clone(), outcome(&name))]);
+    }
+    told.len()
+}
+
+fn steps_of(m: &mut Machine, id: &str) -> Vec<crate::model::PipelineStep> {
+    m.job(id).pipeline.expect("a pipeline").steps
+}
+
+#[test]
+fn a_pipeline_makes_each_step_once_the_steps_it_reads_have_completed() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let id = m.submit_request(pipeline_request(
+        &[
+            ("prep", &[]),
+            ("other", &[]),
+            ("score", &["prep"]),
+            ("sum", &["score", "other"]),
+        ],
+        false,
+    ));
+    let record = m.job(&id);
+    assert_eq!(record.status, JobStatus::Running);
+    assert!(record.is_record());
+    let steps = steps_of(&mut m, &id);
+    // The two that read nothing are queued at once; the others wait.
+    assert!(steps[0].seq.is_some() && steps[1].seq.is_some());
+    assert!(steps[2].seq.is_none() && steps[3].seq.is_none());
+    let prep = job_id(steps[0].seq.expect("made"));
+    assert_eq!(m.job(&prep).status, JobStatus::Queued);
+    assert_eq!(m.job(&prep).spec.name, "prep");
+    assert_eq!(m.job(&prep).parent_seq(), Some(record.seq));
+
+    let nodes = m.created.clone();
+    let mut agents: Vec<_> = nodes
+        .iter()
+        .map(|n| (n.clone(), m.register(n, "cl")))
+        .collect();
+    assert_eq!(run_launched(&mut m, &mut agents, |_| "completed"), 2);
+    // prep completed: score is made, reading prep's job's output.
+    let steps = steps_of(&mut m, &id);
+    let score = m.job(&job_id(steps[2].seq.expect("score made")));
+    assert_eq!(
+        score.spec.extras.inputs["from_prep"].source,
+        crate::data::DataSource::Output {
+            job: prep.clone(),
+            output: "out".into()
+        }
+    );
+    assert_eq!(score.spec.extras.experiment_name, "");
+    assert!(steps[3].seq.is_none(), "sum waits for score");
+    assert_eq!(run_launched(&mut m, &mut agents, |_| "completed"), 1);
+    assert_eq!(run_launched(&mut m, &mut agents, |_| "completed"), 1);
+    let record = m.job(&id);
+    assert_eq!(record.status, JobStatus::Completed, "{}", record.reason);
+    let steps = record.pipeline.expect("a pipeline").steps;
+    assert!(steps.iter().all(|s| s.ended == Some(JobStatus::Completed)));
+    assert!(m.control.invariant_violations().is_empty());
+
+    // The core comes back from the store with the record as it was: nothing made twice.
+    let snapshot = m.store.load().expect("load");
+    let back = Control::new(
+        ControlConfig::default(),
+        snapshot,
+        m.now,
+        rand::rngs::StdRng::seed_from_u64(2),
+    );
+    let again = back.jobs.get(&id).expect("kept");
+    assert_eq!(again.pipeline.as_deref().map(|p| p.steps.len()), Some(4));
+}
+
+#[test]
+fn a_failed_step_fails_the_pipeline_and_stops_the_rest_unless_told_to_go_on() {
+    for go_on in [false, true] {
+        let mut m = Machine::new(ControlConfig::default());
+        m.cluster("cl", 2, 30);
+        let id = m.submit_request(pipeline_request(
+            &[
+                ("bad", &[]),
+                ("slow", &[]),
+                ("after_bad", &["bad"]),
+                ("after_slow", &["slow"]),
+            ],
+            go_on,
+        ));
+        let nodes = m.created.clone();
+        let mut agents: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.clone(), m.register(n, "cl")))
+            .collect();
+        // `bad` fails; `slow` is started and still running.
+        let mut slow = None;
+        for (node, agent) in agents.iter_mut() {
+            for order in launches(agent) {
+                m.started(node, &order);
+                if m.job(&order.job_id).spec.name == "bad" {
+                    m.step(vec![exit(node, order.slot.clone(), "failed")]);
+                } else {
+                    slow = Some((node.clone(), order));
+                }
+            }
+        }
+        let (slow_node, slow_order) = slow.expect("slow launched");
+        let steps = steps_of(&mut m, &id);
+        assert_eq!(
+            steps[2].skipped.as_deref(),
+            Some("not run: step `bad` did not complete"),
+            "go_on {go_on}"
+        );
+        let slow_job = m.job(&slow_order.job_id);
+        if go_on {
+            // The other branch goes on to the end.
+            assert_eq!(slow_job.status, JobStatus::Running);
+            assert_eq!(m.job(&id).status, JobStatus::Running);
+            m.step(vec![exit(&slow_node, slow_order.slot.clone(), "completed")]);
+            assert_eq!(run_launched(&mut m, &mut agents, |_| "completed"), 1);
+            let steps = steps_of(&mut m, &id);
+            assert_eq!(steps[3].ended, Some(JobStatus::Completed));
+        } else {
+            // The running step is stopped: canceling until its agent says so.
+            assert_eq!(slow_job.status, JobStatus::Canceling);
+            assert_eq!(slow_job.reason.to_string(), "canceled: step `bad` failed");
+            assert_eq!(m.job(&id).status, JobStatus::Running);
+            m.step(vec![exit(&slow_node, slow_order.slot.clone(), "canceled")]);
+            let steps = steps_of(&mut m, &id);
+            assert_eq!(
+                steps[3].skipped.as_deref(),
+                Some("not run: the pipeline stopped")
+            );
+        }
+        let record = m.job(&id);
+        assert_eq!(record.status, JobStatus::Failed, "go_on {go_on}");
+        assert_eq!(
+            record.reason.to_string(),
+            if go_on {
+                "step `bad` failed; 1 step(s) not run"
+            } else {
+                "step `bad` failed; 2 step(s) not run"
+            }
+        );
+        assert!(m.control.invariant_violations().is_empty());
+    }
+}
+
+#[test]
+fn canceling_a_pipeline_cancels_its_steps_then_the_pipeline() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let id = m.submit_request(pipeline_request(
+        &[("a", &[]), ("b", &["a"]), ("c", &[])],
+        false,
+    ));
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("one launched");
+    m.started(&node, &order);
+    let canceled = m
+        .ask(|reply| Command::CancelJob(id.clone(), reply))
+        .expect("cancel");
+    // One step runs: the pipeline waits for it to stop.
+    assert_eq!(canceled.status, JobStatus::Canceling);
+    let steps = steps_of(&mut m, &id);
+    let queued = steps
+        .iter()
+        .find(|s| s.seq.is_some() && job_id(s.seq.unwrap_or(0)) != order.job_id);
+    let queued = job_id(queued.and_then(|s| s.seq).expect("the other first step"));
+    assert_eq!(m.job(&queued).status, JobStatus::Canceled);
+    assert_eq!(
+        m.job(&queued).reason.to_string(),
+        "canceled with its pipeline"
+    );
+    assert!(cancels(&mut agent).contains(&order.slot));
+    m.step(vec![exit(&node, order.slot.clone(), "canceled")]);
+    let record = m.job(&id);
+    assert_eq!(record.status, JobStatus::Canceled);
+    assert_eq!(record.reason.to_string(), "canceled by user");
+    let steps = record.pipeline.expect("a pipeline").steps;
+    assert_eq!(
+        steps[1].skipped.as_deref(),
+        Some("not run: the pipeline stopped")
+    );
+    assert!(m.control.invariant_violations().is_empty());
+}
+
+#[test]
+fn a_pipeline_whose_step_names_no_cluster_is_refused_whole() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let mut request = pipeline_request(&[("a", &[]), ("b", &[])], false);
+    if let Some(p) = request.pipeline.as_mut() {
+        p.steps[1].1.cluster = "gpu".into();
+    }
+    let before = m.control.job_counts();
+    let err = m
+        .ask(|reply| Command::SubmitJob(Box::new(request), reply))
+        .unwrap_err();
+    assert!(err.to_string().contains("jobs.b.compute"), "{err}");
+    assert_eq!(m.control.job_counts(), before, "nothing made");
+}

@@ -797,6 +797,7 @@ mod metrics;
 mod nodes;
 pub mod ownership;
 mod parallel;
+mod pipelines;
 mod queue;
 mod successors;
 mod sweeps;

@@ -509,6 +509,84 @@ pub struct Trial {
     pub index: u32,
 }
 
+/// A pipeline's own record: its steps, each a job made when the steps it reads
+/// from have completed (so a restarted coordinator makes none twice), kept by the
+/// core as steps end. Steps are in an order where each comes after those it reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineState {
+    pub steps: Vec<PipelineStep>,
+    /// A failed step does not stop the others (those that read from it never run).
+    #[serde(default)]
+    pub continue_on_step_failure: bool,
+    /// The pipeline's outputs: each is a step's named output.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, StepOutput>,
+}
+
+impl PipelineState {
+    /// Steps made and not ended.
+    pub fn live(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.seq.is_some() && s.ended.is_none())
+            .count()
+    }
+
+    /// Every step has ended or will never run.
+    pub fn settled(&self) -> bool {
+        self.steps
+            .iter()
+            .all(|s| s.ended.is_some() || s.skipped.is_some())
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// One step of a pipeline: the job it runs, and what became of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineStep {
+    pub name: String,
+    /// What it runs; an input read from another step is `DataSource::Step` here,
+    /// and that step's job's output (`DataSource::Output`) in the job made.
+    pub spec: JobSpec,
+    /// The steps whose outputs it reads (each before it in the list).
+    pub after: Vec<u32>,
+    /// Its job, once made.
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub ended: Option<JobStatus>,
+    /// Why it never ran: a step it reads from did not complete, or the pipeline stopped.
+    #[serde(default)]
+    pub skipped: Option<String>,
+}
+
+/// A step's named output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepOutput {
+    pub step: String,
+    pub output: String,
+}
+
+/// A step of a pipeline: the pipeline's sequence number and the step's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepOf {
+    pub pipeline_seq: u64,
+    pub index: u32,
+}
+
+/// A pipeline as submitted: its steps as requests, checked by the core against
+/// their clusters.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineRequest {
+    /// Each step: its name, its job, and the steps it reads from (earlier ones).
+    pub steps: Vec<(String, JobRequest, Vec<u32>)>,
+    pub continue_on_step_failure: bool,
+    pub outputs: BTreeMap<String, StepOutput>,
+}
+
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
 /// ones otherwise. Stored flattened into the spec, as `JobExtras` always was.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -692,6 +770,8 @@ pub struct JobRequest {
     pub array: Option<ArraySpec>,
     /// A sweep: this job is its trials' template (`${{search_space.X}}` in its command).
     pub sweep: Option<crate::sweep::SweepSpec>,
+    /// A pipeline: this request is its record's, and runs nothing itself.
+    pub pipeline: Option<PipelineRequest>,
     pub distribution: Option<Distribution>,
     /// A parallel job, with its input already cut into mini-batches.
     pub parallel: Option<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)>,
@@ -1042,6 +1122,12 @@ pub struct Job {
     /// A trial of a sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial: Option<Trial>,
+    /// A pipeline's own record (it runs nothing itself: its steps do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Box<PipelineState>>,
+    /// A step of a pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepOf>,
     /// A parallel job's progress (derived, filled in for readers; boxed, as
     /// only readers' copies have it).
     #[serde(skip)]
@@ -1062,16 +1148,17 @@ impl Job {
         self.attempts.last()
     }
 
-    /// An array's or a sweep's own record: it runs nothing itself.
+    /// An array's, a sweep's or a pipeline's own record: it runs nothing itself.
     pub fn is_record(&self) -> bool {
-        self.array.is_some() || self.sweep.is_some()
+        self.array.is_some() || self.sweep.is_some() || self.pipeline.is_some()
     }
 
-    /// The record it belongs to: its array's, or its sweep's.
+    /// The record it belongs to: its array's, its sweep's or its pipeline's.
     pub fn parent_seq(&self) -> Option<u64> {
         self.task
             .map(|t| t.array_seq)
             .or(self.trial.map(|t| t.sweep_seq))
+            .or(self.step.map(|s| s.pipeline_seq))
     }
 
     /// Final, and no instance of any attempt still runs: nothing more can happen to it.

@@ -139,29 +139,45 @@ impl Api {
     /// kept for it already, discarded if it is refused.
     pub async fn submit_with(
         &self,
-        mut spec: pb::JobSpec,
+        spec: pb::JobSpec,
         extras: crate::model::JobExtras,
         sweep: Option<crate::sweep::SweepSpec>,
         stored: Vec<String>,
     ) -> Result<crate::model::Job, Status> {
-        let discard = |paths: Vec<String>| async move {
-            for path in paths {
+        let mut stored = stored;
+        let submitted = match self.request_of(spec, extras, &mut stored).await {
+            Ok(mut request) => {
+                request.sweep = sweep;
+                self.control.submit_job(request).await.map_err(Status::from)
+            }
+            Err(e) => Err(e),
+        };
+        if submitted.is_err() {
+            for path in stored {
                 Artifacts::discard(&path).await;
             }
-        };
-        let mut stored = stored;
+        }
+        submitted
+    }
+
+    /// A wire spec checked and made a request: an MPI job's launcher looked
+    /// for, its code kept (the path pushed to `stored`, for the caller to discard
+    /// if the submission fails).
+    pub async fn request_of(
+        &self,
+        mut spec: pb::JobSpec,
+        extras: crate::model::JobExtras,
+        stored: &mut Vec<String>,
+    ) -> Result<crate::model::JobRequest, Status> {
         if spec
             .distribution
             .as_ref()
             .is_some_and(|d| d.r#type == "mpi")
-            && let Err(refused) = self.check_mpirun(&spec).await
         {
-            discard(stored).await;
-            return Err(refused);
+            self.check_mpirun(&spec).await?;
         }
         let code = std::mem::take(&mut spec.code);
         if code.len() > self.max_code_bytes {
-            discard(stored).await;
             return Err(crate::Error::invalid(
                 "code",
                 format!(
@@ -179,22 +195,9 @@ impl Api {
             stored.push(path.clone());
             Some(path)
         };
-        let mut request = match convert::job_request(spec, code_path) {
-            Ok(request) => request,
-            Err(e) => {
-                discard(stored).await;
-                return Err(e.into());
-            }
-        };
+        let mut request = convert::job_request(spec, code_path)?;
         request.extras = extras;
-        request.sweep = sweep;
-        match self.control.submit_job(request).await {
-            Ok(job) => Ok(job),
-            Err(e) => {
-                discard(stored).await;
-                Err(e.into())
-            }
-        }
+        Ok(request)
     }
 
     /// An MPI job needs `mpirun` where instance 0 runs: in its image, or on the

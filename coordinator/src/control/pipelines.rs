@@ -1,0 +1,280 @@
+//! Pipelines in the core: a pipeline is a record (never queued) holding its steps,
+//! each a job template; a step's job is made when the steps it reads from have
+//! completed (`advance`, after submit and after each step's end in `end_job`), so
+//! the graph needs no task of its own and a restarted coordinator, reading the
+//! record, makes no step twice. A step reading another's output is given that
+//! step's job (`DataSource::Output`), whose named output the API serves.
+
+use super::*;
+use crate::data::DataSource;
+use crate::model::{PipelineRequest, PipelineState, PipelineStep, StepOf};
+
+impl Control {
+    /// Checks a pipeline's steps against their clusters, keeps its record (running
+    /// at once) and makes the steps that read from no other.
+    pub(super) fn submit_pipeline(
+        &mut self,
+        mut record: JobRequest,
+        pipeline: PipelineRequest,
+        now: Millis,
+    ) -> Result<Job> {
+        if pipeline.steps.is_empty() {
+            return Err(Error::invalid("jobs", "a pipeline needs at least one step"));
+        }
+        let mut steps = Vec::with_capacity(pipeline.steps.len());
+        for (index, (name, request, after)) in pipeline.steps.into_iter().enumerate() {
+            if after.iter().any(|&a| a as usize >= index) {
+                return Err(Error::invalid(
+                    format!("jobs.{name}"),
+                    "a step reads only from steps before it (the graph has a cycle)",
+                ));
+            }
+            if request.array.is_some() || request.sweep.is_some() || request.parallel.is_some() {
+                return Err(Error::invalid(
+                    format!("jobs.{name}"),
+                    "a pipeline's steps are command jobs here",
+                ));
+            }
+            let spec = self
+                .spec_of(request)
+                .map_err(|e| e.in_field(&format!("jobs.{name}")))?;
+            steps.push(PipelineStep {
+                name,
+                spec,
+                after,
+                seq: None,
+                ended: None,
+                skipped: None,
+            });
+        }
+        // The record runs nothing; its spec keeps its name, cluster and extras.
+        record.argv = vec!["pipeline".into()];
+        record.command.clear();
+        let mut spec = self.spec_of(record)?;
+        spec.argv.clear();
+        let seq = self.next_job_seq;
+        self.next_job_seq += 1;
+        self.seqs_dirty = true;
+        let id = job_table::job_id(seq);
+        let job = Job {
+            status: JobStatus::Running,
+            started_at: now,
+            reason: JobReason::said("running its steps"),
+            pipeline: Some(Box::new(PipelineState {
+                steps,
+                continue_on_step_failure: pipeline.continue_on_step_failure,
+                outputs: pipeline.outputs,
+            })),
+            ..super::jobs::fresh_job(seq, spec, now)
+        };
+        info!(job = %id, steps = job.pipeline.as_ref().map_or(0, |p| p.steps.len()), "pipeline submitted");
+        self.jobs.insert(job).map_err(Error::Internal)?;
+        self.dirty_jobs.insert(id.clone());
+        self.advance_pipeline(seq, now)?;
+        self.job(&id).map(|j| self.job_out(j, now))
+    }
+
+    /// Makes every step whose inputs exist, marks the steps that never will run,
+    /// and ends the pipeline once every step has ended or been passed over. Steps
+    /// come after those they read from, so one pass in order settles the graph.
+    fn advance_pipeline(&mut self, seq: u64, now: Millis) -> Result<()> {
+        let Some(record) = self.jobs.by_seq(seq) else {
+            return Ok(());
+        };
+        let Some(state) = record.pipeline.as_deref() else {
+            return Ok(());
+        };
+        if record.status.is_final() {
+            return Ok(());
+        }
+        let id = record.id.to_string();
+        let canceling = record.status == JobStatus::Canceling;
+        let failed = |s: &PipelineStep| s.ended.is_some_and(|e| e != JobStatus::Completed);
+        let first_failure = state
+            .steps
+            .iter()
+            .find(|s| failed(s))
+            .map(|s| s.name.clone());
+        let stopping = canceling || (first_failure.is_some() && !state.continue_on_step_failure);
+        let experiment = record.spec.extras.experiment_name.clone();
+        let mut make = Vec::new();
+        let mut skip = Vec::new();
+        for (index, step) in state.steps.iter().enumerate() {
+            if step.seq.is_some() || step.skipped.is_some() {
+                continue;
+            }
+            // Steps before it are settled or made already in this pass.
+            let blocked = step.after.iter().find_map(|&a| {
+                let before = &state.steps[a as usize];
+                let passed = before.skipped.is_some()
+                    || skip.iter().any(|(i, _)| *i == a as usize)
+                    || failed(before);
+                passed.then(|| before.name.clone())
+            });
+            if let Some(before) = blocked {
+                skip.push((index, format!("not run: step `{before}` did not complete")));
+                continue;
+            }
+            if stopping {
+                skip.push((index, "not run: the pipeline stopped".to_string()));
+                continue;
+            }
+            let ready = step
+                .after
+                .iter()
+                .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed));
+            if ready {
+                make.push(index);
+            }
+        }
+        let live: Vec<String> = if stopping {
+            state
+                .steps
+                .iter()
+                .filter(|s| s.ended.is_none())
+                .filter_map(|s| s.seq.map(job_table::job_id))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (index, why) in skip {
+            if let Some(step) = self.pipeline_mut(seq).and_then(|p| p.steps.get_mut(index)) {
+                step.skipped = Some(why);
+            }
+        }
+        for index in make {
+            self.make_step(seq, index, &experiment, now)?;
+        }
+        let why = match &first_failure {
+            Some(step) if !canceling => format!("canceled: step `{step}` failed"),
+            _ => "canceled with its pipeline".to_string(),
+        };
+        for step in live {
+            if self.jobs.get(&step).is_some_and(|j| !j.status.is_ending()) {
+                self.cancel(&step, why.clone(), "job canceled", now);
+            }
+        }
+        self.dirty_jobs.insert(id.clone());
+        // Canceling a step may have ended it (and advanced the pipeline) already.
+        let Some(record) = self.jobs.by_seq(seq) else {
+            return Ok(());
+        };
+        let Some(state) = record.pipeline.as_deref() else {
+            return Ok(());
+        };
+        if record.status.is_final() || !state.settled() {
+            return Ok(());
+        }
+        let (status, reason) = if canceling {
+            (JobStatus::Canceled, record.reason.clone())
+        } else if let Some(step) = first_failure {
+            let skipped = state.steps.iter().filter(|s| s.skipped.is_some()).count();
+            let reason = match skipped {
+                0 => format!("step `{step}` failed"),
+                n => format!("step `{step}` failed; {n} step(s) not run"),
+            };
+            (JobStatus::Failed, JobReason::said(reason))
+        } else {
+            (JobStatus::Completed, JobReason::None)
+        };
+        self.end_job(&id, status, reason, now);
+        Ok(())
+    }
+
+    fn pipeline_mut(&mut self, seq: u64) -> Option<&mut PipelineState> {
+        self.jobs
+            .by_seq_mut(seq)
+            .and_then(|j| j.pipeline.as_deref_mut())
+    }
+
+    /// Step `index`'s job, queued: its inputs from earlier steps name their jobs.
+    fn make_step(
+        &mut self,
+        pipeline_seq: u64,
+        index: usize,
+        experiment: &str,
+        now: Millis,
+    ) -> Result<()> {
+        let Some(state) = self
+            .jobs
+            .by_seq(pipeline_seq)
+            .and_then(|j| j.pipeline.as_deref())
+        else {
+            return Ok(());
+        };
+        let step = &state.steps[index];
+        let mut spec = step.spec.clone();
+        if spec.name.is_empty() {
+            spec.name = step.name.clone();
+        }
+        let mut extras: crate::model::JobExtras = spec.extras.clone().into();
+        for input in extras.inputs.values_mut() {
+            if let DataSource::Step { step, output } = &input.source {
+                let job = state
+                    .index_of(step)
+                    .and_then(|i| state.steps[i].seq)
+                    .map(job_table::job_id)
+                    .ok_or_else(|| {
+                        Error::Internal(format!("step `{step}` has no job before its readers"))
+                    })?;
+                input.source = DataSource::Output {
+                    job,
+                    output: output.clone(),
+                };
+            }
+        }
+        if extras.experiment_name.is_empty() {
+            extras.experiment_name = experiment.to_string();
+        }
+        spec.extras = extras.into();
+        let seq = self.next_job_seq;
+        self.next_job_seq += 1;
+        self.seqs_dirty = true;
+        let id = job_table::job_id(seq);
+        let job = Job {
+            step: Some(StepOf {
+                pipeline_seq,
+                index: index as u32,
+            }),
+            ..super::jobs::fresh_job(seq, spec, now)
+        };
+        debug!(job = %id, pipeline = pipeline_seq, index, "step made");
+        self.jobs.insert(job).map_err(Error::Internal)?;
+        if let Some(job) = self.jobs.by_seq(seq) {
+            self.queue.push(job);
+        }
+        if let Some(step) = self
+            .pipeline_mut(pipeline_seq)
+            .and_then(|p| p.steps.get_mut(index))
+        {
+            step.seq = Some(seq);
+        }
+        self.dirty_jobs.insert(id);
+        Ok(())
+    }
+
+    /// A step has ended: its pipeline's entry says so, and the pipeline goes on.
+    pub(super) fn step_ended(&mut self, step: StepOf, status: JobStatus, now: Millis) {
+        if let Some(entry) = self
+            .pipeline_mut(step.pipeline_seq)
+            .and_then(|p| p.steps.get_mut(step.index as usize))
+        {
+            entry.ended = Some(status);
+        }
+        if let Err(e) = self.advance_pipeline(step.pipeline_seq, now) {
+            warn!(pipeline = step.pipeline_seq, error = %e, "pipeline could not go on");
+        }
+    }
+
+    /// Cancels a pipeline: its running steps, then the pipeline once they have ended.
+    pub(super) fn cancel_pipeline(&mut self, id: &str, now: Millis) -> Result<Job> {
+        let seq = self.job(id)?.seq;
+        if let Some(record) = self.jobs.get_mut(id) {
+            record.status = JobStatus::Canceling;
+            record.reason = JobReason::said("canceled by user");
+        }
+        self.dirty_jobs.insert(id.to_string());
+        self.advance_pipeline(seq, now)?;
+        self.job(id).map(|j| self.job_out(j, now))
+    }
+}

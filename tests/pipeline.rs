@@ -1,0 +1,289 @@
+//! Pipeline jobs, end to end: the service's pipelineJob file with steps reading
+//! each other's outputs on real nodes, the pipeline's output downloaded, a failing
+//! step with and without `continue_on_step_failure`, cancel, and a coordinator
+//! SIGKILL mid-pipeline that reruns no completed step.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::TestCluster;
+
+fn submit(tc: &TestCluster, file: &Path) -> String {
+    let created = tc.shoal_json(&["job", "submit", "-f", &file.to_string_lossy()]);
+    created["id"].as_str().expect("job id").to_string()
+}
+
+/// Writes `text` as `pipeline.yml` in a scratch folder; its path.
+fn pipeline_file(tc: &TestCluster, name: &str, text: &str) -> PathBuf {
+    let dir = tc.scratch(name);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let file = dir.join("pipeline.yml");
+    std::fs::write(&file, text).expect("pipeline file");
+    file
+}
+
+async fn wait_ended(tc: &TestCluster, id: &str, limit: Duration) -> serde_json::Value {
+    tc.wait_job(id, "the pipeline ended", limit, |j| {
+        matches!(j.status.as_str(), "completed" | "failed" | "canceled")
+    })
+    .await;
+    tc.shoal_json(&["job", "show", id])
+}
+
+fn step<'a>(shown: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    shown["pipeline"]["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no step {name}: {shown:#}"))
+}
+
+fn logs_of(tc: &TestCluster, shown: &serde_json::Value) -> String {
+    let mut all = String::new();
+    for step in shown["pipeline"]["steps"].as_array().into_iter().flatten() {
+        if let Some(id) = step["id"].as_str() {
+            let out = tc.shoal(&["job", "logs", id]);
+            all += &format!(
+                "--- {} ({id})\n{}{}",
+                step["name"],
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    all
+}
+
+const THREE_STEPS: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json
+type: pipeline
+display_name: numbers
+experiment_name: pipelines
+compute: azureml:cpu
+inputs:
+  raw: {type: uri_folder, path: ./data}
+  scale: 10
+outputs:
+  report:
+jobs:
+  summarize:
+    command: >-
+      wc -l < ${{inputs.scores}}/scores.txt > ${{outputs.report}}/count.txt &&
+      cp ${{inputs.scores}}/scores.txt ${{outputs.report}}/ &&
+      echo "summarize on $SHOAL_NODE_ID"
+    environment: host
+    inputs:
+      scores: {type: uri_folder, path: '${{parent.jobs.score.outputs.scores}}'}
+    outputs:
+      report: ${{parent.outputs.report}}
+  prep:
+    command: >-
+      for f in ${{inputs.raw}}/*; do sort -n "$f" > ${{outputs.clean}}/$(basename "$f"); done &&
+      echo "prep on $SHOAL_NODE_ID"
+    environment: host
+    inputs:
+      raw: ${{parent.inputs.raw}}
+    outputs:
+      clean:
+  score:
+    command: >-
+      cd ${{inputs.clean}} && for f in *; do echo "$f $(awk -v k=${{inputs.k}} '{s+=$1} END {print s*k}' "$f")"; done
+      > ${{outputs.scores}}/scores.txt && echo "score on $SHOAL_NODE_ID"
+    environment: host
+    inputs:
+      clean: ${{parent.jobs.prep.outputs.clean}}
+      k: ${{parent.inputs.scale}}
+    outputs:
+      scores:
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_output() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "3"]);
+    let file = pipeline_file(&tc, "numbers", THREE_STEPS);
+    let data = file.parent().expect("folder").join("data");
+    std::fs::create_dir_all(&data).expect("data folder");
+    std::fs::write(data.join("a.txt"), "3\n1\n2\n").expect("a");
+    std::fs::write(data.join("b.txt"), "10\n20\n").expect("b");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    assert_eq!(shown["name"], "numbers");
+    assert_eq!(shown["experiment_name"], "pipelines");
+    // Steps in the order they can run, each after those it reads.
+    let names: Vec<&str> = shown["pipeline"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["prep", "score", "summarize"]);
+    assert_eq!(step(&shown, "score")["after"], serde_json::json!(["prep"]));
+    for name in names {
+        let s = step(&shown, name);
+        assert_eq!(s["status"], "completed", "{s}");
+        let job = tc.shoal_json(&["job", "show", s["id"].as_str().expect("id")]);
+        assert_eq!(job["step"]["pipeline_id"], id.as_str());
+        assert_eq!(job["step"]["name"], name);
+        assert_eq!(job["experiment_name"], "pipelines");
+    }
+    // The pipeline is listed once; its steps with --parent.
+    let listed = tc.shoal_json(&["job", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed:#}");
+    let children = tc.shoal_json(&["job", "list", "--parent", &id]);
+    assert_eq!(children.as_array().map(Vec::len), Some(3), "{children:#}");
+    // The table draws the steps.
+    let table = tc.shoal(&["job", "show", &id, "-o", "table"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("steps:     3 of 3 completed"), "{table}");
+    assert!(table.contains("← prep"), "{table}");
+
+    // The pipeline's output is summarize's report: sorted, scored (× scale), counted.
+    let into = tc.scratch("download");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = into.join(&id).join("named-outputs/report");
+    let scores = std::fs::read_to_string(report.join("scores.txt")).expect("scores");
+    assert_eq!(scores, "a.txt 60\nb.txt 300\n");
+    let count = std::fs::read_to_string(report.join("count.txt")).expect("count");
+    assert_eq!(count.trim(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_rest_finish() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let text = |go_on: bool| {
+        format!(
+            "type: pipeline\ncompute: cpu\nsettings: {{continue_on_step_failure: {go_on}}}\njobs:\n\
+             \x20 bad: {{command: 'echo broken >&2; exit 3', environment: host, outputs: {{out: }}}}\n\
+             \x20 after_bad:\n\
+             \x20   command: ls ${{{{inputs.x}}}}\n\
+             \x20   environment: host\n\
+             \x20   inputs: {{x: '${{{{parent.jobs.bad.outputs.out}}}}'}}\n\
+             \x20 other: {{command: 'sleep 4; echo fine', environment: host}}\n"
+        )
+    };
+    // Stopped: the running step is canceled, the one after `bad` never runs.
+    let stop = submit(&tc, &pipeline_file(&tc, "stop", &text(false)));
+    let shown = wait_ended(&tc, &stop, Duration::from_secs(90)).await;
+    assert_eq!(shown["status"], "failed", "{shown:#}");
+    assert_eq!(shown["reason"], "step `bad` failed; 1 step(s) not run");
+    assert_eq!(step(&shown, "bad")["status"], "failed");
+    assert_eq!(step(&shown, "after_bad")["status"], "not run");
+    assert_eq!(
+        step(&shown, "after_bad")["reason"],
+        "not run: step `bad` did not complete"
+    );
+    assert!(step(&shown, "after_bad")["id"].is_null(), "never made");
+    let other = tc.shoal_json(&[
+        "job",
+        "show",
+        step(&shown, "other")["id"].as_str().expect("id"),
+    ]);
+    assert_eq!(other["status"], "canceled", "{other:#}");
+    assert_eq!(other["reason"], "canceled: step `bad` failed");
+
+    // Told to go on: `other` completes, the pipeline still fails for `bad`.
+    let go_on = submit(&tc, &pipeline_file(&tc, "go-on", &text(true)));
+    let shown = wait_ended(&tc, &go_on, Duration::from_secs(90)).await;
+    assert_eq!(shown["status"], "failed", "{shown:#}");
+    assert_eq!(step(&shown, "other")["status"], "completed", "{shown:#}");
+    assert_eq!(step(&shown, "after_bad")["status"], "not run");
+    let logs = tc.shoal(&[
+        "job",
+        "logs",
+        step(&shown, "other")["id"].as_str().expect("id"),
+    ]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("fine"));
+
+    // Cancel cascades: the running step stops, then the pipeline is canceled.
+    let long = submit(
+        &tc,
+        &pipeline_file(
+            &tc,
+            "long",
+            "type: pipeline\ncompute: cpu\njobs:\n  a: {command: sleep 60, environment: host, outputs: {o: }}\n  b: {command: 'ls ${{inputs.i}}', environment: host, inputs: {i: '${{parent.jobs.a.outputs.o}}'}}\n",
+        ),
+    );
+    tc.wait_job(&long, "step a running", Duration::from_secs(60), |j| {
+        j.pipeline
+            .as_ref()
+            .is_some_and(|p| p.steps.first().is_some_and(|s| s.status == "running"))
+    })
+    .await;
+    let out = tc.shoal(&["job", "cancel", &long]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = wait_ended(&tc, &long, Duration::from_secs(60)).await;
+    assert_eq!(shown["status"], "canceled", "{shown:#}");
+    assert_eq!(step(&shown, "a")["status"], "canceled");
+    assert_eq!(step(&shown, "b")["status"], "not run");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_resumes_after_a_coordinator_sigkill_without_rerunning_completed_steps() {
+    let mut tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let marks = tc.scratch("marks").join("ran.txt");
+    std::fs::create_dir_all(marks.parent().expect("a folder")).expect("marks folder");
+    let mark = |name: &str, rest: &str| format!("echo {name} >> {} && {rest}", marks.display());
+    let text = format!(
+        "type: pipeline\ncompute: cpu\njobs:\n\
+         \x20 first: {{command: '{}', environment: host, outputs: {{o: }}}}\n\
+         \x20 second: {{command: '{}', environment: host, inputs: {{i: '${{{{parent.jobs.first.outputs.o}}}}'}}, outputs: {{o: }}}}\n\
+         \x20 third: {{command: '{}', environment: host, inputs: {{i: '${{{{parent.jobs.second.outputs.o}}}}'}}}}\n",
+        mark("first", "echo 1 > ${{outputs.o}}/n"),
+        mark(
+            "second",
+            "sleep 3 && cat ${{inputs.i}}/n > ${{outputs.o}}/n && echo 2 >> ${{outputs.o}}/n"
+        ),
+        mark("third", "cat ${{inputs.i}}/n"),
+    );
+    let id = submit(&tc, &pipeline_file(&tc, "resume", &text));
+    tc.wait_job(
+        &id,
+        "the second step running",
+        Duration::from_secs(60),
+        |j| {
+            j.pipeline
+                .as_ref()
+                .is_some_and(|p| p.steps.get(1).is_some_and(|s| s.status == "running"))
+        },
+    )
+    .await;
+    tc.kill9();
+    tc.restart().await;
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}\n{}",
+        logs_of(&tc, &shown),
+        tc.coordinator_log()
+    );
+    let ran = std::fs::read_to_string(&marks).expect("marks");
+    for name in ["first", "second", "third"] {
+        let times = ran.lines().filter(|l| *l == name).count();
+        assert_eq!(times, 1, "{name} ran {times} times:\n{ran}");
+    }
+    let third = step(&shown, "third")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let logs = tc.shoal(&["job", "logs", &third]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "1\n2");
+}
