@@ -287,3 +287,71 @@ async fn a_pipeline_resumes_after_a_coordinator_sigkill_without_rerunning_comple
     let logs = tc.shoal(&["job", "logs", &third]);
     assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "1\n2");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_inputs() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let file = pipeline_file(
+        &tc,
+        "components",
+        "type: pipeline\ncompute: cpu\n\
+         inputs: {start: 5}\n\
+         outputs: {total: }\n\
+         jobs:\n\
+         \x20 first:\n\
+         \x20   component: ./components/add.yml\n\
+         \x20   inputs: {n: '${{parent.inputs.start}}'}\n\
+         \x20 second:\n\
+         \x20   component: file:components/add.yml\n\
+         \x20   inputs: {n: 100, before: '${{parent.jobs.first.outputs.sum}}', label: twice}\n\
+         \x20   outputs: {sum: '${{parent.outputs.total}}'}\n",
+    );
+    let components = file.parent().expect("folder").join("components");
+    std::fs::create_dir_all(components.join("src")).expect("component folders");
+    // The component's code folder is beside its file, not the pipeline's.
+    std::fs::write(
+        components.join("src/add.sh"),
+        "set -e\nprev=0\n[ -n \"$3\" ] && prev=$(cat \"$3\"/sum.txt)\necho $(( $1 + $2 + prev )) > \"$4\"/sum.txt\necho \"label=$5\"\n",
+    )
+    .expect("script");
+    std::fs::write(
+        components.join("add.yml"),
+        "$schema: https://azuremlschemas.azureedge.net/latest/commandComponent.schema.json\n\
+         type: command\nname: add\nversion: 1\ndisplay_name: Add numbers\n\
+         code: ./src\nenvironment: host\n\
+         inputs:\n\
+         \x20 n: {type: integer, min: 0}\n\
+         \x20 offset: {type: integer, default: 1}\n\
+         \x20 before: {type: uri_folder, optional: true}\n\
+         \x20 label: {type: string, optional: true}\n\
+         outputs:\n  sum: {type: uri_folder}\n\
+         command: >-\n  sh add.sh ${{inputs.n}} ${{inputs.offset}} '[${{inputs.before}}]' ${{outputs.sum}} '[${{inputs.label}}]'\n",
+    )
+    .expect("component");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(90)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    let into = tc.scratch("component-download");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // first: 5 + 1; second: 100 + 1 + 6.
+    let total =
+        std::fs::read_to_string(into.join(&id).join("named-outputs/total/sum.txt")).expect("total");
+    assert_eq!(total.trim(), "107");
+    let second = step(&shown, "second")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let logs = tc.shoal(&["job", "logs", &second]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("label=twice"));
+}

@@ -370,6 +370,7 @@ fn job_document(args: &SubmitArgs) -> anyhow::Result<(Value, PathBuf)> {
         }
     }
     admission::set::apply(&mut doc, &args.set)?;
+    super::local::inline_components(&mut doc, &base)?;
     super::local::inline_environments(&mut doc, &base)?;
     Ok((doc, base))
 }

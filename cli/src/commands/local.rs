@@ -73,6 +73,46 @@ pub fn inline_environments(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pipeline's component files (`component: ./train.yml` or `file:./train.yml`),
+/// read into their steps: the component's code folder made absolute and its
+/// environment inlined, each relative to the component file's own folder.
+pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
+    let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
+        return Ok(());
+    };
+    for (name, step) in steps.iter_mut() {
+        let Some(Value::String(reference)) = step.get("component").cloned() else {
+            continue;
+        };
+        if reference.starts_with("azureml:") {
+            continue; // the coordinator says what it makes of a registered one
+        }
+        let field = format!("jobs.{name}.component");
+        let path = reference.trim().trim_start_matches("file:");
+        let (mut component, dir) = read_document(&base.join(path), "component file")
+            .with_context(|| format!("{field} `{reference}`"))?;
+        let code = match component.get("code") {
+            Some(Value::String(code)) => Some(code.clone()),
+            Some(Value::Object(map)) => map
+                .get("local_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+        if let Some(code) = code.filter(|c| !c.contains(':')) {
+            let full = absolute(&dir, &code).with_context(|| format!("{field}: code"))?;
+            component["code"] = Value::String(full);
+        }
+        inline_one(
+            component.get_mut("environment"),
+            &dir,
+            &format!("{field}.environment"),
+        )?;
+        step["component"] = component;
+    }
+    Ok(())
+}
+
 fn inline_one(slot: Option<&mut Value>, base: &Path, field: &str) -> anyhow::Result<()> {
     let Some(env) = slot else {
         return Ok(());

@@ -202,15 +202,22 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
             ));
         };
         let mut step = step.clone();
-        if let Some(component) = step.get("component") {
-            return Err(Error::invalid(
-                format!("{field}.component"),
-                format!(
-                    "`{}`: components are not read here yet; write the step inline (type: command, command, code, environment, inputs, outputs)",
-                    scalar_text(component).unwrap_or_default()
-                ),
-            ));
-        }
+        let component = match step.remove("component") {
+            None => None,
+            Some(Value::Object(component)) => Some(component),
+            Some(other) => {
+                let written = scalar_text(&other).unwrap_or_default();
+                let why = if written.starts_with("azureml:") {
+                    "registered components are not kept here yet; give the component's file (component: ./train.yml) or write it inline"
+                } else {
+                    "a component file is read by `shoal job submit -f` (the CLI puts it in); over HTTP write the component inline: component: {type: command, command: ..., inputs: ...}"
+                };
+                return Err(Error::invalid(
+                    format!("{field}.component"),
+                    format!("`{written}`: {why}"),
+                ));
+            }
+        };
         match step
             .get("type")
             .and_then(Value::as_str)
@@ -283,6 +290,9 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
                     }
                 }
             }
+        }
+        if let Some(component) = component {
+            apply_component(&mut step, component, &field, &mut warnings)?;
         }
         if !step.contains_key("compute")
             && let Some(compute) = &compute
@@ -368,6 +378,255 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
         outputs: bound_outputs,
         warnings,
     })
+}
+
+/// The keys a command component (the commandComponent schema) gives its step.
+const COMPONENT_KEYS: &[&str] = &[
+    "command",
+    "code",
+    "environment",
+    "distribution",
+    "resources",
+    "environment_variables",
+];
+
+/// Data types an input may have; the others are literals.
+fn is_data_type(kind: &str) -> bool {
+    matches!(
+        kind,
+        "uri_file" | "uri_folder" | "mltable" | "mlflow_model" | "custom_model"
+    )
+}
+
+/// A step made of a component (the commandComponent schema, its file inlined by the
+/// CLI): the component's command, code, environment, distribution and resources, its
+/// typed inputs given the step's values (bindings settled already), their defaults,
+/// or left out when optional; its outputs, bound where the step says.
+fn apply_component(
+    step: &mut Map<String, Value>,
+    component: Map<String, Value>,
+    field: &str,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let at = format!("{field}.component");
+    let name = component
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("the component")
+        .to_string();
+    for (key, value) in &component {
+        match key.as_str() {
+            "$schema" | "name" | "version" | "display_name" | "description" | "tags" | "inputs"
+            | "outputs" => {}
+            "type" => {
+                if value.as_str() != Some("command") {
+                    return Err(Error::invalid(
+                        format!("{at}.type"),
+                        format!(
+                            "`{}` components do not run here yet; a step's component is `type: command`",
+                            scalar_text(value).unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            "is_deterministic" | "additional_includes" => {
+                warnings.push(format!("{at}.{key}: has no effect here (every step runs)"))
+            }
+            key if COMPONENT_KEYS.contains(&key) => match (step.get_mut(key), value) {
+                // The step's resources and variables add to the component's.
+                (Some(Value::Object(mine)), Value::Object(theirs))
+                    if key == "resources" || key == "environment_variables" =>
+                {
+                    for (k, v) in theirs {
+                        mine.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+                (Some(_), _) => {
+                    return Err(Error::invalid(
+                        format!("{field}.{key}"),
+                        format!("is the component's (`{name}`); give it there, not in the step"),
+                    ));
+                }
+                (None, _) => {
+                    step.insert(key.to_string(), value.clone());
+                }
+            },
+            other => {
+                return Err(Error::invalid(
+                    format!("{at}.{other}"),
+                    "unknown key for a command component; it has name, version, display_name, description, tags, inputs, outputs, command, code, environment, distribution, resources",
+                ));
+            }
+        }
+    }
+    // Inputs: each declared one gets the step's value, its default, or nothing if optional.
+    let declared = object(component.get("inputs"), &format!("{at}.inputs"))?
+        .cloned()
+        .unwrap_or_default();
+    let mut given = match step.remove("inputs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(Error::invalid(format!("{field}.inputs"), "is a mapping")),
+    };
+    if let Some(extra) = given.keys().find(|k| !declared.contains_key(*k)) {
+        return Err(Error::invalid(
+            format!("{field}.inputs.{extra}"),
+            format!(
+                "component `{name}` has no input `{extra}`; it has {}",
+                declared.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let mut inputs = Map::new();
+    for (input, decl) in &declared {
+        let decl_at = format!("{at}.inputs.{input}");
+        let Value::Object(decl) = decl else {
+            return Err(Error::invalid(
+                &decl_at,
+                "an input is {type, default, optional}",
+            ));
+        };
+        let kind = decl
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("uri_folder");
+        let optional = decl
+            .get("optional")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let value = match (given.remove(input), decl.get("default")) {
+            (Some(value), _) => value,
+            (None, Some(default)) => default.clone(),
+            (None, None) if optional => continue,
+            (None, None) => {
+                return Err(Error::invalid(
+                    format!("{field}.inputs.{input}"),
+                    format!(
+                        "component `{name}`'s input `{input}` is unbound: give it a value or a binding in the step (it has no default and is not optional)"
+                    ),
+                ));
+            }
+        };
+        let value = if is_data_type(kind) {
+            match value {
+                Value::String(path) => serde_json::json!({"type": kind, "path": path}),
+                Value::Object(mut map) => {
+                    map.entry("type")
+                        .or_insert_with(|| Value::String(kind.into()));
+                    if let Some(mode) = decl.get("mode") {
+                        map.entry("mode").or_insert_with(|| mode.clone());
+                    }
+                    Value::Object(map)
+                }
+                other => {
+                    return Err(Error::invalid(
+                        format!("{field}.inputs.{input}"),
+                        format!("`{other}`: `{input}` is {kind} data: give a path or a binding"),
+                    ));
+                }
+            }
+        } else {
+            check_literal(&value, kind, decl, &format!("{field}.inputs.{input}"))?;
+            value
+        };
+        inputs.insert(input.clone(), value);
+    }
+    if !inputs.is_empty() {
+        step.insert("inputs".into(), Value::Object(inputs));
+    }
+    // Outputs: the component's, with the step's (bound to the pipeline's) in their place.
+    let declared = object(component.get("outputs"), &format!("{at}.outputs"))?
+        .cloned()
+        .unwrap_or_default();
+    let mut outputs = match step.remove("outputs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(Error::invalid(format!("{field}.outputs"), "is a mapping")),
+    };
+    if let Some(extra) = outputs.keys().find(|k| !declared.contains_key(*k)) {
+        return Err(Error::invalid(
+            format!("{field}.outputs.{extra}"),
+            format!("component `{name}` has no output `{extra}`"),
+        ));
+    }
+    for (output, decl) in declared {
+        let entry = outputs.entry(output).or_insert(Value::Null);
+        if entry.is_null() {
+            *entry = decl;
+        }
+    }
+    if !outputs.is_empty() {
+        step.insert("outputs".into(), Value::Object(outputs));
+    }
+    Ok(())
+}
+
+/// A literal given for a component input of type `kind` (string, integer, number,
+/// boolean), within its `enum`, `min` and `max`.
+fn check_literal(value: &Value, kind: &str, decl: &Map<String, Value>, field: &str) -> Result<()> {
+    let text = scalar_text(value)
+        .ok_or_else(|| Error::invalid(field, format!("`{value}` is not a {kind}")))?;
+    let number = match kind {
+        "integer" => Some(
+            text.trim()
+                .parse::<i64>()
+                .map_err(|_| Error::invalid(field, format!("`{text}` is not an integer")))?
+                as f64,
+        ),
+        "number" => Some(
+            text.trim()
+                .parse::<f64>()
+                .map_err(|_| Error::invalid(field, format!("`{text}` is not a number")))?,
+        ),
+        "boolean" => {
+            if !matches!(text.as_str(), "true" | "false" | "True" | "False") {
+                return Err(Error::invalid(
+                    field,
+                    format!("`{text}` is not true or false"),
+                ));
+            }
+            None
+        }
+        "string" => None,
+        other => {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "`{other}` is not an input type (string, integer, number, boolean, uri_file, uri_folder, mltable, mlflow_model, custom_model)"
+                ),
+            ));
+        }
+    };
+    if let Some(Value::Array(allowed)) = decl.get("enum")
+        && !allowed
+            .iter()
+            .any(|a| scalar_text(a).as_deref() == Some(text.as_str()))
+    {
+        let allowed: Vec<String> = allowed.iter().filter_map(scalar_text).collect();
+        return Err(Error::invalid(
+            field,
+            format!("`{text}` is not one of {}", allowed.join(", ")),
+        ));
+    }
+    if let Some(n) = number {
+        if let Some(min) = decl.get("min").and_then(Value::as_f64)
+            && n < min
+        {
+            return Err(Error::invalid(
+                field,
+                format!("{text} is below the minimum {min}"),
+            ));
+        }
+        if let Some(max) = decl.get("max").and_then(Value::as_f64)
+            && n > max
+        {
+            return Err(Error::invalid(
+                field,
+                format!("{text} is above the maximum {max}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One step input with its binding settled: the pipeline's input put in, or a
@@ -603,7 +862,8 @@ jobs:
         );
         assert!(refused("type: pipeline\njobs: {}\n").contains("at least one step"));
         assert!(
-            refused("type: pipeline\njobs:\n  a: {component: ./c.yml}\n").contains("components")
+            refused("type: pipeline\njobs:\n  a: {type: sweep, command: x}\n")
+                .contains("do not run inside pipelines")
         );
         assert!(
             refused("type: pipeline\noutputs: {r: }\njobs:\n  a: {command: x}\n")
@@ -613,6 +873,60 @@ jobs:
             refused("type: pipeline\nsettings: {retries: 2}\njobs:\n  a: {command: x}\n")
                 .contains("settings.retries")
         );
+    }
+
+    const TRAIN: &str = "{type: command, name: train_model, version: 1,
+        command: 'python train.py --data ${{inputs.data}} --epochs ${{inputs.epochs}} --lr ${{inputs.lr}} [--schedule ${{inputs.schedule}}] --model ${{outputs.model}}',
+        code: /abs/train_src, environment: host,
+        inputs: {data: {type: uri_folder}, epochs: {type: integer, min: 1, max: 100},
+                 lr: {type: number, default: 0.01}, schedule: {type: string, optional: true, enum: [time, step]}},
+        outputs: {model: {type: uri_folder}}}";
+
+    #[test]
+    fn a_component_step_takes_the_components_command_typed_inputs_defaults_and_outputs() {
+        let text = format!(
+            "type: pipeline\ncompute: cpu\ninputs: {{raw: {{type: uri_folder, path: ./data}}, epochs: 20}}\noutputs: {{trained: }}\n\
+             jobs:\n  train:\n    component: {TRAIN}\n    inputs: {{data: '${{{{parent.inputs.raw}}}}', epochs: '${{{{parent.inputs.epochs}}}}'}}\n\
+             \x20   outputs: {{model: '${{{{parent.outputs.trained}}}}'}}\n"
+        );
+        let p = read(&text).expect("accepted");
+        let train = &p.steps[0].draft;
+        assert_eq!(
+            train.command.as_deref(),
+            Some(
+                "python train.py --data ${{inputs.data}} --epochs 20 --lr 0.01  --model ${{outputs.model}}"
+            )
+        );
+        assert_eq!(train.code.as_deref(), Some("/abs/train_src"));
+        assert_eq!(
+            train.inputs["data"].path,
+            super::super::DataRef::Local("./data".into())
+        );
+        assert!(train.outputs.contains_key("model"));
+        assert_eq!(p.outputs["trained"].step, "train");
+        let refused = |inputs: &str| {
+            read(&format!(
+                "type: pipeline\njobs:\n  train:\n    component: {TRAIN}\n    inputs: {inputs}\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        let unbound = refused("{data: ./d}");
+        assert!(unbound.contains("`epochs` is unbound"), "{unbound}");
+        assert!(refused("{data: ./d, epochs: many}").contains("`many` is not an integer"));
+        assert!(refused("{data: ./d, epochs: 500}").contains("above the maximum 100"));
+        assert!(
+            refused("{data: ./d, epochs: 5, schedule: daily}").contains("not one of time, step")
+        );
+        assert!(refused("{data: ./d, epochs: 5, size: 3}").contains("has no input `size`"));
+        let file = read("type: pipeline\njobs:\n  a: {component: ./train.yml}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(file.contains("read by `shoal job submit -f`"), "{file}");
+        let registered = read("type: pipeline\njobs:\n  a: {component: 'azureml:train@latest'}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(registered.contains("registered components"), "{registered}");
     }
 
     #[test]
