@@ -157,6 +157,74 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
     assert_eq!(scores, "a.txt 60\nb.txt 300\n");
     let count = std::fs::read_to_string(report.join("count.txt")).expect("count");
     assert_eq!(count.trim(), "2");
+
+    // The same file again: every step is an identical earlier one, reused.
+    let again = submit(&tc, &file);
+    let shown = wait_ended(&tc, &again, Duration::from_secs(60)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert_eq!(shown["reason"], "3 of 3 step(s) reused");
+    let first = tc.shoal_json(&["job", "show", &id]);
+    for name in ["prep", "score", "summarize"] {
+        let s = step(&shown, name);
+        assert_eq!(s["reason"], "reused: an identical step completed before");
+        assert_eq!(s["id"], step(&first, name)["id"], "the earlier step's job");
+    }
+    let into = tc.scratch("download-again");
+    let out = tc.shoal(&[
+        "job",
+        "download",
+        &again,
+        "-p",
+        into.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scores = std::fs::read_to_string(into.join(&again).join("named-outputs/report/scores.txt"))
+        .expect("scores");
+    assert_eq!(scores, "a.txt 60\nb.txt 300\n");
+
+    // A changed input reruns the steps that read it, and reuses prep.
+    let scaled = tc.shoal_json(&[
+        "job",
+        "submit",
+        "-f",
+        &file.to_string_lossy(),
+        "--set",
+        "inputs.scale=2",
+    ]);
+    let scaled = scaled["id"].as_str().expect("id").to_string();
+    let shown = wait_ended(&tc, &scaled, Duration::from_secs(60)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert_eq!(shown["reason"], "1 of 3 step(s) reused");
+    assert_eq!(step(&shown, "prep")["id"], step(&first, "prep")["id"]);
+    assert_ne!(step(&shown, "score")["id"], step(&first, "score")["id"]);
+
+    // force_rerun: every step runs again.
+    let forced = tc.shoal_json(&[
+        "job",
+        "submit",
+        "-f",
+        &file.to_string_lossy(),
+        "--set",
+        "settings.force_rerun=true",
+    ]);
+    let forced = forced["id"].as_str().expect("id").to_string();
+    let shown = wait_ended(&tc, &forced, Duration::from_secs(60)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert!(
+        shown["reason"].is_null() || shown["reason"] == "",
+        "{shown:#}"
+    );
+    for name in ["prep", "score", "summarize"] {
+        assert_ne!(
+            step(&shown, name)["id"],
+            step(&first, name)["id"],
+            "{name} ran again"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

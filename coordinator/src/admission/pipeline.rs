@@ -26,6 +26,8 @@ pub struct PipelineDraft {
     /// The pipeline's compute (`compute`, else `settings.default_compute`).
     pub compute: Option<String>,
     pub continue_on_step_failure: bool,
+    /// Every step runs, even one identical to a completed earlier step.
+    pub force_rerun: bool,
     /// Steps, each after those it reads from.
     pub steps: Vec<StepDraft>,
     /// Each pipeline output: the step output bound to it.
@@ -39,6 +41,9 @@ pub struct StepDraft {
     pub draft: Draft,
     /// Indexes of the steps it reads from (each before it).
     pub after: Vec<u32>,
+    /// Its component does not say `is_deterministic: false`: an identical
+    /// completed run may stand for it.
+    pub deterministic: bool,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -130,6 +135,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
     }
     let mut compute = text_field(&top, "compute", "compute")?.map(str::to_string);
     let mut continue_on_step_failure = false;
+    let mut force_rerun = false;
     if let Some(settings) = object(top.get("settings"), "settings")? {
         for (key, value) in settings {
             let field = format!("settings.{key}");
@@ -145,7 +151,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
                     })?;
                 }
                 "force_rerun" => {
-                    value
+                    force_rerun = value
                         .as_bool()
                         .ok_or_else(|| Error::invalid(&field, "is true or false"))?;
                 }
@@ -190,6 +196,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
     }
     // Each step's document with the pipeline's inputs and outputs put in, and what it reads.
     let mut docs: Vec<(String, Value, BTreeSet<String>)> = Vec::new();
+    let mut not_deterministic: BTreeSet<String> = BTreeSet::new();
     let mut bound_outputs: BTreeMap<String, StepOutput> = BTreeMap::new();
     let experiment = text_field(&top, "experiment_name", "experiment_name")?;
     for (name, step) in jobs {
@@ -292,6 +299,9 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
             }
         }
         if let Some(component) = component {
+            if component.get("is_deterministic").and_then(Value::as_bool) == Some(false) {
+                not_deterministic.insert(name.clone());
+            }
             apply_component(&mut step, component, &field, &mut warnings)?;
         }
         if !step.contains_key("compute")
@@ -364,6 +374,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
             name: name.clone(),
             draft,
             after,
+            deterministic: !not_deterministic.contains(name),
         });
     }
     Ok(PipelineDraft {
@@ -374,6 +385,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
         properties: text_map(top.get("properties"), "properties")?,
         compute,
         continue_on_step_failure,
+        force_rerun,
         steps,
         outputs: bound_outputs,
         warnings,
@@ -429,9 +441,10 @@ fn apply_component(
                     ));
                 }
             }
-            "is_deterministic" | "additional_includes" => {
-                warnings.push(format!("{at}.{key}: has no effect here (every step runs)"))
-            }
+            "is_deterministic" => {}
+            "additional_includes" => warnings.push(format!(
+                "{at}.additional_includes: not read here; put what the step needs in its code folder"
+            )),
             key if COMPONENT_KEYS.contains(&key) => match (step.get_mut(key), value) {
                 // The step's resources and variables add to the component's.
                 (Some(Value::Object(mine)), Value::Object(theirs))

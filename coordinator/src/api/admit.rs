@@ -76,6 +76,64 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
         .collect()
 }
 
+/// What makes a pipeline step's run the same as another's, so that a completed
+/// one may stand for it: what it runs (command, variables, environment, shares,
+/// the code by content) and what it reads (uploaded data by content, other data by
+/// where it is, another step's output by that step's own fingerprint), and what it
+/// writes. The compute is left out: the same work gives the same outputs anywhere.
+fn fingerprint(
+    spec: &pb::JobSpec,
+    extras: &JobExtras,
+    files: &Uploads,
+    steps: &BTreeMap<&str, &str>,
+) -> String {
+    let inputs: BTreeMap<&String, Value> = extras
+        .inputs
+        .iter()
+        .map(|(name, input)| {
+            let content = match &input.source {
+                DataSource::Stored { .. } => files
+                    .get(&input.uri)
+                    .map(|u| sha256_hex(&[&u.data]))
+                    .unwrap_or_default(),
+                DataSource::Step { step, output } => {
+                    format!(
+                        "{}.{output}",
+                        steps.get(step.as_str()).copied().unwrap_or_default()
+                    )
+                }
+                _ => String::new(),
+            };
+            let described = serde_json::json!({
+                "kind": input.kind.as_str(),
+                "mode": format!("{:?}", input.mode),
+                "uri": input.uri,
+                "content": content,
+            });
+            (name, described)
+        })
+        .collect();
+    let variables: BTreeMap<&String, &String> = spec.environment_variables.iter().collect();
+    let described = serde_json::json!({
+        "argv": spec.argv,
+        "command": spec.command,
+        "variables": variables,
+        "instances": spec.instance_count,
+        "timeout": spec.timeout_seconds,
+        "code": sha256_hex(&[&spec.code]),
+        "image": spec.image,
+        "gpus": spec.gpus_per_instance,
+        "distribution": format!("{:?}", spec.distribution),
+        "cpus": spec.cpus,
+        "memory": spec.memory_bytes,
+        "inputs": inputs,
+        "outputs": extras.outputs,
+        "path_prefix": extras.path_prefix,
+        "shm": extras.shm_size_bytes,
+    });
+    sha256_hex(&[described.to_string().as_bytes()])
+}
+
 /// A build context of one Dockerfile (and files beside it), as tar.gz.
 fn context_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
     let bad = |e: std::io::Error| Error::Internal(format!("build context: {e}"));
@@ -166,7 +224,7 @@ impl Api {
         stored: &mut Vec<String>,
     ) -> std::result::Result<(Job, Vec<String>), tonic::Status> {
         let mut warnings = pipeline.warnings.clone();
-        let mut steps = Vec::with_capacity(pipeline.steps.len());
+        let mut steps: Vec<crate::model::StepRequest> = Vec::with_capacity(pipeline.steps.len());
         let mut experiment = pipeline.experiment_name.clone().unwrap_or_default();
         for step in pipeline.steps {
             let mut draft = step.draft;
@@ -181,23 +239,37 @@ impl Api {
                 experiment = extras.experiment_name.clone();
             }
             extras.warnings.clear();
+            let fingerprint = if step.deterministic {
+                let read: BTreeMap<&str, &str> = steps
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.fingerprint.as_str()))
+                    .collect();
+                fingerprint(&spec, &extras, files, &read)
+            } else {
+                String::new()
+            };
             let request = self
                 .request_of(spec, extras, stored)
                 .await
                 .map_err(in_step)?;
-            steps.push((step.name, request, step.after));
+            steps.push(crate::model::StepRequest {
+                name: step.name,
+                request,
+                after: step.after,
+                fingerprint,
+            });
         }
         if experiment.is_empty() {
             experiment = "pipeline".into();
         }
-        for (_, request, _) in &mut steps {
-            request.extras.experiment_name = experiment.clone();
+        for step in &mut steps {
+            step.request.extras.experiment_name = experiment.clone();
         }
         let cluster = match pipeline.compute.clone() {
             Some(name) => name,
             None => steps
                 .first()
-                .map(|(_, r, _)| r.cluster.clone())
+                .map(|s| s.request.cluster.clone())
                 .unwrap_or_default(),
         };
         warnings.sort();
@@ -216,6 +288,7 @@ impl Api {
             pipeline: Some(crate::model::PipelineRequest {
                 steps,
                 continue_on_step_failure: pipeline.continue_on_step_failure,
+                force_rerun: pipeline.force_rerun,
                 outputs: pipeline.outputs.clone(),
             }),
             ..Default::default()

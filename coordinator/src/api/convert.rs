@@ -67,7 +67,11 @@ pub fn pipeline_progress(state: &crate::model::PipelineState) -> pb::PipelinePro
                     .filter_map(|&a| state.steps.get(a as usize))
                     .map(|s| s.name.clone())
                     .collect(),
-                reason: step.skipped.clone().unwrap_or_default(),
+                reason: match (&step.skipped, step.reused) {
+                    (Some(why), _) => why.clone(),
+                    (None, true) => "reused: an identical step completed before".into(),
+                    (None, false) => String::new(),
+                },
             })
             .collect(),
         continue_on_step_failure: state.continue_on_step_failure,

@@ -1721,11 +1721,12 @@ fn pipeline_request(steps: &[(&str, &[&str])], continue_on_step_failure: bool) -
                 extras,
                 ..Default::default()
             };
-            (
-                name.to_string(),
+            crate::model::StepRequest {
+                name: name.to_string(),
                 request,
-                reads.iter().map(|r| position(r)).collect(),
-            )
+                after: reads.iter().map(|r| position(r)).collect(),
+                fingerprint: format!("fp-{name}"),
+            }
         })
         .collect();
     JobRequest {
@@ -1734,6 +1735,7 @@ fn pipeline_request(steps: &[(&str, &[&str])], continue_on_step_failure: bool) -
         pipeline: Some(crate::model::PipelineRequest {
             steps,
             continue_on_step_failure,
+            force_rerun: false,
             outputs: Default::default(),
         }),
         ..Default::default()
@@ -1945,7 +1947,7 @@ fn a_pipeline_whose_step_names_no_cluster_is_refused_whole() {
     m.cluster("cl", 1, 30);
     let mut request = pipeline_request(&[("a", &[]), ("b", &[])], false);
     if let Some(p) = request.pipeline.as_mut() {
-        p.steps[1].1.cluster = "gpu".into();
+        p.steps[1].request.cluster = "gpu".into();
     }
     let before = m.control.job_counts();
     let err = m
@@ -1953,4 +1955,58 @@ fn a_pipeline_whose_step_names_no_cluster_is_refused_whole() {
         .unwrap_err();
     assert!(err.to_string().contains("jobs.b.compute"), "{err}");
     assert_eq!(m.control.job_counts(), before, "nothing made");
+}
+
+#[test]
+fn an_identical_completed_step_is_reused_unless_the_pipeline_forces_reruns() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let node_steps: &[(&str, &[&str])] = &[("prep", &[]), ("train", &["prep"])];
+    let first = m.submit_request(pipeline_request(node_steps, false));
+    let node = m.created[0].clone();
+    let mut agents = vec![(node.clone(), m.register(&node, "cl"))];
+    while m.job(&first).status == JobStatus::Running {
+        assert!(run_launched(&mut m, &mut agents, |_| "completed") > 0);
+    }
+    let earlier = steps_of(&mut m, &first);
+    // The same steps again: both reused at once, no job made, nothing launched.
+    let jobs_before = m.control.job_counts();
+    let second = m.submit_request(pipeline_request(node_steps, false));
+    let record = m.job(&second);
+    assert_eq!(record.status, JobStatus::Completed);
+    assert_eq!(record.reason.to_string(), "2 of 2 step(s) reused");
+    let steps = record.pipeline.expect("a pipeline").steps;
+    for (now, then) in steps.iter().zip(&earlier) {
+        assert!(now.reused);
+        assert_eq!(now.seq, then.seq, "the earlier step's job");
+    }
+    assert!(launches(&mut agents[0].1).is_empty());
+    let counts = m.control.job_counts();
+    assert_eq!(
+        counts[&JobStatus::Completed],
+        jobs_before[&JobStatus::Completed] + 1,
+        "only the new record"
+    );
+    // force_rerun: every step runs again.
+    let mut request = pipeline_request(node_steps, false);
+    if let Some(p) = request.pipeline.as_mut() {
+        p.force_rerun = true;
+    }
+    let third = m.submit_request(request);
+    assert_eq!(m.job(&third).status, JobStatus::Running);
+    while m.job(&third).status == JobStatus::Running {
+        assert!(run_launched(&mut m, &mut agents, |_| "completed") > 0);
+    }
+    let steps = steps_of(&mut m, &third);
+    assert!(steps.iter().all(|s| !s.reused));
+    assert_ne!(steps[0].seq, earlier[0].seq);
+    // A step that changed runs; the steps after it run too (their input changed).
+    let mut request = pipeline_request(node_steps, false);
+    if let Some(p) = request.pipeline.as_mut() {
+        p.steps[0].fingerprint = "fp-prep-2".into();
+        p.steps[1].fingerprint = "fp-train-after-prep-2".into();
+    }
+    let fourth = m.submit_request(request);
+    assert_eq!(m.job(&fourth).status, JobStatus::Running);
+    assert!(m.control.invariant_violations().is_empty());
 }

@@ -215,6 +215,9 @@ pub struct Control {
     /// Sweeps that may still be running (by seq; ended ones leave lazily), so
     /// the conductor's question does not walk every job.
     sweeps: BTreeSet<u64>,
+    /// Completed pipeline steps by fingerprint (the newest), for reuse: those of
+    /// the pipelines held in memory.
+    completed_steps: HashMap<String, u64>,
     /// Successors booked since the coordinator started (for /metrics).
     successors_booked: u64,
 }
@@ -319,6 +322,7 @@ impl Control {
             lazy_since: None,
             quick_arrays: HashSet::new(),
             sweeps: BTreeSet::new(),
+            completed_steps: HashMap::new(),
             successors_booked: 0,
         };
         for mut node in snapshot.nodes {
@@ -343,6 +347,9 @@ impl Control {
             }
             if job.sweep.is_some() && !job.status.is_final() {
                 control.sweeps.insert(job.seq);
+            }
+            if let Some(pipeline) = job.pipeline.as_deref() {
+                control.remember_completed_steps(pipeline);
             }
             if let Err(e) = control.jobs.insert(job) {
                 error!("stored job left out: {e}");

@@ -22,29 +22,31 @@ impl Control {
             return Err(Error::invalid("jobs", "a pipeline needs at least one step"));
         }
         let mut steps = Vec::with_capacity(pipeline.steps.len());
-        for (index, (name, request, after)) in pipeline.steps.into_iter().enumerate() {
-            if after.iter().any(|&a| a as usize >= index) {
+        for (index, step) in pipeline.steps.into_iter().enumerate() {
+            let field = format!("jobs.{}", step.name);
+            if step.after.iter().any(|&a| a as usize >= index) {
                 return Err(Error::invalid(
-                    format!("jobs.{name}"),
+                    field,
                     "a step reads only from steps before it (the graph has a cycle)",
                 ));
             }
+            let request = step.request;
             if request.array.is_some() || request.sweep.is_some() || request.parallel.is_some() {
                 return Err(Error::invalid(
-                    format!("jobs.{name}"),
+                    field,
                     "a pipeline's steps are command jobs here",
                 ));
             }
-            let spec = self
-                .spec_of(request)
-                .map_err(|e| e.in_field(&format!("jobs.{name}")))?;
+            let spec = self.spec_of(request).map_err(|e| e.in_field(&field))?;
             steps.push(PipelineStep {
-                name,
+                name: step.name,
                 spec,
-                after,
+                after: step.after,
                 seq: None,
                 ended: None,
                 skipped: None,
+                fingerprint: step.fingerprint,
+                reused: false,
             });
         }
         // The record runs nothing; its spec keeps its name, cluster and extras.
@@ -64,6 +66,7 @@ impl Control {
                 steps,
                 continue_on_step_failure: pipeline.continue_on_step_failure,
                 outputs: pipeline.outputs,
+                force_rerun: pipeline.force_rerun,
             })),
             ..super::jobs::fresh_job(seq, spec, now)
         };
@@ -74,9 +77,11 @@ impl Control {
         self.job(&id).map(|j| self.job_out(j, now))
     }
 
-    /// Makes every step whose inputs exist, marks the steps that never will run,
-    /// and ends the pipeline once every step has ended or been passed over. Steps
-    /// come after those they read from, so one pass in order settles the graph.
+    /// Goes through the steps in order (each after those it reads from): one
+    /// whose inputs exist is made (or an identical completed step's job reused),
+    /// one that can no longer run is marked with why; running steps are stopped
+    /// when the pipeline stops; and the pipeline ends once every step has ended or
+    /// been passed over.
     fn advance_pipeline(&mut self, seq: u64, now: Millis) -> Result<()> {
         let Some(record) = self.jobs.by_seq(seq) else {
             return Ok(());
@@ -89,6 +94,7 @@ impl Control {
         }
         let id = record.id.to_string();
         let canceling = record.status == JobStatus::Canceling;
+        let experiment = record.spec.extras.experiment_name.clone();
         let failed = |s: &PipelineStep| s.ended.is_some_and(|e| e != JobStatus::Completed);
         let first_failure = state
             .steps
@@ -96,62 +102,71 @@ impl Control {
             .find(|s| failed(s))
             .map(|s| s.name.clone());
         let stopping = canceling || (first_failure.is_some() && !state.continue_on_step_failure);
-        let experiment = record.spec.extras.experiment_name.clone();
-        let mut make = Vec::new();
-        let mut skip = Vec::new();
-        for (index, step) in state.steps.iter().enumerate() {
+        for index in 0..state.steps.len() {
+            let Some(state) = self.jobs.by_seq(seq).and_then(|j| j.pipeline.as_deref()) else {
+                return Ok(());
+            };
+            let step = &state.steps[index];
             if step.seq.is_some() || step.skipped.is_some() {
                 continue;
             }
-            // Steps before it are settled or made already in this pass.
+            // Steps before it are settled (made, reused or passed over) already.
             let blocked = step.after.iter().find_map(|&a| {
                 let before = &state.steps[a as usize];
-                let passed = before.skipped.is_some()
-                    || skip.iter().any(|(i, _)| *i == a as usize)
-                    || failed(before);
-                passed.then(|| before.name.clone())
+                (before.skipped.is_some() || failed(before)).then(|| before.name.clone())
             });
-            if let Some(before) = blocked {
-                skip.push((index, format!("not run: step `{before}` did not complete")));
-                continue;
-            }
-            if stopping {
-                skip.push((index, "not run: the pipeline stopped".to_string()));
+            let skip = match blocked {
+                Some(before) => Some(format!("not run: step `{before}` did not complete")),
+                None if stopping => Some("not run: the pipeline stopped".to_string()),
+                None => None,
+            };
+            if let Some(why) = skip {
+                if let Some(step) = self.pipeline_mut(seq).and_then(|p| p.steps.get_mut(index)) {
+                    step.skipped = Some(why);
+                }
                 continue;
             }
             let ready = step
                 .after
                 .iter()
                 .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed));
-            if ready {
-                make.push(index);
+            if !ready {
+                continue;
+            }
+            match self.reusable(state, index) {
+                Some(earlier) => {
+                    info!(pipeline = %id, step = %step.name, reused = %job_table::job_id(earlier), "step reused");
+                    if let Some(step) = self.pipeline_mut(seq).and_then(|p| p.steps.get_mut(index))
+                    {
+                        step.seq = Some(earlier);
+                        step.ended = Some(JobStatus::Completed);
+                        step.reused = true;
+                    }
+                }
+                None => self.make_step(seq, index, &experiment, now)?,
             }
         }
-        let live: Vec<String> = if stopping {
-            state
-                .steps
-                .iter()
-                .filter(|s| s.ended.is_none())
-                .filter_map(|s| s.seq.map(job_table::job_id))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for (index, why) in skip {
-            if let Some(step) = self.pipeline_mut(seq).and_then(|p| p.steps.get_mut(index)) {
-                step.skipped = Some(why);
-            }
-        }
-        for index in make {
-            self.make_step(seq, index, &experiment, now)?;
-        }
-        let why = match &first_failure {
-            Some(step) if !canceling => format!("canceled: step `{step}` failed"),
-            _ => "canceled with its pipeline".to_string(),
-        };
-        for step in live {
-            if self.jobs.get(&step).is_some_and(|j| !j.status.is_ending()) {
-                self.cancel(&step, why.clone(), "job canceled", now);
+        if stopping {
+            let why = match &first_failure {
+                Some(step) if !canceling => format!("canceled: step `{step}` failed"),
+                _ => "canceled with its pipeline".to_string(),
+            };
+            let live: Vec<String> = self
+                .jobs
+                .by_seq(seq)
+                .and_then(|j| j.pipeline.as_deref())
+                .map(|p| {
+                    p.steps
+                        .iter()
+                        .filter(|s| s.ended.is_none())
+                        .filter_map(|s| s.seq.map(job_table::job_id))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for step in live {
+                if self.jobs.get(&step).is_some_and(|j| !j.status.is_ending()) {
+                    self.cancel(&step, why.clone(), "job canceled", now);
+                }
             }
         }
         self.dirty_jobs.insert(id.clone());
@@ -175,10 +190,42 @@ impl Control {
             };
             (JobStatus::Failed, JobReason::said(reason))
         } else {
-            (JobStatus::Completed, JobReason::None)
+            let reused = state.steps.iter().filter(|s| s.reused).count();
+            match reused {
+                0 => (JobStatus::Completed, JobReason::None),
+                n => (
+                    JobStatus::Completed,
+                    JobReason::said(format!("{n} of {} step(s) reused", state.steps.len())),
+                ),
+            }
         };
         self.end_job(&id, status, reason, now);
         Ok(())
+    }
+
+    /// An earlier completed step identical to step `index` (same fingerprint)
+    /// whose job is still held, unless the pipeline forces reruns.
+    fn reusable(&self, state: &PipelineState, index: usize) -> Option<u64> {
+        let fingerprint = &state.steps[index].fingerprint;
+        if state.force_rerun || fingerprint.is_empty() {
+            return None;
+        }
+        let earlier = *self.completed_steps.get(fingerprint)?;
+        self.jobs
+            .by_seq(earlier)
+            .is_some_and(|j| j.status == JobStatus::Completed)
+            .then_some(earlier)
+    }
+
+    /// Completed steps of a pipeline, indexed for reuse.
+    pub(super) fn remember_completed_steps(&mut self, state: &PipelineState) {
+        for step in &state.steps {
+            if let (Some(seq), Some(JobStatus::Completed), false) =
+                (step.seq, step.ended, step.fingerprint.is_empty())
+            {
+                self.completed_steps.insert(step.fingerprint.clone(), seq);
+            }
+        }
     }
 
     fn pipeline_mut(&mut self, seq: u64) -> Option<&mut PipelineState> {
@@ -255,11 +302,18 @@ impl Control {
 
     /// A step has ended: its pipeline's entry says so, and the pipeline goes on.
     pub(super) fn step_ended(&mut self, step: StepOf, status: JobStatus, now: Millis) {
-        if let Some(entry) = self
+        let Some(entry) = self
             .pipeline_mut(step.pipeline_seq)
             .and_then(|p| p.steps.get_mut(step.index as usize))
+        else {
+            return;
+        };
+        entry.ended = Some(status);
+        if let (JobStatus::Completed, Some(seq), false) =
+            (status, entry.seq, entry.fingerprint.is_empty())
         {
-            entry.ended = Some(status);
+            let fingerprint = entry.fingerprint.clone();
+            self.completed_steps.insert(fingerprint, seq);
         }
         if let Err(e) = self.advance_pipeline(step.pipeline_seq, now) {
             warn!(pipeline = step.pipeline_seq, error = %e, "pipeline could not go on");

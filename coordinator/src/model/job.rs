@@ -521,6 +521,9 @@ pub struct PipelineState {
     /// The pipeline's outputs: each is a step's named output.
     #[serde(default)]
     pub outputs: BTreeMap<String, StepOutput>,
+    /// Every step runs, even one identical to a completed earlier step.
+    #[serde(default)]
+    pub force_rerun: bool,
 }
 
 impl PipelineState {
@@ -561,6 +564,13 @@ pub struct PipelineStep {
     /// Why it never ran: a step it reads from did not complete, or the pipeline stopped.
     #[serde(default)]
     pub skipped: Option<String>,
+    /// What makes a run of it the same as another's (what it runs and reads, by
+    /// content); empty: never reused.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// Its job is an earlier identical step's, reused (`seq` is that job).
+    #[serde(default)]
+    pub reused: bool,
 }
 
 /// A step's named output.
@@ -581,10 +591,20 @@ pub struct StepOf {
 /// their clusters.
 #[derive(Clone, Debug, Default)]
 pub struct PipelineRequest {
-    /// Each step: its name, its job, and the steps it reads from (earlier ones).
-    pub steps: Vec<(String, JobRequest, Vec<u32>)>,
+    pub steps: Vec<StepRequest>,
     pub continue_on_step_failure: bool,
+    pub force_rerun: bool,
     pub outputs: BTreeMap<String, StepOutput>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct StepRequest {
+    pub name: String,
+    pub request: JobRequest,
+    /// The steps it reads from (each before it).
+    pub after: Vec<u32>,
+    /// See `PipelineStep::fingerprint`.
+    pub fingerprint: String,
 }
 
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
