@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pipelines: the gap from one step's end to the next step's start, on a warm
 # one-node local cluster: a chain of 10 steps, each reading the one before's output
-# (a folder of one small file) and writing its own; 3 pipelines, so 27 gaps. A gap
+# (a folder of one small file) and writing its own; 3 pipelines (force_rerun: none
+# reused), so 27 gaps. A gap
 # is the next step's started_at (its process running on the node) less the step
 # before's ended_at (its exit recorded), as `shoal job show -o json` gives them.
 # Usage: bench/pipeline.sh   (after cargo build --release)
@@ -17,7 +18,7 @@ for _ in $(seq 50); do "$shoal" cluster list --endpoint "$ep" >/dev/null 2>&1 &&
 "$shoal" cluster create --endpoint "$ep" --name one --vm-size Standard_D2_v2 --min-nodes 1 --max-nodes 1 --wait >/dev/null
 sleep 1
 {
-  printf 'type: pipeline\ncompute: one\njobs:\n'
+  printf 'type: pipeline\ncompute: one\nsettings: {force_rerun: true}\njobs:\n'
   printf '  s0: {command: "echo 0 > ${{outputs.o}}/n", environment: host, outputs: {o: }}\n'
   for i in $(seq 1 9); do
     printf '  s%d: {command: "cat ${{inputs.i}}/n > ${{outputs.o}}/n; echo %d >> ${{outputs.o}}/n", environment: host, inputs: {i: "${{parent.jobs.s%d.outputs.o}}"}, outputs: {o: }}\n' "$i" "$i" $((i - 1))

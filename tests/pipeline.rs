@@ -356,6 +356,37 @@ async fn a_pipeline_resumes_after_a_coordinator_sigkill_without_rerunning_comple
     assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "1\n2");
 }
 
+/// The `add` component (a folder `components/` beside `dir`): `sh add.sh N OFFSET
+/// [BEFORE] OUT [LABEL]` writes N + OFFSET (+ BEFORE's sum) to OUT/sum.txt.
+fn write_add_component(dir: &Path, version: &str) -> PathBuf {
+    let components = dir.join("components");
+    std::fs::create_dir_all(components.join("src")).expect("component folders");
+    // The component's code folder is beside its file, not the pipeline's.
+    std::fs::write(
+        components.join("src/add.sh"),
+        "set -e\nprev=0\n[ -n \"$3\" ] && prev=$(cat \"$3\"/sum.txt)\necho $(( $1 + $2 + prev )) > \"$4\"/sum.txt\necho \"label=$5\"\n",
+    )
+    .expect("script");
+    let file = components.join("add.yml");
+    std::fs::write(
+        &file,
+        format!(
+            "$schema: https://azuremlschemas.azureedge.net/latest/commandComponent.schema.json\n\
+             type: command\nname: add\n{version}display_name: Add numbers\n\
+             code: ./src\nenvironment: host\n\
+             inputs:\n\
+             \x20 n: {{type: integer, min: 0}}\n\
+             \x20 offset: {{type: integer, default: 1}}\n\
+             \x20 before: {{type: uri_folder, optional: true}}\n\
+             \x20 label: {{type: string, optional: true}}\n\
+             outputs:\n  sum: {{type: uri_folder}}\n\
+             command: >-\n  sh add.sh ${{{{inputs.n}}}} ${{{{inputs.offset}}}} '[${{{{inputs.before}}}}]' ${{{{outputs.sum}}}} '[${{{{inputs.label}}}}]'\n"
+        ),
+    )
+    .expect("component");
+    file
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_inputs() {
     let tc = TestCluster::start().await;
@@ -375,28 +406,7 @@ async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_in
          \x20   inputs: {n: 100, before: '${{parent.jobs.first.outputs.sum}}', label: twice}\n\
          \x20   outputs: {sum: '${{parent.outputs.total}}'}\n",
     );
-    let components = file.parent().expect("folder").join("components");
-    std::fs::create_dir_all(components.join("src")).expect("component folders");
-    // The component's code folder is beside its file, not the pipeline's.
-    std::fs::write(
-        components.join("src/add.sh"),
-        "set -e\nprev=0\n[ -n \"$3\" ] && prev=$(cat \"$3\"/sum.txt)\necho $(( $1 + $2 + prev )) > \"$4\"/sum.txt\necho \"label=$5\"\n",
-    )
-    .expect("script");
-    std::fs::write(
-        components.join("add.yml"),
-        "$schema: https://azuremlschemas.azureedge.net/latest/commandComponent.schema.json\n\
-         type: command\nname: add\nversion: 1\ndisplay_name: Add numbers\n\
-         code: ./src\nenvironment: host\n\
-         inputs:\n\
-         \x20 n: {type: integer, min: 0}\n\
-         \x20 offset: {type: integer, default: 1}\n\
-         \x20 before: {type: uri_folder, optional: true}\n\
-         \x20 label: {type: string, optional: true}\n\
-         outputs:\n  sum: {type: uri_folder}\n\
-         command: >-\n  sh add.sh ${{inputs.n}} ${{inputs.offset}} '[${{inputs.before}}]' ${{outputs.sum}} '[${{inputs.label}}]'\n",
-    )
-    .expect("component");
+    write_add_component(file.parent().expect("folder"), "version: 1\n");
     let id = submit(&tc, &file);
     let shown = wait_ended(&tc, &id, Duration::from_secs(90)).await;
     assert_eq!(
@@ -422,4 +432,114 @@ async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_in
         .to_string();
     let logs = tc.shoal(&["job", "logs", &second]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("label=twice"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_component_is_versioned_and_steps_name_it_from_the_cli_and_over_http() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let dir = tc.scratch("registered");
+    let component = write_add_component(&dir, "");
+    let path = component.to_str().expect("utf8");
+    // No version in the file: 1, then 2; `--version` names one.
+    let first = tc.shoal_json(&["component", "create", "-f", path]);
+    assert_eq!(first[0]["version"], "1", "{first:#}");
+    assert_eq!(first[0]["has_code"], true);
+    let second = tc.shoal_json(&["ml", "component", "create", "-f", path]);
+    assert_eq!(second[0]["version"], "2");
+    let named = tc.shoal_json(&["component", "create", "-f", path, "--version", "v9"]);
+    assert_eq!(named[0]["version"], "v9");
+    let again = tc.shoal(&["component", "create", "-f", path, "--version", "v9"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let listed = tc.shoal_json(&["component", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed:#}");
+    let shown = tc.shoal(&["component", "show", "add", "--version", "1"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("\"code\": \"azureml:add:1\""), "{shown}");
+    // A bad component is refused before anything is kept.
+    std::fs::write(
+        dir.join("bad.yml"),
+        "type: command\nname: bad\ncommand: echo ${{inputs.missing}}\n",
+    )
+    .expect("bad");
+    let bad = tc.shoal(&[
+        "component",
+        "create",
+        "-f",
+        dir.join("bad.yml").to_str().expect("utf8"),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("missing"));
+
+    // Steps name it: its code is the coordinator's copy, not this folder's.
+    std::fs::remove_dir_all(dir.join("components")).expect("gone from here");
+    let pipeline = "type: pipeline\ncompute: cpu\noutputs: {total: }\njobs:\n\
+         \x20 first: {component: 'azureml:add:1', inputs: {n: 2}}\n\
+         \x20 second:\n\
+         \x20   component: azureml:add@latest\n\
+         \x20   inputs: {n: 10, before: '${{parent.jobs.first.outputs.sum}}'}\n\
+         \x20   outputs: {sum: '${{parent.outputs.total}}'}\n";
+    let file = pipeline_file(&tc, "uses-registered", pipeline);
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(90)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    let into = tc.scratch("registered-download");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total =
+        std::fs::read_to_string(into.join(&id).join("named-outputs/total/sum.txt")).expect("total");
+    assert_eq!(total.trim(), "14", "2 + 1, then 10 + 1 + 3");
+
+    // Over HTTP the coordinator puts the component in itself.
+    let body = serde_json::json!({
+        "type": "pipeline",
+        "compute": "cpu",
+        "settings": {"force_rerun": true},
+        "jobs": {"only": {"component": "azureml:add:v9", "inputs": {"n": 40, "offset": 2}}},
+    });
+    let (code, answer) = tc
+        .http(
+            "POST",
+            "/api/v1/jobs",
+            Some(&tc.admin_token()),
+            &body.to_string(),
+        )
+        .await;
+    assert_eq!(code, 201, "{answer}");
+    let made: serde_json::Value = serde_json::from_str(&answer).expect("json");
+    let id = made["id"].as_str().expect("id").to_string();
+    let shown = wait_ended(&tc, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    // An unknown version is refused, naming it.
+    let body = serde_json::json!({
+        "type": "pipeline", "compute": "cpu",
+        "jobs": {"only": {"component": "azureml:add:7", "inputs": {"n": 1}}},
+    });
+    let (code, answer) = tc
+        .http(
+            "POST",
+            "/api/v1/jobs",
+            Some(&tc.admin_token()),
+            &body.to_string(),
+        )
+        .await;
+    assert!(
+        code >= 400 && answer.contains("component `add` (version 7)"),
+        "{code} {answer}"
+    );
 }

@@ -220,6 +220,12 @@ impl Client {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    pub fn components(&self) -> shoal_proto::v1::components_client::ComponentsClient<AuthChannel> {
+        shoal_proto::v1::components_client::ComponentsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
     pub fn settings(&self) -> SettingsClient<AuthChannel> {
         SettingsClient::new(self.channel.clone())
     }

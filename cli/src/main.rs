@@ -78,6 +78,9 @@ enum Command {
     /// named by jobs as azureml:NAME@latest.
     #[command(subcommand)]
     Environment(assets::EnvironmentCommand),
+    /// Command components: versioned steps pipelines name as azureml:NAME:VERSION.
+    #[command(subcommand)]
+    Component(assets::ComponentCommand),
     /// Defaults, as `az configure --defaults`: `--defaults compute=cpu-cluster`.
     Configure(assets::ConfigureArgs),
     /// The managed service's `az ml` command lines, `az` replaced by `shoal`.
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
             Command::Environment(command) => {
                 assets::run_environment(command, &endpoint, format).await
             }
+            Command::Component(command) => assets::run_component(command, &endpoint, format).await,
             Command::Configure(args) => assets::run_configure(args, &endpoint, format).await,
             Command::Ml(args) => ml::run(args, &endpoint, format).await,
             Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,

@@ -520,7 +520,7 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             ("Agent", _) => Needs::Node,
             ("Clusters", "Get" | "List" | "Watch")
             | ("Jobs", "Get" | "List" | "Watch" | "Logs" | "Why" | "DownloadOutputs" | "Metrics")
-            | ("Datastores" | "DataAssets" | "Environments", "Get" | "List")
+            | ("Datastores" | "DataAssets" | "Environments" | "Components", "Get" | "List")
             | ("Settings", "GetDefaults")
             | ("Nodes", "List")
             | ("VmSizes", _)
@@ -528,7 +528,8 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             | ("Quotas", "Get") => Needs::Role(Role::Reader),
             ("Jobs", "Submit" | "Create" | "Cancel" | "Delete")
             | ("DataAssets", "Create")
-            | ("Environments", "Create" | "Archive") => Needs::Role(Role::User),
+            | ("Environments", "Create" | "Archive")
+            | ("Components", "Create") => Needs::Role(Role::User),
             _ => Needs::Role(Role::Admin),
         };
     }
@@ -546,6 +547,7 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
     if path.starts_with("/api/v1/jobs")
         || path.starts_with("/api/v1/data")
         || path.starts_with("/api/v1/environments")
+        || path.starts_with("/api/v1/components")
     {
         // `/api/v1/datastores` is an admin's (they are folders of this machine).
         if !path.starts_with("/api/v1/datastores") {

@@ -294,6 +294,10 @@ pub async fn serve(
         pb::environments_server::EnvironmentsServer::new(api.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
     )
+    .add_service(
+        pb::components_server::ComponentsServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
     .add_service(pb::settings_server::SettingsServer::new(api.clone()))
     .add_service(
         pb::agent_server::AgentServer::new(api.clone())

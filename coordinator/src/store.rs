@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::data::{DataAsset, Datastore};
 use crate::governance::Quotas;
-use crate::model::{Cluster, Environment, Identity, Job, JobStatus, Millis, Node};
+use crate::model::{Cluster, Component, Environment, Identity, Job, JobStatus, Millis, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
 use crate::{Error, Result};
 
@@ -37,6 +37,7 @@ pub struct Snapshot {
     pub datastores: Vec<Datastore>,
     pub data_assets: Vec<DataAsset>,
     pub environments: Vec<Environment>,
+    pub components: Vec<Component>,
     /// `shoal configure --defaults` (compute=NAME, ...).
     pub defaults: BTreeMap<String, String>,
 }
@@ -90,6 +91,7 @@ pub struct Batch {
     pub datastores: Vec<Datastore>,
     pub data_assets: Vec<DataAsset>,
     pub environments: Vec<Environment>,
+    pub components: Vec<Component>,
     pub defaults: Option<BTreeMap<String, String>>,
 }
 
@@ -137,6 +139,7 @@ impl Batch {
             && self.datastores.is_empty()
             && self.data_assets.is_empty()
             && self.environments.is_empty()
+            && self.components.is_empty()
             && self.defaults.is_none()
     }
 }
@@ -186,6 +189,9 @@ const MIGRATIONS: &[&str] = &[
     // 7: a task's array, so that lists show an array once and its tasks on asking
     "ALTER TABLE jobs ADD COLUMN array_seq INTEGER;
      CREATE INDEX jobs_by_array ON jobs (array_seq, seq) WHERE array_seq IS NOT NULL;",
+    // 8: components, each a versioned body
+    "CREATE TABLE components (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                              PRIMARY KEY (name, version));",
 ];
 
 /// Statuses of ended jobs, as stored.
@@ -312,6 +318,11 @@ impl Store for SqliteStore {
                 &self.conn,
                 "SELECT name || ':' || version, body FROM environments",
                 "environment",
+            )?,
+            components: load_table(
+                &self.conn,
+                "SELECT name || ':' || version, body FROM components",
+                "component",
             )?,
             defaults: {
                 let body: Option<String> = self
@@ -538,6 +549,16 @@ impl Store for SqliteStore {
                     environment.name,
                     environment.version,
                     encode(environment)?
+                ])?;
+            }
+            let mut put_component = tx.prepare_cached(
+                "INSERT OR REPLACE INTO components (name, version, body) VALUES (?1, ?2, ?3)",
+            )?;
+            for component in &batch.components {
+                put_component.execute(params![
+                    component.name,
+                    component.version,
+                    encode(component)?
                 ])?;
             }
             if let Some(defaults) = &batch.defaults {

@@ -95,6 +95,37 @@ pub struct DataCreateArgs {
 }
 
 #[derive(clap::Subcommand)]
+pub enum ComponentCommand {
+    /// Register a command component (the commandComponent schema): its code folder
+    /// is uploaded now; pipeline steps name it as azureml:NAME:VERSION or
+    /// azureml:NAME@latest.
+    #[command(after_help = "Examples:\n  \
+        shoal component create -f train.yml                # version: the file's, else the next\n  \
+        shoal component create -f train.yml --version 2\n  \
+        shoal component show train_model                   # the latest; --version V for one\n\n\
+        In a pipeline:\n  \
+        jobs:\n    \
+          train:\n      \
+            component: azureml:train_model@latest\n      \
+            inputs: {data: ${{parent.jobs.prep.outputs.clean}}, epochs: 20}")]
+    Create(ComponentCreateArgs),
+    /// List components, every version.
+    List,
+    /// Show a component (the latest version unless --version): its definition.
+    Show(Named),
+}
+
+#[derive(clap::Args)]
+pub struct ComponentCreateArgs {
+    /// A component file (the managed service's commandComponent YAML).
+    #[arg(long, short = 'f')]
+    pub file: PathBuf,
+    /// [default: the file's `version`, else one more than the highest]
+    #[arg(long, short = 'v')]
+    pub version: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
 pub enum EnvironmentCommand {
     /// Register an environment: an image, a Docker build context (built now on the
     /// nodes' engine, its log streamed here), a conda file on an image, or the
@@ -510,6 +541,97 @@ pub async fn run_environment(
         ],
     };
     print_environments(&list, format)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A component file read and checked here (so a refusal costs no upload), with
+/// its code folder packed; its environment's `file:` reference inlined.
+fn component_request(args: ComponentCreateArgs) -> anyhow::Result<pb::ComponentRequest> {
+    let (mut doc, base) = local::read_document(&args.file, "component file")?;
+    local::inline_component_environment(&mut doc, &base)?;
+    let in_file = |e: shoal_coordinator::Error| anyhow!("{e} (in {})", args.file.display());
+    let checked =
+        shoal_coordinator::admission::pipeline::check_component(doc.clone()).map_err(in_file)?;
+    let mut files = std::collections::HashMap::new();
+    if let Some(code) = &checked.code {
+        files.insert(code.clone(), local::read_local(&base, code, true, true)?);
+    }
+    Ok(pb::ComponentRequest {
+        text: serde_json::to_string(&doc)?,
+        files,
+        version: args.version.unwrap_or_default(),
+    })
+}
+
+pub async fn run_component(
+    command: ComponentCommand,
+    endpoint: &str,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(endpoint).await?;
+    let mut components = client.components();
+    let list = match command {
+        ComponentCommand::Create(args) => vec![
+            components
+                .create(component_request(args)?)
+                .await
+                .map_err(status)?
+                .into_inner(),
+        ],
+        ComponentCommand::List => {
+            components
+                .list(pb::ListRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .components
+        }
+        ComponentCommand::Show(named) => {
+            let found = components
+                .get(named.name_ref())
+                .await
+                .map_err(status)?
+                .into_inner();
+            if format != Format::Json {
+                let definition: Value = serde_json::from_str(&found.definition)?;
+                println!("name:        {}", found.name);
+                println!("version:     {}", found.version);
+                if !found.display_name.is_empty() {
+                    println!("display:     {}", found.display_name);
+                }
+                if !found.description.is_empty() {
+                    println!("description: {}", found.description);
+                }
+                println!("created:     {}", output::ago(found.created_at_ms));
+                println!("{}", serde_json::to_string_pretty(&definition)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            vec![found]
+        }
+    };
+    if format == Format::Json {
+        let rows: Vec<Value> = list
+            .iter()
+            .map(|c| {
+                json!({"name": c.name, "version": c.version, "display_name": c.display_name,
+                       "description": c.description, "has_code": c.has_code,
+                       "definition": serde_json::from_str::<Value>(&c.definition).unwrap_or_default()})
+            })
+            .collect();
+        output::json(&rows)?;
+    } else {
+        let mut table = output::table(&["NAME", "VERSION", "DISPLAY NAME", "CODE", "CREATED"]);
+        for c in &list {
+            table.add_row(vec![
+                c.name.clone(),
+                c.version.clone(),
+                c.display_name.clone(),
+                if c.has_code { "yes" } else { "-" }.to_string(),
+                output::ago(c.created_at_ms),
+            ]);
+        }
+        println!("{table}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -378,8 +378,9 @@ fn job_document(args: &SubmitArgs) -> anyhow::Result<(Value, PathBuf)> {
 /// The request for `Jobs.Create`: the document, checked here first with the
 /// coordinator's own admission (so a refusal costs no upload), and the local
 /// files it names.
-fn job_request(args: &SubmitArgs) -> anyhow::Result<pb::JobFileRequest> {
-    let (doc, base) = job_document(args)?;
+async fn job_request(args: &SubmitArgs, client: &Client) -> anyhow::Result<pb::JobFileRequest> {
+    let (mut doc, base) = job_document(args)?;
+    super::local::inline_registered_components(&mut doc, client).await?;
     let in_file = |e: shoal_coordinator::Error| match &args.file {
         Some(path) => anyhow!("{e} (in {})", path.display()),
         None => anyhow!("{e}"),
@@ -396,8 +397,8 @@ fn job_request(args: &SubmitArgs) -> anyhow::Result<pb::JobFileRequest> {
 /// Submits a job (`shoal job submit`, `shoal ml job create`): warnings to stderr,
 /// then the job, or its run followed with `wait`.
 pub async fn submit(args: SubmitArgs, endpoint: &str, format: Format) -> anyhow::Result<ExitCode> {
-    let request = job_request(&args)?;
     let client = Client::connect(endpoint).await?;
+    let request = job_request(&args, &client).await?;
     let created = client
         .jobs()
         .create(request)

@@ -113,6 +113,46 @@ pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A component file's environment (`file:` reference, conda file), inlined.
+pub fn inline_component_environment(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
+    inline_one(doc.get_mut("environment"), base, "environment")
+}
+
+/// A pipeline's registered components (`component: azureml:NAME:VERSION`) put in
+/// from the coordinator, so the file is checked here whole; their code stays the
+/// coordinator's (named `azureml:NAME:VERSION`, never read from this machine).
+pub async fn inline_registered_components(
+    doc: &mut Value,
+    client: &crate::client::Client,
+) -> anyhow::Result<()> {
+    let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
+        return Ok(());
+    };
+    for (name, step) in steps.iter_mut() {
+        let Some(Value::String(reference)) = step.get("component").cloned() else {
+            continue;
+        };
+        if !reference.starts_with("azureml:") {
+            continue;
+        }
+        let Some((component, version)) = admission::pipeline::component_reference(&reference)
+        else {
+            continue; // the coordinator names what is wrong with it
+        };
+        let found = client
+            .components()
+            .get(pb::NameRef {
+                name: component,
+                version: version.unwrap_or_default(),
+            })
+            .await
+            .map_err(|e| anyhow!("jobs.{name}.component `{reference}`: {}", e.message()))?
+            .into_inner();
+        step["component"] = serde_json::from_str(&found.definition)?;
+    }
+    Ok(())
+}
+
 fn inline_one(slot: Option<&mut Value>, base: &Path, field: &str) -> anyhow::Result<()> {
     let Some(env) = slot else {
         return Ok(());
@@ -192,7 +232,8 @@ pub fn job_files(
 ) -> anyhow::Result<HashMap<String, pb::LocalFile>> {
     let mut files = HashMap::new();
     for local in paths.iter().cloned() {
-        if files.contains_key(&local.path) {
+        // A registered component's code is the coordinator's already.
+        if files.contains_key(&local.path) || local.path.starts_with("azureml:") {
             continue;
         }
         // `code`, or a pipeline step's `jobs.NAME.code`.

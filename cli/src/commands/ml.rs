@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::assets::{self, DataCommand, EnvironmentCommand};
+use super::assets::{self, ComponentCommand, DataCommand, EnvironmentCommand};
 use super::cluster::{self, CreateArgs, IdentityCommand};
 use super::job::{self, DownloadArgs, SubmitArgs};
 use crate::client::Client;
@@ -53,6 +53,9 @@ pub enum MlCommand {
     /// v2: `data create|list|show`.
     #[command(subcommand)]
     Data(DataCommand),
+    /// v2: `component create|list|show`.
+    #[command(subcommand)]
+    Component(ComponentCommand),
 }
 
 // Parsed once per process: the size of a variant does not matter.
@@ -287,6 +290,7 @@ pub async fn run(args: MlArgs, endpoint: &str, format: Format) -> anyhow::Result
         }
         MlCommand::Environment(command) => assets::run_environment(command, endpoint, format).await,
         MlCommand::Data(command) => assets::run_data(command, endpoint, format).await,
+        MlCommand::Component(command) => assets::run_component(command, endpoint, format).await,
     }
 }
 

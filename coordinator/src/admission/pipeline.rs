@@ -574,6 +574,125 @@ fn apply_component(
     Ok(())
 }
 
+/// A component file to register, checked as a step would use it (its command's
+/// expressions, its inputs' types and defaults).
+#[derive(Debug)]
+pub struct ComponentFile {
+    pub name: String,
+    /// As written; None: the next.
+    pub version: Option<String>,
+    pub display_name: String,
+    pub description: String,
+    /// Its code folder, a local path as written.
+    pub code: Option<String>,
+    /// As written, `code` left out.
+    pub definition: Map<String, Value>,
+}
+
+/// Reads a component file (the commandComponent schema) for registering.
+pub fn check_component(doc: Value) -> Result<ComponentFile> {
+    let Value::Object(mut definition) = doc else {
+        return Err(Error::invalid(
+            "component file",
+            "it must be a mapping of keys",
+        ));
+    };
+    let name = text_field(&definition, "name", "name")?
+        .ok_or_else(|| Error::invalid("name", "a component to register needs a name"))?
+        .to_string();
+    if !definition.contains_key("command") {
+        return Err(Error::invalid(
+            "command",
+            "a command component needs a command",
+        ));
+    }
+    // A step that gives each required input a value of its type: drafted as a
+    // pipeline would draft it, so a bad expression or type is refused now.
+    let mut step = Map::new();
+    let mut given = Map::new();
+    if let Some(inputs) = object(definition.get("inputs"), "inputs")? {
+        for (input, decl) in inputs {
+            let Value::Object(decl) = decl else {
+                continue; // apply_component names it
+            };
+            if decl.contains_key("default")
+                || decl.get("optional").and_then(Value::as_bool) == Some(true)
+            {
+                continue;
+            }
+            let min = decl.get("min").cloned();
+            let first = decl
+                .get("enum")
+                .and_then(Value::as_array)
+                .and_then(|e| e.first())
+                .cloned();
+            let kind = decl
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("uri_folder");
+            let value = match kind {
+                "integer" => min.unwrap_or(Value::from(0)),
+                "number" => min.unwrap_or(Value::from(0.0)),
+                "boolean" => Value::Bool(true),
+                "string" => first.unwrap_or(Value::String("x".into())),
+                _ => Value::String("./data".into()),
+            };
+            given.insert(input.clone(), value);
+        }
+    }
+    step.insert("inputs".into(), Value::Object(given));
+    let mut warnings = Vec::new();
+    apply_component(&mut step, definition.clone(), "component", &mut warnings).map_err(
+        |e| match e {
+            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                field: field.trim_start_matches("component.").to_string(),
+                reason,
+            },
+            other => other,
+        },
+    )?;
+    super::draft_step(Value::Object(step))?;
+    let code = match definition.remove("code") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(path)) => Some(path),
+        Some(Value::Object(map)) => map
+            .get("local_path")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        Some(other) => {
+            return Err(Error::invalid(
+                "code",
+                format!("`{other}` is not a folder path"),
+            ));
+        }
+    };
+    let version = definition
+        .get("version")
+        .and_then(scalar_text)
+        .filter(|v| !v.is_empty());
+    Ok(ComponentFile {
+        name,
+        version,
+        display_name: text_field(&definition, "display_name", "display_name")?
+            .unwrap_or_default()
+            .to_string(),
+        description: text_field(&definition, "description", "description")?
+            .unwrap_or_default()
+            .to_string(),
+        code,
+        definition,
+    })
+}
+
+/// `azureml:NAME:VERSION` or `azureml:NAME@latest` (or `azureml:NAME`): the name
+/// and the version (None: the latest).
+pub fn component_reference(text: &str) -> Option<(String, Option<String>)> {
+    match super::DataRef::parse("component", text).ok()? {
+        super::DataRef::Asset { name, version } => Some((name, version)),
+        _ => None,
+    }
+}
+
 /// A literal given for a component input of type `kind` (string, integer, number,
 /// boolean), within its `enum`, `min` and `max`.
 fn check_literal(value: &Value, kind: &str, decl: &Map<String, Value>, field: &str) -> Result<()> {

@@ -181,7 +181,9 @@ impl Api {
         sets: &[String],
         files: Uploads,
     ) -> std::result::Result<(Job, Vec<String>), tonic::Status> {
-        let doc = admission::jobfile::document(text)?;
+        let mut doc = admission::jobfile::document(text)?;
+        let mut files = files;
+        self.inline_components(&mut doc, &mut files).await?;
         let mut stored = Vec::new();
         let created = match admission::read(doc, sets)? {
             admission::Drafted::Job(mut draft) => {

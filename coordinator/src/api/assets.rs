@@ -361,3 +361,166 @@ impl pb::settings_server::Settings for Api {
         }))
     }
 }
+
+impl Api {
+    /// A component file and its code folder: checked as a pipeline step would use
+    /// it, its code kept apart from any job's, then registered.
+    pub async fn create_component(
+        &self,
+        text: &str,
+        files: Uploads,
+        version: Option<String>,
+    ) -> Result<crate::model::Component> {
+        let doc = crate::admission::jobfile::document(text)?;
+        let file = crate::admission::pipeline::check_component(doc)?;
+        crate::data::validate_name("name", &file.name)?;
+        let code_path = match &file.code {
+            None => None,
+            Some(path) => {
+                let upload = files.get(path).ok_or_else(|| {
+                    Error::invalid(
+                        "code",
+                        format!("`{path}` is a local folder, not uploaded with the file: `shoal component create -f` uploads it"),
+                    )
+                })?;
+                if !upload.folder {
+                    return Err(Error::invalid("code", format!("`{path}` is not a folder")));
+                }
+                Some(self.artifacts.put_data(upload.data.clone()).await?)
+            }
+        };
+        let made = self
+            .control
+            .create_component(crate::model::Component {
+                name: file.name,
+                version: version.or(file.version).unwrap_or_default(),
+                display_name: file.display_name,
+                description: file.description,
+                definition: serde_json::Value::Object(file.definition),
+                code_path: code_path.clone(),
+                created_at: 0,
+            })
+            .await;
+        if made.is_err()
+            && let Some(path) = code_path
+        {
+            crate::artifacts::Artifacts::discard(&path).await;
+        }
+        made
+    }
+
+    /// A pipeline's registered components (`component: azureml:NAME:VERSION`) put
+    /// into its steps, each one's code among the uploads under `azureml:NAME:VERSION`
+    /// (the key its inlined `code` names, as the CLI inlines them too).
+    pub async fn inline_components(
+        &self,
+        doc: &mut serde_json::Value,
+        files: &mut Uploads,
+    ) -> Result<()> {
+        use serde_json::Value;
+        let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
+            return Ok(());
+        };
+        for (name, step) in steps.iter_mut() {
+            let field = format!("jobs.{name}.component");
+            if let Some(Value::String(reference)) = step.get("component").cloned()
+                && reference.starts_with("azureml:")
+            {
+                let (component, version) = crate::admission::pipeline::component_reference(
+                    &reference,
+                )
+                .ok_or_else(|| {
+                    Error::invalid(
+                        &field,
+                        format!("`{reference}` is not azureml:NAME:VERSION or azureml:NAME@latest"),
+                    )
+                })?;
+                let found = self.control.component(component, version).await?;
+                step["component"] = component_definition(&found);
+            }
+            let code = step
+                .get("component")
+                .and_then(|c| c.get("code"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if let Some(key) = code.filter(|c| c.starts_with("azureml:"))
+                && !files.contains_key(&key)
+            {
+                let (component, version) = crate::admission::pipeline::component_reference(&key)
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            format!("{field}.code"),
+                            format!("`{key}` names no component"),
+                        )
+                    })?;
+                let found = self.control.component(component, version).await?;
+                let Some(path) = &found.code_path else {
+                    return Err(Error::invalid(
+                        format!("{field}.code"),
+                        format!("component `{}` has no code", found.name),
+                    ));
+                };
+                let data = crate::artifacts::Artifacts::read(path).await?;
+                files.insert(key, Upload { data, folder: true });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A registered component's definition as a step inlines it: its code named by
+/// `azureml:NAME:VERSION` (the coordinator's copy).
+pub fn component_definition(component: &crate::model::Component) -> serde_json::Value {
+    let mut definition = component.definition.clone();
+    if component.code_path.is_some() {
+        definition["code"] =
+            serde_json::Value::String(format!("azureml:{}:{}", component.name, component.version));
+    }
+    definition
+}
+
+pub fn component_wire(c: &crate::model::Component) -> pb::Component {
+    pb::Component {
+        name: c.name.clone(),
+        version: c.version.clone(),
+        display_name: c.display_name.clone(),
+        description: c.description.clone(),
+        definition: component_definition(c).to_string(),
+        has_code: c.code_path.is_some(),
+        created_at_ms: c.created_at,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::components_server::Components for Api {
+    async fn create(
+        &self,
+        request: Request<pb::ComponentRequest>,
+    ) -> Result<Response<pb::Component>, Status> {
+        let asked = request.into_inner();
+        let version = Some(asked.version).filter(|v| !v.is_empty());
+        let made = self
+            .create_component(&asked.text, uploads(asked.files), version)
+            .await?;
+        Ok(Response::new(component_wire(&made)))
+    }
+
+    async fn get(&self, request: Request<pb::NameRef>) -> Result<Response<pb::Component>, Status> {
+        let asked = request.into_inner();
+        let found = self
+            .control
+            .component(asked.name, version(&asked.version))
+            .await?;
+        Ok(Response::new(component_wire(&found)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ComponentList>, Status> {
+        let all = self.control.components().await?;
+        Ok(Response::new(pb::ComponentList {
+            components: all.iter().map(component_wire).collect(),
+        }))
+    }
+}

@@ -54,6 +54,10 @@ pub fn router(api: Api) -> Router {
             "/api/v1/environments",
             get(list_environments).post(create_environment),
         )
+        .route(
+            "/api/v1/components",
+            get(list_components).post(create_component),
+        )
         .route("/api/v1/defaults", get(get_defaults).put(set_defaults))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/vm-sizes", get(list_vm_sizes))
@@ -511,6 +515,22 @@ async fn create_environment(
     let mut log = |line: String| tracing::debug!(%line, "environment build");
     let (made, _) = api
         .create_environment(text, Default::default(), &mut log)
+        .await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+async fn list_components(State(api): State<Api>) -> ApiResult<Vec<crate::model::Component>> {
+    Ok(Json(api.control.components().await?))
+}
+
+/// The commandComponent schema as JSON or YAML, without a local code folder
+/// (`shoal component create -f` uploads one).
+async fn create_component(
+    State(api): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::model::Component>), ApiError> {
+    let made = api
+        .create_component(text(&body)?, Default::default(), None)
         .await?;
     Ok((StatusCode::CREATED, Json(made)))
 }

@@ -199,6 +199,57 @@ impl Control {
         Ok(environment.clone())
     }
 
+    pub(super) fn create_component(
+        &mut self,
+        mut component: crate::model::Component,
+        now: Millis,
+    ) -> Result<crate::model::Component> {
+        validate_name("name", &component.name)?;
+        let versions = self
+            .components
+            .values()
+            .filter(|c| c.name == component.name)
+            .map(|c| c.version.as_str());
+        if component.version.is_empty() {
+            component.version = next_version(versions);
+        } else {
+            validate_name("version", &component.version)?;
+        }
+        let key = (component.name.clone(), component.version.clone());
+        if self.components.contains_key(&key) {
+            return Err(Error::AlreadyExists(format!(
+                "component `{}` version {} exists; give another version (`--version`, or `version:` in its file)",
+                component.name, component.version
+            )));
+        }
+        component.created_at = now;
+        info!(component = %component.name, version = %component.version, "component created");
+        self.new_components.push(component.clone());
+        self.components.insert(key, component.clone());
+        Ok(component)
+    }
+
+    pub(super) fn component(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<crate::model::Component> {
+        pick(
+            self.components.values().filter(|c| c.name == name),
+            version,
+            |c| c.version.as_str(),
+            |_| true,
+            |c| c.created_at,
+        )
+        .cloned()
+        .ok_or_else(|| {
+            let which = version.map_or("latest".to_string(), |v| format!("version {v}"));
+            Error::NotFound(format!(
+                "component `{name}` ({which}) is not registered here; register it with `shoal component create -f component.yml` (`shoal component list` shows them)"
+            ))
+        })
+    }
+
     /// Sets (Some) or clears (None) defaults; what they are now.
     pub(super) fn set_defaults(
         &mut self,

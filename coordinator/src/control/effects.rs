@@ -110,6 +110,7 @@ impl Control {
             datastores: std::mem::take(&mut self.new_datastores),
             data_assets: std::mem::take(&mut self.new_data_assets),
             environments: std::mem::take(&mut self.new_environments),
+            components: std::mem::take(&mut self.new_components),
             defaults: std::mem::take(&mut self.defaults_dirty).then(|| self.defaults.clone()),
         };
         self.parallel_changes(&mut batch);

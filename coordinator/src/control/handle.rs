@@ -186,6 +186,28 @@ impl ControlHandle {
     pub async fn environments(&self) -> Result<Vec<Environment>> {
         self.ask(Command::ListEnvironments).await
     }
+    pub async fn create_component(
+        &self,
+        component: crate::model::Component,
+    ) -> Result<crate::model::Component> {
+        self.ask(|r| Command::CreateComponent(Box::new(component), r))
+            .await
+    }
+    pub async fn component(
+        &self,
+        name: String,
+        version: Option<String>,
+    ) -> Result<crate::model::Component> {
+        self.ask(|reply| Command::GetComponent {
+            name,
+            version,
+            reply,
+        })
+        .await
+    }
+    pub async fn components(&self) -> Result<Vec<crate::model::Component>> {
+        self.ask(Command::ListComponents).await
+    }
     pub async fn archive_environment(
         &self,
         name: String,

@@ -245,6 +245,13 @@ pub enum Command {
         reply: Reply<Environment>,
     },
     ListEnvironments(Reply<Vec<Environment>>),
+    CreateComponent(Box<crate::model::Component>, Reply<crate::model::Component>),
+    GetComponent {
+        name: String,
+        version: Option<String>,
+        reply: Reply<crate::model::Component>,
+    },
+    ListComponents(Reply<Vec<crate::model::Component>>),
     ArchiveEnvironment {
         name: String,
         version: Option<String>,

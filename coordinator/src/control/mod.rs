@@ -133,11 +133,13 @@ pub struct Control {
     /// By (name, version).
     data_assets: BTreeMap<(String, String), crate::data::DataAsset>,
     environments: BTreeMap<(String, String), Environment>,
+    components: BTreeMap<(String, String), crate::model::Component>,
     defaults: BTreeMap<String, String>,
     defaults_dirty: bool,
     new_datastores: Vec<crate::data::Datastore>,
     new_data_assets: Vec<crate::data::DataAsset>,
     new_environments: Vec<Environment>,
+    new_components: Vec<crate::model::Component>,
     nodes: BTreeMap<String, Node>,
     jobs: job_table::JobTable,
     /// Queued jobs, by cluster, oldest first.
@@ -269,11 +271,17 @@ impl Control {
                 .into_iter()
                 .map(|e| ((e.name.clone(), e.version.clone()), e))
                 .collect(),
+            components: snapshot
+                .components
+                .into_iter()
+                .map(|c| ((c.name.clone(), c.version.clone()), c))
+                .collect(),
             defaults: snapshot.defaults,
             defaults_dirty: false,
             new_datastores: Vec::new(),
             new_data_assets: Vec::new(),
             new_environments: Vec::new(),
+            new_components: Vec::new(),
             nodes: BTreeMap::new(),
             jobs: job_table::JobTable::default(),
             queue: queue::Queue::default(),
@@ -691,6 +699,21 @@ impl Control {
             Command::ListEnvironments(reply) => {
                 let all = self.list_environments();
                 self.defer(reply, Ok(all));
+            }
+            Command::CreateComponent(component, reply) => {
+                let result = self.create_component(*component, now);
+                self.defer(reply, result);
+            }
+            Command::GetComponent {
+                name,
+                version,
+                reply,
+            } => {
+                let result = self.component(&name, version.as_deref());
+                let _ = reply.send(result);
+            }
+            Command::ListComponents(reply) => {
+                let _ = reply.send(Ok(self.components.values().cloned().collect()));
             }
             Command::ArchiveEnvironment {
                 name,

@@ -699,6 +699,24 @@ pub struct Environment {
     pub created_at: Millis,
 }
 
+/// A registered command component (the commandComponent schema), named and
+/// versioned: pipeline steps name it (`component: azureml:NAME:VERSION`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Component {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub display_name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Its definition as written, `code` left out (kept apart: `code_path`).
+    pub definition: serde_json::Value,
+    /// Its code folder's snapshot, kept by the coordinator.
+    #[serde(default)]
+    pub code_path: Option<String>,
+    pub created_at: Millis,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EnvironmentKind {
