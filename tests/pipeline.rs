@@ -543,3 +543,89 @@ async fn a_registered_component_is_versioned_and_steps_name_it_from_the_cli_and_
         "{code} {answer}"
     );
 }
+
+const TUNE: &str = r#"
+import argparse, os, mlflow
+parser = argparse.ArgumentParser()
+parser.add_argument("--x", type=float)
+parser.add_argument("--data")
+parser.add_argument("--out")
+args = parser.parse_args()
+target = float(open(os.path.join(args.data, "target")).read())
+mlflow.log_metric("loss", abs(args.x - target))
+with open(os.path.join(args.out, "x.txt"), "w") as f:
+    f.write(f"{args.x:g}\n")
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_step_reads_an_earlier_step_and_hands_its_best_trials_output_on() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "3"]);
+    let file = pipeline_file(
+        &tc,
+        "sweep-step",
+        &format!(
+            "type: pipeline\ncompute: cpu\njobs:\n\
+             \x20 prep: {{command: 'echo 3 > ${{{{outputs.data}}}}/target', environment: host, outputs: {{data: }}}}\n\
+             \x20 tune:\n\
+             \x20   type: sweep\n\
+             \x20   inputs: {{data: '${{{{parent.jobs.prep.outputs.data}}}}'}}\n\
+             \x20   outputs: {{best: }}\n\
+             \x20   trial:\n\
+             \x20     command: {} main.py --x ${{{{search_space.x}}}} --data ${{{{inputs.data}}}} --out ${{{{outputs.best}}}}\n\
+             \x20     code: ./train\n\
+             \x20     environment: host\n\
+             \x20   search_space: {{x: {{type: choice, values: [1, 3, 5]}}}}\n\
+             \x20   sampling_algorithm: grid\n\
+             \x20   objective: {{goal: minimize, primary_metric: loss}}\n\
+             \x20   limits: {{max_total_trials: 3, max_concurrent_trials: 3}}\n\
+             \x20 report:\n\
+             \x20   command: cat ${{{{inputs.best}}}}/x.txt\n\
+             \x20   environment: host\n\
+             \x20   inputs: {{best: '${{{{parent.jobs.tune.outputs.best}}}}'}}\n",
+            support::test_python().display()
+        ),
+    );
+    let code = file.parent().expect("folder").join("train");
+    std::fs::create_dir_all(&code).expect("code folder");
+    std::fs::write(code.join("main.py"), TUNE).expect("script");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(180)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}\n{}",
+        logs_of(&tc, &shown),
+        tc.coordinator_log()
+    );
+    let tune = step(&shown, "tune")["id"].as_str().expect("id").to_string();
+    let sweep = tc.shoal_json(&["job", "show", &tune]);
+    assert_eq!(sweep["step"]["pipeline_id"], id.as_str());
+    assert_eq!(sweep["sweep"]["trials"].as_array().map(Vec::len), Some(3));
+    let best = sweep["sweep"]["best_trial"]
+        .as_str()
+        .expect("best")
+        .to_string();
+    let best_trial = sweep["sweep"]["trials"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["id"] == best.as_str()))
+        .expect("the best trial");
+    assert_eq!(best_trial["params"]["x"], "3", "{sweep:#}");
+    let report = step(&shown, "report")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let logs = tc.shoal(&["job", "logs", &report]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "3");
+    // Deleting the pipeline takes its steps and the sweep's trials with it.
+    let out = tc.shoal(&["job", "delete", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gone in [tune.as_str(), best.as_str(), report.as_str()] {
+        let out = tc.shoal(&["job", "show", gone]);
+        assert!(!out.status.success(), "{gone} is still there");
+    }
+}

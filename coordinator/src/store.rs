@@ -451,15 +451,21 @@ impl Store for SqliteStore {
                 }
             }
             for id in doomed {
-                // An array goes with its tasks, a sweep with its trials.
-                let tasks: Vec<String> = match crate::control::job_seq(&id) {
-                    Some(seq) => tx
-                        .prepare_cached("SELECT id FROM jobs WHERE array_seq = ?1")?
-                        .query_map([seq as i64], |r| r.get::<_, String>(0))?
-                        .collect::<rusqlite::Result<_>>()?,
-                    None => Vec::new(),
-                };
-                for id in tasks.iter().chain([&id]) {
+                // An array goes with its tasks, a sweep with its trials, a pipeline
+                // with its steps (and a sweep step with its trials).
+                let mut family = vec![id];
+                let mut at = 0;
+                while at < family.len() {
+                    if let Some(seq) = crate::control::job_seq(&family[at]) {
+                        let children: Vec<String> = tx
+                            .prepare_cached("SELECT id FROM jobs WHERE array_seq = ?1")?
+                            .query_map([seq as i64], |r| r.get::<_, String>(0))?
+                            .collect::<rusqlite::Result<_>>()?;
+                        family.extend(children);
+                    }
+                    at += 1;
+                }
+                for id in family.iter().rev() {
                     if let Some(gone) = delete_job(&tx, id)? {
                         purged.push(gone);
                     }

@@ -52,7 +52,7 @@ pub enum Command {
         objective: {goal: maximize, primary_metric: accuracy}   # logged with mlflow.log_metric\n  \
         limits: {max_total_trials: 20, max_concurrent_trials: 4, timeout: 7200, trial_timeout: 600}\n  \
         early_termination: {type: bandit, slack_factor: 0.1, delay_evaluation: 3}\n\n\
-        A pipeline (the pipelineJob schema: `type: pipeline`; its steps are command jobs):\n  \
+        A pipeline (the pipelineJob schema: `type: pipeline`; steps are command jobs, sweeps or components):\n  \
         inputs: {raw: {type: uri_folder, path: ./data}}\n  \
         outputs: {report: }            # `shoal job download ID`: the step output bound to it\n  \
         settings: {default_compute: cpu, continue_on_step_failure: false}\n  \

@@ -231,20 +231,25 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
             .unwrap_or("command")
         {
             "command" => {}
-            "parallel" | "sweep" => {
+            "sweep" if component.is_none() => {}
+            "sweep" => {
+                return Err(Error::invalid(
+                    format!("{field}.component"),
+                    "a sweep step's trial is written inline here: trial: {command: ..., code: ...}",
+                ));
+            }
+            "parallel" => {
                 return Err(Error::invalid(
                     format!("{field}.type"),
-                    format!(
-                        "`{}` steps do not run inside pipelines here yet; a pipeline's steps are command jobs (submit the {} as its own job)",
-                        step["type"].as_str().unwrap_or_default(),
-                        step["type"].as_str().unwrap_or_default()
-                    ),
+                    "`parallel` steps do not run inside pipelines here yet; a pipeline's steps are command and sweep jobs",
                 ));
             }
             other => {
                 return Err(Error::invalid(
                     format!("{field}.type"),
-                    format!("`{other}` is not a step type; a pipeline's steps are command jobs"),
+                    format!(
+                        "`{other}` is not a step type; a pipeline's steps are command and sweep jobs"
+                    ),
                 ));
             }
         }
@@ -994,7 +999,7 @@ jobs:
         );
         assert!(refused("type: pipeline\njobs: {}\n").contains("at least one step"));
         assert!(
-            refused("type: pipeline\njobs:\n  a: {type: sweep, command: x}\n")
+            refused("type: pipeline\njobs:\n  a: {type: parallel, task: {command: x}}\n")
                 .contains("do not run inside pipelines")
         );
         assert!(

@@ -84,6 +84,7 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
 fn fingerprint(
     spec: &pb::JobSpec,
     extras: &JobExtras,
+    sweep: Option<&crate::sweep::SweepSpec>,
     files: &Uploads,
     steps: &BTreeMap<&str, &str>,
 ) -> String {
@@ -130,6 +131,7 @@ fn fingerprint(
         "outputs": extras.outputs,
         "path_prefix": extras.path_prefix,
         "shm": extras.shm_size_bytes,
+        "sweep": sweep.map(|s| format!("{s:?}")),
     });
     sha256_hex(&[described.to_string().as_bytes()])
 }
@@ -246,14 +248,15 @@ impl Api {
                     .iter()
                     .map(|s| (s.name.as_str(), s.fingerprint.as_str()))
                     .collect();
-                fingerprint(&spec, &extras, files, &read)
+                fingerprint(&spec, &extras, draft.sweep.as_ref(), files, &read)
             } else {
                 String::new()
             };
-            let request = self
+            let mut request = self
                 .request_of(spec, extras, stored)
                 .await
                 .map_err(in_step)?;
+            request.sweep = draft.sweep.clone();
             steps.push(crate::model::StepRequest {
                 name: step.name,
                 request,
@@ -677,7 +680,15 @@ impl Api {
     /// What a job wrote to a named output, as a folder's tar.gz: its last attempt
     /// that wrote it (several instances' folders laid one over the other, in order).
     async fn step_output(&self, job: &str, output: &str) -> Result<Vec<u8>> {
-        let producer = self.job(job).await?;
+        let mut producer = self.job(job).await?;
+        // A sweep's outputs are its best trial's.
+        if let Some(best) = producer
+            .sweep
+            .as_deref()
+            .and_then(|s| s.best.and_then(|b| s.trials.get(b as usize)))
+        {
+            producer = self.job(&crate::control::job_id(best.seq)).await?;
+        }
         for attempt in producer.attempts.iter().rev() {
             let mut found = self
                 .artifacts

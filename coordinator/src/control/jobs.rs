@@ -81,7 +81,7 @@ impl Control {
         }
         let spec = self.spec_of(request)?;
         if let Some(sweep) = sweep {
-            return self.submit_sweep(spec, sweep, now);
+            return self.submit_sweep(spec, sweep, None, now);
         }
         let seq = self.next_job_seq;
         let tasks = array.map_or(0, |a| u64::from(a.count()));
@@ -285,7 +285,7 @@ impl Control {
             )));
         }
         if job.sweep.is_some() {
-            return self.cancel_sweep(id, now);
+            return self.cancel_sweep(id, "canceled by user", now);
         }
         if job.pipeline.is_some() {
             return self.cancel_pipeline(id, now);

@@ -2010,3 +2010,67 @@ fn an_identical_completed_step_is_reused_unless_the_pipeline_forces_reruns() {
     assert_eq!(m.job(&fourth).status, JobStatus::Running);
     assert!(m.control.invariant_violations().is_empty());
 }
+
+#[test]
+fn a_failed_step_cancels_a_running_sweep_step_with_its_trials() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 3, 30);
+    let mut request = pipeline_request(&[("bad", &[]), ("tune", &[])], false);
+    if let Some(p) = request.pipeline.as_mut() {
+        p.steps[1].request.sweep = Some(sweep_spec(4, 2));
+    }
+    let id = m.submit_request(request);
+    let steps = steps_of(&mut m, &id);
+    let tune = job_id(steps[1].seq.expect("made"));
+    let sweep = m.job(&tune);
+    assert!(sweep.sweep.is_some(), "a sweep step is a sweep's record");
+    assert_eq!(sweep.parent_seq(), Some(m.job(&id).seq));
+    let plan = plan_sweep(&mut m, &tune, &[]);
+    m.ask(|reply| Command::StepSweep {
+        id: tune.clone(),
+        plan,
+        reply,
+    })
+    .expect("trials made");
+    let trials: Vec<String> = m
+        .job(&tune)
+        .sweep
+        .expect("a sweep")
+        .trials
+        .iter()
+        .map(|t| job_id(t.seq))
+        .collect();
+    assert_eq!(trials.len(), 2);
+    let nodes = m.created.clone();
+    let mut agents: Vec<_> = nodes
+        .iter()
+        .map(|n| (n.clone(), m.register(n, "cl")))
+        .collect();
+    // `bad` fails while the trials are launched: the sweep step is stopped whole.
+    let mut running = Vec::new();
+    for (node, agent) in agents.iter_mut() {
+        for order in launches(agent) {
+            m.started(node, &order);
+            if order.job_id == job_id(steps[0].seq.expect("made")) {
+                m.step(vec![exit(node, order.slot.clone(), "failed")]);
+            } else {
+                running.push((node.clone(), order));
+            }
+        }
+    }
+    assert_eq!(running.len(), 2, "both trials ran");
+    assert_eq!(m.job(&tune).status, JobStatus::Canceling);
+    assert_eq!(m.job(&tune).reason.to_string(), "canceled: step `bad` failed");
+    for (node, order) in running {
+        assert_eq!(m.job(&order.job_id).status, JobStatus::Canceling);
+        m.step(vec![exit(&node, order.slot.clone(), "canceled")]);
+    }
+    for trial in &trials {
+        assert_eq!(m.job(trial).status, JobStatus::Canceled);
+    }
+    assert_eq!(m.job(&tune).status, JobStatus::Canceled);
+    let record = m.job(&id);
+    assert_eq!(record.status, JobStatus::Failed);
+    assert_eq!(record.reason.to_string(), "step `bad` failed");
+    assert!(m.control.invariant_violations().is_empty());
+}

@@ -30,13 +30,14 @@ impl Control {
                     "a step reads only from steps before it (the graph has a cycle)",
                 ));
             }
-            let request = step.request;
-            if request.array.is_some() || request.sweep.is_some() || request.parallel.is_some() {
+            let mut request = step.request;
+            if request.array.is_some() || request.parallel.is_some() {
                 return Err(Error::invalid(
                     field,
-                    "a pipeline's steps are command jobs here",
+                    "a pipeline's steps are command and sweep jobs here",
                 ));
             }
+            let sweep = request.sweep.take();
             let spec = self.spec_of(request).map_err(|e| e.in_field(&field))?;
             steps.push(PipelineStep {
                 name: step.name,
@@ -47,6 +48,7 @@ impl Control {
                 skipped: None,
                 fingerprint: step.fingerprint,
                 reused: false,
+                sweep,
             });
         }
         // The record runs nothing; its spec keeps its name, cluster and extras.
@@ -164,8 +166,14 @@ impl Control {
                 })
                 .unwrap_or_default();
             for step in live {
-                if self.jobs.get(&step).is_some_and(|j| !j.status.is_ending()) {
-                    self.cancel(&step, why.clone(), "job canceled", now);
+                match self.jobs.get(&step) {
+                    Some(job) if job.sweep.is_some() && !job.status.is_final() => {
+                        self.cancel_sweep(&step, &why, now)?;
+                    }
+                    Some(job) if !job.status.is_ending() => {
+                        self.cancel(&step, why.clone(), "job canceled", now);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -274,22 +282,30 @@ impl Control {
             extras.experiment_name = experiment.to_string();
         }
         spec.extras = extras.into();
-        let seq = self.next_job_seq;
-        self.next_job_seq += 1;
-        self.seqs_dirty = true;
-        let id = job_table::job_id(seq);
-        let job = Job {
-            step: Some(StepOf {
-                pipeline_seq,
-                index: index as u32,
-            }),
-            ..super::jobs::fresh_job(seq, spec, now)
+        let step_of = StepOf {
+            pipeline_seq,
+            index: index as u32,
         };
+        let seq = match step.sweep.clone() {
+            // A sweep step: a sweep's record, its trials made by the conductor.
+            Some(sweep) => self.submit_sweep(spec, sweep, Some(step_of), now)?.seq,
+            None => {
+                let seq = self.next_job_seq;
+                self.next_job_seq += 1;
+                self.seqs_dirty = true;
+                let job = Job {
+                    step: Some(step_of),
+                    ..super::jobs::fresh_job(seq, spec, now)
+                };
+                self.jobs.insert(job).map_err(Error::Internal)?;
+                if let Some(job) = self.jobs.by_seq(seq) {
+                    self.queue.push(job);
+                }
+                seq
+            }
+        };
+        let id = job_table::job_id(seq);
         debug!(job = %id, pipeline = pipeline_seq, index, "step made");
-        self.jobs.insert(job).map_err(Error::Internal)?;
-        if let Some(job) = self.jobs.by_seq(seq) {
-            self.queue.push(job);
-        }
         if let Some(step) = self
             .pipeline_mut(pipeline_seq)
             .and_then(|p| p.steps.get_mut(index))

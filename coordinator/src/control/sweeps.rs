@@ -13,6 +13,7 @@ impl Control {
         &mut self,
         spec: JobSpec,
         sweep: crate::sweep::SweepSpec,
+        step: Option<crate::model::StepOf>,
         now: Millis,
     ) -> Result<Job> {
         let seq = self.next_job_seq;
@@ -28,6 +29,7 @@ impl Control {
                 trials: Vec::new(),
                 best: None,
             })),
+            step,
             ..super::jobs::fresh_job(seq, spec, now)
         };
         info!(job = %id, cluster = %job.spec.cluster, "sweep submitted");
@@ -233,7 +235,7 @@ impl Control {
     }
 
     /// Cancels a sweep: every trial that has not ended, then the sweep once they have.
-    pub(super) fn cancel_sweep(&mut self, id: &str, now: Millis) -> Result<Job> {
+    pub(super) fn cancel_sweep(&mut self, id: &str, why: &str, now: Millis) -> Result<Job> {
         let record = self.job(id)?;
         let live: Vec<String> = record
             .sweep
@@ -248,7 +250,7 @@ impl Control {
             .unwrap_or_default();
         if let Some(record) = self.jobs.get_mut(id) {
             record.status = JobStatus::Canceling;
-            record.reason = JobReason::said("canceled by user");
+            record.reason = JobReason::said(why);
         }
         self.dirty_jobs.insert(id.to_string());
         for trial in &live {
@@ -260,12 +262,7 @@ impl Control {
         if record.status == JobStatus::Canceling
             && record.sweep.as_deref().is_some_and(|s| s.live() == 0)
         {
-            self.end_job(
-                id,
-                JobStatus::Canceled,
-                JobReason::said("canceled by user"),
-                now,
-            );
+            self.end_job(id, JobStatus::Canceled, JobReason::said(why), now);
         }
         self.job(id).map(|j| self.job_out(j, now))
     }

@@ -571,6 +571,9 @@ pub struct PipelineStep {
     /// Its job is an earlier identical step's, reused (`seq` is that job).
     #[serde(default)]
     pub reused: bool,
+    /// A sweep step: its job is a sweep of `spec`'s trials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<crate::sweep::SweepSpec>,
 }
 
 /// A step's named output.
