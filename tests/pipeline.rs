@@ -629,3 +629,169 @@ async fn a_sweep_step_reads_an_earlier_step_and_hands_its_best_trials_output_on(
         assert!(!out.status.success(), "{gone} is still there");
     }
 }
+
+const SCORE: &str = r#"
+import argparse, os, sys
+
+def init():
+    global scale
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", type=int)
+    args, _ = parser.parse_known_args()
+    scale = args.scale
+    print(f"init {os.getpid()}")
+
+def run(mini_batch):
+    rows = []
+    for path in mini_batch:
+        name = os.path.basename(path)
+        if name == "bad.txt":
+            raise ValueError("cannot score bad.txt")
+        rows.append(f"{name},{int(open(path).read()) * scale}")
+    return rows
+
+def shutdown():
+    print("shutdown")
+"#;
+
+fn run_function_job(tc: &TestCluster, name: &str, files: &[(&str, &str)], rest: &str) -> PathBuf {
+    let dir = tc.scratch(name);
+    std::fs::create_dir_all(dir.join("src")).expect("code folder");
+    std::fs::create_dir_all(dir.join("images")).expect("data folder");
+    std::fs::write(dir.join("src/score.py"), SCORE).expect("entry script");
+    for (file, text) in files {
+        std::fs::write(dir.join("images").join(file), text).expect("item");
+    }
+    let file = dir.join("batch.yml");
+    std::fs::write(
+        &file,
+        format!(
+            "$schema: https://azuremlschemas.azureedge.net/latest/parallelJob.schema.json\n\
+             type: parallel\ncompute: cpu\n\
+             inputs: {{images: {{type: uri_folder, path: ./images}}, scale: 3}}\n\
+             outputs: {{scores: {{type: uri_folder}}}}\n\
+             input_data: ${{{{inputs.images}}}}\n\
+             mini_batch_size: \"2\"\n\
+             resources: {{instance_count: 2}}\n\
+             max_concurrency_per_instance: 2\n\
+             logging_level: INFO\n\
+             task:\n\
+             \x20 type: run_function\n\
+             \x20 code: ./src\n\
+             \x20 entry_script: score.py\n\
+             \x20 environment: host\n\
+             \x20 program_arguments: --scale ${{{{inputs.scale}}}}\n\
+             \x20 append_row_to: ${{{{outputs.scores}}}}/results.csv\n{rest}"
+        ),
+    )
+    .expect("job file");
+    file
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_function_imports_the_entry_script_once_per_worker_and_appends_what_run_returns() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let items: Vec<(String, String)> = (0..7)
+        .map(|i| (format!("img{i}.txt"), format!("{}", i + 1)))
+        .collect();
+    let borrowed: Vec<(&str, &str)> = items
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let file = run_function_job(&tc, "scoring", &borrowed, "error_threshold: -1\n");
+    let out = tc.shoal(&["-o", "json", "job", "submit", "-f", &file.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: error_threshold"), "{stderr}");
+    assert!(stderr.contains("warning: logging_level"), "{stderr}");
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = job["id"].as_str().expect("id").to_string();
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let logs = tc.shoal(&["job", "logs", &id]);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert_eq!(shown["status"], "completed", "{shown:#}\n{logs}");
+    // The rows: every item once, in input order, in the named output's file.
+    let into = tc.scratch("scores");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
+        .unwrap_or_else(|e| {
+            let listed = std::process::Command::new("find")
+                .arg(&into)
+                .output()
+                .expect("find");
+            panic!("rows: {e}\n{}", String::from_utf8_lossy(&listed.stdout))
+        });
+    let want: String = (0..7)
+        .map(|i| format!("img{i}.txt,{}\n", (i + 1) * 3))
+        .collect();
+    assert_eq!(rows, want);
+    // init once per worker (4 at most: 2 instances x 2), not per mini-batch (4 of them).
+    let inits = logs.lines().filter(|l| l.contains("init ")).count();
+    assert!((1..=4).contains(&inits), "{inits} inits:\n{logs}");
+    let pids: std::collections::BTreeSet<&str> = logs
+        .lines()
+        .filter_map(|l| l.split("init ").nth(1))
+        .collect();
+    assert_eq!(pids.len(), inits, "each init in its own worker:\n{logs}");
+    assert!(logs.contains("shutdown"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_raises_fails_its_mini_batch_and_the_threshold_decides_the_job() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let items = [
+        ("a.txt", "1"),
+        ("bad.txt", "2"),
+        ("c.txt", "3"),
+        ("d.txt", "4"),
+    ];
+    // No failed mini-batch tolerated: the job fails, saying why.
+    let strict = run_function_job(
+        &tc,
+        "strict",
+        &items,
+        "mini_batch_error_threshold: 0\nretry_settings: {max_retries: 1, timeout: 30}\n",
+    );
+    let id = submit(&tc, &strict);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(shown["status"], "failed", "{shown:#}");
+    let logs = tc.shoal(&["job", "logs", &id]);
+    let logs = String::from_utf8_lossy(&logs.stdout).into_owned();
+    assert!(logs.contains("ValueError: cannot score bad.txt"), "{logs}");
+    // Any number tolerated: the other mini-batch's rows are kept.
+    let lenient = run_function_job(
+        &tc,
+        "lenient",
+        &items,
+        "mini_batch_error_threshold: -1\nretry_settings: {max_retries: 1, timeout: 30}\n",
+    );
+    let id = submit(&tc, &lenient);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert_eq!(shown["progress"]["failed"], 1, "{shown:#}");
+    let into = tc.scratch("lenient-rows");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
+        .expect("rows");
+    assert_eq!(rows, "c.txt,9\nd.txt,12\n");
+}

@@ -118,6 +118,10 @@ pub struct ParallelSpec {
     /// mode `worker`); otherwise the command runs once per mini-batch.
     #[serde(default)]
     pub worker_mode: bool,
+    /// The named output `append_row_to` is in (run_function's
+    /// `${{outputs.NAME}}/FILE`): the rows are that output's file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_output: Option<String>,
 }
 
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -632,6 +636,7 @@ mod tests {
             allowed_failed_percent: 100,
             append_row_to: Some("results.csv".into()),
             worker_mode: false,
+            rows_output: None,
         }
     }
 

@@ -89,6 +89,17 @@ pub struct JobFile {
     pub task: Option<Task>,
     #[serde(default)]
     pub output: Option<Output>,
+    /// The input cut into mini-batches: `${{inputs.NAME}}`.
+    #[serde(default)]
+    pub input_data: Option<String>,
+    /// Failed items tolerated (-1: any): counted per mini-batch here.
+    #[serde(default)]
+    pub error_threshold: Option<i64>,
+    #[serde(default)]
+    pub logging_level: Option<String>,
+    /// Tabular input grouped by columns: refused, not read here yet.
+    #[serde(default)]
+    pub partition_keys: Option<Value>,
 
     // type: sweep (the trial's keys are read as the job's own: `flatten_sweep`)
     #[serde(default)]
@@ -127,6 +138,15 @@ pub struct Task {
     /// (one long-lived process per worker, fed mini-batches on stdin).
     #[serde(default)]
     pub mode: Option<String>,
+    /// run_function: the script with `init()` and `run(mini_batch)`, in the code folder.
+    #[serde(default)]
+    pub entry_script: Option<String>,
+    /// run_function: the entry script's arguments (`--model ${{inputs.model}}`).
+    #[serde(default)]
+    pub program_arguments: Option<String>,
+    /// run_function: where the rows go, `${{outputs.NAME}}/FILE` or a file name.
+    #[serde(default)]
+    pub append_row_to: Option<String>,
 }
 
 /// `array:` as a mapping or as Slurm writes it.
@@ -234,6 +254,13 @@ pub fn document(text: &str) -> Result<Value> {
     }
 }
 
+/// The variable a run_function job's driver source is given in.
+pub const RUN_FUNCTION_VARIABLE: &str = "SHOAL_RUN_FUNCTION";
+
+/// The run_function driver (Python, standard library), shipped with Shoal.
+pub const RUN_FUNCTION_DRIVER: &str =
+    include_str!("../../../sdk/python/shoal_driver/run_function.py");
+
 /// `command`, `parallel` and `sweep` jobs run here (and `pipeline`, read apart:
 /// `admission::read`); other types are refused by name before their keys are read.
 pub fn check_type(kind: &str) -> Result<()> {
@@ -337,7 +364,39 @@ impl JobFile {
         let parallel_only = self.mini_batch_size.is_some()
             || self.task.is_some()
             || self.output.is_some()
-            || self.retry_settings.is_some();
+            || self.retry_settings.is_some()
+            || self.input_data.is_some()
+            || self.error_threshold.is_some()
+            || self.partition_keys.is_some();
+        if let Some(task) = &self.task {
+            if task.entry_script.is_some() && task.command.is_some() {
+                return Err(Error::invalid(
+                    "task",
+                    "give a run_function task an entry_script, or a command, not both",
+                ));
+            }
+            if (task.program_arguments.is_some() || task.append_row_to.is_some())
+                && task.entry_script.is_none()
+            {
+                return Err(Error::invalid(
+                    "task.entry_script",
+                    "program_arguments and append_row_to go with an entry_script (a script with init() and run(mini_batch))",
+                ));
+            }
+            if task.entry_script.is_some() && self.output.is_some() && task.append_row_to.is_some()
+            {
+                return Err(Error::invalid(
+                    "output",
+                    "the rows go where task.append_row_to says; leave output out",
+                ));
+            }
+        }
+        if self.partition_keys.is_some() {
+            return Err(Error::invalid(
+                "partition_keys",
+                "tabular inputs grouped by columns are not read here yet; give a uri_folder (one item per file) or a uri_file (one per line)",
+            ));
+        }
         if let Some(kind) = self.task.as_ref().and_then(|t| t.kind.as_deref())
             && kind != "run_function"
         {
@@ -409,9 +468,65 @@ impl JobFile {
         }
     }
 
-    /// The input a parallel job cuts into mini-batches: the one named `data`, or
-    /// the only one.
+    /// A parallel job whose task is the service's run_function (an entry script).
+    pub fn is_run_function(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| t.entry_script.is_some())
+    }
+
+    /// Where a run_function job's rows go: (the named output, the file), from
+    /// `task.append_row_to: ${{outputs.NAME}}/FILE` (a bare FILE: no named output).
+    pub fn rows_target(&self) -> Result<Option<(Option<String>, String)>> {
+        let Some(target) = self.task.as_ref().and_then(|t| t.append_row_to.as_deref()) else {
+            return Ok(None);
+        };
+        let target = target.trim();
+        let Some(rest) = target.strip_prefix("${{") else {
+            return Ok(Some((None, target.to_string())));
+        };
+        let bad = || {
+            Error::invalid(
+                "task.append_row_to",
+                format!("`{target}` is ${{{{outputs.NAME}}}}/FILE (or a file name)"),
+            )
+        };
+        let (expression, file) = rest.split_once("}}").ok_or_else(bad)?;
+        let output = expression
+            .trim()
+            .strip_prefix("outputs.")
+            .ok_or_else(bad)?
+            .to_string();
+        let file = file.trim_start_matches('/');
+        let file = if file.is_empty() {
+            "parallel_run_step.txt"
+        } else {
+            file
+        };
+        Ok(Some((Some(output), file.to_string())))
+    }
+
+    /// The input a parallel job cuts into mini-batches: `input_data`'s, the one
+    /// named `data`, or the only one.
     pub fn parallel_input(&self) -> Result<(&str, &Value)> {
+        if let Some(written) = &self.input_data {
+            let name = written
+                .trim()
+                .strip_prefix("${{")
+                .and_then(|r| r.strip_suffix("}}"))
+                .and_then(|r| r.trim().strip_prefix("inputs."))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "input_data",
+                        format!("`{written}` is not ${{{{inputs.NAME}}}}"),
+                    )
+                })?;
+            return self
+                .inputs
+                .get_key_value(name.trim())
+                .map(|(name, value)| (name.as_str(), value))
+                .ok_or_else(|| {
+                    Error::invalid("input_data", format!("`{written}` names no input"))
+                });
+        }
         match self.inputs.len() {
             0 => Err(Error::invalid(
                 "inputs",
@@ -456,7 +571,12 @@ impl JobFile {
             crate::parallel::BatchSize::Items(n) => (n, 0),
             crate::parallel::BatchSize::Bytes(n) => (0, n),
         };
+        let rows_target = self.rows_target()?;
         let append_row_to = match &self.output {
+            None if rows_target.is_some() => rows_target
+                .as_ref()
+                .map(|(_, file)| file.clone())
+                .unwrap_or_default(),
             None => String::new(),
             Some(Output::Action(action)) if action == "summary_only" => String::new(),
             Some(Output::Action(action)) => {
@@ -470,6 +590,8 @@ impl JobFile {
             Some(Output::Rows { append_row_to }) => append_row_to.clone(),
         };
         let worker_mode = match self.task.as_ref().and_then(|t| t.mode.as_deref()) {
+            // run_function's driver is a worker: the entry script is imported once.
+            None if self.is_run_function() => true,
             None | Some("per_mini_batch") => false,
             Some("worker") => true,
             Some(other) => {
@@ -493,6 +615,9 @@ impl JobFile {
             append_row_to,
             input_name: name.to_string(),
             worker_mode,
+            rows_output: rows_target
+                .and_then(|(output, _)| output)
+                .unwrap_or_default(),
         })
     }
 
@@ -510,8 +635,19 @@ impl JobFile {
             .collect()
     }
 
-    /// The command line: a parallel job's `task.command`, else `command`.
+    /// The command line: a parallel job's `task.command` (run_function: the driver
+    /// with the entry script and its arguments), else `command`.
     pub fn command_line(&self) -> Option<String> {
+        if let Some(task) = &self.task
+            && let Some(entry) = &task.entry_script
+        {
+            let arguments = task.program_arguments.as_deref().unwrap_or_default();
+            return Some(
+                format!("python3 -u -c \"${RUN_FUNCTION_VARIABLE}\" {entry} {arguments}")
+                    .trim_end()
+                    .to_string(),
+            );
+        }
         self.task
             .as_ref()
             .and_then(|t| t.command.clone())

@@ -301,6 +301,16 @@ fn warnings_of(file: &JobFile) -> Vec<String> {
                 .into(),
         );
     }
+    if file.error_threshold.is_some() {
+        warnings.push(
+            "error_threshold: failures are counted per mini-batch here (mini_batch_error_threshold; a run() that raises fails its mini-batch); items without a result are logged, not counted".into(),
+        );
+    }
+    if file.logging_level.is_some() {
+        warnings.push(
+            "logging_level: the entry script's output goes to the job's log as it is (`shoal job logs`)".into(),
+        );
+    }
     if file.services.is_some() {
         warnings.push(
             "services: interactive services (ssh, jupyter, tensorboard) are not offered; follow the job with `shoal job logs -f`".into(),
@@ -453,10 +463,20 @@ fn draft_in(doc: Value, in_pipeline: bool) -> Result<Draft> {
             "a sweep's trial needs a command: trial: {command: python train.py --lr ${{search_space.lr}}}",
         ));
     }
-    if file.is_parallel() && !outputs.is_empty() {
+    if file.is_parallel() && !file.is_run_function() && !outputs.is_empty() {
         return Err(Error::invalid(
             "outputs",
             "a parallel job writes its rows with `output: {append_row_to: FILE}`",
+        ));
+    }
+    if let Some((Some(output), _)) = file.rows_target()?
+        && !outputs.contains_key(&output)
+    {
+        return Err(Error::invalid(
+            "task.append_row_to",
+            format!(
+                "`${{{{outputs.{output}}}}}` names no output; declare it: outputs: {{{output}: {{type: uri_folder}}}}"
+            ),
         ));
     }
     Ok(Draft {

@@ -136,8 +136,9 @@ fn fingerprint(
     sha256_hex(&[described.to_string().as_bytes()])
 }
 
-/// A build context of one Dockerfile (and files beside it), as tar.gz.
-fn context_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+/// Files as a folder's tar.gz: a build context of one Dockerfile (and files
+/// beside it), or a parallel job's rows as its named output.
+pub(super) fn context_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
     let bad = |e: std::io::Error| Error::Internal(format!("build context: {e}"));
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
@@ -365,7 +366,16 @@ impl Api {
             cluster,
             argv: file.argv.clone(),
             command: draft.command.clone().unwrap_or_default(),
-            environment_variables: file.env().into_iter().collect(),
+            environment_variables: {
+                let mut variables = file.env();
+                if file.is_run_function() {
+                    variables.insert(
+                        admission::jobfile::RUN_FUNCTION_VARIABLE.into(),
+                        admission::jobfile::RUN_FUNCTION_DRIVER.into(),
+                    );
+                }
+                variables.into_iter().collect()
+            },
             instance_count,
             timeout_seconds: file.instance_timeout().unwrap_or(0),
             code,
@@ -422,6 +432,8 @@ impl Api {
         BTreeMap<String, DataOutput>,
         Option<pb::Parallel>,
     )> {
+        let mut parallel = None;
+        let mut cut_input = None;
         if draft.file.is_parallel() {
             let (name, _) = draft.file.parallel_input()?;
             let name = name.to_string();
@@ -444,13 +456,14 @@ impl Api {
                 DataRef::Local(path) => uploaded(files, &field, path)?.data.clone(),
                 _ => self.read_whole(&field, &input).await?,
             };
-            let wire = draft.file.parallel_wire(kind, data, &input.uri)?;
-            return Ok((BTreeMap::new(), BTreeMap::new(), Some(wire)));
+            parallel = Some(draft.file.parallel_wire(kind, data, &input.uri)?);
+            cut_input = Some(name);
         }
         let mut inputs = BTreeMap::new();
         let decls: Vec<(String, InputDecl)> = draft
             .inputs
             .iter()
+            .filter(|(n, _)| Some(*n) != cut_input.as_ref())
             .map(|(n, d)| (n.clone(), d.clone()))
             .collect();
         for (name, decl) in decls {
@@ -482,7 +495,7 @@ impl Api {
                 },
             );
         }
-        Ok((inputs, outputs, None))
+        Ok((inputs, outputs, parallel))
     }
 
     /// Where one data input is: uploaded ones are kept now (their paths pushed to
@@ -679,7 +692,7 @@ impl Api {
 
     /// What a job wrote to a named output, as a folder's tar.gz: its last attempt
     /// that wrote it (several instances' folders laid one over the other, in order).
-    async fn step_output(&self, job: &str, output: &str) -> Result<Vec<u8>> {
+    pub(super) async fn step_output(&self, job: &str, output: &str) -> Result<Vec<u8>> {
         let mut producer = self.job(job).await?;
         // A sweep's outputs are its best trial's.
         if let Some(best) = producer
@@ -688,6 +701,11 @@ impl Api {
             .and_then(|s| s.best.and_then(|b| s.trials.get(b as usize)))
         {
             producer = self.job(&crate::control::job_id(best.seq)).await?;
+        }
+        if let Some((name, archive)) = self.rows_output(&producer).await?
+            && name == output
+        {
+            return Ok(archive);
         }
         for attempt in producer.attempts.iter().rev() {
             let mut found = self
@@ -714,6 +732,20 @@ impl Api {
         Err(Error::FailedPrecondition(format!(
             "{job} wrote nothing to its output `{output}`"
         )))
+    }
+
+    /// A parallel job's rows as the named output they are in (run_function's
+    /// `append_row_to: ${{outputs.NAME}}/FILE`): that output, a folder of the one file.
+    pub(super) async fn rows_output(&self, job: &Job) -> Result<Option<(String, Vec<u8>)>> {
+        let Some(parallel) = job.spec.parallel.as_deref() else {
+            return Ok(None);
+        };
+        let (Some(output), Some(file)) = (&parallel.rows_output, &parallel.append_row_to) else {
+            return Ok(None);
+        };
+        let rows = self.reader.rows(&job.id).await?;
+        let archive = context_of(&[(file.as_str(), rows.as_slice())])?;
+        Ok(Some((output.clone(), archive)))
     }
 
     /// What an environment declaration runs as: builds (a context, or a conda

@@ -222,6 +222,7 @@ fn parallel(
         allowed_failed_percent: wire.allowed_failed_percent.unwrap_or(100),
         append_row_to: (!wire.append_row_to.is_empty()).then_some(wire.append_row_to),
         worker_mode: wire.worker_mode,
+        rows_output: (!wire.rows_output.is_empty()).then_some(wire.rows_output),
     };
     spec.check()?;
     let cuts = partition(input_type, &wire.input, size)?;
@@ -247,6 +248,7 @@ pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
         append_row_to: spec.append_row_to.clone().unwrap_or_default(),
         input_name: spec.input_name.clone(),
         worker_mode: spec.worker_mode,
+        rows_output: spec.rows_output.clone().unwrap_or_default(),
     }
 }
 

@@ -290,7 +290,19 @@ impl Api {
     /// Each named output, from the latest attempt that wrote it.
     async fn named_outputs(&self, job: &Job) -> Result<Vec<pb::NamedOutput>, Status> {
         let mut named = Vec::new();
+        let rows = self.rows_output(job).await?;
         for name in job.spec.extras.outputs.keys() {
+            // run_function's rows are their output (what the instances wrote there aside).
+            if let Some((output, data)) = &rows
+                && output == name
+            {
+                named.push(pb::NamedOutput {
+                    name: name.clone(),
+                    instance: 0,
+                    data: data.clone(),
+                });
+                continue;
+            }
             for attempt in job.attempts.iter().rev() {
                 let found = self
                     .artifacts
@@ -311,10 +323,12 @@ impl Api {
 
     /// The job's own output files: a parallel job's rows.
     async fn output_files(&self, job: &Job) -> Result<Vec<pb::OutputFile>, Status> {
+        // run_function's rows in a named output are that output's (`named_outputs`).
         let Some(name) = job
             .spec
             .parallel
             .as_ref()
+            .filter(|p| p.rows_output.is_none())
             .and_then(|p| p.append_row_to.clone())
         else {
             return Ok(Vec::new());

@@ -2060,7 +2060,10 @@ fn a_failed_step_cancels_a_running_sweep_step_with_its_trials() {
     }
     assert_eq!(running.len(), 2, "both trials ran");
     assert_eq!(m.job(&tune).status, JobStatus::Canceling);
-    assert_eq!(m.job(&tune).reason.to_string(), "canceled: step `bad` failed");
+    assert_eq!(
+        m.job(&tune).reason.to_string(),
+        "canceled: step `bad` failed"
+    );
     for (node, order) in running {
         assert_eq!(m.job(&order.job_id).status, JobStatus::Canceling);
         m.step(vec![exit(&node, order.slot.clone(), "canceled")]);
