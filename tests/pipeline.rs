@@ -795,3 +795,83 @@ async fn a_run_that_raises_fails_its_mini_batch_and_the_threshold_decides_the_jo
         .expect("rows");
     assert_eq!(rows, "c.txt,9\nd.txt,12\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parallel_step_scores_what_the_step_before_wrote_and_the_next_step_reads_its_rows() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "3"]);
+    let file = pipeline_file(
+        &tc,
+        "batch-pipeline",
+        "$schema: https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json\n\
+         type: pipeline\ncompute: cpu\n\
+         inputs: {scale: 3}\n\
+         outputs: {summary: }\n\
+         jobs:\n\
+         \x20 prep:\n\
+         \x20   command: for i in 0 1 2 3 4 5 6; do echo $((i + 1)) > ${{outputs.images}}/img$i.txt; done\n\
+         \x20   environment: host\n\
+         \x20   outputs: {images: {type: uri_folder}}\n\
+         \x20 score:\n\
+         \x20   type: parallel\n\
+         \x20   inputs:\n\
+         \x20     images: {type: uri_folder, path: '${{parent.jobs.prep.outputs.images}}'}\n\
+         \x20     scale: ${{parent.inputs.scale}}\n\
+         \x20   outputs: {scores: {type: uri_folder}}\n\
+         \x20   input_data: ${{inputs.images}}\n\
+         \x20   mini_batch_size: \"2\"\n\
+         \x20   resources: {instance_count: 2}\n\
+         \x20   max_concurrency_per_instance: 2\n\
+         \x20   task:\n\
+         \x20     type: run_function\n\
+         \x20     code: ./src\n\
+         \x20     entry_script: score.py\n\
+         \x20     environment: host\n\
+         \x20     program_arguments: --scale ${{inputs.scale}}\n\
+         \x20     append_row_to: ${{outputs.scores}}/results.csv\n\
+         \x20 summarize:\n\
+         \x20   command: wc -l < ${{inputs.scores}}/results.csv > ${{outputs.summary}}/count.txt && cp ${{inputs.scores}}/results.csv ${{outputs.summary}}/\n\
+         \x20   environment: host\n\
+         \x20   inputs: {scores: '${{parent.jobs.score.outputs.scores}}'}\n\
+         \x20   outputs: {summary: '${{parent.outputs.summary}}'}\n",
+    );
+    let dir = file.parent().expect("folder");
+    std::fs::create_dir_all(dir.join("src")).expect("code");
+    std::fs::write(dir.join("src/score.py"), SCORE).expect("entry script");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}\n{}",
+        logs_of(&tc, &shown),
+        tc.coordinator_log()
+    );
+    let score = tc.shoal_json(&[
+        "job",
+        "show",
+        step(&shown, "score")["id"].as_str().expect("id"),
+    ]);
+    assert_eq!(score["progress"]["done"], 4, "{score:#}");
+    assert_eq!(score["progress"]["items_done"], 7, "{score:#}");
+    let into = tc.scratch("batch-summary");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = into.join(&id).join("named-outputs/summary");
+    let rows = std::fs::read_to_string(summary.join("results.csv")).expect("rows");
+    let want: String = (0..7)
+        .map(|i| format!("img{i}.txt,{}\n", (i + 1) * 3))
+        .collect();
+    assert_eq!(rows, want);
+    let count = std::fs::read_to_string(summary.join("count.txt")).expect("count");
+    assert_eq!(count.trim(), "7");
+    // The same pipeline again: every step reused, the parallel step without a cut.
+    let again = submit(&tc, &file);
+    let shown = wait_ended(&tc, &again, Duration::from_secs(60)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert_eq!(shown["reason"], "3 of 3 step(s) reused");
+}

@@ -269,6 +269,7 @@ pub async fn serve(
     let tracking_routes = crate::tracking::rest::router(tracking.clone());
     api.tracking = Some(tracking);
     api.tracking_routes = Some(tracking_routes.clone());
+    tokio::spawn(crate::api::cutter::run(api.clone()));
 
     let grpc = tonic::service::Routes::new(
         pb::clusters_server::ClustersServer::new(api.clone())

@@ -601,6 +601,17 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
         .execute([id])?;
     tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
         .execute([id])?;
+    // A parallel step never made kept its mini-batches under the job it would be.
+    for step in job.pipeline.iter().flat_map(|p| &p.steps) {
+        if let Some(parallel) = step
+            .parallel
+            .as_ref()
+            .filter(|p| step.seq != Some(p.job_seq))
+        {
+            tx.prepare_cached("DELETE FROM mini_batches WHERE job_id = ?1")?
+                .execute([crate::control::job_id(parallel.job_seq)])?;
+        }
+    }
     // A task's code and inputs are its array's (shared by every task), and a
     // trial's its sweep's: they go with the record.
     // A pipeline's steps' files are its own: its record holds every step's spec.

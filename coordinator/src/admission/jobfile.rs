@@ -618,6 +618,7 @@ impl JobFile {
             rows_output: rows_target
                 .and_then(|(output, _)| output)
                 .unwrap_or_default(),
+            deferred: false,
         })
     }
 

@@ -238,17 +238,18 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
                     "a sweep step's trial is written inline here: trial: {command: ..., code: ...}",
                 ));
             }
+            "parallel" if component.is_none() => {}
             "parallel" => {
                 return Err(Error::invalid(
-                    format!("{field}.type"),
-                    "`parallel` steps do not run inside pipelines here yet; a pipeline's steps are command and sweep jobs",
+                    format!("{field}.component"),
+                    "a parallel step is written inline here (input_data, mini_batch_size, task: {type: run_function, ...})",
                 ));
             }
             other => {
                 return Err(Error::invalid(
                     format!("{field}.type"),
                     format!(
-                        "`{other}` is not a step type; a pipeline's steps are command and sweep jobs"
+                        "`{other}` is not a step type; a pipeline's steps are command, sweep and parallel jobs"
                     ),
                 ));
             }
@@ -999,8 +1000,8 @@ jobs:
         );
         assert!(refused("type: pipeline\njobs: {}\n").contains("at least one step"));
         assert!(
-            refused("type: pipeline\njobs:\n  a: {type: parallel, task: {command: x}}\n")
-                .contains("do not run inside pipelines")
+            refused("type: pipeline\njobs:\n  a: {type: parallel, component: {type: command, command: x}}\n")
+                .contains("written inline")
         );
         assert!(
             refused("type: pipeline\noutputs: {r: }\njobs:\n  a: {command: x}\n")

@@ -85,6 +85,7 @@ fn fingerprint(
     spec: &pb::JobSpec,
     extras: &JobExtras,
     sweep: Option<&crate::sweep::SweepSpec>,
+    cut_from: Option<String>,
     files: &Uploads,
     steps: &BTreeMap<&str, &str>,
 ) -> String {
@@ -132,6 +133,14 @@ fn fingerprint(
         "path_prefix": extras.path_prefix,
         "shm": extras.shm_size_bytes,
         "sweep": sweep.map(|s| format!("{s:?}")),
+        "parallel": spec.parallel.as_ref().map(|p| {
+            let settings = pb::Parallel {
+                input: Vec::new(),
+                ..p.clone()
+            };
+            format!("{settings:?} {}", sha256_hex(&[&p.input]))
+        }),
+        "cut_from": cut_from,
     });
     sha256_hex(&[described.to_string().as_bytes()])
 }
@@ -244,12 +253,33 @@ impl Api {
                 experiment = extras.experiment_name.clone();
             }
             extras.warnings.clear();
+            // A parallel step that cuts another step's output.
+            let cut_from = match draft.file.is_parallel() {
+                true => {
+                    let (name, _) = draft.file.parallel_input().map_err(tonic::Status::from)?;
+                    match draft.inputs.get(name).map(|d| &d.path) {
+                        Some(DataRef::Step { step, output }) => Some(crate::model::StepOutput {
+                            step: step.clone(),
+                            output: output.clone(),
+                        }),
+                        _ => None,
+                    }
+                }
+                false => None,
+            };
             let fingerprint = if step.deterministic {
                 let read: BTreeMap<&str, &str> = steps
                     .iter()
                     .map(|s| (s.name.as_str(), s.fingerprint.as_str()))
                     .collect();
-                fingerprint(&spec, &extras, draft.sweep.as_ref(), files, &read)
+                let cut = cut_from.as_ref().map(|c| {
+                    format!(
+                        "{}.{}",
+                        read.get(c.step.as_str()).copied().unwrap_or_default(),
+                        c.output
+                    )
+                });
+                fingerprint(&spec, &extras, draft.sweep.as_ref(), cut, files, &read)
             } else {
                 String::new()
             };
@@ -263,6 +293,7 @@ impl Api {
                 request,
                 after: step.after,
                 fingerprint,
+                cut_from,
             });
         }
         if experiment.is_empty() {
@@ -454,9 +485,13 @@ impl Api {
             let data = match &decl.path {
                 // Uploaded with the job: cut as it came, not kept apart.
                 DataRef::Local(path) => uploaded(files, &field, path)?.data.clone(),
+                // A pipeline step's output: cut once the step has completed.
+                DataRef::Step { .. } => Vec::new(),
                 _ => self.read_whole(&field, &input).await?,
             };
-            parallel = Some(draft.file.parallel_wire(kind, data, &input.uri)?);
+            let mut wire = draft.file.parallel_wire(kind, data, &input.uri)?;
+            wire.deferred = matches!(decl.path, DataRef::Step { .. });
+            parallel = Some(wire);
             cut_input = Some(name);
         }
         let mut inputs = BTreeMap::new();

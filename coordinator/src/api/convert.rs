@@ -225,7 +225,11 @@ fn parallel(
         rows_output: (!wire.rows_output.is_empty()).then_some(wire.rows_output),
     };
     spec.check()?;
-    let cuts = partition(input_type, &wire.input, size)?;
+    let cuts = if wire.deferred {
+        Vec::new()
+    } else {
+        partition(input_type, &wire.input, size)?
+    };
     Ok((spec, cuts))
 }
 
@@ -249,6 +253,7 @@ pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
         input_name: spec.input_name.clone(),
         worker_mode: spec.worker_mode,
         rows_output: spec.rows_output.clone().unwrap_or_default(),
+        deferred: false,
     }
 }
 

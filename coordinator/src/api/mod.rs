@@ -3,6 +3,7 @@
 pub mod admit;
 mod assets;
 pub mod convert;
+pub mod cutter;
 mod exec;
 mod grpc;
 pub mod guard;

@@ -69,6 +69,23 @@ impl ControlHandle {
     pub async fn delete_job(&self, id: String) -> Result<()> {
         self.ask(|r| Command::DeleteJob(id, r)).await
     }
+    pub async fn steps_to_cut(&self) -> Result<Vec<super::pipelines::CutOrder>> {
+        self.ask(Command::StepsToCut).await
+    }
+    pub async fn step_cut(
+        &self,
+        id: String,
+        index: u32,
+        cuts: std::result::Result<Vec<crate::parallel::Cut>, String>,
+    ) -> Result<()> {
+        self.ask(|reply| Command::StepCut {
+            id,
+            index,
+            cuts,
+            reply,
+        })
+        .await
+    }
     pub async fn running_sweeps(&self) -> Result<Vec<Job>> {
         self.ask(Command::RunningSweeps).await
     }

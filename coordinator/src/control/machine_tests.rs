@@ -1726,6 +1726,7 @@ fn pipeline_request(steps: &[(&str, &[&str])], continue_on_step_failure: bool) -
                 request,
                 after: reads.iter().map(|r| position(r)).collect(),
                 fingerprint: format!("fp-{name}"),
+                cut_from: None,
             }
         })
         .collect();
@@ -2076,4 +2077,106 @@ fn a_failed_step_cancels_a_running_sweep_step_with_its_trials() {
     assert_eq!(record.status, JobStatus::Failed);
     assert_eq!(record.reason.to_string(), "step `bad` failed");
     assert!(m.control.invariant_violations().is_empty());
+}
+
+#[test]
+fn a_parallel_step_reading_a_step_is_cut_once_that_step_has_completed() {
+    use crate::parallel::{BatchSize, Cut, InputType, ParallelSpec};
+    let spec = ParallelSpec {
+        input_type: InputType::UriFolder,
+        input_name: "${{parent.jobs.a.outputs.out}}".into(),
+        size: BatchSize::Items(2),
+        concurrency: 1,
+        max_retries: 1,
+        timeout_seconds: None,
+        error_threshold: -1,
+        allowed_failed_percent: 100,
+        append_row_to: None,
+        worker_mode: true,
+        rows_output: None,
+    };
+    for cut_fails in [false, true] {
+        let mut m = Machine::new(ControlConfig::default());
+        m.cluster("cl", 2, 30);
+        let mut request = pipeline_request(&[("a", &[]), ("score", &["a"])], false);
+        if let Some(p) = request.pipeline.as_mut() {
+            p.steps[1].request.parallel = Some((spec.clone(), Vec::new()));
+            p.steps[1].cut_from = Some(crate::model::StepOutput {
+                step: "a".into(),
+                output: "out".into(),
+            });
+        }
+        let id = m.submit_request(request);
+        let orders = m.ask(Command::StepsToCut).expect("asked");
+        assert!(orders.is_empty(), "a has not completed");
+        let nodes = m.created.clone();
+        let mut agents: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.clone(), m.register(n, "cl")))
+            .collect();
+        assert_eq!(run_launched(&mut m, &mut agents, |_| "completed"), 1);
+        let orders = m.ask(Command::StepsToCut).expect("asked");
+        assert_eq!(orders.len(), 1);
+        let reserved = steps_of(&mut m, &id)[1]
+            .parallel
+            .clone()
+            .expect("a parallel step")
+            .job_seq;
+        assert_eq!(
+            orders[0].job,
+            job_id(steps_of(&mut m, &id)[0].seq.expect("a"))
+        );
+        assert!(
+            steps_of(&mut m, &id)[1].seq.is_none(),
+            "not made before its cut"
+        );
+        let cuts = if cut_fails {
+            Err("a wrote nothing to its output `out`".to_string())
+        } else {
+            Ok(vec![
+                Cut {
+                    items: b"x\ny\n".to_vec(),
+                    count: 2,
+                },
+                Cut {
+                    items: b"z\n".to_vec(),
+                    count: 1,
+                },
+            ])
+        };
+        m.ask(|reply| Command::StepCut {
+            id: id.clone(),
+            index: 1,
+            cuts,
+            reply,
+        })
+        .expect("cut");
+        let steps = steps_of(&mut m, &id);
+        if cut_fails {
+            let record = m.job(&id);
+            assert_eq!(record.status, JobStatus::Failed);
+            assert_eq!(record.reason.to_string(), "step `score` failed");
+            assert_eq!(
+                steps[1].skipped.as_deref(),
+                Some("its input could not be cut: a wrote nothing to its output `out`")
+            );
+        } else {
+            // Made under the job reserved at submit, with its mini-batches.
+            assert_eq!(steps[1].seq, Some(reserved));
+            let made = m.job(&job_id(reserved));
+            assert_eq!(made.progress.as_deref().map(|p| p.total), Some(2));
+            // A second cut of the same step is refused.
+            let err = m
+                .ask(|reply| Command::StepCut {
+                    id: id.clone(),
+                    index: 1,
+                    cuts: Ok(Vec::new()),
+                    reply,
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains("cut already"), "{err}");
+            assert!(m.ask(Command::StepsToCut).expect("asked").is_empty());
+        }
+        assert!(m.control.invariant_violations().is_empty());
+    }
 }

@@ -180,6 +180,15 @@ pub enum Command {
     CancelJob(String, Reply<Job>),
     /// The sweeps still making trials (their records).
     RunningSweeps(Reply<Vec<Job>>),
+    /// Pipelines' parallel steps whose input step has completed, to be cut.
+    StepsToCut(Reply<Vec<super::pipelines::CutOrder>>),
+    /// A parallel step's input cut (or why it could not be).
+    StepCut {
+        id: String,
+        index: u32,
+        cuts: std::result::Result<Vec<crate::parallel::Cut>, String>,
+        reply: Reply<()>,
+    },
     /// A conductor's plan for one sweep, applied in one commit.
     StepSweep {
         id: String,

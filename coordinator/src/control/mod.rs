@@ -220,6 +220,9 @@ pub struct Control {
     /// Completed pipeline steps by fingerprint (the newest), for reuse: those of
     /// the pipelines held in memory.
     completed_steps: HashMap<String, u64>,
+    /// Pipelines that may still be running (by seq; ended ones leave lazily), so
+    /// the cutter's question does not walk every job.
+    pipelines: BTreeSet<u64>,
     /// Successors booked since the coordinator started (for /metrics).
     successors_booked: u64,
 }
@@ -331,6 +334,7 @@ impl Control {
             quick_arrays: HashSet::new(),
             sweeps: BTreeSet::new(),
             completed_steps: HashMap::new(),
+            pipelines: BTreeSet::new(),
             successors_booked: 0,
         };
         for mut node in snapshot.nodes {
@@ -358,6 +362,9 @@ impl Control {
             }
             if let Some(pipeline) = job.pipeline.as_deref() {
                 control.remember_completed_steps(pipeline);
+                if !job.status.is_final() {
+                    control.pipelines.insert(job.seq);
+                }
             }
             if let Err(e) = control.jobs.insert(job) {
                 error!("stored job left out: {e}");
@@ -466,6 +473,18 @@ impl Control {
             }
             Command::DeleteJob(id, reply) => {
                 let result = self.delete_job(&id);
+                self.defer(reply, result);
+            }
+            Command::StepsToCut(reply) => {
+                let _ = reply.send(Ok(self.steps_to_cut()));
+            }
+            Command::StepCut {
+                id,
+                index,
+                cuts,
+                reply,
+            } => {
+                let result = self.step_cut(&id, index, cuts, now);
                 self.defer(reply, result);
             }
             Command::RunningSweeps(reply) => {
@@ -841,6 +860,7 @@ pub use messages::*;
 pub use ownership::{AgentCall, Claim, Granted};
 
 pub use parallel::{Leased, MiniBatchResult, PARALLEL_RELEASE, WorkReply, WorkRequest};
+pub use pipelines::CutOrder;
 
 #[cfg(test)]
 mod machine_tests;

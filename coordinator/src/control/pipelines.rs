@@ -7,7 +7,21 @@
 
 use super::*;
 use crate::data::DataSource;
-use crate::model::{PipelineRequest, PipelineState, PipelineStep, StepOf};
+use crate::model::{
+    ParallelStep, PipelineRequest, PipelineState, PipelineStep, StepOf, StepOutput,
+};
+
+/// A parallel step whose input (another step's output) is ready to be cut: the
+/// cutter reads the output, cuts it and hands the mini-batches back (`StepCut`).
+#[derive(Clone, Debug)]
+pub struct CutOrder {
+    pub pipeline: String,
+    pub index: u32,
+    /// The job whose named output it cuts.
+    pub job: String,
+    pub output: String,
+    pub spec: crate::parallel::ParallelSpec,
+}
 
 impl Control {
     /// Checks a pipeline's steps against their clusters, keeps its record (running
@@ -31,14 +45,37 @@ impl Control {
                 ));
             }
             let mut request = step.request;
-            if request.array.is_some() || request.parallel.is_some() {
-                return Err(Error::invalid(
-                    field,
-                    "a pipeline's steps are command and sweep jobs here",
-                ));
+            if request.array.is_some() {
+                return Err(Error::invalid(field, "a pipeline's step is not an array"));
             }
             let sweep = request.sweep.take();
+            let cuts = request
+                .parallel
+                .as_mut()
+                .map(|(_, cuts)| std::mem::take(cuts));
             let spec = self.spec_of(request).map_err(|e| e.in_field(&field))?;
+            // A parallel step's mini-batches are kept now, under the job it will be.
+            let parallel = match cuts {
+                None => None,
+                Some(cuts) => {
+                    let job_seq = self.next_job_seq;
+                    self.next_job_seq += 1;
+                    self.seqs_dirty = true;
+                    let counts = match &step.cut_from {
+                        Some(_) => None,
+                        None => {
+                            let counts = cuts.iter().map(|c| c.count).collect();
+                            self.new_cuts.push((job_table::job_id(job_seq), cuts));
+                            Some(counts)
+                        }
+                    };
+                    Some(ParallelStep {
+                        job_seq,
+                        from: step.cut_from,
+                        counts,
+                    })
+                }
+            };
             steps.push(PipelineStep {
                 name: step.name,
                 spec,
@@ -49,6 +86,7 @@ impl Control {
                 fingerprint: step.fingerprint,
                 reused: false,
                 sweep,
+                parallel,
             });
         }
         // The record runs nothing; its spec keeps its name, cluster and extras.
@@ -74,6 +112,7 @@ impl Control {
         };
         info!(job = %id, steps = job.pipeline.as_ref().map_or(0, |p| p.steps.len()), "pipeline submitted");
         self.jobs.insert(job).map_err(Error::Internal)?;
+        self.pipelines.insert(seq);
         self.dirty_jobs.insert(id.clone());
         self.advance_pipeline(seq, now)?;
         self.job(&id).map(|j| self.job_out(j, now))
@@ -128,10 +167,14 @@ impl Control {
                 }
                 continue;
             }
-            let ready = step
-                .after
-                .iter()
-                .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed));
+            // A parallel step waits for its input's mini-batches too (the cutter's).
+            let ready =
+                step.after
+                    .iter()
+                    .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed))
+                    && step.parallel.as_ref().is_none_or(|p| {
+                        p.counts.is_some() || self.reusable(state, index).is_some()
+                    });
             if !ready {
                 continue;
             }
@@ -191,7 +234,12 @@ impl Control {
         let (status, reason) = if canceling {
             (JobStatus::Canceled, record.reason.clone())
         } else if let Some(step) = first_failure {
-            let skipped = state.steps.iter().filter(|s| s.skipped.is_some()).count();
+            // Passed over (a step that failed before it ran is failed, not passed over).
+            let skipped = state
+                .steps
+                .iter()
+                .filter(|s| s.skipped.is_some() && s.ended.is_none())
+                .count();
             let reason = match skipped {
                 0 => format!("step `{step}` failed"),
                 n => format!("step `{step}` failed; {n} step(s) not run"),
@@ -286,13 +334,20 @@ impl Control {
             pipeline_seq,
             index: index as u32,
         };
+        let parallel = step.parallel.clone();
         let seq = match step.sweep.clone() {
             // A sweep step: a sweep's record, its trials made by the conductor.
             Some(sweep) => self.submit_sweep(spec, sweep, Some(step_of), now)?.seq,
             None => {
-                let seq = self.next_job_seq;
-                self.next_job_seq += 1;
-                self.seqs_dirty = true;
+                let seq = match &parallel {
+                    Some(p) => p.job_seq,
+                    None => {
+                        let seq = self.next_job_seq;
+                        self.next_job_seq += 1;
+                        self.seqs_dirty = true;
+                        seq
+                    }
+                };
                 let job = Job {
                     step: Some(step_of),
                     ..super::jobs::fresh_job(seq, spec, now)
@@ -306,6 +361,16 @@ impl Control {
         };
         let id = job_table::job_id(seq);
         debug!(job = %id, pipeline = pipeline_seq, index, "step made");
+        // Its mini-batches were kept when they were cut: now they are handed out.
+        if let (Some(counts), Some(spec)) = (
+            parallel.and_then(|p| p.counts),
+            self.jobs.by_seq(seq).and_then(|j| j.spec.parallel.clone()),
+        ) {
+            self.parallel.insert(
+                id.clone(),
+                crate::parallel::Batches::new(&id, *spec, &counts),
+            );
+        }
         if let Some(step) = self
             .pipeline_mut(pipeline_seq)
             .and_then(|p| p.steps.get_mut(index))
@@ -314,6 +379,102 @@ impl Control {
         }
         self.dirty_jobs.insert(id);
         Ok(())
+    }
+
+    /// The parallel steps of running pipelines whose input step has completed and
+    /// whose mini-batches are not cut yet (the pipelines that have ended leave the
+    /// index here).
+    pub(super) fn steps_to_cut(&mut self) -> Vec<CutOrder> {
+        let jobs = &self.jobs;
+        self.pipelines
+            .retain(|seq| jobs.by_seq(*seq).is_some_and(|j| !j.status.is_final()));
+        let mut orders = Vec::new();
+        for seq in &self.pipelines {
+            let Some(record) = self.jobs.by_seq(*seq) else {
+                continue;
+            };
+            let Some(state) = record.pipeline.as_deref() else {
+                continue;
+            };
+            if record.status != JobStatus::Running {
+                continue;
+            }
+            for (index, step) in state.steps.iter().enumerate() {
+                let Some(ParallelStep {
+                    from: Some(StepOutput { step: from, output }),
+                    counts: None,
+                    ..
+                }) = &step.parallel
+                else {
+                    continue;
+                };
+                if step.seq.is_some() || step.skipped.is_some() {
+                    continue;
+                }
+                let producer = state.index_of(from).map(|i| &state.steps[i]);
+                let Some(job) = producer
+                    .filter(|p| p.ended == Some(JobStatus::Completed))
+                    .and_then(|p| p.seq)
+                else {
+                    continue;
+                };
+                let Some(spec) = step.spec.parallel.as_deref() else {
+                    continue;
+                };
+                orders.push(CutOrder {
+                    pipeline: record.id.to_string(),
+                    index: index as u32,
+                    job: job_table::job_id(job),
+                    output: output.clone(),
+                    spec: spec.clone(),
+                });
+            }
+        }
+        orders
+    }
+
+    /// A parallel step's input, cut by the cutter: its mini-batches are kept and
+    /// the step made; an input that could not be cut fails the step, saying why.
+    pub(super) fn step_cut(
+        &mut self,
+        id: &str,
+        index: u32,
+        cuts: std::result::Result<Vec<crate::parallel::Cut>, String>,
+        now: Millis,
+    ) -> Result<()> {
+        let seq = self.job(id)?.seq;
+        let Some(step) = self
+            .pipeline_mut(seq)
+            .and_then(|p| p.steps.get_mut(index as usize))
+        else {
+            return Err(Error::NotFound(format!("{id} has no step {index}")));
+        };
+        let Some(parallel) = step.parallel.as_mut().filter(|p| p.counts.is_none()) else {
+            return Err(Error::FailedPrecondition(format!(
+                "step `{}` of {id} is cut already",
+                step.name
+            )));
+        };
+        if step.seq.is_some() || step.skipped.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "step `{}` of {id} has moved on",
+                step.name
+            )));
+        }
+        match cuts {
+            Ok(cuts) => {
+                parallel.counts = Some(cuts.iter().map(|c| c.count).collect());
+                let job = job_table::job_id(parallel.job_seq);
+                self.new_cuts.push((job, cuts));
+            }
+            Err(why) => {
+                info!(pipeline = %id, step = %step.name, %why, "step input not cut");
+                step.skipped = Some(format!("its input could not be cut: {why}"));
+                step.ended = Some(JobStatus::Failed);
+            }
+        }
+        self.dirty_jobs.insert(id.to_string());
+        self.advance_pipeline(seq, now)
     }
 
     /// A step has ended: its pipeline's entry says so, and the pipeline goes on.

@@ -574,6 +574,24 @@ pub struct PipelineStep {
     /// A sweep step: its job is a sweep of `spec`'s trials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sweep: Option<crate::sweep::SweepSpec>,
+    /// A parallel step: its input's mini-batches, kept under its job's id before
+    /// the job is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStep>,
+}
+
+/// A parallel step's input: cut at submit, or (read from another step) once that
+/// step has completed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelStep {
+    /// Its job's sequence number, reserved at submit (its mini-batches are kept under it).
+    pub job_seq: u64,
+    /// The step output it cuts, when it reads one.
+    #[serde(default)]
+    pub from: Option<StepOutput>,
+    /// Items per mini-batch, once cut.
+    #[serde(default)]
+    pub counts: Option<Vec<u64>>,
 }
 
 /// A step's named output.
@@ -608,6 +626,8 @@ pub struct StepRequest {
     pub after: Vec<u32>,
     /// See `PipelineStep::fingerprint`.
     pub fingerprint: String,
+    /// A parallel step whose input is another step's output (cut once it exists).
+    pub cut_from: Option<StepOutput>,
 }
 
 /// A job's `JobExtras`, allocated only when it has some: reads see the empty
