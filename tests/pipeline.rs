@@ -875,3 +875,129 @@ async fn a_parallel_step_scores_what_the_step_before_wrote_and_the_next_step_rea
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["reason"], "3 of 3 step(s) reused");
 }
+
+const TABLE_SCORE: &str = r#"
+def init():
+    pass
+
+def run(mini_batch):
+    # A DataFrame: one mini-batch per store (partition_keys), or rows as cut.
+    if "store" in mini_batch.columns:
+        totals = mini_batch.groupby("store", as_index=False, sort=False)["qty"].sum()
+        totals["rows"] = len(mini_batch)
+        return totals
+    mini_batch["double"] = mini_batch["b"] * 2
+    return mini_batch
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_function_gives_tables_as_dataframes_by_partition_keys_and_reads_mltable_folders() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let python = support::test_python();
+    let prefix = python
+        .parent()
+        .and_then(|bin| bin.parent())
+        .expect("the venv")
+        .display()
+        .to_string();
+    let dir = tc.scratch("tables");
+    std::fs::create_dir_all(dir.join("src")).expect("code");
+    std::fs::create_dir_all(dir.join("table/more")).expect("mltable folder");
+    std::fs::write(dir.join("src/score.py"), TABLE_SCORE).expect("entry script");
+    std::fs::write(
+        dir.join("sales.csv"),
+        "store,item,qty\nb,\"x, y\",1\na,z,2\nb,u,3\na,w,4\nc,v,5\n",
+    )
+    .expect("csv");
+    std::fs::write(
+        dir.join("table/MLTable"),
+        "paths:\n  - file: ./part1.tsv\n  - folder: ./more\ntransformations:\n  - read_delimited:\n      delimiter: \"\\t\"\n      header: all_files_same_headers\n",
+    )
+    .expect("MLTable");
+    std::fs::write(dir.join("table/part1.tsv"), "a\tb\n1\t2\n3\t4\n").expect("part1");
+    std::fs::write(dir.join("table/more/part2.tsv"), "a\tb\n5\t6\n").expect("part2");
+    let job = |name: &str, input: &str, rest: &str| {
+        let file = dir.join(format!("{name}.yml"));
+        std::fs::write(
+            &file,
+            format!(
+                "type: parallel\ncompute: cpu\n\
+                 inputs: {{data: {input}}}\n\
+                 outputs: {{scores: {{type: uri_folder}}}}\n\
+                 input_data: ${{{{inputs.data}}}}\n{rest}\
+                 task:\n\
+                 \x20 type: run_function\n\
+                 \x20 code: ./src\n\
+                 \x20 entry_script: score.py\n\
+                 \x20 environment: {{host: {{prefix: {prefix}}}}}\n\
+                 \x20 append_row_to: ${{{{outputs.scores}}}}/results.csv\n"
+            ),
+        )
+        .expect("job file");
+        file
+    };
+    let rows_of = |id: &str, name: &str| {
+        let into = tc.scratch(name);
+        let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(into.join(id).join("named-outputs/scores/results.csv"))
+            .expect("rows")
+    };
+    let by_store = submit(
+        &tc,
+        &job(
+            "by-store",
+            "{type: uri_file, path: ./sales.csv}",
+            "partition_keys: [store]\nmini_batch_size: \"10\"\n",
+        ),
+    );
+    let shown = wait_ended(&tc, &by_store, Duration::from_secs(120)).await;
+    let logs = tc.shoal(&["job", "logs", &by_store]);
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
+    assert_eq!(
+        shown["progress"]["done"], 3,
+        "one mini-batch per store: {shown:#}"
+    );
+    assert_eq!(rows_of(&by_store, "by-store-rows"), "b,4,2\na,6,2\nc,5,1\n");
+
+    let mltable = submit(
+        &tc,
+        &job(
+            "mltable",
+            "{type: mltable, path: ./table}",
+            "mini_batch_size: \"2\"\n",
+        ),
+    );
+    let shown = wait_ended(&tc, &mltable, Duration::from_secs(120)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    assert_eq!(shown["progress"]["done"], 2, "{shown:#}");
+    assert_eq!(rows_of(&mltable, "mltable-rows"), "1,2,4\n3,4,8\n5,6,12\n");
+
+    // Grouping needs a table: a folder input with partition_keys is refused.
+    let refused = tc.shoal(&[
+        "job",
+        "submit",
+        "-f",
+        job(
+            "bad",
+            "{type: uri_folder, path: ./src}",
+            "partition_keys: [store]\n",
+        )
+        .to_str()
+        .expect("utf8"),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("partition_keys group a table's rows")
+    );
+}

@@ -24,6 +24,9 @@ pub enum InputType {
     UriFile,
     /// One item per file of a folder.
     UriFolder,
+    /// One item per row of a table (CSV, or an MLTable's delimited files): each
+    /// mini-batch is a CSV with the header (run_function: a pandas DataFrame).
+    Tabular,
 }
 
 impl InputType {
@@ -31,9 +34,10 @@ impl InputType {
         match text {
             "uri_file" => Ok(InputType::UriFile),
             "uri_folder" => Ok(InputType::UriFolder),
+            "tabular" => Ok(InputType::Tabular),
             other => Err(Error::invalid(
                 "inputs.data.type",
-                format!("`{other}` is not uri_file or uri_folder"),
+                format!("`{other}` is not uri_file, uri_folder or tabular"),
             )),
         }
     }
@@ -42,6 +46,7 @@ impl InputType {
         match self {
             InputType::UriFile => "uri_file",
             InputType::UriFolder => "uri_folder",
+            InputType::Tabular => "tabular",
         }
     }
 }
@@ -122,6 +127,276 @@ pub struct ParallelSpec {
     /// `${{outputs.NAME}}/FILE`): the rows are that output's file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_output: Option<String>,
+    /// A tabular input's: its delimiter, and the columns whose values make one
+    /// mini-batch each (none: `size` rows a mini-batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<TableSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSpec {
+    pub delimiter: u8,
+    #[serde(default)]
+    pub partition_keys: Vec<String>,
+}
+
+/// Cuts a parallel job's input as its spec says (a table by rows or by its
+/// partition keys; a file by lines; a folder by files).
+pub fn cut(spec: &ParallelSpec, input: &[u8]) -> Result<Vec<Cut>> {
+    match (&spec.table, spec.input_type) {
+        (Some(table), InputType::Tabular) => partition_table(input, spec.size, table),
+        (None, InputType::Tabular) => {
+            Err(Error::Internal("a tabular input without its table".into()))
+        }
+        (_, input_type) => partition(input_type, input, spec.size),
+    }
+}
+
+/// A table's rows cut into mini-batches, each a CSV with the header: `size` rows
+/// (or bytes) a mini-batch, or one mini-batch per value of the partition keys (in
+/// the order each value first appears).
+pub fn partition_table(input: &[u8], size: BatchSize, table: &TableSpec) -> Result<Vec<Cut>> {
+    let bad = |e: csv::Error| Error::invalid("input_data", format!("not a readable table: {e}"));
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(table.delimiter)
+        .from_reader(input);
+    let header = reader.byte_headers().map_err(bad)?.clone();
+    let positions = table
+        .partition_keys
+        .iter()
+        .map(|key| {
+            header
+                .iter()
+                .position(|h| h == key.as_bytes())
+                .ok_or_else(|| {
+                    let columns: Vec<String> = header
+                        .iter()
+                        .map(|h| String::from_utf8_lossy(h).into_owned())
+                        .collect();
+                    Error::invalid(
+                        "partition_keys",
+                        format!(
+                            "`{key}` is not a column; the columns are {}",
+                            columns.join(", ")
+                        ),
+                    )
+                })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let mut rows = Vec::new();
+    for record in reader.byte_records() {
+        rows.push(record.map_err(bad)?);
+    }
+    let groups: Vec<Vec<csv::ByteRecord>> = if positions.is_empty() {
+        group(&rows, size, |r| r.as_slice().len() as u64)
+    } else {
+        let mut order: Vec<Vec<u8>> = Vec::new();
+        let mut by_key: std::collections::HashMap<Vec<u8>, Vec<csv::ByteRecord>> =
+            std::collections::HashMap::new();
+        for row in rows {
+            let key: Vec<u8> = positions
+                .iter()
+                .flat_map(|&p| row.get(p).unwrap_or_default().iter().copied().chain([0]))
+                .collect();
+            if !by_key.contains_key(&key) {
+                order.push(key.clone());
+            }
+            by_key.entry(key).or_default().push(row);
+        }
+        order
+            .into_iter()
+            .filter_map(|k| by_key.remove(&k))
+            .collect()
+    };
+    let mut cuts = Vec::with_capacity(groups.len());
+    for rows in groups {
+        let mut writer = csv::WriterBuilder::new()
+            .delimiter(table.delimiter)
+            .from_writer(Vec::new());
+        writer.write_byte_record(&header).map_err(bad)?;
+        for row in &rows {
+            writer.write_byte_record(row).map_err(bad)?;
+        }
+        let items = writer
+            .into_inner()
+            .map_err(|e| Error::Internal(format!("writing a mini-batch: {e}")))?;
+        cuts.push(Cut {
+            items,
+            count: rows.len() as u64,
+        });
+    }
+    if cuts.is_empty() {
+        return Err(Error::invalid("input_data", "the table has no rows"));
+    }
+    Ok(cuts)
+}
+
+/// An MLTable folder (tar.gz) read as the service reads it: its `paths` (files
+/// and folders) with `read_delimited` (delimiter, header, encoding), as one CSV
+/// (the header once) and its delimiter. A folder with no MLTable file: its CSV
+/// files, sorted. Other transformations are refused, naming them.
+pub fn table_of_folder(folder: &[u8]) -> Result<(Vec<u8>, u8)> {
+    let files = read_folder(folder)?;
+    let find = |name: &str| files.iter().find(|(p, _)| p == name).map(|(_, d)| d);
+    let (paths, delimiter): (Vec<String>, u8) = match find("MLTable") {
+        None => {
+            let mut csvs: Vec<String> = files
+                .iter()
+                .map(|(p, _)| p.clone())
+                .filter(|p| p.ends_with(".csv"))
+                .collect();
+            csvs.sort();
+            (csvs, b',')
+        }
+        Some(text) => mltable_paths(text, &files)?,
+    };
+    if paths.is_empty() {
+        return Err(Error::invalid(
+            "input_data",
+            "the folder has no table (no MLTable file, no .csv)",
+        ));
+    }
+    let mut out = Vec::new();
+    let mut header: Option<Vec<u8>> = None;
+    for path in paths {
+        let data = find(&path).ok_or_else(|| {
+            Error::invalid(
+                "input_data",
+                format!("MLTable names `{path}`, not in the folder"),
+            )
+        })?;
+        let text = data
+            .strip_prefix(b"\xef\xbb\xbf".as_slice())
+            .unwrap_or(data);
+        let (first, rest) = match text.iter().position(|b| *b == b'\n') {
+            Some(at) => (&text[..=at], &text[at + 1..]),
+            None => (text, &[][..]),
+        };
+        match &header {
+            None => {
+                out.extend_from_slice(first);
+                if !first.ends_with(b"\n") {
+                    out.push(b'\n');
+                }
+                header = Some(first.to_vec());
+            }
+            Some(h) if h.trim_ascii_end() != first.trim_ascii_end() => {
+                return Err(Error::invalid(
+                    "input_data",
+                    format!(
+                        "`{path}` has another header than the first file (all_files_same_headers)"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        out.extend_from_slice(rest);
+        if !rest.is_empty() && !rest.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+    }
+    Ok((out, delimiter))
+}
+
+/// The files an MLTable reads, in order, and the delimiter.
+fn mltable_paths(text: &[u8], files: &[(String, Vec<u8>)]) -> Result<(Vec<String>, u8)> {
+    let field = "input_data";
+    let doc: serde_json::Value = serde_saphyr::from_str(&String::from_utf8_lossy(text))
+        .map_err(|e| Error::invalid(field, format!("its MLTable file: {e}")))?;
+    let mut delimiter = b',';
+    for step in doc
+        .get("transformations")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (name, settings) = match step {
+            serde_json::Value::String(name) => (name.as_str(), None),
+            serde_json::Value::Object(map) if map.len() == 1 => {
+                let (name, settings) = map.iter().next().expect("one");
+                (name.as_str(), Some(settings))
+            }
+            _ => {
+                return Err(Error::invalid(
+                    field,
+                    "an MLTable transformation is a name or {name: settings}",
+                ));
+            }
+        };
+        if name != "read_delimited" {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "MLTable transformation `{name}` is not read here; read_delimited is (delimiter, header, encoding)"
+                ),
+            ));
+        }
+        let get = |key: &str| settings.and_then(|s| s.get(key)).and_then(|v| v.as_str());
+        if let Some(d) = get("delimiter") {
+            let d = match d {
+                "\\t" => "\t",
+                other => other,
+            };
+            let [byte] = d.as_bytes() else {
+                return Err(Error::invalid(
+                    field,
+                    format!("delimiter `{d}` is not one character"),
+                ));
+            };
+            delimiter = *byte;
+        }
+        if let Some(header) = get("header")
+            && !matches!(header, "all_files_same_headers" | "from_first_file")
+        {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "MLTable header `{header}` is not read here; all_files_same_headers and from_first_file are"
+                ),
+            ));
+        }
+        if let Some(encoding) = get("encoding")
+            && !matches!(
+                encoding.to_ascii_lowercase().as_str(),
+                "utf8" | "utf-8" | "ascii"
+            )
+        {
+            return Err(Error::invalid(
+                field,
+                format!("encoding `{encoding}`: utf8 and ascii are read here"),
+            ));
+        }
+    }
+    let mut paths = Vec::new();
+    for entry in doc
+        .get("paths")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let clean = |p: &str| p.trim_start_matches("./").trim_end_matches('/').to_string();
+        if let Some(file) = entry.get("file").and_then(|f| f.as_str()) {
+            paths.push(clean(file));
+        } else if let Some(folder) = entry.get("folder").and_then(|f| f.as_str()) {
+            let folder = clean(folder);
+            let mut inside: Vec<String> = files
+                .iter()
+                .map(|(p, _)| p.clone())
+                .filter(|p| {
+                    p.starts_with(&format!("{folder}/")) || folder.is_empty() || folder == "."
+                })
+                .filter(|p| p != "MLTable")
+                .collect();
+            inside.sort();
+            paths.extend(inside);
+        } else {
+            return Err(Error::invalid(
+                field,
+                "MLTable paths here are `file:` or `folder:` (a `pattern:` is not read here)",
+            ));
+        }
+    }
+    Ok((paths, delimiter))
 }
 
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -178,6 +453,13 @@ pub struct Cut {
 /// without a newline counts). A folder (tar.gz): its files sorted by path.
 pub fn partition(input_type: InputType, input: &[u8], size: BatchSize) -> Result<Vec<Cut>> {
     let cuts = match input_type {
+        InputType::Tabular => {
+            let comma = TableSpec {
+                delimiter: b',',
+                partition_keys: Vec::new(),
+            };
+            return partition_table(input, size, &comma);
+        }
         InputType::UriFile => {
             let lines: Vec<&[u8]> = input
                 .split_inclusive(|b| *b == b'\n')
@@ -233,8 +515,8 @@ pub fn partition(input_type: InputType, input: &[u8], size: BatchSize) -> Result
             format!(
                 "the input has no items (an empty {})",
                 match input_type {
-                    InputType::UriFile => "file",
                     InputType::UriFolder => "folder",
+                    _ => "file",
                 }
             ),
         ));
@@ -637,6 +919,7 @@ mod tests {
             append_row_to: Some("results.csv".into()),
             worker_mode: false,
             rows_output: None,
+            table: None,
         }
     }
 
@@ -680,6 +963,100 @@ mod tests {
             cuts
         );
         assert!(partition(InputType::UriFile, b"\n\n", BatchSize::Items(1)).is_err());
+    }
+
+    fn folder(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (name, text) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(text.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, text.as_bytes())
+                .unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn a_table_is_cut_by_rows_or_by_its_partition_keys_each_with_the_header() {
+        let table = "store,item,qty\nb,\"x, y\",1\na,z,2\nb,\"multi\nline\",3\na,w,4\nc,v,5\n";
+        let rows = TableSpec {
+            delimiter: b',',
+            partition_keys: Vec::new(),
+        };
+        let cuts = partition_table(table.as_bytes(), BatchSize::Items(2), &rows).unwrap();
+        assert_eq!(cuts.iter().map(|c| c.count).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(
+            String::from_utf8(cuts[1].items.clone()).unwrap(),
+            "store,item,qty\nb,\"multi\nline\",3\na,w,4\n",
+            "a quoted newline stays inside its row"
+        );
+        let by_store = TableSpec {
+            delimiter: b',',
+            partition_keys: vec!["store".into()],
+        };
+        let cuts = partition_table(table.as_bytes(), BatchSize::Items(100), &by_store).unwrap();
+        assert_eq!(cuts.iter().map(|c| c.count).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(
+            String::from_utf8(cuts[1].items.clone()).unwrap(),
+            "store,item,qty\na,z,2\na,w,4\n",
+            "one mini-batch per store, in the order each first appears"
+        );
+        let unknown = TableSpec {
+            delimiter: b',',
+            partition_keys: vec!["shop".into()],
+        };
+        let err = partition_table(table.as_bytes(), BatchSize::Items(1), &unknown).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`shop` is not a column; the columns are store, item, qty"),
+            "{err}"
+        );
+        assert!(partition_table(b"a,b\n", BatchSize::Items(1), &rows).is_err());
+    }
+
+    #[test]
+    fn an_mltable_folder_is_read_as_the_service_reads_it() {
+        let mltable = "paths:\n  - file: ./part1.tsv\n  - folder: ./more\ntransformations:\n  - read_delimited:\n      delimiter: \"\\t\"\n      header: all_files_same_headers\n      encoding: utf8\n";
+        let gz = folder(&[
+            ("MLTable", mltable),
+            ("part1.tsv", "a\tb\n1\t2\n"),
+            ("more/part3.tsv", "a\tb\n5\t6"),
+            ("more/part2.tsv", "a\tb\n3\t4\n"),
+        ]);
+        let (table, delimiter) = table_of_folder(&gz).unwrap();
+        assert_eq!(delimiter, b'\t');
+        assert_eq!(
+            String::from_utf8(table).unwrap(),
+            "a\tb\n1\t2\n3\t4\n5\t6\n"
+        );
+        // A folder without an MLTable: its CSV files.
+        let plain = folder(&[("y.csv", "k\n2\n"), ("x.csv", "k\n1\n"), ("notes.txt", "-")]);
+        assert_eq!(
+            table_of_folder(&plain).unwrap(),
+            (b"k\n1\n2\n".to_vec(), b',')
+        );
+        let other = folder(&[(
+            "MLTable",
+            "paths: [{file: a.csv}]\ntransformations: [{read_parquet: {}}]\n",
+        )]);
+        let err = table_of_folder(&other).unwrap_err();
+        assert!(
+            err.to_string().contains("`read_parquet` is not read here"),
+            "{err}"
+        );
+        let headers = folder(&[("a.csv", "k\n1\n"), ("b.csv", "j\n2\n")]);
+        assert!(
+            table_of_folder(&headers)
+                .unwrap_err()
+                .to_string()
+                .contains("another header")
+        );
     }
 
     #[test]

@@ -391,12 +391,7 @@ impl JobFile {
                 ));
             }
         }
-        if self.partition_keys.is_some() {
-            return Err(Error::invalid(
-                "partition_keys",
-                "tabular inputs grouped by columns are not read here yet; give a uri_folder (one item per file) or a uri_file (one per line)",
-            ));
-        }
+
         if let Some(kind) = self.task.as_ref().and_then(|t| t.kind.as_deref())
             && kind != "run_function"
         {
@@ -465,6 +460,26 @@ impl JobFile {
             max_total_trials: limits.and_then(|l| l.max_total_trials),
             max_concurrent_trials: limits.and_then(|l| l.max_concurrent_trials),
             timeout: limits.and_then(|l| l.timeout),
+        }
+    }
+
+    /// `partition_keys`: column names (a list, or one name).
+    pub fn partition_keys(&self) -> Result<Vec<String>> {
+        match &self.partition_keys {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(key)) => Ok(vec![key.clone()]),
+            Some(Value::Array(keys)) => keys
+                .iter()
+                .map(|k| {
+                    k.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::invalid("partition_keys", format!("`{k}` is not a column name"))
+                    })
+                })
+                .collect(),
+            Some(other) => Err(Error::invalid(
+                "partition_keys",
+                format!("`{other}` is not a list of column names"),
+            )),
         }
     }
 
@@ -619,6 +634,8 @@ impl JobFile {
                 .and_then(|(output, _)| output)
                 .unwrap_or_default(),
             deferred: false,
+            delimiter: String::new(),
+            partition_keys: self.partition_keys()?,
         })
     }
 

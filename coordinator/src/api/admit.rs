@@ -404,6 +404,12 @@ impl Api {
                         admission::jobfile::RUN_FUNCTION_VARIABLE.into(),
                         admission::jobfile::RUN_FUNCTION_DRIVER.into(),
                     );
+                    // A table's mini-batches reach run() as DataFrames.
+                    if let Some(p) = parallel.as_ref().filter(|p| p.input_type == "tabular") {
+                        variables.insert("SHOAL_RUN_FUNCTION_INPUT".into(), "tabular".into());
+                        variables
+                            .insert("SHOAL_RUN_FUNCTION_DELIMITER".into(), p.delimiter.clone());
+                    }
                 }
                 variables.into_iter().collect()
             },
@@ -477,9 +483,17 @@ impl Api {
             let input = self
                 .resolve_input(&name, &decl, files, &mut draft.warnings, None)
                 .await?;
-            let kind = match input.kind {
-                DataKind::UriFile => "uri_file",
-                _ => "uri_folder",
+            // run_function reads an MLTable, or a CSV file, as a table (DataFrames).
+            let csv_delimiter = match input.uri.rsplit('.').next() {
+                Some("csv") => Some(b','),
+                Some("tsv") => Some(b'\t'),
+                _ => None,
+            };
+            let (kind, delimiter) = match (input.kind, draft.file.is_run_function()) {
+                (DataKind::Mltable, _) => ("tabular", None),
+                (DataKind::UriFile, true) if csv_delimiter.is_some() => ("tabular", csv_delimiter),
+                (DataKind::UriFile, _) => ("uri_file", None),
+                _ => ("uri_folder", None),
             };
             let field = format!("inputs.{name}");
             let data = match &decl.path {
@@ -489,8 +503,27 @@ impl Api {
                 DataRef::Step { .. } => Vec::new(),
                 _ => self.read_whole(&field, &input).await?,
             };
+            let deferred = matches!(decl.path, DataRef::Step { .. });
+            let (data, delimiter) = match (kind, deferred, delimiter) {
+                ("tabular", false, None) => {
+                    let (table, delimiter) = tokio::task::spawn_blocking(move || {
+                        crate::parallel::table_of_folder(&data)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("reading {field}: {e}")))??;
+                    (table, delimiter)
+                }
+                (_, _, delimiter) => (data, delimiter.unwrap_or(b',')),
+            };
+            if kind != "tabular" && !draft.file.partition_keys()?.is_empty() {
+                return Err(Error::invalid(
+                    "partition_keys",
+                    "partition_keys group a table's rows: the input is an mltable (or, for run_function, a .csv file)",
+                ));
+            }
             let mut wire = draft.file.parallel_wire(kind, data, &input.uri)?;
-            wire.deferred = matches!(decl.path, DataRef::Step { .. });
+            wire.deferred = deferred;
+            wire.delimiter = (delimiter as char).to_string();
             parallel = Some(wire);
             cut_input = Some(name);
         }

@@ -192,7 +192,7 @@ pub fn job_request(spec: pb::JobSpec, code_path: Option<String>) -> crate::Resul
 fn parallel(
     wire: pb::Parallel,
 ) -> crate::Result<(crate::parallel::ParallelSpec, Vec<crate::parallel::Cut>)> {
-    use crate::parallel::{BatchSize, DEFAULT_MAX_RETRIES, InputType, ParallelSpec, partition};
+    use crate::parallel::{BatchSize, DEFAULT_MAX_RETRIES, InputType, ParallelSpec};
     let input_type = InputType::parse(&wire.input_type)?;
     let size = match (wire.mini_batch_size, wire.mini_batch_bytes) {
         (0, 0) => {
@@ -223,12 +223,16 @@ fn parallel(
         append_row_to: (!wire.append_row_to.is_empty()).then_some(wire.append_row_to),
         worker_mode: wire.worker_mode,
         rows_output: (!wire.rows_output.is_empty()).then_some(wire.rows_output),
+        table: (input_type == InputType::Tabular).then(|| crate::parallel::TableSpec {
+            delimiter: wire.delimiter.bytes().next().unwrap_or(b','),
+            partition_keys: wire.partition_keys.clone(),
+        }),
     };
     spec.check()?;
     let cuts = if wire.deferred {
         Vec::new()
     } else {
-        partition(input_type, &wire.input, size)?
+        crate::parallel::cut(&spec, &wire.input)?
     };
     Ok((spec, cuts))
 }
@@ -254,6 +258,16 @@ pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
         worker_mode: spec.worker_mode,
         rows_output: spec.rows_output.clone().unwrap_or_default(),
         deferred: false,
+        delimiter: spec
+            .table
+            .as_ref()
+            .map(|t| (t.delimiter as char).to_string())
+            .unwrap_or_default(),
+        partition_keys: spec
+            .table
+            .as_ref()
+            .map(|t| t.partition_keys.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -51,7 +51,14 @@ pub async fn run(api: Api) {
 async fn cut(api: &Api, order: CutOrder) {
     let cuts = match api.step_output(&order.job, &order.output).await {
         Ok(data) => tokio::task::spawn_blocking(move || {
-            crate::parallel::partition(order.spec.input_type, &data, order.spec.size)
+            let data = match order.spec.input_type {
+                // A step's output is a folder: its MLTable, or its CSV files.
+                crate::parallel::InputType::Tabular => {
+                    crate::parallel::table_of_folder(&data).map(|(table, _)| table)
+                }
+                _ => Ok(data),
+            };
+            data.and_then(|data| crate::parallel::cut(&order.spec, &data))
                 .map_err(|e| e.to_string())
         })
         .await

@@ -2094,6 +2094,7 @@ fn a_parallel_step_reading_a_step_is_cut_once_that_step_has_completed() {
         append_row_to: None,
         worker_mode: true,
         rows_output: None,
+        table: None,
     };
     for cut_fails in [false, true] {
         let mut m = Machine::new(ControlConfig::default());

@@ -4,8 +4,9 @@ parallel engine (worker mode).
 Started once per worker as `python3 -u -c "$SHOAL_RUN_FUNCTION" ENTRY_SCRIPT ARGS...`
 in the job's code folder. It imports the entry script once, calls its `init()`,
 then for each mini-batch Shoal writes on stdin (the path of a file of its items,
-one per line: a folder input's file paths, or a file input's lines) calls
-`run(mini_batch)` with the items as a list and prints what `run` returns as
+one per line: a folder input's file paths, or a file input's lines; a table's
+rows as a CSV with its header) calls `run(mini_batch)` with the items as a list
+(a table's as a pandas DataFrame) and prints what `run` returns as
 result rows (a list: one row per element; a pandas DataFrame: its rows as CSV
 without the header), then `SHOAL_MINI_BATCH_DONE`. An exception fails the
 mini-batch (`SHOAL_MINI_BATCH_FAILED` and the reason; Shoal retries it). The
@@ -19,6 +20,8 @@ import sys
 import traceback
 
 DONE = "SHOAL_MINI_BATCH_DONE"
+TABULAR = os.environ.get("SHOAL_RUN_FUNCTION_INPUT") == "tabular"
+DELIMITER = os.environ.get("SHOAL_RUN_FUNCTION_DELIMITER") or ","
 FAILED = "SHOAL_MINI_BATCH_FAILED"
 
 
@@ -69,8 +72,13 @@ def main():
         if not path:
             continue
         try:
-            with open(path, encoding="utf-8") as f:
-                items = [item.rstrip("\n") for item in f if item.strip()]
+            if TABULAR:
+                import pandas
+
+                items = pandas.read_csv(path, sep=DELIMITER)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    items = [item.rstrip("\n") for item in f if item.strip()]
             rows = rows_of(module.run(items))
             if len(rows) < len(items):
                 print(
