@@ -168,6 +168,7 @@ async fn a_node_acts_only_on_its_own_work() {
             ok: true,
             rows: b"stolen\n".to_vec(),
             message: String::new(),
+            failed_items: 0,
         }),
         want_next: true,
         token: guess.clone(),

@@ -647,6 +647,8 @@ def run(mini_batch):
         name = os.path.basename(path)
         if name == "bad.txt":
             raise ValueError("cannot score bad.txt")
+        if name.startswith("skip"):
+            continue  # no result for this item: a failed item
         rows.append(f"{name},{int(open(path).read()) * scale}")
     return rows
 
@@ -707,7 +709,10 @@ async fn run_function_imports_the_entry_script_once_per_worker_and_appends_what_
         String::from_utf8_lossy(&out.stderr)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("warning: error_threshold"), "{stderr}");
+    assert!(
+        !stderr.contains("warning: error_threshold"),
+        "counted here: {stderr}"
+    );
     assert!(stderr.contains("warning: logging_level"), "{stderr}");
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let id = job["id"].as_str().expect("id").to_string();
@@ -1000,4 +1005,42 @@ async fn run_function_gives_tables_as_dataframes_by_partition_keys_and_reads_mlt
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("partition_keys group a table's rows")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn items_run_gives_no_result_for_count_against_error_threshold() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let items = [
+        ("a.txt", "1"),
+        ("skip1.txt", "2"),
+        ("c.txt", "3"),
+        ("skip2.txt", "4"),
+    ];
+    // Two items without a result, one tolerated: the job fails, saying so.
+    let strict = run_function_job(&tc, "items-strict", &items, "error_threshold: 1\n");
+    let id = submit(&tc, &strict);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(shown["status"], "failed", "{shown:#}");
+    assert!(
+        shown["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("2 item(s) failed, above error_threshold 1")),
+        "{shown:#}"
+    );
+    // -1: failed items are ignored; the rows of the others are kept.
+    let lenient = run_function_job(&tc, "items-lenient", &items, "error_threshold: -1\n");
+    let id = submit(&tc, &lenient);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(shown["status"], "completed", "{shown:#}");
+    let into = tc.scratch("items-rows");
+    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
+        .expect("rows");
+    assert_eq!(rows, "a.txt,3\nc.txt,9\n");
 }

@@ -131,6 +131,10 @@ pub struct ParallelSpec {
     /// mini-batch each (none: `size` rows a mini-batch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<TableSpec>,
+    /// Failed items tolerated (`error_threshold`; -1: any): those a run gave no
+    /// result for, and those of failed mini-batches. None: not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_error_threshold: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -614,6 +618,8 @@ pub struct MiniBatch {
     pub deadline: Option<Millis>,
     /// Why its last run failed.
     pub message: String,
+    /// Items its run gave no result for (run_function), once done.
+    pub failed_items: u64,
 }
 
 /// What became of a report.
@@ -672,6 +678,7 @@ impl Batches {
                 node: None,
                 deadline: None,
                 message: String::new(),
+                failed_items: 0,
             })
             .collect();
         Self::restore(job_id, spec, list)
@@ -834,6 +841,22 @@ impl Batches {
             }
             text
         };
+        if let Some(limit) = self.spec.item_error_threshold.filter(|t| *t >= 0) {
+            let failed_items: u64 = self
+                .list
+                .iter()
+                .map(|b| match b.status {
+                    BatchStatus::Done => b.failed_items,
+                    BatchStatus::Failed => b.items,
+                    _ => 0,
+                })
+                .sum();
+            if failed_items as i64 > limit {
+                return Some(Verdict::Failed(format!(
+                    "{failed_items} item(s) failed, above error_threshold {limit} ({done} of {total} mini-batches done)"
+                )));
+            }
+        }
         let threshold = self.spec.error_threshold;
         if threshold >= 0 && i64::from(failed) > threshold {
             return Some(Verdict::Failed(format!(
@@ -920,6 +943,7 @@ mod tests {
             worker_mode: false,
             rows_output: None,
             table: None,
+            item_error_threshold: None,
         }
     }
 
@@ -980,6 +1004,51 @@ mod tests {
                 .unwrap();
         }
         builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn items_without_a_result_and_failed_mini_batches_count_against_error_threshold() {
+        let mut spec = spec();
+        spec.item_error_threshold = Some(3);
+        spec.max_retries = 0;
+        let mut batches = Batches::new("job-1", spec, &[2, 2, 2]);
+        let first = batches
+            .lease("n1", "s", 0)
+            .expect("a lease")
+            .lease
+            .clone()
+            .expect("lease");
+        assert_eq!(batches.report(&first, "n1", true, ""), Reported::Done);
+        batches.list[0].failed_items = 1;
+        let second = batches
+            .lease("n1", "s", 0)
+            .expect("a lease")
+            .lease
+            .clone()
+            .expect("lease");
+        assert_eq!(
+            batches.report(&second, "n1", false, "boom"),
+            Reported::Failed
+        );
+        // 1 without a result + 2 of a failed mini-batch = 3: within the threshold.
+        assert_eq!(batches.verdict(), None);
+        let third = batches
+            .lease("n1", "s", 0)
+            .expect("a lease")
+            .lease
+            .clone()
+            .expect("lease");
+        assert_eq!(batches.report(&third, "n1", true, ""), Reported::Done);
+        batches.list[2].failed_items = 1;
+        match batches.verdict() {
+            Some(Verdict::Failed(why)) => {
+                assert!(
+                    why.starts_with("4 item(s) failed, above error_threshold 3"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

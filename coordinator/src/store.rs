@@ -192,6 +192,8 @@ const MIGRATIONS: &[&str] = &[
     // 8: components, each a versioned body
     "CREATE TABLE components (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
                               PRIMARY KEY (name, version));",
+    // 9: items a mini-batch's run gave no result for (run_function's error_threshold)
+    "ALTER TABLE mini_batches ADD COLUMN failed_items INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Statuses of ended jobs, as stored.
@@ -366,7 +368,7 @@ impl Store for SqliteStore {
             mini_batches: {
                 let mut stmt = self.conn.prepare(&format!(
                     "SELECT job_id, idx, item_count, status, executions, failures, lease, node,
-                            deadline, message FROM mini_batches
+                            deadline, message, failed_items FROM mini_batches
                      WHERE job_id IN (SELECT id FROM jobs WHERE status NOT IN {ENDED})
                      ORDER BY job_id, idx"
                 ))?;
@@ -384,6 +386,7 @@ impl Store for SqliteStore {
                             node: r.get(7)?,
                             deadline: r.get(8)?,
                             message: r.get(9)?,
+                            failed_items: r.get::<_, i64>(10)? as u64,
                         },
                     ))
                 })?;
@@ -509,7 +512,7 @@ impl Store for SqliteStore {
             }
             let mut put_batch = tx.prepare_cached(
                 "UPDATE mini_batches SET status = ?3, executions = ?4, failures = ?5, lease = ?6,
-                        node = ?7, deadline = ?8, message = ?9
+                        node = ?7, deadline = ?8, message = ?9, failed_items = ?10
                  WHERE job_id = ?1 AND idx = ?2",
             )?;
             for (job_id, b) in &batch.mini_batches {
@@ -522,7 +525,8 @@ impl Store for SqliteStore {
                     b.lease,
                     b.node,
                     b.deadline,
-                    b.message
+                    b.message,
+                    b.failed_items as i64
                 ])?;
             }
             let mut put_rows = tx.prepare_cached(

@@ -310,16 +310,16 @@ impl Agent {
         sink: &EventSink,
         mut stop: watch::Receiver<Option<Stop>>,
         resident: &mut Option<Resident>,
-    ) -> (bool, Vec<u8>, String) {
+    ) -> (bool, Vec<u8>, String, u64) {
         use tokio::io::AsyncWriteExt;
         if resident.is_none() {
             match self.start_resident(spec, sink).await {
                 Ok(started) => *resident = Some(started),
-                Err(why) => return (false, Vec::new(), why),
+                Err(why) => return (false, Vec::new(), why, 0),
             }
         }
         let Some(worker) = resident.as_mut() else {
-            return (false, Vec::new(), "no worker".into());
+            return (false, Vec::new(), "no worker".into(), 0);
         };
         let mut request = list.to_string_lossy().into_owned().into_bytes();
         request.push(b'\n');
@@ -349,8 +349,17 @@ impl Agent {
                         Some(None) => break Err("the worker exited".to_string()),
                         Some(Some(line)) => {
                             let bare = line.strip_suffix(b"\n").unwrap_or(&line);
-                            if bare == DONE {
-                                break Ok(());
+                            // `SHOAL_MINI_BATCH_DONE`, or `... missing=N`: N items
+                            // got no result (run_function's run returned fewer).
+                            if let Some(rest) = bare.strip_prefix(DONE)
+                                && (rest.is_empty() || rest.starts_with(b" "))
+                            {
+                                let missing = String::from_utf8_lossy(rest)
+                                    .trim()
+                                    .strip_prefix("missing=")
+                                    .and_then(|n| n.parse().ok())
+                                    .unwrap_or(0);
+                                break Ok(missing);
                             }
                             if let Some(reason) = bare.strip_prefix(FAILED) {
                                 // It said so itself: it goes on with the next one.
@@ -360,7 +369,7 @@ impl Agent {
                                 } else {
                                     reason
                                 };
-                                return (false, Vec::new(), reason);
+                                return (false, Vec::new(), reason, 0);
                             }
                             rows.extend_from_slice(&line);
                         }
@@ -370,12 +379,12 @@ impl Agent {
             }
         };
         match outcome {
-            Ok(()) => (true, rows, String::new()),
+            Ok(missing) => (true, rows, String::new(), missing),
             Err(why) => {
                 if let Some(gone) = resident.take() {
                     self.end_resident(gone).await;
                 }
-                (false, Vec::new(), why)
+                (false, Vec::new(), why, 0)
             }
         }
     }
@@ -422,6 +431,7 @@ impl Agent {
                     ok: false,
                     rows: Vec::new(),
                     message: format!("cannot prepare the mini-batch: {why}"),
+                    failed_items: 0,
                 };
             }
         };
@@ -429,7 +439,7 @@ impl Agent {
             let timeout =
                 (lease.timeout_seconds > 0).then(|| Duration::from_secs(lease.timeout_seconds));
             let seen = seen_at(container, &spec.cwd, &list);
-            let (ok, rows, message) = self
+            let (ok, rows, message, failed_items) = self
                 .run_in_resident(spec, &seen, timeout, sink, stop, resident)
                 .await;
             let dir_to_remove = dir.clone();
@@ -440,6 +450,7 @@ impl Agent {
                 ok,
                 rows,
                 message,
+                failed_items,
             };
         }
         let mut env: BTreeMap<String, String> = spec.env.clone();
@@ -515,6 +526,7 @@ impl Agent {
             lease: lease.lease.clone(),
             ok,
             rows: if ok { rows } else { Vec::new() },
+            failed_items: 0,
             message: match (outcome.outcome, outcome.exit_code) {
                 ("completed", _) => String::new(),
                 ("timed_out", _) => format!("timed out after {} s", lease.timeout_seconds),

@@ -636,6 +636,7 @@ impl JobFile {
             deferred: false,
             delimiter: String::new(),
             partition_keys: self.partition_keys()?,
+            error_threshold: self.error_threshold.filter(|_| self.is_run_function()),
         })
     }
 

@@ -301,9 +301,9 @@ fn warnings_of(file: &JobFile) -> Vec<String> {
                 .into(),
         );
     }
-    if file.error_threshold.is_some() {
+    if file.error_threshold.is_some() && !file.is_run_function() {
         warnings.push(
-            "error_threshold: failures are counted per mini-batch here (mini_batch_error_threshold; a run() that raises fails its mini-batch); items without a result are logged, not counted".into(),
+            "error_threshold: counts the items run() gives no result for, so it applies to run_function tasks; a command task's failures are counted per mini-batch (mini_batch_error_threshold)".into(),
         );
     }
     if file.logging_level.is_some() {

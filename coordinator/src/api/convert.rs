@@ -223,6 +223,7 @@ fn parallel(
         append_row_to: (!wire.append_row_to.is_empty()).then_some(wire.append_row_to),
         worker_mode: wire.worker_mode,
         rows_output: (!wire.rows_output.is_empty()).then_some(wire.rows_output),
+        item_error_threshold: wire.error_threshold,
         table: (input_type == InputType::Tabular).then(|| crate::parallel::TableSpec {
             delimiter: wire.delimiter.bytes().next().unwrap_or(b','),
             partition_keys: wire.partition_keys.clone(),
@@ -268,6 +269,7 @@ pub fn parallel_to_wire(spec: &crate::parallel::ParallelSpec) -> pb::Parallel {
             .as_ref()
             .map(|t| t.partition_keys.clone())
             .unwrap_or_default(),
+        error_threshold: spec.item_error_threshold,
     }
 }
 

@@ -2095,6 +2095,7 @@ fn a_parallel_step_reading_a_step_is_cut_once_that_step_has_completed() {
         worker_mode: true,
         rows_output: None,
         table: None,
+        item_error_threshold: None,
     };
     for cut_fails in [false, true] {
         let mut m = Machine::new(ControlConfig::default());

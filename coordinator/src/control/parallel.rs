@@ -29,6 +29,8 @@ pub struct MiniBatchResult {
     pub ok: bool,
     pub rows: Vec<u8>,
     pub message: String,
+    /// Items its run gave no result for (run_function).
+    pub failed_items: u64,
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +172,10 @@ impl Control {
             }
             Reported::Repeat => true,
             Reported::Done => {
+                if result.failed_items > 0 {
+                    let batch = &mut batches.list[index as usize];
+                    batch.failed_items = result.failed_items.min(batch.items);
+                }
                 self.new_rows.push((job_id.to_string(), index, result.rows));
                 true
             }

@@ -80,14 +80,16 @@ def main():
                 with open(path, encoding="utf-8") as f:
                     items = [item.rstrip("\n") for item in f if item.strip()]
             rows = rows_of(module.run(items))
-            if len(rows) < len(items):
+            missing = max(0, len(items) - len(rows))
+            if missing:
+                # Items without a result count as failed against error_threshold.
                 print(
                     f"run_function: run() returned {len(rows)} results for {len(items)} items",
                     file=sys.stderr,
                 )
             for row in rows:
                 rows_out.write(row + "\n")
-            rows_out.write(DONE + "\n")
+            rows_out.write(f"{DONE} missing={missing}\n" if missing else DONE + "\n")
         except Exception as error:  # the mini-batch fails; Shoal retries it
             traceback.print_exc()
             reason = f"{type(error).__name__}: {error}".replace("\n", " ")

@@ -193,6 +193,7 @@ impl pb::agent_server::Agent for Api {
                 ok: r.ok,
                 rows: r.rows,
                 message: r.message,
+                failed_items: r.failed_items,
             }),
             want_next: work.want_next,
         };
