@@ -1044,3 +1044,100 @@ async fn items_run_gives_no_result_for_count_against_error_threshold() {
         .expect("rows");
     assert_eq!(rows, "a.txt,3\nc.txt,9\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parallel_component_scores_a_steps_output_from_its_file_and_registered() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "2"]);
+    let dir = tc.scratch("parallel-component");
+    std::fs::create_dir_all(dir.join("components/src")).expect("component folders");
+    std::fs::write(dir.join("components/src/score.py"), SCORE).expect("entry script");
+    let component = dir.join("components/score.yml");
+    std::fs::write(
+        &component,
+        "$schema: https://azuremlschemas.azureedge.net/latest/parallelComponent.schema.json\n\
+         type: parallel\nname: score_images\nversion: 1\n\
+         inputs:\n  images: {type: uri_folder}\n  scale: {type: integer, default: 1}\n\
+         outputs:\n  scores: {type: uri_folder}\n\
+         input_data: ${{inputs.images}}\n\
+         mini_batch_size: \"1\"\n\
+         resources: {instance_count: 2}\n\
+         retry_settings: {max_retries: 1, timeout: 60}\n\
+         task:\n\
+         \x20 type: run_function\n\
+         \x20 code: ./src\n\
+         \x20 entry_script: score.py\n\
+         \x20 environment: host\n\
+         \x20 program_arguments: --scale ${{inputs.scale}}\n\
+         \x20 append_row_to: ${{outputs.scores}}/results.csv\n",
+    )
+    .expect("component");
+    let pipeline = |reference: &str| {
+        format!(
+            "type: pipeline\ncompute: cpu\nsettings: {{force_rerun: true}}\noutputs: {{scores: }}\njobs:\n\
+             \x20 prep:\n\
+             \x20   command: for i in 0 1 2; do echo $((i + 1)) > ${{{{outputs.images}}}}/img$i.txt; done\n\
+             \x20   environment: host\n\
+             \x20   outputs: {{images: {{type: uri_folder}}}}\n\
+             \x20 score:\n\
+             \x20   component: {reference}\n\
+             \x20   mini_batch_size: \"2\"\n\
+             \x20   inputs: {{images: '${{{{parent.jobs.prep.outputs.images}}}}', scale: 10}}\n\
+             \x20   outputs: {{scores: '${{{{parent.outputs.scores}}}}'}}\n"
+        )
+    };
+    let check = |id: &str, name: &str| {
+        let into = tc.scratch(name);
+        let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows = std::fs::read_to_string(into.join(id).join("named-outputs/scores/results.csv"))
+            .expect("rows");
+        assert_eq!(rows, "img0.txt,10\nimg1.txt,20\nimg2.txt,30\n");
+    };
+    // From its file (the step's mini_batch_size wins over the component's).
+    let file = dir.join("from-file.yml");
+    std::fs::write(&file, pipeline("./components/score.yml")).expect("pipeline");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    let score = tc.shoal_json(&[
+        "job",
+        "show",
+        step(&shown, "score")["id"].as_str().expect("id"),
+    ]);
+    assert_eq!(
+        score["progress"]["done"], 2,
+        "2 mini-batches of at most 2: {score:#}"
+    );
+    check(&id, "from-file-rows");
+    // Registered: its task's code is the coordinator's copy.
+    let made = tc.shoal_json(&[
+        "component",
+        "create",
+        "-f",
+        component.to_str().expect("utf8"),
+    ]);
+    assert_eq!(made[0]["name"], "score_images");
+    assert_eq!(made[0]["has_code"], true);
+    std::fs::remove_dir_all(dir.join("components")).expect("gone from here");
+    let file = dir.join("registered.yml");
+    std::fs::write(&file, pipeline("azureml:score_images:1")).expect("pipeline");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    check(&id, "registered-rows");
+}

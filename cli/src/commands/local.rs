@@ -91,23 +91,33 @@ pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
         let path = reference.trim().trim_start_matches("file:");
         let (mut component, dir) = read_document(&base.join(path), "component file")
             .with_context(|| format!("{field} `{reference}`"))?;
-        let code = match component.get("code") {
-            Some(Value::String(code)) => Some(code.clone()),
-            Some(Value::Object(map)) => map
-                .get("local_path")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            _ => None,
-        };
-        if let Some(code) = code.filter(|c| !c.contains(':')) {
-            let full = absolute(&dir, &code).with_context(|| format!("{field}: code"))?;
-            component["code"] = Value::String(full);
+        if let Some(slot) = component
+            .as_object_mut()
+            .and_then(admission::pipeline::component_code_slot)
+        {
+            let code = match &*slot {
+                Value::String(code) => Some(code.clone()),
+                Value::Object(map) => map
+                    .get("local_path")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            };
+            if let Some(code) = code.filter(|c| !c.contains(':')) {
+                let full = absolute(&dir, &code).with_context(|| format!("{field}: code"))?;
+                *slot = Value::String(full);
+            }
         }
         inline_one(
             component.get_mut("environment"),
             &dir,
             &format!("{field}.environment"),
         )?;
+        // A parallel component's environment is its task's.
+        let task = component
+            .get_mut("task")
+            .and_then(|t| t.get_mut("environment"));
+        inline_one(task, &dir, &format!("{field}.task.environment"))?;
         step["component"] = component;
     }
     Ok(())
@@ -115,7 +125,9 @@ pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
 
 /// A component file's environment (`file:` reference, conda file), inlined.
 pub fn inline_component_environment(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
-    inline_one(doc.get_mut("environment"), base, "environment")
+    inline_one(doc.get_mut("environment"), base, "environment")?;
+    let task = doc.get_mut("task").and_then(|t| t.get_mut("environment"));
+    inline_one(task, base, "task.environment")
 }
 
 /// A pipeline's registered components (`component: azureml:NAME:VERSION`) put in

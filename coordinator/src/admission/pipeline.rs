@@ -238,13 +238,7 @@ pub fn draft_pipeline(doc: Value) -> Result<PipelineDraft> {
                     "a sweep step's trial is written inline here: trial: {command: ..., code: ...}",
                 ));
             }
-            "parallel" if component.is_none() => {}
-            "parallel" => {
-                return Err(Error::invalid(
-                    format!("{field}.component"),
-                    "a parallel step is written inline here (input_data, mini_batch_size, task: {type: run_function, ...})",
-                ));
-            }
+            "parallel" => {}
             other => {
                 return Err(Error::invalid(
                     format!("{field}.type"),
@@ -408,6 +402,41 @@ const COMPONENT_KEYS: &[&str] = &[
     "environment_variables",
 ];
 
+/// The keys a parallel component (the parallelComponent schema) gives its step.
+const PARALLEL_COMPONENT_KEYS: &[&str] = &[
+    "task",
+    "input_data",
+    "mini_batch_size",
+    "resources",
+    "max_concurrency_per_instance",
+    "error_threshold",
+    "mini_batch_error_threshold",
+    "logging_level",
+    "retry_settings",
+    "partition_keys",
+    "environment_variables",
+];
+
+/// A parallel component's settings a step may give itself (the step's win).
+const STEP_TUNES: &[&str] = &[
+    "mini_batch_size",
+    "max_concurrency_per_instance",
+    "error_threshold",
+    "mini_batch_error_threshold",
+    "logging_level",
+    "retry_settings",
+];
+
+/// Where a component's code folder is named: a parallel one's `task.code`, a
+/// command one's `code`.
+pub fn component_code_slot(component: &mut Map<String, Value>) -> Option<&mut Value> {
+    if component.get("type").and_then(Value::as_str) == Some("parallel") {
+        component.get_mut("task")?.as_object_mut()?.get_mut("code")
+    } else {
+        component.get_mut("code")
+    }
+}
+
 /// Data types an input may have; the others are literals.
 fn is_data_type(kind: &str) -> bool {
     matches!(
@@ -432,26 +461,48 @@ fn apply_component(
         .and_then(Value::as_str)
         .unwrap_or("the component")
         .to_string();
+    let parallel = component.get("type").and_then(Value::as_str) == Some("parallel");
+    let keys = if parallel {
+        PARALLEL_COMPONENT_KEYS
+    } else {
+        COMPONENT_KEYS
+    };
+    let step_type = step
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or(if parallel { "parallel" } else { "command" });
+    if step_type != if parallel { "parallel" } else { "command" } {
+        return Err(Error::invalid(
+            format!("{field}.type"),
+            format!("`{step_type}`: component `{name}` is not of that type"),
+        ));
+    }
+    if parallel {
+        step.insert("type".into(), Value::String("parallel".into()));
+    }
     for (key, value) in &component {
         match key.as_str() {
             "$schema" | "name" | "version" | "display_name" | "description" | "tags" | "inputs"
             | "outputs" => {}
             "type" => {
-                if value.as_str() != Some("command") {
+                if !matches!(value.as_str(), Some("command" | "parallel")) {
                     return Err(Error::invalid(
                         format!("{at}.type"),
                         format!(
-                            "`{}` components do not run here yet; a step's component is `type: command`",
+                            "`{}` components do not run here yet; a step's component is `type: command` or `type: parallel`",
                             scalar_text(value).unwrap_or_default()
                         ),
                     ));
                 }
             }
+            key if parallel && STEP_TUNES.contains(&key) => {
+                step.entry(key.to_string()).or_insert_with(|| value.clone());
+            }
             "is_deterministic" => {}
             "additional_includes" => warnings.push(format!(
                 "{at}.additional_includes: not read here; put what the step needs in its code folder"
             )),
-            key if COMPONENT_KEYS.contains(&key) => match (step.get_mut(key), value) {
+            key if keys.contains(&key) => match (step.get_mut(key), value) {
                 // The step's resources and variables add to the component's.
                 (Some(Value::Object(mine)), Value::Object(theirs))
                     if key == "resources" || key == "environment_variables" =>
@@ -473,7 +524,11 @@ fn apply_component(
             other => {
                 return Err(Error::invalid(
                     format!("{at}.{other}"),
-                    "unknown key for a command component; it has name, version, display_name, description, tags, inputs, outputs, command, code, environment, distribution, resources",
+                    if parallel {
+                        "unknown key for a parallel component; it has name, version, display_name, description, tags, inputs, outputs, input_data, mini_batch_size, resources, max_concurrency_per_instance, error_threshold, mini_batch_error_threshold, logging_level, retry_settings, partition_keys, task"
+                    } else {
+                        "unknown key for a command component; it has name, version, display_name, description, tags, inputs, outputs, command, code, environment, distribution, resources"
+                    },
                 ));
             }
         }
@@ -606,10 +661,17 @@ pub fn check_component(doc: Value) -> Result<ComponentFile> {
     let name = text_field(&definition, "name", "name")?
         .ok_or_else(|| Error::invalid("name", "a component to register needs a name"))?
         .to_string();
-    if !definition.contains_key("command") {
+    let parallel = definition.get("type").and_then(Value::as_str) == Some("parallel");
+    if !parallel && !definition.contains_key("command") {
         return Err(Error::invalid(
             "command",
             "a command component needs a command",
+        ));
+    }
+    if parallel && !definition.contains_key("task") {
+        return Err(Error::invalid(
+            "task",
+            "a parallel component needs a task: {type: run_function, code, entry_script, ...}",
         ));
     }
     // A step that gives each required input a value of its type: drafted as a
@@ -658,7 +720,7 @@ pub fn check_component(doc: Value) -> Result<ComponentFile> {
         },
     )?;
     super::draft_step(Value::Object(step))?;
-    let code = match definition.remove("code") {
+    let code = match component_code_slot(&mut definition).map(std::mem::take) {
         None | Some(Value::Null) => None,
         Some(Value::String(path)) => Some(path),
         Some(Value::Object(map)) => map
@@ -672,6 +734,13 @@ pub fn check_component(doc: Value) -> Result<ComponentFile> {
             ));
         }
     };
+    if parallel {
+        if let Some(Value::Object(task)) = definition.get_mut("task") {
+            task.remove("code");
+        }
+    } else {
+        definition.remove("code");
+    }
     let version = definition
         .get("version")
         .and_then(scalar_text)
@@ -1001,7 +1070,7 @@ jobs:
         assert!(refused("type: pipeline\njobs: {}\n").contains("at least one step"));
         assert!(
             refused("type: pipeline\njobs:\n  a: {type: parallel, component: {type: command, command: x}}\n")
-                .contains("written inline")
+                .contains("is not of that type")
         );
         assert!(
             refused("type: pipeline\noutputs: {r: }\njobs:\n  a: {command: x}\n")

@@ -439,9 +439,10 @@ impl Api {
                 step["component"] = component_definition(&found);
             }
             let code = step
-                .get("component")
-                .and_then(|c| c.get("code"))
-                .and_then(Value::as_str)
+                .get_mut("component")
+                .and_then(Value::as_object_mut)
+                .and_then(crate::admission::pipeline::component_code_slot)
+                .and_then(|c| c.as_str())
                 .map(str::to_string);
             if let Some(key) = code.filter(|c| c.starts_with("azureml:"))
                 && !files.contains_key(&key)
@@ -472,9 +473,18 @@ impl Api {
 /// `azureml:NAME:VERSION` (the coordinator's copy).
 pub fn component_definition(component: &crate::model::Component) -> serde_json::Value {
     let mut definition = component.definition.clone();
-    if component.code_path.is_some() {
-        definition["code"] =
+    if component.code_path.is_some()
+        && let Some(map) = definition.as_object_mut()
+    {
+        let key =
             serde_json::Value::String(format!("azureml:{}:{}", component.name, component.version));
+        if map.get("type").and_then(|t| t.as_str()) == Some("parallel") {
+            if let Some(task) = map.get_mut("task").and_then(|t| t.as_object_mut()) {
+                task.insert("code".into(), key);
+            }
+        } else {
+            map.insert("code".into(), key);
+        }
     }
     definition
 }
