@@ -55,6 +55,30 @@ fn logs_of(tc: &TestCluster, shown: &serde_json::Value) -> String {
     all
 }
 
+/// Downloads a job's outputs (`shoal job download`) and reads one file of one of
+/// its named outputs.
+fn downloaded(tc: &TestCluster, id: &str, output: &str, file: &str) -> String {
+    let into = tc.scratch(&format!("download-{id}-{output}"));
+    let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = into.join(id).join("named-outputs").join(output).join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        let listed = std::process::Command::new("find")
+            .arg(&into)
+            .output()
+            .expect("find");
+        panic!(
+            "{}: {e}\n{}",
+            path.display(),
+            String::from_utf8_lossy(&listed.stdout)
+        )
+    })
+}
+
 const THREE_STEPS: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/pipelineJob.schema.json
 type: pipeline
 display_name: numbers
@@ -169,21 +193,7 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
         assert_eq!(s["reason"], "reused: an identical step completed before");
         assert_eq!(s["id"], step(&first, name)["id"], "the earlier step's job");
     }
-    let into = tc.scratch("download-again");
-    let out = tc.shoal(&[
-        "job",
-        "download",
-        &again,
-        "-p",
-        into.to_str().expect("utf8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scores = std::fs::read_to_string(into.join(&again).join("named-outputs/report/scores.txt"))
-        .expect("scores");
+    let scores = downloaded(&tc, &again, "report", "scores.txt");
     assert_eq!(scores, "a.txt 60\nb.txt 300\n");
 
     // A changed input reruns the steps that read it, and reuses prep.
@@ -415,16 +425,8 @@ async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_in
         "{shown:#}\n{}",
         logs_of(&tc, &shown)
     );
-    let into = tc.scratch("component-download");
-    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // first: 5 + 1; second: 100 + 1 + 6.
-    let total =
-        std::fs::read_to_string(into.join(&id).join("named-outputs/total/sum.txt")).expect("total");
+    let total = downloaded(&tc, &id, "total", "sum.txt");
     assert_eq!(total.trim(), "107");
     let second = step(&shown, "second")["id"]
         .as_str()
@@ -489,15 +491,7 @@ async fn a_registered_component_is_versioned_and_steps_name_it_from_the_cli_and_
         "{shown:#}\n{}",
         logs_of(&tc, &shown)
     );
-    let into = tc.scratch("registered-download");
-    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let total =
-        std::fs::read_to_string(into.join(&id).join("named-outputs/total/sum.txt")).expect("total");
+    let total = downloaded(&tc, &id, "total", "sum.txt");
     assert_eq!(total.trim(), "14", "2 + 1, then 10 + 1 + 3");
 
     // Over HTTP the coordinator puts the component in itself.
@@ -725,21 +719,7 @@ async fn run_function_imports_the_entry_script_once_per_worker_and_appends_what_
     );
     assert_eq!(shown["status"], "completed", "{shown:#}\n{logs}");
     // The rows: every item once, in input order, in the named output's file.
-    let into = tc.scratch("scores");
-    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
-        .unwrap_or_else(|e| {
-            let listed = std::process::Command::new("find")
-                .arg(&into)
-                .output()
-                .expect("find");
-            panic!("rows: {e}\n{}", String::from_utf8_lossy(&listed.stdout))
-        });
+    let rows = downloaded(&tc, &id, "scores", "results.csv");
     let want: String = (0..7)
         .map(|i| format!("img{i}.txt,{}\n", (i + 1) * 3))
         .collect();
@@ -789,15 +769,7 @@ async fn a_run_that_raises_fails_its_mini_batch_and_the_threshold_decides_the_jo
     let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["progress"]["failed"], 1, "{shown:#}");
-    let into = tc.scratch("lenient-rows");
-    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
-        .expect("rows");
+    let rows = downloaded(&tc, &id, "scores", "results.csv");
     assert_eq!(rows, "c.txt,9\nd.txt,12\n");
 }
 
@@ -942,17 +914,7 @@ async fn run_function_gives_tables_as_dataframes_by_partition_keys_and_reads_mlt
         .expect("job file");
         file
     };
-    let rows_of = |id: &str, name: &str| {
-        let into = tc.scratch(name);
-        let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::read_to_string(into.join(id).join("named-outputs/scores/results.csv"))
-            .expect("rows")
-    };
+    let rows_of = |id: &str, _: &str| downloaded(&tc, id, "scores", "results.csv");
     let by_store = submit(
         &tc,
         &job(
@@ -1033,15 +995,7 @@ async fn items_run_gives_no_result_for_count_against_error_threshold() {
     let id = submit(&tc, &lenient);
     let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
-    let into = tc.scratch("items-rows");
-    let out = tc.shoal(&["job", "download", &id, "-p", into.to_str().expect("utf8")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows = std::fs::read_to_string(into.join(&id).join("named-outputs/scores/results.csv"))
-        .expect("rows");
+    let rows = downloaded(&tc, &id, "scores", "results.csv");
     assert_eq!(rows, "a.txt,3\nc.txt,9\n");
 }
 
@@ -1086,16 +1040,8 @@ async fn a_parallel_component_scores_a_steps_output_from_its_file_and_registered
              \x20   outputs: {{scores: '${{{{parent.outputs.scores}}}}'}}\n"
         )
     };
-    let check = |id: &str, name: &str| {
-        let into = tc.scratch(name);
-        let out = tc.shoal(&["job", "download", id, "-p", into.to_str().expect("utf8")]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let rows = std::fs::read_to_string(into.join(id).join("named-outputs/scores/results.csv"))
-            .expect("rows");
+    let check = |id: &str, _: &str| {
+        let rows = downloaded(&tc, id, "scores", "results.csv");
         assert_eq!(rows, "img0.txt,10\nimg1.txt,20\nimg2.txt,30\n");
     };
     // From its file (the step's mini_batch_size wins over the component's).

@@ -27,6 +27,14 @@ pub(super) fn fresh_job(seq: u64, spec: JobSpec, now: Millis) -> Job {
 }
 
 impl Control {
+    /// The next job's sequence number, taken (written with the batch).
+    pub(super) fn take_job_seq(&mut self) -> u64 {
+        let seq = self.next_job_seq;
+        self.next_job_seq += 1;
+        self.seqs_dirty = true;
+        seq
+    }
+
     /// A request checked against the cluster it names.
     pub(super) fn spec_of(&self, request: JobRequest) -> Result<JobSpec> {
         let (cluster, size) = self.cluster_and_size(&request.cluster)?;

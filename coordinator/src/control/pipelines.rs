@@ -58,9 +58,7 @@ impl Control {
             let parallel = match cuts {
                 None => None,
                 Some(cuts) => {
-                    let job_seq = self.next_job_seq;
-                    self.next_job_seq += 1;
-                    self.seqs_dirty = true;
+                    let job_seq = self.take_job_seq();
                     let counts = match &step.cut_from {
                         Some(_) => None,
                         None => {
@@ -94,9 +92,7 @@ impl Control {
         record.command.clear();
         let mut spec = self.spec_of(record)?;
         spec.argv.clear();
-        let seq = self.next_job_seq;
-        self.next_job_seq += 1;
-        self.seqs_dirty = true;
+        let seq = self.take_job_seq();
         let id = job_table::job_id(seq);
         let job = Job {
             status: JobStatus::Running,
@@ -341,12 +337,7 @@ impl Control {
             None => {
                 let seq = match &parallel {
                     Some(p) => p.job_seq,
-                    None => {
-                        let seq = self.next_job_seq;
-                        self.next_job_seq += 1;
-                        self.seqs_dirty = true;
-                        seq
-                    }
+                    None => self.take_job_seq(),
                 };
                 let job = Job {
                     step: Some(step_of),

@@ -16,9 +16,7 @@ impl Control {
         step: Option<crate::model::StepOf>,
         now: Millis,
     ) -> Result<Job> {
-        let seq = self.next_job_seq;
-        self.next_job_seq += 1;
-        self.seqs_dirty = true;
+        let seq = self.take_job_seq();
         let id = job_table::job_id(seq);
         let job = Job {
             status: JobStatus::Running,
@@ -167,9 +165,7 @@ impl Control {
             spec.environment_variables
                 .insert(format!("AZUREML_SWEEP_{name}"), value_text(value));
         }
-        let seq = self.next_job_seq;
-        self.next_job_seq += 1;
-        self.seqs_dirty = true;
+        let seq = self.take_job_seq();
         let id = job_table::job_id(seq);
         let job = Job {
             trial: Some(Trial { sweep_seq, index }),
