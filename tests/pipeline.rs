@@ -1087,3 +1087,60 @@ async fn a_parallel_component_scores_a_steps_output_from_its_file_and_registered
     );
     check(&id, "registered-rows");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_steps_trial_may_be_a_component_file_given_its_inputs_and_the_search_space() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "3"]);
+    let file = pipeline_file(
+        &tc,
+        "sweep-component",
+        "type: pipeline\ncompute: cpu\njobs:\n\
+         \x20 prep: {command: 'echo 3 > ${{outputs.data}}/target', environment: host, outputs: {data: }}\n\
+         \x20 tune:\n\
+         \x20   type: sweep\n\
+         \x20   trial: ./components/tune.yml\n\
+         \x20   inputs: {data: '${{parent.jobs.prep.outputs.data}}', x: '${{search_space.x}}'}\n\
+         \x20   search_space: {x: {type: choice, values: [1, 3, 5]}}\n\
+         \x20   sampling_algorithm: grid\n\
+         \x20   objective: {goal: minimize, primary_metric: loss}\n\
+         \x20   limits: {max_total_trials: 3, max_concurrent_trials: 3}\n\
+         \x20 report:\n\
+         \x20   command: cat ${{inputs.best}}/x.txt\n\
+         \x20   environment: host\n\
+         \x20   inputs: {best: '${{parent.jobs.tune.outputs.best}}'}\n",
+    );
+    let components = file.parent().expect("folder").join("components");
+    std::fs::create_dir_all(components.join("train")).expect("code folder");
+    std::fs::write(components.join("train/main.py"), TUNE).expect("script");
+    std::fs::write(
+        components.join("tune.yml"),
+        format!(
+            "$schema: https://azuremlschemas.azureedge.net/latest/commandComponent.schema.json\n\
+             type: command\nname: tune_x\n\
+             inputs: {{x: {{type: number}}, data: {{type: uri_folder}}}}\n\
+             outputs: {{best: {{type: uri_folder}}}}\n\
+             code: ./train\nenvironment: host\n\
+             command: {} main.py --x ${{{{inputs.x}}}} --data ${{{{inputs.data}}}} --out ${{{{outputs.best}}}}\n",
+            support::test_python().display()
+        ),
+    )
+    .expect("component");
+    let id = submit(&tc, &file);
+    let shown = wait_ended(&tc, &id, Duration::from_secs(180)).await;
+    assert_eq!(
+        shown["status"],
+        "completed",
+        "{shown:#}\n{}",
+        logs_of(&tc, &shown)
+    );
+    let tune = step(&shown, "tune")["id"].as_str().expect("id").to_string();
+    let sweep = tc.shoal_json(&["job", "show", &tune]);
+    assert_eq!(sweep["sweep"]["trials"].as_array().map(Vec::len), Some(3));
+    let report = step(&shown, "report")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let logs = tc.shoal(&["job", "logs", &report]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout).trim(), "3");
+}

@@ -73,29 +73,25 @@ pub fn inline_environments(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A pipeline's component files (`component: ./train.yml` or `file:./train.yml`),
-/// read into their steps: the component's code folder made absolute and its
-/// environment inlined, each relative to the component file's own folder.
+/// Component files (`component: ./train.yml`, `file:./train.yml`, a sweep's
+/// `trial: ./train.yml`), read in place: the component's code folder made absolute
+/// and its environment inlined, each relative to the component file's own folder.
 pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
-    let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
-        return Ok(());
-    };
-    for (name, step) in steps.iter_mut() {
-        let Some(Value::String(reference)) = step.get("component").cloned() else {
+    for (field, slot) in admission::pipeline::component_slots(doc) {
+        let Value::String(reference) = slot.clone() else {
             continue;
         };
         if reference.starts_with("azureml:") {
-            continue; // the coordinator says what it makes of a registered one
+            continue; // registered: `inline_registered_components`
         }
-        let field = format!("jobs.{name}.component");
         let path = reference.trim().trim_start_matches("file:");
         let (mut component, dir) = read_document(&base.join(path), "component file")
             .with_context(|| format!("{field} `{reference}`"))?;
-        if let Some(slot) = component
+        if let Some(code) = component
             .as_object_mut()
             .and_then(admission::pipeline::component_code_slot)
         {
-            let code = match &*slot {
+            let written = match &*code {
                 Value::String(code) => Some(code.clone()),
                 Value::Object(map) => map
                     .get("local_path")
@@ -103,22 +99,14 @@ pub fn inline_components(doc: &mut Value, base: &Path) -> anyhow::Result<()> {
                     .map(str::to_string),
                 _ => None,
             };
-            if let Some(code) = code.filter(|c| !c.contains(':')) {
-                let full = absolute(&dir, &code).with_context(|| format!("{field}: code"))?;
-                *slot = Value::String(full);
+            if let Some(written) = written.filter(|c| !c.contains(':')) {
+                let full = absolute(&dir, &written).with_context(|| format!("{field}: code"))?;
+                *code = Value::String(full);
             }
         }
-        inline_one(
-            component.get_mut("environment"),
-            &dir,
-            &format!("{field}.environment"),
-        )?;
-        // A parallel component's environment is its task's.
-        let task = component
-            .get_mut("task")
-            .and_then(|t| t.get_mut("environment"));
-        inline_one(task, &dir, &format!("{field}.task.environment"))?;
-        step["component"] = component;
+        inline_component_environment(&mut component, &dir)
+            .with_context(|| format!("{field} `{reference}`"))?;
+        *slot = component;
     }
     Ok(())
 }
@@ -137,11 +125,8 @@ pub async fn inline_registered_components(
     doc: &mut Value,
     client: &crate::client::Client,
 ) -> anyhow::Result<()> {
-    let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
-        return Ok(());
-    };
-    for (name, step) in steps.iter_mut() {
-        let Some(Value::String(reference)) = step.get("component").cloned() else {
+    for (field, slot) in admission::pipeline::component_slots(doc) {
+        let Value::String(reference) = slot.clone() else {
             continue;
         };
         if !reference.starts_with("azureml:") {
@@ -158,9 +143,9 @@ pub async fn inline_registered_components(
                 version: version.unwrap_or_default(),
             })
             .await
-            .map_err(|e| anyhow!("jobs.{name}.component `{reference}`: {}", e.message()))?
+            .map_err(|e| anyhow!("{field} `{reference}`: {}", e.message()))?
             .into_inner();
-        step["component"] = serde_json::from_str(&found.definition)?;
+        *slot = serde_json::from_str(&found.definition)?;
     }
     Ok(())
 }

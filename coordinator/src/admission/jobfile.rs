@@ -298,12 +298,28 @@ fn flatten_sweep(doc: &mut Value) -> Result<()> {
         return Ok(());
     };
     let trial = match map.remove("trial") {
+        // A command component (its file inlined by the CLI, or registered): the
+        // sweep's inputs (`${{search_space.X}}` among them) are its inputs' values.
+        Some(Value::Object(trial))
+            if trial.contains_key("inputs") || trial.contains_key("name") =>
+        {
+            let mut warnings = Vec::new();
+            return super::pipeline::apply_component(map, trial, "sweep", &mut warnings).map_err(
+                |e| match e {
+                    Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                        field: field.replacen("sweep.component", "trial", 1),
+                        reason,
+                    },
+                    other => other,
+                },
+            );
+        }
         Some(Value::Object(trial)) => trial,
         Some(Value::String(reference)) => {
             return Err(Error::invalid(
                 "trial",
                 format!(
-                    "`{reference}`: a trial from a component file is not read here; write the command job inline: trial: {{command: ..., code: ..., environment: ...}}"
+                    "`{reference}`: a trial's component file is read by `shoal job submit -f` (the CLI puts it in); over HTTP write it inline: trial: {{command: ..., code: ..., environment: ...}}"
                 ),
             ));
         }

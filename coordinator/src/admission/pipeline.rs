@@ -427,6 +427,35 @@ const STEP_TUNES: &[&str] = &[
     "retry_settings",
 ];
 
+/// Where a job file names components: a pipeline's steps' `component` (and a
+/// sweep step's `trial`), a sweep's own `trial`; each slot with its field.
+pub fn component_slots(doc: &mut Value) -> Vec<(String, &mut Value)> {
+    let mut slots = Vec::new();
+    let Value::Object(map) = doc else {
+        return slots;
+    };
+    for (key, value) in map.iter_mut() {
+        match key.as_str() {
+            "trial" => slots.push(("trial".to_string(), value)),
+            "jobs" => {
+                if let Value::Object(steps) = value {
+                    for (name, step) in steps.iter_mut() {
+                        if let Value::Object(step) = step {
+                            for (key, value) in step.iter_mut() {
+                                if key == "component" || key == "trial" {
+                                    slots.push((format!("jobs.{name}.{key}"), value));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    slots
+}
+
 /// Where a component's code folder is named: a parallel one's `task.code`, a
 /// command one's `code`.
 pub fn component_code_slot(component: &mut Map<String, Value>) -> Option<&mut Value> {
@@ -449,7 +478,7 @@ fn is_data_type(kind: &str) -> bool {
 /// CLI): the component's command, code, environment, distribution and resources, its
 /// typed inputs given the step's values (bindings settled already), their defaults,
 /// or left out when optional; its outputs, bound where the step says.
-fn apply_component(
+pub(crate) fn apply_component(
     step: &mut Map<String, Value>,
     component: Map<String, Value>,
     field: &str,
@@ -471,7 +500,12 @@ fn apply_component(
         .get("type")
         .and_then(Value::as_str)
         .unwrap_or(if parallel { "parallel" } else { "command" });
-    if step_type != if parallel { "parallel" } else { "command" } {
+    let fits = match step_type {
+        "parallel" => parallel,
+        "command" | "sweep" => !parallel,
+        _ => false,
+    };
+    if !fits {
         return Err(Error::invalid(
             format!("{field}.type"),
             format!("`{step_type}`: component `{name}` is not of that type"),
@@ -599,6 +633,11 @@ fn apply_component(
                     ));
                 }
             }
+        } else if value
+            .as_str()
+            .is_some_and(|v| v.trim_start().starts_with("${{search_space."))
+        {
+            value // a sweep's trial: each trial puts its value in
         } else {
             check_literal(&value, kind, decl, &format!("{field}.inputs.{input}"))?;
             value

@@ -409,21 +409,18 @@ impl Api {
         made
     }
 
-    /// A pipeline's registered components (`component: azureml:NAME:VERSION`) put
-    /// into its steps, each one's code among the uploads under `azureml:NAME:VERSION`
-    /// (the key its inlined `code` names, as the CLI inlines them too).
+    /// A job file's registered components (a step's `component:`, a sweep's
+    /// `trial:`, as `azureml:NAME:VERSION`) put in, each one's code among the uploads
+    /// under `azureml:NAME:VERSION` (the key its inlined code names, as the CLI
+    /// inlines them too).
     pub async fn inline_components(
         &self,
         doc: &mut serde_json::Value,
         files: &mut Uploads,
     ) -> Result<()> {
         use serde_json::Value;
-        let Some(Value::Object(steps)) = doc.get_mut("jobs") else {
-            return Ok(());
-        };
-        for (name, step) in steps.iter_mut() {
-            let field = format!("jobs.{name}.component");
-            if let Some(Value::String(reference)) = step.get("component").cloned()
+        for (field, slot) in crate::admission::pipeline::component_slots(doc) {
+            if let Value::String(reference) = slot.clone()
                 && reference.starts_with("azureml:")
             {
                 let (component, version) = crate::admission::pipeline::component_reference(
@@ -436,11 +433,10 @@ impl Api {
                     )
                 })?;
                 let found = self.control.component(component, version).await?;
-                step["component"] = component_definition(&found);
+                *slot = component_definition(&found);
             }
-            let code = step
-                .get_mut("component")
-                .and_then(Value::as_object_mut)
+            let code = slot
+                .as_object_mut()
                 .and_then(crate::admission::pipeline::component_code_slot)
                 .and_then(|c| c.as_str())
                 .map(str::to_string);
