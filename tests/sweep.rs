@@ -223,15 +223,29 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Trials of three qualities. The bad one starts logging only once the good one
+/// has logged 5 points (a file they share says so), so the bandit always has the
+/// good curve to compare with, however slowly a loaded machine starts them.
 const CURVES: &str = r#"
-import sys, time, mlflow
-quality = sys.argv[1]
+import os, sys, time, mlflow
+quality, shared = sys.argv[1], sys.argv[2]
 if quality == "silent":
     print("this trial logs nothing")
     sys.exit(0)
+progress = os.path.join(shared, "good-steps")
+if quality == "bad":
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(progress) and int(open(progress).read() or 0) >= 5:
+            break
+        time.sleep(0.1)
 level = {"good": 0.9, "bad": 0.2}[quality]
 for step in range(30):
     mlflow.log_metric("accuracy", level + step * 0.001, step=step)
+    if quality == "good":
+        with open(progress + ".tmp", "w") as f:
+            f.write(str(step + 1))
+        os.replace(progress + ".tmp", progress)
     time.sleep(0.3)
 "#;
 
@@ -239,11 +253,13 @@ for step in range(30):
 async fn bandit_stops_a_trial_that_falls_behind_and_a_silent_trial_fails_saying_why() {
     let tc = TestCluster::start().await;
     tc.create_cluster("cpu", &["--max-nodes", "3"]);
+    let shared = tc.scratch("curves-shared");
+    std::fs::create_dir_all(&shared).expect("shared folder");
     let file = sweep_file(
         &tc,
         "curves",
         CURVES,
-        "${{search_space.quality}}",
+        &format!("${{{{search_space.quality}}}} {}", shared.display()),
         "search_space:\n  quality: {type: choice, values: [good, bad, silent]}\n\
          sampling_algorithm: grid\n\
          objective: {goal: maximize, primary_metric: accuracy}\n\
