@@ -285,6 +285,32 @@ async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_
     ]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("fine"));
 
+    // A step's warnings from resolving its data reach the submitter, with its name.
+    let dir = tc.scratch("warned");
+    std::fs::create_dir_all(dir.join("data")).expect("data");
+    std::fs::write(dir.join("data/x.txt"), "x").expect("x");
+    std::fs::write(
+        dir.join("p.yml"),
+        "type: pipeline\ncompute: cpu\njobs:\n  a: {command: 'ls ${{inputs.d}}', environment: host, inputs: {d: {type: uri_folder, path: ./data, mode: rw_mount}}}\n",
+    )
+    .expect("pipeline");
+    let out = tc.shoal(&[
+        "job",
+        "submit",
+        "-f",
+        dir.join("p.yml").to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: jobs.a.inputs.d.mode: rw_mount"),
+        "{stderr}"
+    );
+
     // Cancel cascades: the running step stops, then the pipeline is canceled.
     let long = submit(
         &tc,

@@ -252,7 +252,14 @@ impl Api {
             if experiment.is_empty() {
                 experiment = extras.experiment_name.clone();
             }
-            extras.warnings.clear();
+            // What resolving added (an environment's, a data mode's) is said with
+            // the step's name, beside what drafting said (the same words once).
+            warnings.extend(
+                extras
+                    .warnings
+                    .drain(..)
+                    .map(|w| format!("jobs.{}.{w}", step.name)),
+            );
             // A parallel step that cuts another step's output.
             let cut_from = match draft.file.is_parallel() {
                 true => {

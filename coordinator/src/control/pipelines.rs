@@ -163,18 +163,20 @@ impl Control {
                 }
                 continue;
             }
-            // A parallel step waits for its input's mini-batches too (the cutter's).
-            let ready =
-                step.after
-                    .iter()
-                    .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed))
-                    && step.parallel.as_ref().is_none_or(|p| {
-                        p.counts.is_some() || self.reusable(state, index).is_some()
-                    });
-            if !ready {
+            if !step
+                .after
+                .iter()
+                .all(|&a| state.steps[a as usize].ended == Some(JobStatus::Completed))
+            {
                 continue;
             }
-            match self.reusable(state, index) {
+            let reuse = self.reusable(state, index);
+            // A parallel step waits for its input's mini-batches too (the cutter's),
+            // unless an identical step's job stands for it.
+            if reuse.is_none() && step.parallel.as_ref().is_some_and(|p| p.counts.is_none()) {
+                continue;
+            }
+            match reuse {
                 Some(earlier) => {
                     info!(pipeline = %id, step = %step.name, reused = %job_table::job_id(earlier), "step reused");
                     if let Some(step) = self.pipeline_mut(seq).and_then(|p| p.steps.get_mut(index))
