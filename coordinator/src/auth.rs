@@ -533,6 +533,10 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             _ => Needs::Role(Role::Admin),
         };
     }
+    // Tokens are an admin's, listing them too (as `Tokens.List`).
+    if path.starts_with("/api/v1/tokens") {
+        return Needs::Role(Role::Admin);
+    }
     if method == Method::GET || method == Method::HEAD {
         return Needs::Role(Role::Reader);
     }
@@ -544,7 +548,9 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
             Needs::Role(Role::User)
         };
     }
+    // What a job file names to upload: asked before each submission.
     if path.starts_with("/api/v1/jobs")
+        || path == "/api/v1/local-paths"
         || path.starts_with("/api/v1/data")
         || path.starts_with("/api/v1/environments")
         || path.starts_with("/api/v1/components")
@@ -649,9 +655,25 @@ mod tests {
             Needs::Role(Role::User)
         );
         assert_eq!(
+            needs("/api/v1/local-paths", &Method::POST),
+            Needs::Role(Role::User)
+        );
+        assert_eq!(
             needs("/api/v1/clusters/x", &Method::DELETE),
             Needs::Role(Role::Admin)
         );
+        for (path, method) in [
+            ("/api/v1/tokens", Method::GET),
+            ("/api/v1/tokens", Method::POST),
+            ("/api/v1/quotas", Method::PUT),
+            ("/api/v1/clusters/x/lock", Method::PUT),
+            ("/api/v1/nodes/n1/preempt", Method::POST),
+            ("/api/v1/identities", Method::POST),
+            ("/api/v1/clusters/x/identities", Method::POST),
+            ("/api/v1/clusters/x/identities/%5Bsystem%5D", Method::DELETE),
+        ] {
+            assert_eq!(needs(path, &method), Needs::Role(Role::Admin), "{path}");
+        }
         assert_eq!(needs("/metrics", &Method::GET), Needs::Role(Role::Reader));
         assert_eq!(
             needs("/api/2.0/mlflow/runs/search", &Method::POST),

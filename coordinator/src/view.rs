@@ -591,3 +591,80 @@ pub struct TrialOfView {
     pub sweep_id: String,
     pub index: u32,
 }
+
+/// A managed identity: `[system]` (a cluster's own) or user-assigned.
+#[derive(Serialize)]
+pub struct Identity {
+    pub name: String,
+    pub client_id: String,
+    /// `SystemAssigned` or `UserAssigned`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl From<&pb::IdentityInfo> for Identity {
+    fn from(i: &pb::IdentityInfo) -> Self {
+        Identity {
+            name: i.name.clone(),
+            client_id: i.client_id.clone(),
+            kind: i.r#type.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ClusterIdentities {
+    pub cluster: String,
+    pub identities: Vec<Identity>,
+}
+
+impl From<&pb::ClusterIdentities> for ClusterIdentities {
+    fn from(c: &pb::ClusterIdentities) -> Self {
+        ClusterIdentities {
+            cluster: c.cluster.clone(),
+            identities: c.identities.iter().map(Identity::from).collect(),
+        }
+    }
+}
+
+/// A core quota: `family NAME`, `low-priority` or `total`.
+#[derive(Serialize)]
+pub struct QuotaLine {
+    pub scope: String,
+    pub limit: u32,
+    pub used: u32,
+    pub available: u32,
+}
+
+impl From<&pb::QuotaLine> for QuotaLine {
+    fn from(l: &pb::QuotaLine) -> Self {
+        QuotaLine {
+            scope: l.scope.clone(),
+            limit: l.limit,
+            used: l.used,
+            available: l.limit.saturating_sub(l.used),
+        }
+    }
+}
+
+/// An API token as listed (never its secret).
+#[derive(Serialize)]
+pub struct Token {
+    pub id: String,
+    pub role: String,
+    pub name: String,
+    pub revoked: bool,
+    pub created_at: Option<String>,
+}
+
+impl From<&pb::TokenInfo> for Token {
+    fn from(t: &pb::TokenInfo) -> Self {
+        Token {
+            id: t.id.clone(),
+            role: t.role.clone(),
+            name: t.name.clone(),
+            revoked: t.revoked,
+            created_at: time(t.created_at_ms),
+        }
+    }
+}

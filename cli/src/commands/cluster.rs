@@ -488,11 +488,9 @@ fn identities_to_assign(
 
 pub fn print_identities(list: &[pb::IdentityInfo], format: Format) -> anyhow::Result<()> {
     if format == Format::Json {
-        let rows: Vec<serde_json::Value> = list
+        let rows: Vec<shoal_coordinator::view::Identity> = list
             .iter()
-            .map(
-                |i| serde_json::json!({"name": i.name, "client_id": i.client_id, "type": i.r#type}),
-            )
+            .map(shoal_coordinator::view::Identity::from)
             .collect();
         return crate::output::json(&rows);
     }

@@ -280,10 +280,10 @@ pub async fn run_quota(
     .map_err(status)?
     .into_inner();
     if format == Format::Json {
-        let lines: Vec<serde_json::Value> = report
+        let lines: Vec<shoal_coordinator::view::QuotaLine> = report
             .lines
             .iter()
-            .map(|l| serde_json::json!({"scope": l.scope, "limit": l.limit, "used": l.used, "available": l.limit.saturating_sub(l.used)}))
+            .map(shoal_coordinator::view::QuotaLine::from)
             .collect();
         output::json(&lines)?;
         return Ok(ExitCode::SUCCESS);

@@ -65,9 +65,9 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
                 .into_inner()
                 .tokens;
             if format == Format::Json {
-                let rows: Vec<serde_json::Value> = list
+                let rows: Vec<shoal_coordinator::view::Token> = list
                     .iter()
-                    .map(|t| serde_json::json!({"id": t.id, "role": t.role, "name": t.name, "revoked": t.revoked}))
+                    .map(shoal_coordinator::view::Token::from)
                     .collect();
                 output::json(&rows)?;
             } else {

@@ -369,7 +369,16 @@ impl JobFile {
                 flatten_sweep(&mut doc)?;
             }
         }
-        serde_json::from_value(doc).map_err(|e| Error::invalid("job file", e.to_string()))
+        // A wrong value names its key (`resources.instance_count`), not only its type.
+        serde_path_to_error::deserialize(doc).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path.is_empty() || path == "." {
+                "job file".to_string()
+            } else {
+                path
+            };
+            Error::invalid(field, e.into_inner().to_string())
+        })
     }
 
     /// Refuses what this build cannot run yet, rather than ignoring it.

@@ -45,7 +45,7 @@ fn uploaded<'a>(files: &'a Uploads, field: &str, path: &str) -> Result<&'a Uploa
         Error::invalid(
             field,
             format!(
-                "`{path}` is a local path, not uploaded with the job file: `shoal job submit -f` uploads it; over HTTP name a datastore (azureml://datastores/...), a data asset (azureml:NAME:VERSION) or a URL"
+                "`{path}` is a local path, not uploaded with the job file: `shoal job submit -f` and the Python SDK upload it; over HTTP send it as a multipart part (`POST /api/v1/local-paths` lists what to send), or name a datastore (azureml://datastores/...), a data asset (azureml:NAME:VERSION) or a URL"
             ),
         )
     })
