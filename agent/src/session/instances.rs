@@ -336,17 +336,22 @@ impl Agent {
     }
 
     /// `processes` processes of one instance (a distributed job's ranks on this node):
-    /// each gets LOCAL_RANK and RANK; the first to fail stops the others and names
-    /// itself in the outcome.
+    /// in a PyTorch job (NODE_RANK set) each gets LOCAL_RANK and RANK, one process
+    /// per node included; the first to fail stops the others and names itself in
+    /// the outcome.
     pub(super) async fn run_ranks(
         &self,
-        spec: RunSpec,
+        mut spec: RunSpec,
         processes: u32,
         sink: EventSink,
         stop: watch::Receiver<Option<Stop>>,
     ) -> Outcome {
         use futures::StreamExt;
         if processes <= 1 {
+            if let Some(node_rank) = spec.env.get("NODE_RANK").cloned() {
+                spec.env.insert("LOCAL_RANK".into(), "0".into());
+                spec.env.insert("RANK".into(), node_rank);
+            }
             return self.run_one(spec, sink, stop).await;
         }
         let node_rank: u32 = spec
