@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal import ValidationError
+from shoal import AuthenticationError, ValidationError
 from shoal._http import Connection
 from shoal._jobs import ShoalWarning
 from shoal.ml import JobFile, MLClient, command
@@ -110,3 +110,19 @@ def test_a_user_token_submits_with_uploads_but_makes_no_clusters(coordinator, un
         user.compute.begin_create_or_update(AmlCompute(name=f"{unique}-x", size="STANDARD_D2_V2", max_instances=1))
     with pytest.raises(AuthenticationError, match="does not accept"):
         MLClient(endpoint=coordinator.endpoint, token="shoal_nope_nope").jobs.get(job.name)
+
+
+def test_tokens_over_http_are_an_admins(coordinator, unique: str) -> None:
+    admin = Connection()
+    made = admin.json("POST", "/api/v1/tokens", json_body={"role": "reader", "name": unique})
+    assert made["token"].startswith("shoal_") and made["info"]["role"] == "reader"
+    listed = {t["id"]: t for t in admin.json("GET", "/api/v1/tokens")}
+    assert listed[made["info"]["id"]]["name"] == unique and not listed[made["info"]["id"]]["revoked"]
+    reader = Connection(endpoint=coordinator.endpoint, token=made["token"])
+    assert isinstance(reader.json("GET", "/api/v1/clusters"), list)
+    with pytest.raises(AuthenticationError, match="needs admin"):
+        reader.json("GET", "/api/v1/tokens")
+    revoked = admin.json("DELETE", f"/api/v1/tokens/{made['info']['id']}")
+    assert revoked["revoked"]
+    with pytest.raises(AuthenticationError, match="revoked"):
+        reader.json("GET", "/api/v1/clusters")
