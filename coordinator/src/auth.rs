@@ -514,6 +514,11 @@ pub fn needs(path: &str, method: &axum::http::Method) -> Needs {
     if path == "/healthz" || path == "/.well-known/jwks.json" || path == "/shoal.v1.Agent/Join" {
         return Needs::Nothing;
     }
+    // The studio signs people in with a session of its own (`studio::require_session`),
+    // whose actions are checked against these same rules; `/` only redirects to it.
+    if path == "/" || path == "/studio" || path.starts_with("/studio/") {
+        return Needs::Nothing;
+    }
     if let Some(rpc) = path.strip_prefix("/shoal.v1.") {
         let (service, call) = rpc.split_once('/').unwrap_or((rpc, ""));
         return match (service, call) {

@@ -21,6 +21,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod studio;
 pub mod sweep;
 pub mod tls;
 pub mod tracking;

@@ -308,6 +308,7 @@ pub async fn serve(
     let auth_for_retention = auth.clone();
     let app = grpc
         .into_axum_router()
+        .merge(crate::studio::router(api.clone(), config.tls.is_some()))
         .merge(http::router(api))
         .merge(tracking_routes)
         .layer(axum::middleware::from_fn_with_state(

@@ -607,7 +607,7 @@ async fn list_vm_sizes(State(api): State<Api>) -> ApiResult<Vec<view::VmSize>> {
 }
 
 /// A named output of a job as a tar.gz (the first instance that wrote it).
-async fn job_named_output(
+pub(crate) async fn job_named_output(
     State(api): State<Api>,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
