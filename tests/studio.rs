@@ -110,6 +110,16 @@ async fn fill(client: &Client, id: &str, value: &str) {
     field.send_keys(value).await.expect("type");
 }
 
+/// The job id `shoal job submit` printed.
+fn job_id(stdout: &[u8]) -> String {
+    String::from_utf8_lossy(stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .expect("a job id")
+        .trim_end_matches([',', '.', ':'])
+        .to_string()
+}
+
 async fn path(client: &Client) -> String {
     client.current_url().await.expect("url").path().to_string()
 }
@@ -205,12 +215,7 @@ async fn the_studio_in_a_real_browser() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let id = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .find(|w| w.starts_with("job-"))
-        .expect("a job id")
-        .trim_end_matches([',', '.', ':'])
-        .to_string();
+    let id = job_id(&out.stdout);
     client
         .goto(&format!("{base}/studio/jobs/{id}"))
         .await
@@ -446,6 +451,90 @@ async fn studio_sessions_forms_and_rights() {
         .map(|c| c["name"].as_str().expect("name").to_string())
         .collect();
     assert_eq!(names, vec!["real".to_string()]);
+
+    // A job's MLflow metrics are drawn on its page.
+    let python = support::test_python();
+    let script = "import mlflow\nwith mlflow.start_run():\n    for s in range(5):\n        mlflow.log_metric('loss', 1 / (s + 1), step=s)\n";
+    let out = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "real",
+        "--wait",
+        "--",
+        python.to_str().expect("utf-8 path"),
+        "-c",
+        script,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tracked = job_id(&out.stdout);
+    let page = admin
+        .get(&format!("/studio/jobs/{tracked}"))
+        .await
+        .text()
+        .await
+        .expect("page");
+    let charts = page
+        .split("id=\"metrics\"")
+        .nth(1)
+        .expect("a metrics section");
+    assert!(
+        charts.contains("loss") && charts.contains("<polyline"),
+        "{charts}"
+    );
+
+    // No broken links: every page reachable from the two lists answers.
+    let out = tc.shoal(&[
+        "job",
+        "submit",
+        "--cluster",
+        "real",
+        "--wait",
+        "--",
+        "echo",
+        "linked",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    let mut queue = vec!["/studio/clusters".to_string(), "/studio/jobs".to_string()];
+    while let Some(path) = queue.pop() {
+        if !seen.insert(path.clone()) || seen.len() > 60 {
+            continue;
+        }
+        let answer = admin.get(&path).await;
+        let status = answer.status().as_u16();
+        assert!(matches!(status, 200 | 303), "{path} answered {status}");
+        let is_html = answer
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.to_str().unwrap_or("").starts_with("text/html"));
+        if !is_html {
+            continue;
+        }
+        let page = answer.text().await.expect("page");
+        for link in page.split("href=\"").skip(1) {
+            let href = link.split('"').next().unwrap_or("").replace("&amp;", "&");
+            if href.starts_with("/studio/") && !href.starts_with("/studio/static/") {
+                queue.push(href);
+            }
+        }
+    }
+    assert!(
+        seen.iter().any(|p| p.starts_with("/studio/jobs/job-")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|p| p.starts_with("/studio/nodes/")),
+        "{seen:?}"
+    );
 
     // A reader sees, and is told what it may not do.
     let out = tc.shoal(&[

@@ -523,39 +523,61 @@ fn duration(wire: &pb::Job) -> String {
     }
 }
 
+/// A page shows 50 jobs; a filter reads at most this many to fill one.
+const PAGE: usize = 50;
+const SCAN: usize = 2_000;
+
 pub async fn jobs(
     State(studio): State<Studio>,
     Extension(signed): Extension<Signed>,
     Query(filter): Query<JobFilter>,
 ) -> Response {
     let cluster = Some(filter.cluster.trim().to_string()).filter(|c| !c.is_empty());
-    let after = Some(filter.after.as_str()).filter(|a| !a.is_empty());
-    let (found, next) = match studio.api.list_jobs(cluster, None, 50, after).await {
-        Ok(page) => page,
-        Err(e) => return (StatusCode::BAD_REQUEST, message(e)).into_response(),
+    let wanted = |job: &view::Job| {
+        (filter.state.is_empty() || job.status == filter.state)
+            && (filter.experiment.is_empty() || job.experiment_name == filter.experiment)
     };
-    let jobs = found
-        .iter()
-        .map(convert::job)
-        .filter(|wire| {
-            let view = view::Job::from(wire);
-            (filter.state.is_empty() || view.status == filter.state)
-                && (filter.experiment.is_empty() || view.experiment_name == filter.experiment)
-        })
-        .map(|wire| {
-            let job = view::Job::from(&wire);
-            JobRow {
-                progress: progress(&job),
-                duration: duration(&wire),
-                created: job.created_at.clone().unwrap_or_default(),
-                id: job.id,
-                name: job.name,
-                status: job.status,
-                cluster: job.cluster,
-                experiment: job.experiment_name,
+    let mut jobs = Vec::new();
+    let mut cursor = Some(filter.after.clone()).filter(|a| !a.is_empty());
+    let mut scanned = 0;
+    // Newest first, a store page at a time, until the page is full or SCAN jobs
+    // were read; `next` is where the following page starts.
+    let next = 'pages: loop {
+        let (found, more) = match studio
+            .api
+            .list_jobs(cluster.clone(), None, 200, cursor.as_deref())
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => return (StatusCode::BAD_REQUEST, message(e)).into_response(),
+        };
+        scanned += found.len();
+        for job in &found {
+            let wire = convert::job(job);
+            let view = view::Job::from(&wire);
+            if !wanted(&view) {
+                continue;
             }
-        })
-        .collect();
+            let id = view.id.clone();
+            jobs.push(JobRow {
+                progress: progress(&view),
+                duration: duration(&wire),
+                created: view.created_at.clone().unwrap_or_default(),
+                id: view.id,
+                name: view.name,
+                status: view.status,
+                cluster: view.cluster,
+                experiment: view.experiment_name,
+            });
+            if jobs.len() == PAGE {
+                break 'pages Some(id);
+            }
+        }
+        match more {
+            Some(more) if scanned < SCAN => cursor = Some(more),
+            other => break other,
+        }
+    };
     let filtered =
         !(filter.state.is_empty() && filter.cluster.is_empty() && filter.experiment.is_empty());
     render(
