@@ -750,6 +750,68 @@ pub async fn job(
             }
         }
     }
+    // While it runs (and after, for the last hour): its nodes' CPU and GPU use
+    // since it started, from the studio's samples.
+    let since = wire.started_at_ms;
+    let until = if wire.ended_at_ms > 0 {
+        wire.ended_at_ms
+    } else {
+        i64::MAX
+    };
+    let nodes: std::collections::BTreeSet<&str> = job
+        .instances
+        .iter()
+        .map(|i| i.node.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if since > 0 && !nodes.is_empty() {
+        let during = |node: &str| -> Vec<super::history::Sample> {
+            studio
+                .history
+                .node(node)
+                .into_iter()
+                .filter(|s| s.at_ms >= since && s.at_ms <= until)
+                .collect()
+        };
+        let seconds = |at: i64| (at - since) as f64 / 1000.0;
+        let cpu: Vec<Series> = nodes
+            .iter()
+            .map(|node| Series {
+                label: (*node).to_string(),
+                points: during(node)
+                    .iter()
+                    .map(|s| (seconds(s.at_ms), s.cpu_percent))
+                    .collect(),
+            })
+            .collect();
+        let gpu: Vec<Series> = nodes
+            .iter()
+            .map(|node| Series {
+                label: (*node).to_string(),
+                points: during(node)
+                    .iter()
+                    .filter(|s| !s.gpus.is_empty())
+                    .map(|s| {
+                        let mean = s.gpus.iter().map(|g| g.0).sum::<f64>() / s.gpus.len() as f64;
+                        (seconds(s.at_ms), mean)
+                    })
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        charts_out.push(Chart {
+            name: "CPU of its nodes".into(),
+            latest: "% over seconds since it started".into(),
+            svg: charts::line(&cpu, Some(100.0), "CPU use of its nodes, % over seconds"),
+        });
+        if !gpu.is_empty() {
+            charts_out.push(Chart {
+                name: "GPU of its nodes".into(),
+                latest: "mean utilization %".into(),
+                svg: charts::line(&gpu, Some(100.0), "GPU use of its nodes, % over seconds"),
+            });
+        }
+    }
     let mut names: Vec<String> = job.outputs.clone();
     if let Some(p) = &job.pipeline {
         names.extend(p.outputs.keys().cloned());
