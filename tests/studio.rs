@@ -343,11 +343,32 @@ fn plain_client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// The sign-in form's CSRF pair: its cookie, and the value its page holds.
+async fn login_form(http: &reqwest::Client, base: &str) -> (String, String) {
+    let page = http
+        .get(format!("{base}/studio/login"))
+        .send()
+        .await
+        .expect("login page");
+    let cookie = page.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string();
+    let text = page.text().await.expect("page");
+    let at = text.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+    (cookie, text[at..at + 32].to_string())
+}
+
 async fn sign_in(base: &str, token: &str) -> (Session, String) {
     let http = plain_client();
+    let (login_cookie, csrf) = login_form(&http, base).await;
     let answer = http
         .post(format!("{base}/studio/login"))
-        .form(&[("token", token)])
+        .header("cookie", login_cookie)
+        .form(&[("token", token), ("csrf", &csrf)])
         .send()
         .await
         .expect("login");
@@ -406,6 +427,20 @@ impl Session {
 async fn studio_sessions_forms_and_rights() {
     let tc = TestCluster::start().await;
     let base = format!("http://{}", tc.endpoint());
+    // A sign-in from another site (no sign-in cookie of this one) is refused.
+    let http = plain_client();
+    let (_, csrf) = login_form(&http, &base).await;
+    let forged = http
+        .post(format!("{base}/studio/login"))
+        .form(&[
+            ("token", tc.admin_token().as_str()),
+            ("csrf", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("location").is_none());
     let (admin, set_cookie) = sign_in(&base, &tc.admin_token()).await;
     for part in ["HttpOnly", "SameSite=Strict", "Path=/studio"] {
         assert!(set_cookie.contains(part), "{set_cookie}");
@@ -451,6 +486,38 @@ async fn studio_sessions_forms_and_rights() {
         .map(|c| c["name"].as_str().expect("name").to_string())
         .collect();
     assert_eq!(names, vec!["real".to_string()]);
+
+    // Identities from the form: the cluster's own and a user-assigned one.
+    assert!(
+        tc.shoal(&["identity", "create", "reader-id"])
+            .status
+            .success()
+    );
+    let made = admin
+        .post(
+            "/studio/clusters",
+            &[
+                ("csrf", &csrf),
+                ("name", "withid"),
+                ("vm_size", "Standard_D2_v2"),
+                ("max_nodes", "1"),
+                ("identity", "[system]"),
+                ("user_identities", " reader-id "),
+            ],
+        )
+        .await;
+    assert_eq!(made.status(), 303);
+    let page = admin
+        .get("/studio/clusters/withid")
+        .await
+        .text()
+        .await
+        .expect("page");
+    assert!(
+        page.contains("reader-id (UserAssigned)") && page.contains("SystemAssigned"),
+        "{page}"
+    );
+    assert!(tc.shoal(&["cluster", "delete", "withid"]).status.success());
 
     // A job's MLflow metrics are drawn on its page.
     let python = support::test_python();

@@ -181,7 +181,7 @@ async fn headers(request: Request, next: Next) -> Response {
     response
 }
 
-fn cookie(request: &Request) -> Option<String> {
+fn cookie_named(request: &Request, wanted: &str) -> Option<String> {
     request
         .headers()
         .get_all(header::COOKIE)
@@ -189,8 +189,13 @@ fn cookie(request: &Request) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == wanted)
         .map(|(_, value)| value.to_string())
+}
+
+/// The session's id, from its cookie.
+fn cookie(request: &Request) -> Option<String> {
+    cookie_named(request, COOKIE)
 }
 
 /// A page needs a live session whose token still verifies (revoked: out).
@@ -231,25 +236,63 @@ async fn require_session(
     next.run(request).await
 }
 
-async fn login_page() -> Response {
-    pages::render(StatusCode::OK, &pages::LoginPage { error: None })
+const LOGIN_COOKIE: &str = "shoal_login";
+
+/// The login form, with a CSRF token of its own: a cookie only this site can set,
+/// echoed by the form (no session exists yet to hold one).
+fn login_form(studio: &Studio, status: StatusCode, error: Option<String>) -> Response {
+    let csrf = crate::auth::random_hex(16);
+    let mut response = pages::render(
+        status,
+        &pages::LoginPage {
+            error,
+            csrf: csrf.clone(),
+        },
+    );
+    let secure = if studio.secure { "; Secure" } else { "" };
+    let set =
+        format!("{LOGIN_COOKIE}={csrf}; Path=/studio/login; HttpOnly; SameSite=Strict{secure}");
+    if let Ok(value) = HeaderValue::from_str(&set) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+async fn login_page(State(studio): State<Studio>) -> Response {
+    login_form(&studio, StatusCode::OK, None)
 }
 
 #[derive(serde::Deserialize)]
 struct LoginForm {
     token: String,
+    #[serde(default)]
+    csrf: String,
 }
 
-async fn login(State(studio): State<Studio>, form: axum::Form<LoginForm>) -> Response {
+async fn login(State(studio): State<Studio>, request: Request) -> Response {
+    let expected = cookie_named(&request, LOGIN_COOKIE);
+    let Ok(axum::Form(form)) = axum::Form::<LoginForm>::from_request(request, &()).await else {
+        return login_form(
+            &studio,
+            StatusCode::BAD_REQUEST,
+            Some("sign in with a token".into()),
+        );
+    };
+    if expected.is_none() || expected.as_deref() != Some(form.csrf.as_str()) {
+        return login_form(
+            &studio,
+            StatusCode::FORBIDDEN,
+            Some("stale sign-in form: sign in from this page".into()),
+        );
+    }
     let token = form.token.trim().to_string();
     let refused = |why: &str| {
-        pages::render(
+        login_form(
+            &studio,
             StatusCode::UNAUTHORIZED,
-            &pages::LoginPage {
-                error: Some(format!(
-                    "{why}: sign in with an API token of this coordinator"
-                )),
-            },
+            Some(format!(
+                "{why}: sign in with an API token of this coordinator"
+            )),
         )
     };
     match studio.api.auth.verify(&token) {

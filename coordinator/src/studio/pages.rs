@@ -59,6 +59,7 @@ fn stale(signed: &Signed, csrf: &str) -> Option<Response> {
 #[template(path = "studio/login.html")]
 pub struct LoginPage {
     pub error: Option<String>,
+    pub csrf: String,
 }
 
 // ---------------------------------------------------------------- clusters
@@ -86,6 +87,8 @@ pub struct ClusterForm {
     idle_seconds_before_scaledown: String,
     #[serde(default)]
     identity: String,
+    #[serde(default)]
+    user_identities: String,
 }
 
 #[derive(Template)]
@@ -230,11 +233,12 @@ pub async fn create_cluster(
         provider: String::new(),
         internode_communication: None,
         cancel_idle_gpu_jobs: None,
-        identities: if form.identity.is_empty() {
-            vec![]
-        } else {
-            vec![form.identity.clone()]
-        },
+        identities: std::iter::once(form.identity.as_str())
+            .chain(form.user_identities.split(','))
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(String::from)
+            .collect(),
     };
     match studio.api.create_cluster(request).await {
         Ok(info) => {
@@ -641,6 +645,7 @@ pub struct JobPage {
     csrf: String,
     role: &'static str,
     job: view::Job,
+    spec: String,
     command: String,
     usage: Vec<UsageRow>,
     created: String,
@@ -829,6 +834,7 @@ pub async fn job(
             section: "jobs",
             csrf: signed.csrf.clone(),
             role: signed.role.as_str(),
+            spec: serde_json::to_string_pretty(&job).unwrap_or_default(),
             command: if job.command.is_empty() {
                 job.argv.join(" ")
             } else {
@@ -959,10 +965,12 @@ pub async fn job_events(State(studio): State<Studio>, Path(id): Path<String>) ->
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     };
                     if ours && let Some((event, done)) = status(api.clone(), id.clone()).await {
-                        if tx.send(event).await.is_err() {
-                            return;
+                        // The end is told once the log is all out (its stream ends
+                        // when the job does): the page closes on it.
+                        if done && logs_open {
+                            continue;
                         }
-                        if done && !logs_open {
+                        if tx.send(event).await.is_err() || done {
                             return;
                         }
                     }
