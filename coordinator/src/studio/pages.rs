@@ -91,6 +91,19 @@ pub struct ClusterForm {
     user_identities: String,
 }
 
+/// Min nodes, max nodes and idle seconds, each None when left blank.
+type Bounds = (Option<u32>, Option<u32>, Option<u64>);
+
+impl ClusterForm {
+    fn bounds(&self) -> Result<Bounds, String> {
+        Ok((
+            number("min nodes", &self.min_nodes)?,
+            number("max nodes", &self.max_nodes)?,
+            number("idle seconds", &self.idle_seconds_before_scaledown)?,
+        ))
+    }
+}
+
 #[derive(Template)]
 #[template(path = "studio/clusters.html")]
 pub struct ClustersPage {
@@ -210,13 +223,7 @@ pub async fn create_cluster(
     if let Err(why) = signed.may(Method::POST, "/api/v1/clusters") {
         return clusters_page(&studio, &signed, form, Some(why)).await;
     }
-    let numbers = (|| {
-        Ok::<_, String>((
-            number::<u32>("min nodes", &form.min_nodes)?,
-            number::<u32>("max nodes", &form.max_nodes)?,
-            number::<u64>("idle seconds", &form.idle_seconds_before_scaledown)?,
-        ))
-    })();
+    let numbers = form.bounds();
     let (min_nodes, max_nodes, idle) = match numbers {
         Ok(n) => n,
         Err(why) => return clusters_page(&studio, &signed, form, Some(why)).await,
@@ -377,13 +384,7 @@ pub async fn update_cluster(
     if let Err(why) = signed.may(Method::PATCH, &format!("/api/v1/clusters/{name}")) {
         return cluster_page(&studio, &signed, name, Some(why)).await;
     }
-    let numbers = (|| {
-        Ok::<_, String>((
-            number::<u32>("min nodes", &form.min_nodes)?,
-            number::<u32>("max nodes", &form.max_nodes)?,
-            number::<u64>("idle seconds", &form.idle_seconds_before_scaledown)?,
-        ))
-    })();
+    let numbers = form.bounds();
     let (min_nodes, max_nodes, idle) = match numbers {
         Ok(n) => n,
         Err(why) => return cluster_page(&studio, &signed, name, Some(why)).await,
