@@ -8,15 +8,9 @@
 #   (after cargo build --release && images/build.sh mpi-train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shoal="$PWD/target/release/shoal"
 train="$PWD/target/release/shoal-mpi-train"
 runs="${1:-10}"
-work=$(mktemp -d); port=$((20000 + RANDOM % 20000)); ep="127.0.0.1:$port"
-export SHOAL_CONFIG_DIR="$work/config"   # the CLI signs in with the admin token `shoal up` saves there
-"$shoal" up --data-dir "$work/data" --listen "$ep" >"$work/up.log" 2>&1 &
-up=$!
-trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 50); do "$shoal" cluster list --endpoint "$ep" >/dev/null 2>&1 && break; sleep 0.2; done
+source bench/lib.sh   # $shoal, $work, $ep: a coordinator of our own
 "$shoal" cluster create --endpoint "$ep" --name mpi --vm-size Standard_D2_v2 --min-nodes 3 --max-nodes 3 --wait >/dev/null
 printf 'compute: mpi\ncommand: %s --epochs 1\nresources: {instance_count: 3}\ndistribution: {type: mpi, process_count_per_instance: 2}\n' "$train" >"$work/job.yaml"
 ms() { echo $(( $(date +%s%N) / 1000000 )); }

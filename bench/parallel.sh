@@ -6,13 +6,7 @@
 # Usage: bench/parallel.sh   (after cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shoal="$PWD/target/release/shoal"
-work=$(mktemp -d); port=$((20000 + RANDOM % 20000)); ep="127.0.0.1:$port"
-export SHOAL_CONFIG_DIR="$work/config"   # the CLI signs in with the admin token `shoal up` saves there
-"$shoal" up --data-dir "$work/data" --listen "$ep" >"$work/up.log" 2>&1 &
-up=$!
-trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 50); do "$shoal" cluster list --endpoint "$ep" >/dev/null 2>&1 && break; sleep 0.2; done
+source bench/lib.sh   # $shoal, $work, $ep: a coordinator of our own
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 run() { # cluster lines batch instances workers command [task settings] -> wall ms
   printf 'type: parallel\ncompute: %s\ninputs: {data: {type: uri_file, path: ./in.csv}}\nmini_batch_size: %s\nresources: {instance_count: %s}\nmax_concurrency_per_instance: %s\ntask: {command: %s%s}\noutput: {append_row_to: out.csv}\n' \

@@ -7,15 +7,9 @@
 # Usage: bench/studio.sh   (after cargo build --release; the SDK venv made)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shoal="$PWD/target/release/shoal"
 python="$PWD/target/sdk-venv/bin/python"
 jobs=${JOBS:-10000}
-work=$(mktemp -d); port=$((20000 + RANDOM % 20000)); ep="127.0.0.1:$port"
-export SHOAL_CONFIG_DIR="$work/config"
-"$shoal" up --data-dir "$work/data" --listen "$ep" >"$work/up.log" 2>&1 &
-up=$!
-trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 50); do "$shoal" cluster list --endpoint "$ep" >/dev/null 2>&1 && break; sleep 0.2; done
+source bench/lib.sh   # $shoal, $work, $ep: a coordinator of our own
 "$shoal" cluster create --endpoint "$ep" --name bench --vm-size Standard_D2_v2 --min-nodes 2 --max-nodes 2 --wait >/dev/null
 token=$(cat "$work/data/admin.token")
 "$python" - "$ep" "$token" "$jobs" <<'PY'
@@ -34,7 +28,12 @@ with httpx.Client(base_url=f"http://{ep}", headers={"authorization": f"Bearer {t
         time.sleep(0.5)
     print(f"all ended after {time.monotonic() - started:.1f} s", file=sys.stderr)
 PY
-cookie=$(curl -s -o /dev/null -D - -d "token=$token" "http://$ep/studio/login" | sed -n 's/^set-cookie: \(shoal_studio=[^;]*\);.*/\1/ip')
+# Sign in as a browser does: the form's CSRF pair first (a cookie and the page's field).
+form=$(curl -s -D "$work/login.h" "http://$ep/studio/login")
+login_cookie=$(sed -n 's/^set-cookie: \(shoal_login=[^;]*\);.*/\1/ip' "$work/login.h")
+csrf=$(printf '%s' "$form" | sed -n 's/.*name="csrf" value="\([0-9a-f]*\)".*/\1/p')
+cookie=$(curl -s -o /dev/null -D - -b "$login_cookie" -d "token=$token&csrf=$csrf" "http://$ep/studio/login" | sed -n 's/^set-cookie: \(shoal_studio=[^;]*\);.*/\1/ip')
+[ -n "$cookie" ] || { echo "cannot sign in to the studio" >&2; exit 1; }
 node=$("$shoal" node list --endpoint "$ep" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 middle="job-$((jobs / 2))"
 printf '%-42s %8s %8s %8s\n' page median p95 max
