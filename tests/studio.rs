@@ -603,6 +603,17 @@ async fn studio_sessions_forms_and_rights() {
         "{seen:?}"
     );
 
+    // What is not there says so, escaped.
+    let missing = admin.get("/studio/clusters/%3Cscript%3Ex").await;
+    assert_eq!(missing.status(), 404);
+    let page = missing.text().await.expect("page");
+    assert!(
+        page.contains("id=\"not-found\"") && page.contains("&#60;script&#62;x"),
+        "{page}"
+    );
+    assert!(!page.contains("<script>x"), "{page}");
+    assert_eq!(admin.get("/studio/jobs/job-999999").await.status(), 404);
+
     // A reader sees, and is told what it may not do.
     let out = tc.shoal(&[
         "-o", "json", "token", "create", "--role", "reader", "--name", "viewer",

@@ -226,20 +226,12 @@ impl<S: Send + Sync> FromRequest<S> for Submission {
     }
 }
 
-/// Warnings (keys that have no effect here, and why) as `x-shoal-warning` headers.
+/// Warnings (keys that have no effect here, and why) as `x-shoal-warning` headers,
+/// percent-encoded (UTF-8): a header value is visible ASCII.
 fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
     for warning in warnings {
-        // A header value is one line of visible ASCII.
-        let line: String = warning
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect();
+        let line = percent_encoding::utf8_percent_encode(warning, ENCODED).to_string();
         if let Ok(value) = axum::http::HeaderValue::from_str(&line) {
             response.headers_mut().append("x-shoal-warning", value);
         }
@@ -1002,4 +994,29 @@ async fn set_defaults(
 ) -> ApiResult<BTreeMap<String, String>> {
     let set: BTreeMap<String, String> = parse(&body)?;
     Ok(Json(api.set_defaults(set).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_travel_as_percent_encoded_utf8_headers() {
+        let warnings = vec![
+            "a — b is 100% ignored".to_string(),
+            "plain `key`".to_string(),
+        ];
+        let response = with_warnings(().into_response(), &warnings);
+        let values: Vec<&str> = response
+            .headers()
+            .get_all("x-shoal-warning")
+            .iter()
+            .map(|v| v.to_str().expect("visible ASCII"))
+            .collect();
+        assert_eq!(values, ["a %E2%80%94 b is 100%25 ignored", "plain `key`"]);
+        let decoded = percent_encoding::percent_decode_str(values[0])
+            .decode_utf8()
+            .expect("UTF-8");
+        assert_eq!(decoded, warnings[0]);
+    }
 }

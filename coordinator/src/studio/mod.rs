@@ -55,6 +55,13 @@ struct Session {
     last_seen: Instant,
 }
 
+/// Whether a form's secret is the one expected, in time that does not tell how
+/// much of it matched.
+fn same_secret(given: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
 /// Who is signed in, for the page being served.
 #[derive(Clone)]
 pub struct Signed {
@@ -278,7 +285,7 @@ async fn login(State(studio): State<Studio>, request: Request) -> Response {
             Some("sign in with a token".into()),
         );
     };
-    if expected.is_none() || expected.as_deref() != Some(form.csrf.as_str()) {
+    if !expected.is_some_and(|e| same_secret(&form.csrf, &e)) {
         return login_form(
             &studio,
             StatusCode::FORBIDDEN,
@@ -337,7 +344,7 @@ async fn logout(
 ) -> Response {
     let id = cookie(&request);
     let form = axum::Form::<CsrfForm>::from_request(request, &()).await;
-    if !matches!(form, Ok(ref f) if f.csrf == signed.csrf) {
+    if !matches!(form, Ok(ref f) if same_secret(&f.csrf, &signed.csrf)) {
         return (StatusCode::FORBIDDEN, "stale form: reload the page").into_response();
     }
     if let Some(id) = id {

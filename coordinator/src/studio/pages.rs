@@ -38,15 +38,18 @@ fn message(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+#[derive(Template)]
+#[template(path = "studio/notfound.html")]
+struct NotFoundPage {
+    what: String,
+}
+
 fn not_found(what: String) -> Response {
-    (StatusCode::NOT_FOUND, Html(format!(
-        "<!doctype html><title>Not found</title><link rel=stylesheet href=/studio/static/studio.css><main><h1>Not found</h1><p>{}</p><p><a href=/studio/clusters>Clusters</a> · <a href=/studio/jobs>Jobs</a></p></main>",
-        what.replace('&', "&amp;").replace('<', "&lt;")
-    ))).into_response()
+    render(StatusCode::NOT_FOUND, &NotFoundPage { what })
 }
 
 fn stale(signed: &Signed, csrf: &str) -> Option<Response> {
-    (csrf != signed.csrf).then(|| {
+    (!super::same_secret(csrf, &signed.csrf)).then(|| {
         (
             StatusCode::FORBIDDEN,
             "stale form (its CSRF token does not match this session): reload the page",

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from tqdm.auto import tqdm
 
@@ -54,7 +54,7 @@ def submit(conn: Connection, doc: dict[str, Any], base: Path, sets: tuple[str, .
         parts.append(_files.local_part(base, path, folder, is_code, field))
     response = conn.request("POST", "/api/v1/jobs", files=parts, timeout=600.0)
     for warning in response.headers.get_list("x-shoal-warning"):
-        warnings.warn(warning, ShoalWarning, stacklevel=3)
+        warnings.warn(unquote(warning), ShoalWarning, stacklevel=3)
     job: dict[str, Any] = response.json()
     return job
 

@@ -72,8 +72,12 @@ def test_warnings_reach_the_caller(coordinator, unique: str, workdir: Path) -> N
     ml_client.compute.begin_create_or_update(AmlCompute(name=unique, size="STANDARD_D2_V2", max_instances=1)).result()
     doc = command(command="true", compute=unique).to_job(workdir)
     doc["services"] = {"my_jupyter": {"type": "jupyter_lab"}}
-    with pytest.warns(ShoalWarning, match="services"):
+    with pytest.warns(ShoalWarning, match="services") as caught:
         ml_client.jobs.create_or_update(JobFile(doc, workdir, "inline"))
+    # The coordinator's sentence, whole (it travels percent-encoded).
+    assert "(ssh, jupyter, tensorboard) are not offered; follow the job with `shoal job logs -f`" in str(
+        caught[0].message
+    )
 
 
 def _token(coordinator, role: str) -> str:
