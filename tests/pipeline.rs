@@ -10,11 +10,6 @@ use std::time::Duration;
 
 use support::TestCluster;
 
-fn submit(tc: &TestCluster, file: &Path) -> String {
-    let created = tc.shoal_json(&["job", "submit", "-f", &file.to_string_lossy()]);
-    created["id"].as_str().expect("job id").to_string()
-}
-
 /// Writes `text` as `pipeline.yml` in a scratch folder; its path.
 fn pipeline_file(tc: &TestCluster, name: &str, text: &str) -> PathBuf {
     let dir = tc.scratch(name);
@@ -22,14 +17,6 @@ fn pipeline_file(tc: &TestCluster, name: &str, text: &str) -> PathBuf {
     let file = dir.join("pipeline.yml");
     std::fs::write(&file, text).expect("pipeline file");
     file
-}
-
-async fn wait_ended(tc: &TestCluster, id: &str, limit: Duration) -> serde_json::Value {
-    tc.wait_job(id, "the pipeline ended", limit, |j| {
-        matches!(j.status.as_str(), "completed" | "failed" | "canceled")
-    })
-    .await;
-    tc.shoal_json(&["job", "show", id])
 }
 
 fn step<'a>(shown: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -130,8 +117,8 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
     std::fs::create_dir_all(&data).expect("data folder");
     std::fs::write(data.join("a.txt"), "3\n1\n2\n").expect("a");
     std::fs::write(data.join("b.txt"), "10\n20\n").expect("b");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -183,8 +170,8 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
     assert_eq!(count.trim(), "2");
 
     // The same file again: every step is an identical earlier one, reused.
-    let again = submit(&tc, &file);
-    let shown = wait_ended(&tc, &again, Duration::from_secs(60)).await;
+    let again = tc.submit_file(&file);
+    let shown = tc.wait_ended(&again, Duration::from_secs(60)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["reason"], "3 of 3 step(s) reused");
     let first = tc.shoal_json(&["job", "show", &id]);
@@ -206,7 +193,7 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
         "inputs.scale=2",
     ]);
     let scaled = scaled["id"].as_str().expect("id").to_string();
-    let shown = wait_ended(&tc, &scaled, Duration::from_secs(60)).await;
+    let shown = tc.wait_ended(&scaled, Duration::from_secs(60)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["reason"], "1 of 3 step(s) reused");
     assert_eq!(step(&shown, "prep")["id"], step(&first, "prep")["id"]);
@@ -222,7 +209,7 @@ async fn a_three_step_pipeline_moves_data_from_step_to_step_and_downloads_its_ou
         "settings.force_rerun=true",
     ]);
     let forced = forced["id"].as_str().expect("id").to_string();
-    let shown = wait_ended(&tc, &forced, Duration::from_secs(60)).await;
+    let shown = tc.wait_ended(&forced, Duration::from_secs(60)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert!(
         shown["reason"].is_null() || shown["reason"] == "",
@@ -253,8 +240,8 @@ async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_
         )
     };
     // Stopped: the running step is canceled, the one after `bad` never runs.
-    let stop = submit(&tc, &pipeline_file(&tc, "stop", &text(false)));
-    let shown = wait_ended(&tc, &stop, Duration::from_secs(90)).await;
+    let stop = tc.submit_file(&pipeline_file(&tc, "stop", &text(false)));
+    let shown = tc.wait_ended(&stop, Duration::from_secs(90)).await;
     assert_eq!(shown["status"], "failed", "{shown:#}");
     assert_eq!(shown["reason"], "step `bad` failed; 1 step(s) not run");
     assert_eq!(step(&shown, "bad")["status"], "failed");
@@ -273,8 +260,8 @@ async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_
     assert_eq!(other["reason"], "canceled: step `bad` failed");
 
     // Told to go on: `other` completes, the pipeline still fails for `bad`.
-    let go_on = submit(&tc, &pipeline_file(&tc, "go-on", &text(true)));
-    let shown = wait_ended(&tc, &go_on, Duration::from_secs(90)).await;
+    let go_on = tc.submit_file(&pipeline_file(&tc, "go-on", &text(true)));
+    let shown = tc.wait_ended(&go_on, Duration::from_secs(90)).await;
     assert_eq!(shown["status"], "failed", "{shown:#}");
     assert_eq!(step(&shown, "other")["status"], "completed", "{shown:#}");
     assert_eq!(step(&shown, "after_bad")["status"], "not run");
@@ -312,9 +299,7 @@ async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_
     );
 
     // Cancel cascades: the running step stops, then the pipeline is canceled.
-    let long = submit(
-        &tc,
-        &pipeline_file(
+    let long = tc.submit_file(&pipeline_file(
             &tc,
             "long",
             "type: pipeline\ncompute: cpu\njobs:\n  a: {command: sleep 60, environment: host, outputs: {o: }}\n  b: {command: 'ls ${{inputs.i}}', environment: host, inputs: {i: '${{parent.jobs.a.outputs.o}}'}}\n",
@@ -332,7 +317,7 @@ async fn a_failed_step_fails_the_pipeline_and_continue_on_step_failure_lets_the_
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shown = wait_ended(&tc, &long, Duration::from_secs(60)).await;
+    let shown = tc.wait_ended(&long, Duration::from_secs(60)).await;
     assert_eq!(shown["status"], "canceled", "{shown:#}");
     assert_eq!(step(&shown, "a")["status"], "canceled");
     assert_eq!(step(&shown, "b")["status"], "not run");
@@ -357,7 +342,7 @@ async fn a_pipeline_resumes_after_a_coordinator_sigkill_without_rerunning_comple
         ),
         mark("third", "cat ${{inputs.i}}/n"),
     );
-    let id = submit(&tc, &pipeline_file(&tc, "resume", &text));
+    let id = tc.submit_file(&pipeline_file(&tc, "resume", &text));
     tc.wait_job(
         &id,
         "the second step running",
@@ -371,7 +356,7 @@ async fn a_pipeline_resumes_after_a_coordinator_sigkill_without_rerunning_comple
     .await;
     tc.kill9();
     tc.restart().await;
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -443,8 +428,8 @@ async fn steps_made_of_component_files_run_with_their_code_defaults_and_typed_in
          \x20   outputs: {sum: '${{parent.outputs.total}}'}\n",
     );
     write_add_component(file.parent().expect("folder"), "version: 1\n");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(90)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(90)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -509,8 +494,8 @@ async fn a_registered_component_is_versioned_and_steps_name_it_from_the_cli_and_
          \x20   inputs: {n: 10, before: '${{parent.jobs.first.outputs.sum}}'}\n\
          \x20   outputs: {sum: '${{parent.outputs.total}}'}\n";
     let file = pipeline_file(&tc, "uses-registered", pipeline);
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(90)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(90)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -538,7 +523,7 @@ async fn a_registered_component_is_versioned_and_steps_name_it_from_the_cli_and_
     assert_eq!(code, 201, "{answer}");
     let made: serde_json::Value = serde_json::from_str(&answer).expect("json");
     let id = made["id"].as_str().expect("id").to_string();
-    let shown = wait_ended(&tc, &id, Duration::from_secs(60)).await;
+    let shown = tc.wait_ended(&id, Duration::from_secs(60)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -609,8 +594,8 @@ async fn a_sweep_step_reads_an_earlier_step_and_hands_its_best_trials_output_on(
     let code = file.parent().expect("folder").join("train");
     std::fs::create_dir_all(&code).expect("code folder");
     std::fs::write(code.join("main.py"), TUNE).expect("script");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(180)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(180)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -736,7 +721,7 @@ async fn run_function_imports_the_entry_script_once_per_worker_and_appends_what_
     assert!(stderr.contains("warning: logging_level"), "{stderr}");
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let id = job["id"].as_str().expect("id").to_string();
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     let logs = tc.shoal(&["job", "logs", &id]);
     let logs = format!(
         "{}{}",
@@ -778,8 +763,8 @@ async fn a_run_that_raises_fails_its_mini_batch_and_the_threshold_decides_the_jo
         &items,
         "mini_batch_error_threshold: 0\nretry_settings: {max_retries: 1, timeout: 30}\n",
     );
-    let id = submit(&tc, &strict);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&strict);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "failed", "{shown:#}");
     let logs = tc.shoal(&["job", "logs", &id]);
     let logs = String::from_utf8_lossy(&logs.stdout).into_owned();
@@ -791,8 +776,8 @@ async fn a_run_that_raises_fails_its_mini_batch_and_the_threshold_decides_the_jo
         &items,
         "mini_batch_error_threshold: -1\nretry_settings: {max_retries: 1, timeout: 30}\n",
     );
-    let id = submit(&tc, &lenient);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&lenient);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["progress"]["failed"], 1, "{shown:#}");
     let rows = downloaded(&tc, &id, "scores", "results.csv");
@@ -841,8 +826,8 @@ async fn a_parallel_step_scores_what_the_step_before_wrote_and_the_next_step_rea
     let dir = file.parent().expect("folder");
     std::fs::create_dir_all(dir.join("src")).expect("code");
     std::fs::write(dir.join("src/score.py"), SCORE).expect("entry script");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -873,8 +858,8 @@ async fn a_parallel_step_scores_what_the_step_before_wrote_and_the_next_step_rea
     let count = std::fs::read_to_string(summary.join("count.txt")).expect("count");
     assert_eq!(count.trim(), "7");
     // The same pipeline again: every step reused, the parallel step without a cut.
-    let again = submit(&tc, &file);
-    let shown = wait_ended(&tc, &again, Duration::from_secs(60)).await;
+    let again = tc.submit_file(&file);
+    let shown = tc.wait_ended(&again, Duration::from_secs(60)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["reason"], "3 of 3 step(s) reused");
 }
@@ -941,15 +926,12 @@ async fn run_function_gives_tables_as_dataframes_by_partition_keys_and_reads_mlt
         file
     };
     let rows_of = |id: &str, _: &str| downloaded(&tc, id, "scores", "results.csv");
-    let by_store = submit(
-        &tc,
-        &job(
-            "by-store",
-            "{type: uri_file, path: ./sales.csv}",
-            "partition_keys: [store]\nmini_batch_size: \"10\"\n",
-        ),
-    );
-    let shown = wait_ended(&tc, &by_store, Duration::from_secs(120)).await;
+    let by_store = tc.submit_file(&job(
+        "by-store",
+        "{type: uri_file, path: ./sales.csv}",
+        "partition_keys: [store]\nmini_batch_size: \"10\"\n",
+    ));
+    let shown = tc.wait_ended(&by_store, Duration::from_secs(120)).await;
     let logs = tc.shoal(&["job", "logs", &by_store]);
     assert_eq!(
         shown["status"],
@@ -963,15 +945,12 @@ async fn run_function_gives_tables_as_dataframes_by_partition_keys_and_reads_mlt
     );
     assert_eq!(rows_of(&by_store, "by-store-rows"), "b,4,2\na,6,2\nc,5,1\n");
 
-    let mltable = submit(
-        &tc,
-        &job(
-            "mltable",
-            "{type: mltable, path: ./table}",
-            "mini_batch_size: \"2\"\n",
-        ),
-    );
-    let shown = wait_ended(&tc, &mltable, Duration::from_secs(120)).await;
+    let mltable = tc.submit_file(&job(
+        "mltable",
+        "{type: mltable, path: ./table}",
+        "mini_batch_size: \"2\"\n",
+    ));
+    let shown = tc.wait_ended(&mltable, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     assert_eq!(shown["progress"]["done"], 2, "{shown:#}");
     assert_eq!(rows_of(&mltable, "mltable-rows"), "1,2,4\n3,4,8\n5,6,12\n");
@@ -1007,8 +986,8 @@ async fn items_run_gives_no_result_for_count_against_error_threshold() {
     ];
     // Two items without a result, one tolerated: the job fails, saying so.
     let strict = run_function_job(&tc, "items-strict", &items, "error_threshold: 1\n");
-    let id = submit(&tc, &strict);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&strict);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "failed", "{shown:#}");
     assert!(
         shown["reason"]
@@ -1018,8 +997,8 @@ async fn items_run_gives_no_result_for_count_against_error_threshold() {
     );
     // -1: failed items are ignored; the rows of the others are kept.
     let lenient = run_function_job(&tc, "items-lenient", &items, "error_threshold: -1\n");
-    let id = submit(&tc, &lenient);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&lenient);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(shown["status"], "completed", "{shown:#}");
     let rows = downloaded(&tc, &id, "scores", "results.csv");
     assert_eq!(rows, "a.txt,3\nc.txt,9\n");
@@ -1073,8 +1052,8 @@ async fn a_parallel_component_scores_a_steps_output_from_its_file_and_registered
     // From its file (the step's mini_batch_size wins over the component's).
     let file = dir.join("from-file.yml");
     std::fs::write(&file, pipeline("./components/score.yml")).expect("pipeline");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -1103,8 +1082,8 @@ async fn a_parallel_component_scores_a_steps_output_from_its_file_and_registered
     std::fs::remove_dir_all(dir.join("components")).expect("gone from here");
     let file = dir.join("registered.yml");
     std::fs::write(&file, pipeline("azureml:score_images:1")).expect("pipeline");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(120)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(120)).await;
     assert_eq!(
         shown["status"],
         "completed",
@@ -1152,8 +1131,8 @@ async fn a_sweep_steps_trial_may_be_a_component_file_given_its_inputs_and_the_se
         ),
     )
     .expect("component");
-    let id = submit(&tc, &file);
-    let shown = wait_ended(&tc, &id, Duration::from_secs(180)).await;
+    let id = tc.submit_file(&file);
+    let shown = tc.wait_ended(&id, Duration::from_secs(180)).await;
     assert_eq!(
         shown["status"],
         "completed",

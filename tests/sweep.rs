@@ -32,20 +32,9 @@ fn sweep_file(tc: &TestCluster, name: &str, script: &str, args: &str, rest: &str
     file
 }
 
-fn submit(tc: &TestCluster, file: &Path) -> String {
-    let created = tc.shoal_json(&["job", "submit", "-f", &file.to_string_lossy()]);
-    created["id"].as_str().expect("job id").to_string()
-}
-
+/// Until the sweep ends; when it did not complete, its trials' logs are printed.
 async fn wait_ended(tc: &TestCluster, id: &str, limit: Duration) -> serde_json::Value {
-    tc.wait_job(id, "the sweep ended", limit, |j| {
-        matches!(
-            j.status.as_str(),
-            "completed" | "failed" | "canceled" | "timed_out"
-        )
-    })
-    .await;
-    let shown = tc.shoal_json(&["job", "show", id]);
+    let shown = tc.wait_ended(id, limit).await;
     if shown["status"] != "completed" {
         // What the trials said, to see why.
         for trial in shown["sweep"]["trials"].as_array().into_iter().flatten() {
@@ -101,7 +90,7 @@ async fn a_sweep_names_the_best_trial_of_a_known_function_within_its_limits() {
          objective: {goal: maximize, primary_metric: accuracy}\n\
          limits: {max_total_trials: 8, max_concurrent_trials: 2}\n",
     );
-    let id = submit(&tc, &file);
+    let id = tc.submit_file(&file);
     let shown = wait_ended(&tc, &id, Duration::from_secs(240)).await;
     assert_eq!(
         shown["status"],
@@ -266,7 +255,7 @@ async fn bandit_stops_a_trial_that_falls_behind_and_a_silent_trial_fails_saying_
          limits: {max_concurrent_trials: 3}\n\
          early_termination: {type: bandit, slack_factor: 0.2, evaluation_interval: 1, delay_evaluation: 3}\n",
     );
-    let id = submit(&tc, &file);
+    let id = tc.submit_file(&file);
     let shown = wait_ended(&tc, &id, Duration::from_secs(180)).await;
     assert_eq!(
         shown["status"],
@@ -346,7 +335,7 @@ async fn a_sweep_resumes_after_a_coordinator_sigkill_without_rerunning_finished_
          objective: {goal: minimize, primary_metric: loss}\n\
          limits: {max_total_trials: 6, max_concurrent_trials: 1}\n",
     );
-    let id = submit(&tc, &file);
+    let id = tc.submit_file(&file);
     let before = tc
         .wait_job(&id, "two trials ended", Duration::from_secs(120), |j| {
             j.sweep

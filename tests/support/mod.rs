@@ -299,6 +299,24 @@ impl TestCluster {
         }
     }
 
+    /// `shoal job submit -f FILE`: the new job's id.
+    pub fn submit_file(&self, file: &Path) -> String {
+        let created = self.shoal_json(&["job", "submit", "-f", &file.to_string_lossy()]);
+        created["id"].as_str().expect("job id").to_string()
+    }
+
+    /// Until the job ends (completed, failed, canceled, timed out): `shoal job show -o json`.
+    pub async fn wait_ended(&self, id: &str, limit: Duration) -> serde_json::Value {
+        self.wait_job(id, "the job ended", limit, |j| {
+            matches!(
+                j.status.as_str(),
+                "completed" | "failed" | "canceled" | "timed_out"
+            )
+        })
+        .await;
+        self.shoal_json(&["job", "show", id])
+    }
+
     pub async fn wait_status(&self, id: &str, status: &str, limit: Duration) -> pb::Job {
         let what = format!("status {status}");
         self.wait_job(id, &what, limit, |j| {

@@ -308,6 +308,30 @@ mod tests {
     }
 
     #[test]
+    fn odd_numbers_draw_without_panicking() {
+        // MLflow lets a job log NaN and infinities; a chart must still render.
+        for points in [
+            vec![(0.0, f64::NAN), (1.0, f64::NAN)],
+            vec![(0.0, f64::INFINITY), (1.0, 1.0)],
+            vec![(0.0, f64::NEG_INFINITY), (1.0, f64::NEG_INFINITY)],
+            vec![(f64::NAN, 1.0), (1.0, f64::NAN)],
+        ] {
+            for top in [None, Some(100.0)] {
+                let svg = line(
+                    &[Series {
+                        label: "x".into(),
+                        points: points.clone(),
+                    }],
+                    top,
+                    "x",
+                );
+                assert!(svg.ends_with("</svg>"));
+            }
+        }
+        assert!(sparkline(&[f64::NAN, 1.0, f64::INFINITY], f64::NAN, "s").ends_with("</svg>"));
+    }
+
+    #[test]
     fn the_state_bar_splits_its_width_by_count() {
         let bar = state_bar(&[
             ("idle", 1, "#aaa"),
