@@ -6,6 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use support::{TestCluster, test_python};
 
@@ -346,4 +347,41 @@ print("SEEN " + json.dumps(seen))
     );
     let own = tc.shoal_json(&["job", "metrics", &second]);
     assert_eq!(own["runs"][0]["metrics"][0]["name"], "mine", "{own:#}");
+}
+
+/// A job stopped while its run is open leaves no run `RUNNING` forever: the run
+/// ends as its attempt did (canceled: KILLED), at the attempt's end; a run the
+/// job ended itself keeps the status it set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_of_a_canceled_job_ends_killed_and_a_finished_one_keeps_its_status() {
+    let python = test_python();
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let finished = run_job(&tc, &job_file(&tc, "finished", TRAIN, &python));
+
+    let waits = "import mlflow, time\nmlflow.log_metric(\"started\", 1.0)\ntime.sleep(600)\n";
+    let id = tc.submit_file(&job_file(&tc, "waits", waits, &python));
+    support::eventually("the job logged", Duration::from_secs(120), || async {
+        let logged = tc.shoal_json(&["job", "metrics", &id]);
+        (logged["runs"][0]["metrics"][0]["name"] == "started").then_some(())
+    })
+    .await;
+    let open = tc.shoal_json(&["job", "metrics", &id]);
+    assert_eq!(open["runs"][0]["status"], "RUNNING", "{open:#}");
+    tc.shoal(&["job", "cancel", &id]);
+    let ended = tc.wait_ended(&id, Duration::from_secs(60)).await;
+    assert_eq!(ended["status"], "canceled", "{ended:#}");
+    let run = support::eventually("the run ended", Duration::from_secs(10), || async {
+        let logged = tc.shoal_json(&["job", "metrics", &id]);
+        (logged["runs"][0]["status"] != "RUNNING").then_some(logged)
+    })
+    .await;
+    assert_eq!(run["runs"][0]["status"], "KILLED", "{run:#}");
+    assert!(
+        run["runs"][0]["end_ms"].as_i64().unwrap_or(0) > 0,
+        "{run:#}"
+    );
+
+    let kept = tc.shoal_json(&["job", "metrics", &finished]);
+    assert_eq!(kept["runs"][0]["status"], "FINISHED", "{kept:#}");
 }

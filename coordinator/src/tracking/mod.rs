@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 use tracing::warn;
 
+use crate::model::Attempt;
 use crate::{Error, Result};
 use model::{Metric, Run, Tag};
 
@@ -109,6 +110,10 @@ struct Inner {
     /// Jobs' calls already let in, by node and slot, with the token they showed:
     /// a slot's node and token never change, so the next call skips the loop.
     grants: Mutex<std::collections::HashMap<GrantKey, (String, JobCaller)>>,
+    /// Jobs' runs still `RUNNING` (read at open, added as they are made): an
+    /// attempt's end looks here first, so the many attempts that never log cost
+    /// no write.
+    running: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A job's calls by node, attempt and instance.
@@ -123,6 +128,11 @@ impl std::fmt::Debug for Tracking {
     }
 }
 
+/// A lock whose holder panicked is still good: its map is only ever added to or cleared.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn now_ms() -> i64 {
     crate::model::now_ms() as i64
 }
@@ -132,6 +142,7 @@ impl Tracking {
     pub fn open(data_dir: &Path) -> Result<Self> {
         let path = data_dir.join("tracking.db");
         let conn = store::open(&path, now_ms())?;
+        let running = Mutex::new(store::running_job_runs(&conn)?.into_iter().collect());
         let reader = crate::store::Reader::open(&path)?;
         let artifacts = data_dir.join("tracking");
         std::fs::create_dir_all(&artifacts)
@@ -142,6 +153,7 @@ impl Tracking {
             reader,
             artifacts,
             grants: Mutex::default(),
+            running,
         });
         std::thread::Builder::new()
             .name("shoal-tracking".into())
@@ -159,14 +171,14 @@ impl Tracking {
         instance: u32,
         token: &str,
     ) -> Option<JobCaller> {
-        let grants = self.inner.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let grants = lock(&self.inner.grants);
         let (known, caller) = grants.get(&(node.to_string(), attempt_id.to_string(), instance))?;
         let same: bool = subtle::ConstantTimeEq::ct_eq(known.as_bytes(), token.as_bytes()).into();
         same.then(|| caller.clone())
     }
 
     pub fn remember_grant(&self, token: &str, caller: &JobCaller) {
-        let mut grants = self.inner.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grants = lock(&self.inner.grants);
         if grants.len() >= MAX_GRANTS {
             grants.clear();
         }
@@ -243,6 +255,7 @@ impl Tracking {
     /// Called once per grant (`Agent.Track` remembers it), so not per call.
     pub async fn ensure_job_run(&self, job: &JobCaller) -> Result<()> {
         let job_owned = job.clone();
+        let inner = self.inner.clone();
         self.write(move |conn| {
             let job = job_owned;
             let run_id = job.run_id();
@@ -276,6 +289,7 @@ impl Tracking {
                     },
                 )?;
             }
+            lock(&inner.running).insert(run_id.clone());
             store::set_tags(
                 conn,
                 &run_id,
@@ -286,6 +300,48 @@ impl Tracking {
             )
         })
         .await
+    }
+
+    /// Ends the runs of attempts that ended, as their attempts did, where the job
+    /// left them `RUNNING` (a job stopped, canceled or lost never ends its own;
+    /// one that ended its run keeps the status it set).
+    /// Called after each commit with the attempts of the jobs it wrote; costs no
+    /// write unless one of them ended with its run still open.
+    pub fn end_attempt_runs<'a>(&self, attempts: impl IntoIterator<Item = &'a Attempt>) {
+        let open: Vec<(String, &'static str, i64)> = {
+            let mut running = lock(&self.inner.running);
+            if running.is_empty() {
+                return;
+            }
+            attempts
+                .into_iter()
+                .filter(|attempt| attempt.ended_at != 0)
+                .filter_map(|attempt| {
+                    let run_id = model::run_id_of_attempt(&attempt.id);
+                    running.remove(&run_id).then(|| {
+                        let status = model::run_status_of_attempt(attempt.status());
+                        (run_id, status, attempt.ended_at)
+                    })
+                })
+                .collect()
+        };
+        if open.is_empty() {
+            return;
+        }
+        let tracking = self.clone();
+        tokio::spawn(async move {
+            let ended = tracking
+                .write(move |conn| {
+                    for (run_id, status, at) in &open {
+                        store::end_run_if_running(conn, run_id, status, *at)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = ended {
+                warn!(error = %e, "could not end the runs of ended attempts");
+            }
+        });
     }
 
     /// Metrics, params and tags of one run, in one transaction (log-metric,

@@ -74,6 +74,15 @@ pub fn run_id_of_attempt(attempt_id: &str) -> String {
     attempt_id.replace('.', "-")
 }
 
+/// The MLflow status a run takes when its attempt ended so (`Attempt::status`).
+pub fn run_status_of_attempt(attempt_status: &str) -> &'static str {
+    match attempt_status {
+        "completed" => "FINISHED",
+        "failed" | "timed_out" => "FAILED",
+        _ => "KILLED",
+    }
+}
+
 /// Where a run's artifacts are, as the client resolves them against the tracking
 /// URI (`/api/2.0/mlflow-artifacts/artifacts/<experiment>/<run>/artifacts/...`).
 pub fn run_artifact_uri(experiment_id: i64, run_id: &str) -> String {

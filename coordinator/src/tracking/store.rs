@@ -301,6 +301,30 @@ pub fn run_exists(conn: &Connection, run_id: &str) -> Result<bool> {
         .is_some())
 }
 
+/// Jobs' runs not ended yet.
+pub fn running_job_runs(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt =
+        conn.prepare("SELECT run_id FROM runs WHERE status = 'RUNNING' AND job_id != ''")?;
+    let ids = stmt
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(ids)
+}
+
+/// Ends a run still `RUNNING`; one ended already keeps its status and end.
+pub fn end_run_if_running(
+    conn: &Connection,
+    run_id: &str,
+    status: &str,
+    end_ms: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE runs SET status = ?2, end_ms = ?3 WHERE run_id = ?1 AND status = 'RUNNING'",
+    )?
+    .execute(params![run_id, status, end_ms])?;
+    Ok(())
+}
+
 /// Who may write a run: the job that made it ('' for people), and whether it is active.
 pub fn run_owner(conn: &Connection, run_id: &str) -> Result<(String, bool)> {
     conn.prepare_cached("SELECT job_id, lifecycle FROM runs WHERE run_id = ?1")?
