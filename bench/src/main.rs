@@ -61,6 +61,7 @@ impl NodeProvider for InProcessProvider {
         async {
             Ok(StartedNode {
                 pid: None,
+                handle: String::new(),
                 exited: std::future::pending().boxed(),
             })
         }

@@ -120,6 +120,15 @@ impl Auth {
                cluster TEXT NOT NULL, kind TEXT NOT NULL, client_id TEXT NOT NULL,
                PRIMARY KEY (cluster, client_id));",
         )?;
+        // A join token a provider made for one node it is bringing up ('' for any).
+        let has_node: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('join_tokens') WHERE name = 'node_id'")?
+            .exists([])?;
+        if !has_node {
+            conn.execute_batch(
+                "ALTER TABLE join_tokens ADD COLUMN node_id TEXT NOT NULL DEFAULT ''",
+            )?;
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -319,6 +328,14 @@ impl Auth {
     }
 }
 
+/// What a join token was made for: a new node of a cluster, or one node a
+/// provider is bringing up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinAs {
+    pub cluster: String,
+    pub node_id: Option<String>,
+}
+
 /// A join token as listed.
 #[derive(Clone, Debug)]
 pub struct JoinTokenInfo {
@@ -332,6 +349,27 @@ pub struct JoinTokenInfo {
 impl Auth {
     /// A join token for `cluster`: good for `uses` agents until `ttl` from now.
     pub fn create_join_token(&self, cluster: &str, ttl_ms: i64, uses: u32) -> Result<String> {
+        self.insert_join_token(cluster, "", ttl_ms, uses)
+    }
+
+    /// A join token for one node a provider is bringing up (slurm, command): used
+    /// once, by that node's agent, which joins as that node.
+    pub fn create_node_join_token(
+        &self,
+        cluster: &str,
+        node_id: &str,
+        ttl_ms: i64,
+    ) -> Result<String> {
+        self.insert_join_token(cluster, node_id, ttl_ms, 1)
+    }
+
+    fn insert_join_token(
+        &self,
+        cluster: &str,
+        node_id: &str,
+        ttl_ms: i64,
+        uses: u32,
+    ) -> Result<String> {
         if uses == 0 {
             return Err(Error::invalid("uses", "must be at least 1"));
         }
@@ -340,16 +378,16 @@ impl Auth {
         let now = now_ms();
         self.with_conn(|conn| {
             conn.execute(
-                "INSERT INTO join_tokens (id, cluster, secret_sha256, expires_at, uses_left, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, cluster, sha256(&secret), now.saturating_add(ttl_ms), uses, now],
+                "INSERT INTO join_tokens (id, cluster, secret_sha256, expires_at, uses_left, created_at, node_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![id, cluster, sha256(&secret), now.saturating_add(ttl_ms), uses, now, node_id],
             )
         })?;
         Ok(format!("shoal_join_{id}_{secret}"))
     }
 
-    /// The cluster a join token lets one more agent into, using that use up; or why not.
-    pub fn use_join_token(&self, token: &str) -> std::result::Result<String, String> {
+    /// What a join token lets one more agent join, using that use up; or why not.
+    pub fn use_join_token(&self, token: &str) -> std::result::Result<JoinAs, String> {
         let Some((id, secret)) = token
             .strip_prefix("shoal_join_")
             .and_then(|rest| rest.split_once('_'))
@@ -357,15 +395,15 @@ impl Auth {
             return Err("not a join token (shoal_join_…)".into());
         };
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let row: Option<(String, Vec<u8>, i64, i64, bool)> = conn
+        let row: Option<(String, Vec<u8>, i64, i64, bool, String)> = conn
             .query_row(
-                "SELECT cluster, secret_sha256, expires_at, uses_left, revoked_at IS NOT NULL
+                "SELECT cluster, secret_sha256, expires_at, uses_left, revoked_at IS NOT NULL, node_id
                  FROM join_tokens WHERE id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .ok();
-        let Some((cluster, hash, expires_at, uses_left, revoked)) = row else {
+        let Some((cluster, hash, expires_at, uses_left, revoked, node_id)) = row else {
             return Err("unknown join token".into());
         };
         if !bool::from(sha256(secret).ct_eq(&hash)) {
@@ -385,7 +423,10 @@ impl Auth {
             [id],
         )
         .map_err(|e| e.to_string())?;
-        Ok(cluster)
+        Ok(JoinAs {
+            cluster,
+            node_id: (!node_id.is_empty()).then_some(node_id),
+        })
     }
 
     pub fn revoke_join_token(&self, id: &str) -> Result<bool> {
@@ -401,7 +442,7 @@ impl Auth {
     pub fn join_tokens(&self) -> Result<Vec<JoinTokenInfo>> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, cluster, expires_at, uses_left, revoked_at IS NOT NULL FROM join_tokens ORDER BY created_at",
+                "SELECT id, cluster, expires_at, uses_left, revoked_at IS NOT NULL FROM join_tokens WHERE node_id = '' ORDER BY created_at",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok(JoinTokenInfo {

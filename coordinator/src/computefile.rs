@@ -55,6 +55,9 @@ pub struct ComputeFile {
     // Shoal's own.
     #[serde(default)]
     pub provider: Option<String>,
+    /// The provider's own settings (slurm: partition, …; command: its scripts).
+    #[serde(default)]
+    pub provider_settings: BTreeMap<String, String>,
     #[serde(default)]
     pub internode_communication: Option<bool>,
 }
@@ -201,6 +204,7 @@ impl ComputeFile {
             description: self.description.unwrap_or_default(),
             tags: self.tags,
             provider: self.provider.unwrap_or_default(),
+            provider_settings: self.provider_settings,
             internode_communication: self.internode_communication,
             identities,
             ..Default::default()

@@ -64,6 +64,11 @@ pub struct ConfigFile {
     /// (default 60).
     #[serde(default)]
     pub node_start_timeout_seconds: Option<u64>,
+    /// Where agents on other machines (the slurm and command providers' nodes)
+    /// reach this coordinator, e.g. `http://head-node:7070` (default: the address
+    /// it listens on).
+    #[serde(default)]
+    pub advertise_endpoint: Option<String>,
     /// Ended jobs are deleted, with their logs, rows and outputs, this many days
     /// after they ended (default 30; 0 keeps them for good; fractions allowed).
     #[serde(default)]
@@ -221,8 +226,36 @@ pub async fn serve(
         );
     }
     let node_link = Arc::new(crate::api::node_link::NodeLink::new(&config.data_dir)?);
+    let remote = crate::provider::RemoteAgents {
+        endpoint: config.file.advertise_endpoint.clone().unwrap_or_else(|| {
+            format!(
+                "{}://{address}",
+                if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            )
+        }),
+        ca_file: config.tls.as_ref().and_then(|t| t.ca.clone()),
+        auth: auth.clone(),
+        token_ttl: config.control.register_timeout,
+        program: config.agent_program.clone(),
+        owner: owner.clone(),
+        lease,
+        job_stop_grace,
+    };
     let provider = Providers {
         local,
+        slurm: crate::provider::SlurmProvider {
+            remote: remote.clone(),
+            poll: Duration::from_secs(2),
+        },
+        command: crate::provider::CommandProvider {
+            remote,
+            poll: Duration::from_secs(5),
+            create_limit: config.control.register_timeout,
+        },
         docker: DockerProvider {
             owner,
             program: config.agent_program.clone(),

@@ -1032,6 +1032,7 @@ impl World {
                 self.send(Command::NodeFailed {
                     node_id: launch.node_id,
                     error: "the simulated provider failed".into(),
+                    preempted: false,
                 });
                 continue;
             }
@@ -1049,6 +1050,7 @@ impl World {
             self.send(Command::NodeStarted {
                 node_id: launch.node_id.clone(),
                 pid: None,
+                handle: String::new(),
             });
             let at = now + self.rng.random_range(50..800);
             self.at(

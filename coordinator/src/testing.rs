@@ -20,6 +20,7 @@ impl ClusterBuilder {
             description: String::new(),
             tags: BTreeMap::new(),
             provider: ProviderKind::Local,
+            provider_settings: Default::default(),
             internode_communication: true,
             cancel_idle_gpu_jobs: false,
         })
@@ -64,6 +65,8 @@ impl NodeBuilder {
             memory_used_bytes: 0,
             last_heartbeat: 0,
             provider: ProviderKind::Local,
+            handle: String::new(),
+            settings: Default::default(),
             gpus: Vec::new(),
             gpu_reason: String::new(),
             lost_contact: false,
@@ -186,6 +189,7 @@ impl crate::provider::NodeProvider for FakeProvider {
             }
             Ok(crate::provider::StartedNode {
                 pid: None,
+                handle: String::new(),
                 exited: std::future::pending().boxed(),
             })
         }

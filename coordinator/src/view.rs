@@ -35,6 +35,8 @@ pub struct Cluster {
     pub description: String,
     pub tags: BTreeMap<String, String>,
     pub provider: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub provider_settings: BTreeMap<String, String>,
     pub internode_communication: bool,
     pub allocation_state: String,
     pub current_node_count: u32,
@@ -58,6 +60,7 @@ impl From<&pb::Cluster> for Cluster {
             description: c.description.clone(),
             tags: c.tags.clone().into_iter().collect(),
             provider: c.provider.clone(),
+            provider_settings: c.provider_settings.clone().into_iter().collect(),
             internode_communication: c.internode_communication,
             allocation_state: c.allocation_state.clone(),
             current_node_count: c.current_node_count,

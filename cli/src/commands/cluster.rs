@@ -13,9 +13,40 @@ use super::key_value;
 use crate::client::{Client, status};
 use crate::output::{self, Format};
 
+const PROVIDERS_HELP: &str = "\
+Providers:
+  local    each node is a `shoal agent` process on this machine (the default)
+  docker   each node is a container of the shoal/node image
+  slurm    each node is a Slurm allocation: `sbatch` runs `shoal agent` with a
+           one-use join token; scale-down is `scancel`; a pending allocation
+           shows Slurm's reason. Settings (all optional): partition, account,
+           qos, time_limit (sbatch --time), sbatch_args (more sbatch flags, as a
+           shell would split them), agent_program (the shoal binary on the
+           allocated machines; default: this one's path), work_dir (where the
+           agents work there; default /tmp/shoal-agents). The coordinator's
+           machine needs sbatch, squeue and scancel.
+  command  each node is made and removed by your scripts (any cloud CLI, IPMI):
+           create (required) gets the node as JSON on stdin -- node_id, cluster,
+           join_token, endpoint, ca_file, cores, memory_bytes, gpus, vm_size --
+           starts `shoal agent --endpoint ENDPOINT --join-token TOKEN --work-dir
+           DIR` there, and prints the node's address; delete (required) gets
+           node_id, cluster and address; list (optional) prints the addresses of
+           the nodes that exist, one per line: a node it stops listing is lost
+           and its work is rerun. Scripts are absolute paths.
+
+Agents on other machines reach the coordinator at `advertise_endpoint` in
+shoal.yaml (default: its own listen address).
+
+Examples:
+  shoal cluster create --name hpc --vm-size Standard_D4s_v3 --max-nodes 8 \\
+    --provider slurm --provider-setting partition=gpu --provider-setting time_limit=4:00:00
+  shoal cluster create --name vms --vm-size Standard_D4s_v3 --provider command \\
+    --provider-setting create=/opt/nodes/create.sh --provider-setting delete=/opt/nodes/delete.sh";
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Create a cluster (nodes come and go with the work: min 0, max 4 by default).
+    #[command(after_long_help = PROVIDERS_HELP)]
     Create(CreateArgs),
     /// Show one cluster: its settings, node counts, allocation state and errors.
     Show(NameArg),
@@ -109,9 +140,12 @@ pub struct CreateArgs {
     /// A tag, KEY=VALUE; repeat for more.
     #[arg(long = "tag", value_parser = key_value)]
     pub tags: Vec<(String, String)>,
-    /// What creates the nodes [default: local].
+    /// What creates the nodes: local, docker, slurm or command [default: local].
     #[arg(long)]
     pub provider: Option<String>,
+    /// A provider setting, KEY=VALUE; repeat for more (see below).
+    #[arg(long = "provider-setting", value_parser = key_value)]
+    pub provider_settings: Vec<(String, String)>,
     /// true: MPI works, at most 100 nodes; false: up to 4000 nodes, no distributed jobs.
     #[arg(long)]
     pub internode_communication: Option<bool>,
@@ -211,6 +245,11 @@ pub async fn create(client: &Client, args: CreateArgs, format: Format) -> anyhow
         description: or(args.description, base.description),
         tags,
         provider: or(args.provider, base.provider),
+        provider_settings: base
+            .provider_settings
+            .into_iter()
+            .chain(args.provider_settings)
+            .collect(),
         internode_communication: args
             .internode_communication
             .or(base.internode_communication),
@@ -240,6 +279,10 @@ pub fn print_cluster(cluster: &pb::Cluster, format: Format) -> anyhow::Result<()
     println!("vm_size:                       {}", cluster.vm_size);
     println!("vm_priority:                   {}", cluster.vm_priority);
     println!("provider:                      {}", cluster.provider);
+    let settings: std::collections::BTreeMap<_, _> = cluster.provider_settings.iter().collect();
+    for (key, value) in settings {
+        println!("  {:<28} {value}", format!("{key}:"));
+    }
     println!(
         "min_nodes / max_nodes:         {} / {}",
         cluster.min_nodes, cluster.max_nodes

@@ -260,6 +260,8 @@ struct ClusterBody {
     #[serde(default)]
     provider: String,
     #[serde(default)]
+    provider_settings: BTreeMap<String, String>,
+    #[serde(default)]
     internode_communication: Option<bool>,
     #[serde(default)]
     cancel_idle_gpu_jobs: Option<bool>,
@@ -326,6 +328,7 @@ async fn create_cluster(
         description: body.description,
         tags: body.tags,
         provider: body.provider,
+        provider_settings: body.provider_settings,
         internode_communication: body.internode_communication,
         cancel_idle_gpu_jobs: body.cancel_idle_gpu_jobs,
         identities,

@@ -156,6 +156,33 @@ impl Control {
         Ok(node)
     }
 
+    /// The agent of a node a provider is bringing up (slurm, command) presents the
+    /// join token made for it: the node must still be waiting for it.
+    pub(super) fn provided_node_joins(
+        &mut self,
+        cluster: &str,
+        node_id: &str,
+        hostname: &str,
+    ) -> Result<Node> {
+        let node = self
+            .nodes
+            .get_mut(node_id)
+            .filter(|n| n.cluster == cluster)
+            .ok_or_else(|| Error::NotFound(format!("node `{node_id}` is gone")))?;
+        if node.state != NodeState::Preparing {
+            return Err(Error::FailedPrecondition(format!(
+                "node `{node_id}` is {}, not waiting for its agent",
+                node.state.as_str()
+            )));
+        }
+        node.hostname = hostname.to_string();
+        node.message.clear();
+        info!(node = %node_id, cluster, hostname, "provided node's agent joined");
+        let node = node.clone();
+        self.dirty_nodes.insert(node_id.to_string());
+        Ok(node)
+    }
+
     pub(super) fn create_node(&mut self, cluster: &str, now: Millis) {
         let provider = self
             .clusters
@@ -175,6 +202,11 @@ impl Control {
         self.seqs_dirty = true;
         let node = Node::preparing(&id, cluster, size.cores, size.memory_bytes(), provider, now);
         info!(node = %id, cluster, "creating node");
+        let settings = self
+            .clusters
+            .get(cluster)
+            .map(|c| c.spec.provider_settings.clone())
+            .unwrap_or_default();
         self.to_create.push(NodeLaunch {
             provider,
             node_id: id.clone(),
@@ -182,7 +214,12 @@ impl Control {
             cores: node.cores,
             memory_bytes: node.memory_bytes,
             gpus: size.gpus,
+            vm_size: size.name.clone(),
+            settings: settings.clone(),
+            notes: Default::default(),
         });
+        let mut node = node;
+        node.settings = settings;
         self.nodes.insert(id.clone(), node);
         self.dirty_nodes.insert(id);
     }

@@ -159,6 +159,9 @@ impl Driver {
                 data: log.data,
             }));
         }
+        if let Some(tracking) = &self.control.config.tracking {
+            tracking.end_attempt_runs(effects.batch.jobs.iter().flat_map(|job| &job.attempts));
+        }
         if let Some(tracking) = self.control.config.tracking.clone()
             && !committed.purged.is_empty()
         {
@@ -179,9 +182,17 @@ impl Driver {
 
     fn call_providers(&self, effects: &mut Effects) {
         let start_limit = self.control.config.register_timeout;
-        for launch in effects.create.drain(..) {
+        for mut launch in effects.create.drain(..) {
             let provider = self.provider.clone();
             let events = self.own_tx.clone();
+            let notes = self.own_tx.clone();
+            let about = launch.node_id.clone();
+            launch.notes = crate::provider::Notes::new(move |note| {
+                let _ = notes.try_send(Command::NodeNote {
+                    node_id: about.clone(),
+                    note,
+                });
+            });
             tokio::spawn(async move {
                 let node_id = launch.node_id.clone();
                 // A provider that hangs fails the node, as one that says no.
@@ -199,18 +210,26 @@ impl Driver {
                             .send(Command::NodeStarted {
                                 node_id: node_id.clone(),
                                 pid: started.pid,
+                                handle: started.handle,
                             })
                             .await;
                         let how = started.exited.await;
                         let _ = events
                             .send(Command::NodeFailed {
                                 node_id,
-                                error: how,
+                                error: how.why,
+                                preempted: how.preempted,
                             })
                             .await;
                     }
                     Err(error) => {
-                        let _ = events.send(Command::NodeFailed { node_id, error }).await;
+                        let _ = events
+                            .send(Command::NodeFailed {
+                                node_id,
+                                error,
+                                preempted: false,
+                            })
+                            .await;
                     }
                 }
             });

@@ -108,12 +108,14 @@ impl ControlHandle {
     pub async fn join_node(
         &self,
         cluster: String,
+        node_id: Option<String>,
         hostname: String,
         cores: u32,
         memory_bytes: u64,
     ) -> Result<Node> {
         self.ask(|reply| Command::JoinNode {
             cluster,
+            node_id,
             hostname,
             cores,
             memory_bytes,

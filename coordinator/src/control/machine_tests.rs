@@ -223,6 +223,7 @@ fn a_node_that_fails_to_start_is_retried_after_its_backoff_and_not_before() {
     m.step(vec![Command::NodeFailed {
         node_id: first.clone(),
         error: "cannot start the agent".into(),
+        preempted: false,
     }]);
     // The first failure waits 2 s: not one millisecond less.
     m.advance(1_999);
@@ -250,6 +251,7 @@ fn a_node_that_fails_to_start_is_retried_after_its_backoff_and_not_before() {
     m.step(vec![Command::NodeFailed {
         node_id: second,
         error: "cannot start the agent".into(),
+        preempted: false,
     }]);
     m.advance(3_999);
     assert_eq!(m.created.len(), 2);
@@ -2181,4 +2183,41 @@ fn a_parallel_step_reading_a_step_is_cut_once_that_step_has_completed() {
         }
         assert!(m.control.invariant_violations().is_empty());
     }
+}
+
+#[test]
+fn a_node_its_provider_takes_back_requeues_its_work_as_preempted_and_goes() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 600);
+    let id = m.submit("cl", 1);
+    let node = m.created[0].clone();
+    // While it comes up, the provider's words are the node's message.
+    m.step(vec![Command::NodeNote {
+        node_id: node.clone(),
+        note: "Slurm allocation 7 is pending: Resources".into(),
+    }]);
+    assert_eq!(m.node(&node).message, "Slurm allocation 7 is pending: Resources");
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &order);
+    // Once up, a late note changes nothing.
+    m.step(vec![Command::NodeNote {
+        node_id: node.clone(),
+        note: "Slurm allocation 7 is pending: Priority".into(),
+    }]);
+    assert!(!m.node(&node).message.contains("Priority"));
+    m.step(vec![Command::NodeFailed {
+        node_id: node.clone(),
+        error: "Slurm allocation 7 ended: PREEMPTED".into(),
+        preempted: true,
+    }]);
+    let job = m.job(&id);
+    assert_eq!(job.status, JobStatus::Queued, "{}", job.reason);
+    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Preempted);
+    assert!(
+        matches!(&job.reason, JobReason::Requeued(r) if matches!(&**r, Requeue::Preempted { .. })),
+        "{}",
+        job.reason
+    );
+    assert_eq!(m.removed, vec![node.clone()], "the node goes");
 }

@@ -208,9 +208,11 @@ pub enum Command {
         notice_seconds: Option<u64>,
         reply: Reply<Node>,
     },
-    /// An agent started by hand joins a cluster: (cluster, hostname, cores, memory).
+    /// An agent joins a cluster with a join token: as a new node (started by
+    /// hand), or as the node a provider made the token for (`node_id`).
     JoinNode {
         cluster: String,
+        node_id: Option<String>,
         hostname: String,
         cores: u32,
         memory_bytes: u64,
@@ -319,10 +321,19 @@ pub enum Command {
     NodeStarted {
         node_id: String,
         pid: Option<u32>,
+        handle: String,
     },
+    /// A provider's word on a node coming up (a Slurm allocation's pending reason).
+    NodeNote {
+        node_id: String,
+        note: String,
+    },
+    /// The node ended by itself (or never started); `preempted`: its owner took
+    /// it back, so its work is requeued without counting an attempt.
     NodeFailed {
         node_id: String,
         error: String,
+        preempted: bool,
     },
     NodeRemoved {
         node_id: String,

@@ -578,19 +578,39 @@ impl Control {
                 // Reads only: no need to wait for the batch's commit.
                 let _ = reply.send(self.authorize(&claim, &call));
             }
-            Command::NodeStarted { node_id, pid } => {
+            Command::NodeStarted {
+                node_id,
+                pid,
+                handle,
+            } => {
                 if let Some(node) = self.nodes.get_mut(&node_id) {
                     node.pid = pid;
+                    node.handle = handle;
                     self.dirty_nodes.insert(node_id);
                 }
             }
-            Command::NodeFailed { node_id, error } => {
+            Command::NodeNote { node_id, note } => {
+                if let Some(node) = self.nodes.get_mut(&node_id)
+                    && node.state == NodeState::Preparing
+                    && node.message != note
+                {
+                    node.message = note;
+                    self.dirty_nodes.insert(node_id);
+                }
+            }
+            Command::NodeFailed {
+                node_id,
+                error,
+                preempted,
+            } => {
                 if self
                     .nodes
                     .get(&node_id)
                     .is_some_and(|n| n.state == NodeState::Leaving)
                 {
                     self.forget_node(&node_id);
+                } else if preempted {
+                    self.node_taken_back(&node_id, &error, now);
                 } else {
                     self.node_unusable(&node_id, &error, now);
                 }
@@ -606,12 +626,16 @@ impl Control {
             }
             Command::JoinNode {
                 cluster,
+                node_id,
                 hostname,
                 cores,
                 memory_bytes: memory,
                 reply,
             } => {
-                let result = self.join_node(&cluster, &hostname, cores, memory, now);
+                let result = match node_id {
+                    Some(id) => self.provided_node_joins(&cluster, &id, &hostname),
+                    None => self.join_node(&cluster, &hostname, cores, memory, now),
+                };
                 self.defer(reply, result);
             }
             Command::RevokeNode(node_id, reply) => {
@@ -817,7 +841,10 @@ fn removal(node: &Node) -> NodeRemoval {
     NodeRemoval {
         provider: node.provider,
         node_id: node.id.clone(),
+        cluster: node.cluster.clone(),
         pid: node.pid,
+        handle: node.handle.clone(),
+        settings: node.settings.clone(),
     }
 }
 

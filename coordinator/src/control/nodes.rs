@@ -75,6 +75,21 @@ impl Control {
         self.to_remove.push(gone);
     }
 
+    /// Its owner took the node back (a Slurm preemption): its instances end
+    /// preempted (requeued, no attempt counted) and the node goes.
+    pub(super) fn node_taken_back(&mut self, node_id: &str, why: &str, now: Millis) {
+        let Some(node) = self.nodes.get(node_id) else {
+            return;
+        };
+        warn!(node = %node_id, why, "node taken back by its provider");
+        let running = node.slots();
+        self.preempted_nodes.insert(node_id.to_string());
+        for slot in &running {
+            self.instance_lost(slot, &format!("node {node_id} was preempted: {why}"), now);
+        }
+        self.remove_node(node_id, why);
+    }
+
     pub(super) fn remove_node(&mut self, node_id: &str, why: &str) {
         let Some(node) = self.nodes.get_mut(node_id) else {
             return;

@@ -14,6 +14,8 @@ pub struct ClusterRequest {
     pub description: String,
     pub tags: BTreeMap<String, String>,
     pub provider: String,
+    /// The provider's own settings (slurm: partition, account, …; command: its scripts).
+    pub provider_settings: BTreeMap<String, String>,
     pub internode_communication: Option<bool>,
     pub cancel_idle_gpu_jobs: Option<bool>,
     /// Managed identities its jobs may use: `[system]` (its own), user-assigned
@@ -32,6 +34,8 @@ pub struct ClusterSpec {
     pub description: String,
     pub tags: BTreeMap<String, String>,
     pub provider: ProviderKind,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub provider_settings: BTreeMap<String, String>,
     pub internode_communication: bool,
     /// Policy: cancel a job whose GPUs sit idle past the idle-GPU time.
     #[serde(default)]
@@ -59,10 +63,12 @@ impl ClusterSpec {
             description: request.description,
             tags: request.tags,
             provider: ProviderKind::parse(&request.provider)?,
+            provider_settings: request.provider_settings,
             internode_communication: request.internode_communication.unwrap_or(true),
             cancel_idle_gpu_jobs: request.cancel_idle_gpu_jobs.unwrap_or(false),
         };
         spec.validate_sizes()?;
+        spec.provider.check_settings(&spec.provider_settings)?;
         validate_tags(&spec.tags)?;
         Ok(spec)
     }

@@ -66,6 +66,10 @@ pub enum ProviderKind {
     Docker,
     /// An agent started by hand on its own machine, joined with a join token.
     Joined,
+    /// Each node a Slurm allocation (`sbatch`) running `shoal agent`.
+    Slurm,
+    /// Each node made and removed by the user's own scripts (any cloud CLI, IPMI).
+    Command,
 }
 
 impl ProviderKind {
@@ -73,15 +77,13 @@ impl ProviderKind {
         match text.to_ascii_lowercase().as_str() {
             "" | "local" => Ok(ProviderKind::Local),
             "docker" => Ok(ProviderKind::Docker),
-            "static" | "command" => Err(Error::invalid(
-                "provider",
-                format!(
-                    "the `{text}` provider is not available in this build yet; use `local` or `docker`"
-                ),
-            )),
+            "slurm" => Ok(ProviderKind::Slurm),
+            "command" => Ok(ProviderKind::Command),
             other => Err(Error::invalid(
                 "provider",
-                format!("unknown provider `{other}`; the providers are: local, docker"),
+                format!(
+                    "unknown provider `{other}`; the providers are: local, docker, slurm, command"
+                ),
             )),
         }
     }
@@ -91,9 +93,89 @@ impl ProviderKind {
             ProviderKind::Local => "local",
             ProviderKind::Docker => "docker",
             ProviderKind::Joined => "joined",
+            ProviderKind::Slurm => "slurm",
+            ProviderKind::Command => "command",
         }
     }
+
+    /// Nodes whose agents run on other machines, started with a one-use join token.
+    pub fn is_remote(self) -> bool {
+        matches!(self, ProviderKind::Slurm | ProviderKind::Command)
+    }
+
+    /// Checks a cluster's `provider_settings` for this provider: known keys only,
+    /// the required ones present, paths absolute.
+    pub fn check_settings(self, settings: &BTreeMap<String, String>) -> Result<()> {
+        let (known, required): (&[&str], &[&str]) = match self {
+            ProviderKind::Slurm => (SLURM_SETTINGS, &[]),
+            ProviderKind::Command => (COMMAND_SETTINGS, &["create", "delete"]),
+            ProviderKind::Local | ProviderKind::Docker | ProviderKind::Joined => (&[], &[]),
+        };
+        for key in settings.keys() {
+            if !known.contains(&key.as_str()) {
+                let expected = if known.is_empty() {
+                    format!("the `{}` provider takes no settings", self.as_str())
+                } else {
+                    format!(
+                        "the `{}` provider's settings are: {}",
+                        self.as_str(),
+                        known.join(", ")
+                    )
+                };
+                return Err(Error::invalid(
+                    "provider_settings",
+                    format!("unknown setting `{key}`; {expected}"),
+                ));
+            }
+        }
+        for key in required {
+            if settings.get(*key).is_none_or(|v| v.trim().is_empty()) {
+                return Err(Error::invalid(
+                    "provider_settings",
+                    format!(
+                        "the `{}` provider needs `{key}` (the path of a script; `shoal cluster create --help` shows what it is given)",
+                        self.as_str()
+                    ),
+                ));
+            }
+        }
+        for key in ["create", "delete", "list", "agent_program", "work_dir"] {
+            if let Some(path) = settings.get(key)
+                && !std::path::Path::new(path).is_absolute()
+            {
+                return Err(Error::invalid(
+                    "provider_settings",
+                    format!("`{key}` must be an absolute path, not `{path}`"),
+                ));
+            }
+        }
+        if let Some(args) = settings.get("sbatch_args")
+            && shlex::split(args).is_none()
+        {
+            return Err(Error::invalid(
+                "provider_settings",
+                format!("`sbatch_args` is not a shell word list: {args}"),
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// The slurm provider's settings: where and as whom allocations are asked for
+/// (`sbatch --partition --account --qos --time`, then `sbatch_args` as written),
+/// and where the `shoal` binary and the agents' work dirs are on its machines.
+pub const SLURM_SETTINGS: &[&str] = &[
+    "partition",
+    "account",
+    "qos",
+    "time_limit",
+    "sbatch_args",
+    "agent_program",
+    "work_dir",
+];
+
+/// The command provider's settings: the scripts that make, remove and list nodes.
+pub const COMMAND_SETTINGS: &[&str] = &["create", "delete", "list"];
 
 mod cluster;
 mod identity;

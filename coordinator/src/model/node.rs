@@ -146,6 +146,12 @@ pub struct Node {
     /// What created it (and so removes it).
     #[serde(default)]
     pub provider: ProviderKind,
+    /// What its provider calls it (a Slurm job id, a create script's address).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub handle: String,
+    /// Its cluster's provider settings when it was made (what removes it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
     /// Its GPUs, as its agent found them.
     #[serde(default)]
     pub gpus: Vec<GpuStat>,
@@ -193,6 +199,8 @@ impl Node {
             message: String::new(),
             runtimes: Vec::new(),
             provider,
+            handle: String::new(),
+            settings: BTreeMap::new(),
             gpus: Vec::new(),
             gpu_reason: String::new(),
             lost_contact: false,

@@ -436,8 +436,13 @@ impl super::NodeProvider for DockerProvider {
                     None => "node container is gone".to_string(),
                 }
             }
+            .map(super::NodeExit::gone)
             .boxed();
-            Ok(super::StartedNode { pid: None, exited })
+            Ok(super::StartedNode {
+                pid: None,
+                handle: String::new(),
+                exited,
+            })
         }
         .boxed()
     }

@@ -195,8 +195,13 @@ impl NodeProvider for LocalProvider {
                     }
                 }
             }
+            .map(super::NodeExit::gone)
             .boxed();
-            Ok(StartedNode { pid, exited })
+            Ok(StartedNode {
+                pid,
+                handle: String::new(),
+                exited,
+            })
         }
         .boxed()
     }

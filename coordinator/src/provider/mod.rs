@@ -1,11 +1,20 @@
 //! Node providers: what creates and removes the machines (or processes) a cluster
 //! is made of. The control loop decides; a provider only carries it out.
 
+mod command;
 pub mod docker;
 mod local;
+mod remote;
+mod slurm;
 
+pub use command::CommandProvider;
 pub use docker::DockerProvider;
 pub use local::LocalProvider;
+pub use remote::RemoteAgents;
+pub use slurm::SlurmProvider;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -22,6 +31,12 @@ pub struct NodeLaunch {
     pub memory_bytes: u64,
     /// GPUs its VM size has.
     pub gpus: u32,
+    pub vm_size: String,
+    /// The cluster's `provider_settings` when the node was made.
+    pub settings: BTreeMap<String, String>,
+    /// What the provider has to say while the node comes up (a Slurm allocation's
+    /// pending reason): shown as the preparing node's message.
+    pub notes: Notes,
 }
 
 /// A node to stop and remove.
@@ -29,15 +44,66 @@ pub struct NodeLaunch {
 pub struct NodeRemoval {
     pub provider: ProviderKind,
     pub node_id: String,
+    pub cluster: String,
     /// The agent's host pid (local nodes), also for nodes of an earlier run.
     pub pid: Option<u32>,
+    /// What the provider called it when it made it (a Slurm job id, the address a
+    /// create script printed); empty when it never started.
+    pub handle: String,
+    pub settings: BTreeMap<String, String>,
 }
 
 /// A node the provider started.
 pub struct StartedNode {
     pub pid: Option<u32>,
-    /// Resolves when the node's agent is gone, with how it ended.
-    pub exited: BoxFuture<'static, String>,
+    /// What the provider calls it (kept with the node, given back to `remove`).
+    pub handle: String,
+    /// Resolves when the node is gone, with how it ended.
+    pub exited: BoxFuture<'static, NodeExit>,
+}
+
+/// How a node ended by itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeExit {
+    pub why: String,
+    /// Taken back by its owner (a Slurm preemption): its work is requeued
+    /// without counting against the job's attempts.
+    pub preempted: bool,
+}
+
+impl NodeExit {
+    pub fn gone(why: impl Into<String>) -> Self {
+        NodeExit {
+            why: why.into(),
+            preempted: false,
+        }
+    }
+}
+
+/// Where a provider's words about a node go (the control loop, as a command).
+#[derive(Clone)]
+pub struct Notes(Arc<dyn Fn(String) + Send + Sync>);
+
+impl Notes {
+    pub fn new(say: impl Fn(String) + Send + Sync + 'static) -> Self {
+        Notes(Arc::new(say))
+    }
+
+    pub fn say(&self, note: String) {
+        (self.0)(note)
+    }
+}
+
+impl Default for Notes {
+    fn default() -> Self {
+        Notes::new(|_| {})
+    }
+}
+
+impl std::fmt::Debug for Notes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notes")
+    }
 }
 
 pub trait NodeProvider: Send + Sync + 'static {
@@ -70,6 +136,8 @@ impl NodeProvider for Joined {
 pub struct Providers {
     pub local: LocalProvider,
     pub docker: DockerProvider,
+    pub slurm: SlurmProvider,
+    pub command: CommandProvider,
 }
 
 impl Providers {
@@ -78,6 +146,8 @@ impl Providers {
             ProviderKind::Local => &self.local,
             ProviderKind::Docker => &self.docker,
             ProviderKind::Joined => &Joined,
+            ProviderKind::Slurm => &self.slurm,
+            ProviderKind::Command => &self.command,
         }
     }
 }
@@ -96,6 +166,11 @@ impl NodeProvider for Providers {
     }
 
     fn cleanup(&self, keep: Vec<String>) -> BoxFuture<'static, ()> {
-        self.docker.cleanup(keep)
+        let docker = self.docker.cleanup(keep.clone());
+        let slurm = self.slurm.cleanup(keep);
+        async move {
+            futures::join!(docker, slurm);
+        }
+        .boxed()
     }
 }

@@ -241,6 +241,7 @@ pub async fn create_cluster(
         description: String::new(),
         tags: BTreeMap::new(),
         provider: String::new(),
+        provider_settings: Default::default(),
         internode_communication: None,
         cancel_idle_gpu_jobs: None,
         identities: std::iter::once(form.identity.as_str())

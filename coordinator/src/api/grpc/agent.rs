@@ -220,7 +220,7 @@ impl pb::agent_server::Agent for Api {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
         let asked = request.into_inner();
-        let cluster = self.auth.use_join_token(&asked.join_token).map_err(|why| {
+        let joining = self.auth.use_join_token(&asked.join_token).map_err(|why| {
             warn!(%why, hostname = %asked.hostname, "join refused");
             Status::unauthenticated(format!(
                 "{why}; ask an admin for one (`shoal join-token create`)"
@@ -229,7 +229,8 @@ impl pb::agent_server::Agent for Api {
         let node = self
             .control
             .join_node(
-                cluster.clone(),
+                joining.cluster.clone(),
+                joining.node_id,
                 asked.hostname,
                 asked.cores,
                 asked.memory_bytes,
@@ -238,7 +239,7 @@ impl pb::agent_server::Agent for Api {
         let credential = self.auth.node_credential(&node.id)?;
         Ok(Response::new(pb::JoinReply {
             node_id: node.id,
-            cluster,
+            cluster: joining.cluster,
             credential,
         }))
     }
