@@ -2196,7 +2196,10 @@ fn a_node_its_provider_takes_back_requeues_its_work_as_preempted_and_goes() {
         node_id: node.clone(),
         note: "Slurm allocation 7 is pending: Resources".into(),
     }]);
-    assert_eq!(m.node(&node).message, "Slurm allocation 7 is pending: Resources");
+    assert_eq!(
+        m.node(&node).message,
+        "Slurm allocation 7 is pending: Resources"
+    );
     let mut agent = m.register(&node, "cl");
     let order = launches(&mut agent).pop().expect("launched");
     m.started(&node, &order);
@@ -2213,7 +2216,10 @@ fn a_node_its_provider_takes_back_requeues_its_work_as_preempted_and_goes() {
     }]);
     let job = m.job(&id);
     assert_eq!(job.status, JobStatus::Queued, "{}", job.reason);
-    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Preempted);
+    assert_eq!(
+        job.attempts[0].instances[0].status,
+        InstanceStatus::Preempted
+    );
     assert!(
         matches!(&job.reason, JobReason::Requeued(r) if matches!(&**r, Requeue::Preempted { .. })),
         "{}",

@@ -299,28 +299,21 @@ impl DockerProvider {
             format!("https://{}:{port}", crate::api::node_link::COORDINATOR_HOST),
             "--ca-file".into(),
             "/run/shoal/ca.pem".into(),
-            "--lease-seconds".into(),
-            self.lease.as_secs().to_string(),
             "--node-id".into(),
             launch.node_id.clone(),
             "--cluster".into(),
             launch.cluster.clone(),
-            "--owner".into(),
-            self.owner.clone(),
-            "--work-dir".into(),
-            work.clone(),
-            "--cores".into(),
-            launch.cores.to_string(),
-            "--memory-bytes".into(),
-            launch.memory_bytes.to_string(),
-            "--stop-grace-seconds".into(),
-            self.job_stop_grace.as_secs().to_string(),
             // Job containers share the node container's network namespace: the node's
             // address (and name on the cluster network) is theirs, for process and
             // container jobs alike.
             "--docker-network".into(),
             format!("container:{}", self.container_name(&launch.node_id)),
         ];
+        let cmd = [
+            cmd,
+            super::agent_flags(&self.owner, &work, launch, self.job_stop_grace, self.lease),
+        ]
+        .concat();
         let mut env = vec!["SHOAL_LOG=info".to_string()];
         if let Some(auth) = &self.auth {
             let credential = auth

@@ -126,16 +126,13 @@ impl LocalProvider {
             .args(["--endpoint", &self.endpoint])
             .args(["--node-id", &launch.node_id])
             .args(["--cluster", &launch.cluster])
-            .args(["--owner", &self.owner])
-            .arg("--work-dir")
-            .arg(&work_dir)
-            .args(["--cores", &launch.cores.to_string()])
-            .args(["--memory-bytes", &launch.memory_bytes.to_string()])
-            .args([
-                "--stop-grace-seconds",
-                &self.job_stop_grace.as_secs().to_string(),
-            ])
-            .args(["--lease-seconds", &self.lease.as_secs().to_string()])
+            .args(super::agent_flags(
+                &self.owner,
+                &work_dir.to_string_lossy(),
+                launch,
+                self.job_stop_grace,
+                self.lease,
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))

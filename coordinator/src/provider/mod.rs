@@ -39,6 +39,31 @@ pub struct NodeLaunch {
     pub notes: Notes,
 }
 
+/// The `shoal agent` flags every provider passes: who owns the node, where it
+/// works, what it offers, and its stop grace and lease.
+pub fn agent_flags(
+    owner: &str,
+    work_dir: &str,
+    launch: &NodeLaunch,
+    job_stop_grace: std::time::Duration,
+    lease: std::time::Duration,
+) -> Vec<String> {
+    vec![
+        "--owner".into(),
+        owner.into(),
+        "--work-dir".into(),
+        work_dir.into(),
+        "--cores".into(),
+        launch.cores.to_string(),
+        "--memory-bytes".into(),
+        launch.memory_bytes.to_string(),
+        "--stop-grace-seconds".into(),
+        job_stop_grace.as_secs().to_string(),
+        "--lease-seconds".into(),
+        lease.as_secs().to_string(),
+    ]
+}
+
 /// A node to stop and remove.
 #[derive(Clone, Debug)]
 pub struct NodeRemoval {

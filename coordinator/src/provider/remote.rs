@@ -45,19 +45,14 @@ impl RemoteAgents {
             "agent".into(),
             "--endpoint".into(),
             self.endpoint.clone(),
-            "--work-dir".into(),
-            work_dir.into(),
-            "--owner".into(),
-            self.owner.clone(),
-            "--cores".into(),
-            launch.cores.to_string(),
-            "--memory-bytes".into(),
-            launch.memory_bytes.to_string(),
-            "--stop-grace-seconds".into(),
-            self.job_stop_grace.as_secs().to_string(),
-            "--lease-seconds".into(),
-            self.lease.as_secs().to_string(),
         ];
+        args.extend(super::agent_flags(
+            &self.owner,
+            work_dir,
+            launch,
+            self.job_stop_grace,
+            self.lease,
+        ));
         if let Some(ca) = &self.ca_file {
             args.extend(["--ca-file".into(), ca.display().to_string()]);
         }

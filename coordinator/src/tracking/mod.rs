@@ -128,7 +128,7 @@ impl std::fmt::Debug for Tracking {
     }
 }
 
-/// A lock whose holder panicked is still good: its map is only ever added to or cleared.
+/// A lock whose holder panicked is still good: each change to these sets and maps is one call.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

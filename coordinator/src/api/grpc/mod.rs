@@ -219,9 +219,10 @@ impl Api {
             return Ok(()); // the submit names the missing cluster
         };
         if cluster.cluster.spec.provider != crate::model::ProviderKind::Local {
-            return Err(refuse(
-                "an mpi job on a docker-provider cluster needs an image with Open MPI (environment.image, e.g. shoal/mpi-train)".into(),
-            ));
+            return Err(refuse(format!(
+                "an mpi job on a {}-provider cluster needs an image with Open MPI (environment.image, e.g. shoal/mpi-train)",
+                cluster.cluster.spec.provider.as_str()
+            )));
         }
         let on_path = std::env::var_os("PATH").is_some_and(|path| {
             std::env::split_paths(&path).any(|dir| dir.join("mpirun").is_file())
