@@ -436,6 +436,9 @@ pub struct Node {
     pub network_tx_bytes: u64,
     /// What it runs, and the share each instance holds.
     pub allocations: Vec<Allocation>,
+    /// What its provider calls it: a Slurm job id, a command node's address.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider_id: String,
 }
 
 #[derive(Serialize)]
@@ -492,6 +495,7 @@ impl From<&pb::Node> for Node {
             network_rx_bytes: n.network_rx_bytes,
             network_tx_bytes: n.network_tx_bytes,
             allocations: n.allocations.iter().map(Allocation::from).collect(),
+            provider_id: n.provider_id.clone(),
         }
     }
 }

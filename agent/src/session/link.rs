@@ -433,6 +433,14 @@ impl Agent {
                 }
                 _ = shutdown.as_mut(), if stopping.is_none() => {
                     info!("stopping on signal");
+                    // First the node leaves (nothing more is placed on it), then
+                    // the exits of its stopped work follow on the same stream.
+                    let leaving = pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::Leaving(pb::Leaving {
+                            reason: "it got a stop signal (its machine or allocation is ending)".into(),
+                        })),
+                    };
+                    let _ = out_tx.send(leaving).await;
                     self.cancel_all("the agent is stopping");
                     stopping = Some(("signal".into(), Instant::now()));
                 }

@@ -22,9 +22,10 @@ Providers:
            shows Slurm's reason. Settings (all optional): partition, account,
            qos, time_limit (sbatch --time), sbatch_args (more sbatch flags, as a
            shell would split them), agent_program (the shoal binary on the
-           allocated machines; default: this one's path), work_dir (where the
-           agents work there; default /tmp/shoal-agents). The coordinator's
-           machine needs sbatch, squeue and scancel.
+           allocated machines; default: this one's path), work_dir (a node
+           works in WORK_DIR/shoal-NODE there, its allocation's output goes to
+           WORK_DIR/shoal-NODE.out; default /tmp). The coordinator's machine
+           needs sbatch, squeue and scancel.
   command  each node is made and removed by your scripts (any cloud CLI, IPMI):
            create (required) gets the node as JSON on stdin -- node_id, cluster,
            join_token, endpoint, ca_file, cores, memory_bytes, gpus, vm_size --

@@ -83,6 +83,9 @@ pub async fn run(command: Command, endpoint: &str, format: Format) -> anyhow::Re
             if !n.message.is_empty() {
                 println!("message:   {}", n.message);
             }
+            if !n.provider_id.is_empty() {
+                println!("provider:  {}", n.provider_id);
+            }
             let cores: Vec<String> = n
                 .per_core_percent
                 .iter()

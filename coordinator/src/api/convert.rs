@@ -607,6 +607,7 @@ pub fn node(node: &Node) -> pb::Node {
         disk_total_bytes: node.stats.disk_total_bytes,
         network_rx_bytes: node.stats.network_rx_bytes,
         network_tx_bytes: node.stats.network_tx_bytes,
+        provider_id: node.handle.clone(),
     }
 }
 

@@ -180,6 +180,19 @@ impl Control {
         }
     }
 
+    /// The agent stops on its own: its node takes no more work and is removed
+    /// through its provider (which finds the machine or allocation ending); the
+    /// work the agent stops is rerun when its exits come.
+    pub(super) fn agent_leaving(&mut self, node_id: &str, reason: &str) {
+        if self
+            .nodes
+            .get(node_id)
+            .is_some_and(|n| matches!(n.state, NodeState::Idle | NodeState::Running))
+        {
+            self.remove_node(node_id, &format!("its agent is stopping: {reason}"));
+        }
+    }
+
     pub(super) fn instance_started(&mut self, node_id: &str, slot: &Slot, now: Millis) {
         if !self.instance_wanted_on(node_id, slot) {
             return;

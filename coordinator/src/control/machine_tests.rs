@@ -2227,3 +2227,38 @@ fn a_node_its_provider_takes_back_requeues_its_work_as_preempted_and_goes() {
     );
     assert_eq!(m.removed, vec![node.clone()], "the node goes");
 }
+
+#[test]
+fn an_agent_that_leaves_takes_no_more_work_and_its_work_reruns_on_another_node() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 2, 600);
+    let (id, node, _agent, order) = m.one_running();
+    m.step(vec![Command::AgentLeaving {
+        node_id: node.clone(),
+        reason: "it got a stop signal".into(),
+    }]);
+    let left = m.control.nodes[&node].clone();
+    assert_eq!(left.state, NodeState::Leaving);
+    assert!(left.message.contains("it got a stop signal"), "{left:?}");
+    assert_eq!(
+        m.removed,
+        vec![node.clone()],
+        "removed through its provider"
+    );
+    // The work the agent stopped is rerun, and not on the leaving node.
+    let mut stopped = exit(&node, order.slot.clone(), "canceled");
+    if let Command::InstanceExited { exit, .. } = &mut stopped {
+        exit.message = "the agent is stopping".into();
+    }
+    m.step(vec![stopped]);
+    let job = m.job(&id);
+    assert_eq!(job.attempts[0].instances[0].status, InstanceStatus::Lost);
+    assert_eq!(job.status, JobStatus::Queued, "{}", job.reason);
+    assert_eq!(m.created.len(), 2, "a new node for the rerun");
+    let mut other = m.register(&m.created[1].clone(), "cl");
+    let rerun = launches(&mut other)
+        .pop()
+        .expect("launched on the new node");
+    assert_ne!(rerun.slot.attempt_id, order.slot.attempt_id);
+    assert!(m.control.invariant_violations().is_empty());
+}

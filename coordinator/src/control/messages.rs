@@ -289,6 +289,11 @@ pub enum Command {
         node_id: String,
         session: u64,
     },
+    /// The agent is stopping on its own (its machine or allocation is ending).
+    AgentLeaving {
+        node_id: String,
+        reason: String,
+    },
     Heartbeat {
         node_id: String,
         cpu_percent: f32,

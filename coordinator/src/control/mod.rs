@@ -517,6 +517,7 @@ impl Control {
                 self.defer(reply, result);
             }
             Command::AgentGone { node_id, session } => self.agent_gone(&node_id, session),
+            Command::AgentLeaving { node_id, reason } => self.agent_leaving(&node_id, &reason),
             Command::Heartbeat {
                 node_id,
                 cpu_percent,

@@ -95,6 +95,10 @@ impl pb::agent_server::Agent for Api {
                         exec.frame(&node_id, &control, frame).await;
                         continue;
                     }
+                    Some(Msg::Leaving(leaving)) => Command::AgentLeaving {
+                        node_id: node_id.clone(),
+                        reason: leaving.reason,
+                    },
                     Some(Msg::Register(_)) => {
                         warn!(node = %node_id, "second Register on one session ignored");
                         continue;
