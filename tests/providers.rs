@@ -118,12 +118,13 @@ async fn running_on(tc: &TestCluster, job: &str) -> pb::Node {
 
 /// The slurm provider end to end: a job runs on an allocation; a second
 /// allocation waits on Slurm's reason; an allocation canceled from outside, and
-/// one Slurm preempts for a higher partition, have their work rerun (lost, then
-/// preempted); idle allocations are given back with scancel.
+/// one Slurm preempts for a higher partition, and one whose agent dies after a
+/// coordinator restart have their work rerun; idle allocations are given back
+/// with scancel.
 #[tokio::test]
 async fn a_slurm_cluster_runs_work_on_allocations_and_gives_them_back() {
     let conf = slurm_up();
-    let tc = TestCluster::start_full(CONFIG, &[("SLURM_CONF", &conf)]).await;
+    let mut tc = TestCluster::start_full(CONFIG, &[("SLURM_CONF", &conf)]).await;
     // Agents work under the data dir: the test's clean-up finds them there.
     let work = tc.data_dir().join("slurm");
     std::fs::create_dir_all(&work).expect("work dir");
@@ -279,7 +280,37 @@ async fn a_slurm_cluster_runs_work_on_allocations_and_gives_them_back() {
     let job = tc.wait_status(&fourth, "completed", LIMIT).await;
     assert_eq!(job.attempts.len(), 2, "{job:#?}");
 
-    // 5. Idle, the cluster gives every allocation back.
+    // 5. A restarted coordinator watches its allocations again: an agent that
+    // dies without a word (SIGKILL) ends its allocation, and squeue says so
+    // long before the 60 s lease would.
+    let fifth = submit(&tc, "hpc", "sleep 4");
+    let on = running_on(&tc, &fifth).await;
+    tc.restart().await;
+    let agent = format!("{}/shoal-{} ", work.display(), on.id);
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &agent])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "the agent of {} runs", on.id);
+    let killed_at = Instant::now();
+    let job = tc
+        .wait_job(&fifth, "the dead agent's attempt is lost", LIMIT, |j| {
+            j.attempts[0].status == "lost"
+        })
+        .await;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(20),
+        "found by squeue after the restart, not by the 60 s lease: {:?} {job:#?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        job.attempts[0].reason.contains("Slurm allocation"),
+        "{job:#?}"
+    );
+    let job = tc.wait_status(&fifth, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 2, "{job:#?}");
+
+    // 6. Idle, the cluster gives every allocation back.
     tc.wait_cluster("hpc", "no nodes left", LIMIT, |c| {
         c.node_state_counts
             .as_ref()

@@ -72,6 +72,14 @@ impl Driver {
         tokio::pin!(shutdown);
         // Leftovers of an earlier run (containers of nodes no longer known) go.
         tokio::spawn(self.provider.cleanup(self.control.node_ids()));
+        // Nodes of an earlier run that their provider can watch (a Slurm
+        // allocation, a listed command node) end as they would have.
+        for node in self.control.kept_nodes() {
+            let notes = self.notes_about(&node.node_id);
+            if let Some(exited) = self.provider.adopt(node.clone(), notes) {
+                tokio::spawn(report_exit(node.node_id, exited, self.own_tx.clone()));
+            }
+        }
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands = Vec::with_capacity(1024);
@@ -180,19 +188,24 @@ impl Driver {
         }
     }
 
+    /// What a provider says about a node while it comes up goes to its message.
+    fn notes_about(&self, node_id: &str) -> crate::provider::Notes {
+        let notes = self.own_tx.clone();
+        let about = node_id.to_string();
+        crate::provider::Notes::new(move |note| {
+            let _ = notes.try_send(Command::NodeNote {
+                node_id: about.clone(),
+                note,
+            });
+        })
+    }
+
     fn call_providers(&self, effects: &mut Effects) {
         let start_limit = self.control.config.register_timeout;
         for mut launch in effects.create.drain(..) {
             let provider = self.provider.clone();
             let events = self.own_tx.clone();
-            let notes = self.own_tx.clone();
-            let about = launch.node_id.clone();
-            launch.notes = crate::provider::Notes::new(move |note| {
-                let _ = notes.try_send(Command::NodeNote {
-                    node_id: about.clone(),
-                    note,
-                });
-            });
+            launch.notes = self.notes_about(&launch.node_id);
             tokio::spawn(async move {
                 let node_id = launch.node_id.clone();
                 // A provider that hangs fails the node, as one that says no.
@@ -213,14 +226,7 @@ impl Driver {
                                 handle: started.handle,
                             })
                             .await;
-                        let how = started.exited.await;
-                        let _ = events
-                            .send(Command::NodeFailed {
-                                node_id,
-                                error: how.why,
-                                preempted: how.preempted,
-                            })
-                            .await;
+                        report_exit(node_id, started.exited, events).await;
                     }
                     Err(error) => {
                         let _ = events
@@ -244,4 +250,20 @@ impl Driver {
             });
         }
     }
+}
+
+/// When a node ends by itself, the core hears how.
+async fn report_exit(
+    node_id: String,
+    exited: futures::future::BoxFuture<'static, crate::provider::NodeExit>,
+    events: mpsc::Sender<Command>,
+) {
+    let how = exited.await;
+    let _ = events
+        .send(Command::NodeFailed {
+            node_id,
+            error: how.why,
+            preempted: how.preempted,
+        })
+        .await;
 }

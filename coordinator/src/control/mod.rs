@@ -397,6 +397,16 @@ impl Control {
         self.nodes.keys().cloned().collect()
     }
 
+    /// Nodes of an earlier run that stay (neither leaving nor unusable): their
+    /// providers watch them again.
+    pub fn kept_nodes(&self) -> Vec<NodeRemoval> {
+        self.nodes
+            .values()
+            .filter(|n| !matches!(n.state, NodeState::Leaving | NodeState::Unusable))
+            .map(removal)
+            .collect()
+    }
+
     /// The earliest time something is due with nothing else happening.
     pub fn wake_at(&self) -> Option<Millis> {
         self.wake_at

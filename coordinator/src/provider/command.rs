@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::remote::{RemoteAgents, run_program};
-use super::{NodeExit, NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
+use super::{NodeExit, NodeLaunch, NodeProvider, NodeRemoval, Notes, StartedNode};
 
 #[derive(Clone, Debug)]
 pub struct CommandProvider {
@@ -32,11 +32,12 @@ pub struct CommandProvider {
 
 impl CommandProvider {
     /// Until `list` stops listing the node (never, without a `list` script).
-    async fn watch(self, launch: NodeLaunch, address: String) -> NodeExit {
-        let Some(list) = launch.settings.get("list").cloned() else {
+    async fn watch(self, node: NodeRemoval) -> NodeExit {
+        let Some(list) = node.settings.get("list").cloned() else {
             return std::future::pending().await;
         };
-        let input = json!({ "cluster": launch.cluster }).to_string();
+        let address = node.handle;
+        let input = json!({ "cluster": node.cluster }).to_string();
         loop {
             tokio::time::sleep(self.poll).await;
             match run_program(&list, &[], Some(input.clone()), self.create_limit).await {
@@ -46,7 +47,7 @@ impl CommandProvider {
                         "the list script no longer lists it ({address})"
                     ));
                 }
-                Err(why) => warn!(node = %launch.node_id, %why, "the list script failed"),
+                Err(why) => warn!(node = %node.node_id, %why, "the list script failed"),
             }
         }
     }
@@ -82,7 +83,16 @@ impl NodeProvider for CommandProvider {
                 .ok_or_else(|| format!("{create} printed no address for the node"))?
                 .to_string();
             info!(node = %launch.node_id, address, "command node created");
-            let exited = this.watch(launch, address.clone()).boxed();
+            let exited = this
+                .watch(NodeRemoval {
+                    provider: launch.provider,
+                    node_id: launch.node_id,
+                    cluster: launch.cluster,
+                    pid: None,
+                    handle: address.clone(),
+                    settings: launch.settings,
+                })
+                .boxed();
             Ok(StartedNode {
                 pid: None,
                 handle: address,
@@ -90,6 +100,11 @@ impl NodeProvider for CommandProvider {
             })
         }
         .boxed()
+    }
+
+    fn adopt(&self, node: NodeRemoval, _: Notes) -> Option<BoxFuture<'static, NodeExit>> {
+        (!node.handle.is_empty() && node.settings.contains_key("list"))
+            .then(|| self.clone().watch(node).boxed())
     }
 
     fn remove(&self, node: NodeRemoval) -> BoxFuture<'static, ()> {

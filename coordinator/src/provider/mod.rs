@@ -141,6 +141,13 @@ pub trait NodeProvider: Send + Sync + 'static {
         let _ = keep;
         async {}.boxed()
     }
+    /// At start, for each node an earlier run made that stays: resolves when it
+    /// ends by itself, as `StartedNode::exited` does (None: only its silence,
+    /// the lease, tells).
+    fn adopt(&self, node: NodeRemoval, notes: Notes) -> Option<BoxFuture<'static, NodeExit>> {
+        let _ = (node, notes);
+        None
+    }
 }
 
 /// Every provider of this coordinator; nodes go to their cluster's.
@@ -188,6 +195,10 @@ impl NodeProvider for Providers {
             let _ = auth.revoke_node(&node.node_id);
         }
         self.of(node.provider).remove(node)
+    }
+
+    fn adopt(&self, node: NodeRemoval, notes: Notes) -> Option<BoxFuture<'static, NodeExit>> {
+        self.of(node.provider).adopt(node, notes)
     }
 
     fn cleanup(&self, keep: Vec<String>) -> BoxFuture<'static, ()> {

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tracing::{info, warn};
 
 use super::remote::{RemoteAgents, run_program};
-use super::{NodeExit, NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
+use super::{NodeExit, NodeLaunch, NodeProvider, NodeRemoval, Notes, StartedNode};
 
 /// How long one `sbatch`, `squeue` or `scancel` may take.
 const CALL_LIMIT: Duration = Duration::from_secs(30);
@@ -121,7 +121,7 @@ impl SlurmProvider {
     }
 
     /// Until the allocation ends: its pending reason goes to the node's message.
-    async fn watch(self, job_id: String, launch: NodeLaunch) -> NodeExit {
+    async fn watch(self, job_id: String, node_id: String, notes: Notes) -> NodeExit {
         let mut said = String::new();
         let mut unanswered = 0u32;
         loop {
@@ -130,7 +130,7 @@ impl SlurmProvider {
                 Err(why) => {
                     unanswered += 1;
                     if unanswered == 3 {
-                        warn!(node = %launch.node_id, job_id, %why, "squeue does not answer");
+                        warn!(node = %node_id, job_id, %why, "squeue does not answer");
                     }
                     continue;
                 }
@@ -159,7 +159,7 @@ impl SlurmProvider {
             };
             unanswered = 0;
             if note != said {
-                launch.notes.say(note.clone());
+                notes.say(note.clone());
                 said = note;
             }
         }
@@ -196,7 +196,9 @@ impl NodeProvider for SlurmProvider {
             launch
                 .notes
                 .say(format!("Slurm allocation {job_id} submitted"));
-            let exited = this.watch(job_id.clone(), launch).boxed();
+            let exited = this
+                .watch(job_id.clone(), launch.node_id, launch.notes)
+                .boxed();
             Ok(StartedNode {
                 pid: None,
                 handle: job_id,
@@ -234,6 +236,11 @@ impl NodeProvider for SlurmProvider {
             warn!(node = %node.node_id, job_id, "slurm allocation still there after scancel");
         }
         .boxed()
+    }
+
+    fn adopt(&self, node: NodeRemoval, notes: Notes) -> Option<BoxFuture<'static, NodeExit>> {
+        (!node.handle.is_empty())
+            .then(|| self.clone().watch(node.handle, node.node_id, notes).boxed())
     }
 
     /// Allocations of this coordinator that no node it keeps stands for are
