@@ -513,3 +513,81 @@ async fn a_minute_of_killed_agents_loses_no_job_and_the_cluster_comes_back_whole
     )
     .await;
 }
+
+/// A coordinator that comes back at another address (a standby's, or its data
+/// on another machine): an agent and the CLI given both endpoints follow it,
+/// and the work running across the move completes once, in its first attempt.
+#[tokio::test]
+async fn an_agent_and_the_cli_given_several_endpoints_follow_the_coordinator_to_another_address() {
+    let mut tc =
+        TestCluster::start_with_config("lease_seconds: 10\njob_stop_grace_seconds: 1\n").await;
+    let first = tc.endpoint();
+    let second_port = support::free_port();
+    let second = format!("127.0.0.1:{second_port}");
+    // The job lands on the joined machine, idle when it comes.
+    tc.create_cluster("ha", &["--max-nodes", "1"]);
+    let created = tc.shoal_json(&["join-token", "create", "--cluster", "ha"]);
+    let token = created["token"].as_str().expect("token").to_string();
+    let mut agent = Command::new(support::SHOAL)
+        .args(["agent", "--endpoint", &format!("{first},{second}")])
+        .args(["--join-token", &token])
+        .args(["--lease-seconds", "10", "--stop-grace-seconds", "1"])
+        .arg("--work-dir")
+        .arg(tc.scratch("ha-node"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("agent");
+    tc.wait_cluster("ha", "the joined node is idle", LIMIT, |c| {
+        c.node_state_counts.as_ref().is_some_and(|n| n.idle == 1)
+    })
+    .await;
+    let config_dir = tc.config_dir();
+    let cli = |endpoints: &str, args: &[&str]| {
+        let out = Command::new(support::SHOAL)
+            .args(args)
+            .env("SHOAL_ENDPOINT", endpoints)
+            .env("SHOAL_CONFIG_DIR", &config_dir)
+            .env_remove("SHOAL_TOKEN")
+            .output()
+            .expect("shoal");
+        assert!(
+            out.status.success(),
+            "shoal {args:?} at {endpoints}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Nothing answers at the first endpoint given: the CLI goes on to the next.
+    let submitted = cli(
+        &format!("{second},{first}"),
+        &[
+            "job",
+            "submit",
+            "--cluster",
+            "ha",
+            "-o",
+            "json",
+            "--",
+            "sleep",
+            "4",
+        ],
+    );
+    let submitted: serde_json::Value = serde_json::from_str(&submitted).expect("json");
+    let id = submitted["id"].as_str().expect("id").to_string();
+    tc.wait_job(&id, "running", LIMIT, |j| j.status == "running")
+        .await;
+    tc.move_to(second_port).await;
+    // The agent's session is lost at the first endpoint; it registers at the
+    // second with the attempt it still runs, within the lease.
+    let job = tc.wait_status(&id, "completed", LIMIT).await;
+    assert_eq!(job.attempts.len(), 1, "ran once, across the move: {job:#?}");
+    let shown = cli(
+        &format!("{first},{second}"),
+        &["job", "show", &id, "-o", "json"],
+    );
+    assert!(shown.contains("\"completed\""), "{shown}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

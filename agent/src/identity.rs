@@ -21,6 +21,8 @@ use serde::Deserialize;
 use shoal_proto::AuthChannel;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_client::AgentClient;
+
+use crate::coordinators::Coordinators;
 use tracing::warn;
 
 use crate::runtime::Slot;
@@ -44,7 +46,7 @@ pub struct TokenEndpoint {
 struct Shared {
     secrets: Secrets,
     tracking: Secrets,
-    client: AgentClient<AuthChannel>,
+    coordinators: Coordinators<AgentClient<AuthChannel>>,
 }
 
 /// Largest MLflow call relayed (an artifact travels in one).
@@ -119,8 +121,16 @@ async fn track(State(shared): State<Shared>, request: axum::extract::Request) ->
             .to_string(),
         body: body.to_vec(),
     };
-    let mut client = shared.client.clone();
-    match client.track(call).await {
+    let (at, mut client) = shared.coordinators.pick();
+    let answer = client.track(call).await;
+    if answer
+        .as_ref()
+        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+    {
+        // The MLflow client retries; its next call goes to the next endpoint.
+        shared.coordinators.unreachable(at);
+    }
+    match answer {
         Ok(reply) => {
             let reply = reply.into_inner();
             let status =
@@ -199,8 +209,15 @@ async fn token(
         client_id: asked.client_id.unwrap_or_default(),
         token,
     };
-    let mut client = shared.client.clone();
-    match client.issue_token(request).await {
+    let (at, mut client) = shared.coordinators.pick();
+    let answer = client.issue_token(request).await;
+    if answer
+        .as_ref()
+        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+    {
+        shared.coordinators.unreachable(at);
+    }
+    match answer {
         Ok(reply) => {
             let token = reply.into_inner();
             Json(serde_json::json!({
@@ -232,7 +249,7 @@ impl TokenEndpoint {
     /// `for_containers`: also listens where job containers reach this agent
     /// (the address to bind, and the host they know it by).
     pub async fn start(
-        client: AgentClient<AuthChannel>,
+        coordinators: Coordinators<AgentClient<AuthChannel>>,
         for_containers: Option<(std::net::IpAddr, String)>,
     ) -> std::io::Result<Self> {
         let secrets = Secrets::default();
@@ -246,7 +263,7 @@ impl TokenEndpoint {
             .with_state(Shared {
                 secrets: secrets.clone(),
                 tracking: tracking.clone(),
-                client,
+                coordinators,
             });
         let mut container_base = None;
         if let Some((bind, host)) = for_containers {

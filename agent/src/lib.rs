@@ -4,6 +4,7 @@
 //! reports the attempts it still runs.
 
 pub mod archive;
+pub mod coordinators;
 pub mod exec;
 pub mod gpu;
 pub mod identity;
@@ -115,10 +116,19 @@ pub async fn join(
     }
     std::fs::create_dir_all(work_dir)
         .map_err(|e| AgentError::WorkDir(work_dir.to_path_buf(), e))?;
-    let channel = endpoint(url, ca_file, lease)?
-        .connect()
-        .await
-        .map_err(|e| AgentError::Endpoint(url.to_string(), e.to_string()))?;
+    // The first endpoint that answers (a list: a leader and its standby).
+    let mut reached = None;
+    let mut why = String::from("no endpoint given");
+    for one in coordinators::endpoints(url) {
+        match endpoint(one, ca_file, lease)?.connect().await {
+            Ok(channel) => {
+                reached = Some(channel);
+                break;
+            }
+            Err(e) => why = format!("{one}: {e}"),
+        }
+    }
+    let channel = reached.ok_or_else(|| AgentError::Endpoint(url.to_string(), why))?;
     let (cores, memory_bytes) = telemetry::capacity();
     let reply = shoal_proto::v1::agent_client::AgentClient::new(channel)
         .join(shoal_proto::v1::JoinRequest {

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
+use crate::coordinators::Coordinators;
 use crate::gpu::{GpuAllocator, Usage};
 use crate::runtime::docker::{self, DockerRuntime};
 use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
@@ -104,7 +105,7 @@ fn gpu_stat(s: &crate::gpu::GpuSample) -> pb::GpuStat {
 #[derive(Clone)]
 struct Agent {
     config: Arc<AgentConfig>,
-    client: AgentClient<AuthChannel>,
+    coordinators: Coordinators<AgentClient<AuthChannel>>,
     process: Arc<ProcessRuntime>,
     /// The docker runtime, or why this node has none.
     docker: Result<DockerRuntime, String>,
@@ -131,16 +132,16 @@ impl Agent {
         F: FnMut(AgentClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        until_answered(&self.client, self.config.give_up_after, call).await
+        until_answered(&self.coordinators, self.config.give_up_after, call).await
     }
 }
 
 /// Calls the coordinator until it answers: a restart (or a moment without it)
 /// must not fail the work that asked. Transport failures are asked again with
-/// backoff for up to `give_up_after`; an answer, a refusal included, is
-/// returned as it came.
+/// backoff for up to `give_up_after`, at the next endpoint when there are
+/// several; an answer, a refusal included, is returned as it came.
 async fn until_answered<C, T, F, Fut>(
-    client: &C,
+    coordinators: &Coordinators<C>,
     give_up_after: Duration,
     mut call: F,
 ) -> Result<T, tonic::Status>
@@ -152,7 +153,8 @@ where
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        match call(client.clone()).await {
+        let (at, client) = coordinators.pick();
+        match call(client).await {
             Ok(reply) => return Ok(reply.into_inner()),
             Err(status)
                 if matches!(
@@ -160,6 +162,7 @@ where
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 ) && started.elapsed() < give_up_after =>
             {
+                coordinators.unreachable(at);
                 debug!(%status, retry_in = ?backoff, "coordinator unavailable; asking again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -231,7 +234,7 @@ mod tests {
     /// A port nothing listens on yet (bound, then let go), and a client for it.
     fn client_of_free_port() -> (
         std::net::SocketAddr,
-        pb::vm_sizes_client::VmSizesClient<tonic::transport::Channel>,
+        Coordinators<pb::vm_sizes_client::VmSizesClient<tonic::transport::Channel>>,
     ) {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -239,7 +242,10 @@ mod tests {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_lazy();
-        (addr, pb::vm_sizes_client::VmSizesClient::new(channel))
+        (
+            addr,
+            Coordinators::new(vec![pb::vm_sizes_client::VmSizesClient::new(channel)]),
+        )
     }
 
     #[tokio::test]

@@ -116,6 +116,15 @@ pub fn token_for(endpoint: &str) -> Option<String> {
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Each of a comma-separated list of endpoints, normalized.
+pub fn normalize_all(list: &str) -> String {
+    shoal_agent::coordinators::endpoints(list)
+        .into_iter()
+        .map(normalize)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `127.0.0.1:7070` and `http://127.0.0.1:7070` both work.
 pub fn normalize(endpoint: &str) -> String {
     if endpoint.contains("://") {
@@ -131,8 +140,25 @@ pub struct Client {
 }
 
 impl Client {
+    /// `endpoint` may list several, comma-separated (a leader and its
+    /// standby): the first that answers is used.
     pub async fn connect(endpoint: &str) -> anyhow::Result<Self> {
-        Self::connect_with_token(endpoint, token_for(endpoint)).await
+        let all = shoal_agent::coordinators::endpoints(endpoint);
+        if all.len() <= 1 {
+            return Self::connect_with_token(endpoint, token_for(endpoint)).await;
+        }
+        let mut failures = Vec::new();
+        for one in all {
+            let token = token_for(endpoint).or_else(|| token_for(one));
+            match Self::connect_with_token(one, token).await {
+                Ok(client) => return Ok(client),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(anyhow!(
+            "none of the coordinator's endpoints answers: {}",
+            failures.join("; ")
+        ))
     }
 
     pub async fn connect_with_token(endpoint: &str, token: Option<String>) -> anyhow::Result<Self> {

@@ -27,7 +27,8 @@ use output::Format;
         \u{20}          shoal job logs job-1"
 )]
 struct Cli {
-    /// The coordinator to talk to.
+    /// The coordinator to talk to (host:port, or https://host:port); several,
+    /// comma-separated (a leader and its standby): the first that answers.
     #[arg(
         long,
         global = true,

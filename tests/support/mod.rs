@@ -27,7 +27,7 @@ pub struct TestCluster {
     up_args: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("address").port()
 }
@@ -130,6 +130,14 @@ impl TestCluster {
 
     pub async fn restart(&mut self) {
         self.kill9();
+        self.start_coordinator().await;
+    }
+
+    /// SIGKILL, then the same data served at `port` (as a standby, or the data
+    /// moved to another machine, would).
+    pub async fn move_to(&mut self, port: u16) {
+        self.kill9();
+        self.port = port;
         self.start_coordinator().await;
     }
 

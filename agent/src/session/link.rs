@@ -11,12 +11,23 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(config.work_dir.join("attempts"))
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
-    let endpoint = crate::endpoint(&config.endpoint, config.ca_file.as_deref(), config.lease)?;
-    let channel = endpoint.connect_lazy();
     let bearer = Bearer::new(config.token.as_deref()).map_err(AgentError::Token)?;
-    let client = AgentClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut clients = Vec::new();
+    for url in crate::coordinators::endpoints(&config.endpoint) {
+        let channel = crate::endpoint(url, config.ca_file.as_deref(), config.lease)?.connect_lazy();
+        clients.push(
+            AgentClient::with_interceptor(channel, bearer.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    }
+    if clients.is_empty() {
+        return Err(AgentError::Endpoint(
+            config.endpoint.clone(),
+            "no endpoint given".into(),
+        ));
+    }
+    let coordinators = Coordinators::new(clients);
     let (default_cores, default_memory) = telemetry::capacity();
     let (events, mut events_rx) = mpsc::unbounded_channel();
     let cores = config.cores.unwrap_or(default_cores);
@@ -67,7 +78,7 @@ pub async fn run(
         Ok(docker) => docker.address_for_jobs(&config.node_id).await,
         Err(_) => None,
     };
-    let identity = crate::identity::TokenEndpoint::start(client.clone(), for_containers)
+    let identity = crate::identity::TokenEndpoint::start(coordinators.clone(), for_containers)
         .await
         .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;
     let contact = Arc::new(Contact {
@@ -84,7 +95,7 @@ pub async fn run(
         hostname: telemetry::hostname(),
         workdirs: Arc::new(workdirs),
         config: Arc::new(config),
-        client,
+        coordinators,
         process: Arc::new(ProcessRuntime { run_as }),
         attempts: Arc::default(),
         held: Arc::default(),
@@ -110,6 +121,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(50);
     let mut last_contact = Instant::now();
     loop {
+        let (at, _) = agent.coordinators.pick();
         let (end, registered) = agent.session(&mut events_rx, &mut shutdown).await;
         if registered {
             last_contact = Instant::now();
@@ -125,6 +137,8 @@ pub async fn run(
                 return Err(AgentError::Rejected(reason));
             }
             SessionEnd::Lost(why) => {
+                // The next session tries the next endpoint (a standby, a new address).
+                agent.coordinators.unreachable(at);
                 if last_contact.elapsed() > agent.config.give_up_after {
                     agent.stop_all("the coordinator is gone").await;
                     return Err(AgentError::CoordinatorLost {
@@ -353,7 +367,7 @@ impl Agent {
         use pb::coordinator_message::Msg;
         let (out_tx, out_rx) = mpsc::channel(4096);
         let _ = out_tx.send(self.register_message()).await;
-        let mut client = self.client.clone();
+        let (_, mut client) = self.coordinators.pick();
         let response = tokio::select! {
             response = client.session(ReceiverStream::new(out_rx)) => response,
             _ = shutdown.as_mut() => {

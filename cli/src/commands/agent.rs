@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use shoal_agent::AgentConfig;
 
-use crate::client::normalize;
-
 #[derive(clap::Args)]
 pub struct Args {
-    /// The coordinator's address (host:port).
+    /// The coordinator's address (host:port, or https://host:port); several,
+    /// comma-separated (a leader and its standby), are tried in turn: a session
+    /// that cannot reach one goes on to the next.
     #[arg(long, env = "SHOAL_ENDPOINT", default_value = "127.0.0.1:7070")]
     endpoint: String,
     /// This node's id, as the coordinator knows it (providers pass it; a joined
@@ -75,7 +75,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let endpoint_url = normalize(&args.endpoint);
+    let endpoint_url = crate::client::normalize_all(&args.endpoint);
     let (node_id, cluster, token) = match &args.join_token {
         Some(join_token) => {
             let joined = shoal_agent::join(
@@ -99,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
     };
     let config = AgentConfig {
-        endpoint: normalize(&args.endpoint),
+        endpoint: endpoint_url,
         node_id,
         cluster,
         owner: args.owner,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal import AuthenticationError, ValidationError
+from shoal import AuthenticationError, ConnectionFailed, ValidationError
 from shoal._http import Connection
 from shoal._jobs import ShoalWarning
 from shoal.ml import JobFile, MLClient, command
@@ -130,3 +130,23 @@ def test_tokens_over_http_are_an_admins(coordinator, unique: str) -> None:
     assert revoked["revoked"]
     with pytest.raises(AuthenticationError, match="revoked"):
         reader.json("GET", "/api/v1/clusters")
+
+
+def test_a_list_of_endpoints_goes_on_past_one_that_cannot_be_reached(coordinator) -> None:
+    import socket
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{s.getsockname()[1]}"
+
+    dead = free()
+    conn = Connection(endpoint=f"{dead},{coordinator.endpoint}")
+    clusters = conn.json("GET", "/api/v1/clusters")
+    assert isinstance(clusters, (list, dict)), clusters
+    assert conn.endpoint == coordinator.endpoint, "it stays with the one that answered"
+    # None answers: the error names each.
+    other = free()
+    with pytest.raises(ConnectionFailed) as failed:
+        Connection(endpoint=f"{dead},{other}").json("GET", "/api/v1/clusters")
+    assert dead in str(failed.value) and other in str(failed.value)
