@@ -44,7 +44,7 @@ use shoal_coordinator::control::{
 };
 use shoal_coordinator::model::{ClusterRequest, JobRequest, JobStatus};
 use shoal_coordinator::provider::{NodeLaunch, NodeProvider, NodeRemoval, StartedNode};
-use shoal_coordinator::store::SqliteStore;
+use shoal_coordinator::store::SqlStore;
 use shoal_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -167,7 +167,7 @@ impl InProcess {
 
     async fn start_with(nodes: u32, config: ControlConfig) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(&dir.path().join("shoal.db"))?;
+        let store = SqlStore::open(&dir.path().join("shoal.db"))?;
         let (created_tx, mut created) = mpsc::unbounded_channel();
         let provider = InProcessProvider {
             created: created_tx,

@@ -9,10 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rand::RngCore;
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::db::Sql;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,8 +76,15 @@ pub struct TokenInfo {
 
 #[derive(Clone)]
 pub struct Auth {
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<AuthDb>>,
     cache: Arc<RwLock<HashMap<String, Entry>>>,
+}
+
+/// Where tokens are kept: `auth.db` beside the SQLite store, or the tables
+/// `tokens` and `join_tokens` of the PostgreSQL store's database.
+enum AuthDb {
+    Lite(Connection),
+    Pg(Box<crate::db::PgConnection>),
 }
 
 pub(crate) fn random_hex(bytes: usize) -> String {
@@ -134,8 +142,32 @@ impl Auth {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
+        Self::with(AuthDb::Lite(conn))
+    }
+
+    /// Tokens in the PostgreSQL store's database at `url`.
+    pub fn postgres(url: &str) -> Result<Self> {
+        let mut conn = crate::db::PgConnection::connect(url)?;
+        conn.transaction(|sql| {
+            sql.execute("SELECT pg_advisory_xact_lock(7071)", &[])?;
+            sql.batch(
+                "CREATE TABLE IF NOT EXISTS tokens (
+                   id TEXT PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL,
+                   secret_sha256 BYTEA NOT NULL, created_at BIGINT NOT NULL,
+                   revoked_at BIGINT);
+                 CREATE TABLE IF NOT EXISTS join_tokens (
+                   id TEXT PRIMARY KEY, cluster TEXT NOT NULL, secret_sha256 BYTEA NOT NULL,
+                   expires_at BIGINT NOT NULL, uses_left BIGINT NOT NULL,
+                   created_at BIGINT NOT NULL, revoked_at BIGINT,
+                   node_id TEXT NOT NULL DEFAULT '');",
+            )
+        })?;
+        Self::with(AuthDb::Pg(Box::new(conn)))
+    }
+
+    fn with(db: AuthDb) -> Result<Self> {
         let auth = Auth {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Arc::new(Mutex::new(db)),
             cache: Arc::default(),
         };
         auth.reload()?;
@@ -146,46 +178,51 @@ impl Auth {
         Self::open(Path::new(":memory:"))
     }
 
-    /// Runs `f` on the database.
-    pub(crate) fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn).map_err(|e| Error::Internal(format!("auth database: {e}")))
+    /// Runs `f` on the database, in one transaction.
+    fn sql<T: Send>(&self, f: impl FnOnce(&mut Sql) -> Result<T> + Send) -> Result<T> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *db {
+            AuthDb::Lite(conn) => {
+                let tx = conn.transaction()?;
+                let value = f(&mut Sql::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            AuthDb::Pg(conn) => conn.transaction(f),
+        }
     }
 
     fn reload(&self) -> Result<()> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare(
-            "SELECT id, kind, subject, secret_sha256, revoked_at IS NOT NULL FROM tokens",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Entry {
-                    kind: r.get(1)?,
-                    subject: r.get(2)?,
-                    secret_sha256: r.get(3)?,
-                    revoked: r.get(4)?,
+        let loaded = self.sql(|sql: &mut Sql| {
+            sql.query(
+                "SELECT id, kind, subject, secret_sha256, revoked_at IS NOT NULL FROM tokens",
+                &[],
+                |r| {
+                    Ok((
+                        r.get::<String>(0)?,
+                        Entry {
+                            kind: r.get(1)?,
+                            subject: r.get(2)?,
+                            secret_sha256: r.get(3)?,
+                            revoked: r.get(4)?,
+                        },
+                    ))
                 },
-            ))
+            )
         })?;
-        let loaded: HashMap<String, Entry> = rows.collect::<rusqlite::Result<_>>()?;
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = loaded.into_iter().collect();
         Ok(())
     }
 
     fn issue(&self, kind: &str, subject: &str) -> Result<String> {
         let id = random_hex(6);
         let secret = random_hex(24);
-        {
-            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.execute(
+        self.sql(|sql: &mut Sql| {
+            sql.execute(
                 "INSERT INTO tokens (id, kind, subject, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, kind, subject, sha256(&secret), now_ms()],
-            )?;
-        }
+                &[&id, &kind, &subject, &sha256(&secret), &now_ms()],
+            )
+        })?;
         self.cache
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -218,13 +255,12 @@ impl Auth {
     }
 
     pub fn revoke(&self, id: &str) -> Result<bool> {
-        let changed = {
-            let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            conn.execute(
+        let changed = self.sql(|sql: &mut Sql| {
+            sql.execute(
                 "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now_ms()],
-            )?
-        };
+                &[&id, &now_ms()],
+            )
+        })?;
         if let Some(entry) = self
             .cache
             .write()
@@ -254,20 +290,20 @@ impl Auth {
     /// Forgets tokens revoked before `before_ms` (node credentials of nodes long
     /// gone, mostly); they then read as unknown. How many.
     pub fn purge_revoked(&self, before_ms: i64) -> Result<usize> {
-        let gone: Vec<String> = self.with_conn(|conn| {
-            let mut stmt = conn.prepare(
+        let gone: Vec<String> = self.sql(|sql: &mut Sql| {
+            let ids = sql.query(
                 "SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND revoked_at < ?1",
+                &[&before_ms],
+                |r| r.get::<String>(0),
             )?;
-            let ids = stmt.query_map([before_ms], |r| r.get(0))?;
-            let ids = ids.collect::<rusqlite::Result<Vec<String>>>()?;
-            conn.execute(
+            sql.execute(
                 "DELETE FROM tokens WHERE revoked_at IS NOT NULL AND revoked_at < ?1",
-                [before_ms],
+                &[&before_ms],
             )?;
-            conn.execute(
+            sql.execute(
                 "DELETE FROM join_tokens WHERE (revoked_at IS NOT NULL AND revoked_at < ?1)
                  OR expires_at < ?1 OR uses_left <= 0 AND created_at < ?1",
-                [before_ms],
+                &[&before_ms],
             )?;
             Ok(ids)
         })?;
@@ -279,21 +315,22 @@ impl Auth {
     }
 
     pub fn list(&self) -> Result<Vec<TokenInfo>> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare(
-            "SELECT id, kind, subject, created_at, revoked_at IS NOT NULL FROM tokens
-             WHERE kind != 'node' ORDER BY created_at",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(TokenInfo {
-                id: r.get(0)?,
-                kind: r.get(1)?,
-                subject: r.get(2)?,
-                created_at_ms: r.get(3)?,
-                revoked: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.sql(|sql: &mut Sql| {
+            sql.query(
+                "SELECT id, kind, subject, created_at, revoked_at IS NOT NULL FROM tokens
+                 WHERE kind != 'node' ORDER BY created_at",
+                &[],
+                |r| {
+                    Ok(TokenInfo {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        subject: r.get(2)?,
+                        created_at_ms: r.get(3)?,
+                        revoked: r.get(4)?,
+                    })
+                },
+            )
+        })
     }
 
     /// Who presents `token`, or why not.
@@ -376,11 +413,19 @@ impl Auth {
         let id = random_hex(6);
         let secret = random_hex(24);
         let now = now_ms();
-        self.with_conn(|conn| {
-            conn.execute(
+        self.sql(|sql: &mut Sql| {
+            sql.execute(
                 "INSERT INTO join_tokens (id, cluster, secret_sha256, expires_at, uses_left, created_at, node_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![id, cluster, sha256(&secret), now.saturating_add(ttl_ms), uses, now, node_id],
+                &[
+                    &id,
+                    &cluster,
+                    &sha256(&secret),
+                    &now.saturating_add(ttl_ms),
+                    &i64::from(uses),
+                    &now,
+                    &node_id,
+                ],
             )
         })?;
         Ok(format!("shoal_join_{id}_{secret}"))
@@ -394,66 +439,78 @@ impl Auth {
         else {
             return Err("not a join token (shoal_join_…)".into());
         };
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let row: Option<(String, Vec<u8>, i64, i64, bool, String)> = conn
-            .query_row(
+        let used = self.sql(|sql: &mut Sql| {
+            let row = sql.first(
                 "SELECT cluster, secret_sha256, expires_at, uses_left, revoked_at IS NOT NULL, node_id
                  FROM join_tokens WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-            )
-            .ok();
-        let Some((cluster, hash, expires_at, uses_left, revoked, node_id)) = row else {
-            return Err("unknown join token".into());
-        };
-        if !bool::from(sha256(secret).ct_eq(&hash)) {
-            return Err("wrong join token".into());
+                &[&id],
+                |r| {
+                    Ok((
+                        r.get::<String>(0)?,
+                        r.get::<Vec<u8>>(1)?,
+                        r.get::<i64>(2)?,
+                        r.get::<i64>(3)?,
+                        r.get::<bool>(4)?,
+                        r.get::<String>(5)?,
+                    ))
+                },
+            )?;
+            let Some((cluster, hash, expires_at, uses_left, revoked, node_id)) = row else {
+                return Ok(Err("unknown join token"));
+            };
+            if !bool::from(sha256(secret).ct_eq(&hash)) {
+                return Ok(Err("wrong join token"));
+            }
+            if revoked {
+                return Ok(Err("revoked join token"));
+            }
+            if now_ms() > expires_at {
+                return Ok(Err("expired join token"));
+            }
+            if uses_left <= 0 {
+                return Ok(Err("join token used up"));
+            }
+            sql.execute(
+                "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+                &[&id],
+            )?;
+            Ok(Ok(JoinAs {
+                cluster,
+                node_id: (!node_id.is_empty()).then_some(node_id),
+            }))
+        });
+        match used {
+            Ok(answer) => answer.map_err(str::to_string),
+            Err(e) => Err(e.to_string()),
         }
-        if revoked {
-            return Err("revoked join token".into());
-        }
-        if now_ms() > expires_at {
-            return Err("expired join token".into());
-        }
-        if uses_left <= 0 {
-            return Err("join token used up".into());
-        }
-        conn.execute(
-            "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1",
-            [id],
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(JoinAs {
-            cluster,
-            node_id: (!node_id.is_empty()).then_some(node_id),
-        })
     }
 
     pub fn revoke_join_token(&self, id: &str) -> Result<bool> {
-        let changed = self.with_conn(|conn| {
-            conn.execute(
+        let changed = self.sql(|sql: &mut Sql| {
+            sql.execute(
                 "UPDATE join_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now_ms()],
+                &[&id, &now_ms()],
             )
         })?;
         Ok(changed > 0)
     }
 
     pub fn join_tokens(&self) -> Result<Vec<JoinTokenInfo>> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT id, cluster, expires_at, uses_left, revoked_at IS NOT NULL FROM join_tokens WHERE node_id = '' ORDER BY created_at",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(JoinTokenInfo {
-                    id: r.get(0)?,
-                    cluster: r.get(1)?,
-                    expires_at_ms: r.get(2)?,
-                    uses_left: r.get(3)?,
-                    revoked: r.get(4)?,
-                })
-            })?;
-            rows.collect()
+        self.sql(|sql: &mut Sql| {
+            sql.query(
+                "SELECT id, cluster, expires_at, uses_left, revoked_at IS NOT NULL FROM join_tokens
+                 WHERE node_id = '' ORDER BY created_at",
+                &[],
+                |r| {
+                    Ok(JoinTokenInfo {
+                        id: r.get(0)?,
+                        cluster: r.get(1)?,
+                        expires_at_ms: r.get(2)?,
+                        uses_left: r.get(3)?,
+                        revoked: r.get(4)?,
+                    })
+                },
+            )
         })
     }
 }
@@ -469,7 +526,7 @@ impl Auth {
         Vec<(String, crate::model::ClusterIdentity)>,
     )> {
         use crate::model::{ClusterIdentity, Identity, IdentityKind};
-        self.with_conn(|conn| {
+        self.with_sqlite(|conn| {
             let mut stmt = conn.prepare("SELECT name, client_id, created_at FROM identities")?;
             let users = stmt
                 .query_map([], |r| {
@@ -504,9 +561,25 @@ impl Auth {
 
     /// Forgets the legacy identities, once the control loop has committed them.
     pub fn clear_legacy_identities(&self) -> Result<()> {
-        self.with_conn(|conn| {
+        self.with_sqlite(|conn| {
             conn.execute_batch("DELETE FROM identities; DELETE FROM cluster_identities;")
         })
+        .map(|_| ())
+    }
+
+    /// Runs `f` on `auth.db` (what earlier versions kept there); a PostgreSQL
+    /// store never had it: Ok(Default).
+    fn with_sqlite<T: Default>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        match &*db {
+            AuthDb::Lite(conn) => {
+                f(conn).map_err(|e| Error::Internal(format!("auth database: {e}")))
+            }
+            AuthDb::Pg(_) => Ok(T::default()),
+        }
     }
 }
 
@@ -624,9 +697,18 @@ mod tests {
     use super::*;
     use axum::http::Method;
 
+    /// Each test runs on `auth.db` (SQLite) and on a fresh PostgreSQL database.
+    fn on_both(test: fn(Auth)) {
+        test(Auth::in_memory().expect("auth"));
+        test(Auth::postgres(&crate::db::test_postgres()).expect("auth in postgres"));
+    }
+
     #[test]
     fn tokens_verify_until_revoked_and_only_with_their_secret() {
-        let auth = Auth::in_memory().expect("auth");
+        on_both(tokens_verify_until_revoked_and_only_with_their_secret_in);
+    }
+
+    fn tokens_verify_until_revoked_and_only_with_their_secret_in(auth: Auth) {
         let token = auth.create_token(Role::User, "ci").expect("token");
         let Principal::Person { role, token_id } = auth.verify(&token).expect("valid") else {
             panic!("a person");
@@ -642,7 +724,10 @@ mod tests {
 
     #[test]
     fn revoked_tokens_are_forgotten_after_the_retention() {
-        let auth = Auth::in_memory().expect("auth");
+        on_both(revoked_tokens_are_forgotten_after_the_retention_in);
+    }
+
+    fn revoked_tokens_are_forgotten_after_the_retention_in(auth: Auth) {
         let old = auth.node_credential("n1").expect("credential");
         auth.revoke_node("n1").expect("revoke");
         let kept = auth.create_token(Role::User, "ci").expect("token");
@@ -655,7 +740,53 @@ mod tests {
 
     #[test]
     fn a_node_credential_names_its_node_and_replaces_the_last_one() {
-        let auth = Auth::in_memory().expect("auth");
+        on_both(a_node_credential_names_its_node_and_replaces_the_last_one_in);
+    }
+
+    #[test]
+    fn join_tokens_are_used_up_expire_and_bind_a_node() {
+        on_both(join_tokens_are_used_up_expire_and_bind_a_node_in);
+    }
+
+    fn join_tokens_are_used_up_expire_and_bind_a_node_in(auth: Auth) {
+        let twice = auth.create_join_token("c", 60_000, 2).expect("token");
+        for _ in 0..2 {
+            assert_eq!(
+                auth.use_join_token(&twice),
+                Ok(JoinAs {
+                    cluster: "c".into(),
+                    node_id: None
+                })
+            );
+        }
+        assert_eq!(
+            auth.use_join_token(&twice),
+            Err("join token used up".into())
+        );
+        let expired = auth.create_join_token("c", -1, 1).expect("token");
+        assert_eq!(
+            auth.use_join_token(&expired),
+            Err("expired join token".into())
+        );
+        let bound = auth
+            .create_node_join_token("c", "c-n7", 60_000)
+            .expect("token");
+        assert_eq!(
+            auth.use_join_token(&bound)
+                .expect("joins")
+                .node_id
+                .as_deref(),
+            Some("c-n7")
+        );
+        let listed = auth.join_tokens().expect("list");
+        assert_eq!(listed.len(), 2, "node-bound tokens are not listed");
+        assert!(auth.revoke_join_token(&listed[0].id).expect("revoke"));
+        // What was committed is what a second coordinator reads.
+        auth.reload().expect("reload");
+        assert!(auth.join_tokens().expect("list")[0].revoked);
+    }
+
+    fn a_node_credential_names_its_node_and_replaces_the_last_one_in(auth: Auth) {
         let first = auth.node_credential("n1").expect("credential");
         let second = auth.node_credential("n1").expect("credential");
         assert_eq!(

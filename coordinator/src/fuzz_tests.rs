@@ -20,7 +20,7 @@ use crate::artifacts::Artifacts;
 use crate::auth::Auth;
 use crate::computefile::ComputeFile;
 use crate::control::{ControlConfig, Driver};
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use crate::testing::FakeProvider;
 use crate::vmsize::Catalog;
 
@@ -161,7 +161,7 @@ proptest! {
 /// The HTTP API on a real control loop (in-memory store, fake provider).
 fn app(runtime: &tokio::runtime::Runtime) -> axum::Router {
     runtime.block_on(async {
-        let store = SqliteStore::in_memory().expect("store");
+        let store = SqlStore::in_memory().expect("store");
         let reader = store.reader().expect("reader");
         let (control, handle, inbox) = Driver::new(
             ControlConfig::default(),

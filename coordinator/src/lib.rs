@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod computefile;
 pub mod control;
 pub mod data;
+pub mod db;
 pub mod error;
 pub mod governance;
 pub mod identity;

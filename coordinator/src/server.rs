@@ -16,7 +16,7 @@ use crate::api::{Api, http};
 use crate::artifacts::Artifacts;
 use crate::control::{ControlConfig, Driver};
 use crate::provider::{DockerProvider, LocalProvider, Providers};
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use crate::vmsize::{Catalog, VmSize};
 use crate::{Error, Result};
 
@@ -191,7 +191,7 @@ pub async fn serve(
     let address = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
-    let store = SqliteStore::open(&config.data_dir.join("shoal.db"))?;
+    let store = SqlStore::open(&config.data_dir.join("shoal.db"))?;
     let reader = store.reader()?;
     crate::auth::bootstrap(&config.data_dir)?;
     let auth = crate::auth::Auth::open(&config.data_dir.join("auth.db"))?;

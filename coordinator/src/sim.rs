@@ -21,7 +21,7 @@ use crate::control::{
     ToAgent,
 };
 use crate::model::{ClusterRequest, GpuStat, JobRequest, JobStatus, Millis, Slot};
-use crate::store::{SqliteStore, Store};
+use crate::store::{SqlStore, Store};
 
 /// How big a world, and how rough.
 #[derive(Clone, Debug)]
@@ -253,7 +253,7 @@ struct World {
     seq: u64,
     events: BinaryHeap<Reverse<(Millis, u64, usize)>>,
     slots: HashMap<usize, Event>,
-    store: SqliteStore,
+    store: SqlStore,
     control: Option<Control>,
     epoch: u32,
     agents: BTreeMap<String, Agent>,
@@ -318,7 +318,7 @@ impl World {
             seq: 0,
             events: BinaryHeap::new(),
             slots: HashMap::new(),
-            store: SqliteStore::in_memory().expect("an in-memory store"),
+            store: SqlStore::in_memory().expect("an in-memory store"),
             control: None,
             epoch: 0,
             agents: BTreeMap::new(),

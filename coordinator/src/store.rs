@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::data::{DataAsset, Datastore};
+use crate::db::{Param, PgConnection, Sql};
 use crate::governance::Quotas;
 use crate::model::{Cluster, Component, Environment, Identity, Job, JobStatus, Millis, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
@@ -196,17 +197,70 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE mini_batches ADD COLUMN failed_items INTEGER NOT NULL DEFAULT 0;",
 ];
 
-/// Statuses of ended jobs, as stored.
-const ENDED: &str = "('completed', 'failed', 'canceled', 'timed_out')";
+/// The same schema for PostgreSQL, from its first version on: `BIGINT`
+/// integers, `BYTEA` blobs. A change of the schema is one more entry in both
+/// lists (each database migrates from where it stands).
+const PG_MIGRATIONS: &[&str] = &[
+    // 1: SQLite's schema at its version 9
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+     CREATE TABLE clusters (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE nodes (id TEXT PRIMARY KEY, cluster TEXT NOT NULL, body TEXT NOT NULL);
+     CREATE TABLE jobs (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, cluster TEXT NOT NULL,
+                        status TEXT NOT NULL, body TEXT NOT NULL,
+                        ended_at BIGINT NOT NULL DEFAULT 0, array_seq BIGINT);
+     CREATE INDEX jobs_by_seq ON jobs (seq);
+     CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE ended_at > 0;
+     CREATE INDEX jobs_by_array ON jobs (array_seq, seq) WHERE array_seq IS NOT NULL;
+     CREATE TABLE logs (seq BIGSERIAL PRIMARY KEY, job_id TEXT NOT NULL,
+                        attempt_id TEXT NOT NULL, instance BIGINT NOT NULL,
+                        stream TEXT NOT NULL, data BYTEA NOT NULL);
+     CREATE INDEX logs_by_job ON logs (job_id, seq);
+     CREATE TABLE settings (key TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE mini_batches (job_id TEXT NOT NULL, idx BIGINT NOT NULL,
+                                item_count BIGINT NOT NULL, status TEXT NOT NULL,
+                                executions BIGINT NOT NULL, failures BIGINT NOT NULL,
+                                lease TEXT, node TEXT, deadline BIGINT, message TEXT NOT NULL,
+                                items BYTEA NOT NULL, rows BYTEA,
+                                failed_items BIGINT NOT NULL DEFAULT 0,
+                                PRIMARY KEY (job_id, idx));
+     CREATE TABLE identities (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE datastores (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE data_assets (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                               PRIMARY KEY (name, version));
+     CREATE TABLE environments (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                                PRIMARY KEY (name, version));
+     CREATE TABLE components (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
+                              PRIMARY KEY (name, version));",
+];
 
-pub struct SqliteStore {
-    conn: Connection,
-    path: PathBuf,
+/// Statuses of ended jobs, as stored.
+macro_rules! ended {
+    () => {
+        "('completed', 'failed', 'canceled', 'timed_out')"
+    };
+}
+
+/// Where the state lives.
+enum Backend {
+    Lite {
+        conn: Connection,
+        path: PathBuf,
+    },
+    Pg {
+        conn: Box<PgConnection>,
+        url: String,
+    },
+}
+
+/// The coordinator's durable state, in SQLite (the embedded default) or
+/// PostgreSQL: the same statements, the same semantics.
+pub struct SqlStore {
+    backend: Backend,
     /// A store of tests lives in a folder of its own, removed with it.
     _scratch: Option<tempfile::TempDir>,
 }
 
-impl SqliteStore {
+impl SqlStore {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -230,9 +284,48 @@ impl SqliteStore {
         Self::migrate(conn, path, Some(scratch))
     }
 
+    /// The store in a PostgreSQL database (`postgres://user@host:port/db`),
+    /// migrated to this shoal's schema first.
+    pub fn connect_postgres(url: &str) -> Result<Self> {
+        let mut conn = PgConnection::connect(url)?;
+        let newest = PG_MIGRATIONS.len() as i64;
+        conn.transaction(|sql| {
+            // Two coordinators starting on one database migrate one at a time.
+            sql.execute("SELECT pg_advisory_xact_lock(7070)", &[])?;
+            sql.execute(
+                "CREATE TABLE IF NOT EXISTS shoal_schema (version BIGINT NOT NULL)",
+                &[],
+            )?;
+            let version = sql
+                .first("SELECT version FROM shoal_schema", &[], |r| r.get::<i64>(0))?
+                .unwrap_or(0);
+            if version > newest {
+                return Err(Error::Internal(format!(
+                    "the database has schema version {version}, newer than this shoal ({newest}); use a newer shoal"
+                )));
+            }
+            for migration in &PG_MIGRATIONS[version as usize..] {
+                sql.batch(migration)?;
+            }
+            sql.execute("DELETE FROM shoal_schema", &[])?;
+            sql.execute("INSERT INTO shoal_schema (version) VALUES (?1)", &[&newest])?;
+            Ok(())
+        })?;
+        Ok(SqlStore {
+            backend: Backend::Pg {
+                conn: Box::new(conn),
+                url: url.to_string(),
+            },
+            _scratch: None,
+        })
+    }
+
     /// Read-only connections for the API (history, logs, rows).
     pub fn reader(&self) -> Result<Reader> {
-        Reader::open(&self.path)
+        match &self.backend {
+            Backend::Lite { path, .. } => Reader::open(path),
+            Backend::Pg { url, .. } => Reader::postgres(url),
+        }
     }
 
     fn migrate(
@@ -254,19 +347,23 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", (index + 1) as i64)?;
             tx.commit()?;
         }
-        Ok(SqliteStore {
-            conn,
-            path,
+        Ok(SqlStore {
+            backend: Backend::Lite { conn, path },
             _scratch: scratch,
         })
     }
 
-    fn meta(&self, key: &str) -> Result<u64> {
-        let value: Option<i64> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?;
-        Ok(value.unwrap_or(0) as u64)
+    /// Runs `f` in one transaction, committed if it returns Ok.
+    fn transaction<T: Send>(&mut self, f: impl FnOnce(&mut Sql) -> Result<T> + Send) -> Result<T> {
+        match &mut self.backend {
+            Backend::Lite { conn, .. } => {
+                let tx = conn.transaction()?;
+                let value = f(&mut Sql::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Backend::Pg { conn, .. } => conn.transaction(f),
+        }
     }
 }
 
@@ -279,332 +376,360 @@ fn encode<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::Internal(format!("encoding: {e}")))
 }
 
-fn load_table<T: DeserializeOwned>(conn: &Connection, sql: &str, table: &str) -> Result<Vec<T>> {
-    let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (key, body) = row?;
-        out.push(decode(table, &key, &body)?);
-    }
-    Ok(out)
+/// Rows of (key, body), decoded.
+fn load_table<T: DeserializeOwned>(
+    sql: &mut Sql,
+    query: &'static str,
+    params: &[&dyn Param],
+    table: &str,
+) -> Result<Vec<T>> {
+    sql.query(query, params, |r| {
+        let key: String = r.get(0)?;
+        let body: String = r.get(1)?;
+        decode(table, &key, &body)
+    })
 }
 
-impl Store for SqliteStore {
-    fn load(&mut self) -> Result<Snapshot> {
-        Ok(Snapshot {
-            clusters: load_table(&self.conn, "SELECT name, body FROM clusters", "cluster")?,
-            nodes: load_table(&self.conn, "SELECT id, body FROM nodes", "node")?,
-            identities: load_table(
-                &self.conn,
-                "SELECT name, body FROM identities ORDER BY name",
-                "identity",
-            )?,
-            jobs: load_table(
-                &self.conn,
-                &format!(
-                    "SELECT id, body FROM jobs WHERE status NOT IN {ENDED}
-                     UNION ALL
-                     SELECT * FROM (SELECT id, body FROM jobs WHERE status IN {ENDED}
-                                    ORDER BY ended_at DESC LIMIT {RECENT_JOBS})"
+fn setting<T: DeserializeOwned>(sql: &mut Sql, key: &'static str) -> Result<Option<T>> {
+    let body = sql.first("SELECT body FROM settings WHERE key = ?1", &[&key], |r| {
+        r.get::<String>(0)
+    })?;
+    body.map(|b| decode("settings", key, &b)).transpose()
+}
+
+fn meta(sql: &mut Sql, key: &'static str) -> Result<u64> {
+    let value = sql.first("SELECT value FROM meta WHERE key = ?1", &[&key], |r| {
+        r.get::<i64>(0)
+    })?;
+    Ok(value.unwrap_or(0) as u64)
+}
+
+fn load(sql: &mut Sql) -> Result<Snapshot> {
+    Ok(Snapshot {
+        clusters: load_table(sql, "SELECT name, body FROM clusters", &[], "cluster")?,
+        nodes: load_table(sql, "SELECT id, body FROM nodes", &[], "node")?,
+        identities: load_table(
+            sql,
+            "SELECT name, body FROM identities ORDER BY name",
+            &[],
+            "identity",
+        )?,
+        jobs: load_table(
+            sql,
+            concat!(
+                "SELECT id, body FROM jobs WHERE status NOT IN ",
+                ended!(),
+                " UNION ALL
+                 SELECT id, body FROM (SELECT id, body FROM jobs WHERE status IN ",
+                ended!(),
+                " ORDER BY ended_at DESC LIMIT ?1) AS recent"
+            ),
+            &[&(RECENT_JOBS as i64)],
+            "job",
+        )?,
+        datastores: load_table(sql, "SELECT name, body FROM datastores", &[], "datastore")?,
+        data_assets: load_table(
+            sql,
+            "SELECT name || ':' || version, body FROM data_assets",
+            &[],
+            "data asset",
+        )?,
+        environments: load_table(
+            sql,
+            "SELECT name || ':' || version, body FROM environments",
+            &[],
+            "environment",
+        )?,
+        components: load_table(
+            sql,
+            "SELECT name || ':' || version, body FROM components",
+            &[],
+            "component",
+        )?,
+        defaults: setting(sql, "defaults")?.unwrap_or_default(),
+        ended_counts: {
+            let rows = sql.query(
+                concat!(
+                    "SELECT status, count(*) FROM jobs WHERE status IN ",
+                    ended!(),
+                    " GROUP BY status"
                 ),
-                "job",
-            )?,
-            datastores: load_table(&self.conn, "SELECT name, body FROM datastores", "datastore")?,
-            data_assets: load_table(
-                &self.conn,
-                "SELECT name || ':' || version, body FROM data_assets",
-                "data asset",
-            )?,
-            environments: load_table(
-                &self.conn,
-                "SELECT name || ':' || version, body FROM environments",
-                "environment",
-            )?,
-            components: load_table(
-                &self.conn,
-                "SELECT name || ':' || version, body FROM components",
-                "component",
-            )?,
-            defaults: {
-                let body: Option<String> = self
-                    .conn
-                    .query_row(
-                        "SELECT body FROM settings WHERE key = 'defaults'",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                body.map(|b| decode("settings", "defaults", &b))
-                    .transpose()?
-                    .unwrap_or_default()
+                &[],
+                |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+            )?;
+            rows.into_iter()
+                .filter_map(|(status, count)| Some((JobStatus::parse(&status)?, count as u64)))
+                .collect()
+        },
+        next_job_seq: meta(sql, "next_job_seq")?.max(1),
+        next_node_seq: meta(sql, "next_node_seq")?.max(1),
+        quotas: setting(sql, "quotas")?,
+        mini_batches: sql.query(
+            concat!(
+                "SELECT job_id, idx, item_count, status, executions, failures, lease, node,
+                        deadline, message, failed_items FROM mini_batches
+                 WHERE job_id IN (SELECT id FROM jobs WHERE status NOT IN ",
+                ended!(),
+                ") ORDER BY job_id, idx"
+            ),
+            &[],
+            |r| {
+                let status: String = r.get(3)?;
+                Ok((
+                    r.get::<String>(0)?,
+                    MiniBatch {
+                        index: r.get::<i64>(1)? as u32,
+                        items: r.get::<i64>(2)? as u64,
+                        status: BatchStatus::parse(&status).unwrap_or(BatchStatus::Pending),
+                        executions: r.get::<i64>(4)? as u32,
+                        failures: r.get::<i64>(5)? as u32,
+                        lease: r.get(6)?,
+                        node: r.get(7)?,
+                        deadline: r.get(8)?,
+                        message: r.get(9)?,
+                        failed_items: r.get::<i64>(10)? as u64,
+                    },
+                ))
             },
-            ended_counts: {
-                let mut stmt = self.conn.prepare(&format!(
-                    "SELECT status, count(*) FROM jobs WHERE status IN {ENDED} GROUP BY status"
-                ))?;
-                let rows =
-                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-                let mut counts = BTreeMap::new();
-                for row in rows {
-                    let (status, count) = row?;
-                    if let Some(status) = JobStatus::parse(&status) {
-                        counts.insert(status, count as u64);
-                    }
-                }
-                counts
-            },
-            next_job_seq: self.meta("next_job_seq")?.max(1),
-            next_node_seq: self.meta("next_node_seq")?.max(1),
-            quotas: {
-                let body: Option<String> = self
-                    .conn
-                    .query_row("SELECT body FROM settings WHERE key = 'quotas'", [], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                body.map(|b| decode("settings", "quotas", &b)).transpose()?
-            },
-            mini_batches: {
-                let mut stmt = self.conn.prepare(&format!(
-                    "SELECT job_id, idx, item_count, status, executions, failures, lease, node,
-                            deadline, message, failed_items FROM mini_batches
-                     WHERE job_id IN (SELECT id FROM jobs WHERE status NOT IN {ENDED})
-                     ORDER BY job_id, idx"
-                ))?;
-                let rows = stmt.query_map([], |r| {
-                    let status: String = r.get(3)?;
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        MiniBatch {
-                            index: r.get(1)?,
-                            items: r.get::<_, i64>(2)? as u64,
-                            status: BatchStatus::parse(&status).unwrap_or(BatchStatus::Pending),
-                            executions: r.get(4)?,
-                            failures: r.get(5)?,
-                            lease: r.get(6)?,
-                            node: r.get(7)?,
-                            deadline: r.get(8)?,
-                            message: r.get(9)?,
-                            failed_items: r.get::<_, i64>(10)? as u64,
-                        },
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
-            },
-        })
+        )?,
+    })
+}
+
+/// Puts (key, body) rows: one statement per table, the same for both databases.
+fn put(sql: &mut Sql, statement: &'static str, key: &str, body: &str) -> Result<()> {
+    sql.execute(statement, &[&key, &body])?;
+    Ok(())
+}
+
+/// Puts (name, version, body) rows.
+fn put_versioned<T: Serialize>(
+    sql: &mut Sql,
+    statement: &'static str,
+    items: &[T],
+    key: impl Fn(&T) -> (&String, &String),
+) -> Result<()> {
+    for item in items {
+        let (name, version) = key(item);
+        sql.execute(statement, &[name, version, &encode(item)?])?;
+    }
+    Ok(())
+}
+
+fn commit(sql: &mut Sql, batch: &Batch) -> Result<Committed> {
+    let mut log_seqs = Vec::with_capacity(batch.logs.len());
+    let mut purged = Vec::new();
+    for cluster in &batch.clusters {
+        put(
+            sql,
+            "INSERT INTO clusters (name, body) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            &cluster.spec.name,
+            &encode(cluster)?,
+        )?;
+    }
+    for name in &batch.deleted_clusters {
+        sql.execute("DELETE FROM clusters WHERE name = ?1", &[name])?;
+    }
+    for node in &batch.nodes {
+        sql.execute(
+            "INSERT INTO nodes (id, cluster, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET cluster = excluded.cluster, body = excluded.body",
+            &[&node.id, &node.cluster, &encode(node)?],
+        )?;
+    }
+    for id in &batch.deleted_nodes {
+        sql.execute("DELETE FROM nodes WHERE id = ?1", &[id])?;
+    }
+    for job in &batch.jobs {
+        let ended_at = if job.status.is_final() {
+            job.ended_at
+        } else {
+            0
+        };
+        sql.execute(
+            "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
+                 status = excluded.status, body = excluded.body,
+                 ended_at = excluded.ended_at, array_seq = excluded.array_seq",
+            &[
+                &job.id.as_str(),
+                &(job.seq as i64),
+                &job.spec.cluster.as_str(),
+                &job.status.as_str(),
+                &encode(job)?,
+                &ended_at,
+                &job.parent_seq().map(|seq| seq as i64),
+            ],
+        )?;
+    }
+    let mut doomed: Vec<String> = batch.delete_jobs.clone();
+    if let Some(before) = batch.purge_ended_before {
+        doomed.extend(sql.query(
+            concat!(
+                "SELECT id FROM jobs WHERE ended_at > 0 AND ended_at < ?1 AND status IN ",
+                ended!(),
+                " LIMIT ?2"
+            ),
+            &[&before, &(PURGE_PER_BATCH as i64)],
+            |r| r.get::<String>(0),
+        )?);
+    }
+    for id in doomed {
+        // An array goes with its tasks, a sweep with its trials, a pipeline
+        // with its steps (and a sweep step with its trials).
+        let mut family = vec![id];
+        let mut at = 0;
+        while at < family.len() {
+            if let Some(seq) = crate::control::job_seq(&family[at]) {
+                let children = sql.query(
+                    "SELECT id FROM jobs WHERE array_seq = ?1",
+                    &[&(seq as i64)],
+                    |r| r.get::<String>(0),
+                )?;
+                family.extend(children);
+            }
+            at += 1;
+        }
+        for id in family.iter().rev() {
+            if let Some(gone) = delete_job(sql, id)? {
+                purged.push(gone);
+            }
+        }
+    }
+    for log in &batch.logs {
+        let seq = sql.query(
+            "INSERT INTO logs (job_id, attempt_id, instance, stream, data)
+             VALUES (?1, ?2, ?3, ?4, ?5) RETURNING seq",
+            &[
+                &log.job_id,
+                &log.attempt_id,
+                &i64::from(log.instance),
+                &log.stream,
+                &log.data,
+            ],
+            |r| r.get::<i64>(0),
+        )?;
+        log_seqs.extend(seq);
+    }
+    let put_meta = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                    ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+    if let Some(seq) = batch.next_job_seq {
+        sql.execute(put_meta, &[&"next_job_seq", &(seq as i64)])?;
+    }
+    if let Some(seq) = batch.next_node_seq {
+        sql.execute(put_meta, &[&"next_node_seq", &(seq as i64)])?;
+    }
+    for (job_id, cuts) in &batch.new_mini_batches {
+        for (index, cut) in cuts.iter().enumerate() {
+            sql.execute(
+                "INSERT INTO mini_batches (job_id, idx, item_count, status, executions, failures,
+                                           message, items)
+                 VALUES (?1, ?2, ?3, 'pending', 0, 0, '', ?4)",
+                &[job_id, &(index as i64), &(cut.count as i64), &cut.items],
+            )?;
+        }
+    }
+    for (job_id, b) in &batch.mini_batches {
+        sql.execute(
+            "UPDATE mini_batches SET status = ?3, executions = ?4, failures = ?5, lease = ?6,
+                    node = ?7, deadline = ?8, message = ?9, failed_items = ?10
+             WHERE job_id = ?1 AND idx = ?2",
+            &[
+                job_id,
+                &i64::from(b.index),
+                &b.status.as_str(),
+                &i64::from(b.executions),
+                &i64::from(b.failures),
+                &b.lease,
+                &b.node,
+                &b.deadline,
+                &b.message,
+                &(b.failed_items as i64),
+            ],
+        )?;
+    }
+    for (job_id, index, rows) in &batch.mini_batch_rows {
+        sql.execute(
+            "UPDATE mini_batches SET rows = ?3 WHERE job_id = ?1 AND idx = ?2",
+            &[job_id, &i64::from(*index), rows],
+        )?;
+    }
+    for identity in &batch.identities {
+        put(
+            sql,
+            "INSERT INTO identities (name, body) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            &identity.name,
+            &encode(identity)?,
+        )?;
+    }
+    for datastore in &batch.datastores {
+        put(
+            sql,
+            "INSERT INTO datastores (name, body) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            &datastore.name,
+            &encode(datastore)?,
+        )?;
+    }
+    put_versioned(
+        sql,
+        "INSERT INTO data_assets (name, version, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name, version) DO UPDATE SET body = excluded.body",
+        &batch.data_assets,
+        |a| (&a.name, &a.version),
+    )?;
+    put_versioned(
+        sql,
+        "INSERT INTO environments (name, version, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name, version) DO UPDATE SET body = excluded.body",
+        &batch.environments,
+        |e| (&e.name, &e.version),
+    )?;
+    put_versioned(
+        sql,
+        "INSERT INTO components (name, version, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name, version) DO UPDATE SET body = excluded.body",
+        &batch.components,
+        |c| (&c.name, &c.version),
+    )?;
+    let put_setting = "INSERT INTO settings (key, body) VALUES (?1, ?2)
+                       ON CONFLICT (key) DO UPDATE SET body = excluded.body";
+    if let Some(defaults) = &batch.defaults {
+        put(sql, put_setting, "defaults", &encode(defaults)?)?;
+    }
+    if let Some(quotas) = &batch.quotas {
+        put(sql, put_setting, "quotas", &encode(quotas)?)?;
+    }
+    Ok(Committed { log_seqs, purged })
+}
+
+impl Store for SqlStore {
+    fn load(&mut self) -> Result<Snapshot> {
+        self.transaction(load)
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<Committed> {
         if batch.is_empty() {
             return Ok(Committed::default());
         }
-        let tx = self.conn.transaction()?;
-        let mut log_seqs = Vec::with_capacity(batch.logs.len());
-        let mut purged = Vec::new();
-        {
-            let mut put_cluster =
-                tx.prepare_cached("INSERT OR REPLACE INTO clusters (name, body) VALUES (?1, ?2)")?;
-            for cluster in &batch.clusters {
-                put_cluster.execute(params![cluster.spec.name, encode(cluster)?])?;
-            }
-            let mut del_cluster = tx.prepare_cached("DELETE FROM clusters WHERE name = ?1")?;
-            for name in &batch.deleted_clusters {
-                del_cluster.execute([name])?;
-            }
-            let mut put_node = tx.prepare_cached(
-                "INSERT OR REPLACE INTO nodes (id, cluster, body) VALUES (?1, ?2, ?3)",
-            )?;
-            for node in &batch.nodes {
-                put_node.execute(params![node.id, node.cluster, encode(node)?])?;
-            }
-            let mut del_node = tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?;
-            for id in &batch.deleted_nodes {
-                del_node.execute([id])?;
-            }
-            let mut put_job = tx.prepare_cached(
-                "INSERT OR REPLACE INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for job in &batch.jobs {
-                let ended_at = if job.status.is_final() {
-                    job.ended_at
-                } else {
-                    0
-                };
-                put_job.execute(params![
-                    job.id.as_str(),
-                    job.seq as i64,
-                    job.spec.cluster.as_str(),
-                    job.status.as_str(),
-                    encode(job)?,
-                    ended_at,
-                    job.parent_seq().map(|seq| seq as i64)
-                ])?;
-            }
-            let mut doomed: Vec<String> = batch.delete_jobs.clone();
-            if let Some(before) = batch.purge_ended_before {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT id FROM jobs WHERE ended_at > 0 AND ended_at < ?1
-                     AND status IN {ENDED} LIMIT {PURGE_PER_BATCH}"
-                ))?;
-                let ids = stmt.query_map([before], |r| r.get::<_, String>(0))?;
-                for id in ids {
-                    doomed.push(id?);
-                }
-            }
-            for id in doomed {
-                // An array goes with its tasks, a sweep with its trials, a pipeline
-                // with its steps (and a sweep step with its trials).
-                let mut family = vec![id];
-                let mut at = 0;
-                while at < family.len() {
-                    if let Some(seq) = crate::control::job_seq(&family[at]) {
-                        let children: Vec<String> = tx
-                            .prepare_cached("SELECT id FROM jobs WHERE array_seq = ?1")?
-                            .query_map([seq as i64], |r| r.get::<_, String>(0))?
-                            .collect::<rusqlite::Result<_>>()?;
-                        family.extend(children);
-                    }
-                    at += 1;
-                }
-                for id in family.iter().rev() {
-                    if let Some(gone) = delete_job(&tx, id)? {
-                        purged.push(gone);
-                    }
-                }
-            }
-            let mut put_log = tx.prepare_cached(
-                "INSERT INTO logs (job_id, attempt_id, instance, stream, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for log in &batch.logs {
-                put_log.execute(params![
-                    log.job_id,
-                    log.attempt_id,
-                    log.instance,
-                    log.stream,
-                    log.data
-                ])?;
-                log_seqs.push(tx.last_insert_rowid());
-            }
-            let mut put_meta =
-                tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
-            if let Some(seq) = batch.next_job_seq {
-                put_meta.execute(params!["next_job_seq", seq as i64])?;
-            }
-            if let Some(seq) = batch.next_node_seq {
-                put_meta.execute(params!["next_node_seq", seq as i64])?;
-            }
-            let mut new_batch = tx.prepare_cached(
-                "INSERT INTO mini_batches (job_id, idx, item_count, status, executions, failures,
-                                           message, items)
-                 VALUES (?1, ?2, ?3, 'pending', 0, 0, '', ?4)",
-            )?;
-            for (job_id, cuts) in &batch.new_mini_batches {
-                for (index, cut) in cuts.iter().enumerate() {
-                    new_batch.execute(params![
-                        job_id,
-                        index as i64,
-                        cut.count as i64,
-                        cut.items
-                    ])?;
-                }
-            }
-            let mut put_batch = tx.prepare_cached(
-                "UPDATE mini_batches SET status = ?3, executions = ?4, failures = ?5, lease = ?6,
-                        node = ?7, deadline = ?8, message = ?9, failed_items = ?10
-                 WHERE job_id = ?1 AND idx = ?2",
-            )?;
-            for (job_id, b) in &batch.mini_batches {
-                put_batch.execute(params![
-                    job_id,
-                    b.index,
-                    b.status.as_str(),
-                    b.executions,
-                    b.failures,
-                    b.lease,
-                    b.node,
-                    b.deadline,
-                    b.message,
-                    b.failed_items as i64
-                ])?;
-            }
-            let mut put_rows = tx.prepare_cached(
-                "UPDATE mini_batches SET rows = ?3 WHERE job_id = ?1 AND idx = ?2",
-            )?;
-            for (job_id, index, rows) in &batch.mini_batch_rows {
-                put_rows.execute(params![job_id, index, rows])?;
-            }
-            let mut put_identity = tx
-                .prepare_cached("INSERT OR REPLACE INTO identities (name, body) VALUES (?1, ?2)")?;
-            for identity in &batch.identities {
-                put_identity.execute(params![identity.name, encode(identity)?])?;
-            }
-            let mut put_datastore = tx
-                .prepare_cached("INSERT OR REPLACE INTO datastores (name, body) VALUES (?1, ?2)")?;
-            for datastore in &batch.datastores {
-                put_datastore.execute(params![datastore.name, encode(datastore)?])?;
-            }
-            let mut put_asset = tx.prepare_cached(
-                "INSERT OR REPLACE INTO data_assets (name, version, body) VALUES (?1, ?2, ?3)",
-            )?;
-            for asset in &batch.data_assets {
-                put_asset.execute(params![asset.name, asset.version, encode(asset)?])?;
-            }
-            let mut put_environment = tx.prepare_cached(
-                "INSERT OR REPLACE INTO environments (name, version, body) VALUES (?1, ?2, ?3)",
-            )?;
-            for environment in &batch.environments {
-                put_environment.execute(params![
-                    environment.name,
-                    environment.version,
-                    encode(environment)?
-                ])?;
-            }
-            let mut put_component = tx.prepare_cached(
-                "INSERT OR REPLACE INTO components (name, version, body) VALUES (?1, ?2, ?3)",
-            )?;
-            for component in &batch.components {
-                put_component.execute(params![
-                    component.name,
-                    component.version,
-                    encode(component)?
-                ])?;
-            }
-            if let Some(defaults) = &batch.defaults {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO settings (key, body) VALUES ('defaults', ?1)",
-                )?
-                .execute([encode(defaults)?])?;
-            }
-            if let Some(quotas) = &batch.quotas {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO settings (key, body) VALUES ('quotas', ?1)",
-                )?
-                .execute([encode(quotas)?])?;
-            }
-        }
-        tx.commit()?;
-        Ok(Committed { log_seqs, purged })
+        self.transaction(|sql| commit(sql, batch))
     }
 }
 
 /// Deletes one job with its logs and mini-batches; what of it lives in files.
-fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>> {
-    let body: Option<String> = tx
-        .prepare_cached("SELECT body FROM jobs WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))
-        .optional()?;
+fn delete_job(sql: &mut Sql, id: &str) -> Result<Option<Purged>> {
+    let body = sql.first("SELECT body FROM jobs WHERE id = ?1", &[&id], |r| {
+        r.get::<String>(0)
+    })?;
     let Some(body) = body else {
         return Ok(None);
     };
     let job: Job = decode("job", id, &body)?;
-    tx.prepare_cached("DELETE FROM logs WHERE job_id = ?1")?
-        .execute([id])?;
-    tx.prepare_cached("DELETE FROM mini_batches WHERE job_id = ?1")?
-        .execute([id])?;
-    tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-        .execute([id])?;
+    sql.execute("DELETE FROM logs WHERE job_id = ?1", &[&id])?;
+    sql.execute("DELETE FROM mini_batches WHERE job_id = ?1", &[&id])?;
+    sql.execute("DELETE FROM jobs WHERE id = ?1", &[&id])?;
     // A parallel step never made kept its mini-batches under the job it would be.
     for step in job.pipeline.iter().flat_map(|p| &p.steps) {
         if let Some(parallel) = step
@@ -612,8 +737,10 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
             .as_ref()
             .filter(|p| step.seq != Some(p.job_seq))
         {
-            tx.prepare_cached("DELETE FROM mini_batches WHERE job_id = ?1")?
-                .execute([crate::control::job_id(parallel.job_seq)])?;
+            sql.execute(
+                "DELETE FROM mini_batches WHERE job_id = ?1",
+                &[&crate::control::job_id(parallel.job_seq)],
+            )?;
         }
     }
     // A task's code and inputs are its array's (shared by every task), and a
@@ -652,13 +779,23 @@ fn delete_job(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Option<Purged>
 /// every reply is sent after its commit.
 #[derive(Clone)]
 pub struct Reader {
-    path: PathBuf,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    from: ReadFrom,
+    idle_lite: Arc<Mutex<Vec<Connection>>>,
+    idle_pg: Arc<Mutex<Vec<PgConnection>>>,
+}
+
+#[derive(Clone)]
+enum ReadFrom {
+    Lite(PathBuf),
+    Pg(String),
 }
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reader {{ {} }}", self.path.display())
+        match &self.from {
+            ReadFrom::Lite(path) => write!(f, "Reader {{ {} }}", path.display()),
+            ReadFrom::Pg(url) => write!(f, "Reader {{ {} }}", crate::db::redact(url)),
+        }
     }
 }
 
@@ -668,8 +805,9 @@ const IDLE_READERS: usize = 4;
 impl Reader {
     pub fn open(path: &Path) -> Result<Self> {
         let reader = Reader {
-            path: path.to_path_buf(),
-            idle: Arc::default(),
+            from: ReadFrom::Lite(path.to_path_buf()),
+            idle_lite: Arc::default(),
+            idle_pg: Arc::default(),
         };
         // Fail now, not at the first request, if it cannot be opened.
         let conn = reader.connect()?;
@@ -677,9 +815,30 @@ impl Reader {
         Ok(reader)
     }
 
+    /// Reads from the PostgreSQL store at `url`.
+    pub fn postgres(url: &str) -> Result<Self> {
+        let reader = Reader {
+            from: ReadFrom::Pg(url.to_string()),
+            idle_lite: Arc::default(),
+            idle_pg: Arc::default(),
+        };
+        let conn = PgConnection::connect(url)?;
+        reader
+            .idle_pg
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        Ok(reader)
+    }
+
     fn connect(&self) -> Result<Connection> {
+        let ReadFrom::Lite(path) = &self.from else {
+            return Err(Error::Internal(
+                "this reader reads PostgreSQL, not a SQLite file".into(),
+            ));
+        };
         let conn = Connection::open_with_flags(
-            &self.path,
+            path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -687,20 +846,25 @@ impl Reader {
     }
 
     fn put_back(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle_lite.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < IDLE_READERS {
             idle.push(conn);
         }
     }
 
-    /// Runs `f` on a connection, off the async runtime.
+    /// Runs `f` on a SQLite connection, off the async runtime (tracking's
+    /// queries, which speak SQLite only for now).
     pub(crate) async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let taken = this.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let taken = this
+                .idle_lite
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
             let conn = match taken {
                 Some(conn) => conn,
                 None => this.connect()?,
@@ -713,23 +877,63 @@ impl Reader {
         .map_err(|e| Error::Internal(format!("store reader: {e}")))?
     }
 
+    /// Runs `f` on a connection of either database, off the async runtime.
+    pub(crate) async fn with_sql<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Sql) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || match &this.from {
+            ReadFrom::Lite(_) => {
+                let taken = this
+                    .idle_lite
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop();
+                let conn = match taken {
+                    Some(conn) => conn,
+                    None => this.connect()?,
+                };
+                let result = f(&mut Sql::Lite(&conn));
+                this.put_back(conn);
+                result
+            }
+            ReadFrom::Pg(url) => {
+                let taken = this.idle_pg.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let mut conn = match taken {
+                    Some(conn) => conn,
+                    None => PgConnection::connect(url)?,
+                };
+                let result = conn.transaction(f);
+                // A connection that failed may be broken: a fresh one next time.
+                if result.is_ok() {
+                    let mut idle = this.idle_pg.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < IDLE_READERS {
+                        idle.push(conn);
+                    }
+                }
+                result
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("store reader: {e}")))?
+    }
+
     /// The job as last committed.
     pub async fn job(&self, id: &str) -> Result<Option<Job>> {
         let id = id.to_string();
-        self.with(move |conn| {
-            let body: Option<String> = conn
-                .prepare_cached("SELECT body FROM jobs WHERE id = ?1")?
-                .query_row([&id], |r| r.get(0))
-                .optional()?;
+        self.with_sql(move |sql| {
+            let body = sql.first("SELECT body FROM jobs WHERE id = ?1", &[&id], |r| {
+                r.get::<String>(0)
+            })?;
             body.map(|b| decode("job", &id, &b)).transpose()
         })
         .await
     }
 
-    /// Jobs newest first: at most `limit`, older than the job of seq `before`
-    /// (None: from the newest), of one cluster or all.
-    /// A page of jobs, newest first: arrays once each (not their tasks), or,
-    /// given `array`, that array's tasks.
+    /// A page of jobs, newest first: at most `limit`, older than the job of seq
+    /// `before` (None: from the newest), of one cluster or all; arrays once each
+    /// (not their tasks), or, given `array`, that array's tasks.
     pub async fn jobs(
         &self,
         cluster: Option<String>,
@@ -737,23 +941,20 @@ impl Reader {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Job>> {
-        self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, body FROM jobs WHERE (?1 IS NULL OR cluster = ?1) AND seq < ?2
-                 AND ((?4 IS NULL AND array_seq IS NULL) OR array_seq = ?4)
-                 ORDER BY seq DESC LIMIT ?3",
-            )?;
+        self.with_sql(move |sql| {
             let before = before.map_or(i64::MAX, |b| b as i64);
             let array = array.map(|a| a as i64);
-            let rows = stmt.query_map(params![cluster, before, limit as i64, array], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            let mut jobs = Vec::new();
-            for row in rows {
-                let (id, body) = row?;
-                jobs.push(decode("job", &id, &body)?);
-            }
-            Ok(jobs)
+            sql.query(
+                "SELECT id, body FROM jobs WHERE (CAST(?1 AS TEXT) IS NULL OR cluster = ?1) AND seq < ?2
+                 AND ((CAST(?4 AS BIGINT) IS NULL AND array_seq IS NULL) OR array_seq = ?4)
+                 ORDER BY seq DESC LIMIT ?3",
+                &[&cluster, &before, &(limit as i64), &array],
+                |r| {
+                    let id: String = r.get(0)?;
+                    let body: String = r.get(1)?;
+                    decode("job", &id, &body)
+                },
+            )
         })
         .await
     }
@@ -761,10 +962,13 @@ impl Reader {
     /// A mini-batch's items, as cut at submit.
     pub async fn items(&self, job_id: &str, index: u32) -> Result<Vec<u8>> {
         let job_id = job_id.to_string();
-        self.with(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT items FROM mini_batches WHERE job_id = ?1 AND idx = ?2")?
-                .query_row(params![job_id, index], |r| r.get(0))?)
+        self.with_sql(move |sql| {
+            sql.first(
+                "SELECT items FROM mini_batches WHERE job_id = ?1 AND idx = ?2",
+                &[&job_id, &i64::from(index)],
+                |r| r.get::<Vec<u8>>(0),
+            )?
+            .ok_or_else(|| Error::NotFound(format!("mini-batch {index} of job `{job_id}`")))
         })
         .await
     }
@@ -772,17 +976,13 @@ impl Reader {
     /// The result rows of a job's done mini-batches, in mini-batch order.
     pub async fn rows(&self, job_id: &str) -> Result<Vec<u8>> {
         let job_id = job_id.to_string();
-        self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
+        self.with_sql(move |sql| {
+            let parts = sql.query(
                 "SELECT rows FROM mini_batches WHERE job_id = ?1 AND status = 'done' ORDER BY idx",
+                &[&job_id],
+                |r| r.get::<Option<Vec<u8>>>(0),
             )?;
-            let mut out = Vec::new();
-            let mut rows = stmt.query([&job_id])?;
-            while let Some(row) = rows.next()? {
-                let data: Option<Vec<u8>> = row.get(0)?;
-                out.extend_from_slice(&data.unwrap_or_default());
-            }
-            Ok(out)
+            Ok(parts.into_iter().flatten().flatten().collect())
         })
         .await
     }
@@ -796,23 +996,28 @@ impl Reader {
         limit: usize,
     ) -> Result<Vec<StoredLog>> {
         let job_id = job_id.to_string();
-        self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
+        self.with_sql(move |sql| {
+            sql.query(
                 "SELECT seq, job_id, attempt_id, instance, stream, data FROM logs
-                 WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR instance = ?3)
+                 WHERE job_id = ?1 AND seq > ?2 AND (CAST(?3 AS BIGINT) IS NULL OR instance = ?3)
                  ORDER BY seq LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(params![job_id, after_seq, instance, limit as i64], |r| {
-                Ok(StoredLog {
-                    seq: r.get(0)?,
-                    job_id: r.get(1)?,
-                    attempt_id: r.get(2)?,
-                    instance: r.get(3)?,
-                    stream: r.get(4)?,
-                    data: r.get(5)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                &[
+                    &job_id,
+                    &after_seq,
+                    &instance.map(i64::from),
+                    &(limit as i64),
+                ],
+                |r| {
+                    Ok(StoredLog {
+                        seq: r.get(0)?,
+                        job_id: r.get(1)?,
+                        attempt_id: r.get(2)?,
+                        instance: r.get::<i64>(3)? as u32,
+                        stream: r.get(4)?,
+                        data: r.get(5)?,
+                    })
+                },
+            )
         })
         .await
     }
@@ -823,12 +1028,43 @@ mod tests {
     use super::*;
     use crate::testing::{ClusterBuilder, JobBuilder, NodeBuilder};
 
+    /// Each test runs on both databases: SQLite in a temporary folder, and a
+    /// fresh database of a real PostgreSQL (`scripts/pg-up.sh`).
+    enum Place {
+        Lite(tempfile::TempDir),
+        Pg(String),
+    }
+
+    impl Place {
+        fn lite() -> Self {
+            Place::Lite(tempfile::tempdir().expect("tempdir"))
+        }
+
+        fn pg() -> Self {
+            Place::Pg(crate::db::test_postgres())
+        }
+
+        fn open(&self) -> SqlStore {
+            match self {
+                Place::Lite(dir) => SqlStore::open(&dir.path().join("shoal.db")).expect("open"),
+                Place::Pg(url) => SqlStore::connect_postgres(url).expect("connect"),
+            }
+        }
+    }
+
     #[tokio::test]
-    async fn a_committed_batch_survives_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("shoal.db");
+    async fn a_committed_batch_survives_reopening_in_sqlite() {
+        a_committed_batch_survives_reopening(Place::lite()).await;
+    }
+
+    #[tokio::test]
+    async fn a_committed_batch_survives_reopening_in_postgres() {
+        a_committed_batch_survives_reopening(Place::pg()).await;
+    }
+
+    async fn a_committed_batch_survives_reopening(place: Place) {
         {
-            let mut store = SqliteStore::open(&path).expect("open");
+            let mut store = place.open();
             let batch = Batch {
                 clusters: vec![Cluster {
                     spec: ClusterBuilder::new("c").build(),
@@ -852,7 +1088,7 @@ mod tests {
             let committed = store.commit(&batch).expect("commit");
             assert_eq!(committed.log_seqs.len(), 1);
         }
-        let mut store = SqliteStore::open(&path).expect("reopen");
+        let mut store = place.open();
         let snapshot = store.load().expect("load");
         assert_eq!(snapshot.clusters.len(), 1);
         assert_eq!(snapshot.nodes[0].id, "c-n1");
@@ -879,8 +1115,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn history_is_paged_loaded_only_when_recent_and_purged_with_its_logs() {
-        let mut store = SqliteStore::in_memory().expect("store");
+    async fn history_is_paged_loaded_only_when_recent_and_purged_with_its_logs_in_sqlite() {
+        history_is_paged_loaded_only_when_recent_and_purged_with_its_logs(Place::lite()).await;
+    }
+
+    #[tokio::test]
+    async fn history_is_paged_loaded_only_when_recent_and_purged_with_its_logs_in_postgres() {
+        history_is_paged_loaded_only_when_recent_and_purged_with_its_logs(Place::pg()).await;
+    }
+
+    async fn history_is_paged_loaded_only_when_recent_and_purged_with_its_logs(place: Place) {
+        let mut store = place.open();
         let mut live = JobBuilder::new("job-1").build();
         live.seq = 1;
         let mut jobs = vec![live];
@@ -954,14 +1199,25 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_postgres_schema_is_refused() {
+        let url = crate::db::test_postgres();
+        drop(SqlStore::connect_postgres(&url).expect("connect"));
+        let mut conn = PgConnection::connect(&url).expect("raw");
+        conn.transaction(|sql| sql.execute("UPDATE shoal_schema SET version = 99", &[]))
+            .expect("bump");
+        let err = SqlStore::connect_postgres(&url).err().expect("refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shoal.db");
-        drop(SqliteStore::open(&path).expect("open"));
+        drop(SqlStore::open(&path).expect("open"));
         let conn = Connection::open(&path).expect("raw");
         conn.pragma_update(None, "user_version", 99).expect("bump");
         drop(conn);
-        let err = SqliteStore::open(&path).err().expect("refused");
+        let err = SqlStore::open(&path).err().expect("refused");
         assert!(err.to_string().contains("newer"), "{err}");
     }
 }

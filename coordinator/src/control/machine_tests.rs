@@ -1,13 +1,13 @@
 //! The state machine driven by hand: commands in, time advanced explicitly,
 //! effects inspected — no runtime, no waiting on a wall clock.
 use super::*;
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 struct Machine {
     control: Control,
-    store: SqliteStore,
+    store: SqlStore,
     now: Millis,
     /// Nodes the provider was asked for, and to remove, so far.
     created: Vec<String>,
@@ -20,7 +20,7 @@ struct Machine {
 
 impl Machine {
     fn new(config: ControlConfig) -> Machine {
-        let mut store = SqliteStore::in_memory().expect("store");
+        let mut store = SqlStore::in_memory().expect("store");
         let snapshot = store.load().expect("load");
         let rng = rand::rngs::StdRng::seed_from_u64(1);
         Machine {

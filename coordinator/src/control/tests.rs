@@ -2,7 +2,7 @@
 //! driver itself. Timings and state changes are tested on the state machine by
 //! hand in `machine_tests`.
 use super::*;
-use crate::store::SqliteStore;
+use crate::store::SqlStore;
 use crate::testing::{ClusterBuilder, FakeProvider};
 
 #[test]
@@ -33,7 +33,7 @@ async fn identities_of_an_earlier_version_are_imported_once() {
     let path = dir.path().join("shoal.db");
     let provider = Arc::new(FakeProvider::default());
     {
-        let store = SqliteStore::open(&path).expect("store");
+        let store = SqlStore::open(&path).expect("store");
         let (control, handle, inbox) =
             Driver::new(ControlConfig::default(), Box::new(store), provider.clone())
                 .expect("control");
@@ -52,7 +52,7 @@ async fn identities_of_an_earlier_version_are_imported_once() {
         let _ = stop.send(());
         running.await.expect("loop");
     }
-    let store = SqliteStore::open(&path).expect("store");
+    let store = SqlStore::open(&path).expect("store");
     let (mut control, handle, inbox) =
         Driver::new(ControlConfig::default(), Box::new(store), provider).expect("control");
     control
@@ -87,10 +87,7 @@ async fn identities_of_an_earlier_version_are_imported_once() {
     let info = handle.get_cluster("cl".into()).await.expect("cluster");
     assert_eq!(info.identities.len(), 1);
     assert_eq!(info.identities[0].name, "bot");
-    let reopened = SqliteStore::open(&path)
-        .expect("store")
-        .load()
-        .expect("load");
+    let reopened = SqlStore::open(&path).expect("store").load().expect("load");
     assert_eq!(
         reopened.identities.len(),
         1,

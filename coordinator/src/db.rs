@@ -1,0 +1,307 @@
+//! One way to speak SQL to either database the coordinator keeps its state in:
+//! SQLite (rusqlite, bundled: the embedded default) or PostgreSQL (the
+//! `postgres` client). Each statement is written once, with `?1`-style
+//! placeholders (rewritten to `$1` for PostgreSQL) and SQL both understand
+//! (`ON CONFLICT … DO UPDATE`, `RETURNING`); integers are `i64` (`BIGINT`).
+//!
+//! The `postgres` client runs its own runtime, which may not be entered from a
+//! thread that drives tokio (the control loop's, a `spawn_blocking` one): its
+//! calls run on a scoped thread of their own (`off_runtime`).
+
+use std::collections::HashMap;
+
+use crate::{Error, Result};
+
+/// A value a statement takes: what both databases can bind.
+pub trait Param: rusqlite::ToSql + postgres::types::ToSql + Sync {}
+impl<T: rusqlite::ToSql + postgres::types::ToSql + Sync> Param for T {}
+
+/// A value a row gives: what both databases can read.
+pub trait Column: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a> {}
+impl<T: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>> Column for T {}
+
+/// One row of an answer.
+pub enum Row<'r, 's> {
+    Lite(&'r rusqlite::Row<'s>),
+    Pg(&'r postgres::Row),
+}
+
+impl Row<'_, '_> {
+    pub fn get<T: Column>(&self, index: usize) -> Result<T> {
+        match self {
+            Row::Lite(row) => Ok(row.get(index)?),
+            Row::Pg(row) => row.try_get(index).map_err(pg_error),
+        }
+    }
+}
+
+/// Where statements go: a SQLite connection (or transaction), or a PostgreSQL
+/// transaction with its prepared statements.
+pub enum Sql<'c, 't> {
+    Lite(&'c rusqlite::Connection),
+    Pg {
+        tx: &'c mut postgres::Transaction<'t>,
+        prepared: &'c mut Statements,
+    },
+}
+
+/// PostgreSQL statements prepared on one connection, by their text.
+pub type Statements = HashMap<&'static str, postgres::Statement>;
+
+impl Sql<'_, '_> {
+    /// Runs a statement: the rows it changed.
+    pub fn execute(&mut self, sql: &'static str, params: &[&dyn Param]) -> Result<u64> {
+        match self {
+            Sql::Lite(conn) => {
+                let params: Vec<&dyn rusqlite::ToSql> =
+                    params.iter().map(|p| *p as &dyn rusqlite::ToSql).collect();
+                Ok(conn.prepare_cached(sql)?.execute(&params[..])? as u64)
+            }
+            Sql::Pg { tx, prepared } => {
+                let statement = prepare(tx, prepared, sql)?;
+                tx.execute(&statement, &pg_params(params)).map_err(pg_error)
+            }
+        }
+    }
+
+    /// Each row of the answer, through `f`.
+    pub fn query<T>(
+        &mut self,
+        sql: &'static str,
+        params: &[&dyn Param],
+        mut f: impl FnMut(&Row) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        match self {
+            Sql::Lite(conn) => lite_rows(&mut *conn.prepare_cached(sql)?, params, f),
+            Sql::Pg { tx, prepared } => {
+                let statement = prepare(tx, prepared, sql)?;
+                let rows = tx.query(&statement, &pg_params(params)).map_err(pg_error)?;
+                rows.iter().map(|row| f(&Row::Pg(row))).collect()
+            }
+        }
+    }
+
+    /// Runs several statements (a migration).
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Sql::Lite(conn) => Ok(conn.execute_batch(sql)?),
+            Sql::Pg { tx, .. } => tx.batch_execute(sql).map_err(pg_error),
+        }
+    }
+
+    /// The first row of the answer, if any, through `f`.
+    pub fn first<T>(
+        &mut self,
+        sql: &'static str,
+        params: &[&dyn Param],
+        f: impl FnMut(&Row) -> Result<T>,
+    ) -> Result<Option<T>> {
+        Ok(self.query(sql, params, f)?.into_iter().next())
+    }
+}
+
+fn lite_rows<T>(
+    statement: &mut rusqlite::Statement<'_>,
+    params: &[&dyn Param],
+    mut f: impl FnMut(&Row) -> Result<T>,
+) -> Result<Vec<T>> {
+    let params: Vec<&dyn rusqlite::ToSql> =
+        params.iter().map(|p| *p as &dyn rusqlite::ToSql).collect();
+    let mut rows = statement.query(&params[..])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(f(&Row::Lite(row))?);
+    }
+    Ok(out)
+}
+
+fn prepare(
+    tx: &mut postgres::Transaction<'_>,
+    prepared: &mut Statements,
+    sql: &'static str,
+) -> Result<postgres::Statement> {
+    if let Some(statement) = prepared.get(sql) {
+        return Ok(statement.clone());
+    }
+    let statement = tx.prepare(&dollar_placeholders(sql)).map_err(pg_error)?;
+    prepared.insert(sql, statement.clone());
+    Ok(statement)
+}
+
+fn pg_params<'a>(params: &'a [&'a dyn Param]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| *p as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// `?1` → `$1` (the statements here hold no `?` in their literals).
+pub fn dollar_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(|n| n.is_ascii_digit()) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn pg_error(e: postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => Error::Internal(format!("postgres: {}: {}", db.code().code(), db.message())),
+        None => Error::Internal(format!("postgres: {e}")),
+    }
+}
+
+/// Runs `f` on a thread that drives no runtime (the `postgres` client's calls
+/// block on a runtime of their own).
+pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// A PostgreSQL connection and the statements prepared on it.
+pub struct PgConnection {
+    /// Always Some but while dropped (the client's drop blocks on its runtime,
+    /// so it is dropped off ours).
+    client: Option<postgres::Client>,
+    prepared: Statements,
+}
+
+impl PgConnection {
+    /// Connects to `url` (`postgres://user@host:port/db`).
+    pub fn connect(url: &str) -> Result<Self> {
+        let client =
+            off_runtime(|| postgres::Client::connect(url, postgres::NoTls)).map_err(|e| {
+                Error::Internal(format!(
+                    "cannot connect to PostgreSQL at {}: {e}",
+                    redact(url)
+                ))
+            })?;
+        Ok(PgConnection {
+            client: Some(client),
+            prepared: Statements::new(),
+        })
+    }
+
+    /// Runs `f` in one transaction, committed if it returns Ok.
+    pub fn transaction<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Sql) -> Result<T> + Send,
+    ) -> Result<T> {
+        let PgConnection { client, prepared } = self;
+        let client = client.as_mut().expect("a connection not dropped");
+        off_runtime(move || {
+            let mut tx = client.transaction().map_err(pg_error)?;
+            let value = f(&mut Sql::Pg {
+                tx: &mut tx,
+                prepared,
+            })?;
+            tx.commit().map_err(pg_error)?;
+            Ok(value)
+        })
+    }
+}
+
+impl Drop for PgConnection {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            off_runtime(move || drop(client));
+        }
+    }
+}
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A fresh database of the tests' PostgreSQL (`scripts/pg-up.sh`, started
+/// when it is not running): its URL. Without PostgreSQL the test fails, saying
+/// so (never skips).
+#[cfg(test)]
+pub fn test_postgres() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static UP: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let base = {
+        let mut up = UP.lock().unwrap_or_else(|p| p.into_inner());
+        if up.is_none() {
+            let script =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .output()
+                .expect("run scripts/pg-up.sh");
+            assert!(
+                out.status.success(),
+                "this test needs PostgreSQL (apt-get install postgresql, or run the suite through .ci/run); scripts/pg-up.sh said: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let url = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
+                .expect("pg-up.sh prints SHOAL_TEST_POSTGRES")
+                .to_string();
+            *up = Some(url);
+        }
+        up.clone().expect("set above")
+    };
+    let name = format!(
+        "shoal_test_{}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+        MADE.fetch_add(1, Ordering::Relaxed)
+    );
+    let create = format!("CREATE DATABASE {name}");
+    off_runtime(|| {
+        let mut client = postgres::Client::connect(&base, postgres::NoTls).expect("connect");
+        client
+            .batch_execute(&create)
+            .expect("create the test's database");
+    });
+    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
+    format!("{server}/{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_become_dollars_and_passwords_are_hidden() {
+        assert_eq!(
+            dollar_placeholders(
+                "SELECT a FROM t WHERE b = ?1 AND (?2 IS NULL OR c = ?2) LIMIT ?10"
+            ),
+            "SELECT a FROM t WHERE b = $1 AND ($2 IS NULL OR c = $2) LIMIT $10"
+        );
+        assert_eq!(
+            redact("postgres://shoal:secret@db:5432/shoal"),
+            "postgres://shoal:***@db:5432/shoal"
+        );
+        assert_eq!(
+            redact("postgres://shoal@db/shoal"),
+            "postgres://shoal@db/shoal"
+        );
+    }
+}

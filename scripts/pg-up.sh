@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL for the PostgreSQL store's tests (and to try it by hand):
+# a cluster in DIR (default /tmp/shoal-pg) on 127.0.0.1:55432, trust auth on
+# loopback, run as the `postgres` user. Prints `export SHOAL_TEST_POSTGRES=…`;
+# idempotent (a running one is kept). Needs Debian's postgresql (.ci/run installs it).
+set -euo pipefail
+dir=${1:-/tmp/shoal-pg}
+port=${SHOAL_PG_PORT:-55432}
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+[ -x "$bin/initdb" ] || { echo "no PostgreSQL server here (apt-get install postgresql)" >&2; exit 1; }
+url="postgres://postgres@127.0.0.1:$port/postgres"
+as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi; }
+mkdir -p "$dir"
+chown postgres "$dir"
+if [ ! -s "$dir/data/PG_VERSION" ]; then
+  as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
+fi
+if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on" start >/dev/null
+fi
+echo "export SHOAL_TEST_POSTGRES=$url"
