@@ -588,7 +588,14 @@ impl Auth {
 pub fn bootstrap(data_dir: &Path) -> Result<Option<String>> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::Internal(format!("data dir {}: {e}", data_dir.display())))?;
-    let auth = Auth::open(&data_dir.join("auth.db"))?;
+    bootstrap_with(&Auth::open(&data_dir.join("auth.db"))?, data_dir)
+}
+
+/// With no admin token in `auth` yet, makes one and writes it to
+/// `<data_dir>/admin.token` (0600). Returns the new token, if it made one.
+pub fn bootstrap_with(auth: &Auth, data_dir: &Path) -> Result<Option<String>> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::Internal(format!("data dir {}: {e}", data_dir.display())))?;
     if auth.has_admin() {
         return Ok(None);
     }

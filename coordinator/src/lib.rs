@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod governance;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod parallel;

@@ -69,6 +69,11 @@ pub struct ConfigFile {
     /// it listens on).
     #[serde(default)]
     pub advertise_endpoint: Option<String>,
+    /// With a PostgreSQL store shared by several coordinators: how long the
+    /// leader's lease holds without renewal (default 6); a standby takes over
+    /// within about this long after the leader is gone.
+    #[serde(default)]
+    pub leader_lease_seconds: Option<u64>,
     /// Ended jobs are deleted, with their logs, rows and outputs, this many days
     /// after they ended (default 30; 0 keeps them for good; fractions allowed).
     #[serde(default)]
@@ -90,6 +95,9 @@ pub struct CoordinatorConfig {
     pub control: ControlConfig,
     /// TLS on the TCP port (None: plain, loopback only).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Keep the state in this PostgreSQL database (`postgres://…`), leading it
+    /// with `lease` (None: SQLite in the data dir).
+    pub postgres: Option<(String, crate::leader::Lease)>,
 }
 
 impl CoordinatorConfig {
@@ -136,7 +144,18 @@ impl CoordinatorConfig {
             file,
             control,
             tls: None,
+            postgres: None,
         }
+    }
+
+    /// This coordinator's lease on a shared PostgreSQL store: held by this
+    /// process (the data dir's owner id and the pid), `leader_lease_seconds` long.
+    pub fn lease(&self) -> Result<crate::leader::Lease> {
+        let owner = owner_id(&self.data_dir)?;
+        Ok(crate::leader::Lease {
+            holder: format!("{owner}-{}", std::process::id()),
+            length: Duration::from_secs(self.file.leader_lease_seconds.unwrap_or(6).max(2)),
+        })
     }
 }
 
@@ -191,10 +210,28 @@ pub async fn serve(
     let address = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
-    let store = SqlStore::open(&config.data_dir.join("shoal.db"))?;
+    let (store, auth) = match &config.postgres {
+        None => {
+            crate::auth::bootstrap(&config.data_dir)?;
+            (
+                SqlStore::open(&config.data_dir.join("shoal.db"))?,
+                crate::auth::Auth::open(&config.data_dir.join("auth.db"))?,
+            )
+        }
+        Some((url, lease)) => {
+            let mut store = SqlStore::connect_postgres(url)?;
+            store.lead(lease.clone());
+            // A leader that cannot renew stops at once: a standby is taking over.
+            crate::leader::keep_lead(url, lease.clone(), |why| {
+                tracing::error!(%why, "stopping: this coordinator no longer leads");
+                std::process::exit(3);
+            })?;
+            let auth = crate::auth::Auth::postgres(url)?;
+            crate::auth::bootstrap_with(&auth, &config.data_dir)?;
+            (store, auth)
+        }
+    };
     let reader = store.reader()?;
-    crate::auth::bootstrap(&config.data_dir)?;
-    let auth = crate::auth::Auth::open(&config.data_dir.join("auth.db"))?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
     let signer = crate::identity::Signer::load_or_create(&config.data_dir, &owner)?;

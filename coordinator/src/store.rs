@@ -198,8 +198,8 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The same schema for PostgreSQL, from its first version on: `BIGINT`
-/// integers, `BYTEA` blobs. A change of the schema is one more entry in both
-/// lists (each database migrates from where it stands).
+/// integers, `BYTEA` blobs. A change of the tables both have is one more entry
+/// in both lists (each database migrates from where it stands).
 const PG_MIGRATIONS: &[&str] = &[
     // 1: SQLite's schema at its version 9
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
@@ -231,6 +231,9 @@ const PG_MIGRATIONS: &[&str] = &[
                                 PRIMARY KEY (name, version));
      CREATE TABLE components (name TEXT NOT NULL, version TEXT NOT NULL, body TEXT NOT NULL,
                               PRIMARY KEY (name, version));",
+    // 2: who leads (`leader.rs`; SQLite has one coordinator by construction)
+    "CREATE TABLE shoal_leader (id BIGINT PRIMARY KEY, holder TEXT NOT NULL,
+                                until_ms BIGINT NOT NULL);",
 ];
 
 /// Statuses of ended jobs, as stored.
@@ -256,6 +259,9 @@ enum Backend {
 /// PostgreSQL: the same statements, the same semantics.
 pub struct SqlStore {
     backend: Backend,
+    /// Leading a shared PostgreSQL database: each commit renews the lease,
+    /// and fails once it is lost.
+    lease: Option<crate::leader::Lease>,
     /// A store of tests lives in a folder of its own, removed with it.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -317,7 +323,14 @@ impl SqlStore {
                 url: url.to_string(),
             },
             _scratch: None,
+            lease: None,
         })
+    }
+
+    /// Commits only while `lease` holds (a PostgreSQL store shared by a leader
+    /// and its standbys).
+    pub fn lead(&mut self, lease: crate::leader::Lease) {
+        self.lease = Some(lease);
     }
 
     /// Read-only connections for the API (history, logs, rows).
@@ -350,6 +363,7 @@ impl SqlStore {
         Ok(SqlStore {
             backend: Backend::Lite { conn, path },
             _scratch: scratch,
+            lease: None,
         })
     }
 
@@ -714,7 +728,13 @@ impl Store for SqlStore {
         if batch.is_empty() {
             return Ok(Committed::default());
         }
-        self.transaction(|sql| commit(sql, batch))
+        let lease = self.lease.clone();
+        self.transaction(|sql| {
+            if let Some(lease) = &lease {
+                lease.renew(sql)?;
+            }
+            commit(sql, batch)
+        })
     }
 }
 

@@ -52,7 +52,7 @@ impl TestCluster {
         Self::start_all(config, env, &[]).await
     }
 
-    async fn start_all(config: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
+    pub async fn start_all(config: &str, env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("shoal-test-")
             .tempdir()

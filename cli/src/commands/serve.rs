@@ -33,6 +33,13 @@ pub struct Args {
     /// [default: <data-dir>/shoal.yaml if it exists].
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Keep jobs, clusters, nodes and tokens in this PostgreSQL database
+    /// (postgres://user[:password]@host[:port]/db) instead of SQLite in the data
+    /// dir. Several coordinators may share one: one leads, the others stand by
+    /// (without listening) and take over within `leader_lease_seconds` (default
+    /// 6) of the leader's end. MLflow tracking data stays in the data dir.
+    #[arg(long, env = "SHOAL_STORE", value_name = "URL")]
+    pub store: Option<String>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -100,9 +107,43 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let file = load_config(&data_dir, args.config.as_ref())?;
     let program =
         std::env::current_exe().context("cannot find the shoal binary to start agents with")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let mut config = CoordinatorConfig::new(data_dir.clone(), program, file);
+    if let Some(url) = &args.store {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("--store takes a PostgreSQL URL (postgres://user@host:port/db), not `{url}`");
+        }
+        let lease = config.lease()?;
+        // A standby waits here, not listening: clients given several endpoints
+        // go on to the leader.
+        let (waiting_url, waiting_lease) = (url.clone(), lease.clone());
+        tokio::task::spawn_blocking(move || {
+            shoal_coordinator::leader::wait_for_lead(&waiting_url, &waiting_lease, |holder| {
+                eprintln!(
+                    "standing by: coordinator {holder} leads {}; taking over when its lease lapses",
+                    shoal_coordinator::db::redact(&waiting_url)
+                )
+            })
+        })
+        .await
+        .context("waiting for the lead")??;
+        eprintln!(
+            "leading {} as {}",
+            shoal_coordinator::db::redact(url),
+            lease.holder
+        );
+        config.postgres = Some((url.clone(), lease));
+    }
     // The local user's admin token: made on first start, saved for the CLI before
     // the port opens (whoever connects first finds it).
-    shoal_coordinator::auth::bootstrap(&data_dir)?;
+    match &config.postgres {
+        None => shoal_coordinator::auth::bootstrap(&data_dir)?,
+        Some((url, _)) => shoal_coordinator::auth::bootstrap_with(
+            &shoal_coordinator::auth::Auth::postgres(url)?,
+            &data_dir,
+        )?,
+    };
     let token_file = data_dir.join("admin.token");
     match std::fs::read_to_string(&token_file) {
         Ok(token) => match crate::client::save_credentials(&client_endpoint, &token) {
@@ -149,7 +190,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => eprintln!("TLS on, with {}", files.cert.display()),
         }
     }
-    let mut config = CoordinatorConfig::new(data_dir, program, file);
     config.tls = tls;
     serve(listener, config, super::stop_signal()).await?;
     Ok(ExitCode::SUCCESS)
