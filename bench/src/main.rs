@@ -5,6 +5,9 @@
 //! `placements`: durable job placements per second through the real control loop
 //! and SQLite store (synchronous=FULL), with in-process agents that finish each
 //! instance at once (zero-work jobs): the coordinator's own cost.
+//! `placements-postgres [JOBS] [RUNS]`: the same on SQLite and on PostgreSQL
+//! (`scripts/pg-up.sh`, or $SHOAL_BENCH_POSTGRES's server), alternating, RUNS
+//! runs each (default 20,000 jobs, 5 runs).
 //! `history [N]`: N (default 1,000,000) zero-work jobs through the same loop in
 //! ten waves, with the process's RSS after each: memory holds only live and
 //! recent jobs, the store the rest.
@@ -166,8 +169,21 @@ impl InProcess {
     }
 
     async fn start_with(nodes: u32, config: ControlConfig) -> anyhow::Result<Self> {
+        Self::start_on(nodes, config, None).await
+    }
+
+    /// With the store in the PostgreSQL database at `postgres` (None: SQLite in
+    /// a temporary folder).
+    async fn start_on(
+        nodes: u32,
+        config: ControlConfig,
+        postgres: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let store = SqlStore::open(&dir.path().join("shoal.db"))?;
+        let store = match postgres {
+            None => SqlStore::open(&dir.path().join("shoal.db"))?,
+            Some(url) => SqlStore::connect_postgres(url)?,
+        };
         let (created_tx, mut created) = mpsc::unbounded_channel();
         let provider = InProcessProvider {
             created: created_tx,
@@ -306,6 +322,78 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
         submitted as f64 / total.as_secs_f64()
     );
     bench.stop().await;
+    Ok(())
+}
+
+/// A fresh database of the PostgreSQL `scripts/pg-up.sh` starts (or the one
+/// at $SHOAL_BENCH_POSTGRES's server): its URL.
+fn bench_database(name: &str) -> anyhow::Result<String> {
+    let base = match std::env::var("SHOAL_BENCH_POSTGRES") {
+        Ok(url) => url,
+        Err(_) => {
+            let out = std::process::Command::new("bash")
+                .arg("scripts/pg-up.sh")
+                .output()
+                .context("run scripts/pg-up.sh (from the repository root)")?;
+            if !out.status.success() {
+                bail!("scripts/pg-up.sh: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
+                .context("pg-up.sh prints SHOAL_TEST_POSTGRES")?
+                .to_string()
+        }
+    };
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        let out = std::process::Command::new("psql")
+            .args([&base, "-qc", &sql])
+            .output()
+            .context("psql")?;
+        if !out.status.success() {
+            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let (server, _) = base.rsplit_once('/').context("a database in the URL")?;
+    Ok(format!("{server}/{name}"))
+}
+
+/// Durable placements per second, SQLite and PostgreSQL alternating in one run.
+async fn placements_postgres(jobs: usize, runs: usize) -> anyhow::Result<()> {
+    let mut lite = Vec::new();
+    let mut pg = Vec::new();
+    for run in 0..runs {
+        for postgres in [false, true] {
+            let url = if postgres {
+                Some(bench_database(&format!("shoal_bench_{run}"))?)
+            } else {
+                None
+            };
+            let bench = InProcess::start_on(100, ControlConfig::default(), url.as_deref()).await?;
+            let started = Instant::now();
+            bench.run(jobs, jobs as u64).await?;
+            let rate = jobs as f64 / started.elapsed().as_secs_f64();
+            bench.stop().await;
+            println!(
+                "run {}: {} {rate:.0} jobs/s",
+                run + 1,
+                if postgres { "postgres" } else { "sqlite  " }
+            );
+            if postgres { &mut pg } else { &mut lite }.push(rate);
+        }
+    }
+    for (name, mut rates) in [("sqlite", lite), ("postgres", pg)] {
+        rates.sort_by(f64::total_cmp);
+        println!(
+            "placements-postgres: {name}: {jobs} zero-work jobs on 100 in-process nodes, {runs} runs: median {:.0} jobs/s placed, run and recorded (min {:.0}, max {:.0})",
+            rates[rates.len() / 2],
+            rates[0],
+            rates[rates.len() - 1]
+        );
+    }
     Ok(())
 }
 
@@ -1673,6 +1761,21 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| std::path::PathBuf::from("target/release/shoal"));
     if matches!(what, "placements" | "all") {
         placements(20_000, 100).await?;
+    }
+    if what == "placements-postgres" {
+        let jobs = args
+            .get(1)
+            .map(|n| n.parse::<usize>())
+            .transpose()
+            .context("placements-postgres takes a job count")?
+            .unwrap_or(20_000);
+        let runs = args
+            .get(2)
+            .map(|n| n.parse::<usize>())
+            .transpose()
+            .context("and a number of runs")?
+            .unwrap_or(5);
+        placements_postgres(jobs, runs).await?;
     }
     if what == "history" {
         let total = args

@@ -155,7 +155,13 @@ pub async fn run(
                         return Ok(());
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // With a standby to find, ask more often: it listens the moment it leads.
+                let most = if agent.coordinators.len() > 1 {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(2)
+                };
+                backoff = (backoff * 2).min(most);
             }
         }
     }
