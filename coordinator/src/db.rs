@@ -169,10 +169,13 @@ pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 /// A PostgreSQL connection and the statements prepared on it.
 pub struct PgConnection {
+    url: String,
     /// Always Some but while dropped (the client's drop blocks on its runtime,
     /// so it is dropped off ours).
     client: Option<postgres::Client>,
     prepared: Statements,
+    /// The last transaction failed: the connection is checked before the next.
+    suspect: bool,
 }
 
 impl PgConnection {
@@ -186,8 +189,10 @@ impl PgConnection {
                 ))
             })?;
         Ok(PgConnection {
+            url: url.to_string(),
             client: Some(client),
             prepared: Statements::new(),
+            suspect: false,
         })
     }
 
@@ -196,9 +201,23 @@ impl PgConnection {
         &mut self,
         f: impl FnOnce(&mut Sql) -> Result<T> + Send,
     ) -> Result<T> {
-        let PgConnection { client, prepared } = self;
+        // A connection the server closed (a restart, a network cut) is made
+        // again after the transaction that found it so; its statements are
+        // prepared again on the new one.
+        if self.suspect {
+            let client = self.client.as_mut().expect("a connection not dropped");
+            let alive = off_runtime(|| client.is_valid(std::time::Duration::from_secs(2)).is_ok());
+            if alive {
+                self.suspect = false;
+            } else {
+                *self = Self::connect(&self.url)?;
+            }
+        }
+        let PgConnection {
+            client, prepared, ..
+        } = self;
         let client = client.as_mut().expect("a connection not dropped");
-        off_runtime(move || {
+        let result = off_runtime(move || {
             let mut tx = client.transaction().map_err(pg_error)?;
             let value = f(&mut Sql::Pg {
                 tx: &mut tx,
@@ -206,7 +225,9 @@ impl PgConnection {
             })?;
             tx.commit().map_err(pg_error)?;
             Ok(value)
-        })
+        });
+        self.suspect = result.is_err();
+        result
     }
 }
 

@@ -1219,6 +1219,51 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_connection_the_server_closed_is_made_again() {
+        let url = crate::db::test_postgres();
+        let mut store = SqlStore::connect_postgres(&url).expect("connect");
+        let job = |id: &str, seq: u64| Batch {
+            jobs: vec![{
+                let mut job = JobBuilder::new(id).build();
+                job.seq = seq;
+                job
+            }],
+            ..Default::default()
+        };
+        store.commit(&job("job-1", 1)).expect("commit");
+        // The server ends every other session of the database (a restart would).
+        let mut admin = PgConnection::connect(&url).expect("admin");
+        admin
+            .transaction(|sql| {
+                sql.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                    |r| r.get::<bool>(0),
+                )
+            })
+            .expect("terminate");
+        // The batch that finds the connection gone fails; the next one reconnects.
+        let first = store.commit(&job("job-2", 2));
+        if first.is_err() {
+            store
+                .commit(&job("job-2", 2))
+                .expect("committed on a new connection");
+        }
+        let ids: Vec<String> = store
+            .load()
+            .expect("load")
+            .jobs
+            .iter()
+            .map(|j| j.id.to_string())
+            .collect();
+        assert!(
+            ids.contains(&"job-1".to_string()) && ids.contains(&"job-2".to_string()),
+            "{ids:?}"
+        );
+    }
+
+    #[test]
     fn a_newer_postgres_schema_is_refused() {
         let url = crate::db::test_postgres();
         drop(SqlStore::connect_postgres(&url).expect("connect"));
