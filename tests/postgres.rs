@@ -18,37 +18,9 @@ const LIMIT: Duration = Duration::from_secs(180);
 /// A fresh database of the tests' PostgreSQL: its URL.
 fn fresh_database() -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run scripts/pg-up.sh");
-    assert!(
-        out.status.success(),
-        "this test needs PostgreSQL (apt-get install postgresql, or run the suite through .ci/run); scripts/pg-up.sh said: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let base = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
-        .expect("pg-up.sh prints SHOAL_TEST_POSTGRES")
-        .to_string();
     let name = format!("shoal_failover_{}", std::process::id());
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name}"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        let made = Command::new("psql")
-            .args([&base, "-qc", &sql])
-            .output()
-            .expect("psql");
-        assert!(
-            made.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-    }
-    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
-    format!("{server}/{name}")
+    shoal_coordinator::db::scratch_database(&script, &name)
+        .unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"))
 }
 
 fn accepts(endpoint: &str) -> bool {

@@ -6,8 +6,7 @@
 //! and SQLite store (synchronous=FULL), with in-process agents that finish each
 //! instance at once (zero-work jobs): the coordinator's own cost.
 //! `placements-postgres [JOBS] [RUNS]`: the same on SQLite and on PostgreSQL
-//! (`scripts/pg-up.sh`, or $SHOAL_BENCH_POSTGRES's server), alternating, RUNS
-//! runs each (default 20,000 jobs, 5 runs).
+//! (`scripts/pg-up.sh`), alternating, RUNS runs each (default 20,000 jobs, 5 runs).
 //! `history [N]`: N (default 1,000,000) zero-work jobs through the same loop in
 //! ten waves, with the process's RSS after each: memory holds only live and
 //! recent jobs, the store the rest.
@@ -325,40 +324,12 @@ async fn placements(jobs: usize, nodes: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fresh database of the PostgreSQL `scripts/pg-up.sh` starts (or the one
-/// at $SHOAL_BENCH_POSTGRES's server): its URL.
+/// A fresh database of the PostgreSQL `scripts/pg-up.sh` starts: its URL.
 fn bench_database(name: &str) -> anyhow::Result<String> {
-    let base = match std::env::var("SHOAL_BENCH_POSTGRES") {
-        Ok(url) => url,
-        Err(_) => {
-            let out = std::process::Command::new("bash")
-                .arg("scripts/pg-up.sh")
-                .output()
-                .context("run scripts/pg-up.sh (from the repository root)")?;
-            if !out.status.success() {
-                bail!("scripts/pg-up.sh: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
-                .context("pg-up.sh prints SHOAL_TEST_POSTGRES")?
-                .to_string()
-        }
-    };
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name}"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        let out = std::process::Command::new("psql")
-            .args([&base, "-qc", &sql])
-            .output()
-            .context("psql")?;
-        if !out.status.success() {
-            bail!("{sql}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    let (server, _) = base.rsplit_once('/').context("a database in the URL")?;
-    Ok(format!("{server}/{name}"))
+    Ok(shoal_coordinator::db::scratch_database(
+        std::path::Path::new("scripts/pg-up.sh"),
+        name,
+    )?)
 }
 
 /// Durable placements per second, SQLite and PostgreSQL alternating in one run.

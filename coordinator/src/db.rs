@@ -253,55 +253,57 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// A fresh database of the tests' PostgreSQL (`scripts/pg-up.sh`, started
-/// when it is not running): its URL. Without PostgreSQL the test fails, saying
-/// so (never skips).
+/// A scratch database for tests and benchmarks: runs `pg_up` (the repository's
+/// `scripts/pg-up.sh`, which starts a throwaway PostgreSQL unless one runs),
+/// makes the database `name` afresh, and gives its URL.
+pub fn scratch_database(pg_up: &std::path::Path, name: &str) -> Result<String> {
+    let out = std::process::Command::new("bash")
+        .arg(pg_up)
+        .output()
+        .map_err(|e| Error::Internal(format!("cannot run {}: {e}", pg_up.display())))?;
+    if !out.status.success() {
+        return Err(Error::Internal(format!(
+            "no PostgreSQL (apt-get install postgresql, or run the suite through .ci/run); {} said: {}",
+            pg_up.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let base = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
+        .ok_or_else(|| Error::Internal("pg-up.sh printed no SHOAL_TEST_POSTGRES".into()))?
+        .to_string();
+    let statements = format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}");
+    off_runtime(|| {
+        let mut client = postgres::Client::connect(&base, postgres::NoTls)?;
+        // One statement each: CREATE DATABASE runs outside a transaction.
+        for statement in statements.split("; ") {
+            client.batch_execute(statement)?;
+        }
+        Ok::<_, postgres::Error>(())
+    })
+    .map_err(pg_error)?;
+    let (server, _) = base
+        .rsplit_once('/')
+        .ok_or_else(|| Error::Internal(format!("no database in {}", redact(&base))))?;
+    Ok(format!("{server}/{name}"))
+}
+
+/// A fresh database of the tests' PostgreSQL: its URL. Without PostgreSQL the
+/// test fails, saying so (never skips).
 #[cfg(test)]
 pub fn test_postgres() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
-    static UP: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     static MADE: AtomicU64 = AtomicU64::new(0);
-    let base = {
-        let mut up = UP.lock().unwrap_or_else(|p| p.into_inner());
-        if up.is_none() {
-            let script =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
-            let out = std::process::Command::new("bash")
-                .arg(&script)
-                .output()
-                .expect("run scripts/pg-up.sh");
-            assert!(
-                out.status.success(),
-                "this test needs PostgreSQL (apt-get install postgresql, or run the suite through .ci/run); scripts/pg-up.sh said: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let url = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .find_map(|l| l.strip_prefix("export SHOAL_TEST_POSTGRES="))
-                .expect("pg-up.sh prints SHOAL_TEST_POSTGRES")
-                .to_string();
-            *up = Some(url);
-        }
-        up.clone().expect("set above")
-    };
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let name = format!(
-        "shoal_test_{}_{}_{}",
+        "shoal_test_{}_{}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
         MADE.fetch_add(1, Ordering::Relaxed)
     );
-    let create = format!("CREATE DATABASE {name}");
-    off_runtime(|| {
-        let mut client = postgres::Client::connect(&base, postgres::NoTls).expect("connect");
-        client
-            .batch_execute(&create)
-            .expect("create the test's database");
-    });
-    let (server, _) = base.rsplit_once('/').expect("a database in the URL");
-    format!("{server}/{name}")
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
+    scratch_database(&script, &name).unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"))
 }
 
 #[cfg(test)]
