@@ -360,6 +360,8 @@ impl SqlStore {
             tx.pragma_update(None, "user_version", (index + 1) as i64)?;
             tx.commit()?;
         }
+        // Room for every statement, the job upserts of each size included.
+        conn.set_prepared_statement_cache_capacity(96);
         Ok(SqlStore {
             backend: Backend::Lite { conn, path },
             _scratch: scratch,
@@ -515,6 +517,88 @@ fn put(sql: &mut Sql, statement: &'static str, key: &str, body: &str) -> Result<
     Ok(())
 }
 
+/// Jobs put per statement: one round trip for many (PostgreSQL).
+const JOBS_PER_STATEMENT: usize = 32;
+
+/// The upsert of `rows` jobs at once (1 ..= JOBS_PER_STATEMENT).
+fn jobs_upsert(rows: usize) -> &'static str {
+    static MADE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = MADE.get_or_init(|| {
+        (1..=JOBS_PER_STATEMENT)
+            .map(|n| {
+                let values: Vec<String> = (0..n)
+                    .map(|row| {
+                        let at = row * 7;
+                        format!(
+                            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                            at + 1,
+                            at + 2,
+                            at + 3,
+                            at + 4,
+                            at + 5,
+                            at + 6,
+                            at + 7
+                        )
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
+                     VALUES {}
+                     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
+                         status = excluded.status, body = excluded.body,
+                         ended_at = excluded.ended_at, array_seq = excluded.array_seq",
+                    values.join(", ")
+                )
+            })
+            .collect()
+    });
+    &all[rows - 1]
+}
+
+/// Puts jobs, many per statement (the last of a job put twice wins).
+fn put_jobs(sql: &mut Sql, jobs: &[Job]) -> Result<()> {
+    let mut last = std::collections::HashMap::with_capacity(jobs.len());
+    for (at, job) in jobs.iter().enumerate() {
+        last.insert(job.id.as_str(), at);
+    }
+    let mut rows = Vec::with_capacity(last.len());
+    for (at, job) in jobs.iter().enumerate() {
+        if last.get(job.id.as_str()) != Some(&at) {
+            continue;
+        }
+        let ended_at = if job.status.is_final() {
+            job.ended_at
+        } else {
+            0
+        };
+        rows.push((
+            job.id.as_str(),
+            job.seq as i64,
+            job.spec.cluster.as_str(),
+            job.status.as_str(),
+            encode(job)?,
+            ended_at,
+            job.parent_seq().map(|seq| seq as i64),
+        ));
+    }
+    for chunk in rows.chunks(JOBS_PER_STATEMENT) {
+        let mut params: Vec<&dyn Param> = Vec::with_capacity(chunk.len() * 7);
+        for (id, seq, cluster, status, body, ended_at, array_seq) in chunk {
+            params.extend([
+                id as &dyn Param,
+                seq,
+                cluster,
+                status,
+                body,
+                ended_at,
+                array_seq,
+            ]);
+        }
+        sql.execute(jobs_upsert(chunk.len()), &params)?;
+    }
+    Ok(())
+}
+
 /// Puts (name, version, body) rows.
 fn put_versioned<T: Serialize>(
     sql: &mut Sql,
@@ -554,29 +638,7 @@ fn commit(sql: &mut Sql, batch: &Batch) -> Result<Committed> {
     for id in &batch.deleted_nodes {
         sql.execute("DELETE FROM nodes WHERE id = ?1", &[id])?;
     }
-    for job in &batch.jobs {
-        let ended_at = if job.status.is_final() {
-            job.ended_at
-        } else {
-            0
-        };
-        sql.execute(
-            "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
-                 status = excluded.status, body = excluded.body,
-                 ended_at = excluded.ended_at, array_seq = excluded.array_seq",
-            &[
-                &job.id.as_str(),
-                &(job.seq as i64),
-                &job.spec.cluster.as_str(),
-                &job.status.as_str(),
-                &encode(job)?,
-                &ended_at,
-                &job.parent_seq().map(|seq| seq as i64),
-            ],
-        )?;
-    }
+    put_jobs(sql, &batch.jobs)?;
     let mut doomed: Vec<String> = batch.delete_jobs.clone();
     if let Some(before) = batch.purge_ended_before {
         doomed.extend(sql.query(
@@ -1216,6 +1278,34 @@ mod tests {
             "live jobs stay"
         );
         assert!(reader.job("job-4").await.expect("read").is_some());
+    }
+
+    #[test]
+    fn many_jobs_go_in_few_statements_and_a_job_put_twice_keeps_its_last_state() {
+        for place in [Place::lite(), Place::pg()] {
+            let mut store = place.open();
+            // More than one statement's worth, and job-7 twice: queued, then running.
+            let mut jobs: Vec<Job> = (1..=70)
+                .map(|n| {
+                    let mut job = JobBuilder::new(&format!("job-{n}")).build();
+                    job.seq = n;
+                    job
+                })
+                .collect();
+            let mut again = jobs[6].clone();
+            again.status = JobStatus::Running;
+            jobs.push(again);
+            store
+                .commit(&Batch {
+                    jobs,
+                    ..Default::default()
+                })
+                .expect("commit");
+            let loaded = store.load().expect("load").jobs;
+            assert_eq!(loaded.len(), 70);
+            let seven = loaded.iter().find(|j| j.id == "job-7").expect("job-7");
+            assert_eq!(seven.status, JobStatus::Running);
+        }
     }
 
     #[test]
