@@ -37,6 +37,24 @@ impl<C: Clone> Coordinators<C> {
             .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
+    /// One call at the current endpoint; one found unreachable makes the next
+    /// endpoint current for the calls after it.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(C) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let (at, client) = self.pick();
+        let answer = call(client).await;
+        if answer
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unavailable)
+        {
+            self.unreachable(at);
+        }
+        answer
+    }
+
     pub fn len(&self) -> usize {
         self.clients.len()
     }

@@ -21,10 +21,9 @@ use serde::Deserialize;
 use shoal_proto::AuthChannel;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_client::AgentClient;
-
-use crate::coordinators::Coordinators;
 use tracing::warn;
 
+use crate::coordinators::Coordinators;
 use crate::runtime::Slot;
 
 /// Each instance's secret, with its slot and the token its launch carried.
@@ -121,15 +120,11 @@ async fn track(State(shared): State<Shared>, request: axum::extract::Request) ->
             .to_string(),
         body: body.to_vec(),
     };
-    let (at, mut client) = shared.coordinators.pick();
-    let answer = client.track(call).await;
-    if answer
-        .as_ref()
-        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
-    {
-        // The MLflow client retries; its next call goes to the next endpoint.
-        shared.coordinators.unreachable(at);
-    }
+    // The MLflow client retries a 503; its next call goes to the next endpoint.
+    let answer = shared
+        .coordinators
+        .call(|mut client| async move { client.track(call).await })
+        .await;
     match answer {
         Ok(reply) => {
             let reply = reply.into_inner();
@@ -209,14 +204,10 @@ async fn token(
         client_id: asked.client_id.unwrap_or_default(),
         token,
     };
-    let (at, mut client) = shared.coordinators.pick();
-    let answer = client.issue_token(request).await;
-    if answer
-        .as_ref()
-        .is_err_and(|s| s.code() == tonic::Code::Unavailable)
-    {
-        shared.coordinators.unreachable(at);
-    }
+    let answer = shared
+        .coordinators
+        .call(|mut client| async move { client.issue_token(request).await })
+        .await;
     match answer {
         Ok(reply) => {
             let token = reply.into_inner();

@@ -153,8 +153,7 @@ where
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        let (at, client) = coordinators.pick();
-        match call(client).await {
+        match coordinators.call(&mut call).await {
             Ok(reply) => return Ok(reply.into_inner()),
             Err(status)
                 if matches!(
@@ -162,7 +161,6 @@ where
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 ) && started.elapsed() < give_up_after =>
             {
-                coordinators.unreachable(at);
                 debug!(%status, retry_in = ?backoff, "coordinator unavailable; asking again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));

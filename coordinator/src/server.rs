@@ -211,13 +211,10 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener has no address: {e}")))?;
     let (store, auth) = match &config.postgres {
-        None => {
-            crate::auth::bootstrap(&config.data_dir)?;
-            (
-                SqlStore::open(&config.data_dir.join("shoal.db"))?,
-                crate::auth::Auth::open(&config.data_dir.join("auth.db"))?,
-            )
-        }
+        None => (
+            SqlStore::open(&config.data_dir.join("shoal.db"))?,
+            crate::auth::Auth::open(&config.data_dir.join("auth.db"))?,
+        ),
         Some((url, lease)) => {
             let mut store = SqlStore::connect_postgres(url)?;
             store.lead(lease.clone());
@@ -226,11 +223,10 @@ pub async fn serve(
                 tracing::error!(%why, "stopping: this coordinator no longer leads");
                 std::process::exit(3);
             })?;
-            let auth = crate::auth::Auth::postgres(url)?;
-            crate::auth::bootstrap_with(&auth, &config.data_dir)?;
-            (store, auth)
+            (store, crate::auth::Auth::postgres(url)?)
         }
     };
+    crate::auth::bootstrap_with(&auth, &config.data_dir)?;
     let reader = store.reader()?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
