@@ -862,21 +862,45 @@ fn delete_job(sql: &mut Sql, id: &str) -> Result<Option<Purged>> {
 #[derive(Clone)]
 pub struct Reader {
     from: ReadFrom,
-    idle_lite: Arc<Mutex<Vec<Connection>>>,
-    idle_pg: Arc<Mutex<Vec<PgConnection>>>,
 }
 
 #[derive(Clone)]
 enum ReadFrom {
-    Lite(PathBuf),
-    Pg(String),
+    Lite(PathBuf, Idle<Connection>),
+    Pg(String, Idle<PgConnection>),
+}
+
+/// Connections kept open for reuse, at most `IDLE_READERS`.
+struct Idle<C>(Arc<Mutex<Vec<C>>>);
+
+impl<C> Clone for Idle<C> {
+    fn clone(&self) -> Self {
+        Idle(self.0.clone())
+    }
+}
+
+impl<C> Idle<C> {
+    fn new() -> Self {
+        Idle(Arc::default())
+    }
+
+    fn take(&self) -> Option<C> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_back(&self, conn: C) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+    }
 }
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.from {
-            ReadFrom::Lite(path) => write!(f, "Reader {{ {} }}", path.display()),
-            ReadFrom::Pg(url) => write!(f, "Reader {{ {} }}", crate::db::redact(url)),
+            ReadFrom::Lite(path, _) => write!(f, "Reader {{ {} }}", path.display()),
+            ReadFrom::Pg(url, _) => write!(f, "Reader {{ {} }}", crate::db::redact(url)),
         }
     }
 }
@@ -884,54 +908,48 @@ impl std::fmt::Debug for Reader {
 /// Connections kept open for reuse.
 const IDLE_READERS: usize = 4;
 
+fn open_read_only(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl Reader {
     pub fn open(path: &Path) -> Result<Self> {
-        let reader = Reader {
-            from: ReadFrom::Lite(path.to_path_buf()),
-            idle_lite: Arc::default(),
-            idle_pg: Arc::default(),
-        };
+        let idle = Idle::new();
         // Fail now, not at the first request, if it cannot be opened.
-        let conn = reader.connect()?;
-        reader.put_back(conn);
-        Ok(reader)
+        idle.put_back(open_read_only(path)?);
+        Ok(Reader {
+            from: ReadFrom::Lite(path.to_path_buf(), idle),
+        })
     }
 
     /// Reads from the PostgreSQL store at `url`.
     pub fn postgres(url: &str) -> Result<Self> {
-        let reader = Reader {
-            from: ReadFrom::Pg(url.to_string()),
-            idle_lite: Arc::default(),
-            idle_pg: Arc::default(),
-        };
-        let conn = PgConnection::connect(url)?;
-        reader
-            .idle_pg
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
-        Ok(reader)
+        let idle = Idle::new();
+        idle.put_back(PgConnection::connect(url)?);
+        Ok(Reader {
+            from: ReadFrom::Pg(url.to_string(), idle),
+        })
     }
 
-    fn connect(&self) -> Result<Connection> {
-        let ReadFrom::Lite(path) = &self.from else {
+    /// Runs `f` on a SQLite connection, blocking.
+    fn on_sqlite<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let ReadFrom::Lite(path, idle) = &self.from else {
             return Err(Error::Internal(
                 "this reader reads PostgreSQL, not a SQLite file".into(),
             ));
         };
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(conn)
-    }
-
-    fn put_back(&self, conn: Connection) {
-        let mut idle = self.idle_lite.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE_READERS {
-            idle.push(conn);
-        }
+        let conn = match idle.take() {
+            Some(conn) => conn,
+            None => open_read_only(path)?,
+        };
+        let result = f(&conn);
+        idle.put_back(conn);
+        result
     }
 
     /// Runs `f` on a SQLite connection, off the async runtime (tracking's
@@ -941,22 +959,9 @@ impl Reader {
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let taken = this
-                .idle_lite
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop();
-            let conn = match taken {
-                Some(conn) => conn,
-                None => this.connect()?,
-            };
-            let result = f(&conn);
-            this.put_back(conn);
-            result
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("store reader: {e}")))?
+        tokio::task::spawn_blocking(move || this.on_sqlite(f))
+            .await
+            .map_err(|e| Error::Internal(format!("store reader: {e}")))?
     }
 
     /// Runs `f` on a connection of either database, off the async runtime.
@@ -966,34 +971,15 @@ impl Reader {
     ) -> Result<T> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || match &this.from {
-            ReadFrom::Lite(_) => {
-                let taken = this
-                    .idle_lite
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop();
-                let conn = match taken {
-                    Some(conn) => conn,
-                    None => this.connect()?,
-                };
-                let result = f(&mut Sql::Lite(&conn));
-                this.put_back(conn);
-                result
-            }
-            ReadFrom::Pg(url) => {
-                let taken = this.idle_pg.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                let mut conn = match taken {
+            ReadFrom::Lite(..) => this.on_sqlite(|conn| f(&mut Sql::Lite(conn))),
+            ReadFrom::Pg(url, idle) => {
+                // A connection that failed checks itself before its next use.
+                let mut conn = match idle.take() {
                     Some(conn) => conn,
                     None => PgConnection::connect(url)?,
                 };
                 let result = conn.transaction(f);
-                // A connection that failed may be broken: a fresh one next time.
-                if result.is_ok() {
-                    let mut idle = this.idle_pg.lock().unwrap_or_else(|p| p.into_inner());
-                    if idle.len() < IDLE_READERS {
-                        idle.push(conn);
-                    }
-                }
+                idle.put_back(conn);
                 result
             }
         })
