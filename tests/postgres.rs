@@ -1,7 +1,8 @@
 //! Two coordinators on one PostgreSQL store (`shoal up --store postgres://…`):
 //! one leads, the other stands by; SIGKILL the leader with 500 tasks in flight
 //! and the standby takes over within 10 s, the agents (given both endpoints)
-//! reconnect, and every task runs exactly once. PostgreSQL comes from
+//! reconnect, and every task runs exactly once; a job logging to MLflow through
+//! the takeover keeps every point, once. PostgreSQL comes from
 //! `scripts/pg-up.sh`; without it the test fails, saying so (never skips).
 mod support;
 
@@ -14,14 +15,6 @@ use std::time::{Duration, Instant};
 use support::{SHOAL, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// A fresh database of the tests' PostgreSQL: its URL.
-fn fresh_database() -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
-    let name = format!("shoal_failover_{}", std::process::id());
-    shoal_coordinator::db::scratch_database(&script, &name)
-        .unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"))
-}
 
 fn accepts(endpoint: &str) -> bool {
     TcpStream::connect(endpoint).is_ok()
@@ -49,7 +42,7 @@ impl Drop for Standby {
 
 #[tokio::test]
 async fn a_standby_takes_over_a_killed_leader_and_every_task_runs_once() {
-    let url = fresh_database();
+    let url = support::postgres_database("shoal_failover");
     let config = "leader_lease_seconds: 4\nlease_seconds: 30\njob_stop_grace_seconds: 1\n";
     let mut leader = TestCluster::start_all(config, &[], &["--store", &url]).await;
     let first = leader.endpoint();
@@ -128,6 +121,44 @@ async fn a_standby_takes_over_a_killed_leader_and_every_task_runs_once() {
         })
         .await;
 
+    // A job logs a point every 0.2 s with the real MLflow client, through its
+    // agent, before and after the takeover.
+    let logs = r#"
+import mlflow, time
+mlflow.log_param("lr", "0.1")
+for step in range(40):
+    mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    time.sleep(0.2)
+"#;
+    let python = support::test_python();
+    let tracked = cli(&[
+        "job",
+        "submit",
+        "--cluster",
+        "ha",
+        "--cpus",
+        "0.5",
+        "--",
+        &python.to_string_lossy(),
+        "-c",
+        logs,
+    ]);
+    let tracked = tracked["id"].as_str().expect("id").to_string();
+    let points = |metrics: &serde_json::Value| -> Vec<i64> {
+        metrics["runs"][0]["metrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["name"] == "loss")
+            .flat_map(|m| m["points"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["step"].as_i64().unwrap_or(-1))
+            .collect()
+    };
+    support::eventually("the job logs", LIMIT, || async {
+        (points(&cli(&["job", "metrics", &tracked])).len() >= 3).then_some(())
+    })
+    .await;
+
     // 500 tasks, 8 at a time on the two machines; the leader dies mid-way.
     let ledger = leader.scratch("ledger");
     let script = format!("sleep 0.3; echo $SHOAL_ARRAY_INDEX >> {}", ledger.display());
@@ -150,6 +181,7 @@ async fn a_standby_takes_over_a_killed_leader_and_every_task_runs_once() {
         (ran(&ledger).len() >= 40).then_some(())
     })
     .await;
+    let logged_before = points(&cli(&["job", "metrics", &tracked])).len();
     leader.kill9();
     let killed = Instant::now();
     support::eventually("the standby listens", Duration::from_secs(30), || async {
@@ -183,6 +215,40 @@ async fn a_standby_takes_over_a_killed_leader_and_every_task_runs_once() {
     assert_eq!(counts.len(), 500, "every task ran");
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "tasks that ran twice: {twice:?}");
+
+    // The logging job ran through in its first attempt; its run, kept in the
+    // database, has every point once, in order.
+    let deadline = Instant::now() + LIMIT;
+    let job = loop {
+        let job = cli(&["job", "show", &tracked]);
+        let status = job["status"].as_str().unwrap_or_default();
+        if ["completed", "failed", "canceled", "timed_out"].contains(&status) {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the logging job did not end: {job:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["status"], "completed", "{job:#}");
+    assert!(
+        logged_before < 40,
+        "the job logged all its points before the takeover"
+    );
+    eprintln!("the job had logged {logged_before} of 40 points at the leader's SIGKILL");
+    let metrics = cli(&["job", "metrics", &tracked]);
+    assert_eq!(
+        points(&metrics),
+        (0..40).collect::<Vec<i64>>(),
+        "{metrics:#}"
+    );
+    assert_eq!(metrics["runs"][0]["params"]["lr"], "0.1", "{metrics:#}");
+    assert_eq!(
+        metrics["runs"].as_array().map(Vec::len),
+        Some(1),
+        "{metrics:#}"
+    );
     for mut agent in agents {
         let _ = agent.kill();
         let _ = agent.wait();

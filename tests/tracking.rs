@@ -2,6 +2,8 @@
 //! through their node's agent to the coordinator; the values come back through
 //! `shoal job metrics`, `job show`, the HTTP API, `job download` and MLflow's own
 //! client; a job's token writes only its own job's runs; metrics outlive a SIGKILL.
+//! The first two run on both stores: `tracking.db` in the data dir, and the
+//! PostgreSQL database of `shoal up --store postgres://…`.
 
 mod support;
 
@@ -43,6 +45,18 @@ fn run_job(tc: &TestCluster, file: &Path) -> String {
     id
 }
 
+/// A coordinator keeping its state in the embedded SQLite files, or in a fresh
+/// PostgreSQL database.
+async fn start(postgres: Option<&str>) -> TestCluster {
+    match postgres {
+        None => TestCluster::start().await,
+        Some(name) => {
+            let url = support::postgres_database(name);
+            TestCluster::start_args(&["--store", &url]).await
+        }
+    }
+}
+
 const TRAIN: &str = r#"
 import os, mlflow, mlflow.pyfunc
 from mlflow.entities import Metric, Param, RunTag
@@ -72,11 +86,25 @@ print("MODEL " + model.model_id)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_logs_with_the_real_mlflow_client_and_its_values_come_back_everywhere() {
+    values_come_back_everywhere(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_logs_with_the_real_mlflow_client_and_its_values_come_back_everywhere_in_postgres() {
+    values_come_back_everywhere(Some("shoal_tracking_values")).await;
+}
+
+async fn values_come_back_everywhere(postgres: Option<&str>) {
     let python = test_python();
-    let tc = TestCluster::start().await;
+    let tc = start(postgres).await;
     tc.create_cluster("cpu", &["--max-nodes", "1"]);
     let id = run_job(&tc, &job_file(&tc, "a", TRAIN, &python));
     let run_id = format!("{id}-1");
+    assert_eq!(
+        tc.data_dir().join("tracking.db").exists(),
+        postgres.is_none(),
+        "the runs are kept in the store's database"
+    );
 
     // shoal job metrics -o json
     let logged = tc.shoal_json(&["job", "metrics", &id]);
@@ -245,8 +273,17 @@ print(json.dumps({{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jobs_token_writes_only_its_own_jobs_runs_and_metrics_outlive_a_sigkill() {
+    only_its_own_runs_and_metrics_outlive_a_sigkill(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_token_writes_only_its_own_jobs_runs_and_metrics_outlive_a_sigkill_in_postgres() {
+    only_its_own_runs_and_metrics_outlive_a_sigkill(Some("shoal_tracking_sigkill")).await;
+}
+
+async fn only_its_own_runs_and_metrics_outlive_a_sigkill(postgres: Option<&str>) {
     let python = test_python();
-    let mut tc = TestCluster::start().await;
+    let mut tc = start(postgres).await;
     tc.create_cluster("cpu", &["--max-nodes", "1"]);
     let first = run_job(&tc, &job_file(&tc, "first", TRAIN, &python));
     let victim = format!("{first}-1");

@@ -13,7 +13,7 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::db::Sql;
+use crate::db::{Database, Sql};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -76,17 +76,12 @@ pub struct TokenInfo {
 
 #[derive(Clone)]
 pub struct Auth {
-    db: Arc<Mutex<AuthDb>>,
+    db: Arc<Mutex<Database>>,
     cache: Arc<RwLock<HashMap<String, Entry>>>,
 }
 
 /// Where tokens are kept: `auth.db` beside the SQLite store, or the tables
 /// `tokens` and `join_tokens` of the PostgreSQL store's database.
-enum AuthDb {
-    Lite(Connection),
-    Pg(Box<crate::db::PgConnection>),
-}
-
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buffer);
@@ -142,7 +137,7 @@ impl Auth {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        Self::with(AuthDb::Lite(conn))
+        Self::with(Database::Lite(conn))
     }
 
     /// Tokens in the PostgreSQL store's database at `url`.
@@ -162,10 +157,10 @@ impl Auth {
                    node_id TEXT NOT NULL DEFAULT '');",
             )
         })?;
-        Self::with(AuthDb::Pg(Box::new(conn)))
+        Self::with(Database::Pg(Box::new(conn)))
     }
 
-    fn with(db: AuthDb) -> Result<Self> {
+    fn with(db: Database) -> Result<Self> {
         let auth = Auth {
             db: Arc::new(Mutex::new(db)),
             cache: Arc::default(),
@@ -181,15 +176,7 @@ impl Auth {
     /// Runs `f` on the database, in one transaction.
     fn sql<T: Send>(&self, f: impl FnOnce(&mut Sql) -> Result<T> + Send) -> Result<T> {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *db {
-            AuthDb::Lite(conn) => {
-                let tx = conn.transaction()?;
-                let value = f(&mut Sql::Lite(&tx))?;
-                tx.commit()?;
-                Ok(value)
-            }
-            AuthDb::Pg(conn) => conn.transaction(f),
-        }
+        db.transaction(f)
     }
 
     fn reload(&self) -> Result<()> {
@@ -575,10 +562,10 @@ impl Auth {
     ) -> Result<T> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         match &*db {
-            AuthDb::Lite(conn) => {
+            Database::Lite(conn) => {
                 f(conn).map_err(|e| Error::Internal(format!("auth database: {e}")))
             }
-            AuthDb::Pg(_) => Ok(T::default()),
+            Database::Pg(_) => Ok(T::default()),
         }
     }
 }

@@ -46,11 +46,11 @@ pub enum Sql<'c, 't> {
 }
 
 /// PostgreSQL statements prepared on one connection, by their text.
-pub type Statements = HashMap<&'static str, postgres::Statement>;
+pub type Statements = HashMap<String, postgres::Statement>;
 
 impl Sql<'_, '_> {
     /// Runs a statement: the rows it changed.
-    pub fn execute(&mut self, sql: &'static str, params: &[&dyn Param]) -> Result<u64> {
+    pub fn execute(&mut self, sql: &str, params: &[&dyn Param]) -> Result<u64> {
         match self {
             Sql::Lite(conn) => {
                 let params: Vec<&dyn rusqlite::ToSql> =
@@ -67,7 +67,7 @@ impl Sql<'_, '_> {
     /// Each row of the answer, through `f`.
     pub fn query<T>(
         &mut self,
-        sql: &'static str,
+        sql: &str,
         params: &[&dyn Param],
         mut f: impl FnMut(&Row) -> Result<T>,
     ) -> Result<Vec<T>> {
@@ -92,7 +92,7 @@ impl Sql<'_, '_> {
     /// The first row of the answer, if any, through `f`.
     pub fn first<T>(
         &mut self,
-        sql: &'static str,
+        sql: &str,
         params: &[&dyn Param],
         f: impl FnMut(&Row) -> Result<T>,
     ) -> Result<Option<T>> {
@@ -118,13 +118,13 @@ fn lite_rows<T>(
 fn prepare(
     tx: &mut postgres::Transaction<'_>,
     prepared: &mut Statements,
-    sql: &'static str,
+    sql: &str,
 ) -> Result<postgres::Statement> {
     if let Some(statement) = prepared.get(sql) {
         return Ok(statement.clone());
     }
     let statement = tx.prepare(&dollar_placeholders(sql)).map_err(pg_error)?;
-    prepared.insert(sql, statement.clone());
+    prepared.insert(sql.to_string(), statement.clone());
     Ok(statement)
 }
 
@@ -133,6 +133,30 @@ fn pg_params<'a>(params: &'a [&'a dyn Param]) -> Vec<&'a (dyn postgres::types::T
         .iter()
         .map(|p| *p as &(dyn postgres::types::ToSql + Sync))
         .collect()
+}
+
+/// A database to write: one connection, a transaction at a time.
+pub enum Database {
+    Lite(rusqlite::Connection),
+    Pg(Box<PgConnection>),
+}
+
+impl Database {
+    /// Runs `f` in one transaction, committed if it returns Ok.
+    pub fn transaction<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Sql) -> Result<T> + Send,
+    ) -> Result<T> {
+        match self {
+            Database::Lite(conn) => {
+                let tx = conn.transaction()?;
+                let value = f(&mut Sql::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Database::Pg(conn) => conn.transaction(f),
+        }
+    }
 }
 
 /// `?1` → `$1` (the statements here hold no `?` in their literals).
@@ -194,6 +218,11 @@ impl PgConnection {
             prepared: Statements::new(),
             suspect: false,
         })
+    }
+
+    /// The database it connects to (with its password).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Runs `f` in one transaction, committed if it returns Ok.

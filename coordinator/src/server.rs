@@ -311,7 +311,10 @@ pub async fn serve(
             ))
         })?;
     }
-    let tracking = crate::tracking::Tracking::open(&config.data_dir)?;
+    let tracking = crate::tracking::Tracking::open(
+        &config.data_dir,
+        config.postgres.as_ref().map(|(url, _)| url.as_str()),
+    )?;
     let mut control_config = config.control.clone();
     control_config.tracking = Some(tracking.clone());
     control_config.identity_tokens = true;

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::data::{DataAsset, Datastore};
-use crate::db::{Param, PgConnection, Sql};
+use crate::db::{Database, Param, PgConnection, Sql};
 use crate::governance::Quotas;
 use crate::model::{Cluster, Component, Environment, Identity, Job, JobStatus, Millis, Node};
 use crate::parallel::{BatchStatus, Cut, MiniBatch};
@@ -243,22 +243,10 @@ macro_rules! ended {
     };
 }
 
-/// Where the state lives.
-enum Backend {
-    Lite {
-        conn: Connection,
-        path: PathBuf,
-    },
-    Pg {
-        conn: Box<PgConnection>,
-        url: String,
-    },
-}
-
 /// The coordinator's durable state, in SQLite (the embedded default) or
 /// PostgreSQL: the same statements, the same semantics.
 pub struct SqlStore {
-    backend: Backend,
+    db: Database,
     /// Leading a shared PostgreSQL database: each commit renews the lease,
     /// and fails once it is lost.
     lease: Option<crate::leader::Lease>,
@@ -273,7 +261,7 @@ impl SqlStore {
         // FULL: a committed batch survives power loss, not only a killed process.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Self::migrate(conn, path.to_path_buf(), None)
+        Self::migrate(conn, None)
     }
 
     /// A throwaway store (a file in a temporary folder, not synced), for tests of
@@ -287,7 +275,7 @@ impl SqlStore {
         let conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "OFF")?;
-        Self::migrate(conn, path, Some(scratch))
+        Self::migrate(conn, Some(scratch))
     }
 
     /// The store in a PostgreSQL database (`postgres://user@host:port/db`),
@@ -318,10 +306,7 @@ impl SqlStore {
             Ok(())
         })?;
         Ok(SqlStore {
-            backend: Backend::Pg {
-                conn: Box::new(conn),
-                url: url.to_string(),
-            },
+            db: Database::Pg(Box::new(conn)),
             _scratch: None,
             lease: None,
         })
@@ -335,17 +320,10 @@ impl SqlStore {
 
     /// Read-only connections for the API (history, logs, rows).
     pub fn reader(&self) -> Result<Reader> {
-        match &self.backend {
-            Backend::Lite { path, .. } => Reader::open(path),
-            Backend::Pg { url, .. } => Reader::postgres(url),
-        }
+        Reader::of(&self.db)
     }
 
-    fn migrate(
-        mut conn: Connection,
-        path: PathBuf,
-        scratch: Option<tempfile::TempDir>,
-    ) -> Result<Self> {
+    fn migrate(mut conn: Connection, scratch: Option<tempfile::TempDir>) -> Result<Self> {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let version = usize::try_from(version).unwrap_or(0);
         if version > MIGRATIONS.len() {
@@ -363,7 +341,7 @@ impl SqlStore {
         // Room for every statement, the job upserts of each size included.
         conn.set_prepared_statement_cache_capacity(96);
         Ok(SqlStore {
-            backend: Backend::Lite { conn, path },
+            db: Database::Lite(conn),
             _scratch: scratch,
             lease: None,
         })
@@ -371,15 +349,7 @@ impl SqlStore {
 
     /// Runs `f` in one transaction, committed if it returns Ok.
     fn transaction<T: Send>(&mut self, f: impl FnOnce(&mut Sql) -> Result<T> + Send) -> Result<T> {
-        match &mut self.backend {
-            Backend::Lite { conn, .. } => {
-                let tx = conn.transaction()?;
-                let value = f(&mut Sql::Lite(&tx))?;
-                tx.commit()?;
-                Ok(value)
-            }
-            Backend::Pg { conn, .. } => conn.transaction(f),
-        }
+        self.db.transaction(f)
     }
 }
 
@@ -927,6 +897,19 @@ impl Reader {
         })
     }
 
+    /// Reads what `db` writes.
+    pub fn of(db: &Database) -> Result<Self> {
+        match db {
+            Database::Lite(conn) => match conn.path() {
+                Some(path) if !path.is_empty() => Self::open(Path::new(path)),
+                _ => Err(Error::Internal(
+                    "an in-memory database has no readers".into(),
+                )),
+            },
+            Database::Pg(conn) => Self::postgres(conn.url()),
+        }
+    }
+
     /// Reads from the PostgreSQL store at `url`.
     pub fn postgres(url: &str) -> Result<Self> {
         let idle = Idle::new();
@@ -950,18 +933,6 @@ impl Reader {
         let result = f(&conn);
         idle.put_back(conn);
         result
-    }
-
-    /// Runs `f` on a SQLite connection, off the async runtime (tracking's
-    /// queries, which speak SQLite only for now).
-    pub(crate) async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.on_sqlite(f))
-            .await
-            .map_err(|e| Error::Internal(format!("store reader: {e}")))?
     }
 
     /// Runs `f` on a connection of either database, off the async runtime.

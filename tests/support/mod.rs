@@ -560,6 +560,15 @@ pub fn image_ready(name: &str) {
     }
 }
 
+/// A fresh database `name` of the tests' PostgreSQL (`scripts/pg-up.sh` starts
+/// it): its URL. Without PostgreSQL the test fails, saying so (never skips).
+pub fn postgres_database(name: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
+    let name = format!("{name}_{}", std::process::id());
+    shoal_coordinator::db::scratch_database(&script, &name)
+        .unwrap_or_else(|e| panic!("this test needs PostgreSQL: {e}"))
+}
+
 /// The tests' Python, with the real `mlflow` client (`scripts/test-venv.sh`: made
 /// from PyPI on first use). Without python3 the test fails, saying so (never skips).
 pub fn test_python() -> PathBuf {

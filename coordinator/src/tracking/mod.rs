@@ -1,7 +1,8 @@
 //! Tracking: MLflow's tracking REST API, served by the coordinator, so a job's
 //! `mlflow.log_metric` lands on the job (`shoal job metrics`). Its own owner of its
-//! own state: `tracking.db` (SQLite) and `tracking/` (artifacts) in the data dir,
-//! written by one writer thread that commits whatever is waiting as one
+//! own state: its tables (`tracking.db` in the data dir, or the shared PostgreSQL
+//! database with `--store postgres://…`) and `tracking/` (artifacts) in the data
+//! dir, written by one writer thread that commits whatever is waiting as one
 //! transaction (durable before the reply), read on read-only connections. Nothing
 //! here goes through the control loop, so logging never slows it.
 //!
@@ -18,9 +19,9 @@ pub mod store;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::Connection;
 use tracing::warn;
 
+use crate::db::{Database, Sql};
 use crate::model::Attempt;
 use crate::{Error, Result};
 use model::{Metric, Run, Tag};
@@ -93,7 +94,9 @@ pub struct MetricSeries {
 }
 
 type Reply = Box<dyn FnOnce(Option<String>) + Send>;
-type Op = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+/// A write: run on the transaction (None: the transaction is lost before its
+/// turn, and it only makes its reply); whether it went well, and its reply.
+type Op = Box<dyn FnOnce(Option<&mut Sql>) -> (bool, Reply) + Send>;
 
 /// Largest number of waiting writes one transaction takes.
 const MAX_BATCH: usize = 512;
@@ -138,12 +141,17 @@ fn now_ms() -> i64 {
 }
 
 impl Tracking {
-    /// Opens `tracking.db` and `tracking/` in `data_dir`, and starts the writer.
-    pub fn open(data_dir: &Path) -> Result<Self> {
-        let path = data_dir.join("tracking.db");
-        let conn = store::open(&path, now_ms())?;
-        let running = Mutex::new(store::running_job_runs(&conn)?.into_iter().collect());
-        let reader = crate::store::Reader::open(&path)?;
+    /// Opens the tables (`tracking.db` in `data_dir`, or those in the
+    /// PostgreSQL database at `postgres`) and `tracking/` in `data_dir`, and
+    /// starts the writer.
+    pub fn open(data_dir: &Path, postgres: Option<&str>) -> Result<Self> {
+        let mut db = match postgres {
+            None => store::open(&data_dir.join("tracking.db"), now_ms())?,
+            Some(url) => store::connect_postgres(url, now_ms())?,
+        };
+        let running = db.transaction(store::running_job_runs)?;
+        let running = Mutex::new(running.into_iter().collect());
+        let reader = crate::store::Reader::of(&db)?;
         let artifacts = data_dir.join("tracking");
         std::fs::create_dir_all(&artifacts)
             .map_err(|e| Error::Internal(format!("cannot create {}: {e}", artifacts.display())))?;
@@ -157,7 +165,7 @@ impl Tracking {
         });
         std::thread::Builder::new()
             .name("shoal-tracking".into())
-            .spawn(move || write_loop(conn, queue))
+            .spawn(move || write_loop(db, queue))
             .map_err(|e| Error::Internal(format!("tracking writer: {e}")))?;
         Ok(Tracking { inner })
     }
@@ -196,11 +204,14 @@ impl Tracking {
     /// error undoes only its own changes); answers once that is committed.
     pub async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Sql) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let op: Op = Box::new(move |conn| {
-            let result = f(conn);
+        let op: Op = Box::new(move |sql| {
+            let result = match sql {
+                Some(sql) => f(sql),
+                None => Err(Error::Internal("the tracking transaction was lost".into())),
+            };
             let ok = result.is_ok();
             let reply: Reply = Box::new(move |failed| {
                 let _ = tx.send(match failed {
@@ -221,15 +232,15 @@ impl Tracking {
     /// Runs `f` on a read-only connection, off the async runtime.
     pub async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Sql) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.inner.reader.with(f).await
+        self.inner.reader.with_sql(f).await
     }
 
     /// The one check of every write: a job's token writes only the runs its job
     /// made; a run that is deleted takes no more writes.
-    fn may_write(conn: &Connection, caller: &Caller, run_id: &str) -> Result<()> {
-        let (owner, active) = store::run_owner(conn, run_id)?;
+    fn may_write(sql: &mut Sql, caller: &Caller, run_id: &str) -> Result<()> {
+        let (owner, active) = store::run_owner(sql, run_id)?;
         if let Some(job) = caller.job_id()
             && owner != job
         {
@@ -256,23 +267,23 @@ impl Tracking {
     pub async fn ensure_job_run(&self, job: &JobCaller) -> Result<()> {
         let job_owned = job.clone();
         let inner = self.inner.clone();
-        self.write(move |conn| {
+        self.write(move |sql| {
             let job = job_owned;
             let run_id = job.run_id();
             let now = now_ms();
-            if !store::run_exists(conn, &run_id)? {
+            if !store::run_exists(sql, &run_id)? {
                 let name = if job.experiment.is_empty() {
                     "Default"
                 } else {
                     &job.experiment
                 };
-                let experiment_id = store::experiment_named(conn, name, now)?;
+                let experiment_id = store::experiment_named(sql, name, now)?;
                 let tag = |k: &str, v: &str| Tag {
                     key: k.into(),
                     value: v.into(),
                 };
                 store::create_run(
-                    conn,
+                    sql,
                     &store::NewRun {
                         run_id: run_id.clone(),
                         experiment_id,
@@ -291,7 +302,7 @@ impl Tracking {
             }
             lock(&inner.running).insert(run_id.clone());
             store::set_tags(
-                conn,
+                sql,
                 &run_id,
                 &[Tag {
                     key: format!("shoal.instance.{}.node", job.instance),
@@ -331,9 +342,9 @@ impl Tracking {
         let tracking = self.clone();
         tokio::spawn(async move {
             let ended = tracking
-                .write(move |conn| {
+                .write(move |sql| {
                     for (run_id, status, at) in &open {
-                        store::end_run_if_running(conn, run_id, status, *at)?;
+                        store::end_run_if_running(sql, run_id, status, *at)?;
                     }
                     Ok(())
                 })
@@ -355,11 +366,11 @@ impl Tracking {
         tags: Vec<Tag>,
     ) -> Result<()> {
         let caller = caller.clone();
-        self.write(move |conn| {
-            Self::may_write(conn, &caller, &run_id)?;
-            store::log_params(conn, &run_id, &params)?;
-            store::log_metrics(conn, &run_id, &metrics)?;
-            store::set_tags(conn, &run_id, &tags)
+        self.write(move |sql| {
+            Self::may_write(sql, &caller, &run_id)?;
+            store::log_params(sql, &run_id, &params)?;
+            store::log_metrics(sql, &run_id, &metrics)?;
+            store::set_tags(sql, &run_id, &tags)
         })
         .await
     }
@@ -370,15 +381,15 @@ impl Tracking {
         caller: &Caller,
         run_id: String,
         deleted_ok: bool,
-        f: impl FnOnce(&Connection, &str) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Sql, &str) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let caller = caller.clone();
-        self.write(move |conn| {
-            match Self::may_write(conn, &caller, &run_id) {
+        self.write(move |sql| {
+            match Self::may_write(sql, &caller, &run_id) {
                 Err(Error::FailedPrecondition(_)) if deleted_ok => {}
                 other => other?,
             }
-            f(conn, &run_id)
+            f(sql, &run_id)
         })
         .await
     }
@@ -387,10 +398,10 @@ impl Tracking {
     /// trials' primary metric); a job that logged none has none.
     pub async fn metric_values(&self, job_ids: Vec<String>, key: &str) -> Result<Vec<Vec<f64>>> {
         let key = key.to_string();
-        self.read(move |conn| {
+        self.read(move |sql| {
             job_ids
                 .iter()
-                .map(|job| store::job_metric_values(conn, job, &key))
+                .map(|job| store::job_metric_values(sql, job, &key))
                 .collect()
         })
         .await
@@ -399,8 +410,7 @@ impl Tracking {
     /// The runs of one job (its attempts' and any it made), newest first.
     pub async fn job_runs(&self, job_id: &str) -> Result<Vec<Run>> {
         let job_id = job_id.to_string();
-        self.read(move |conn| store::runs_of_job(conn, &job_id))
-            .await
+        self.read(move |sql| store::runs_of_job(sql, &job_id)).await
     }
 
     /// What the job logged: its runs, oldest first, each with its params, tags
@@ -414,8 +424,8 @@ impl Tracking {
     ) -> Result<JobMetrics> {
         let job = job_id.to_string();
         let runs = self
-            .read(move |conn| {
-                let mut runs = store::runs_of_job(conn, &job)?;
+            .read(move |sql| {
+                let mut runs = store::runs_of_job(sql, &job)?;
                 runs.reverse();
                 let mut tracked = Vec::with_capacity(runs.len());
                 for run in runs {
@@ -427,7 +437,7 @@ impl Tracking {
                         let points = if latest_only {
                             Vec::new()
                         } else {
-                            store::metric_history(conn, &run.info.run_id, &latest.key)?
+                            store::metric_history(sql, &run.info.run_id, &latest.key)?
                         };
                         metrics.push(MetricSeries {
                             name: latest.key.clone(),
@@ -468,15 +478,15 @@ impl Tracking {
         // Each run's artifacts, and each logged model's files, by the run's or
         // model's id.
         let folders = self
-            .read(move |conn| {
-                let mut folders: Vec<(String, PathBuf)> = store::runs_of_job(conn, &job)?
+            .read(move |sql| {
+                let mut folders: Vec<(String, PathBuf)> = store::runs_of_job(sql, &job)?
                     .into_iter()
                     .map(|run| {
                         let dir = PathBuf::from(&run.info.experiment_id).join(&run.info.run_id);
                         (run.info.run_id, dir)
                     })
                     .collect();
-                for (experiment, model) in models::models_of_job(conn, &job)? {
+                for (experiment, model) in models::models_of_job(sql, &job)? {
                     let dir = PathBuf::from(experiment.to_string())
                         .join("models")
                         .join(&model);
@@ -524,7 +534,7 @@ impl Tracking {
     pub async fn forget_jobs(&self, job_ids: Vec<String>) {
         let root = self.inner.artifacts.clone();
         match self
-            .write(move |conn| store::delete_job_runs(conn, &job_ids))
+            .write(move |sql| store::delete_job_runs(sql, &job_ids))
             .await
         {
             Ok(gone) => {
@@ -571,54 +581,37 @@ impl Tracking {
     }
 }
 
-fn write_loop(mut conn: Connection, queue: std::sync::mpsc::Receiver<Op>) {
+/// Commits whatever writes are waiting as one transaction, each in a savepoint
+/// of its own (one that fails undoes only its own changes); replies once the
+/// transaction is committed, or says it failed.
+fn write_loop(mut db: Database, queue: std::sync::mpsc::Receiver<Op>) {
     while let Ok(first) = queue.recv() {
-        let mut ops = vec![first];
+        let mut ops = std::collections::VecDeque::from([first]);
         while ops.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(op) => ops.push(op),
+                Ok(op) => ops.push_back(op),
                 Err(_) => break,
             }
         }
         let mut replies = Vec::with_capacity(ops.len());
-        let failed = match conn.transaction() {
-            Err(e) => Some(e.to_string()),
-            Ok(mut tx) => {
-                let mut broken = None;
-                for op in ops.drain(..) {
-                    let mut waiting = Some(op);
-                    if broken.is_none() {
-                        match tx.savepoint() {
-                            Ok(mut savepoint) => {
-                                if let Some(op) = waiting.take() {
-                                    let (ok, reply) = op(&savepoint);
-                                    let ended = if ok {
-                                        savepoint.commit()
-                                    } else {
-                                        savepoint.rollback()
-                                    };
-                                    if let Err(e) = ended {
-                                        broken = Some(e.to_string());
-                                    }
-                                    replies.push(reply);
-                                }
-                            }
-                            Err(e) => broken = Some(e.to_string()),
-                        }
-                    }
-                    // The transaction is lost: the op runs only to get its
-                    // reply, which will say so.
-                    if let Some(op) = waiting {
-                        let (_, reply) = op(&tx);
-                        replies.push(reply);
-                    }
+        let failed = db
+            .transaction(|sql| {
+                while let Some(op) = ops.pop_front() {
+                    sql.batch("SAVEPOINT op")?;
+                    let (ok, reply) = op(Some(&mut *sql));
+                    replies.push(reply);
+                    sql.batch(if ok {
+                        "RELEASE SAVEPOINT op"
+                    } else {
+                        "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
+                    })?;
                 }
-                match broken {
-                    Some(why) => Some(why),
-                    None => tx.commit().err().map(|e| e.to_string()),
-                }
-            }
-        };
+                Ok(())
+            })
+            .err()
+            .map(|e| e.to_string());
+        // Those the lost transaction never reached only make their replies.
+        replies.extend(ops.into_iter().map(|op| op(None).1));
         if let Some(why) = &failed {
             warn!(error = %why, "tracking commit failed");
         }

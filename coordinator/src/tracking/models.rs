@@ -6,7 +6,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::routing::{delete, patch, post};
 use axum::{Json, Router};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -14,6 +13,7 @@ use super::model::{Tag, read_opt_i64};
 use super::rest::{Answer, MlflowError, body, now};
 use super::store::{self, parse_experiment_id};
 use super::{Caller, Tracking};
+use crate::db::Sql;
 use crate::{Error, Result};
 
 pub const SCHEMA: &str = "
@@ -40,6 +40,33 @@ CREATE TABLE IF NOT EXISTS run_outputs (
   run_id TEXT NOT NULL, model_id TEXT NOT NULL, step INTEGER NOT NULL,
   PRIMARY KEY (run_id, model_id, step)
 ) WITHOUT ROWID;
+";
+
+/// The same tables in PostgreSQL.
+pub const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS logged_models (
+  model_id TEXT PRIMARY KEY,
+  experiment_id BIGINT NOT NULL,
+  name TEXT NOT NULL,
+  source_run_id TEXT NOT NULL DEFAULT '',
+  model_type TEXT NOT NULL DEFAULT '',
+  status TEXT NOT NULL,
+  status_message TEXT NOT NULL DEFAULT '',
+  created_ms BIGINT NOT NULL,
+  updated_ms BIGINT NOT NULL,
+  lifecycle TEXT NOT NULL DEFAULT 'active',
+  job_id TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS logged_model_params (
+  model_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (model_id, key)
+);
+CREATE TABLE IF NOT EXISTS logged_model_tags (
+  model_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (model_id, key)
+);
+CREATE TABLE IF NOT EXISTS run_outputs (
+  run_id TEXT NOT NULL, model_id TEXT NOT NULL, step BIGINT NOT NULL,
+  PRIMARY KEY (run_id, model_id, step)
+);
 ";
 
 const STATUSES: [&str; 4] = [
@@ -70,26 +97,26 @@ fn no_model(id: &str) -> Error {
 }
 
 /// A logged model as MLflow's JSON has it.
-pub fn model(conn: &Connection, id: &str) -> Result<Value> {
-    let row = conn
-        .prepare_cached(
+pub fn model(sql: &mut Sql, id: &str) -> Result<Value> {
+    let row = sql
+        .first(
             "SELECT experiment_id, name, source_run_id, model_type, status, status_message,
                     created_ms, updated_ms, lifecycle FROM logged_models WHERE model_id = ?1",
+            &[&id],
+            |r| {
+                Ok((
+                    r.get::<i64>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<String>(4)?,
+                    r.get::<String>(5)?,
+                    r.get::<i64>(6)?,
+                    r.get::<i64>(7)?,
+                    r.get::<String>(8)?,
+                ))
+            },
         )?
-        .query_row([id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, String>(8)?,
-            ))
-        })
-        .optional()?
         .ok_or_else(|| no_model(id))?;
     let (experiment, name, source_run, model_type, status, message, created, updated, stage) = row;
     Ok(json!({
@@ -105,21 +132,23 @@ pub fn model(conn: &Connection, id: &str) -> Result<Value> {
             "status": status,
             "status_message": message,
             "lifecycle_stage": stage,
-            "tags": store::pairs(conn, "logged_model_tags", "model_id", &id)?,
+            "tags": store::pairs(sql, "logged_model_tags", "model_id", &id)?,
         },
         "data": {
-            "params": store::pairs(conn, "logged_model_params", "model_id", &id)?,
+            "params": store::pairs(sql, "logged_model_params", "model_id", &id)?,
             "metrics": [],
         },
     }))
 }
 
 /// The one check of writes to a model: a job's token writes only its job's models.
-pub fn may_write(conn: &Connection, caller: &Caller, id: &str) -> Result<()> {
-    let owner: String = conn
-        .prepare_cached("SELECT job_id FROM logged_models WHERE model_id = ?1")?
-        .query_row([id], |r| r.get(0))
-        .optional()?
+pub fn may_write(sql: &mut Sql, caller: &Caller, id: &str) -> Result<()> {
+    let owner: String = sql
+        .first(
+            "SELECT job_id FROM logged_models WHERE model_id = ?1",
+            &[&id],
+            |r| r.get(0),
+        )?
         .ok_or_else(|| no_model(id))?;
     if let Caller::Job(job) = caller
         && owner != job.job_id
@@ -132,8 +161,8 @@ pub fn may_write(conn: &Connection, caller: &Caller, id: &str) -> Result<()> {
     Ok(())
 }
 
-fn upsert(conn: &Connection, table: &str, id: &str, items: &[Tag]) -> Result<()> {
-    store::upsert_pairs(conn, table, "model_id", &id, items)
+fn upsert(sql: &mut Sql, table: &str, id: &str, items: &[Tag]) -> Result<()> {
+    store::upsert_pairs(sql, table, "model_id", &id, items)
 }
 
 #[derive(Deserialize)]
@@ -160,38 +189,38 @@ async fn create(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answer
         Caller::Job(job) => job.job_id.clone(),
     };
     let made = t
-        .write(move |conn| {
-            store::experiment(conn, experiment)?;
+        .write(move |sql| {
+            store::experiment(sql, experiment)?;
             let name = if asked.name.is_empty() {
                 id.clone()
             } else {
                 asked.name
             };
             let at = now();
-            conn.execute(
+            sql.execute(
                 "INSERT INTO logged_models (model_id, experiment_id, name, source_run_id,
                    model_type, status, created_ms, updated_ms, job_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'LOGGED_MODEL_PENDING', ?6, ?6, ?7)",
-                params![
-                    id,
-                    experiment,
-                    name,
-                    asked.source_run_id,
-                    asked.model_type,
-                    at,
-                    job
+                &[
+                    &id,
+                    &experiment,
+                    &name,
+                    &asked.source_run_id,
+                    &asked.model_type,
+                    &at,
+                    &job,
                 ],
             )?;
-            upsert(conn, "logged_model_params", &id, &asked.params)?;
-            upsert(conn, "logged_model_tags", &id, &asked.tags)?;
-            model(conn, &id)
+            upsert(sql, "logged_model_params", &id, &asked.params)?;
+            upsert(sql, "logged_model_tags", &id, &asked.tags)?;
+            model(sql, &id)
         })
         .await?;
     Ok(Json(json!({"model": made})))
 }
 
 async fn get(State(t): State<Tracking>, Path(id): Path<String>) -> Answer {
-    let found = t.read(move |conn| model(conn, &id)).await?;
+    let found = t.read(move |sql| model(sql, &id)).await?;
     Ok(Json(json!({"model": found})))
 }
 
@@ -214,24 +243,24 @@ async fn finalize(
         )));
     }
     let done = t
-        .write(move |conn| {
-            may_write(conn, &caller, &id)?;
-            conn.execute(
+        .write(move |sql| {
+            may_write(sql, &caller, &id)?;
+            sql.execute(
                 "UPDATE logged_models SET status = ?2, updated_ms = ?3 WHERE model_id = ?1",
-                params![id, asked.status, now()],
+                &[&id, &asked.status, &now()],
             )?;
-            model(conn, &id)
+            model(sql, &id)
         })
         .await?;
     Ok(Json(json!({"model": done})))
 }
 
 async fn remove(State(t): State<Tracking>, caller: Caller, Path(id): Path<String>) -> Answer {
-    t.write(move |conn| {
-        may_write(conn, &caller, &id)?;
-        conn.execute(
+    t.write(move |sql| {
+        may_write(sql, &caller, &id)?;
+        sql.execute(
             "UPDATE logged_models SET lifecycle = 'deleted', updated_ms = ?2 WHERE model_id = ?1",
-            params![id, now()],
+            &[&id, &now()],
         )?;
         Ok(())
     })
@@ -255,9 +284,9 @@ async fn set_pairs(
     table: &'static str,
     items: Vec<Tag>,
 ) -> Answer {
-    t.write(move |conn| {
-        may_write(conn, &caller, &id)?;
-        upsert(conn, table, &id, &items)
+    t.write(move |sql| {
+        may_write(sql, &caller, &id)?;
+        upsert(sql, table, &id, &items)
     })
     .await?;
     Ok(Json(json!({})))
@@ -288,11 +317,11 @@ async fn delete_tag(
     caller: Caller,
     Path((id, key)): Path<(String, String)>,
 ) -> Answer {
-    t.write(move |conn| {
-        may_write(conn, &caller, &id)?;
-        conn.execute(
+    t.write(move |sql| {
+        may_write(sql, &caller, &id)?;
+        sql.execute(
             "DELETE FROM logged_model_tags WHERE model_id = ?1 AND key = ?2",
-            params![id, key],
+            &[&id, &key],
         )?;
         Ok(())
     })
@@ -319,18 +348,17 @@ async fn search(State(t): State<Tracking>, raw: Bytes) -> Answer {
         .map(|id| parse_experiment_id(id))
         .collect::<Result<Vec<_>>>()?;
     let found = t
-        .read(move |conn| {
+        .read(move |sql| {
             let mut models = Vec::new();
-            let mut stmt = conn.prepare_cached(
-                "SELECT model_id FROM logged_models WHERE experiment_id = ?1 AND lifecycle = 'active'
-                 ORDER BY created_ms DESC, model_id",
-            )?;
             for experiment in experiments {
-                let ids = stmt
-                    .query_map([experiment], |r| r.get::<_, String>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let ids = sql.query(
+                    "SELECT model_id FROM logged_models WHERE experiment_id = ?1 AND lifecycle = 'active'
+                     ORDER BY created_ms DESC, model_id",
+                    &[&experiment],
+                    |r| r.get::<String>(0),
+                )?;
                 for id in ids {
-                    models.push(model(conn, &id)?);
+                    models.push(model(sql, &id)?);
                 }
             }
             Ok(models)
@@ -361,13 +389,14 @@ struct Outputs {
 /// A run's outputs: the models it logged (`log_model` inside a run).
 async fn log_outputs(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answer {
     let asked: Outputs = body(&raw)?;
-    t.write_run(&caller, asked.run_id, false, move |conn, run_id| {
+    t.write_run(&caller, asked.run_id, false, move |sql, run_id| {
         for output in &asked.models {
-            model(conn, &output.model_id)?;
-            conn.prepare_cached(
-                "INSERT OR IGNORE INTO run_outputs (run_id, model_id, step) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![run_id, output.model_id, output.step.unwrap_or(0)])?;
+            model(sql, &output.model_id)?;
+            sql.execute(
+                "INSERT INTO run_outputs (run_id, model_id, step) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+                &[&run_id, &output.model_id, &output.step.unwrap_or(0)],
+            )?;
         }
         Ok(())
     })
@@ -387,18 +416,15 @@ async fn record_in_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) ->
     let asked: LogModel = body(&raw)?;
     let described: Value = serde_json::from_str(&asked.model_json)
         .map_err(|e| Error::invalid("model_json", e.to_string()))?;
-    t.write_run(&caller, asked.run_id, false, move |conn, run_id| {
+    t.write_run(&caller, asked.run_id, false, move |sql, run_id| {
         let key = "mlflow.log-model.history";
-        let old: Option<String> = conn
-            .prepare_cached("SELECT value FROM tags WHERE run_id = ?1 AND key = ?2")?
-            .query_row(params![run_id, key], |r| r.get(0))
-            .optional()?;
+        let old = store::tag(sql, run_id, key)?;
         let mut history: Vec<Value> = old
             .and_then(|o| serde_json::from_str(&o).ok())
             .unwrap_or_default();
         history.push(described);
         store::set_tags(
-            conn,
+            sql,
             run_id,
             &[Tag {
                 key: key.into(),
@@ -411,23 +437,19 @@ async fn record_in_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) ->
 }
 
 /// The models a run's outputs name, for its JSON (`outputs.model_outputs`).
-pub fn run_outputs(conn: &Connection, run_id: &str) -> Result<Vec<Value>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT model_id, step FROM run_outputs WHERE run_id = ?1 ORDER BY step")?;
-    let rows = stmt
-        .query_map([run_id], |r| {
-            Ok(json!({"model_id": r.get::<_, String>(0)?, "step": r.get::<_, i64>(1)?}))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+pub fn run_outputs(sql: &mut Sql, run_id: &str) -> Result<Vec<Value>> {
+    sql.query(
+        "SELECT model_id, step FROM run_outputs WHERE run_id = ?1 ORDER BY step",
+        &[&run_id],
+        |r| Ok(json!({"model_id": r.get::<String>(0)?, "step": r.get::<i64>(1)?})),
+    )
 }
 
 /// The ids of a job's models (deleted with it).
-pub fn models_of_job(conn: &Connection, job: &str) -> Result<Vec<(i64, String)>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT experiment_id, model_id FROM logged_models WHERE job_id = ?1")?;
-    let rows = stmt
-        .query_map([job], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+pub fn models_of_job(sql: &mut Sql, job: &str) -> Result<Vec<(i64, String)>> {
+    sql.query(
+        "SELECT experiment_id, model_id FROM logged_models WHERE job_id = ?1",
+        &[&job],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }

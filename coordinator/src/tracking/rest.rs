@@ -180,7 +180,7 @@ struct CreateExperiment {
 async fn create_experiment(State(t): State<Tracking>, _caller: Caller, raw: Bytes) -> Answer {
     let asked: CreateExperiment = body(&raw)?;
     let id = t
-        .write(move |conn| store::create_experiment(conn, &asked.name, &asked.tags, now()))
+        .write(move |sql| store::create_experiment(sql, &asked.name, &asked.tags, now()))
         .await?;
     Ok(Json(json!({"experiment_id": id.to_string()})))
 }
@@ -190,7 +190,7 @@ async fn get_experiment(
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
     let id = parse_experiment_id(param(&q, &["experiment_id"])?)?;
-    let experiment = t.read(move |conn| store::experiment(conn, id)).await?;
+    let experiment = t.read(move |sql| store::experiment(sql, id)).await?;
     Ok(Json(json!({"experiment": experiment})))
 }
 
@@ -200,7 +200,7 @@ async fn get_experiment_by_name(
 ) -> Answer {
     let name = param(&q, &["experiment_name"])?.to_string();
     let experiment = t
-        .read(move |conn| store::experiment_by_name(conn, &name))
+        .read(move |sql| store::experiment_by_name(sql, &name))
         .await?;
     Ok(Json(json!({"experiment": experiment})))
 }
@@ -286,7 +286,7 @@ async fn search_experiments_get(
 async fn experiments_page(t: Tracking, asked: SearchExperiments) -> Answer {
     let stages = stages(&asked.view_type)?;
     let filter = Filter::parse(&asked.filter)?;
-    let mut found = t.read(move |conn| store::experiments(conn, stages)).await?;
+    let mut found = t.read(move |sql| store::experiments(sql, stages)).await?;
     found.retain(|e| filter.matches_experiment(e));
     if let Some(order) = asked.order_by.first() {
         let descending = order.to_ascii_uppercase().ends_with(" DESC");
@@ -324,7 +324,7 @@ async fn experiment_write(
     caller: Caller,
     raw: Bytes,
     what: &str,
-    f: fn(&rusqlite::Connection, i64, &ExperimentRef) -> crate::Result<()>,
+    f: fn(&mut crate::db::Sql, i64, &ExperimentRef) -> crate::Result<()>,
 ) -> Answer {
     people_only(&caller, what)?;
     let asked: ExperimentRef = body(&raw)?;
@@ -334,7 +334,7 @@ async fn experiment_write(
             "the Default experiment (0) cannot be deleted".into(),
         )));
     }
-    t.write(move |conn| f(conn, id, &asked)).await?;
+    t.write(move |sql| f(sql, id, &asked)).await?;
     Ok(Json(json!({})))
 }
 
@@ -434,9 +434,9 @@ async fn create_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> An
         job_id,
     };
     let run = t
-        .write(move |conn| {
-            store::create_run(conn, &new)?;
-            store::run(conn, &new.run_id)
+        .write(move |sql| {
+            store::create_run(sql, &new)?;
+            store::run(sql, &new.run_id)
         })
         .await?;
     Ok(Json(json!({"run": run})))
@@ -444,7 +444,7 @@ async fn create_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> An
 
 async fn get_run(State(t): State<Tracking>, Query(q): Query<HashMap<String, String>>) -> Answer {
     let run_id = param(&q, &["run_id", "run_uuid"])?.to_string();
-    let run = t.read(move |conn| store::run(conn, &run_id)).await?;
+    let run = t.read(move |sql| store::run(sql, &run_id)).await?;
     Ok(Json(json!({"run": run})))
 }
 
@@ -497,15 +497,15 @@ async fn update_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> An
     }
     let name = asked.run_name.filter(|n| !n.is_empty());
     let info = t
-        .write_run(&caller, run_id, false, move |conn, run_id| {
+        .write_run(&caller, run_id, false, move |sql, run_id| {
             store::update_run(
-                conn,
+                sql,
                 run_id,
                 status.as_deref(),
                 asked.end_time,
                 name.as_deref(),
             )?;
-            Ok(store::run(conn, run_id)?.info)
+            Ok(store::run(sql, run_id)?.info)
         })
         .await?;
     Ok(Json(json!({"run_info": info})))
@@ -513,8 +513,8 @@ async fn update_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> An
 
 async fn delete_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answer {
     let run_id = body::<RunRef>(&raw)?.id()?;
-    t.write_run(&caller, run_id, true, |conn, id| {
-        store::set_run_lifecycle(conn, id, "deleted")
+    t.write_run(&caller, run_id, true, |sql, id| {
+        store::set_run_lifecycle(sql, id, "deleted")
     })
     .await?;
     Ok(Json(json!({})))
@@ -522,8 +522,8 @@ async fn delete_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> An
 
 async fn restore_run(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answer {
     let run_id = body::<RunRef>(&raw)?.id()?;
-    t.write_run(&caller, run_id, true, |conn, id| {
-        store::set_run_lifecycle(conn, id, "active")
+    t.write_run(&caller, run_id, true, |sql, id| {
+        store::set_run_lifecycle(sql, id, "active")
     })
     .await?;
     Ok(Json(json!({})))
@@ -555,10 +555,10 @@ async fn search_runs(State(t): State<Tracking>, raw: Bytes) -> Answer {
         .map(|id| parse_experiment_id(id))
         .collect::<crate::Result<Vec<_>>>()?;
     let mut runs = t
-        .read(move |conn| {
+        .read(move |sql| {
             let mut runs = Vec::new();
             for id in experiments {
-                runs.extend(store::runs_of_experiment(conn, id)?);
+                runs.extend(store::runs_of_experiment(sql, id)?);
             }
             Ok(runs)
         })
@@ -637,8 +637,8 @@ async fn set_tag(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answe
 async fn delete_tag(State(t): State<Tracking>, caller: Caller, raw: Bytes) -> Answer {
     let asked: KeyValue = body(&raw)?;
     let run_id = asked.run.id()?;
-    t.write_run(&caller, run_id, false, move |conn, id| {
-        store::delete_tag(conn, id, &asked.key)
+    t.write_run(&caller, run_id, false, move |sql, id| {
+        store::delete_tag(sql, id, &asked.key)
     })
     .await?;
     Ok(Json(json!({})))
@@ -694,7 +694,7 @@ async fn metric_history(
     let max = q.get("max_results").and_then(|m| m.parse().ok());
     let token = q.get("page_token").cloned().unwrap_or_default();
     let points = t
-        .read(move |conn| store::metric_history(conn, &run_id, &key))
+        .read(move |sql| store::metric_history(sql, &run_id, &key))
         .await?;
     let (metrics, next) = page(points, &token, max, MAX_RESULTS)?;
     let mut answer = json!({"metrics": metrics});
@@ -786,9 +786,9 @@ async fn upload_artifact(
     let experiment = parts.next().unwrap_or_default().to_string();
     if run_id == "models" {
         let model = parts.nth(1).unwrap_or_default().to_string();
-        t.write(move |conn| {
-            super::models::may_write(conn, &caller, &model)?;
-            let info = super::models::model(conn, &model)?;
+        t.write(move |sql| {
+            super::models::may_write(sql, &caller, &model)?;
+            let info = super::models::model(sql, &model)?;
             if info["info"]["experiment_id"] != experiment.as_str() {
                 return Err(Error::invalid(
                     "path",
@@ -799,8 +799,8 @@ async fn upload_artifact(
         })
         .await?;
     } else {
-        t.write_run(&caller, run_id, false, move |conn, id| {
-            let actual = store::run_experiment(conn, id)?;
+        t.write_run(&caller, run_id, false, move |sql, id| {
+            let actual = store::run_experiment(sql, id)?;
             if actual.to_string() != experiment {
                 return Err(Error::invalid(
                     "path",
@@ -882,7 +882,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_writes_its_own_run_and_is_refused_anothers() {
         let dir = tempfile::tempdir().expect("dir");
-        let tracking = Tracking::open(dir.path()).expect("open");
+        let tracking = Tracking::open(dir.path(), None).expect("open");
         let routes = router(tracking.clone());
         let (one, two) = (job("job-1"), job("job-2"));
         tracking.ensure_job_run(&one).await.expect("ensure");
@@ -948,7 +948,7 @@ mod tests {
     #[tokio::test]
     async fn a_logged_model_is_its_jobs_to_finalize_and_fill() {
         let dir = tempfile::tempdir().expect("dir");
-        let routes = router(Tracking::open(dir.path()).expect("open"));
+        let routes = router(Tracking::open(dir.path(), None).expect("open"));
         let (one, two) = (job("job-1"), job("job-2"));
         let (code, made) = call(
             &routes,
@@ -984,7 +984,7 @@ mod tests {
     #[tokio::test]
     async fn bad_calls_get_mlflows_error_codes() {
         let dir = tempfile::tempdir().expect("dir");
-        let routes = router(Tracking::open(dir.path()).expect("open"));
+        let routes = router(Tracking::open(dir.path(), None).expect("open"));
         let (code, body) = call(
             &routes,
             None,
