@@ -182,6 +182,7 @@ for step in range(40):
     })
     .await;
     let logged_before = points(&cli(&["job", "metrics", &tracked])).len();
+    let (_, leaders_keys) = support::http(&first, "GET", "/.well-known/jwks.json", None, "").await;
     leader.kill9();
     let killed = Instant::now();
     support::eventually("the standby listens", Duration::from_secs(30), || async {
@@ -195,6 +196,11 @@ for step in range(40):
         std::fs::read_to_string(&standby_log).unwrap_or_default()
     );
     eprintln!("takeover: {takeover:?} after the leader's SIGKILL");
+    // Identity tokens the leader signed verify against the standby's keys.
+    let (_, standbys_keys) =
+        support::http(&second, "GET", "/.well-known/jwks.json", None, "").await;
+    assert!(leaders_keys.contains("Ed25519"), "{leaders_keys}");
+    assert_eq!(standbys_keys, leaders_keys, "one signing key");
 
     // Everything completes at the standby, each task exactly once.
     let deadline = Instant::now() + LIMIT;

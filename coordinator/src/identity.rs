@@ -68,8 +68,37 @@ impl Signer {
                 bytes
             }
         };
+        Self::from_pkcs8(pkcs8, owner, &path.display().to_string())
+    }
+
+    /// The coordinators of one PostgreSQL store are one to the outside: the
+    /// first to start offers its id (`owner`) and signing key (`<data_dir>/identity.key`),
+    /// and each uses the ones the database holds, so the tokens a leader
+    /// issued verify, by the same issuer and JWKS, after a standby takes over.
+    /// The store's migrations have made the table.
+    pub fn shared(url: &str, owner: &str, data_dir: &Path) -> Result<(String, Self)> {
+        let local = Self::load_or_create(data_dir, owner)?;
+        let mut conn = crate::db::PgConnection::connect(url)?;
+        let (owner, pkcs8) = conn.transaction(|sql| {
+            sql.execute(
+                "INSERT INTO shoal_identity (id, owner, signing_key) VALUES (0, ?1, ?2)
+                 ON CONFLICT DO NOTHING",
+                &[&owner, &local.pkcs8],
+            )?;
+            sql.first(
+                "SELECT owner, signing_key FROM shoal_identity WHERE id = 0",
+                &[],
+                |r| Ok((r.get::<String>(0)?, r.get::<Vec<u8>>(1)?)),
+            )?
+            .ok_or_else(|| Error::Internal("the database holds no coordinator id".into()))
+        })?;
+        let signer = Self::from_pkcs8(pkcs8, &owner, "the database's signing key")?;
+        Ok((owner, signer))
+    }
+
+    fn from_pkcs8(pkcs8: Vec<u8>, owner: &str, from: &str) -> Result<Self> {
         let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
-            .map_err(|_| Error::Internal(format!("{}: not an Ed25519 key", path.display())))?;
+            .map_err(|_| Error::Internal(format!("{from}: not an Ed25519 key")))?;
         let public = pair.public_key().as_ref().to_vec();
         let kid = URL_SAFE_NO_PAD
             .encode(&ring::digest::digest(&ring::digest::SHA256, &public).as_ref()[..12]);
@@ -195,6 +224,30 @@ mod tests {
         assert!(
             jsonwebtoken::decode::<serde_json::Value>(&issued.access_token, &key, &validation)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn the_coordinators_of_one_database_share_the_first_ones_id_and_key() {
+        let url = crate::db::test_postgres();
+        // The store makes the table.
+        drop(crate::store::SqlStore::connect_postgres(&url).expect("store"));
+        let (a, b) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let (first_owner, first) = Signer::shared(&url, "first", a.path()).expect("first");
+        let (second_owner, second) = Signer::shared(&url, "second", b.path()).expect("second");
+        assert_eq!(
+            (first_owner.as_str(), second_owner.as_str()),
+            ("first", "first")
+        );
+        assert_eq!(second.jwks(), first.jwks());
+        assert_eq!(second.issuer(), "shoal:first");
+        let own = Signer::load_or_create(b.path(), "second").expect("its own file");
+        assert_ne!(
+            own.kid, first.kid,
+            "each data dir made a key; the first one's is used"
         );
     }
 }

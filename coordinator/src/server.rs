@@ -230,7 +230,13 @@ pub async fn serve(
     let reader = store.reader()?;
     let job_stop_grace = Duration::from_secs(config.file.job_stop_grace_seconds.unwrap_or(10));
     let owner = owner_id(&config.data_dir)?;
-    let signer = crate::identity::Signer::load_or_create(&config.data_dir, &owner)?;
+    let (owner, signer) = match &config.postgres {
+        None => {
+            let signer = crate::identity::Signer::load_or_create(&config.data_dir, &owner)?;
+            (owner, signer)
+        }
+        Some((url, _)) => crate::identity::Signer::shared(url, &owner, &config.data_dir)?,
+    };
     // Local agents reach the coordinator through this socket when the port is TLS.
     let socket_dir = config.data_dir.join("run");
     let unix_listener = bind_unix(&socket_dir)?;

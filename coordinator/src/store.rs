@@ -234,6 +234,10 @@ const PG_MIGRATIONS: &[&str] = &[
     // 2: who leads (`leader.rs`; SQLite has one coordinator by construction)
     "CREATE TABLE shoal_leader (id BIGINT PRIMARY KEY, holder TEXT NOT NULL,
                                 until_ms BIGINT NOT NULL);",
+    // 3: the id and signing key every coordinator of the database uses
+    // (`identity::shared`; SQLite's are files in the data dir)
+    "CREATE TABLE shoal_identity (id BIGINT PRIMARY KEY, owner TEXT NOT NULL,
+                                  signing_key BYTEA NOT NULL);",
 ];
 
 /// Statuses of ended jobs, as stored.
