@@ -34,6 +34,11 @@
 //! beside the machine's fork/exec ceiling measured in the same run.
 //! `zero-work [N] [RUNS]`: N tasks through the real API to 2 `--zero-work` agent
 //! processes, as one array and as single-job requests, one and 64 tasks a node.
+//! `tracking [POINTS] [RUNS] [sqlite|postgres]`: a job sends POINTS metric points
+//! through its agent's MLflow endpoint (log-batch calls of 1,000 over 4
+//! connections), as fast as it can and paced at 50,000/s, while `true` jobs
+//! measure latency beside it; `postgres` keeps the coordinator's state in a fresh
+//! database of `scripts/pg-up.sh` (`SHOAL_STORE`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -528,7 +533,12 @@ struct Warm {
 
 impl Warm {
     async fn start(shoal: std::path::PathBuf) -> anyhow::Result<Self> {
-        let coordinator = CoordinatorProcess::start(&shoal).await?;
+        Self::start_with(shoal, &[]).await
+    }
+
+    /// With extra environment for the coordinator.
+    async fn start_with(shoal: std::path::PathBuf, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let coordinator = CoordinatorProcess::start_with(&shoal, env).await?;
         let mut clusters = pb::clusters_client::ClustersClient::new(coordinator.channel.clone());
         let jobs = pb::jobs_client::JobsClient::new(coordinator.channel.clone());
         clusters
@@ -1049,8 +1059,21 @@ print("RATE %d %.3f" % (share * threads * 1000, elapsed))
 /// (`runs` times) as fast as it can, then paced at the goal (50,000 points/s),
 /// while gRPC submit → completed of `true` on another warm node is
 /// measured before and during.
-async fn tracking(points: u64, runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
-    let warm = Warm::start(shoal.clone()).await?;
+async fn tracking(
+    points: u64,
+    runs: usize,
+    postgres: bool,
+    shoal: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    // The coordinator keeps its state (tracking's tables with it) in a fresh
+    // PostgreSQL database instead of its data dir.
+    let store = if postgres {
+        vec![("SHOAL_STORE", bench_database("shoal_bench_tracking")?)]
+    } else {
+        Vec::new()
+    };
+    let env: Vec<(&str, &str)> = store.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let warm = Warm::start_with(shoal.clone(), &env).await?;
     let (mut clusters, mut jobs) = (warm.clusters.clone(), warm.jobs.clone());
     clusters
         .create(pb::ClusterSpec {
@@ -1830,7 +1853,12 @@ async fn main() -> anyhow::Result<()> {
             .context("tracking takes a point count")?
             .unwrap_or(1_000_000);
         let runs = number(2).context("and a run count")?.unwrap_or(5);
-        tracking(points, runs as usize, shoal.clone()).await?;
+        let postgres = match args.get(3).map(String::as_str) {
+            None | Some("sqlite") => false,
+            Some("postgres") => true,
+            Some(other) => bail!("tracking's store is sqlite or postgres, not {other}"),
+        };
+        tracking(points, runs as usize, postgres, shoal.clone()).await?;
     }
     if what == "backlog" {
         let queued = args

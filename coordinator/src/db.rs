@@ -159,6 +159,20 @@ impl Database {
     }
 }
 
+/// The placeholders of `rows` rows of `columns` values each, numbered on:
+/// `(?1, ?2), (?3, ?4)` (an INSERT of many rows, one round trip).
+pub fn placeholder_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let values: Vec<String> = (1..=columns)
+                .map(|column| format!("?{}", row * columns + column))
+                .collect();
+            format!("({})", values.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `?1` → `$1` (the statements here hold no `?` in their literals).
 pub fn dollar_placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
@@ -347,6 +361,7 @@ mod tests {
             ),
             "SELECT a FROM t WHERE b = $1 AND ($2 IS NULL OR c = $2) LIMIT $10"
         );
+        assert_eq!(placeholder_rows(2, 3), "(?1, ?2, ?3), (?4, ?5, ?6)");
         assert_eq!(
             redact("postgres://shoal:secret@db:5432/shoal"),
             "postgres://shoal:***@db:5432/shoal"

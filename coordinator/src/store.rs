@@ -500,28 +500,13 @@ fn jobs_upsert(rows: usize) -> &'static str {
     let all = MADE.get_or_init(|| {
         (1..=JOBS_PER_STATEMENT)
             .map(|n| {
-                let values: Vec<String> = (0..n)
-                    .map(|row| {
-                        let at = row * 7;
-                        format!(
-                            "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
-                            at + 1,
-                            at + 2,
-                            at + 3,
-                            at + 4,
-                            at + 5,
-                            at + 6,
-                            at + 7
-                        )
-                    })
-                    .collect();
                 format!(
                     "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
                      VALUES {}
                      ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
                          status = excluded.status, body = excluded.body,
                          ended_at = excluded.ended_at, array_seq = excluded.array_seq",
-                    values.join(", ")
+                    crate::db::placeholder_rows(n, 7)
                 )
             })
             .collect()

@@ -515,21 +515,55 @@ pub fn log_params(sql: &mut Sql, run_id: &str, params: &[Tag]) -> Result<()> {
     Ok(())
 }
 
+/// Points per INSERT, largest first: a batch goes in chunks of these sizes (a
+/// round trip each on PostgreSQL; four statements to prepare).
+const POINTS_PER_STATEMENT: [usize; 4] = [64, 16, 4, 1];
+
+/// The insert of `rows` points at once (one of `POINTS_PER_STATEMENT`).
+fn points_insert(rows: usize) -> &'static str {
+    static MADE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = MADE.get_or_init(|| {
+        POINTS_PER_STATEMENT
+            .iter()
+            .map(|&n| {
+                format!(
+                    "INSERT INTO metrics (run_id, key, step, timestamp, value) VALUES {}
+                     ON CONFLICT DO NOTHING",
+                    crate::db::placeholder_rows(n, 5)
+                )
+            })
+            .collect()
+    });
+    let at = POINTS_PER_STATEMENT
+        .iter()
+        .position(|&n| n == rows)
+        .expect("a chunk size");
+    &all[at]
+}
+
 pub fn log_metrics(sql: &mut Sql, run_id: &str, metrics: &[Metric]) -> Result<()> {
+    let mut rest = metrics;
+    for size in POINTS_PER_STATEMENT {
+        while rest.len() >= size {
+            let (chunk, tail) = rest.split_at(size);
+            let values: Vec<Option<f64>> = chunk.iter().map(|m| value_of(m.value)).collect();
+            let mut params: Vec<&dyn Param> = Vec::with_capacity(size * 5);
+            for (metric, value) in chunk.iter().zip(&values) {
+                params.extend([
+                    &run_id as &dyn Param,
+                    &metric.key,
+                    &metric.step,
+                    &metric.timestamp,
+                    value,
+                ]);
+            }
+            sql.execute(points_insert(size), &params)?;
+            rest = tail;
+        }
+    }
     // The newest point of each key in this batch, then compared with the kept one.
     let mut newest: BTreeMap<&str, &Metric> = BTreeMap::new();
     for metric in metrics {
-        sql.execute(
-            "INSERT INTO metrics (run_id, key, step, timestamp, value) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT DO NOTHING",
-            &[
-                &run_id,
-                &metric.key,
-                &metric.step,
-                &metric.timestamp,
-                &value_of(metric.value),
-            ],
-        )?;
         let slot = newest.entry(&metric.key).or_insert(metric);
         if later(metric, slot) {
             *slot = metric;
@@ -815,6 +849,24 @@ mod tests {
                 vec![2, 0, 1],
                 "in the order logged, each point once"
             );
+        });
+    }
+
+    #[test]
+    fn a_large_batch_keeps_every_point_once_in_order() {
+        on_both(|sql| {
+            run_in(sql, 0, "r1", "");
+            // 90 points: chunks of 64, 16, 4, 4 and 1 and 1; the last ten again.
+            let mut batch: Vec<Metric> = (0..90).map(|s| point("x", s, s, s as f64)).collect();
+            batch.extend((80..90).map(|s| point("x", s, s, s as f64)));
+            log_metrics(sql, "r1", &batch).expect("log");
+            let steps: Vec<i64> = metric_history(sql, "r1", "x")
+                .expect("history")
+                .iter()
+                .map(|m| m.step)
+                .collect();
+            assert_eq!(steps, (0..90).collect::<Vec<_>>());
+            assert_eq!(run(sql, "r1").expect("run").data.metrics[0].step, 89);
         });
     }
 
