@@ -79,6 +79,28 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Fails unless this coordinator leads now: a check that takes no lock,
+    /// for writers beside the store (tracking) that must not wait on its commits.
+    pub fn holds(&self, sql: &mut Sql) -> Result<()> {
+        let held = sql.first(
+            concat!(
+                "SELECT holder FROM shoal_leader WHERE id = 1 AND holder = ?1 AND until_ms >= ",
+                db_now!()
+            ),
+            &[&self.holder],
+            |r| r.get::<String>(0),
+        )?;
+        if held.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "coordinator {} no longer leads this database",
+                self.holder
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Waits until this coordinator leads the database at `url`; `standing_by`
 /// hears who leads meanwhile (once per holder).
 pub fn wait_for_lead(url: &str, lease: &Lease, mut standing_by: impl FnMut(&str)) -> Result<()> {
@@ -121,4 +143,34 @@ pub fn keep_lead(
         })
         .map_err(|e| Error::Internal(format!("leader lease thread: {e}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_coordinator_leads_until_its_lease_lapses() {
+        let url = crate::db::test_postgres();
+        drop(crate::store::SqlStore::connect_postgres(&url).expect("store"));
+        let mut conn = PgConnection::connect(&url).expect("connect");
+        let lease = |holder: &str| Lease {
+            holder: holder.into(),
+            length: Duration::from_millis(400),
+        };
+        let (a, b) = (lease("a"), lease("b"));
+        assert_eq!(conn.transaction(|sql| a.try_take(sql)).expect("a"), Ok(()));
+        assert_eq!(
+            conn.transaction(|sql| b.try_take(sql)).expect("b"),
+            Err("a".to_string())
+        );
+        conn.transaction(|sql| a.renew(sql)).expect("a renews");
+        conn.transaction(|sql| a.holds(sql)).expect("a holds");
+        assert!(conn.transaction(|sql| b.holds(sql)).is_err());
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(conn.transaction(|sql| a.holds(sql)).is_err(), "lapsed");
+        assert_eq!(conn.transaction(|sql| b.try_take(sql)).expect("b"), Ok(()));
+        let lost = conn.transaction(|sql| a.renew(sql)).expect_err("b leads");
+        assert!(lost.to_string().contains("no longer leads"), "{lost}");
+    }
 }

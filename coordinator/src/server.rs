@@ -319,7 +319,10 @@ pub async fn serve(
     }
     let tracking = crate::tracking::Tracking::open(
         &config.data_dir,
-        config.postgres.as_ref().map(|(url, _)| url.as_str()),
+        config
+            .postgres
+            .as_ref()
+            .map(|(url, lease)| (url.as_str(), lease)),
     )?;
     let mut control_config = config.control.clone();
     control_config.tracking = Some(tracking.clone());

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use crate::db::{Database, Sql};
+use crate::leader::Lease;
 use crate::model::Attempt;
 use crate::{Error, Result};
 use model::{Metric, Run, Tag};
@@ -142,12 +143,12 @@ fn now_ms() -> i64 {
 
 impl Tracking {
     /// Opens the tables (`tracking.db` in `data_dir`, or those in the
-    /// PostgreSQL database at `postgres`) and `tracking/` in `data_dir`, and
-    /// starts the writer.
-    pub fn open(data_dir: &Path, postgres: Option<&str>) -> Result<Self> {
-        let mut db = match postgres {
-            None => store::open(&data_dir.join("tracking.db"), now_ms())?,
-            Some(url) => store::connect_postgres(url, now_ms())?,
+    /// PostgreSQL database at `postgres`, written only while its lease holds)
+    /// and `tracking/` in `data_dir`, and starts the writer.
+    pub fn open(data_dir: &Path, postgres: Option<(&str, &Lease)>) -> Result<Self> {
+        let (mut db, lease) = match postgres {
+            None => (store::open(&data_dir.join("tracking.db"), now_ms())?, None),
+            Some((url, lease)) => (store::connect_postgres(url, now_ms())?, Some(lease.clone())),
         };
         let running = db.transaction(store::running_job_runs)?;
         let running = Mutex::new(running.into_iter().collect());
@@ -165,7 +166,7 @@ impl Tracking {
         });
         std::thread::Builder::new()
             .name("shoal-tracking".into())
-            .spawn(move || write_loop(db, queue))
+            .spawn(move || write_loop(db, lease, queue))
             .map_err(|e| Error::Internal(format!("tracking writer: {e}")))?;
         Ok(Tracking { inner })
     }
@@ -583,8 +584,8 @@ impl Tracking {
 
 /// Commits whatever writes are waiting as one transaction, each in a savepoint
 /// of its own (one that fails undoes only its own changes); replies once the
-/// transaction is committed, or says it failed.
-fn write_loop(mut db: Database, queue: std::sync::mpsc::Receiver<Op>) {
+/// transaction is committed, or says it failed. With a lease, only while it holds.
+fn write_loop(mut db: Database, lease: Option<Lease>, queue: std::sync::mpsc::Receiver<Op>) {
     while let Ok(first) = queue.recv() {
         let mut ops = std::collections::VecDeque::from([first]);
         while ops.len() < MAX_BATCH {
@@ -596,6 +597,10 @@ fn write_loop(mut db: Database, queue: std::sync::mpsc::Receiver<Op>) {
         let mut replies = Vec::with_capacity(ops.len());
         let failed = db
             .transaction(|sql| {
+                // A coordinator that no longer leads writes nothing.
+                if let Some(lease) = &lease {
+                    lease.holds(sql)?;
+                }
                 while let Some(op) = ops.pop_front() {
                     sql.batch("SAVEPOINT op")?;
                     let (ok, reply) = op(Some(&mut *sql));
