@@ -3,6 +3,8 @@
 # a cluster in DIR (default /tmp/shoal-pg) on 127.0.0.1:55432, trust auth on
 # loopback, run as the `postgres` user. Prints `export SHOAL_TEST_POSTGRES=…`;
 # idempotent (a running one is kept). Needs Debian's postgresql (.ci/run installs it).
+# SHOAL_PG_TLS_DIR=DIR (holding server.pem and server.key): the cluster serves TLS
+# with that certificate (tests of `sslmode` and `sslrootcert`).
 set -euo pipefail
 dir=${1:-/tmp/shoal-pg}
 port=${SHOAL_PG_PORT:-55432}
@@ -15,8 +17,14 @@ chown postgres "$dir"
 if [ ! -s "$dir/data/PG_VERSION" ]; then
   as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
 fi
+tls=""
+if [ -n "${SHOAL_PG_TLS_DIR:-}" ]; then
+  install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.pem" "$dir/data/server.crt"
+  install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.key" "$dir/data/server.key"
+  tls="-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+fi
 if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on" start >/dev/null
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on $tls" start >/dev/null
 fi
 echo "export SHOAL_TEST_POSTGRES=$url"

@@ -216,16 +216,76 @@ pub struct PgConnection {
     suspect: bool,
 }
 
+/// What the `postgres` client reads of `url`, and the TLS it connects with.
+/// `sslmode` is libpq's: `disable`, `prefer` (the default: TLS when the server
+/// offers it), `require`, `verify-ca`, `verify-full`; whenever TLS is used the
+/// server's certificate is checked, against `sslrootcert=FILE` (PEM) or, without
+/// it, the Mozilla roots, as `verify-full` does.
+fn client_config(url: &str) -> Result<(String, tokio_postgres_rustls::MakeRustlsConnect)> {
+    let bad = |why: String| Error::invalid("store", format!("{}: {why}", redact(url)));
+    let (url, root_file) = match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.scheme().starts_with("postgres") => {
+            let mut root_file = None;
+            let mut kept = Vec::new();
+            for (key, value) in parsed.query_pairs() {
+                match (key.as_ref(), value.as_ref()) {
+                    ("sslrootcert", file) => root_file = Some(file.to_string()),
+                    ("sslmode", "verify-ca" | "verify-full") => {
+                        kept.push(("sslmode".to_string(), "require".to_string()))
+                    }
+                    (key, value) => kept.push((key.to_string(), value.to_string())),
+                }
+            }
+            if kept.is_empty() {
+                parsed.set_query(None);
+            } else {
+                parsed.query_pairs_mut().clear().extend_pairs(kept);
+            }
+            (parsed.to_string(), root_file)
+        }
+        // `host=… user=…`, as the client reads it.
+        _ => (url.to_string(), None),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &root_file {
+        Some(file) => {
+            use rustls::pki_types::pem::PemObject;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| bad(format!("sslrootcert {file}: {e}")))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("sslrootcert {file}: {e}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((url, tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+}
+
 impl PgConnection {
-    /// Connects to `url` (`postgres://user@host:port/db`).
+    /// Connects to `url` (`postgres://user@host:port/db`, with libpq's `sslmode`
+    /// and `sslrootcert` if TLS is wanted).
     pub fn connect(url: &str) -> Result<Self> {
-        let client =
-            off_runtime(|| postgres::Client::connect(url, postgres::NoTls)).map_err(|e| {
-                Error::Internal(format!(
-                    "cannot connect to PostgreSQL at {}: {e}",
-                    redact(url)
-                ))
-            })?;
+        let (client_url, tls) = client_config(url)?;
+        let client = off_runtime(|| postgres::Client::connect(&client_url, tls)).map_err(|e| {
+            let hint = if format!("{e:?}").contains("InvalidCertificate") {
+                " (give the server's CA with sslrootcert=FILE in the URL, or sslmode=disable on a private network)"
+            } else {
+                ""
+            };
+            Error::Internal(format!(
+                "cannot connect to PostgreSQL at {}: {e}{hint}",
+                redact(url)
+            ))
+        })?;
         Ok(PgConnection {
             url: url.to_string(),
             client: Some(client),
@@ -370,5 +430,97 @@ mod tests {
             redact("postgres://shoal@db/shoal"),
             "postgres://shoal@db/shoal"
         );
+    }
+
+    /// A PostgreSQL of its own, serving TLS, stopped and removed when dropped.
+    struct TlsServer {
+        dir: String,
+        url: String,
+        ca: std::path::PathBuf,
+        _certs: tempfile::TempDir,
+    }
+
+    impl TlsServer {
+        fn start() -> Self {
+            let certs = tempfile::tempdir().expect("dir");
+            let files = crate::tls::self_signed(
+                certs.path(),
+                &["localhost".to_string(), "127.0.0.1".to_string()],
+            )
+            .expect("certificates");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let dir = format!("/tmp/shoal-pg-tls-{}", std::process::id());
+            let script =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-up.sh");
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .arg(&dir)
+                .env("SHOAL_PG_PORT", port.to_string())
+                .env("SHOAL_PG_TLS_DIR", certs.path())
+                .output()
+                .expect("bash");
+            assert!(
+                out.status.success(),
+                "this test needs PostgreSQL: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            TlsServer {
+                dir,
+                url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                ca: files.ca.expect("a CA"),
+                _certs: certs,
+            }
+        }
+    }
+
+    impl Drop for TlsServer {
+        fn drop(&mut self) {
+            let pid = std::fs::read_to_string(format!("{}/data/postmaster.pid", self.dir))
+                .unwrap_or_default();
+            if let Some(pid) = pid.lines().next() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", pid])
+                    .status();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Whether the session runs over TLS.
+    fn over_tls(url: &str) -> Result<bool> {
+        let mut conn = PgConnection::connect(url)?;
+        conn.transaction(|sql| {
+            sql.first(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+                |r| r.get::<bool>(0),
+            )
+            .map(|ssl| ssl == Some(true))
+        })
+    }
+
+    #[test]
+    fn tls_is_checked_against_sslrootcert_and_an_unknown_ca_is_refused() {
+        let server = TlsServer::start();
+        let base = &server.url;
+        let ca = server.ca.display();
+        for checked in ["verify-full", "verify-ca", "require"] {
+            let url = format!("{base}?sslmode={checked}&sslrootcert={ca}");
+            assert!(over_tls(&url).expect(checked), "{checked}");
+        }
+        assert!(!over_tls(&format!("{base}?sslmode=disable")).expect("plain"));
+        // Without the CA the server's certificate is unknown: refused, saying
+        // what to do (libpq's `prefer` and `require` would not check it).
+        for unchecked in [format!("{base}?sslmode=require"), base.clone()] {
+            let err = over_tls(&unchecked).expect_err("an unknown CA");
+            assert!(err.to_string().contains("sslrootcert=FILE"), "{err}");
+        }
+        let err =
+            over_tls(&format!("{base}?sslrootcert=/nonexistent/ca.pem")).expect_err("no such file");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 }

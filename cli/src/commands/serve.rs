@@ -33,11 +33,14 @@ pub struct Args {
     /// [default: <data-dir>/shoal.yaml if it exists].
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Keep jobs, clusters, nodes and tokens in this PostgreSQL database
-    /// (postgres://user[:password]@host[:port]/db) instead of SQLite in the data
-    /// dir. Several coordinators may share one: one leads, the others stand by
-    /// (without listening) and take over within `leader_lease_seconds` (default
-    /// 6) of the leader's end. MLflow tracking data stays in the data dir.
+    /// Keep jobs, clusters, nodes, tokens and MLflow runs in this PostgreSQL
+    /// database (postgres://user[:password]@host[:port]/db) instead of SQLite in
+    /// the data dir (files stay there). Several coordinators may share one: one
+    /// leads, the others stand by (without listening) and take over within
+    /// `leader_lease_seconds` (default 6) of the leader's end. TLS as libpq's
+    /// `?sslmode=verify-full&sslrootcert=ca.pem` (without sslrootcert, the
+    /// server's certificate is checked against the Mozilla roots; sslmode=disable
+    /// for none).
     #[arg(long, env = "SHOAL_STORE", value_name = "URL")]
     pub store: Option<String>,
 }
