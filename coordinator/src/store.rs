@@ -491,22 +491,24 @@ fn put(sql: &mut Sql, statement: &'static str, key: &str, body: &str) -> Result<
     Ok(())
 }
 
-/// Jobs put per statement: one round trip for many (PostgreSQL).
-const JOBS_PER_STATEMENT: usize = 32;
+/// Rows per INSERT of many rows: one round trip on PostgreSQL.
+const ROWS_PER_STATEMENT: usize = 32;
 
-/// The upsert of `rows` jobs at once (1 ..= JOBS_PER_STATEMENT).
-fn jobs_upsert(rows: usize) -> &'static str {
-    static MADE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let all = MADE.get_or_init(|| {
-        (1..=JOBS_PER_STATEMENT)
+/// `head` `VALUES` n rows of `columns` placeholders `tail`, for n in
+/// 1..=ROWS_PER_STATEMENT, made once into `made`.
+fn rows_statement(
+    made: &'static std::sync::OnceLock<Vec<String>>,
+    head: &str,
+    columns: usize,
+    tail: &str,
+    rows: usize,
+) -> &'static str {
+    let all = made.get_or_init(|| {
+        (1..=ROWS_PER_STATEMENT)
             .map(|n| {
                 format!(
-                    "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)
-                     VALUES {}
-                     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
-                         status = excluded.status, body = excluded.body,
-                         ended_at = excluded.ended_at, array_seq = excluded.array_seq",
-                    crate::db::placeholder_rows(n, 7)
+                    "{head} VALUES {} {tail}",
+                    crate::db::placeholder_rows(n, columns)
                 )
             })
             .collect()
@@ -514,36 +516,82 @@ fn jobs_upsert(rows: usize) -> &'static str {
     &all[rows - 1]
 }
 
+/// Each key's last item, in order: one statement may not change a row twice,
+/// and the last state put wins.
+fn last_of<T>(items: &[T], key: impl Fn(&T) -> &str) -> Vec<&T> {
+    let mut last = std::collections::HashMap::with_capacity(items.len());
+    for (at, item) in items.iter().enumerate() {
+        last.insert(key(item), at);
+    }
+    items
+        .iter()
+        .enumerate()
+        .filter(|(at, item)| last.get(key(item)) == Some(at))
+        .map(|(_, item)| item)
+        .collect()
+}
+
+/// Runs `statement(n)` over `rows`, n rows at a time.
+fn put_rows<const N: usize>(
+    sql: &mut Sql,
+    statement: fn(usize) -> &'static str,
+    rows: &[[&dyn Param; N]],
+) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let params: Vec<&dyn Param> = chunk.iter().flatten().copied().collect();
+        sql.execute(statement(chunk.len()), &params)?;
+    }
+    Ok(())
+}
+
+fn jobs_upsert(rows: usize) -> &'static str {
+    static MADE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    rows_statement(
+        &MADE,
+        "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)",
+        7,
+        "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
+             status = excluded.status, body = excluded.body,
+             ended_at = excluded.ended_at, array_seq = excluded.array_seq",
+        rows,
+    )
+}
+
+fn nodes_upsert(rows: usize) -> &'static str {
+    static MADE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    rows_statement(
+        &MADE,
+        "INSERT INTO nodes (id, cluster, body)",
+        3,
+        "ON CONFLICT (id) DO UPDATE SET cluster = excluded.cluster, body = excluded.body",
+        rows,
+    )
+}
+
 /// Puts jobs, many per statement (the last of a job put twice wins).
 fn put_jobs(sql: &mut Sql, jobs: &[Job]) -> Result<()> {
-    let mut last = std::collections::HashMap::with_capacity(jobs.len());
-    for (at, job) in jobs.iter().enumerate() {
-        last.insert(job.id.as_str(), at);
-    }
-    let mut rows = Vec::with_capacity(last.len());
-    for (at, job) in jobs.iter().enumerate() {
-        if last.get(job.id.as_str()) != Some(&at) {
-            continue;
-        }
+    let jobs = last_of(jobs, |job| &job.id);
+    let mut owned = Vec::with_capacity(jobs.len());
+    for job in &jobs {
         let ended_at = if job.status.is_final() {
             job.ended_at
         } else {
             0
         };
-        rows.push((
+        owned.push((
             job.id.as_str(),
-            job.seq as i64,
             job.spec.cluster.as_str(),
+            job.seq as i64,
             job.status.as_str(),
             encode(job)?,
             ended_at,
             job.parent_seq().map(|seq| seq as i64),
         ));
     }
-    for chunk in rows.chunks(JOBS_PER_STATEMENT) {
-        let mut params: Vec<&dyn Param> = Vec::with_capacity(chunk.len() * 7);
-        for (id, seq, cluster, status, body, ended_at, array_seq) in chunk {
-            params.extend([
+    let rows: Vec<[&dyn Param; 7]> = owned
+        .iter()
+        .map(|(id, cluster, seq, status, body, ended_at, array_seq)| {
+            [
                 id as &dyn Param,
                 seq,
                 cluster,
@@ -551,11 +599,22 @@ fn put_jobs(sql: &mut Sql, jobs: &[Job]) -> Result<()> {
                 body,
                 ended_at,
                 array_seq,
-            ]);
-        }
-        sql.execute(jobs_upsert(chunk.len()), &params)?;
-    }
-    Ok(())
+            ]
+        })
+        .collect();
+    put_rows(sql, jobs_upsert, &rows)
+}
+
+/// Puts nodes, many per statement (the last of a node put twice wins).
+fn put_nodes(sql: &mut Sql, nodes: &[Node]) -> Result<()> {
+    let nodes = last_of(nodes, |node| &node.id);
+    let bodies = nodes.iter().map(encode).collect::<Result<Vec<_>>>()?;
+    let rows: Vec<[&dyn Param; 3]> = nodes
+        .iter()
+        .zip(&bodies)
+        .map(|(node, body)| [&node.id as &dyn Param, &node.cluster, body])
+        .collect();
+    put_rows(sql, nodes_upsert, &rows)
 }
 
 /// Puts (name, version, body) rows.
@@ -587,13 +646,7 @@ fn commit(sql: &mut Sql, batch: &Batch) -> Result<Committed> {
     for name in &batch.deleted_clusters {
         sql.execute("DELETE FROM clusters WHERE name = ?1", &[name])?;
     }
-    for node in &batch.nodes {
-        sql.execute(
-            "INSERT INTO nodes (id, cluster, body) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET cluster = excluded.cluster, body = excluded.body",
-            &[&node.id, &node.cluster, &encode(node)?],
-        )?;
-    }
+    put_nodes(sql, &batch.nodes)?;
     for id in &batch.deleted_nodes {
         sql.execute("DELETE FROM nodes WHERE id = ?1", &[id])?;
     }
@@ -1227,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn many_jobs_go_in_few_statements_and_a_job_put_twice_keeps_its_last_state() {
+    fn many_jobs_and_nodes_go_in_few_statements_and_one_put_twice_keeps_its_last_state() {
         for place in [Place::lite(), Place::pg()] {
             let mut store = place.open();
             // More than one statement's worth, and job-7 twice: queued, then running.
@@ -1241,16 +1294,27 @@ mod tests {
             let mut again = jobs[6].clone();
             again.status = JobStatus::Running;
             jobs.push(again);
+            // The same for nodes: n3 twice, its last message wins.
+            let mut nodes: Vec<Node> = (1..=40)
+                .map(|n| NodeBuilder::new(&format!("c-n{n}")).build())
+                .collect();
+            let mut later = nodes[2].clone();
+            later.message = "later".into();
+            nodes.push(later);
             store
                 .commit(&Batch {
                     jobs,
+                    nodes,
                     ..Default::default()
                 })
                 .expect("commit");
-            let loaded = store.load().expect("load").jobs;
-            assert_eq!(loaded.len(), 70);
-            let seven = loaded.iter().find(|j| j.id == "job-7").expect("job-7");
+            let loaded = store.load().expect("load");
+            assert_eq!(loaded.jobs.len(), 70);
+            let seven = loaded.jobs.iter().find(|j| j.id == "job-7").expect("job-7");
             assert_eq!(seven.status, JobStatus::Running);
+            assert_eq!(loaded.nodes.len(), 40);
+            let three = loaded.nodes.iter().find(|n| n.id == "c-n3").expect("c-n3");
+            assert_eq!(three.message, "later");
         }
     }
 
