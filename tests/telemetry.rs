@@ -199,27 +199,19 @@ fn promtool_accepts(text: &str) {
 }
 
 async fn http_get(tc: &TestCluster, path: &str, accept: Option<&str>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(tc.endpoint())
-        .await
-        .expect("connect");
-    let accept_line = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept_line}Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        tc.admin_token()
-    );
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let bearer = format!("Bearer {}", tc.admin_token());
+    let mut headers = vec![("Authorization", bearer.as_str())];
+    headers.extend(accept.map(|a| ("Accept", a)));
+    let got = support::request(&tc.endpoint(), "GET", path, &headers, "").await;
+    assert_eq!(got.code, 200, "{}", got.head);
     let expected = match accept {
         Some(_) => "content-type: application/openmetrics-text",
         None => "content-type: text/plain; version=0.0.4",
     };
-    assert!(head.to_ascii_lowercase().contains(expected), "{head}");
-    body.to_string()
+    assert!(
+        got.head.to_ascii_lowercase().contains(expected),
+        "{}",
+        got.head
+    );
+    got.body
 }

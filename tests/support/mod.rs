@@ -27,7 +27,51 @@ pub struct TestCluster {
     up_args: Vec<String>,
 }
 
-/// One HTTP/1.1 request to `endpoint` (`host:port`): the status and the body.
+/// What an HTTP request got back.
+pub struct Response {
+    pub code: u16,
+    /// The status line and headers.
+    pub head: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request to `endpoint` (`host:port`), with `headers`.
+pub async fn request(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(endpoint)
+        .await
+        .expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("response");
+    let response = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Response {
+        code: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// A request with an optional bearer token: (status, body).
 pub async fn http(
     endpoint: &str,
     method: &str,
@@ -35,31 +79,13 @@ pub async fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(endpoint)
-        .await
-        .expect("connect");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("response");
-    let response = String::from_utf8_lossy(&raw).into_owned();
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    let got = request(endpoint, method, path, &headers, body).await;
+    (got.code, got.body)
 }
 
 pub fn free_port() -> u16 {
