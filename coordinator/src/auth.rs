@@ -173,10 +173,14 @@ impl Auth {
         Self::open(Path::new(":memory:"))
     }
 
-    /// Runs `f` on the database, in one transaction.
+    /// Runs `f` on the database, in one transaction. Called from request
+    /// handlers: the wait (a file write, a round trip to PostgreSQL) does not
+    /// hold up the other tasks of the async worker it runs on.
     fn sql<T: Send>(&self, f: impl FnOnce(&mut Sql) -> Result<T> + Send) -> Result<T> {
-        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.transaction(f)
+        crate::db::blocking(|| {
+            let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            db.transaction(f)
+        })
     }
 
     fn reload(&self) -> Result<()> {

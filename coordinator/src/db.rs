@@ -194,6 +194,17 @@ pub fn pg_error(e: postgres::Error) -> Error {
     }
 }
 
+/// Runs `f`, which blocks, telling a multi-threaded tokio runtime (when called
+/// on one of its workers) to move its other tasks elsewhere meanwhile.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Runs `f` on a thread that drives no runtime (the `postgres` client's calls
 /// block on a runtime of their own).
 pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
@@ -430,6 +441,39 @@ mod tests {
             redact("postgres://shoal@db/shoal"),
             "postgres://shoal@db/shoal"
         );
+    }
+
+    #[test]
+    fn blocking_work_leaves_a_single_worker_free_for_other_tasks() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let ticks = runtime.block_on(async {
+            let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let counter = ticks.clone();
+            let ticking = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            tokio::spawn(async {
+                blocking(|| std::thread::sleep(std::time::Duration::from_millis(300)))
+            })
+            .await
+            .expect("blocking task");
+            ticking.abort();
+            ticks.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        assert!(ticks >= 10, "the other task ran {ticks} times in 300 ms");
+        // Outside a multi-threaded runtime it simply runs.
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(current.block_on(async { blocking(|| 7) }), 7);
+        assert_eq!(blocking(|| 8), 8);
     }
 
     /// A PostgreSQL of its own, serving TLS, stopped and removed when dropped.
