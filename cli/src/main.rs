@@ -152,10 +152,16 @@ fn main() -> ExitCode {
     if !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_)) {
         die_quietly_on_closed_stdout();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A client command is one conversation with the coordinator: one thread
+    // drives it, with no worker threads to start and wake (issue 17's latency).
+    let one_conversation =
+        !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_));
+    let mut builder = if one_conversation {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
