@@ -1750,6 +1750,7 @@ async fn grpc_fleet(nodes: usize, jobs: usize, shoal: std::path::PathBuf) -> any
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
+    let number = |i: usize| args.get(i).map(|n| n.parse::<u64>()).transpose();
     let shoal = std::env::var_os("SHOAL_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from("target/release/shoal"));
@@ -1757,28 +1758,17 @@ async fn main() -> anyhow::Result<()> {
         placements(20_000, 100).await?;
     }
     if what == "placements-postgres" {
-        let jobs = args
-            .get(1)
-            .map(|n| n.parse::<usize>())
-            .transpose()
+        let jobs = number(1)
             .context("placements-postgres takes a job count")?
             .unwrap_or(20_000);
-        let runs = args
-            .get(2)
-            .map(|n| n.parse::<usize>())
-            .transpose()
-            .context("and a number of runs")?
-            .unwrap_or(5);
-        placements_postgres(jobs, runs).await?;
+        let runs = number(2).context("and a number of runs")?.unwrap_or(5);
+        placements_postgres(jobs as usize, runs as usize).await?;
     }
     if what == "history" {
-        let total = args
-            .get(1)
-            .map(|n| n.parse::<usize>())
-            .transpose()
+        let total = number(1)
             .context("history takes a job count")?
             .unwrap_or(1_000_000);
-        history(total, 100).await?;
+        history(total as usize, 100).await?;
     }
     if matches!(
         what,
@@ -1803,7 +1793,6 @@ async fn main() -> anyhow::Result<()> {
     if matches!(what, "docker" | "all") {
         docker(20, shoal.clone()).await?;
     }
-    let number = |i: usize| args.get(i).map(|n| n.parse::<u64>()).transpose();
     if what == "fleet" {
         let nodes = number(1)
             .context("fleet takes a node count")?

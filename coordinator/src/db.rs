@@ -281,13 +281,32 @@ fn client_config(url: &str) -> Result<(String, tokio_postgres_rustls::MakeRustls
     Ok((url, tokio_postgres_rustls::MakeRustlsConnect::new(config)))
 }
 
+/// Whether the TLS handshake failed on the server's certificate (rustls's
+/// error, somewhere in the chain of causes).
+fn unverified_certificate(e: &postgres::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(error) = cause {
+        let rustls_error = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(_)) = rustls_error {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
 impl PgConnection {
     /// Connects to `url` (`postgres://user@host:port/db`, with libpq's `sslmode`
     /// and `sslrootcert` if TLS is wanted).
     pub fn connect(url: &str) -> Result<Self> {
         let (client_url, tls) = client_config(url)?;
         let client = off_runtime(|| postgres::Client::connect(&client_url, tls)).map_err(|e| {
-            let hint = if format!("{e:?}").contains("InvalidCertificate") {
+            let hint = if unverified_certificate(&e) {
                 " (give the server's CA with sslrootcert=FILE in the URL, or sslmode=disable on a private network)"
             } else {
                 ""
