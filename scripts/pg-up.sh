@@ -13,7 +13,12 @@ bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 url="postgres://postgres@127.0.0.1:$port/postgres"
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi; }
 mkdir -p "$dir"
-chown postgres "$dir"
+# Test binaries and parallel tests call this side by side: one at a time, or two
+# would start the same cluster at once and all but one fail.
+exec 9>"$dir.lock"
+flock 9
+# A cluster left by another machine's postgres user (or a copied /tmp) is taken over.
+chown -R postgres "$dir"
 if [ ! -s "$dir/data/PG_VERSION" ]; then
   as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
 fi
@@ -24,7 +29,11 @@ if [ -n "${SHOAL_PG_TLS_DIR:-}" ]; then
   tls="-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
 fi
 if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
-  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on $tls" start >/dev/null
+  if ! as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on $tls" start >/dev/null 9>&-; then
+    echo "PostgreSQL in $dir did not start; the end of $dir/server.log:" >&2
+    tail -n 20 "$dir/server.log" >&2
+    exit 1
+  fi
 fi
 echo "export SHOAL_TEST_POSTGRES=$url"
