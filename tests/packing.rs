@@ -308,6 +308,70 @@ async fn one_task_or_the_whole_array_is_canceled() {
 }
 
 #[tokio::test]
+async fn a_task_canceled_while_it_waits_in_a_chain_leaves_the_tasks_behind_it_to_run() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    let gate = tc.scratch("gate");
+    // The first 40 are quick, so the node is told many tasks ahead; from the
+    // 40th on each waits at the gate, so chains stand still behind them.
+    let script = format!(
+        "if [ $SHOAL_ARRAY_INDEX -ge 40 ]; then while [ ! -e {g} ]; do sleep 0.05; done; fi; echo $SHOAL_ARRAY_INDEX >> {l}",
+        g = gate.display(),
+        l = path.display()
+    );
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-199",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    // The first task waiting in a chain (told ahead, not started): others wait
+    // behind it.
+    let waiting = eventually("tasks waiting in chains", LIMIT, || async {
+        let tasks = tc.shoal_json(&["job", "list", "--array", &array, "--limit", "10000"]);
+        let mut waiting: Vec<u64> = tasks
+            .as_array()?
+            .iter()
+            .filter(|t| {
+                t["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("next on"))
+            })
+            .filter_map(|t| t["task"]["index"].as_u64())
+            .collect();
+        waiting.sort_unstable();
+        (waiting.len() >= 8).then(|| waiting[0])
+    })
+    .await;
+    // Ended on the agent without starting, so at once: nothing runs ahead of it.
+    let task = waiting.to_string();
+    let one = tc.shoal_json(&["job", "cancel", &array, "--task", &task, "--wait"]);
+    assert_eq!(one["status"], "canceled", "{one}");
+    assert_eq!(one["started_at"], serde_json::Value::Null, "{one}");
+    std::fs::write(&gate, "").expect("open the gate");
+    let job = tc
+        .wait_job(&array, "completed", Duration::from_secs(180), |j| {
+            j.status != "running" && j.status != "queued" && j.status != "preparing"
+        })
+        .await;
+    let counts = &job.array.as_ref().expect("array").counts;
+    assert_eq!(counts.get("completed"), Some(&199), "{counts:?}");
+    assert_eq!(counts.get("canceled"), Some(&1), "{counts:?}");
+    let expected: Vec<u32> = (0..200).filter(|&i| u64::from(i) != waiting).collect();
+    assert_eq!(ledger(&path), expected);
+}
+
+#[tokio::test]
 async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
     let mut tc = TestCluster::start().await;
     four_core_cluster(&tc);

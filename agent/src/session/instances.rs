@@ -17,7 +17,14 @@ impl Agent {
                 .iter()
                 .find(|(_, l)| l.attempt_id == slot.attempt_id && l.instance == slot.instance)
                 .map(|(after, _)| after.clone());
-            after.and_then(|after| held.remove(&after))
+            after.and_then(|after| {
+                let launch = held.remove(&after)?;
+                // What followed it follows what it followed.
+                if let Some(next) = held.remove(slot) {
+                    held.insert(after, next);
+                }
+                Some(launch)
+            })
         };
         if let Some(launch) = successor {
             info!(attempt = %slot.attempt_id, instance = slot.instance, reason, "canceled before it started");
@@ -73,14 +80,18 @@ impl Agent {
                 debug!(attempt = %slot.attempt_id, "launch repeated; already running");
                 return;
             }
-            // A successor waits for the instance it follows, if that still runs.
+            // A successor waits for the instance it follows, if that still runs
+            // or waits itself.
             if let Some(after) = launch.after.take() {
                 let after = Slot {
                     attempt_id: after.attempt_id,
                     instance: after.instance,
                 };
-                if attempts.get(&after).is_some_and(|e| e.exited.is_none()) {
-                    let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                let waits = held
+                    .values()
+                    .any(|l| l.attempt_id == after.attempt_id && l.instance == after.instance);
+                if waits || attempts.get(&after).is_some_and(|e| e.exited.is_none()) {
                     let repeated = held
                         .values()
                         .any(|l| l.attempt_id == slot.attempt_id && l.instance == slot.instance);

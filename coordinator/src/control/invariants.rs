@@ -9,16 +9,17 @@ impl Control {
         let mut broken = Vec::new();
         // Each instance a node runs is placed on it, and on no other node.
         let mut running_on: HashMap<&Slot, &str> = HashMap::new();
-        // Successors hold nothing until the instance each follows ends.
+        // Successors hold nothing until the instance each follows ends: each
+        // follows another booked on its node, in a chain that starts at one
+        // that holds its share, and none has two followers.
         let mut successors: HashSet<&Slot> = HashSet::new();
         for node in self.nodes.values() {
             for booked in node.running.iter().filter(|b| b.after.is_some()) {
                 successors.insert(&booked.slot);
                 let after = booked.after.as_ref().expect("a successor");
-                let leads = node
-                    .running
-                    .iter()
-                    .any(|b| &b.slot == after && b.after.is_none());
+                let behind = node.chain_behind(&booked.slot);
+                let leads =
+                    behind <= node.running.len() && node.running.iter().any(|b| &b.slot == after);
                 let followers = node
                     .running
                     .iter()

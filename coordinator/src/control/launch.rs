@@ -121,7 +121,7 @@ impl Control {
             return;
         };
         let number = job.attempts.len() as u32 + 1;
-        let attempt_id = format!("{}.{number}", job.id);
+        let attempt_id = job.next_attempt_id();
         let low_priority = self
             .clusters
             .get(job.spec.cluster.as_str())

@@ -1374,8 +1374,9 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
     assert_eq!(first.len(), 1);
     assert!(first[0].after.is_none());
     m.started(&node, &first[0]);
-    m.advance(200);
-    // A task ran in 0.2 s: the next is placed, and the one after it booked behind it.
+    m.advance(600);
+    // A task ran in 0.6 s: the next is placed, and one more (as many as fit in
+    // a second) booked behind it.
     m.step(vec![exit(&node, first[0].slot.clone(), "completed")]);
     let orders = launches(&mut agent);
     assert_eq!(orders.len(), 2, "{orders:?}");
@@ -1407,6 +1408,7 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
     assert!(launches(&mut agent).is_empty());
     // The second ends: the third holds the node, and the fourth is booked behind it.
     m.started(&node, second);
+    m.advance(600);
     m.step(vec![exit(&node, second.slot.clone(), "completed")]);
     let promoted = m.node(&node);
     assert!(promoted.running.iter().all(|b| b.slot != second.slot));
@@ -1458,6 +1460,86 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
 }
 
 #[test]
+fn tasks_ten_times_shorter_than_a_second_are_booked_ten_deep_and_a_canceled_one_leaves_the_chain_whole()
+ {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-39").expect("an array")),
+        ..Default::default()
+    });
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let first = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &first);
+    m.advance(100);
+    m.step(vec![exit(&node, first.slot.clone(), "completed")]);
+    // A task ran in 0.1 s: the next is placed and ten are booked behind it,
+    // each behind the one before.
+    let orders = launches(&mut agent);
+    assert_eq!(
+        orders.len(),
+        1 + successors::chain_length(100),
+        "{orders:?}"
+    );
+    assert_eq!(successors::chain_length(100), 10);
+    assert!(orders[0].after.is_none());
+    for pair in orders.windows(2) {
+        assert_eq!(pair[1].after.as_ref(), Some(&pair[0].slot), "{orders:?}");
+    }
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(
+        m.node(&node).room().is_full(),
+        "one share held, by the first"
+    );
+    // One waiting in the middle is canceled: the one behind it now follows
+    // the one before it.
+    let (before, canceled, behind) = (&orders[4], &orders[5], &orders[6]);
+    m.ask(|reply| Command::CancelJob(canceled.slot.job_id().to_string(), reply))
+        .expect("cancel one task");
+    assert_eq!(cancels(&mut agent), vec![canceled.slot.clone()]);
+    m.step(vec![exit(&node, canceled.slot.clone(), "canceled")]);
+    let relinked = m.node(&node);
+    let follows = relinked
+        .running
+        .iter()
+        .find(|b| b.slot == behind.slot)
+        .and_then(|b| b.after.clone());
+    assert_eq!(follows.as_ref(), Some(&before.slot));
+    // The chain is one short: one more is booked at its end.
+    let refill = launches(&mut agent);
+    assert_eq!(refill.len(), 1, "{refill:?}");
+    assert_eq!(refill[0].after.as_ref(), Some(&orders[10].slot));
+    assert_eq!(m.node(&node).running.len(), 11);
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    // The running one ends: the next holds the node, and the chain grows
+    // back to ten behind it, at its end.
+    m.started(&node, &orders[0]);
+    m.advance(100);
+    m.step(vec![exit(&node, orders[0].slot.clone(), "completed")]);
+    let grown = launches(&mut agent);
+    assert_eq!(grown.len(), 1, "{grown:?}");
+    assert_eq!(grown[0].after.as_ref(), Some(&refill[0].slot));
+    let chain = m.node(&node);
+    assert!(
+        chain
+            .running
+            .iter()
+            .any(|b| b.slot == orders[1].slot && b.after.is_none())
+    );
+    assert_eq!(chain.chain_behind(&grown[0].slot), 10);
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    let state = m.job(&array).array.expect("state");
+    assert_eq!(state.count(JobStatus::Canceled), 1);
+    assert_eq!(state.count(JobStatus::Completed), 2);
+}
+
+#[test]
 fn no_task_is_booked_ahead_behind_a_slow_one_or_while_a_node_is_coming() {
     let mut m = Machine::new(ControlConfig::default());
     m.cluster("cl", 2, 30);
@@ -1473,7 +1555,7 @@ fn no_task_is_booked_ahead_behind_a_slow_one_or_while_a_node_is_coming() {
     let mut agent = m.register(&a, "cl");
     let first = launches(&mut agent).pop().expect("launched");
     m.started(&a, &first);
-    m.advance(100);
+    m.advance(600);
     m.step(vec![exit(&a, first.slot.clone(), "completed")]);
     let next = launches(&mut agent);
     assert_eq!(next.len(), 1, "{next:?}");

@@ -212,8 +212,9 @@ pub struct Control {
     lazy_jobs: BTreeSet<String>,
     lazy_since: Option<Millis>,
     /// Arrays whose last task to complete ran under `successors::QUICK_TASK_MS`
-    /// (by the array's seq): their nodes are told the next task ahead.
-    quick_arrays: HashSet<u64>,
+    /// (by the array's seq), with that task's time: their nodes are told the
+    /// next tasks ahead.
+    quick_arrays: HashMap<u64, Millis>,
     /// Sweeps that may still be running (by seq; ended ones leave lazily), so
     /// the conductor's question does not walk every job.
     sweeps: BTreeSet<u64>,
@@ -331,7 +332,7 @@ impl Control {
             notify_jobs: BTreeSet::new(),
             lazy_jobs: BTreeSet::new(),
             lazy_since: None,
-            quick_arrays: HashSet::new(),
+            quick_arrays: HashMap::new(),
             sweeps: BTreeSet::new(),
             completed_steps: HashMap::new(),
             pipelines: BTreeSet::new(),

@@ -1,20 +1,36 @@
 //! Successors: a node that runs a short task of an array is told the array's
-//! next task before the current one ends, and starts it as soon as it has
-//! reported the end. Its slot is never idle for a round trip through the
-//! coordinator (the exit in, its commit, the next launch out), which is most of
-//! a short task's cost when each node runs one at a time.
+//! next tasks before the current one ends, and starts each as soon as it has
+//! reported the end of the one before. Its slot is never idle for a round trip
+//! through the coordinator (the exit in, its commit, the next launch out),
+//! which is most of a short task's cost when each node runs one at a time.
 //!
 //! A successor is booked only where nothing else would take it sooner: its
 //! cluster is at `max_nodes` with every node up (no node is coming), it is the
 //! oldest queued job (nothing is passed over), and the array's last task to
-//! complete ran under `QUICK_TASK_MS` (it waits at most about that long while
-//! another node could go idle). Its booking holds nothing until the instance it
-//! follows ends (`Node::room`, `Node::release`); each instance has at most one.
+//! complete ran under `QUICK_TASK_MS`. Behind each running instance is a chain
+//! of at most `chain_length` successors, as many as that last task's time fits
+//! in `QUICK_TASK_MS` (at most `MAX_CHAIN`): the last of a chain waits about
+//! that long at most while another node could go idle. A booking holds nothing
+//! until the instance it follows ends (`Node::room`); each instance has at most
+//! one follower, and the follower of one that ends unstarted follows what that
+//! one followed (`Node::release`).
 
 use super::*;
 
 /// A task that runs longer than this gets no successor booked behind it.
 pub const QUICK_TASK_MS: Millis = 1_000;
+
+/// The most successors booked behind one running instance.
+pub const MAX_CHAIN: usize = 16;
+
+/// How many successors may wait behind one instance of an array whose last
+/// task ran `millis`: as many as fit in `QUICK_TASK_MS`, one at least.
+pub fn chain_length(millis: Millis) -> usize {
+    let fit = QUICK_TASK_MS / millis.max(1);
+    usize::try_from(fit)
+        .unwrap_or(MAX_CHAIN)
+        .clamp(1, MAX_CHAIN)
+}
 
 impl Control {
     /// Books successors on the cluster's nodes, as far as its queue allows.
@@ -30,8 +46,9 @@ impl Control {
         if !self.cluster_is_complete(cluster) {
             return;
         }
-        // Each instance that may be followed, with its array and its share.
-        let mut leaders: Vec<(String, Slot, u64, Resources)> = Vec::new();
+        // The end of each chain that may grow: a running instance, or the last
+        // successor behind it, with its array, its share and the chain's length.
+        let mut leaders: Vec<Leader> = Vec::new();
         for node in self.nodes.values() {
             if node.cluster != cluster || !node.is_open() {
                 continue;
@@ -41,35 +58,38 @@ impl Control {
                 .iter()
                 .filter_map(|b| b.after.as_ref())
                 .collect();
-            for booked in node.running.iter().filter(|b| b.after.is_none()) {
-                if followed.contains(&booked.slot) {
-                    continue;
-                }
+            for booked in node.running.iter().filter(|b| !followed.contains(&b.slot)) {
                 let Some((job, instance)) = self.instance(&booked.slot) else {
                     continue;
                 };
                 let Some(task) = job.task else {
                     continue;
                 };
+                let Some(&millis) = self.quick_arrays.get(&task.array_seq) else {
+                    continue;
+                };
                 let live = matches!(
                     instance.status,
                     InstanceStatus::Launching | InstanceStatus::Running
                 ) && matches!(job.status, JobStatus::Preparing | JobStatus::Running);
-                if live && may_follow(job) && self.quick_arrays.contains(&task.array_seq) {
-                    leaders.push((
-                        node.id.clone(),
-                        booked.slot.clone(),
-                        task.array_seq,
-                        job.spec.resources,
-                    ));
+                let behind = node.chain_behind(&booked.slot);
+                if live && may_follow(job) && behind < chain_length(millis) {
+                    leaders.push(Leader {
+                        node: node.id.clone(),
+                        slot: booked.slot.clone(),
+                        array: task.array_seq,
+                        share: job.spec.resources,
+                        behind,
+                        most: chain_length(millis),
+                    });
                 }
             }
         }
         if leaders.is_empty() {
             return;
         }
-        // The oldest queued jobs, in order, each behind an instance of its
-        // array; the first that cannot follow any stops the booking.
+        // The oldest queued jobs, in order, each behind a chain of its array
+        // (the shortest first); the first that cannot follow any stops the booking.
         let mut bookings: Vec<(scheduler::Placement, Slot)> = Vec::new();
         for seq in queue.seqs() {
             if leaders.is_empty() {
@@ -81,26 +101,42 @@ impl Control {
             let Some(task) = job.task else {
                 break;
             };
-            let fits = |(node, _, array, share): &(String, Slot, u64, Resources)| {
-                *array == task.array_seq
-                    && *share == job.spec.resources
-                    && self.nodes.get(node).is_some_and(|n| n.can_run(&job.spec))
-            };
             let settled = job.current_attempt().is_none_or(Attempt::is_settled);
-            let Some(at) = leaders
+            let at = leaders
                 .iter()
-                .position(fits)
-                .filter(|_| settled && may_follow(job))
-            else {
+                .enumerate()
+                .filter(|(_, l)| {
+                    l.array == task.array_seq
+                        && l.share == job.spec.resources
+                        && self
+                            .nodes
+                            .get(&l.node)
+                            .is_some_and(|n| n.can_run(&job.spec))
+                })
+                .min_by_key(|(_, l)| l.behind)
+                .map(|(at, _)| at);
+            let Some(at) = at.filter(|_| settled && may_follow(job)) else {
                 break;
             };
-            let (node, slot, ..) = leaders.swap_remove(at);
+            let leader = leaders.swap_remove(at);
+            // The new successor is the chain's end now: it may be followed too.
+            let slot = Slot {
+                attempt_id: job.next_attempt_id(),
+                instance: 0,
+            };
+            if leader.behind + 1 < leader.most {
+                leaders.push(Leader {
+                    slot: slot.clone(),
+                    behind: leader.behind + 1,
+                    ..leader.clone()
+                });
+            }
             bookings.push((
                 scheduler::Placement {
                     job_id: job.id.to_string(),
-                    nodes: vec![node],
+                    nodes: vec![leader.node],
                 },
-                slot,
+                leader.slot,
             ));
         }
         for (placement, after) in bookings {
@@ -130,7 +166,7 @@ impl Control {
     /// be booked ahead.
     pub(super) fn task_ran(&mut self, array_seq: u64, millis: Millis) {
         if millis < QUICK_TASK_MS {
-            self.quick_arrays.insert(array_seq);
+            self.quick_arrays.insert(array_seq, millis);
         } else {
             self.quick_arrays.remove(&array_seq);
         }
@@ -144,4 +180,18 @@ fn may_follow(job: &Job) -> bool {
         && job.spec.gpus_per_instance == 0
         && job.spec.distribution.is_none()
         && job.spec.parallel.is_none()
+}
+
+/// The end of a chain on a node: a running instance, or the last successor
+/// booked behind it.
+#[derive(Clone)]
+struct Leader {
+    node: String,
+    slot: Slot,
+    array: u64,
+    share: Resources,
+    /// Successors already booked between the running instance and this one.
+    behind: usize,
+    /// The most the chain may hold (`chain_length`).
+    most: usize,
 }

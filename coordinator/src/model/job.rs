@@ -1209,6 +1209,11 @@ impl Job {
         self.attempts.last()
     }
 
+    /// The id its next attempt gets: `<job>.<number>`, numbered from 1.
+    pub fn next_attempt_id(&self) -> String {
+        format!("{}.{}", self.id, self.attempts.len() + 1)
+    }
+
     /// An array's, a sweep's or a pipeline's own record: it runs nothing itself.
     pub fn is_record(&self) -> bool {
         self.array.is_some() || self.sweep.is_some() || self.pipeline.is_some()

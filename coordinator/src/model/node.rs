@@ -276,6 +276,25 @@ impl Node {
         room
     }
 
+    /// How many successors wait before `slot` here: 0 for one that runs.
+    pub fn chain_behind(&self, slot: &Slot) -> usize {
+        let mut behind = 0;
+        let mut at = slot;
+        while let Some(after) = self
+            .running
+            .iter()
+            .find(|b| &b.slot == at)
+            .and_then(|b| b.after.as_ref())
+        {
+            behind += 1;
+            at = after;
+            if behind > self.running.len() {
+                break; // a loop: never built, never walked forever
+            }
+        }
+        behind
+    }
+
     /// The slots it runs.
     pub fn slots(&self) -> Vec<Slot> {
         self.running.iter().map(|b| b.slot.clone()).collect()
@@ -295,17 +314,17 @@ impl Node {
         self.running.push(booked);
     }
 
-    /// Frees a slot's share (its successor, if any, takes it); a node that
-    /// runs nothing more is idle from now. False if it did not run it.
+    /// Frees a slot's share: its successor, if any, follows what the slot
+    /// followed (so takes the share of a running one); a node that runs
+    /// nothing more is idle from now. False if it did not run it.
     pub fn release(&mut self, slot: &Slot, now: Millis) -> bool {
-        let before = self.running.len();
-        self.running.retain(|b| &b.slot != slot);
-        if self.running.len() == before {
+        let Some(at) = self.running.iter().position(|b| &b.slot == slot) else {
             return false;
-        }
+        };
+        let released = self.running.remove(at);
         for booked in &mut self.running {
             if booked.after.as_ref() == Some(slot) {
-                booked.after = None;
+                booked.after.clone_from(&released.after);
             }
         }
         if self.running.is_empty() && self.state == NodeState::Running {
