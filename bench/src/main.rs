@@ -851,7 +851,15 @@ async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow
         ("zw-one", "Standard_D1_v2", 1.0, "1 task a node"),
         ("zw-many", "Standard_D4_v2", 0.125, "64 tasks a node"),
     ];
+    // SHOAL_BENCH_LAYOUT=one|many runs only that layout (to profile one).
+    let only = std::env::var("SHOAL_BENCH_LAYOUT").ok();
     for (cluster, size, cpus, said) in layouts {
+        if only
+            .as_deref()
+            .is_some_and(|o| format!("zw-{o}") != cluster)
+        {
+            continue;
+        }
         clusters
             .create(pb::ClusterSpec {
                 name: cluster.into(),

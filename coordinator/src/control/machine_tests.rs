@@ -1540,6 +1540,61 @@ fn tasks_ten_times_shorter_than_a_second_are_booked_ten_deep_and_a_canceled_one_
 }
 
 #[test]
+fn a_node_running_many_tasks_at_once_holds_at_most_sixteen_ahead_spread_over_its_chains() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        resources: Resources::share(0.25, 0).expect("a share"),
+        array: Some(ArraySpec::parse("0-199").expect("an array")),
+        ..Default::default()
+    });
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    // Eight quarter-core tasks fill the node's two cores.
+    let first = launches(&mut agent);
+    assert_eq!(first.len(), 8);
+    m.started(&node, &first[0]);
+    m.advance(10);
+    m.step(vec![exit(&node, first[0].slot.clone(), "completed")]);
+    // Tasks of 10 ms: chains could be 16 deep, but the node holds 16 ahead in
+    // all, two behind each of its eight running tasks.
+    let orders = launches(&mut agent);
+    let ahead: Vec<_> = orders.iter().filter(|o| o.after.is_some()).collect();
+    assert_eq!(ahead.len(), successors::MAX_CHAIN, "{orders:?}");
+    let booked = m.node(&node);
+    let running: Vec<_> = booked
+        .running
+        .iter()
+        .filter(|b| b.after.is_none())
+        .collect();
+    assert_eq!(running.len(), 8);
+    for lead in running {
+        let chain = booked
+            .running
+            .iter()
+            .filter(|b| b.after.is_some() && booked.chain_behind(&b.slot) > 0)
+            .filter(|b| {
+                let mut at = &b.slot;
+                while let Some(after) = booked
+                    .running
+                    .iter()
+                    .find(|x| &x.slot == at)
+                    .and_then(|x| x.after.as_ref())
+                {
+                    at = after;
+                }
+                at == &lead.slot
+            })
+            .count();
+        assert_eq!(chain, 2, "two behind {:?}", lead.slot);
+    }
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[test]
 fn no_task_is_booked_ahead_behind_a_slow_one_or_while_a_node_is_coming() {
     let mut m = Machine::new(ControlConfig::default());
     m.cluster("cl", 2, 30);

@@ -9,8 +9,9 @@
 //! oldest queued job (nothing is passed over), and the array's last task to
 //! complete ran under `QUICK_TASK_MS`. Behind each running instance is a chain
 //! of at most `chain_length` successors, as many as that last task's time fits
-//! in `QUICK_TASK_MS` (at most `MAX_CHAIN`): the last of a chain waits about
-//! that long at most while another node could go idle. A booking holds nothing
+//! in `QUICK_TASK_MS`: the last of a chain waits about that long at most while
+//! another node could go idle. A node holds at most `MAX_CHAIN` successors in
+//! all, the shortest chain grown first. A booking holds nothing
 //! until the instance it follows ends (`Node::room`); each instance has at most
 //! one follower, and the follower of one that ends unstarted follows what that
 //! one followed (`Node::release`).
@@ -20,7 +21,8 @@ use super::*;
 /// A task that runs longer than this gets no successor booked behind it.
 pub const QUICK_TASK_MS: Millis = 1_000;
 
-/// The most successors booked behind one running instance.
+/// The most successors booked on one node, over all its chains: a node that
+/// runs many tasks at once has its round trips hidden by them already.
 pub const MAX_CHAIN: usize = 16;
 
 /// How many successors may wait behind one instance of an array whose last
@@ -49,15 +51,21 @@ impl Control {
         // The end of each chain that may grow: a running instance, or the last
         // successor behind it, with its array, its share and the chain's length.
         let mut leaders: Vec<Leader> = Vec::new();
+        // What each node may still take ahead: `MAX_CHAIN` over all its chains.
+        let mut room: HashMap<String, usize> = HashMap::new();
         for node in self.nodes.values() {
             if node.cluster != cluster || !node.is_open() {
                 continue;
             }
-            let followed: HashSet<&Slot> = node
+            let after_of: HashMap<&Slot, &Slot> = node
                 .running
                 .iter()
-                .filter_map(|b| b.after.as_ref())
+                .filter_map(|b| b.after.as_ref().map(|after| (&b.slot, after)))
                 .collect();
+            let Some(left) = MAX_CHAIN.checked_sub(after_of.len()).filter(|&l| l > 0) else {
+                continue;
+            };
+            let followed: HashSet<&Slot> = after_of.values().copied().collect();
             for booked in node.running.iter().filter(|b| !followed.contains(&b.slot)) {
                 let Some((job, instance)) = self.instance(&booked.slot) else {
                     continue;
@@ -72,7 +80,12 @@ impl Control {
                     instance.status,
                     InstanceStatus::Launching | InstanceStatus::Running
                 ) && matches!(job.status, JobStatus::Preparing | JobStatus::Running);
-                let behind = node.chain_behind(&booked.slot);
+                let mut behind = 0;
+                let mut at = &booked.slot;
+                while let Some(&after) = after_of.get(at).filter(|_| behind <= MAX_CHAIN) {
+                    behind += 1;
+                    at = after;
+                }
                 if live && may_follow(job) && behind < chain_length(millis) {
                     leaders.push(Leader {
                         node: node.id.clone(),
@@ -84,6 +97,7 @@ impl Control {
                     });
                 }
             }
+            room.insert(node.id.clone(), left);
         }
         if leaders.is_empty() {
             return;
@@ -119,12 +133,19 @@ impl Control {
                 break;
             };
             let leader = leaders.swap_remove(at);
+            let left = room.get_mut(&leader.node).map_or(0, |left| {
+                *left = left.saturating_sub(1);
+                *left
+            });
+            if left == 0 {
+                leaders.retain(|l| l.node != leader.node);
+            }
             // The new successor is the chain's end now: it may be followed too.
             let slot = Slot {
                 attempt_id: job.next_attempt_id(),
                 instance: 0,
             };
-            if leader.behind + 1 < leader.most {
+            if left > 0 && leader.behind + 1 < leader.most {
                 leaders.push(Leader {
                     slot: slot.clone(),
                     behind: leader.behind + 1,
