@@ -223,8 +223,7 @@ impl Agent {
         let outcome = match self.prepare(&dir, &launch).await {
             Err(why) => Outcome::failed(why),
             Ok(()) => {
-                let mut env: std::collections::BTreeMap<String, String> =
-                    std::mem::take(&mut launch.env).into_iter().collect();
+                let mut env = std::mem::take(&mut launch.env);
                 env.insert(
                     "SHOAL_OUTPUT_DIR".into(),
                     dir.join("outputs").to_string_lossy().into_owned(),

@@ -769,7 +769,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
             job_id: order.job_id,
             instance: order.slot.instance,
             argv: order.argv,
-            env: order.env.into_iter().collect(),
+            env: order.env,
             timeout_seconds: order.timeout_seconds.unwrap_or(0),
             has_code: order.has_code,
             image: order.image.unwrap_or_default(),
