@@ -74,18 +74,19 @@ pub struct TokenInfo {
     pub revoked: bool,
 }
 
+/// Where tokens are kept: `auth.db` beside the SQLite store, or the tables
+/// `tokens` and `join_tokens` of the PostgreSQL store's database.
 #[derive(Clone)]
 pub struct Auth {
     db: Arc<Mutex<Database>>,
     cache: Arc<RwLock<HashMap<String, Entry>>>,
 }
 
-/// Where tokens are kept: `auth.db` beside the SQLite store, or the tables
-/// `tokens` and `join_tokens` of the PostgreSQL store's database.
+/// `bytes` random bytes, in hex.
 pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buffer);
-    buffer.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buffer)
 }
 
 fn sha256(text: &str) -> Vec<u8> {

@@ -846,7 +846,7 @@ fn random_hex(rng: &mut rand::rngs::StdRng, bytes: usize) -> String {
     use rand::RngCore;
     let mut buffer = vec![0u8; bytes];
     rng.fill_bytes(&mut buffer);
-    buffer.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(buffer)
 }
 
 fn removal(node: &Node) -> NodeRemoval {
