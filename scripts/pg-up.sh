@@ -19,21 +19,38 @@ exec 9>"$dir.lock"
 flock 9
 # A cluster left by another machine's postgres user (or a copied /tmp) is taken over.
 chown -R postgres "$dir"
-if [ ! -s "$dir/data/PG_VERSION" ]; then
-  as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
-fi
+init() {
+  if [ ! -s "$dir/data/PG_VERSION" ]; then
+    as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  fi
+  if [ -n "${SHOAL_PG_TLS_DIR:-}" ]; then
+    install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.pem" "$dir/data/server.crt"
+    install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.key" "$dir/data/server.key"
+  fi
+}
+start() {
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on $tls" start >/dev/null 9>&-
+}
 tls=""
 if [ -n "${SHOAL_PG_TLS_DIR:-}" ]; then
-  install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.pem" "$dir/data/server.crt"
-  install -o postgres -m 0600 "$SHOAL_PG_TLS_DIR/server.key" "$dir/data/server.key"
   tls="-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
 fi
+init
 if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
-  if ! as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=on $tls" start >/dev/null 9>&-; then
-    echo "PostgreSQL in $dir did not start; the end of $dir/server.log:" >&2
+  if ! start; then
+    # Whatever was left (a stale lock, another machine's files): this cluster
+    # is a throwaway, made again once.
+    echo "PostgreSQL in $dir did not start; made afresh. The end of $dir/server.log:" >&2
     tail -n 20 "$dir/server.log" >&2
-    exit 1
+    as_pg "$bin/pg_ctl" -D "$dir/data" stop -m immediate >/dev/null 2>&1 || true
+    rm -rf "$dir/data"
+    init
+    if ! start; then
+      echo "PostgreSQL in $dir did not start; the end of $dir/server.log:" >&2
+      tail -n 20 "$dir/server.log" >&2
+      exit 1
+    fi
   fi
 fi
 echo "export SHOAL_TEST_POSTGRES=$url"
