@@ -725,7 +725,11 @@ pub fn spinner() -> ProgressBar {
         ProgressStyle::with_template("{spinner:.cyan} {elapsed:>4} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
-    bar.enable_steady_tick(Duration::from_millis(100));
+    // Drawn only on a terminal: elsewhere (scripts, pipes) no ticker thread is
+    // started for a bar no one sees (half a millisecond of a short command).
+    if !bar.is_hidden() {
+        bar.enable_steady_tick(Duration::from_millis(100));
+    }
     bar
 }
 
