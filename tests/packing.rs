@@ -311,30 +311,9 @@ async fn one_task_or_the_whole_array_is_canceled() {
 async fn a_task_canceled_while_it_waits_in_a_chain_leaves_the_tasks_behind_it_to_run() {
     let tc = TestCluster::start().await;
     four_core_cluster(&tc);
-    let path = tc.scratch("ledger");
-    let gate = tc.scratch("gate");
     // The first 40 are quick, so the node is told many tasks ahead; from the
     // 40th on each waits at the gate, so chains stand still behind them.
-    let script = format!(
-        "if [ $SHOAL_ARRAY_INDEX -ge 40 ]; then while [ ! -e {g} ]; do sleep 0.05; done; fi; echo $SHOAL_ARRAY_INDEX >> {l}",
-        g = gate.display(),
-        l = path.display()
-    );
-    let array = submit(
-        &tc,
-        &[
-            "--cluster",
-            "pack",
-            "--cpus",
-            "1",
-            "--array",
-            "0-199",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let (array, path, gate) = gated_array(&tc, 40);
     // The first task waiting in a chain (told ahead, not started): others wait
     // behind it.
     let waiting = eventually("tasks waiting in chains", LIMIT, || async {
@@ -375,30 +354,7 @@ async fn a_task_canceled_while_it_waits_in_a_chain_leaves_the_tasks_behind_it_to
 async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
     let mut tc = TestCluster::start().await;
     four_core_cluster(&tc);
-    let path = tc.scratch("ledger");
-    let gate = tc.scratch("gate");
-    // Each task writes its index once it may finish: nothing is written twice
-    // unless a task runs twice.
-    let script = format!(
-        "while [ ! -e {g} ]; do sleep 0.05; done; echo $SHOAL_ARRAY_INDEX >> {l}",
-        g = gate.display(),
-        l = path.display()
-    );
-    let array = submit(
-        &tc,
-        &[
-            "--cluster",
-            "pack",
-            "--cpus",
-            "1",
-            "--array",
-            "0-199",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
+    let (array, path, gate) = gated_array(&tc, 0);
     eventually("four tasks running", LIMIT, || async {
         let job = tc.job(&array).await;
         (job.array.as_ref()?.counts.get("running") == Some(&4)).then_some(())
@@ -417,6 +373,35 @@ async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
         Some(&200)
     );
     assert_eq!(ledger(&path), (0..200).collect::<Vec<u32>>());
+}
+
+/// An array of 200 one-cpu tasks on the one-node cluster: each writes its index
+/// to the ledger once it may finish, tasks from `quick` on only once the gate
+/// (a file) is there. Nothing is written twice unless a task runs twice.
+fn gated_array(tc: &TestCluster, quick: u32) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let path = tc.scratch("ledger");
+    let gate = tc.scratch("gate");
+    let script = format!(
+        "if [ $SHOAL_ARRAY_INDEX -ge {quick} ]; then while [ ! -e {g} ]; do sleep 0.05; done; fi; echo $SHOAL_ARRAY_INDEX >> {l}",
+        g = gate.display(),
+        l = path.display()
+    );
+    let array = submit(
+        tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "1",
+            "--array",
+            "0-199",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    (array, path, gate)
 }
 
 /// `shoal_successors_booked_total` from /metrics.
