@@ -33,7 +33,8 @@
 //! `arrays [N] [RUNS]`: N `true` tasks as one array on 2 one-core local nodes,
 //! beside the machine's fork/exec ceiling measured in the same run.
 //! `zero-work [N] [RUNS]`: N tasks through the real API to 2 `--zero-work` agent
-//! processes, as one array and as single-job requests, one and 64 tasks a node.
+//! processes, as one array and as single-job requests, one and 64 tasks a node
+//! (`SHOAL_BENCH_LAYOUT=one` or `many`: that layout only, to profile it).
 //! `tracking [POINTS] [RUNS] [sqlite|postgres]`: a job sends POINTS metric points
 //! through its agent's MLflow endpoint (log-batch calls of 1,000 over 4
 //! connections), as fast as it can and paced at 50,000/s, while `true` jobs
