@@ -365,16 +365,26 @@ async fn a_coordinator_killed_mid_array_loses_and_repeats_nothing() {
     tc.kill9();
     tc.restart().await;
     std::fs::write(&gate, "").expect("open the gate");
+    each_ran_once(&tc, &array, &path, 200, Duration::from_secs(180)).await;
+}
+
+/// The array completes, each of its `count` tasks once: its counts say so, and
+/// the ledger holds each index once.
+async fn each_ran_once(
+    tc: &TestCluster,
+    array: &str,
+    path: &std::path::Path,
+    count: u32,
+    limit: Duration,
+) {
     let job = tc
-        .wait_job(&array, "completed", Duration::from_secs(180), |j| {
-            j.status == "completed"
-        })
+        .wait_job(array, "completed", limit, |j| j.status == "completed")
         .await;
     assert_eq!(
         job.array.as_ref().expect("array").counts.get("completed"),
-        Some(&200)
+        Some(&count)
     );
-    assert_eq!(ledger(&path), (0..200).collect::<Vec<u32>>());
+    assert_eq!(ledger(path), (0..count).collect::<Vec<u32>>());
 }
 
 /// An array of 200 one-cpu tasks on the one-node cluster: each writes its index
@@ -462,16 +472,7 @@ async fn a_coordinator_killed_while_tasks_are_told_ahead_loses_and_repeats_nothi
     // Killed mid-run: agents report what they ran, run and hold when it is back.
     tc.kill9();
     tc.restart().await;
-    let job = tc
-        .wait_job(&array, "completed", Duration::from_secs(240), |j| {
-            j.status == "completed"
-        })
-        .await;
-    assert_eq!(
-        job.array.as_ref().expect("array").counts.get("completed"),
-        Some(&3000)
-    );
-    assert_eq!(ledger(&path), (0..3000).collect::<Vec<u32>>());
+    each_ran_once(&tc, &array, &path, 3000, Duration::from_secs(240)).await;
 }
 
 #[tokio::test]

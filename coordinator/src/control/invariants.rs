@@ -18,8 +18,9 @@ impl Control {
                 successors.insert(&booked.slot);
                 let after = booked.after.as_ref().expect("a successor");
                 let behind = node.chain_behind(&booked.slot);
+                // More links walked than there are successors: a loop.
                 let leads =
-                    behind <= node.running.len() && node.running.iter().any(|b| &b.slot == after);
+                    behind <= node.waiting() && node.running.iter().any(|b| &b.slot == after);
                 let followers = node
                     .running
                     .iter()

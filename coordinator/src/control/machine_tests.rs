@@ -1570,25 +1570,10 @@ fn a_node_running_many_tasks_at_once_holds_at_most_sixteen_ahead_spread_over_its
         .filter(|b| b.after.is_none())
         .collect();
     assert_eq!(running.len(), 8);
+    let ends = booked.chain_ends();
     for lead in running {
-        let chain = booked
-            .running
-            .iter()
-            .filter(|b| b.after.is_some() && booked.chain_behind(&b.slot) > 0)
-            .filter(|b| {
-                let mut at = &b.slot;
-                while let Some(after) = booked
-                    .running
-                    .iter()
-                    .find(|x| &x.slot == at)
-                    .and_then(|x| x.after.as_ref())
-                {
-                    at = after;
-                }
-                at == &lead.slot
-            })
-            .count();
-        assert_eq!(chain, 2, "two behind {:?}", lead.slot);
+        let chain = ends.iter().find(|e| e.head == &lead.slot).map(|e| e.behind);
+        assert_eq!(chain, Some(2), "two behind {:?}: {ends:?}", lead.slot);
     }
     let violations = m.control.invariant_violations();
     assert!(violations.is_empty(), "{violations:?}");

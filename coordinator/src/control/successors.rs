@@ -57,17 +57,11 @@ impl Control {
             if node.cluster != cluster || !node.is_open() {
                 continue;
             }
-            let after_of: HashMap<&Slot, &Slot> = node
-                .running
-                .iter()
-                .filter_map(|b| b.after.as_ref().map(|after| (&b.slot, after)))
-                .collect();
-            let Some(left) = MAX_CHAIN.checked_sub(after_of.len()).filter(|&l| l > 0) else {
+            let Some(left) = MAX_CHAIN.checked_sub(node.waiting()).filter(|&l| l > 0) else {
                 continue;
             };
-            let followed: HashSet<&Slot> = after_of.values().copied().collect();
-            for booked in node.running.iter().filter(|b| !followed.contains(&b.slot)) {
-                let Some((job, instance)) = self.instance(&booked.slot) else {
+            for end in node.chain_ends() {
+                let Some((job, instance)) = self.instance(end.slot) else {
                     continue;
                 };
                 let Some(task) = job.task else {
@@ -80,20 +74,15 @@ impl Control {
                     instance.status,
                     InstanceStatus::Launching | InstanceStatus::Running
                 ) && matches!(job.status, JobStatus::Preparing | JobStatus::Running);
-                let mut behind = 0;
-                let mut at = &booked.slot;
-                while let Some(&after) = after_of.get(at).filter(|_| behind <= MAX_CHAIN) {
-                    behind += 1;
-                    at = after;
-                }
-                if live && may_follow(job) && behind < chain_length(millis) {
+                let most = chain_length(millis);
+                if live && may_follow(job) && end.behind < most {
                     leaders.push(Leader {
                         node: node.id.clone(),
-                        slot: booked.slot.clone(),
+                        slot: end.slot.clone(),
                         array: task.array_seq,
                         share: job.spec.resources,
-                        behind,
-                        most: chain_length(millis),
+                        behind: end.behind,
+                        most,
                     });
                 }
             }

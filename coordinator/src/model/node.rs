@@ -276,23 +276,41 @@ impl Node {
         room
     }
 
-    /// How many successors wait before `slot` here: 0 for one that runs.
+    /// How many successors wait before `slot` here: 0 for one that runs
+    /// (more than it books for a loop, which is never built).
     pub fn chain_behind(&self, slot: &Slot) -> usize {
-        let mut behind = 0;
-        let mut at = slot;
-        while let Some(after) = self
-            .running
+        walk_chain(&self.after_of(), slot).0
+    }
+
+    /// The end of each chain here (a booked slot no successor follows): how
+    /// many successors wait up to it, and the slot its chain starts at.
+    pub fn chain_ends(&self) -> Vec<ChainEnd<'_>> {
+        let after_of = self.after_of();
+        let followed: std::collections::HashSet<&Slot> = after_of.values().copied().collect();
+        self.running
             .iter()
-            .find(|b| &b.slot == at)
-            .and_then(|b| b.after.as_ref())
-        {
-            behind += 1;
-            at = after;
-            if behind > self.running.len() {
-                break; // a loop: never built, never walked forever
-            }
-        }
-        behind
+            .filter(|b| !followed.contains(&b.slot))
+            .map(|b| {
+                let (behind, head) = walk_chain(&after_of, &b.slot);
+                ChainEnd {
+                    slot: &b.slot,
+                    behind,
+                    head,
+                }
+            })
+            .collect()
+    }
+
+    /// Successors booked here, waiting for the slot each follows.
+    pub fn waiting(&self) -> usize {
+        self.running.iter().filter(|b| b.after.is_some()).count()
+    }
+
+    fn after_of(&self) -> std::collections::HashMap<&Slot, &Slot> {
+        self.running
+            .iter()
+            .filter_map(|b| b.after.as_ref().map(|after| (&b.slot, after)))
+            .collect()
     }
 
     /// The slots it runs.
@@ -345,5 +363,57 @@ impl Node {
             self.state,
             NodeState::Preparing | NodeState::Idle | NodeState::Running | NodeState::Leaving
         )
+    }
+}
+
+/// The end of a chain of successors on a node (`Node::chain_ends`).
+#[derive(Debug)]
+pub struct ChainEnd<'a> {
+    pub slot: &'a Slot,
+    /// Successors waiting up to and including `slot` (0: it runs).
+    pub behind: usize,
+    /// The slot the chain starts at: the one that runs.
+    pub head: &'a Slot,
+}
+
+/// Walks from `slot` to the head of its chain: the successors on the way, and
+/// the head. Stops past as many steps as there are links (a loop).
+fn walk_chain<'a>(
+    after_of: &std::collections::HashMap<&'a Slot, &'a Slot>,
+    slot: &'a Slot,
+) -> (usize, &'a Slot) {
+    let mut behind = 0;
+    let mut at = slot;
+    while let Some(&after) = after_of.get(at) {
+        behind += 1;
+        at = after;
+        if behind > after_of.len() {
+            break;
+        }
+    }
+    (behind, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: &str) -> Slot {
+        Slot {
+            attempt_id: id.into(),
+            instance: 0,
+        }
+    }
+
+    #[test]
+    fn a_chain_is_walked_to_its_head_and_a_loop_walks_past_its_links() {
+        let (a, b, c, d, e) = (slot("a"), slot("b"), slot("c"), slot("d"), slot("e"));
+        // a runs; b follows a, c follows b.
+        let chain = std::collections::HashMap::from([(&b, &a), (&c, &b)]);
+        assert_eq!(walk_chain(&chain, &c), (2, &a));
+        assert_eq!(walk_chain(&chain, &a), (0, &a));
+        // d and e follow each other: more steps than links, and it ends.
+        let looped = std::collections::HashMap::from([(&d, &e), (&e, &d)]);
+        assert!(walk_chain(&looped, &d).0 > looped.len());
     }
 }
