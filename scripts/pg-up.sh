@@ -15,7 +15,7 @@ as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- 
 mkdir -p "$dir"
 # Test binaries and parallel tests call this side by side: one at a time, or two
 # would start the same cluster at once and all but one fail.
-exec 9>"$dir.lock"
+exec 9>"$dir/.lock"
 flock 9
 # A cluster left by another machine's postgres user (or a copied /tmp) is taken over.
 chown -R postgres "$dir"
