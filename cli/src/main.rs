@@ -152,11 +152,16 @@ fn main() -> ExitCode {
     if !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_)) {
         die_quietly_on_closed_stdout();
     }
-    // A client command is one conversation with the coordinator: one thread
-    // drives it, with no worker threads to start and wake (issue 17's latency).
+    // One thread drives a client command (one conversation with the coordinator,
+    // with no worker threads to start and wake: issue 17's latency) and an agent
+    // (it waits on processes and one session; its blocking work goes to the
+    // blocking pool). An agent on worker threads spent a fifth of its CPU handing
+    // each job's events from thread to thread: one thread ran 7–9% more short
+    // tasks a second (bench/RESULTS.md, issue 17 part 7).
     let one_conversation =
         !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_));
-    let mut builder = if one_conversation {
+    let one_thread = one_conversation || matches!(cli.command, Command::Agent(_));
+    let mut builder = if one_thread {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
