@@ -230,6 +230,7 @@ impl Control {
         exit: ExitReport,
         now: Millis,
     ) {
+        let node_was_dirty = self.dirty_nodes.contains(node_id);
         self.free_node(node_id, slot, now);
         self.gpu_low_since.remove(slot);
         let Some((job, index)) = self.instance_mut(slot) else {
@@ -282,7 +283,7 @@ impl Control {
         if let Some((array_seq, millis)) = quick {
             self.task_ran(array_seq, millis);
         }
-        self.dirty_jobs.insert(job_id.clone());
+        let job_was_dirty = !self.dirty_jobs.insert(job_id.clone());
         if job_final || requeued {
             return;
         }
@@ -296,6 +297,12 @@ impl Control {
                 });
                 if done {
                     self.end_job(&job_id, JobStatus::Completed, String::new(), now);
+                    self.write_task_end_later(
+                        &job_id,
+                        node_id,
+                        (job_was_dirty, node_was_dirty),
+                        now,
+                    );
                 } else if mpi && slot.instance == 0 {
                     // mpirun ended well: every rank did; the workers only held sandboxes.
                     self.end_job(&job_id, JobStatus::Completed, String::new(), now);

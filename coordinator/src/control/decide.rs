@@ -49,6 +49,7 @@ impl Control {
     /// The clusters where a placement could change: those whose queued jobs or
     /// nodes changed since the last pass (every one after loading).
     pub(super) fn clusters_to_place(&mut self) -> BTreeSet<String> {
+        let again = std::mem::take(&mut self.place_again);
         if std::mem::take(&mut self.place_all) {
             return self.clusters.keys().cloned().collect();
         }
@@ -66,6 +67,7 @@ impl Control {
         jobs.chain(nodes)
             .chain(self.dirty_clusters.iter().map(String::as_str))
             .map(str::to_string)
+            .chain(again)
             .collect()
     }
 

@@ -47,6 +47,14 @@ impl Control {
         }
     }
 
+    /// A node's change no one waits on, written as `write_later` writes jobs.
+    pub(super) fn write_node_later(&mut self, id: String, now: Millis) {
+        if !self.dirty_nodes.contains(&id) {
+            self.lazy_nodes.insert(id);
+            self.lazy_since.get_or_insert(now);
+        }
+    }
+
     /// Changes that waited long enough are written in this pass; else the
     /// loop is woken for them.
     pub(super) fn lazy_writes_due(&mut self, now: Millis) {
@@ -56,6 +64,7 @@ impl Control {
         let due = since + LAZY_WRITE_MS;
         if now >= due {
             self.dirty_jobs.append(&mut self.lazy_jobs);
+            self.dirty_nodes.append(&mut self.lazy_nodes);
             self.lazy_since = None;
         } else {
             self.wake_at = Some(self.wake_at.map_or(due, |w| w.min(due)));
@@ -66,7 +75,7 @@ impl Control {
     /// waits on that commit (replies, agent messages, provider calls, changes).
     pub fn effects(&mut self) -> Effects {
         self.batches_total += 1;
-        let clusters_touched: BTreeSet<String> = self
+        let mut clusters_touched: BTreeSet<String> = self
             .dirty_nodes
             .iter()
             .chain(self.deleted_nodes.iter())
@@ -122,6 +131,14 @@ impl Control {
                 {
                     batch.jobs.push(job.clone());
                     self.dirty_jobs.insert(id);
+                }
+            }
+            for id in std::mem::take(&mut self.lazy_nodes) {
+                if !self.dirty_nodes.contains(&id)
+                    && let Some(node) = self.nodes.get(&id)
+                {
+                    clusters_touched.insert(node.cluster.clone());
+                    batch.nodes.push(node.clone());
                 }
             }
         }

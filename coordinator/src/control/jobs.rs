@@ -229,7 +229,8 @@ impl Control {
             };
             array.status = status;
             let id = array.id.to_string();
-            if urgent {
+            // An array's end is told at once, whatever its tasks' ends wait for.
+            if urgent || status.is_final() {
                 self.dirty_jobs.insert(id);
             } else {
                 self.write_later(id, now);

@@ -1358,6 +1358,75 @@ fn a_start_is_written_with_the_next_batch_that_writes_or_a_tenth_of_a_second_lat
 }
 
 #[test]
+fn a_completed_task_is_written_with_its_node_in_a_later_batch_and_its_arrays_end_at_once() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["true".into()],
+        array: Some(ArraySpec::parse("0-11").expect("an array")),
+        ..Default::default()
+    });
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let first = launches(&mut agent).pop().expect("launched");
+    m.started(&node, &first);
+    m.advance(100);
+    m.step(vec![exit(&node, first.slot.clone(), "completed")]);
+    // The next runs with ten booked behind it (that booking was written).
+    let orders = launches(&mut agent);
+    assert_eq!(orders.len(), 11);
+    assert!(m.written.contains(&first.slot.job_id().to_string()));
+    // The next ends: nothing waits on that being written, so no batch is.
+    m.started(&node, &orders[0]);
+    m.advance(100);
+    m.step(vec![exit(&node, orders[0].slot.clone(), "completed")]);
+    let task = orders[0].slot.job_id().to_string();
+    assert!(m.written.is_empty(), "{:?}", m.written);
+    assert_eq!(m.job(&task).status, JobStatus::Completed, "ended in memory");
+    assert_eq!(m.control.wake_at(), Some(m.now + 100), "woken to write it");
+    // What is stored agrees with itself: the job still runs on the node.
+    let stored = m.store.load().expect("load");
+    let row = stored.jobs.iter().find(|j| j.id.as_str() == task);
+    assert_eq!(row.map(|j| j.status), Some(JobStatus::Running));
+    let on_node = |stored: &crate::store::Snapshot| {
+        stored
+            .nodes
+            .iter()
+            .find(|n| n.id == node)
+            .is_some_and(|n| n.running.iter().any(|b| b.slot == orders[0].slot))
+    };
+    assert!(on_node(&stored), "the node's row still holds it");
+    // A tenth of a second on, both are written, in one batch.
+    m.advance(100);
+    assert!(m.written.contains(&task), "{:?}", m.written);
+    let stored = m.store.load().expect("load");
+    let row = stored.jobs.iter().find(|j| j.id.as_str() == task);
+    assert_eq!(row.map(|j| j.status), Some(JobStatus::Completed));
+    assert!(!on_node(&stored), "the node's row let it go");
+    // The rest end; the last one's batch writes the array's end with it.
+    for order in &orders[1..] {
+        m.started(&node, order);
+        m.step(vec![exit(&node, order.slot.clone(), "completed")]);
+    }
+    let written = m.written.clone();
+    let last = orders[10].slot.job_id().to_string();
+    assert!(
+        written.contains(&array) && written.contains(&last),
+        "{written:?}"
+    );
+    assert_eq!(m.job(&array).status, JobStatus::Completed);
+    let stored = m.store.load().expect("load");
+    let ended = stored
+        .jobs
+        .iter()
+        .filter(|j| j.task.is_some() && j.status == JobStatus::Completed)
+        .count();
+    assert_eq!(ended, 12, "every task's end is stored with the array's");
+    assert!(m.control.lazy_jobs.is_empty() && m.control.lazy_nodes.is_empty());
+}
+
+#[test]
 fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_before() {
     let mut m = Machine::new(ControlConfig::default());
     m.cluster("cl", 1, 30);
@@ -1509,34 +1578,47 @@ fn tasks_ten_times_shorter_than_a_second_are_booked_ten_deep_and_a_canceled_one_
         .find(|b| b.slot == behind.slot)
         .and_then(|b| b.after.clone());
     assert_eq!(follows.as_ref(), Some(&before.slot));
-    // The chain is one short: one more is booked at its end.
-    let refill = launches(&mut agent);
-    assert_eq!(refill.len(), 1, "{refill:?}");
-    assert_eq!(refill[0].after.as_ref(), Some(&orders[10].slot));
-    assert_eq!(m.node(&node).running.len(), 11);
+    // The chain is one short, and is not topped up until half of it has
+    // started: one booking then tells the node many tasks (one commit).
+    assert!(launches(&mut agent).is_empty());
+    assert_eq!(m.node(&node).running.len(), 10);
     let violations = m.control.invariant_violations();
     assert!(violations.is_empty(), "{violations:?}");
-    // The running one ends: the next holds the node, and the chain grows
-    // back to ten behind it, at its end.
-    m.started(&node, &orders[0]);
-    m.advance(100);
-    m.step(vec![exit(&node, orders[0].slot.clone(), "completed")]);
-    let grown = launches(&mut agent);
-    assert_eq!(grown.len(), 1, "{grown:?}");
-    assert_eq!(grown[0].after.as_ref(), Some(&refill[0].slot));
+    // Tasks end one by one, each next started by the agent: once five wait
+    // behind the running one, the chain grows back to ten, at its end.
+    let waiting: Vec<&LaunchOrder> = orders.iter().filter(|o| o.slot != canceled.slot).collect();
+    let mut ended = 0;
+    let grown = loop {
+        let head = waiting[ended];
+        m.started(&node, head);
+        m.advance(100);
+        m.step(vec![exit(&node, head.slot.clone(), "completed")]);
+        ended += 1;
+        let grown = launches(&mut agent);
+        if !grown.is_empty() {
+            break grown;
+        }
+        assert!(ended < waiting.len() - 1, "the chain was never topped up");
+    };
+    assert_eq!(ended, 4, "topped up once five wait behind the running one");
+    assert_eq!(grown.len(), 5, "{grown:?}");
+    assert_eq!(grown[0].after.as_ref(), Some(&orders[10].slot));
+    for pair in grown.windows(2) {
+        assert_eq!(pair[1].after.as_ref(), Some(&pair[0].slot), "{grown:?}");
+    }
     let chain = m.node(&node);
     assert!(
         chain
             .running
             .iter()
-            .any(|b| b.slot == orders[1].slot && b.after.is_none())
+            .any(|b| b.slot == waiting[4].slot && b.after.is_none())
     );
-    assert_eq!(chain.chain_behind(&grown[0].slot), 10);
+    assert_eq!(chain.chain_behind(&grown[4].slot), 10);
     let violations = m.control.invariant_violations();
     assert!(violations.is_empty(), "{violations:?}");
     let state = m.job(&array).array.expect("state");
     assert_eq!(state.count(JobStatus::Canceled), 1);
-    assert_eq!(state.count(JobStatus::Completed), 2);
+    assert_eq!(state.count(JobStatus::Completed), 5);
 }
 
 #[test]

@@ -210,6 +210,13 @@ pub struct Control {
     /// Jobs changed in a way no one waits on (an instance started), written with
     /// the next batch that writes anything, or `LAZY_WRITE_MS` after the first.
     lazy_jobs: BTreeSet<String>,
+    /// Nodes changed in a way no one waits on (a quick task's slot freed),
+    /// written with the lazy jobs, so a commit never shows a node without a
+    /// task its job's row still runs there.
+    lazy_nodes: BTreeSet<String>,
+    /// Clusters where a placement may change with nothing of theirs to write
+    /// yet (a lazy node's slot freed).
+    place_again: BTreeSet<String>,
     lazy_since: Option<Millis>,
     /// Arrays whose last task to complete ran under `successors::QUICK_TASK_MS`
     /// (by the array's seq), with that task's time: their nodes are told the
@@ -331,6 +338,8 @@ impl Control {
             next_purge: now,
             notify_jobs: BTreeSet::new(),
             lazy_jobs: BTreeSet::new(),
+            lazy_nodes: BTreeSet::new(),
+            place_again: BTreeSet::new(),
             lazy_since: None,
             quick_arrays: HashMap::new(),
             sweeps: BTreeSet::new(),

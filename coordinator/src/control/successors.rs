@@ -57,9 +57,12 @@ impl Control {
             if node.cluster != cluster || !node.is_open() {
                 continue;
             }
-            let Some(left) = MAX_CHAIN.checked_sub(node.waiting()).filter(|&l| l > 0) else {
+            // A node is topped up once half of what it may hold has started,
+            // so one booking (and one commit) tells it many tasks.
+            if node.waiting() > MAX_CHAIN / 2 {
                 continue;
-            };
+            }
+            let left = MAX_CHAIN - node.waiting();
             for end in node.chain_ends() {
                 let Some((job, instance)) = self.instance(end.slot) else {
                     continue;
@@ -75,7 +78,8 @@ impl Control {
                     InstanceStatus::Launching | InstanceStatus::Running
                 ) && matches!(job.status, JobStatus::Preparing | JobStatus::Running);
                 let most = chain_length(millis);
-                if live && may_follow(job) && end.behind < most {
+                // Grown once half of the chain has started (to its length).
+                if live && may_follow(job) && end.behind <= most / 2 {
                     leaders.push(Leader {
                         node: node.id.clone(),
                         slot: end.slot.clone(),
@@ -170,6 +174,45 @@ impl Control {
             }
         }
         up >= max_nodes
+    }
+
+    /// A task of an array completed, and no one waits for that to be written:
+    /// no caller (the array's own end is written at once, `account_arrays`),
+    /// no pipeline step or trial. Its row and its node's freed slot go with the
+    /// next batch that writes anything, or `LAZY_WRITE_MS` on, unless something
+    /// else made them due in this pass (`was_dirty`: the job's, the node's). A
+    /// coordinator that dies before then hears the end again from the agent,
+    /// which reports what it ran when it reconnects. With chains of successors
+    /// topped up by halves, a node's short tasks are committed a batch of
+    /// them at a time instead of one commit each.
+    pub(super) fn write_task_end_later(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        was_dirty: (bool, bool),
+        now: Millis,
+    ) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        if job.task.is_none()
+            || job.trial.is_some()
+            || job.step.is_some()
+            || job.status != JobStatus::Completed
+        {
+            return;
+        }
+        let (job_was_dirty, node_was_dirty) = was_dirty;
+        if !job_was_dirty && self.dirty_jobs.remove(job_id) {
+            self.write_later(job_id.to_string(), now);
+        }
+        if !node_was_dirty && self.dirty_nodes.remove(node_id) {
+            self.write_node_later(node_id.to_string(), now);
+            // Its freed slot may take a queued job in this pass all the same.
+            if let Some(node) = self.nodes.get(node_id) {
+                self.place_again.insert(node.cluster.clone());
+            }
+        }
     }
 
     /// A task of an array completed: whether the next ones are quick enough to
