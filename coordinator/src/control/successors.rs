@@ -11,7 +11,9 @@
 //! of at most `chain_length` successors, as many as that last task's time fits
 //! in `QUICK_TASK_MS`: the last of a chain waits about that long at most while
 //! another node could go idle. A node holds at most `MAX_CHAIN` successors in
-//! all, the shortest chain grown first. A booking holds nothing
+//! all, the shortest chain grown first; a chain grows back only once half of it
+//! has started, so one booking (one commit) tells a node many tasks, whose
+//! ends wait for a later batch too (`write_task_end_later`). A booking holds nothing
 //! until the instance it follows ends (`Node::room`); each instance has at most
 //! one follower, and the follower of one that ends unstarted follows what that
 //! one followed (`Node::release`).
