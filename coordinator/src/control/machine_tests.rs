@@ -1357,14 +1357,17 @@ fn a_start_is_written_with_the_next_batch_that_writes_or_a_tenth_of_a_second_lat
     assert!(m.control.lazy_jobs.is_empty(), "nothing left to write");
 }
 
-#[test]
-fn a_completed_task_is_written_with_its_node_in_a_later_batch_and_its_arrays_end_at_once() {
-    let mut m = Machine::new(ControlConfig::default());
+/// An array of `true` tasks (`range`) on a one-node cluster, its first task
+/// run for 0.1 s and ended: the array, the node, its agent and that first launch.
+fn quick_array(
+    m: &mut Machine,
+    range: &str,
+) -> (String, String, UnboundedReceiver<ToAgent>, LaunchOrder) {
     m.cluster("cl", 1, 30);
     let array = m.submit_request(JobRequest {
         cluster: "cl".into(),
         argv: vec!["true".into()],
-        array: Some(ArraySpec::parse("0-11").expect("an array")),
+        array: Some(ArraySpec::parse(range).expect("an array")),
         ..Default::default()
     });
     let node = m.created[0].clone();
@@ -1373,6 +1376,13 @@ fn a_completed_task_is_written_with_its_node_in_a_later_batch_and_its_arrays_end
     m.started(&node, &first);
     m.advance(100);
     m.step(vec![exit(&node, first.slot.clone(), "completed")]);
+    (array, node, agent, first)
+}
+
+#[test]
+fn a_completed_task_is_written_with_its_node_in_a_later_batch_and_its_arrays_end_at_once() {
+    let mut m = Machine::new(ControlConfig::default());
+    let (array, node, mut agent, first) = quick_array(&mut m, "0-11");
     // The next runs with ten booked behind it (that booking was written).
     let orders = launches(&mut agent);
     assert_eq!(orders.len(), 11);
@@ -1532,19 +1542,7 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
 fn tasks_ten_times_shorter_than_a_second_are_booked_ten_deep_and_a_canceled_one_leaves_the_chain_whole()
  {
     let mut m = Machine::new(ControlConfig::default());
-    m.cluster("cl", 1, 30);
-    let array = m.submit_request(JobRequest {
-        cluster: "cl".into(),
-        argv: vec!["true".into()],
-        array: Some(ArraySpec::parse("0-39").expect("an array")),
-        ..Default::default()
-    });
-    let node = m.created[0].clone();
-    let mut agent = m.register(&node, "cl");
-    let first = launches(&mut agent).pop().expect("launched");
-    m.started(&node, &first);
-    m.advance(100);
-    m.step(vec![exit(&node, first.slot.clone(), "completed")]);
+    let (array, node, mut agent, _) = quick_array(&mut m, "0-39");
     // A task ran in 0.1 s: the next is placed and ten are booked behind it,
     // each behind the one before.
     let orders = launches(&mut agent);
