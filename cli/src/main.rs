@@ -156,8 +156,9 @@ fn main() -> ExitCode {
     // with no worker threads to start and wake: issue 17's latency) and an agent
     // (it waits on processes and one session; its blocking work goes to the
     // blocking pool). An agent on worker threads spent a fifth of its CPU handing
-    // each job's events from thread to thread: one thread ran 7–9% more short
-    // tasks a second (bench/RESULTS.md, issue 17 part 7).
+    // each job's events from thread to thread: one thread ran 7% more short
+    // tasks a second (median of 5 runs alternated with the build before;
+    // bench/RESULTS.md, issue 17 part 7).
     let one_conversation =
         !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_));
     let one_thread = one_conversation || matches!(cli.command, Command::Agent(_));

@@ -55,6 +55,46 @@ impl Control {
         }
     }
 
+    /// A task of an array completed, and no one waits for that to be written:
+    /// no caller (the array's own end is written at once, `account_arrays`),
+    /// no pipeline step or trial. Its row and its node's freed slot go with the
+    /// next batch that writes anything, or `LAZY_WRITE_MS` on, unless something
+    /// else made them due in this pass (`was_dirty`: the job's, the node's). A
+    /// coordinator that dies before then hears the end again from the agent,
+    /// which reports what it ran when it reconnects (lost with its agent too, the
+    /// task runs again, as an unwritten start's would). With chains of successors
+    /// topped up by halves (`successors.rs`), a node's short tasks are committed
+    /// a batch of them at a time instead of one commit each.
+    pub(super) fn write_task_end_later(
+        &mut self,
+        job_id: &str,
+        node_id: &str,
+        was_dirty: (bool, bool),
+        now: Millis,
+    ) {
+        let Some(job) = self.jobs.get(job_id) else {
+            return;
+        };
+        if job.task.is_none()
+            || job.trial.is_some()
+            || job.step.is_some()
+            || job.status != JobStatus::Completed
+        {
+            return;
+        }
+        let (job_was_dirty, node_was_dirty) = was_dirty;
+        if !job_was_dirty && self.dirty_jobs.remove(job_id) {
+            self.write_later(job_id.to_string(), now);
+        }
+        if !node_was_dirty && self.dirty_nodes.remove(node_id) {
+            self.write_node_later(node_id.to_string(), now);
+            // Its freed slot may take a queued job in this pass all the same.
+            if let Some(node) = self.nodes.get(node_id) {
+                self.place_again.insert(node.cluster.clone());
+            }
+        }
+    }
+
     /// Changes that waited long enough are written in this pass; else the
     /// loop is woken for them.
     pub(super) fn lazy_writes_due(&mut self, now: Millis) {

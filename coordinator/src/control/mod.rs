@@ -210,7 +210,7 @@ pub struct Control {
     /// Jobs changed in a way no one waits on (an instance started), written with
     /// the next batch that writes anything, or `LAZY_WRITE_MS` after the first.
     lazy_jobs: BTreeSet<String>,
-    /// Nodes changed in a way no one waits on (a quick task's slot freed),
+    /// Nodes changed in a way no one waits on (an array task's slot freed),
     /// written with the lazy jobs, so a commit never shows a node without a
     /// task its job's row still runs there.
     lazy_nodes: BTreeSet<String>,

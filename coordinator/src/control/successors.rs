@@ -13,7 +13,7 @@
 //! another node could go idle. A node holds at most `MAX_CHAIN` successors in
 //! all, the shortest chain grown first; a chain grows back only once half of it
 //! has started, so one booking (one commit) tells a node many tasks, whose
-//! ends wait for a later batch too (`write_task_end_later`). A booking holds nothing
+//! ends wait for a later batch too (`effects.rs`, `write_task_end_later`). A booking holds nothing
 //! until the instance it follows ends (`Node::room`); each instance has at most
 //! one follower, and the follower of one that ends unstarted follows what that
 //! one followed (`Node::release`).
@@ -176,45 +176,6 @@ impl Control {
             }
         }
         up >= max_nodes
-    }
-
-    /// A task of an array completed, and no one waits for that to be written:
-    /// no caller (the array's own end is written at once, `account_arrays`),
-    /// no pipeline step or trial. Its row and its node's freed slot go with the
-    /// next batch that writes anything, or `LAZY_WRITE_MS` on, unless something
-    /// else made them due in this pass (`was_dirty`: the job's, the node's). A
-    /// coordinator that dies before then hears the end again from the agent,
-    /// which reports what it ran when it reconnects. With chains of successors
-    /// topped up by halves, a node's short tasks are committed a batch of
-    /// them at a time instead of one commit each.
-    pub(super) fn write_task_end_later(
-        &mut self,
-        job_id: &str,
-        node_id: &str,
-        was_dirty: (bool, bool),
-        now: Millis,
-    ) {
-        let Some(job) = self.jobs.get(job_id) else {
-            return;
-        };
-        if job.task.is_none()
-            || job.trial.is_some()
-            || job.step.is_some()
-            || job.status != JobStatus::Completed
-        {
-            return;
-        }
-        let (job_was_dirty, node_was_dirty) = was_dirty;
-        if !job_was_dirty && self.dirty_jobs.remove(job_id) {
-            self.write_later(job_id.to_string(), now);
-        }
-        if !node_was_dirty && self.dirty_nodes.remove(node_id) {
-            self.write_node_later(node_id.to_string(), now);
-            // Its freed slot may take a queued job in this pass all the same.
-            if let Some(node) = self.nodes.get(node_id) {
-                self.place_again.insert(node.cluster.clone());
-            }
-        }
     }
 
     /// A task of an array completed: whether the next ones are quick enough to
