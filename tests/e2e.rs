@@ -96,6 +96,44 @@ async fn two_instance_job_runs_on_two_nodes_and_keeps_outputs() {
     assert_eq!(over_http["instances"].as_array().map(Vec::len), Some(2));
 }
 
+/// `--wait` prints what the job writes as it runs, then the job; with `-o json`
+/// only the job (the follow asks for the logs only when it shows them).
+#[tokio::test]
+async fn submit_wait_prints_the_jobs_output_and_json_stays_clean() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let run = ["job", "submit", "--cluster", "cpu", "--wait"];
+    let job = [
+        "--",
+        "sh",
+        "-c",
+        "echo hello from the job; echo to stderr >&2",
+    ];
+    let table = tc.shoal(&[&run[..], &job[..]].concat());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{text}");
+    assert!(text.contains("hello from the job"), "{text}");
+    assert!(text.contains("to stderr"), "{text}");
+    assert!(text.contains("completed"), "{text}");
+
+    let json = tc.shoal(&[&run[..], &["-o", "json"], &job[..]].concat());
+    assert!(json.status.success());
+    let job: serde_json::Value = serde_json::from_slice(&json.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&json.stdout)));
+    assert_eq!(job["status"], "completed", "{job:#}");
+}
+
+/// The `shoal` binary is linked at a fixed address (cli/build.rs): a client
+/// command starts without relocating 41,000 pointers first.
+#[test]
+fn the_shoal_binary_is_position_dependent() {
+    let bytes = std::fs::read(support::SHOAL).expect("read the shoal binary");
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    // e_type, little-endian at offset 16: 2 is ET_EXEC, 3 ET_DYN (a PIE).
+    let kind = u16::from_le_bytes([bytes[16], bytes[17]]);
+    assert_eq!(kind, 2, "shoal is linked as a PIE again (e_type {kind})");
+}
+
 #[tokio::test]
 async fn failing_instance_fails_the_job_with_its_exit_code() {
     let tc = TestCluster::start().await;

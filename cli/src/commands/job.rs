@@ -900,27 +900,29 @@ pub async fn follow(
     bar: &ProgressBar,
     show_logs: bool,
 ) -> anyhow::Result<pb::Job> {
-    let mut jobs = client.jobs();
-    let mut watch = jobs
-        .watch(pb::JobRef {
-            id: job_id.to_string(),
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
-    let mut logs = client
-        .jobs()
-        .logs(pb::LogsRequest {
+    // The watch and the logs are asked for together (one round trip, not two),
+    // and the logs only when they are shown.
+    let (mut jobs, mut log_jobs) = (client.jobs(), client.jobs());
+    let watch = jobs.watch(pb::JobRef {
+        id: job_id.to_string(),
+    });
+    let logs = async {
+        if !show_logs {
+            return Ok(None);
+        }
+        let request = pb::LogsRequest {
             job_id: job_id.to_string(),
             instance: None,
             follow: true,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
+        };
+        log_jobs.logs(request).await.map(Some)
+    };
+    let (watch, logs) = tokio::join!(watch, logs);
+    let mut watch = watch.map_err(status)?.into_inner();
+    let mut logs = logs.map_err(status)?.map(|r| r.into_inner());
     let mut printer: Option<LogPrinter> = None;
     let mut last: Option<pb::Job> = None;
-    let mut logs_open = show_logs;
+    let mut logs_open = logs.is_some();
     let mut watch_open = true;
     // `suspend` prints even when the bar is hidden (no terminal).
     // A closed stdout (`| head`) ends the printing, not the program.
@@ -943,7 +945,7 @@ pub async fn follow(
                 Some(Err(e)) => return Err(status(e)),
                 None => watch_open = false,
             },
-            chunk = logs.next(), if logs_open => match chunk {
+            chunk = async { logs.as_mut()?.next().await }, if logs_open => match chunk {
                 Some(Ok(chunk)) => {
                     printer.get_or_insert_with(|| LogPrinter::new(true)).push(&chunk, &mut print);
                 }
