@@ -503,3 +503,27 @@ async fn an_array_told_ahead_is_canceled_whole_with_nothing_left_running_or_held
     })
     .await;
 }
+
+#[tokio::test]
+async fn single_jobs_alike_are_told_ahead_and_each_runs_once() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let path = tc.scratch("ledger");
+    // The same work each time (a whole node, one at a time): once one has
+    // completed quickly, the next are booked behind the running one.
+    let script = format!("echo $SHOAL_JOB_ID >> {}; sleep 0.1", path.display());
+    let ids: Vec<String> = (0..30)
+        .map(|_| submit(&tc, &["--cluster", "pack", "--", "sh", "-c", &script]))
+        .collect();
+    for id in &ids {
+        tc.wait_status(id, "completed", LIMIT).await;
+    }
+    let booked = successors_booked(&tc).await;
+    assert!(booked > 0, "no single job was booked ahead");
+    let text = std::fs::read_to_string(&path).expect("the ledger");
+    let mut ran: Vec<&str> = text.lines().collect();
+    ran.sort_unstable();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(ran, want, "each job ran once");
+}

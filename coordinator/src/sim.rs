@@ -433,6 +433,13 @@ impl World {
                 Some(_) if self.rng.random_bool(0.5) => self.rng.random_range(20..900),
                 _ => duration,
             };
+            // Some single jobs are the same short work, over and over: they
+            // follow one another as successors too (`successors::Family::Alike`).
+            let (width, duration, code) = if array.is_none() && self.rng.random_bool(0.2) {
+                (1, [150, 400][self.rng.random_range(0..2)], 0)
+            } else {
+                (width, duration, code)
+            };
             self.jobs.push(JobRequest {
                 cluster: cluster.into(),
                 argv: vec!["sim".into(), duration.to_string(), code.to_string()],

@@ -274,14 +274,15 @@ impl Control {
         if attempt.is_settled() {
             attempt.ended_at = now;
         }
-        let quick = match (job.task, status) {
-            (Some(task), InstanceStatus::Completed) if attempt.started_at > 0 => {
-                Some((task.array_seq, now - attempt.started_at))
+        let started_at = attempt.started_at;
+        let quick = match (successors::family(job), status) {
+            (Some(family), InstanceStatus::Completed) if started_at > 0 => {
+                Some((family, now - started_at))
             }
             _ => None,
         };
-        if let Some((array_seq, millis)) = quick {
-            self.task_ran(array_seq, millis);
+        if let Some((family, millis)) = quick {
+            self.family_ran(family, millis, now);
         }
         let job_was_dirty = !self.dirty_jobs.insert(job_id.clone());
         if job_final || requeued {

@@ -218,7 +218,7 @@ impl Control {
                 array.started_at = now;
             }
             if status.is_final() && !array.status.is_final() {
-                self.quick_arrays.remove(&array_seq);
+                self.quick.remove(&successors::Family::Array(array_seq));
                 array.ended_at = now;
                 *self.ended_counts.entry(status).or_default() += 1;
             }

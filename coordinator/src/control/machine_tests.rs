@@ -1379,6 +1379,119 @@ fn quick_array(
     (array, node, agent, first)
 }
 
+/// Single jobs alike (the same command on the same cluster) follow one another
+/// as an array's tasks do, once one of them ran quick: the node starts each as
+/// the one before ends. A job unlike them is not booked, and nothing queued
+/// behind it is passed over; each end is written at once (someone may wait).
+#[test]
+fn quick_single_jobs_alike_are_booked_behind_each_other_and_an_unlike_one_is_not() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    let first = m.submit("cl", 1);
+    let node = m.created[0].clone();
+    let mut agent = m.register(&node, "cl");
+    let order = launches(&mut agent).pop().expect("launched");
+    // Three more alike wait, then one of another command, then one alike.
+    let alike: Vec<String> = (0..3).map(|_| m.submit("cl", 1)).collect();
+    let unlike = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["sleep".into(), "1".into()],
+        ..Default::default()
+    });
+    let last = m.submit("cl", 1);
+    // Nothing is booked before one of them has run: no time known yet.
+    assert!(launches(&mut agent).is_empty());
+    m.started(&node, &order);
+    m.advance(100);
+    m.step(vec![exit(&node, order.slot.clone(), "completed")]);
+    assert!(
+        m.written.contains(&first),
+        "a single job's end is written at once"
+    );
+    // It ran in 0.1 s: the next is placed, and the other two alike are booked
+    // behind it, each behind the one before; the unlike one stops the booking.
+    let orders = launches(&mut agent);
+    let ids: Vec<&str> = orders.iter().map(|o| o.slot.job_id()).collect();
+    assert_eq!(ids, alike.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(orders[0].after.is_none());
+    for pair in orders.windows(2) {
+        assert_eq!(pair[1].after.as_ref(), Some(&pair[0].slot), "{orders:?}");
+    }
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    // Each ends in turn, the agent starting the next itself; the unlike one
+    // is placed only when the node is free, and the last alike one after it.
+    for order in &orders {
+        m.started(&node, order);
+        m.advance(100);
+        m.step(vec![exit(&node, order.slot.clone(), "completed")]);
+        let id = order.slot.job_id().to_string();
+        assert_eq!(m.job(&id).status, JobStatus::Completed);
+    }
+    let next = launches(&mut agent);
+    let ids: Vec<&str> = next.iter().map(|o| o.slot.job_id()).collect();
+    assert_eq!(
+        ids,
+        vec![unlike.as_str()],
+        "the unlike one alone, on the free node"
+    );
+    m.started(&node, &next[0]);
+    m.advance(2_000);
+    m.step(vec![exit(&node, next[0].slot.clone(), "completed")]);
+    let ids: Vec<String> = launches(&mut agent)
+        .iter()
+        .map(|o| o.slot.job_id().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![last],
+        "then the last alike one, placed as any job"
+    );
+    let violations = m.control.invariant_violations();
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+/// Which jobs share a family: an array's tasks; single jobs only when the
+/// same work (a job with data of its own, a sweep's trial or a pipeline's step
+/// is never alike).
+#[test]
+fn single_jobs_are_alike_only_when_they_are_the_same_work() {
+    let mut m = Machine::new(ControlConfig::default());
+    m.cluster("cl", 1, 30);
+    m.cluster("other", 1, 30);
+    let request = |cluster: &str, argv: &[&str]| JobRequest {
+        cluster: cluster.into(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    let a = m.submit_request(request("cl", &["python", "eval.py"]));
+    let b = m.submit_request(request("cl", &["python", "eval.py"]));
+    let other_args = m.submit_request(request("cl", &["python", "eval.py", "--fast"]));
+    let other_cluster = m.submit_request(request("other", &["python", "eval.py"]));
+    let mut with_env = request("cl", &["python", "eval.py"]);
+    with_env
+        .environment_variables
+        .insert("SHARD".into(), "3".into());
+    let with_env = m.submit_request(with_env);
+    let family = |m: &mut Machine, id: &str| successors::family(&m.job(id));
+    assert!(family(&mut m, &a).is_some());
+    assert_eq!(family(&mut m, &a), family(&mut m, &b));
+    for unlike in [&other_args, &other_cluster, &with_env] {
+        assert_ne!(family(&mut m, &a), family(&mut m, unlike), "{unlike}");
+    }
+    let array = m.submit_request(JobRequest {
+        cluster: "cl".into(),
+        argv: vec!["python".into(), "eval.py".into()],
+        array: Some(ArraySpec::parse("0-1").expect("an array")),
+        ..Default::default()
+    });
+    assert_eq!(
+        family(&mut m, &array),
+        None,
+        "an array's own record runs nothing"
+    );
+}
+
 #[test]
 fn a_completed_task_is_written_with_its_node_in_a_later_batch_and_its_arrays_end_at_once() {
     let mut m = Machine::new(ControlConfig::default());

@@ -218,10 +218,10 @@ pub struct Control {
     /// yet (a lazy node's slot freed).
     place_again: BTreeSet<String>,
     lazy_since: Option<Millis>,
-    /// Arrays whose last task to complete ran under `successors::QUICK_TASK_MS`
-    /// (by the array's seq), with that task's time: their nodes are told the
-    /// next tasks ahead.
-    quick_arrays: HashMap<u64, Millis>,
+    /// Families (an array's tasks, single jobs alike) whose last job to
+    /// complete ran under `successors::QUICK_TASK_MS`, with that job's time and
+    /// when it ended: their nodes are told the next ones ahead.
+    quick: HashMap<successors::Family, (Millis, Millis)>,
     /// Sweeps that may still be running (by seq; ended ones leave lazily), so
     /// the conductor's question does not walk every job.
     sweeps: BTreeSet<u64>,
@@ -341,7 +341,7 @@ impl Control {
             lazy_nodes: BTreeSet::new(),
             place_again: BTreeSet::new(),
             lazy_since: None,
-            quick_arrays: HashMap::new(),
+            quick: HashMap::new(),
             sweeps: BTreeSet::new(),
             completed_steps: HashMap::new(),
             pipelines: BTreeSet::new(),

@@ -128,6 +128,7 @@ impl Control {
     pub fn tick(&mut self, now: Millis) {
         self.parallel_housekeep(now);
         self.retention(now);
+        self.forget_old_families(now);
         let lease = self.config.lease.as_millis() as i64;
         let register = self.config.register_timeout.as_millis() as i64;
         let mut unusable = Vec::new();

@@ -1,22 +1,28 @@
-//! Successors: a node that runs a short task of an array is told the array's
-//! next tasks before the current one ends, and starts each as soon as it has
-//! reported the end of the one before. Its slot is never idle for a round trip
-//! through the coordinator (the exit in, its commit, the next launch out),
-//! which is most of a short task's cost when each node runs one at a time.
+//! Successors: a node that runs a short job of a `Family` (the tasks of one
+//! array, or single jobs alike) is told the family's next jobs before the
+//! current one ends, and starts each as soon as it has reported the end of the
+//! one before. Its slot is never idle for a round trip through the coordinator
+//! (the exit in, its commit, the next launch out), which is most of a short
+//! job's cost when each node runs one at a time.
 //!
 //! A successor is booked only where nothing else would take it sooner: its
 //! cluster is at `max_nodes` with every node up (no node is coming), it is the
-//! oldest queued job (nothing is passed over), and the array's last task to
-//! complete ran under `QUICK_TASK_MS`. Behind each running instance is a chain
-//! of at most `chain_length` successors, as many as that last task's time fits
-//! in `QUICK_TASK_MS`: the last of a chain waits about that long at most while
-//! another node could go idle. A node holds at most `MAX_CHAIN` successors in
-//! all, the shortest chain grown first; a chain grows back only once half of it
-//! has started, so one booking (one commit) tells a node many tasks, whose
-//! ends wait for a later batch too (`effects.rs`, `write_task_end_later`). A booking holds nothing
-//! until the instance it follows ends (`Node::room`); each instance has at most
-//! one follower, and the follower of one that ends unstarted follows what that
-//! one followed (`Node::release`).
+//! oldest queued job (nothing is passed over), and its family's last job to
+//! complete ran under `QUICK_TASK_MS`. Single jobs are alike when they are the
+//! same work (command, image, code, variables and share on one cluster) with
+//! no data of their own: many evaluations, many `true`s. Behind each running
+//! instance is a chain of at most `chain_length` successors, as many as that
+//! last job's time fits in `QUICK_TASK_MS`: the last of a chain waits about
+//! that long at most while another node could go idle. A node holds at most
+//! `MAX_CHAIN` successors in all, the shortest chain grown first; a chain grows
+//! back only once half of it has started, so one booking (one commit) tells a
+//! node many jobs. An array task's end waits for a later batch too
+//! (`effects.rs`, `write_task_end_later`); a single job's is written at once.
+//! A booking holds nothing until the instance it follows ends (`Node::room`);
+//! each instance has at most one follower, and the follower of one that ends
+//! unstarted follows what that one followed (`Node::release`).
+
+use std::hash::{Hash, Hasher};
 
 use super::*;
 
@@ -27,8 +33,60 @@ pub const QUICK_TASK_MS: Millis = 1_000;
 /// runs many tasks at once has its round trips hidden by them already.
 pub const MAX_CHAIN: usize = 16;
 
-/// How many successors may wait behind one instance of an array whose last
-/// task ran `millis`: as many as fit in `QUICK_TASK_MS`, one at least.
+/// How long an alike family's last run is remembered without another: the
+/// quick families stay as few as the commands run of late.
+pub const ALIKE_MEMORY_MS: Millis = 10 * 60 * 1_000;
+
+/// Jobs one may follow another of: an array's tasks, or single jobs alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Array(u64),
+    /// A hash of what makes single jobs the same work (`family`).
+    Alike(u64),
+}
+
+/// The family a job may be booked in as a successor: its array's, or, for a
+/// plain single job (no sweep, pipeline, parallel run or data), its work's.
+pub fn family(job: &Job) -> Option<Family> {
+    if let Some(task) = job.task {
+        return Some(Family::Array(task.array_seq));
+    }
+    let extras = &*job.spec.extras;
+    let plain = job.array.is_none()
+        && job.sweep.is_none()
+        && job.trial.is_none()
+        && job.pipeline.is_none()
+        && job.step.is_none()
+        && job.spec.parallel.is_none()
+        && extras.inputs.is_empty()
+        && extras.outputs.is_empty();
+    if !plain {
+        return None;
+    }
+    // SipHash with its fixed keys: the same family for one build on every
+    // pass and replay (the families are never stored).
+    let mut hash = std::hash::DefaultHasher::new();
+    let spec = &job.spec;
+    (
+        &spec.cluster,
+        &spec.argv,
+        &spec.command,
+        &spec.environment_variables,
+    )
+        .hash(&mut hash);
+    (
+        &spec.code_path,
+        &spec.image,
+        &extras.environment,
+        &extras.path_prefix,
+    )
+        .hash(&mut hash);
+    (spec.instance_count, spec.timeout_seconds, spec.resources).hash(&mut hash);
+    Some(Family::Alike(hash.finish()))
+}
+
+/// How many successors may wait behind one instance of a family whose last
+/// job ran `millis`: as many as fit in `QUICK_TASK_MS`, one at least.
 pub fn chain_length(millis: Millis) -> usize {
     let fit = QUICK_TASK_MS / millis.max(1);
     usize::try_from(fit)
@@ -39,19 +97,19 @@ pub fn chain_length(millis: Millis) -> usize {
 impl Control {
     /// Books successors on the cluster's nodes, as far as its queue allows.
     pub(super) fn book_successors(&mut self, cluster: &str, now: Millis) {
-        // Nothing queued, or no array's tasks known to be short: nothing to
+        // Nothing queued, or no family's jobs known to be short: nothing to
         // walk (this runs on every pass that touches the cluster).
         let Some(queue) = self.queue.cluster(cluster) else {
             return;
         };
-        if self.quick_arrays.is_empty() || queue.seqs().next().is_none() {
+        if self.quick.is_empty() || queue.seqs().next().is_none() {
             return;
         }
         if !self.cluster_is_complete(cluster) {
             return;
         }
         // The end of each chain that may grow: a running instance, or the last
-        // successor behind it, with its array, its share and the chain's length.
+        // successor behind it, with its family, its share and the chain's length.
         let mut leaders: Vec<Leader> = Vec::new();
         // What each node may still take ahead: `MAX_CHAIN` over all its chains.
         let mut room: HashMap<String, usize> = HashMap::new();
@@ -69,10 +127,10 @@ impl Control {
                 let Some((job, instance)) = self.instance(end.slot) else {
                     continue;
                 };
-                let Some(task) = job.task else {
+                let Some(family) = family(job) else {
                     continue;
                 };
-                let Some(&millis) = self.quick_arrays.get(&task.array_seq) else {
+                let Some(&(millis, _)) = self.quick.get(&family) else {
                     continue;
                 };
                 let live = matches!(
@@ -85,7 +143,7 @@ impl Control {
                     leaders.push(Leader {
                         node: node.id.clone(),
                         slot: end.slot.clone(),
-                        array: task.array_seq,
+                        family,
                         share: job.spec.resources,
                         behind: end.behind,
                         most,
@@ -97,7 +155,7 @@ impl Control {
         if leaders.is_empty() {
             return;
         }
-        // The oldest queued jobs, in order, each behind a chain of its array
+        // The oldest queued jobs, in order, each behind a chain of its family
         // (the shortest first); the first that cannot follow any stops the booking.
         let mut bookings: Vec<(scheduler::Placement, Slot)> = Vec::new();
         for seq in queue.seqs() {
@@ -107,7 +165,7 @@ impl Control {
             let Some(job) = self.jobs.by_seq(seq) else {
                 break;
             };
-            let Some(task) = job.task else {
+            let Some(family) = family(job) else {
                 break;
             };
             let settled = job.current_attempt().is_none_or(Attempt::is_settled);
@@ -115,7 +173,7 @@ impl Control {
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| {
-                    l.array == task.array_seq
+                    l.family == family
                         && l.share == job.spec.resources
                         && self
                             .nodes
@@ -178,14 +236,22 @@ impl Control {
         up >= max_nodes
     }
 
-    /// A task of an array completed: whether the next ones are quick enough to
-    /// be booked ahead.
-    pub(super) fn task_ran(&mut self, array_seq: u64, millis: Millis) {
+    /// A job of a family completed in `millis`: whether the next ones are
+    /// quick enough to be booked ahead.
+    pub(super) fn family_ran(&mut self, family: Family, millis: Millis, now: Millis) {
         if millis < QUICK_TASK_MS {
-            self.quick_arrays.insert(array_seq, millis);
+            self.quick.insert(family, (millis, now));
         } else {
-            self.quick_arrays.remove(&array_seq);
+            self.quick.remove(&family);
         }
+    }
+
+    /// Alike families not run for `ALIKE_MEMORY_MS` are forgotten (an array's
+    /// goes with its end).
+    pub(super) fn forget_old_families(&mut self, now: Millis) {
+        self.quick.retain(|family, (_, at)| {
+            matches!(family, Family::Array(_)) || now - *at < ALIKE_MEMORY_MS
+        });
     }
 }
 
@@ -204,7 +270,7 @@ fn may_follow(job: &Job) -> bool {
 struct Leader {
     node: String,
     slot: Slot,
-    array: u64,
+    family: Family,
     share: Resources,
     /// Successors already booked between the running instance and this one.
     behind: usize,
