@@ -123,17 +123,6 @@ async fn submit_wait_prints_the_jobs_output_and_json_stays_clean() {
     assert_eq!(job["status"], "completed", "{job:#}");
 }
 
-/// The `shoal` binary is linked at a fixed address (cli/build.rs): a client
-/// command starts without relocating 41,000 pointers first.
-#[test]
-fn the_shoal_binary_is_position_dependent() {
-    let bytes = std::fs::read(support::SHOAL).expect("read the shoal binary");
-    assert_eq!(&bytes[..4], b"\x7fELF");
-    // e_type, little-endian at offset 16: 2 is ET_EXEC, 3 ET_DYN (a PIE).
-    let kind = u16::from_le_bytes([bytes[16], bytes[17]]);
-    assert_eq!(kind, 2, "shoal is linked as a PIE again (e_type {kind})");
-}
-
 #[tokio::test]
 async fn failing_instance_fails_the_job_with_its_exit_code() {
     let tc = TestCluster::start().await;

@@ -116,33 +116,41 @@ impl InstanceStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     /// Empty when none was given: `Job::name` is then its id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     pub cluster: CompactString,
     /// The exact argv each instance runs (a YAML `command` becomes `sh -c <command>`);
     /// short words (most are) are kept inline.
     pub argv: Vec<CompactString>,
     /// The command line as the user wrote it, when given as one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub command: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub environment_variables: BTreeMap<String, String>,
     pub instance_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<std::num::NonZeroU64>,
     /// Where the coordinator keeps the code snapshot, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code_path: Option<String>,
     /// The container image it runs in; None: a plain process.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Preemptions it is requeued after before it fails.
-    #[serde(default = "default_max_preemptions")]
+    #[serde(
+        default = "default_max_preemptions",
+        skip_serializing_if = "is_default_max_preemptions"
+    )]
     pub max_preemptions: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_zero")]
     pub gpus_per_instance: u32,
     /// The share of a node each instance gets; the whole node when none is asked.
     #[serde(default, skip_serializing_if = "Resources::is_whole")]
     pub resources: Resources,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distribution: Option<Distribution>,
     /// A parallel (batch inference) job: how its mini-batches run.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<Box<crate::parallel::ParallelSpec>>,
     /// Most jobs have none of it, and every queued job is held in memory: a
     /// job without any holds no allocation for it.
@@ -662,29 +670,29 @@ impl From<Extras> for JobExtras {
 /// its data, where its environment came from, and what people wrote about it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobExtras {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inputs: BTreeMap<String, crate::data::DataInput>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outputs: BTreeMap<String, crate::data::DataOutput>,
     /// Keys of the job file that have no effect here, each with why.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub experiment_name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
     /// How its environment was named (`azureml:sklearn@latest`), when it was.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub environment: String,
     /// A host environment's venv or conda prefix, first on PATH.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
     /// A container's shared memory.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shm_size_bytes: Option<u64>,
 }
 
@@ -810,6 +818,10 @@ pub const DEFAULT_MAX_PREEMPTIONS: u32 = 10;
 
 pub(super) fn default_max_preemptions() -> u32 {
     DEFAULT_MAX_PREEMPTIONS
+}
+
+fn is_default_max_preemptions(n: &u32) -> bool {
+    *n == DEFAULT_MAX_PREEMPTIONS
 }
 
 #[derive(Clone, Debug, Default)]
@@ -979,12 +991,14 @@ pub struct InstanceRun {
     pub index: u32,
     pub node: String,
     pub status: InstanceStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// GPU indices it holds on its node.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     /// The secret its node's agent shows on every call about it (sent with its
     /// Launch; never shown to people).
@@ -999,6 +1013,7 @@ pub struct Attempt {
     pub instances: Vec<InstanceRun>,
     pub started_at: Millis,
     pub ended_at: Millis,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
 }
 
@@ -1166,10 +1181,10 @@ pub struct Job {
     /// Why it waits, or why it ended.
     pub reason: JobReason,
     /// Times a preemption sent it back to the queue.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "super::is_zero")]
     pub preemptions: u32,
     /// Things worth a look (an idle GPU).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "thin_vec::ThinVec::is_empty")]
     pub flags: thin_vec::ThinVec<String>,
     /// An array's own record (it runs nothing itself: its tasks do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1298,12 +1313,65 @@ mod tests {
             ..job.spec.clone()
         };
         let body = serde_json::to_value(&plain).expect("encoded");
-        assert_eq!(
-            body["inputs"],
-            serde_json::json!({}),
-            "empty extras are written out"
-        );
+        assert!(body.get("inputs").is_none(), "empty extras are left out");
         let back: JobSpec = serde_json::from_value(body).expect("decoded");
         assert_eq!(back, plain);
+    }
+
+    #[test]
+    fn a_row_leaves_out_what_holds_its_default_and_reads_back_the_same() {
+        // As an earlier version wrote it, every default spelled out; then run.
+        let mut job: Job = serde_json::from_str(&stored("", "")).expect("a job");
+        job.spec.name.clear();
+        job.spec.command.clear();
+        job.attempts.push(Attempt {
+            id: "job-3.1".into(),
+            number: 1,
+            instances: vec![InstanceRun {
+                index: 0,
+                node: "n1".into(),
+                status: InstanceStatus::Completed,
+                exit_code: Some(0),
+                message: String::new(),
+                gpus: Vec::new(),
+                usage: Some(Usage {
+                    cpu_seconds: 0.25,
+                    ..Usage::default()
+                }),
+                token: "t".into(),
+            }],
+            started_at: 2,
+            ended_at: 3,
+            reason: String::new(),
+        });
+        let row = serde_json::to_string(&job).expect("encoded");
+        for left_out in [
+            "\"name\"",
+            "\"command\"",
+            "environment_variables",
+            "timeout_seconds",
+            "max_preemptions",
+            "inputs",
+            "tags",
+            "preemptions",
+            "flags",
+            "message",
+            "gpu_energy_joules",
+        ] {
+            assert!(!row.contains(left_out), "{left_out} in {row}");
+        }
+        assert!(row.len() < 400, "{} bytes: {row}", row.len());
+        let back: Job = serde_json::from_str(&row).expect("decoded");
+        assert_eq!(back.spec, job.spec);
+        assert_eq!(back.spec.max_preemptions, DEFAULT_MAX_PREEMPTIONS);
+        let instance = &back.attempts[0].instances[0];
+        assert_eq!(instance.exit_code, Some(0));
+        assert_eq!(instance.usage.as_ref().map(|u| u.cpu_seconds), Some(0.25));
+        assert_eq!(serde_json::to_string(&back).expect("encoded"), row);
+        // What is not a default is written: a spec's own preemption limit.
+        job.spec.max_preemptions = 0;
+        let row = serde_json::to_string(&job).expect("encoded");
+        let back: Job = serde_json::from_str(&row).expect("decoded");
+        assert_eq!(back.spec.max_preemptions, 0);
     }
 }

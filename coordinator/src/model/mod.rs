@@ -12,6 +12,12 @@ use crate::{Error, Result};
 /// Unix milliseconds: the one clock unit of the model (0 = not yet).
 pub type Millis = i64;
 
+/// Whether a stored field holds its default, and is left out of the row
+/// (`skip_serializing_if`; `#[serde(default)]` reads it back).
+pub(crate) fn is_zero<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 pub fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

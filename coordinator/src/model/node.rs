@@ -239,15 +239,25 @@ pub struct NodeStats {
 }
 
 /// What an instance used (live while it runs, final after).
+/// Stored without its zeros (a CPU job's GPU figures, a quick job's all).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Usage {
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub samples: u32,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_utilization_avg_percent: f64,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_utilization_peak_percent: u32,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_memory_peak_bytes: u64,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_energy_joules: f64,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub cpu_seconds: f64,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_utilization_percent: u32,
+    #[serde(skip_serializing_if = "super::is_zero")]
     pub gpu_memory_bytes: u64,
 }
 
