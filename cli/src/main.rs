@@ -12,14 +12,6 @@ use clap::{Parser, Subcommand};
 use commands::{agent, assets, cluster, job, ml, mpi, node, quickstart, serve, token};
 use output::Format;
 
-/// mimalloc, not glibc's malloc, for Rust's allocations (C libraries such as
-/// SQLite keep glibc's): the coordinator's control loop allocates and frees many
-/// small, short-lived values for each job (its launch, its row), and glibc's
-/// malloc and free took 31% of its samples on zero-work jobs; with mimalloc the
-/// coordinator spends 15% less CPU on them (bench/RESULTS.md, issue 17 part 8).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "shoal",
