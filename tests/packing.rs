@@ -511,7 +511,8 @@ async fn single_jobs_alike_are_told_ahead_and_each_runs_once() {
     let path = tc.scratch("ledger");
     // The same work each time (a whole node, one at a time): once one has
     // completed quickly, the next are booked behind the running one.
-    let script = format!("echo $SHOAL_JOB_ID >> {}; sleep 0.1", path.display());
+    // 0.25 s each, several times a debug CLI's submit: the queue builds up.
+    let script = format!("echo $SHOAL_JOB_ID >> {}; sleep 0.25", path.display());
     let ids: Vec<String> = (0..30)
         .map(|_| submit(&tc, &["--cluster", "pack", "--", "sh", "-c", &script]))
         .collect();

@@ -274,12 +274,13 @@ impl Control {
         if attempt.is_settled() {
             attempt.ended_at = now;
         }
+        // Only a completion tells how long the family's jobs take (its
+        // family is a hash for a single job: made only then).
         let started_at = attempt.started_at;
-        let quick = match (successors::family(job), status) {
-            (Some(family), InstanceStatus::Completed) if started_at > 0 => {
-                Some((family, now - started_at))
-            }
-            _ => None,
+        let quick = if status == InstanceStatus::Completed && started_at > 0 {
+            successors::family(job).map(|family| (family, now - started_at))
+        } else {
+            None
         };
         if let Some((family, millis)) = quick {
             self.family_ran(family, millis, now);

@@ -9,8 +9,11 @@
 //! cluster is at `max_nodes` with every node up (no node is coming), it is the
 //! oldest queued job (nothing is passed over), and its family's last job to
 //! complete ran under `QUICK_TASK_MS`. Single jobs are alike when they are the
-//! same work (command, image, code, variables and share on one cluster) with
-//! no data of their own: many evaluations, many `true`s. Behind each running
+//! same work (command line, image, code, variables and share on one cluster)
+//! with no data of their own: the same evaluation run again, jobs that differ
+//! only in name or tags (not a loop over seeds, whose arguments differ: that is
+//! an array). A family only predicts a job's time; each successor still runs
+//! its own spec. Behind each running
 //! instance is a chain of at most `chain_length` successors, as many as that
 //! last job's time fits in `QUICK_TASK_MS`: the last of a chain waits about
 //! that long at most while another node could go idle. A node holds at most
