@@ -123,6 +123,44 @@ async fn submit_wait_prints_the_jobs_output_and_json_stays_clean() {
     assert_eq!(job["status"], "completed", "{job:#}");
 }
 
+/// The daemons allocate through mimalloc and the client commands through glibc's
+/// malloc, chosen per process from its first argument (`cli/src/alloc.rs`); each
+/// process logs its choice as it starts.
+#[tokio::test]
+async fn the_daemons_allocate_through_mimalloc_and_a_client_command_through_glibc() {
+    let tc = TestCluster::start().await;
+    tc.create_cluster("cpu", &["--max-nodes", "1"]);
+    let run = tc.shoal(&["job", "submit", "--cluster", "cpu", "--wait", "--", "true"]);
+    assert!(run.status.success(), "{}", tc.coordinator_log());
+    let coordinator =
+        std::fs::read_to_string(tc.dir.path().join("coordinator.log")).expect("coordinator log");
+    assert!(
+        coordinator.contains(r#"allocator="mimalloc""#),
+        "{coordinator}"
+    );
+    let nodes = tc.data_dir().join("nodes");
+    let agents: Vec<String> = std::fs::read_dir(&nodes)
+        .expect("nodes dir")
+        .filter_map(|node| std::fs::read_to_string(node.ok()?.path().join("agent.log")).ok())
+        .collect();
+    assert_eq!(agents.len(), 1, "one node's agent log under {nodes:?}");
+    assert!(
+        agents[0].contains(r#"allocator="mimalloc""#),
+        "{}",
+        agents[0]
+    );
+
+    let client = std::process::Command::new(support::SHOAL)
+        .args(["cluster", "list"])
+        .env("SHOAL_LOG", "info")
+        .env("SHOAL_ENDPOINT", tc.endpoint())
+        .env("SHOAL_CONFIG_DIR", tc.config_dir())
+        .output()
+        .expect("run shoal");
+    let said = String::from_utf8_lossy(&client.stderr);
+    assert!(said.contains(r#"allocator="system""#), "{said}");
+}
+
 #[tokio::test]
 async fn failing_instance_fails_the_job_with_its_exit_code() {
     let tc = TestCluster::start().await;

@@ -1,6 +1,7 @@
 //! `shoal`: self-hosted compute clusters for ML training and batch inference.
 //! One binary: the coordinator (`up`), the node agent (`agent`), and the CLI.
 
+mod alloc;
 mod client;
 mod commands;
 mod output;
@@ -11,6 +12,11 @@ use clap::{Parser, Subcommand};
 
 use commands::{agent, assets, cluster, job, ml, mpi, node, quickstart, serve, token};
 use output::Format;
+
+/// mimalloc for the daemons, glibc's malloc for the client commands, chosen
+/// before `main` from the first argument (`alloc.rs`).
+#[global_allocator]
+static ALLOCATOR: alloc::ByRole = alloc::ByRole;
 
 #[derive(Parser)]
 #[command(
@@ -147,6 +153,11 @@ fn main() -> ExitCode {
         Command::Up(_) | Command::Coordinator(_) | Command::Agent(_)
     );
     init_logging(if is_server { "info" } else { "warn" });
+    tracing::info!(
+        allocator = alloc::chosen(),
+        version = env!("CARGO_PKG_VERSION"),
+        "shoal starting"
+    );
     // Only short-lived client commands: servers and helpers must see EPIPE as an
     // error on the one connection, not die of it.
     if !is_server && !matches!(cli.command, Command::Quickstart(_) | Command::Mpi(_)) {
