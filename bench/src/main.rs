@@ -784,6 +784,19 @@ async fn completed_count(
     address: &str,
     token: &str,
 ) -> anyhow::Result<u64> {
+    metric(http, address, token, |l| {
+        l.starts_with("shoal_jobs{") && l.contains("state=\"completed\"")
+    })
+    .await
+}
+
+/// The value of the first line of /metrics that `line` picks.
+async fn metric(
+    http: &reqwest::Client,
+    address: &str,
+    token: &str,
+    line: impl Fn(&str) -> bool,
+) -> anyhow::Result<u64> {
     let text = http
         .get(format!("http://{address}/metrics"))
         .bearer_auth(token)
@@ -794,10 +807,25 @@ async fn completed_count(
         .await?;
     let line = text
         .lines()
-        .find(|l| l.starts_with("shoal_jobs{") && l.contains("state=\"completed\""))
-        .context("no completed count in /metrics")?;
+        .find(|l| line(l))
+        .context("no such line in /metrics")?;
     let value = line.rsplit(' ').next().unwrap_or("0");
     Ok(value.parse::<f64>()? as u64)
+}
+
+/// The control loop's passes and the store's commits so far, from /metrics.
+async fn loop_counts(coordinator: &CoordinatorProcess) -> anyhow::Result<(u64, u64)> {
+    let http = reqwest::Client::new();
+    let (address, token) = (&coordinator.address, &coordinator.token);
+    let passes = metric(&http, address, token, |l| {
+        l.starts_with("shoal_control_batches_total ")
+    })
+    .await?;
+    let commits = metric(&http, address, token, |l| {
+        l.starts_with("shoal_store_commit_seconds_count ")
+    })
+    .await?;
+    Ok((passes, commits))
 }
 
 /// `count` single-job requests (`true`, `cpus` each, 64 in flight) to `cluster`;
@@ -873,12 +901,25 @@ async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow
         one_array(&mut jobs, cluster, 200, cpus).await?; // both nodes up
         let (mut arrays, mut single) = (Vec::new(), Vec::new());
         for run in 1..=runs {
+            let before = loop_counts(&coordinator).await?;
             let rate = one_array(&mut jobs, cluster, count, cpus).await?;
             arrays.push(rate);
+            let between = loop_counts(&coordinator).await?;
             let rate_single = singles(&coordinator, cluster, count, cpus).await?;
             single.push(rate_single);
+            let after = loop_counts(&coordinator).await?;
+            let per_task = |(p0, c0): (u64, u64), (p1, c1): (u64, u64)| {
+                let n = f64::from(count);
+                format!(
+                    "{:.2} passes and {:.2} commits a task",
+                    (p1 - p0) as f64 / n,
+                    (c1 - c0) as f64 / n
+                )
+            };
             println!(
-                "zero-work run {run}, {said}: {count} tasks as one array {rate:.0}/s; as {count} single-job requests {rate_single:.0}/s"
+                "zero-work run {run}, {said}: {count} tasks as one array {rate:.0}/s ({}); as {count} single-job requests {rate_single:.0}/s ({})",
+                per_task(before, between),
+                per_task(between, after),
             );
         }
         for (how, mut rates) in [("one array", arrays), ("single-job requests", single)] {
