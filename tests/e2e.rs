@@ -123,11 +123,11 @@ async fn submit_wait_prints_the_jobs_output_and_json_stays_clean() {
     assert_eq!(job["status"], "completed", "{job:#}");
 }
 
-/// The daemons allocate through mimalloc and the client commands through glibc's
-/// malloc, chosen per process from its first argument (`cli/src/alloc.rs`); each
-/// process logs its choice as it starts.
+/// The coordinator allocates through mimalloc, an agent and the client commands
+/// through glibc's malloc, chosen per process from its first argument
+/// (`cli/src/alloc.rs`); each process logs its choice as it starts.
 #[tokio::test]
-async fn the_daemons_allocate_through_mimalloc_and_a_client_command_through_glibc() {
+async fn the_coordinator_allocates_through_mimalloc_an_agent_and_a_client_through_glibc() {
     let tc = TestCluster::start().await;
     tc.create_cluster("cpu", &["--max-nodes", "1"]);
     let run = tc.shoal(&["job", "submit", "--cluster", "cpu", "--wait", "--", "true"]);
