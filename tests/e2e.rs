@@ -144,11 +144,7 @@ async fn the_coordinator_allocates_through_mimalloc_an_agent_and_a_client_throug
         .filter_map(|node| std::fs::read_to_string(node.ok()?.path().join("agent.log")).ok())
         .collect();
     assert_eq!(agents.len(), 1, "one node's agent log under {nodes:?}");
-    assert!(
-        agents[0].contains(r#"allocator="mimalloc""#),
-        "{}",
-        agents[0]
-    );
+    assert!(agents[0].contains(r#"allocator="system""#), "{}", agents[0]);
 
     let client = std::process::Command::new(support::SHOAL)
         .args(["cluster", "list"])
