@@ -5,7 +5,7 @@
 //! Why two: the coordinator's control loop allocates and frees many small,
 //! short-lived values for each job (its launch, its row). glibc's malloc and
 //! free took 31% of its samples on zero-work jobs, and with mimalloc it spends
-//! about 15% less CPU. But a client command is one short process, and with
+//! about 20% less CPU on them. But a client command is one short process, and with
 //! mimalloc `shoal job submit --wait` took ~0.6 ms longer at the median and up
 //! to 25 ms at p95 (bench/RESULTS.md, issue 17 parts 6, 8 and 9). And an idle
 //! agent, one on every node, holds 17 MB with glibc's malloc and 28 MB with
@@ -13,8 +13,8 @@
 //! so the choice is made per process.
 //!
 //! What is left of mimalloc in a process that does not use it: its own
-//! constructor, which reads its options from the environment (~0.07 ms of CPU
-//! at start; part 9).
+//! constructor, which reads its options from the environment (0.04–0.07 ms of
+//! CPU at start; part 9).
 //!
 //! How: glibc runs the functions of `.init_array` before Rust's runtime starts,
 //! with the process's `argc` and `argv` (Rust's standard library reads its own
@@ -42,7 +42,7 @@ static CHOSEN: AtomicU8 = AtomicU8::new(UNDECIDED);
 
 /// The roles that allocate through mimalloc: the coordinator's, by the first
 /// argument.
-pub fn daemon_role(first_arg: &[u8]) -> bool {
+pub fn uses_mimalloc(first_arg: &[u8]) -> bool {
     matches!(first_arg, b"up" | b"coordinator")
 }
 
@@ -128,15 +128,15 @@ extern "C" fn choose(
     argv: *const *const std::ffi::c_char,
     _envp: *const *const std::ffi::c_char,
 ) {
-    let daemon = argc > 1
+    let mimalloc = argc > 1
         && !argv.is_null()
         // SAFETY: glibc passes the process's argv: `argc` valid pointers to
         // NUL-terminated strings (then a null one), alive for the whole process.
         && unsafe {
             let first = *argv.add(1);
-            !first.is_null() && daemon_role(std::ffi::CStr::from_ptr(first).to_bytes())
+            !first.is_null() && uses_mimalloc(std::ffi::CStr::from_ptr(first).to_bytes())
         };
-    let choice = if daemon { MIMALLOC } else { SYSTEM };
+    let choice = if mimalloc { MIMALLOC } else { SYSTEM };
     // An allocation made before this settled it already: that choice stands.
     let _ = CHOSEN.compare_exchange(UNDECIDED, choice, Ordering::Relaxed, Ordering::Relaxed);
 }
@@ -158,8 +158,8 @@ mod tests {
 
     #[test]
     fn the_coordinator_is_told_apart_from_the_other_roles_by_its_first_argument() {
-        for daemon in ["up", "coordinator"] {
-            assert!(daemon_role(daemon.as_bytes()), "{daemon}");
+        for role in ["up", "coordinator"] {
+            assert!(uses_mimalloc(role.as_bytes()), "{role}");
         }
         for other in [
             "agent",
@@ -171,7 +171,7 @@ mod tests {
             "ups",
             "",
         ] {
-            assert!(!daemon_role(other.as_bytes()), "{other}");
+            assert!(!uses_mimalloc(other.as_bytes()), "{other}");
         }
     }
 
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn the_choice_follows_the_first_argument_and_blocks_work_through_it() {
         let first = std::env::args().nth(1).unwrap_or_default();
-        let want = if daemon_role(first.as_bytes()) {
+        let want = if uses_mimalloc(first.as_bytes()) {
             "mimalloc"
         } else {
             "system"

@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use commands::{agent, assets, cluster, job, ml, mpi, node, quickstart, serve, token};
 use output::Format;
 
-/// mimalloc for the daemons, glibc's malloc for the client commands, chosen
-/// before `main` from the first argument (`alloc.rs`).
+/// mimalloc for the coordinator, glibc's malloc for the agent and the client
+/// commands, chosen before `main` from the first argument (`alloc.rs`).
 #[global_allocator]
 static ALLOCATOR: alloc::ByRole = alloc::ByRole;
 
