@@ -784,17 +784,19 @@ async fn completed_count(
     address: &str,
     token: &str,
 ) -> anyhow::Result<u64> {
-    metric(http, address, token, |l| {
+    metric(http, address, token, "completed count", |l| {
         l.starts_with("shoal_jobs{") && l.contains("state=\"completed\"")
     })
     .await
 }
 
-/// The value of the first line of /metrics that `line` picks.
+/// The value of the first line of /metrics that `line` picks (`what`, for
+/// the error if there is none).
 async fn metric(
     http: &reqwest::Client,
     address: &str,
     token: &str,
+    what: &str,
     line: impl Fn(&str) -> bool,
 ) -> anyhow::Result<u64> {
     let text = http
@@ -808,7 +810,7 @@ async fn metric(
     let line = text
         .lines()
         .find(|l| line(l))
-        .context("no such line in /metrics")?;
+        .with_context(|| format!("no {what} in /metrics"))?;
     let value = line.rsplit(' ').next().unwrap_or("0");
     Ok(value.parse::<f64>()? as u64)
 }
@@ -817,11 +819,11 @@ async fn metric(
 async fn loop_counts(coordinator: &CoordinatorProcess) -> anyhow::Result<(u64, u64)> {
     let http = reqwest::Client::new();
     let (address, token) = (&coordinator.address, &coordinator.token);
-    let passes = metric(&http, address, token, |l| {
+    let passes = metric(&http, address, token, "pass count", |l| {
         l.starts_with("shoal_control_batches_total ")
     })
     .await?;
-    let commits = metric(&http, address, token, |l| {
+    let commits = metric(&http, address, token, "commit count", |l| {
         l.starts_with("shoal_store_commit_seconds_count ")
     })
     .await?;
