@@ -903,19 +903,22 @@ async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow
         one_array(&mut jobs, cluster, 200, cpus).await?; // both nodes up
         let (mut arrays, mut single) = (Vec::new(), Vec::new());
         for run in 1..=runs {
-            let before = loop_counts(&coordinator).await?;
+            let before = (loop_counts(&coordinator).await?, coordinator.usage().0);
             let rate = one_array(&mut jobs, cluster, count, cpus).await?;
             arrays.push(rate);
-            let between = loop_counts(&coordinator).await?;
+            let between = (loop_counts(&coordinator).await?, coordinator.usage().0);
             let rate_single = singles(&coordinator, cluster, count, cpus).await?;
             single.push(rate_single);
-            let after = loop_counts(&coordinator).await?;
-            let per_task = |(p0, c0): (u64, u64), (p1, c1): (u64, u64)| {
+            let after = (loop_counts(&coordinator).await?, coordinator.usage().0);
+            // The coordinator's CPU (all its threads) a task: steadier than a
+            // rate when the client and the agents share the machine with it.
+            let per_task = |((p0, c0), cpu0): ((u64, u64), f64), ((p1, c1), cpu1): ((u64, u64), f64)| {
                 let n = f64::from(count);
                 format!(
-                    "{:.2} passes and {:.2} commits a task",
+                    "{:.2} passes and {:.2} commits a task, coordinator CPU {:.0} µs a task",
                     (p1 - p0) as f64 / n,
-                    (c1 - c0) as f64 / n
+                    (c1 - c0) as f64 / n,
+                    (cpu1 - cpu0) * 1e6 / n
                 )
             };
             println!(

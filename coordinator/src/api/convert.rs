@@ -765,11 +765,11 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
         }),
         ToAgent::Pong => Msg::Pong(pb::Pong {}),
         ToAgent::Launch(order) => Msg::Launch(pb::Launch {
+            env: order.env.into_vars(&order.job_id, &order.slot),
             attempt_id: order.slot.attempt_id,
             job_id: order.job_id,
             instance: order.slot.instance,
             argv: order.argv,
-            env: order.env,
             timeout_seconds: order.timeout_seconds.unwrap_or(0),
             has_code: order.has_code,
             image: order.image.unwrap_or_default(),

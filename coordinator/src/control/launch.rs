@@ -108,6 +108,106 @@ pub fn distribution_env(spec: &JobSpec, hosts: &[String]) -> Vec<Vec<(String, St
     }
 }
 
+/// What an instance's environment is written from: the job's own variables
+/// and the facts of its placement. The control loop decides them; the
+/// variables are written out by `into_vars`, at the edge (the node's session),
+/// which keeps ~20 strings a launch out of the loop.
+#[derive(Clone, Debug)]
+pub struct LaunchEnv {
+    /// The job's own variables; the placement's are written over them.
+    pub own: BTreeMap<String, String>,
+    pub attempt: u32,
+    pub instance_count: u32,
+    pub node_id: String,
+    pub cluster: String,
+    /// Each instance's host, the first the master's, and its node.
+    pub hosts: Vec<String>,
+    pub node_ids: Vec<String>,
+    /// The notice a low-priority node's jobs get before preemption; none on a
+    /// dedicated node (and the job's own `SHOAL_PREEMPTION_DEADLINE` is dropped).
+    pub preemption_notice_seconds: Option<u64>,
+    /// An array's task: its index and the array's sequence number.
+    pub task: Option<(u32, u64)>,
+    /// The secret the node's identity endpoint asks this instance for.
+    pub identity_header: Option<String>,
+    pub tracking: Option<TrackingEnv>,
+    /// The cluster's default managed identity.
+    pub default_identity: Option<String>,
+    /// A distributed job's settings for this instance; the job's own win.
+    pub distributed: Vec<(String, String)>,
+}
+
+/// An instance's MLflow settings: its secret and the run's experiment.
+#[derive(Clone, Debug)]
+pub struct TrackingEnv {
+    pub token: String,
+    pub experiment: String,
+}
+
+impl LaunchEnv {
+    /// The instance's variables: the job's own, then `SHOAL_*` (an array task's
+    /// Slurm names too), the identity and MLflow settings, and a distributed
+    /// job's, which give way to the job's own.
+    pub fn into_vars(self, job_id: &str, slot: &Slot) -> BTreeMap<String, String> {
+        let mut env = self.own;
+        let mut set = |key: &str, value: String| {
+            env.insert(key.to_string(), value);
+        };
+        let index = slot.instance.to_string();
+        set("SHOAL_JOB_ID", job_id.to_string());
+        set("SHOAL_ATTEMPT", self.attempt.to_string());
+        set("SHOAL_ATTEMPT_ID", slot.attempt_id.clone());
+        set("SHOAL_INSTANCE", index.clone());
+        set("SHOAL_NODE_RANK", index);
+        set("SHOAL_NUM_NODES", self.instance_count.to_string());
+        set("SHOAL_NODE_ID", self.node_id);
+        set("SHOAL_CLUSTER", self.cluster);
+        set(
+            "SHOAL_MASTER_NODE",
+            self.hosts.first().cloned().unwrap_or_default(),
+        );
+        if let Some((index, array_seq)) = self.task {
+            // Slurm's names too, so ported scripts run as they are.
+            set("SHOAL_ARRAY_INDEX", index.to_string());
+            set("SHOAL_ARRAY_JOB_ID", job_table::job_id(array_seq));
+            set("SLURM_ARRAY_TASK_ID", index.to_string());
+            set("SLURM_ARRAY_JOB_ID", array_seq.to_string());
+        }
+        set("SHOAL_NODES", self.hosts.join(","));
+        set("SHOAL_NODE_IDS", self.node_ids.join(","));
+        if let Some(secret) = self.identity_header {
+            set("IDENTITY_HEADER", secret);
+        }
+        if let Some(tracking) = self.tracking {
+            set("MLFLOW_TRACKING_TOKEN", tracking.token);
+            set(
+                "MLFLOW_RUN_ID",
+                crate::tracking::model::run_id_of_attempt(&slot.attempt_id),
+            );
+            let experiment = if tracking.experiment.is_empty() {
+                "Default".to_string()
+            } else {
+                tracking.experiment
+            };
+            set("MLFLOW_EXPERIMENT_NAME", experiment);
+        }
+        if let Some(client_id) = self.default_identity {
+            set("DEFAULT_IDENTITY_CLIENT_ID", client_id);
+        }
+        match self.preemption_notice_seconds {
+            Some(seconds) => set("SHOAL_PREEMPTION_DEADLINE", seconds.to_string()),
+            None => {
+                env.remove("SHOAL_PREEMPTION_DEADLINE");
+            }
+        }
+        for (key, value) in self.distributed {
+            // The job's own settings win (MASTER_PORT, say).
+            env.entry(key).or_insert(value);
+        }
+        env
+    }
+}
+
 impl Control {
     /// Starts an attempt on the placement's nodes; a successor (`after`, one
     /// instance) is booked to follow that instance on its node.
@@ -126,7 +226,7 @@ impl Control {
             .clusters
             .get(job.spec.cluster.as_str())
             .is_some_and(|c| c.spec.vm_priority == Priority::LowPriority);
-        let preemption_notice = self.config.preemption_notice.as_secs().to_string();
+        let preemption_notice = self.config.preemption_notice.as_secs();
         // How instances reach each other: local nodes share this machine's loopback;
         // other nodes are reached by the name their agent registered.
         let hosts: Vec<String> = placement
@@ -139,7 +239,6 @@ impl Control {
                 _ => "127.0.0.1".to_string(),
             })
             .collect();
-        let master = hosts.first().cloned().unwrap_or_default();
         let distributed = distribution_env(&job.spec, &hosts);
         let processes = job
             .spec
@@ -154,6 +253,11 @@ impl Control {
             .and_then(|c| c.identities.first())
             .map(|a| a.client_id.clone());
         let mpi = matches!(job.spec.distribution, Some(Distribution::Mpi { .. }));
+        let tracked = self.config.tracking.is_some()
+            && !job
+                .spec
+                .environment_variables
+                .contains_key("MLFLOW_TRACKING_URI");
         let mut instances = Vec::new();
         for (index, node_id) in placement.nodes.iter().enumerate() {
             let slot = Slot {
@@ -161,78 +265,32 @@ impl Control {
                 instance: index as u32,
             };
             let token = random_hex(&mut self.rng, 16);
-            let mut env = job.spec.environment_variables.clone();
-            for (key, value) in [
-                ("SHOAL_JOB_ID", job.id.to_string()),
-                ("SHOAL_ATTEMPT", number.to_string()),
-                ("SHOAL_ATTEMPT_ID", attempt_id.clone()),
-                ("SHOAL_INSTANCE", index.to_string()),
-                ("SHOAL_NODE_RANK", index.to_string()),
-                ("SHOAL_NUM_NODES", job.spec.instance_count.to_string()),
-                ("SHOAL_NODE_ID", node_id.clone()),
-                ("SHOAL_CLUSTER", job.spec.cluster.to_string()),
-                ("SHOAL_MASTER_NODE", master.clone()),
-                ("SHOAL_PREEMPTION_DEADLINE", preemption_notice.clone()),
-            ] {
-                env.insert(key.to_string(), value);
-            }
-            if !low_priority {
-                env.remove("SHOAL_PREEMPTION_DEADLINE");
-            }
-            if let Some(task) = job.task {
-                // Slurm's names too, so ported scripts run as they are.
-                let array_id = job_table::job_id(task.array_seq);
-                for (key, value) in [
-                    ("SHOAL_ARRAY_INDEX", task.index.to_string()),
-                    ("SHOAL_ARRAY_JOB_ID", array_id.clone()),
-                    ("SLURM_ARRAY_TASK_ID", task.index.to_string()),
-                    ("SLURM_ARRAY_JOB_ID", task.array_seq.to_string()),
-                ] {
-                    env.insert(key.to_string(), value);
-                }
-            }
-            env.insert("SHOAL_NODES".into(), hosts.join(","));
-            env.insert("SHOAL_NODE_IDS".into(), placement.nodes.join(","));
-            if self.config.identity_tokens {
-                // Every instance may ask; a cluster with no identity gets a clear 400.
-                env.insert("IDENTITY_HEADER".into(), random_hex(&mut self.rng, 24));
-            }
-            if self.config.tracking.is_some()
-                && !job
-                    .spec
-                    .environment_variables
-                    .contains_key("MLFLOW_TRACKING_URI")
-            {
-                // MLflow logs to the job's run; the agent serves the tracking URI
-                // and knows this secret as the instance's.
-                env.insert(
-                    "MLFLOW_TRACKING_TOKEN".into(),
-                    random_hex(&mut self.rng, 24),
-                );
-                env.insert(
-                    "MLFLOW_RUN_ID".into(),
-                    crate::tracking::model::run_id_of_attempt(&attempt_id),
-                );
-                let experiment = &job.spec.extras.experiment_name;
-                env.insert(
-                    "MLFLOW_EXPERIMENT_NAME".into(),
-                    if experiment.is_empty() {
-                        "Default"
-                    } else {
-                        experiment
-                    }
-                    .to_string(),
-                );
-            }
-            if let Some(client_id) = &default_identity {
-                env.insert("DEFAULT_IDENTITY_CLIENT_ID".into(), client_id.clone());
-            }
-            if let Some(per_instance) = distributed.get(index) {
-                for (key, value) in per_instance {
-                    // The job's own settings win (MASTER_PORT, say).
-                    env.entry(key.clone()).or_insert_with(|| value.clone());
-                }
-            }
+            // Every instance may ask; a cluster with no identity gets a clear 400.
+            let identity_header = self
+                .config
+                .identity_tokens
+                .then(|| random_hex(&mut self.rng, 24));
+            // MLflow logs to the job's run; the agent serves the tracking URI and
+            // knows this secret as the instance's.
+            let tracking = tracked.then(|| TrackingEnv {
+                token: random_hex(&mut self.rng, 24),
+                experiment: job.spec.extras.experiment_name.clone(),
+            });
+            let env = LaunchEnv {
+                own: job.spec.environment_variables.clone(),
+                attempt: number,
+                instance_count: job.spec.instance_count,
+                node_id: node_id.clone(),
+                cluster: job.spec.cluster.to_string(),
+                hosts: hosts.clone(),
+                node_ids: placement.nodes.clone(),
+                preemption_notice_seconds: low_priority.then_some(preemption_notice),
+                task: job.task.as_ref().map(|t| (t.index, t.array_seq)),
+                identity_header,
+                tracking,
+                default_identity: default_identity.clone(),
+                distributed: distributed.get(index).cloned().unwrap_or_default(),
+            };
             tell(
                 &self.links,
                 &mut self.outbox,
@@ -335,6 +393,99 @@ mod distribution_tests {
         assert_eq!(second["WORLD_SIZE"], "8");
         assert_eq!(second["NODE_RANK"], "1");
         assert_eq!(second["LOCAL_WORLD_SIZE"], "4");
+    }
+
+    fn env_of(own: &[(&str, &str)]) -> LaunchEnv {
+        LaunchEnv {
+            own: own
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            attempt: 2,
+            instance_count: 2,
+            node_id: "cl-n2".into(),
+            cluster: "cl".into(),
+            hosts: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            node_ids: vec!["cl-n1".into(), "cl-n2".into()],
+            preemption_notice_seconds: None,
+            task: None,
+            identity_header: None,
+            tracking: None,
+            default_identity: None,
+            distributed: vec![("MASTER_PORT".into(), "6105".into())],
+        }
+    }
+
+    #[test]
+    fn placement_variables_are_written_over_the_jobs_own_and_distribution_gives_way() {
+        let slot = Slot {
+            attempt_id: "job-7.2".into(),
+            instance: 1,
+        };
+        let own = [
+            ("SHOAL_NODE_ID", "mine"),
+            ("SHOAL_PREEMPTION_DEADLINE", "5"),
+            ("MASTER_PORT", "7000"),
+            ("EPOCHS", "3"),
+        ];
+        let vars = env_of(&own).into_vars("job-7", &slot);
+        assert_eq!(vars["SHOAL_JOB_ID"], "job-7");
+        assert_eq!(vars["SHOAL_ATTEMPT"], "2");
+        assert_eq!(vars["SHOAL_ATTEMPT_ID"], "job-7.2");
+        assert_eq!(vars["SHOAL_INSTANCE"], "1");
+        assert_eq!(vars["SHOAL_NODE_RANK"], "1");
+        assert_eq!(vars["SHOAL_NUM_NODES"], "2");
+        assert_eq!(vars["SHOAL_NODE_ID"], "cl-n2", "the placement's own id wins");
+        assert_eq!(vars["SHOAL_MASTER_NODE"], "10.0.0.1");
+        assert_eq!(vars["SHOAL_NODES"], "10.0.0.1,10.0.0.2");
+        assert_eq!(vars["SHOAL_NODE_IDS"], "cl-n1,cl-n2");
+        assert_eq!(vars["MASTER_PORT"], "7000", "the job's own port wins");
+        assert_eq!(vars["EPOCHS"], "3");
+        assert!(
+            !vars.contains_key("SHOAL_PREEMPTION_DEADLINE"),
+            "a dedicated node's jobs get no deadline, not even their own"
+        );
+        for absent in [
+            "SHOAL_ARRAY_INDEX",
+            "IDENTITY_HEADER",
+            "MLFLOW_TRACKING_TOKEN",
+            "DEFAULT_IDENTITY_CLIENT_ID",
+        ] {
+            assert!(!vars.contains_key(absent), "{absent}");
+        }
+    }
+
+    #[test]
+    fn a_tasks_identitys_and_trackings_variables() {
+        let slot = Slot {
+            attempt_id: "job-3.1".into(),
+            instance: 0,
+        };
+        let env = LaunchEnv {
+            preemption_notice_seconds: Some(30),
+            task: Some((4, 3)),
+            identity_header: Some("secret".into()),
+            tracking: Some(TrackingEnv {
+                token: "t".into(),
+                experiment: String::new(),
+            }),
+            default_identity: Some("client".into()),
+            ..env_of(&[])
+        };
+        let vars = env.into_vars("job-3.4", &slot);
+        assert_eq!(vars["SHOAL_PREEMPTION_DEADLINE"], "30");
+        assert_eq!(vars["SHOAL_ARRAY_INDEX"], "4");
+        assert_eq!(vars["SLURM_ARRAY_TASK_ID"], "4");
+        assert_eq!(vars["SHOAL_ARRAY_JOB_ID"], job_table::job_id(3));
+        assert_eq!(vars["SLURM_ARRAY_JOB_ID"], "3");
+        assert_eq!(vars["IDENTITY_HEADER"], "secret");
+        assert_eq!(vars["MLFLOW_TRACKING_TOKEN"], "t");
+        assert_eq!(
+            vars["MLFLOW_RUN_ID"],
+            crate::tracking::model::run_id_of_attempt("job-3.1")
+        );
+        assert_eq!(vars["MLFLOW_EXPERIMENT_NAME"], "Default");
+        assert_eq!(vars["DEFAULT_IDENTITY_CLIENT_ID"], "client");
     }
 
     #[test]

@@ -389,7 +389,7 @@ fn a_gang_whose_instance_is_lost_is_requeued_not_failed_when_the_others_stop() {
 }
 
 fn launches_for(node: &str, order: &LaunchOrder) -> bool {
-    order.env.get("SHOAL_NODE_ID").map(String::as_str) == Some(node)
+    order.environment().get("SHOAL_NODE_ID").map(String::as_str) == Some(node)
 }
 
 #[test]
@@ -440,7 +440,7 @@ fn an_idle_node_goes_at_its_idle_timeout_and_not_before() {
     let order = launches(&mut agent).pop().expect("launched");
     assert_eq!(order.slot.attempt_id, format!("{id}.1"));
     assert_eq!(
-        order.env.get("SHOAL_NUM_NODES").map(String::as_str),
+        order.environment().get("SHOAL_NUM_NODES").map(String::as_str),
         Some("1")
     );
     m.step(vec![
@@ -485,7 +485,7 @@ fn an_agent_restarted_without_its_attempt_gets_the_job_again_as_attempt_2() {
     assert_eq!(again.slot.attempt_id, format!("{id}.2"));
     assert_ne!(order.slot, again.slot);
     assert_eq!(
-        again.env.get("SHOAL_ATTEMPT").map(String::as_str),
+        again.environment().get("SHOAL_ATTEMPT").map(String::as_str),
         Some("2")
     );
     assert!(
@@ -569,7 +569,7 @@ fn preemption_requeues_the_job_until_max_preemptions() {
         let order = launches(&mut agent).pop().expect("launched");
         assert_eq!(
             order
-                .env
+                .environment()
                 .get("SHOAL_PREEMPTION_DEADLINE")
                 .map(String::as_str),
             Some("30")
@@ -831,11 +831,11 @@ fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
         // mpirun starts the ranks: the agent starts one process per instance.
         assert!(order.mpi);
         assert_eq!(order.processes, 1);
-        assert_eq!(order.env["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
-        assert_eq!(order.env["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
-        assert_eq!(order.env["SHOAL_NODE_IDS"].split(',').count(), 2);
+        assert_eq!(order.environment()["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
+        assert_eq!(order.environment()["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
+        assert_eq!(order.environment()["SHOAL_NODE_IDS"].split(',').count(), 2);
     }
-    let node_of = |order: &LaunchOrder| order.env["SHOAL_NODE_ID"].clone();
+    let node_of = |order: &LaunchOrder| order.environment()["SHOAL_NODE_ID"].clone();
     for order in &orders {
         m.started(&node_of(order), order);
     }
@@ -1183,12 +1183,12 @@ fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_wh
         let mut ran = false;
         for (node, agent) in nodes.iter().zip(agents.iter_mut()) {
             for order in launches(agent) {
-                seen.push(order.env["SHOAL_ARRAY_INDEX"].clone());
+                seen.push(order.environment()["SHOAL_ARRAY_INDEX"].clone());
                 assert_eq!(
-                    order.env["SLURM_ARRAY_TASK_ID"],
-                    order.env["SHOAL_ARRAY_INDEX"]
+                    order.environment()["SLURM_ARRAY_TASK_ID"],
+                    order.environment()["SHOAL_ARRAY_INDEX"]
                 );
-                assert_eq!(order.env["SHOAL_ARRAY_JOB_ID"], array);
+                assert_eq!(order.environment()["SHOAL_ARRAY_JOB_ID"], array);
                 m.started(node, &order);
                 let running = m
                     .job(&array)
@@ -1291,7 +1291,7 @@ fn a_held_task_canceled_alone_does_not_let_its_array_run_more_at_once() {
         let live = state.count(JobStatus::Running) + state.count(JobStatus::Preparing);
         assert!(live <= 2, "{live} tasks at once: {state:?}");
         for (node, order) in orders {
-            ran.push(order.env["SHOAL_ARRAY_INDEX"].clone());
+            ran.push(order.environment()["SHOAL_ARRAY_INDEX"].clone());
             m.step(vec![exit(&node, order.slot.clone(), "completed")]);
         }
     }
@@ -1575,7 +1575,7 @@ fn a_node_is_told_its_next_quick_task_ahead_and_starts_it_only_after_the_one_bef
     let (second, third) = (&orders[0], &orders[1]);
     assert!(second.after.is_none());
     assert_eq!(third.after.as_ref(), Some(&second.slot));
-    assert_eq!(third.env["SHOAL_ARRAY_INDEX"], "2");
+    assert_eq!(third.environment()["SHOAL_ARRAY_INDEX"], "2");
     let waiting = m.job(third.slot.job_id());
     assert_eq!(
         waiting.reason.to_string(),

@@ -34,7 +34,8 @@ pub struct LaunchOrder {
     pub slot: Slot,
     pub job_id: String,
     pub argv: Vec<String>,
-    pub env: BTreeMap<String, String>,
+    /// What its environment is written from (`LaunchOrder::environment`).
+    pub env: LaunchEnv,
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
     pub image: Option<String>,
@@ -62,6 +63,13 @@ pub struct LaunchOrder {
     pub shm_size_bytes: Option<u64>,
     /// A successor: the node starts it once its instance `after` has ended.
     pub after: Option<Slot>,
+}
+
+impl LaunchOrder {
+    /// The instance's variables, as its node is sent them.
+    pub fn environment(&self) -> BTreeMap<String, String> {
+        self.env.clone().into_vars(&self.job_id, &self.slot)
+    }
 }
 
 /// An input as a node makes it.
