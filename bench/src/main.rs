@@ -912,7 +912,8 @@ async fn zero_work(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow
             let after = (loop_counts(&coordinator).await?, coordinator.usage().0);
             // The coordinator's CPU (all its threads) a task: steadier than a
             // rate when the client and the agents share the machine with it.
-            let per_task = |((p0, c0), cpu0): ((u64, u64), f64), ((p1, c1), cpu1): ((u64, u64), f64)| {
+            let per_task = |((p0, c0), cpu0): ((u64, u64), f64),
+                            ((p1, c1), cpu1): ((u64, u64), f64)| {
                 let n = f64::from(count);
                 format!(
                     "{:.2} passes and {:.2} commits a task, coordinator CPU {:.0} µs a task",

@@ -276,7 +276,7 @@ impl Control {
                 token: random_hex(&mut self.rng, 24),
                 experiment: job.spec.extras.experiment_name.clone(),
             });
-            let env = LaunchEnv {
+            let env = Box::new(LaunchEnv {
                 own: job.spec.environment_variables.clone(),
                 attempt: number,
                 instance_count: job.spec.instance_count,
@@ -290,7 +290,7 @@ impl Control {
                 tracking,
                 default_identity: default_identity.clone(),
                 distributed: distributed.get(index).cloned().unwrap_or_default(),
-            };
+            });
             tell(
                 &self.links,
                 &mut self.outbox,
@@ -435,7 +435,10 @@ mod distribution_tests {
         assert_eq!(vars["SHOAL_INSTANCE"], "1");
         assert_eq!(vars["SHOAL_NODE_RANK"], "1");
         assert_eq!(vars["SHOAL_NUM_NODES"], "2");
-        assert_eq!(vars["SHOAL_NODE_ID"], "cl-n2", "the placement's own id wins");
+        assert_eq!(
+            vars["SHOAL_NODE_ID"], "cl-n2",
+            "the placement's own id wins"
+        );
         assert_eq!(vars["SHOAL_MASTER_NODE"], "10.0.0.1");
         assert_eq!(vars["SHOAL_NODES"], "10.0.0.1,10.0.0.2");
         assert_eq!(vars["SHOAL_NODE_IDS"], "cl-n1,cl-n2");

@@ -440,7 +440,10 @@ fn an_idle_node_goes_at_its_idle_timeout_and_not_before() {
     let order = launches(&mut agent).pop().expect("launched");
     assert_eq!(order.slot.attempt_id, format!("{id}.1"));
     assert_eq!(
-        order.environment().get("SHOAL_NUM_NODES").map(String::as_str),
+        order
+            .environment()
+            .get("SHOAL_NUM_NODES")
+            .map(String::as_str),
         Some("1")
     );
     m.step(vec![

@@ -35,7 +35,7 @@ pub struct LaunchOrder {
     pub job_id: String,
     pub argv: Vec<String>,
     /// What its environment is written from (`LaunchOrder::environment`).
-    pub env: LaunchEnv,
+    pub env: Box<LaunchEnv>,
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
     pub image: Option<String>,

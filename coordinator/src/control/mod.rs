@@ -904,7 +904,8 @@ pub use effects::{Effects, Link, Timings};
 pub use handle::ControlHandle;
 pub use job_table::{job_id, job_seq};
 pub use launch::{
-    LaunchEnv, MPI_RELEASE, PYTORCH_MASTER_PORT, TENSORFLOW_BASE_PORT, TrackingEnv, distribution_env,
+    LaunchEnv, MPI_RELEASE, PYTORCH_MASTER_PORT, TENSORFLOW_BASE_PORT, TrackingEnv,
+    distribution_env,
 };
 pub use messages::*;
 pub use ownership::{AgentCall, Claim, Granted};
