@@ -34,7 +34,8 @@ pub struct LaunchOrder {
     pub slot: Slot,
     pub job_id: String,
     pub argv: Vec<String>,
-    /// What its environment is written from (`LaunchOrder::environment`).
+    /// What its environment is written from (`LaunchEnv::into_vars`, when the
+    /// order is put on the wire).
     pub env: Box<LaunchEnv>,
     pub timeout_seconds: Option<u64>,
     pub has_code: bool,
@@ -65,8 +66,9 @@ pub struct LaunchOrder {
     pub after: Option<Slot>,
 }
 
+#[cfg(test)]
 impl LaunchOrder {
-    /// The instance's variables, as its node is sent them.
+    /// The instance's variables, as its node is sent them (for the machine tests).
     pub fn environment(&self) -> BTreeMap<String, String> {
         self.env.clone().into_vars(&self.job_id, &self.slot)
     }
