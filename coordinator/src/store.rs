@@ -550,9 +550,11 @@ fn jobs_upsert(rows: usize) -> &'static str {
         &MADE,
         "INSERT INTO jobs (id, seq, cluster, status, body, ended_at, array_seq)",
         7,
-        "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, cluster = excluded.cluster,
-             status = excluded.status, body = excluded.body,
-             ended_at = excluded.ended_at, array_seq = excluded.array_seq",
+        // A job's seq, cluster and array never change once it is stored: an
+        // update sets only what does, and SQLite then leaves the indexes on seq
+        // and on the array alone (it maintains every index on a column SET names).
+        "ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body,
+             ended_at = excluded.ended_at",
         rows,
     )
 }
