@@ -66,21 +66,62 @@ fn agent_env() -> &'static std::collections::BTreeMap<std::ffi::OsString, std::f
     ENV.get_or_init(|| std::env::vars_os().collect())
 }
 
+/// Programs found on a PATH, by (program, PATH): a node that runs the same
+/// command thousands of times searches its PATH once. Only PATHs of absolute
+/// folders are kept (a relative one depends on the working folder).
+type Found = std::collections::HashMap<(String, String), PathBuf>;
+
+fn found() -> std::sync::MutexGuard<'static, Found> {
+    static FOUND: std::sync::OnceLock<std::sync::Mutex<Found>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a program was found: where, and whether from what an earlier start found.
+struct Resolved {
+    path: PathBuf,
+    remembered: Option<(String, String)>,
+}
+
 /// Finds `program` as `execvp` would, on the job's own PATH (or the agent's).
 fn resolve(
     program: &str,
     env: &std::collections::BTreeMap<String, String>,
     cwd: &Path,
-) -> Option<PathBuf> {
+) -> Option<Resolved> {
     if program.contains('/') {
-        return Some(cwd.join(program));
+        return Some(Resolved {
+            path: cwd.join(program),
+            remembered: None,
+        });
     }
     let path = env
         .get("PATH")
         .cloned()
         .or_else(|| std::env::var("PATH").ok())
         .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    which::which_in(program, Some(path), cwd).ok()
+    if !std::env::split_paths(&path).all(|folder| folder.is_absolute()) {
+        let path = which::which_in(program, Some(path), cwd).ok()?;
+        return Some(Resolved {
+            path,
+            remembered: None,
+        });
+    }
+    let key = (program.to_string(), path);
+    if let Some(path) = found().get(&key) {
+        return Some(Resolved {
+            path: path.clone(),
+            remembered: Some(key),
+        });
+    }
+    let path = which::which_in(program, Some(&key.1), cwd).ok()?;
+    found().insert(key, path.clone());
+    Some(Resolved {
+        path,
+        remembered: None,
+    })
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -197,8 +238,25 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Starts the process (stdin from /dev/null, stdout and stderr to pipes); the
 /// process and the read ends of its stdout and stderr.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+    let resolved = resolve(spec.program, spec.env, spec.cwd).ok_or(SpawnError::NotFound)?;
+    match spawn_resolved(spec, &resolved.path) {
+        // What an earlier start found is gone (or changed): search again.
+        Err(_) if resolved.remembered.is_some() => {
+            if let Some(key) = &resolved.remembered {
+                found().remove(key);
+            }
+            spawn(spec)
+        }
+        started => started,
+    }
+}
+
+/// Starts `program`, found already (`resolve`).
+fn spawn_resolved(
+    spec: &SpawnSpec<'_>,
+    program: &Path,
+) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
     let other = SpawnError::Other;
-    let program = resolve(spec.program, spec.env, spec.cwd).ok_or(SpawnError::NotFound)?;
     let program = cstring(program.as_os_str().as_bytes()).map_err(other)?;
     let mut argv = vec![cstring(spec.program.as_bytes()).map_err(other)?];
     for arg in spec.args {
@@ -430,6 +488,50 @@ mod tests {
             Err(SpawnError::NotFound) => panic!("a missing folder said as a missing program"),
             Ok(_) => panic!("started in a folder that does not exist"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_program_found_before_and_gone_since_is_searched_for_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("dir");
+        let (first, second) = (root.path().join("first"), root.path().join("second"));
+        for (folder, code) in [(&first, 3), (&second, 4)] {
+            std::fs::create_dir(folder).expect("folder");
+            let program = folder.join("shoal-test-found");
+            std::fs::write(&program, format!("#!/bin/sh\nexit {code}\n")).expect("script");
+            std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))
+                .expect("mode");
+        }
+        let path = std::env::join_paths([&first, &second, &PathBuf::from("/usr/bin")])
+            .expect("PATH")
+            .into_string()
+            .expect("UTF-8");
+        let env = BTreeMap::from([("PATH".to_string(), path)]);
+        let code = |started: Result<(Spawned, OwnedFd, OwnedFd), SpawnError>| async move {
+            let Ok((mut child, _out, _err)) = started else {
+                panic!("did not start");
+            };
+            child.wait().await.expect("waited").code()
+        };
+        // The first on the PATH, found and then remembered.
+        for _ in 0..2 {
+            assert_eq!(
+                code(start("shoal-test-found", &[], &env, root.path())).await,
+                Some(3)
+            );
+        }
+        // Gone from there: the next start finds the one further on.
+        std::fs::remove_file(first.join("shoal-test-found")).expect("removed");
+        assert_eq!(
+            code(start("shoal-test-found", &[], &env, root.path())).await,
+            Some(4)
+        );
+        // Gone from everywhere: not found (not a stale path's exec error).
+        std::fs::remove_file(second.join("shoal-test-found")).expect("removed");
+        assert!(matches!(
+            start("shoal-test-found", &[], &env, root.path()),
+            Err(SpawnError::NotFound)
+        ));
     }
 
     #[test]
