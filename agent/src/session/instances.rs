@@ -139,7 +139,9 @@ impl Agent {
                 return;
             }
         }
-        info!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
+        // One line a job on the happy path is a write a job on a node that runs
+        // thousands (`SHOAL_LOG=debug` shows them); what goes wrong is said at info.
+        debug!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
         let agent = self.clone();
         tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
     }
@@ -548,7 +550,11 @@ impl Agent {
                 .trim()
                 .to_string();
         }
-        info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        if outcome.outcome == "completed" {
+            debug!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        } else {
+            info!(attempt = %slot.attempt_id, instance = slot.instance, outcome = outcome.outcome, code = ?outcome.exit_code, "instance ended");
+        }
         let mut exited = outcome.to_wire();
         let sample = self.telemetry.latest();
         let successor = {
