@@ -752,11 +752,26 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
     one_array(&mut jobs, "arrays", 200, cpus).await?;
     let mut ratios = Vec::new();
     for run in 1..=runs {
+        let (_, before) = children_cpu_of_self();
         let ceiling = fork_exec_ceiling(count as usize)?;
+        let (_, after) = children_cpu_of_self();
+        let ceiling_task = (after - before) * 1e6 / f64::from(count);
+        let ((p0, c0), cpu0) = (loop_counts(&coordinator).await?, coordinator.usage().0);
+        let (agents0, jobs0) = children_cpu(coordinator.pid);
         let rate = one_array(&mut jobs, "arrays", count, cpus).await?;
+        let ((p1, c1), cpu1) = (loop_counts(&coordinator).await?, coordinator.usage().0);
+        let (agents1, jobs1) = children_cpu(coordinator.pid);
+        let n = f64::from(count);
+        // Where the CPU went, a task: the coordinator, the two agents, and the
+        // `true` processes themselves (the agents' reaped children).
         println!(
-            "arrays run {run}: {count} `true` tasks as one array on 2 one-core local nodes: {rate:.0} tasks/s; fork/exec ceiling (2 loops) {ceiling:.0}/s; {:.0}% of it",
-            rate / ceiling * 100.0
+            "arrays run {run}: {count} `true` tasks as one array on 2 one-core local nodes: {rate:.0} tasks/s; fork/exec ceiling (2 loops) {ceiling:.0}/s; {:.0}% of it ({:.2} passes and {:.2} commits a task; CPU a task: coordinator {:.0} µs, agents {:.0} µs, the tasks {:.0} µs; a ceiling's `true` {ceiling_task:.0} µs)",
+            rate / ceiling * 100.0,
+            (p1 - p0) as f64 / n,
+            (c1 - c0) as f64 / n,
+            (cpu1 - cpu0) * 1e6 / n,
+            (agents1 - agents0) * 1e6 / n,
+            (jobs1 - jobs0) * 1e6 / n,
         );
         ratios.push((rate, ceiling));
     }
@@ -1546,6 +1561,42 @@ fn proc_usage(pid: u32) -> (f64, f64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0);
     ((ticks(11) + ticks(12)) / 100.0, rss)
+}
+
+/// The CPU seconds of `pid`'s child processes (its local agents): their own, and
+/// that of the processes they started and reaped (their jobs).
+fn children_cpu(pid: u32) -> (f64, f64) {
+    let (mut own, mut reaped) = (0.0, 0.0);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return (own, reaped);
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0))
+            .collect();
+        if fields.len() > 14 && fields[1] == f64::from(pid) {
+            own += (fields[11] + fields[12]) / 100.0;
+            reaped += (fields[13] + fields[14]) / 100.0;
+        }
+    }
+    (own, reaped)
+}
+
+/// This process's own CPU seconds, and its reaped children's.
+fn children_cpu_of_self() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect();
+    let tick = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0;
+    (tick(11) + tick(12), tick(13) + tick(14))
 }
 
 /// One joined agent on its own gRPC session: it finishes every launch at once.
