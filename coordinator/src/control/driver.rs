@@ -91,8 +91,13 @@ impl Driver {
             timings.decide.observe(started.elapsed().as_secs_f64());
             let started = std::time::Instant::now();
             let effects = self.control.effects();
+            // Only a pass that writes is a commit: most passes of a busy loop
+            // (an exit whose end is written later) write nothing.
+            let writes = !effects.batch.is_empty();
             self.execute(effects, now);
-            timings.commit.observe(started.elapsed().as_secs_f64());
+            if writes {
+                timings.commit.observe(started.elapsed().as_secs_f64());
+            }
             let wake_in = self
                 .control
                 .wake_at()

@@ -161,7 +161,7 @@ impl Control {
         );
         m.histogram_seconds(
             "store_commit",
-            "Time of each batch's commit to the store (and what follows it)",
+            "Time of each commit to the store (and what follows it); passes that write nothing are not counted",
             self.timings.commit.clone(),
         );
         m.encode()
