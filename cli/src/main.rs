@@ -4,6 +4,7 @@
 mod alloc;
 mod client;
 mod commands;
+mod deferred;
 mod output;
 
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use commands::{agent, assets, cluster, job, ml, mpi, node, quickstart, serve, token};
+use deferred::Deferred;
 use output::Format;
 
 /// mimalloc for the coordinator, glibc's malloc for the agent and the client
@@ -62,59 +64,59 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a 2-node job end to end on an embedded coordinator, then scale to zero.
-    Quickstart(quickstart::Args),
+    Quickstart(Deferred<quickstart::Args>),
     /// Run the coordinator (and the nodes it starts) in the foreground.
-    Up(serve::Args),
+    Up(Deferred<serve::Args>),
     /// Same as `up`: the coordinator, in the foreground.
-    Coordinator(serve::Args),
+    Coordinator(Deferred<serve::Args>),
     /// Run a node agent (the coordinator's `local` provider starts these for you).
-    Agent(agent::Args),
+    Agent(Deferred<agent::Args>),
     /// Create, inspect, update and delete clusters.
     #[command(subcommand)]
-    Cluster(cluster::Command),
+    Cluster(Deferred<cluster::Command>),
     /// Submit jobs, follow their logs, cancel them, download their outputs, delete them.
     #[command(subcommand)]
-    Job(job::Command),
+    Job(Deferred<job::Command>),
     /// Datastores: folders jobs read and write as azureml://datastores/NAME/paths/PATH.
     #[command(subcommand)]
-    Datastore(assets::DatastoreCommand),
+    Datastore(Deferred<assets::DatastoreCommand>),
     /// Data assets: versioned data jobs name as azureml:NAME:VERSION.
     #[command(subcommand)]
-    Data(assets::DataCommand),
+    Data(Deferred<assets::DataCommand>),
     /// Environments: images, build contexts, conda files or the host's software,
     /// named by jobs as azureml:NAME@latest.
     #[command(subcommand)]
-    Environment(assets::EnvironmentCommand),
+    Environment(Deferred<assets::EnvironmentCommand>),
     /// Command components: versioned steps pipelines name as azureml:NAME:VERSION.
     #[command(subcommand)]
-    Component(assets::ComponentCommand),
+    Component(Deferred<assets::ComponentCommand>),
     /// Defaults, as `az configure --defaults`: `--defaults compute=cpu-cluster`.
-    Configure(assets::ConfigureArgs),
+    Configure(Deferred<assets::ConfigureArgs>),
     /// The managed service's `az ml` command lines, `az` replaced by `shoal`.
-    Ml(ml::MlArgs),
+    Ml(Deferred<ml::MlArgs>),
     /// See the nodes of your clusters.
     #[command(subcommand)]
-    Node(node::Command),
+    Node(Deferred<node::Command>),
     /// The VM sizes clusters can be made of.
     #[command(subcommand, name = "vm-size")]
-    VmSize(node::VmSizeCommand),
+    VmSize(Deferred<node::VmSizeCommand>),
     /// Core quotas per VM family, low-priority and total.
     #[command(subcommand)]
-    Quota(node::QuotaCommand),
+    Quota(Deferred<node::QuotaCommand>),
     /// API tokens with roles (admin only).
     #[command(subcommand)]
-    Token(token::Command),
+    Token(Deferred<token::Command>),
     /// Managed identities (user-assigned); assign them with `shoal cluster identity`.
     #[command(subcommand)]
-    Identity(token::IdentityCommand),
+    Identity(Deferred<token::IdentityCommand>),
     /// Join tokens: agents on other machines join a cluster with one.
     #[command(subcommand, name = "join-token")]
-    JoinToken(token::JoinTokenCommand),
+    JoinToken(Deferred<token::JoinTokenCommand>),
     /// Save a token for the endpoint, after checking it with the coordinator.
-    Login(token::LoginArgs),
+    Login(Deferred<token::LoginArgs>),
     /// Helpers MPI jobs run in their sandboxes (started by the agents, not by hand).
     #[command(subcommand)]
-    Mpi(mpi::Command),
+    Mpi(Deferred<mpi::Command>),
 }
 
 fn init_logging(default: &str) {
@@ -194,27 +196,41 @@ fn main() -> ExitCode {
             _ => cli.endpoint,
         };
         match cli.command {
-            Command::Quickstart(args) => quickstart::run(args).await,
-            Command::Up(args) | Command::Coordinator(args) => serve::run(args).await,
-            Command::Agent(args) => agent::run(args).await,
-            Command::Cluster(command) => cluster::run(command, &endpoint, format).await,
-            Command::Job(command) => job::run(command, &endpoint, format).await,
-            Command::Node(command) => node::run(command, &endpoint, format).await,
-            Command::Datastore(command) => assets::run_datastore(command, &endpoint, format).await,
-            Command::Data(command) => assets::run_data(command, &endpoint, format).await,
-            Command::Environment(command) => {
+            Command::Quickstart(Deferred(args)) => quickstart::run(args).await,
+            Command::Up(Deferred(args)) | Command::Coordinator(Deferred(args)) => {
+                serve::run(args).await
+            }
+            Command::Agent(Deferred(args)) => agent::run(args).await,
+            Command::Cluster(Deferred(command)) => cluster::run(command, &endpoint, format).await,
+            Command::Job(Deferred(command)) => job::run(command, &endpoint, format).await,
+            Command::Node(Deferred(command)) => node::run(command, &endpoint, format).await,
+            Command::Datastore(Deferred(command)) => {
+                assets::run_datastore(command, &endpoint, format).await
+            }
+            Command::Data(Deferred(command)) => assets::run_data(command, &endpoint, format).await,
+            Command::Environment(Deferred(command)) => {
                 assets::run_environment(command, &endpoint, format).await
             }
-            Command::Component(command) => assets::run_component(command, &endpoint, format).await,
-            Command::Configure(args) => assets::run_configure(args, &endpoint, format).await,
-            Command::Ml(args) => ml::run(args, &endpoint, format).await,
-            Command::VmSize(command) => node::run_vm_sizes(command, &endpoint, format).await,
-            Command::Quota(command) => node::run_quota(command, &endpoint, format).await,
-            Command::Mpi(command) => mpi::run(command).await,
-            Command::Token(command) => token::run(command, &endpoint, format).await,
-            Command::Login(args) => token::login(args, &endpoint).await,
-            Command::JoinToken(command) => token::run_join_token(command, &endpoint, format).await,
-            Command::Identity(command) => token::run_identity(command, &endpoint, format).await,
+            Command::Component(Deferred(command)) => {
+                assets::run_component(command, &endpoint, format).await
+            }
+            Command::Configure(Deferred(args)) => {
+                assets::run_configure(args, &endpoint, format).await
+            }
+            Command::Ml(Deferred(args)) => ml::run(args, &endpoint, format).await,
+            Command::VmSize(Deferred(command)) => {
+                node::run_vm_sizes(command, &endpoint, format).await
+            }
+            Command::Quota(Deferred(command)) => node::run_quota(command, &endpoint, format).await,
+            Command::Mpi(Deferred(command)) => mpi::run(command).await,
+            Command::Token(Deferred(command)) => token::run(command, &endpoint, format).await,
+            Command::Login(Deferred(args)) => token::login(args, &endpoint).await,
+            Command::JoinToken(Deferred(command)) => {
+                token::run_join_token(command, &endpoint, format).await
+            }
+            Command::Identity(Deferred(command)) => {
+                token::run_identity(command, &endpoint, format).await
+            }
         }
     });
     match result {
