@@ -4,6 +4,11 @@
 //! parsers. For a client command that is most of its start after `execve`
 //! (the heap's pages, each a fault). `Command::defer` delays a part until
 //! clap enters it; `Deferred` is that, for a derived group or set of arguments.
+//!
+//! A command with an argument of the same name as a global one (`--endpoint`)
+//! is not deferred: clap adds the global arguments to a command before its
+//! deferred part runs, and the two would clash (the test
+//! `the_command_line_is_well_formed` says so).
 
 use clap::{ArgMatches, Args, Command, Error, FromArgMatches, Subcommand};
 

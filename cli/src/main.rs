@@ -70,7 +70,9 @@ enum Command {
     /// Same as `up`: the coordinator, in the foreground.
     Coordinator(Deferred<serve::Args>),
     /// Run a node agent (the coordinator's `local` provider starts these for you).
-    Agent(Deferred<agent::Args>),
+    // Not deferred: its own --endpoint, --token and --ca-file stand in for the
+    // global ones, which clap would otherwise add before them (`deferred.rs`).
+    Agent(agent::Args),
     /// Create, inspect, update and delete clusters.
     #[command(subcommand)]
     Cluster(Deferred<cluster::Command>),
@@ -200,7 +202,7 @@ fn main() -> ExitCode {
             Command::Up(Deferred(args)) | Command::Coordinator(Deferred(args)) => {
                 serve::run(args).await
             }
-            Command::Agent(Deferred(args)) => agent::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
             Command::Cluster(Deferred(command)) => cluster::run(command, &endpoint, format).await,
             Command::Job(Deferred(command)) => job::run(command, &endpoint, format).await,
             Command::Node(Deferred(command)) => node::run(command, &endpoint, format).await,
