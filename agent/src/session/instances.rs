@@ -139,8 +139,9 @@ impl Agent {
                 return;
             }
         }
-        // One line a job on the happy path is a write a job on a node that runs
-        // thousands (`SHOAL_LOG=debug` shows them); what goes wrong is said at info.
+        // A job that goes well writes its launch and its end at debug
+        // (`SHOAL_LOG=debug`): a node may run thousands a minute, each line a
+        // write. What goes wrong is said at info or above.
         debug!(attempt = %slot.attempt_id, instance = slot.instance, "launching");
         let agent = self.clone();
         tokio::spawn(async move { agent.run_instance(slot, launch, stop_rx).await });
