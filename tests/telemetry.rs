@@ -163,6 +163,33 @@ async fn metrics_parse_and_carry_node_and_job_states() {
     };
     let again = http_get(&tc, "/metrics", None).await;
     assert_eq!(series(&text), series(&again), "stable order");
+
+    // The commit histogram counts commits, not passes: an idle loop still runs a
+    // pass every half second (housekeeping), and those write nothing.
+    let counts = |text: &str| -> (f64, f64) {
+        let read = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        (
+            read("shoal_control_batches_total "),
+            read("shoal_store_commit_seconds_count "),
+        )
+    };
+    let (passes, commits) = counts(&again);
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let (passes_later, commits_later) = counts(&http_get(&tc, "/metrics", None).await);
+    assert!(commits > 0.0, "{again}");
+    assert!(
+        passes_later - passes >= 2.0,
+        "passes {passes} then {passes_later}"
+    );
+    assert!(
+        commits_later - commits < passes_later - passes,
+        "an idle loop's passes counted as commits: {commits} then {commits_later}, passes {passes} then {passes_later}"
+    );
 }
 
 const OPENMETRICS: Option<&str> = Some("application/openmetrics-text; version=1.0.0");
