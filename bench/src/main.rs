@@ -752,9 +752,9 @@ async fn arrays(count: u32, runs: usize, shoal: std::path::PathBuf) -> anyhow::R
     one_array(&mut jobs, "arrays", 200, cpus).await?;
     let mut ratios = Vec::new();
     for run in 1..=runs {
-        let (_, before) = children_cpu_of_self();
+        let before = stat_fields("/proc/self/stat").reaped_cpu();
         let ceiling = fork_exec_ceiling(count as usize)?;
-        let (_, after) = children_cpu_of_self();
+        let after = stat_fields("/proc/self/stat").reaped_cpu();
         let ceiling_task = (after - before) * 1e6 / f64::from(count);
         let ((p0, c0), cpu0) = (loop_counts(&coordinator).await?, coordinator.usage().0);
         let (agents0, jobs0) = children_cpu(coordinator.pid);
@@ -1545,22 +1545,49 @@ fn sim(seeds: u64, rough: bool, nodes: Option<u32>) -> anyhow::Result<()> {
 /// `stat`, utime and stime are the 14th and 15th fields (clock ticks, 100 a
 /// second here), counted after the command's closing parenthesis.
 fn proc_usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let fields = stat_fields(&format!("/proc/{pid}/stat"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0);
-    ((ticks(11) + ticks(12)) / 100.0, rss)
+    (fields.own_cpu(), rss)
+}
+
+/// The numeric fields of a `/proc/<pid>/stat` after the command's name (so
+/// index 1 is the parent's pid, 11 and 12 the process's user and system ticks,
+/// 13 and 14 those of its reaped children); empty if it cannot be read.
+struct StatFields(Vec<f64>);
+
+fn stat_fields(path: &str) -> StatFields {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    StatFields(
+        rest.split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0))
+            .collect(),
+    )
+}
+
+impl StatFields {
+    fn at(&self, i: usize) -> f64 {
+        self.0.get(i).copied().unwrap_or(0.0)
+    }
+
+    fn parent(&self) -> f64 {
+        self.at(1)
+    }
+
+    /// CPU seconds of the process itself.
+    fn own_cpu(&self) -> f64 {
+        (self.at(11) + self.at(12)) / 100.0
+    }
+
+    /// CPU seconds of the children it has reaped.
+    fn reaped_cpu(&self) -> f64 {
+        (self.at(13) + self.at(14)) / 100.0
+    }
 }
 
 /// The CPU seconds of `pid`'s child processes (its local agents): their own, and
@@ -1571,32 +1598,13 @@ fn children_cpu(pid: u32) -> (f64, f64) {
         return (own, reaped);
     };
     for entry in entries.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<f64> = rest
-            .split_whitespace()
-            .map(|v| v.parse::<f64>().unwrap_or(0.0))
-            .collect();
-        if fields.len() > 14 && fields[1] == f64::from(pid) {
-            own += (fields[11] + fields[12]) / 100.0;
-            reaped += (fields[13] + fields[14]) / 100.0;
+        let fields = stat_fields(&entry.path().join("stat").to_string_lossy());
+        if fields.parent() == f64::from(pid) {
+            own += fields.own_cpu();
+            reaped += fields.reaped_cpu();
         }
     }
     (own, reaped)
-}
-
-/// This process's own CPU seconds, and its reaped children's.
-fn children_cpu_of_self() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse::<f64>().unwrap_or(0.0))
-        .collect();
-    let tick = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0;
-    (tick(11) + tick(12), tick(13) + tick(14))
 }
 
 /// One joined agent on its own gRPC session: it finishes every launch at once.
