@@ -834,9 +834,10 @@ fn an_mpi_job_completes_with_its_launcher_and_releases_the_holders() {
         // mpirun starts the ranks: the agent starts one process per instance.
         assert!(order.mpi);
         assert_eq!(order.processes, 1);
-        assert_eq!(order.environment()["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
-        assert_eq!(order.environment()["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
-        assert_eq!(order.environment()["SHOAL_NODE_IDS"].split(',').count(), 2);
+        let env = order.environment();
+        assert_eq!(env["SHOAL_MPI_PROCESSES_PER_NODE"], "3");
+        assert_eq!(env["OMPI_MCA_plm_rsh_no_tree_spawn"], "1");
+        assert_eq!(env["SHOAL_NODE_IDS"].split(',').count(), 2);
     }
     let node_of = |order: &LaunchOrder| order.environment()["SHOAL_NODE_ID"].clone();
     for order in &orders {
@@ -1186,12 +1187,10 @@ fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_wh
         let mut ran = false;
         for (node, agent) in nodes.iter().zip(agents.iter_mut()) {
             for order in launches(agent) {
-                seen.push(order.environment()["SHOAL_ARRAY_INDEX"].clone());
-                assert_eq!(
-                    order.environment()["SLURM_ARRAY_TASK_ID"],
-                    order.environment()["SHOAL_ARRAY_INDEX"]
-                );
-                assert_eq!(order.environment()["SHOAL_ARRAY_JOB_ID"], array);
+                let env = order.environment();
+                seen.push(env["SHOAL_ARRAY_INDEX"].clone());
+                assert_eq!(env["SLURM_ARRAY_TASK_ID"], env["SHOAL_ARRAY_INDEX"]);
+                assert_eq!(env["SHOAL_ARRAY_JOB_ID"], array);
                 m.started(node, &order);
                 let running = m
                     .job(&array)
