@@ -71,12 +71,24 @@ fn agent_env() -> &'static std::collections::BTreeMap<std::ffi::OsString, std::f
 /// folders are kept (a relative one depends on the working folder).
 type Found = std::collections::HashMap<(String, String), PathBuf>;
 
+/// The most (program, PATH) pairs kept: jobs may each set a PATH of their own,
+/// and an agent runs for months. Past it, what was kept is forgotten.
+const FOUND_MAX: usize = 256;
+
 fn found() -> std::sync::MutexGuard<'static, Found> {
     static FOUND: std::sync::OnceLock<std::sync::Mutex<Found>> = std::sync::OnceLock::new();
     FOUND
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps what a search found; past `FOUND_MAX` pairs, forgets the others first.
+fn remember(found: &mut Found, key: (String, String), path: PathBuf) {
+    if found.len() >= FOUND_MAX {
+        found.clear();
+    }
+    found.insert(key, path);
 }
 
 /// How a program was found: where, and whether from what an earlier start found.
@@ -117,7 +129,7 @@ fn resolve(
         });
     }
     let path = which::which_in(program, Some(&key.1), cwd).ok()?;
-    found().insert(key, path.clone());
+    remember(&mut found(), key, path.clone());
     Some(Resolved {
         path,
         remembered: None,
@@ -532,6 +544,20 @@ mod tests {
             start("shoal-test-found", &[], &env, root.path()),
             Err(SpawnError::NotFound)
         ));
+    }
+
+    #[test]
+    fn what_is_kept_of_paths_searched_stays_bounded() {
+        let mut found = Found::new();
+        let key = |i: usize| ("true".to_string(), format!("/opt/run-{i}/bin:/usr/bin"));
+        for i in 0..FOUND_MAX {
+            remember(&mut found, key(i), PathBuf::from("/usr/bin/true"));
+        }
+        assert_eq!(found.len(), FOUND_MAX);
+        // One more: the others are forgotten, the newest kept.
+        remember(&mut found, key(FOUND_MAX), PathBuf::from("/usr/bin/true"));
+        assert_eq!(found.len(), 1);
+        assert!(found.contains_key(&key(FOUND_MAX)));
     }
 
     #[test]
