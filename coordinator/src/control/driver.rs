@@ -1,7 +1,7 @@
 //! The thin async driver around the state machine: it owns the store, the
 //! provider and the channels, feeds the machine its inbox with the time, and
 //! carries out what the machine asks — committing the batch first, and only
-//! then replying, telling agents and calling providers.
+//! then telling agents, replying and calling providers.
 
 use super::*;
 use rand::SeedableRng;
@@ -127,7 +127,7 @@ impl Driver {
         futures::future::join_all(removals).await;
     }
 
-    /// Commits the batch, then (and only then) answers, tells agents and scales.
+    /// Commits the batch, then (and only then) tells agents, answers and scales.
     fn execute(&mut self, mut effects: Effects, now: Millis) {
         let committed = if effects.batch.is_empty() {
             Ok(Committed::default())
@@ -137,20 +137,20 @@ impl Driver {
         let failure = committed.as_ref().err().map(|e| e.to_string());
         if let Some(why) = &failure {
             error!(error = %why, "commit failed; replying with errors");
+            effects.messages.clear();
+        }
+        // The agents first: a launch is the start of the work a caller waits
+        // for, so it leaves before the replies and the bookkeeping below.
+        for (link, message) in effects.messages.drain(..) {
+            let _ = link.send(message);
         }
         for reply in effects.replies.drain(..) {
             reply(failure.as_deref());
         }
-        match committed {
-            Err(_) => effects.messages.clear(),
-            Ok(committed) => {
-                self.control
-                    .committed(&committed, &effects.jobs_touched, now);
-                self.after_commit(&mut effects, committed);
-            }
-        }
-        for (link, message) in effects.messages.drain(..) {
-            let _ = link.send(message);
+        if let Ok(committed) = committed {
+            self.control
+                .committed(&committed, &effects.jobs_touched, now);
+            self.after_commit(&mut effects, committed);
         }
         for change in effects.changes.drain(..) {
             let _ = self.changes_tx.send(change);

@@ -4,8 +4,9 @@
 use super::*;
 
 /// What one pass asks of the world, in the order the driver does it: commit
-/// `batch`; then, once it is durable, the replies, the agent messages, the
-/// change notices and the provider calls.
+/// `batch`; then, once it is durable, the agent messages (a launch first: it
+/// starts the work callers wait for), the replies, the change notices and the
+/// provider calls.
 pub struct Effects {
     pub batch: Batch,
     /// Each answers its caller: with its result, or with the commit's failure.
