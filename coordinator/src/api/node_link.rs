@@ -93,7 +93,7 @@ impl NodeLink {
         }
         let listener = TlsListener::new(listener, &self.tls).map_err(|e| e.to_string())?;
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app.into_make_service()).await;
         });
         info!(%gateway, port, "serving docker nodes");
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
