@@ -585,6 +585,9 @@ impl Agent {
         if let Some(launch) = successor {
             self.launch(launch);
         }
+        // The report leaves first: checking the folder and putting it aside
+        // (three folder reads and a rename) is no part of the job's end.
+        tokio::task::yield_now().await;
         if !self.workdirs.keep(&dir) {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
