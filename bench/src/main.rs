@@ -13,6 +13,9 @@
 //! `latency`: submit → completed for a trivial job (`true`) on a warm local node,
 //! through gRPC on loopback to a `shoal coordinator` process with a real agent
 //! process; and the same through the `shoal job submit --wait` CLI process.
+//! `cli-latency [RUNS]`: that CLI process RUNS (default 30) times after each of 0,
+//! 20 and 100 ms of quiet; with `HQ=../shared/peers/hq`, `hq submit --wait -- true`
+//! alternated with it and timed the same way (a server and two one-cpu workers).
 //! `backlog [N]`: N (default 100,000) jobs queued on a cluster locked read-only,
 //! beside a warm cluster: submit rate as the queue grows, then with the queue
 //! full the warm cluster's latency, the idle coordinator process's CPU and RSS
@@ -610,31 +613,146 @@ async fn cli_round_trips(
 ) -> anyhow::Result<Vec<Duration>> {
     let mut samples = Vec::new();
     for _ in 0..runs {
-        let started = Instant::now();
-        let status = tokio::process::Command::new(shoal)
-            .env("SHOAL_TOKEN", &warm.token)
-            .args([
-                "job",
-                "submit",
-                "--cluster",
-                "warm",
-                "--wait",
-                "--endpoint",
-                &warm.address,
-                "-o",
-                "json",
-                "--",
-                "true",
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("`shoal job submit --wait` failed");
-        }
-        samples.push(started.elapsed());
+        samples.push(timed_run(&mut shoal_submit_wait(shoal, warm)).await?);
     }
     Ok(samples)
+}
+
+/// The CLI's `submit --wait` of `true` on the warm cluster.
+fn shoal_submit_wait(shoal: &std::path::Path, warm: &Warm) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(shoal);
+    command.env("SHOAL_TOKEN", &warm.token).args([
+        "job",
+        "submit",
+        "--cluster",
+        "warm",
+        "--wait",
+        "--endpoint",
+        &warm.address,
+        "-o",
+        "json",
+        "--",
+        "true",
+    ]);
+    command
+}
+
+/// One run of `command`, its output dropped: start to exit (it must succeed).
+async fn timed_run(command: &mut tokio::process::Command) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await?;
+    let took = started.elapsed();
+    if !status.success() {
+        bail!("{:?} failed: {status}", command.as_std());
+    }
+    Ok(took)
+}
+
+/// HyperQueue beside Shoal for `cli-latency`: a server and two one-cpu workers
+/// on loopback in a folder of their own, as `../shared/peers/hq-bench.sh`
+/// starts them.
+struct HqPeer {
+    hq: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    _processes: Vec<tokio::process::Child>,
+}
+
+impl HqPeer {
+    async fn start(hq: std::path::PathBuf) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut peer = HqPeer {
+            hq,
+            dir,
+            _processes: Vec::new(),
+        };
+        let server = peer.command(&["server", "start", "--host", "127.0.0.1"]);
+        peer._processes.push(spawn_quiet(server)?);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..2 {
+            let worker = peer.command(&["worker", "start", "--cpus", "1"]);
+            peer._processes.push(spawn_quiet(worker)?);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        timed_run(&mut peer.command(&["submit", "--array", "1-50", "--wait", "--", "true"]))
+            .await
+            .context("HyperQueue's first array")?;
+        Ok(peer)
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.hq);
+        command.env("HQ_SERVER_DIR", self.dir.path()).args(args);
+        command
+    }
+}
+
+fn spawn_quiet(mut command: tokio::process::Command) -> anyhow::Result<tokio::process::Child> {
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.as_std()))
+}
+
+/// (c) of issue 17, CLI to CLI: `shoal job submit --wait -- true` on a warm
+/// node, `runs` times after each of 0, 20 and 100 ms of quiet; with `HQ` set (a
+/// HyperQueue binary), `hq submit --wait -- true` alternated with it, started
+/// and timed the same way. A machine that was idle a moment answers slower (its
+/// processors and caches wake up), and the two differ in how: each figure is
+/// said with the quiet before it.
+async fn cli_latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
+    let warm = Warm::start(shoal.clone()).await?;
+    let mut jobs = warm.jobs.clone();
+    // The first run also waits for the node to come up.
+    warm_round_trip(&mut jobs).await?;
+    cli_round_trips(&shoal, &warm, 5).await?;
+    let peer = match std::env::var_os("HQ") {
+        Some(hq) => Some(HqPeer::start(hq.into()).await?),
+        None => None,
+    };
+    for quiet_ms in [0, 20, 100] {
+        let quiet = Duration::from_millis(quiet_ms);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            tokio::time::sleep(quiet).await;
+            ours.push(timed_run(&mut shoal_submit_wait(&shoal, &warm)).await?);
+            if let Some(peer) = &peer {
+                tokio::time::sleep(quiet).await;
+                theirs
+                    .push(timed_run(&mut peer.command(&["submit", "--wait", "--", "true"])).await?);
+            }
+        }
+        ours.sort();
+        let median = |samples: &[Duration]| percentile(samples, 0.5).as_secs_f64() * 1000.0;
+        let ours_median = median(&ours);
+        summary(
+            &format!(
+                "cli-latency, {quiet_ms} ms quiet before each: `shoal job submit --wait -- true`"
+            ),
+            ours,
+        );
+        if !theirs.is_empty() {
+            theirs.sort();
+            let theirs_median = median(&theirs);
+            summary(
+                &format!(
+                    "cli-latency, {quiet_ms} ms quiet before each: `hq submit --wait -- true`"
+                ),
+                theirs,
+            );
+            println!(
+                "cli-latency, {quiet_ms} ms quiet before each: hq's median ÷ shoal's = {:.2}",
+                theirs_median / ours_median
+            );
+        }
+    }
+    warm.stop().await;
+    Ok(())
 }
 
 /// Submit → completed of one `true` job on cluster `warm`, watched over gRPC.
@@ -1888,6 +2006,7 @@ async fn main() -> anyhow::Result<()> {
     if matches!(
         what,
         "latency"
+            | "cli-latency"
             | "docker"
             | "backlog"
             | "grpc-fleet"
@@ -1904,6 +2023,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(what, "latency" | "all") {
         latency(50, shoal.clone()).await?;
+    }
+    if what == "cli-latency" {
+        let runs = number(1)
+            .context("cli-latency takes a run count")?
+            .unwrap_or(30);
+        cli_latency(runs as usize, shoal.clone()).await?;
     }
     if matches!(what, "docker" | "all") {
         docker(20, shoal.clone()).await?;
