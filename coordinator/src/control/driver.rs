@@ -272,3 +272,89 @@ async fn report_exit(
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Snapshot, SqlStore};
+    use crate::testing::FakeProvider;
+    use std::sync::Mutex;
+
+    /// A store whose every commit fails.
+    struct Refusing;
+
+    impl Store for Refusing {
+        fn load(&mut self) -> Result<Snapshot> {
+            Ok(Snapshot::default())
+        }
+        fn commit(&mut self, _: &Batch) -> Result<Committed> {
+            Err(Error::Internal("the disk is full".into()))
+        }
+    }
+
+    /// A pass that tells an agent something and answers a caller, carried out by
+    /// a driver on `store`: what the caller's reply found (the commit's failure,
+    /// and whether the agent had its message already), and what the agent got.
+    fn carry_out(store: Box<dyn Store>) -> (Option<(Option<String>, bool)>, Vec<ToAgent>) {
+        let (mut driver, _handle, _inbox) = Driver::new(
+            ControlConfig::default(),
+            store,
+            Arc::new(FakeProvider::default()),
+        )
+        .unwrap();
+        let (link, agent) = mpsc::unbounded_channel();
+        let agent = Arc::new(Mutex::new(agent));
+        let found = Arc::new(Mutex::new(None));
+        let (at_reply, agent_at_reply) = (found.clone(), agent.clone());
+        let effects = Effects {
+            // Something to write, so that the store is asked to commit.
+            batch: Batch {
+                next_job_seq: Some(7),
+                ..Batch::default()
+            },
+            replies: vec![Box::new(move |failure: Option<&str>| {
+                let sent = agent_at_reply.lock().unwrap().try_recv().ok();
+                *at_reply.lock().unwrap() = Some((failure.map(str::to_string), sent.is_some()));
+            })],
+            messages: vec![(
+                link,
+                ToAgent::Shutdown {
+                    reason: "a test".into(),
+                },
+            )],
+            create: Vec::new(),
+            remove: Vec::new(),
+            changes: Vec::new(),
+            jobs_touched: BTreeSet::new(),
+        };
+        driver.execute(effects, 0);
+        let mut rest = Vec::new();
+        while let Ok(message) = agent.lock().unwrap().try_recv() {
+            rest.push(message);
+        }
+        let found = found.lock().unwrap().take();
+        (found, rest)
+    }
+
+    #[tokio::test]
+    async fn a_pass_tells_its_agents_before_it_answers_its_callers() {
+        let (reply, _) = carry_out(Box::new(SqlStore::in_memory().unwrap()));
+        assert_eq!(
+            reply,
+            Some((None, true)),
+            "the launch had left when the caller was answered"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pass_whose_commit_fails_tells_its_agents_nothing() {
+        let (reply, agent) = carry_out(Box::new(Refusing));
+        let (failure, sent) = reply.expect("the caller was answered");
+        assert!(failure.is_some_and(|f| f.contains("the disk is full")));
+        assert!(!sent);
+        assert!(
+            agent.is_empty(),
+            "an agent was told of what was not written"
+        );
+    }
+}
