@@ -1139,7 +1139,7 @@ async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
 
     let cli = cli_round_trips(&shoal, &warm, runs.min(30)).await?;
     summary(
-        "latency (`shoal job submit --wait -- true` process, start to exit)",
+        "latency (`shoal job submit --wait -- true` process, start to exit, back to back: `cli-latency` times it beside hq)",
         cli,
     );
 
