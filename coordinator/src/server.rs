@@ -464,16 +464,24 @@ pub async fn serve(
             });
         let _ = served.await;
     });
+    // The listener is polled on a worker, not on the thread that called `serve`
+    // (the process's main thread): a connection's task then starts on the worker
+    // that accepted it, with no second thread to wake (issue 17).
+    let server = tokio::spawn(server);
+    let stop_serving = server.abort_handle();
     // Followers of logs and watches may hold connections open: after the control
     // loop is done they get a moment to finish, then the server stops anyway.
     let mut hard_stop = stopped_rx;
     tokio::select! {
-        result = server => result.map_err(|e| Error::Internal(format!("server: {e}")))?,
+        served = server => served
+            .map_err(|e| Error::Internal(format!("server: {e}")))?
+            .map_err(|e| Error::Internal(format!("server: {e}")))?,
         _ = async move {
             let _ = hard_stop.wait_for(|stopped| *stopped).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
         } => {}
     }
+    stop_serving.abort();
     let _ = control_thread.await;
     unix_server.abort();
     node_link.stop_all();
