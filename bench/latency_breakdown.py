@@ -195,8 +195,11 @@ def main():
             record = ["perf", "record", "-q", "-a", "-o", data]
             for event in EVENTS:
                 record += ["-e", event]
-            subprocess.run(record + ["--", "sh", "-c", script], env=env, check=True,
-                           stderr=subprocess.DEVNULL)
+            recorded = subprocess.run(record + ["--", "sh", "-c", script], env=env,
+                                      stderr=subprocess.PIPE, text=True)
+            if recorded.returncode != 0:
+                sys.exit("perf record failed (tracing the whole machine needs root, or "
+                         "kernel.perf_event_paranoid = -1):\n" + recorded.stderr[-2000:])
             text = subprocess.run(["perf", "script", "-i", data, "-F", "comm,pid,tid,time,event"],
                                   capture_output=True, text=True).stdout
         finally:

@@ -727,19 +727,14 @@ async fn cli_latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<(
                     .push(timed_run(&mut peer.command(&["submit", "--wait", "--", "true"])).await?);
             }
         }
-        ours.sort();
-        let median = |samples: &[Duration]| percentile(samples, 0.5).as_secs_f64() * 1000.0;
-        let ours_median = median(&ours);
-        summary(
+        let ours_median = summary(
             &format!(
                 "cli-latency, {quiet_ms} ms quiet before each: `shoal job submit --wait -- true`"
             ),
             ours,
         );
         if !theirs.is_empty() {
-            theirs.sort();
-            let theirs_median = median(&theirs);
-            summary(
+            let theirs_median = summary(
                 &format!(
                     "cli-latency, {quiet_ms} ms quiet before each: `hq submit --wait -- true`"
                 ),
@@ -1111,15 +1106,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn summary(name: &str, mut samples: Vec<Duration>) {
+/// Prints the samples' count, median, p95 and minimum; the median, in ms.
+fn summary(name: &str, mut samples: Vec<Duration>) -> f64 {
     samples.sort();
+    let median = percentile(&samples, 0.5).as_secs_f64() * 1000.0;
     println!(
-        "{name}: n={} median {:.1} ms, p95 {:.1} ms, min {:.1} ms",
+        "{name}: n={} median {median:.1} ms, p95 {:.1} ms, min {:.1} ms",
         samples.len(),
-        percentile(&samples, 0.5).as_secs_f64() * 1000.0,
         percentile(&samples, 0.95).as_secs_f64() * 1000.0,
         samples[0].as_secs_f64() * 1000.0
     );
+    median
 }
 
 async fn latency(runs: usize, shoal: std::path::PathBuf) -> anyhow::Result<()> {
@@ -2027,7 +2024,8 @@ async fn main() -> anyhow::Result<()> {
     if what == "cli-latency" {
         let runs = number(1)
             .context("cli-latency takes a run count")?
-            .unwrap_or(30);
+            .unwrap_or(30)
+            .max(1);
         cli_latency(runs as usize, shoal.clone()).await?;
     }
     if matches!(what, "docker" | "all") {

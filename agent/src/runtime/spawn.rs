@@ -251,15 +251,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// process and the read ends of its stdout and stderr.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
     let resolved = resolve(spec.program, spec.env, spec.cwd).ok_or(SpawnError::NotFound)?;
-    match spawn_resolved(spec, &resolved.path) {
+    match (spawn_resolved(spec, &resolved.path), resolved.remembered) {
         // What an earlier start found is gone (or changed): search again.
-        Err(_) if resolved.remembered.is_some() => {
-            if let Some(key) = &resolved.remembered {
-                found().remove(key);
-            }
+        (Err(_), Some(key)) => {
+            found().remove(&key);
             spawn(spec)
         }
-        started => started,
+        (started, _) => started,
     }
 }
 
