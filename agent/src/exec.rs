@@ -293,7 +293,7 @@ async fn run_process(
     output: &(dyn Fn(&'static str, Vec<u8>) + Sync),
 ) -> Result<i32, String> {
     let argv = ["-c".to_string(), command.to_string()];
-    let (mut child, stdout, stderr) = spawn::spawn(&spawn::SpawnSpec {
+    let (mut child, mut stdout, mut stderr) = spawn::spawn(&spawn::SpawnSpec {
         program: "sh",
         args: &argv,
         env,
@@ -305,10 +305,6 @@ async fn run_process(
         spawn::SpawnError::Other(e) => format!("cannot start sh: {e}"),
     })?;
     started(child.pid);
-    let open = |fd| {
-        tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|e| format!("output pipe: {e}"))
-    };
-    let (mut stdout, mut stderr) = (open(stdout)?, open(stderr)?);
     let pump = |reader: &'static str| move |data: &[u8]| output(reader, data.to_vec());
     let out = pump("stdout");
     let err = pump("stderr");

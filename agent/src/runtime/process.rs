@@ -97,16 +97,23 @@ pub(crate) fn signal_group(pid: Pid, signal: Signal) {
     let _ = killpg(pid, signal);
 }
 
-async fn pump(
-    mut reader: impl tokio::io::AsyncRead + Unpin,
-    stream: &'static str,
-    sink: EventSink,
-) {
-    let mut buffer = vec![0u8; 64 * 1024];
+async fn pump(mut reader: super::spawn::Output, stream: &'static str, sink: EventSink) {
+    // Most short jobs write nothing: the first read, which sees the end of
+    // those, needs no buffer of its own.
+    let mut first = [0u8; 512];
+    match reader.read(&mut first).await {
+        Ok(0) | Err(_) => return,
+        Ok(n) => sink.log(stream, first[..n].to_vec()),
+    }
+    // Not zeroed: `read_buf` writes only into what it reads.
+    let mut buffer = Vec::with_capacity(64 * 1024);
     loop {
-        match reader.read(&mut buffer).await {
+        match reader.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => sink.log(stream, buffer[..n].to_vec()),
+            Ok(_) => {
+                sink.log(stream, buffer.clone());
+                buffer.clear();
+            }
         }
     }
 }
@@ -149,15 +156,8 @@ async fn run(
     let pid = child.pid as u32;
     let group = Pid::from_raw(pid as i32);
     sink.started(pid);
-    let mut pumps = Vec::new();
-    for (fd, stream) in [(stdout, "stdout"), (stderr, "stderr")] {
-        match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-            Ok(reader) => pumps.push(tokio::spawn(pump(reader, stream, sink.clone()))),
-            Err(e) => {
-                warn!(attempt = %spec.slot.attempt_id, error = %e, "cannot read the job's {stream}")
-            }
-        }
-    }
+    let pumps = [(stdout, "stdout"), (stderr, "stderr")]
+        .map(|(reader, stream)| tokio::spawn(pump(reader, stream, sink.clone())));
 
     let timeout = async {
         match spec.timeout {

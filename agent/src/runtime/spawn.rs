@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use tokio::io::unix::AsyncFd;
 
@@ -58,12 +59,18 @@ const STEPS: [&str; 6] = [
 const CWD: usize = 4;
 const EXEC: usize = 5;
 
-/// The agent's own environment, read once: a job gets it beneath its own.
-fn agent_env() -> &'static std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> {
-    static ENV: std::sync::OnceLock<
-        std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString>,
-    > = std::sync::OnceLock::new();
-    ENV.get_or_init(|| std::env::vars_os().collect())
+/// The agent's own environment, read once, each variable with its `KEY=value`
+/// string: a job gets it beneath its own, pointed to, not copied.
+fn agent_env() -> &'static [(std::ffi::OsString, CString)] {
+    static ENV: OnceLock<Vec<(std::ffi::OsString, CString)>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        std::env::vars_os()
+            .filter_map(|(key, value)| {
+                let entry = [key.as_bytes(), b"=", value.as_bytes()].concat();
+                Some((key, CString::new(entry).ok()?))
+            })
+            .collect()
+    })
 }
 
 /// Programs found on a PATH, by (program, PATH): a node that runs the same
@@ -76,7 +83,7 @@ type Found = std::collections::HashMap<(String, String), PathBuf>;
 const FOUND_MAX: usize = 256;
 
 fn found() -> std::sync::MutexGuard<'static, Found> {
-    static FOUND: std::sync::OnceLock<std::sync::Mutex<Found>> = std::sync::OnceLock::new();
+    static FOUND: OnceLock<std::sync::Mutex<Found>> = OnceLock::new();
     FOUND
         .get_or_init(Default::default)
         .lock()
@@ -243,13 +250,47 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// A pipe: its read end non-blocking (the agent's, read on the runtime), its
+/// write end blocking (the job's).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    fcntl(&read, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    Ok((read, write))
+}
+
+/// The read end of a job's stdout or stderr, on the runtime.
+pub(crate) type Output = tokio::net::unix::pipe::Receiver;
+
+/// /dev/null, opened once (close-on-exec: the child's stdin is a copy).
+fn dev_null() -> io::Result<RawFd> {
+    static NULL: OnceLock<std::fs::File> = OnceLock::new();
+    if let Some(null) = NULL.get() {
+        return Ok(null.as_raw_fd());
+    }
+    let null = std::fs::File::open("/dev/null")?;
+    Ok(NULL.get_or_init(|| null).as_raw_fd())
+}
+
+/// This process's id, asked once.
+fn own_pid() -> libc::pid_t {
+    static PID: OnceLock<libc::pid_t> = OnceLock::new();
+    *PID.get_or_init(|| std::process::id() as libc::pid_t)
+}
+
+/// The child's stack: small, and only used while its parent thread is suspended
+/// (CLONE_VFORK), so one a thread serves every start; never zeroed, which a
+/// fresh one a start cost.
+const STACK: usize = 64 * 1024;
+thread_local! {
+    static STACKS: std::cell::RefCell<Box<[std::mem::MaybeUninit<u8>]>> =
+        std::cell::RefCell::new(Box::new_uninit_slice(STACK));
 }
 
 /// Starts the process (stdin from /dev/null, stdout and stderr to pipes); the
-/// process and the read ends of its stdout and stderr.
-pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+/// process and the read ends of its stdout and stderr, ready on the runtime (so
+/// it must be called within one).
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, Output, Output), SpawnError> {
     let resolved = resolve(spec.program, spec.env, spec.cwd).ok_or(SpawnError::NotFound)?;
     match (spawn_resolved(spec, &resolved.path), resolved.remembered) {
         // What an earlier start found is gone (or changed): search again.
@@ -265,41 +306,45 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> Result<(Spawned, OwnedFd, OwnedFd),
 fn spawn_resolved(
     spec: &SpawnSpec<'_>,
     program: &Path,
-) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+) -> Result<(Spawned, Output, Output), SpawnError> {
     let other = SpawnError::Other;
     let program = cstring(program.as_os_str().as_bytes()).map_err(other)?;
     let mut argv = vec![cstring(spec.program.as_bytes()).map_err(other)?];
     for arg in spec.args {
         argv.push(cstring(arg.as_bytes()).map_err(other)?);
     }
-    // The agent's environment, with the job's over it (as `Command::envs`).
-    let mut merged = agent_env().clone();
+    // The agent's environment, with the job's over it (as `Command::envs`), and
+    // the user's names over both.
     let user_env = spec
         .user
         .map(|u| [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())]);
-    for (k, v) in spec
+    let by_user = |key: &str| spec.user.is_some() && (key == "USER" || key == "LOGNAME");
+    let own: Vec<CString> = spec
         .env
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
+        .filter(|(k, _)| !by_user(k))
         .chain(user_env.into_iter().flatten())
-    {
-        merged.insert(k.into(), v.into());
-    }
-    let env: Vec<CString> = merged
-        .iter()
         .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
         .collect::<io::Result<_>>()
         .map_err(other)?;
+    let beneath = agent_env()
+        .iter()
+        .filter(|(key, _)| {
+            key.to_str()
+                .is_none_or(|key| !spec.env.contains_key(key) && !by_user(key))
+        })
+        .map(|(_, entry)| entry);
     let cwd = cstring(OsStr::as_bytes(spec.cwd.as_os_str())).map_err(other)?;
-    let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+    let pointers = |strings: &mut dyn Iterator<Item = &CString>| -> Vec<*const libc::c_char> {
         strings
-            .iter()
             .map(|s| s.as_ptr())
             .chain(std::iter::once(std::ptr::null()))
             .collect()
     };
-    let (argv_p, envp_p) = (pointers(&argv), pointers(&env));
-    let stdin = std::fs::File::open("/dev/null").map_err(other)?;
+    let argv_p = pointers(&mut argv.iter());
+    let envp_p = pointers(&mut beneath.chain(&own));
+    let stdin = dev_null().map_err(other)?;
     let (out_r, out_w) = pipe().map_err(other)?;
     let (err_r, err_w) = pipe().map_err(other)?;
     let mut args = ChildArgs {
@@ -307,40 +352,39 @@ fn spawn_resolved(
         argv: argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
         cwd: cwd.as_ptr(),
-        stdin: stdin.as_raw_fd(),
+        stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
         user: spec.user.map(|u| (u.uid, u.gid)),
-        parent: std::process::id() as libc::pid_t,
+        parent: own_pid(),
         // SAFETY: a plain C struct, filled by pthread_sigmask below.
         mask: unsafe { std::mem::zeroed() },
         error: 0,
         step: 0,
     };
-    let mut stack = vec![0u8; 64 * 1024];
     // SAFETY: all signals are blocked around the clone (a handler must not run
     // in the child on the shared memory); the child gets the old mask back just
     // before exec. CLONE_VFORK suspends this thread until the child has exec'd
-    // or exited, so `args`, the strings and `stack` outlive its use of them.
-    let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut args.mask);
-        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
-        let pid = libc::clone(
-            child,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&raw mut args).cast::<libc::c_void>(),
-        );
-        let error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
-        if pid < 0 {
-            return Err(other(error));
-        }
-        pid
-    };
-    drop((out_w, err_w, stdin));
+    // or exited, so `args`, the strings and the stack outlive its use of them,
+    // and no other start on this thread uses the stack meanwhile.
+    let pid = STACKS
+        .with_borrow_mut(|stack| unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut args.mask);
+            let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+            let pid = libc::clone(
+                child,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&raw mut args).cast::<libc::c_void>(),
+            );
+            let error = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
+            if pid < 0 { Err(error) } else { Ok(pid) }
+        })
+        .map_err(other)?;
+    drop((out_w, err_w));
     if args.error != 0 {
         // It exited with 127 without exec: reap it.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
@@ -380,7 +424,10 @@ fn spawn_resolved(
         pidfd,
         reaped: false,
     };
-    Ok((spawned, out_r, err_r))
+    // Non-blocking pipes already (`pipe`); a failure here drops `spawned`,
+    // which kills and reaps the process.
+    let output = |fd| Output::from_owned_fd_unchecked(fd).map_err(other);
+    Ok((spawned, output(out_r)?, output(err_r)?))
 }
 
 impl Spawned {
@@ -428,7 +475,7 @@ mod tests {
         args: &[&str],
         env: &BTreeMap<String, String>,
         cwd: &Path,
-    ) -> Result<(Spawned, OwnedFd, OwnedFd), SpawnError> {
+    ) -> Result<(Spawned, Output, Output), SpawnError> {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         spawn(&SpawnSpec {
             program,
@@ -477,6 +524,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_variable_replaces_the_agents_own() {
+        let dir = tempfile::tempdir().expect("dir");
+        let env = BTreeMap::from([
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("HOME".to_string(), "/the/job/home".to_string()),
+        ]);
+        let Ok((mut child, out, _err)) = start("sh", &["-c", "env"], &env, dir.path()) else {
+            panic!("sh did not start");
+        };
+        assert_eq!(child.wait().await.expect("waited").code(), Some(0));
+        let text = std::fs::read_to_string(format!("/proc/self/fd/{}", out.as_raw_fd()))
+            .unwrap_or_default();
+        let named = |key: &str| -> Vec<&str> {
+            let prefix = format!("{key}=");
+            text.lines().filter(|l| l.starts_with(&prefix)).collect()
+        };
+        assert_eq!(named("HOME"), ["HOME=/the/job/home"], "{text}");
+        assert_eq!(named("PATH"), ["PATH=/usr/bin:/bin"], "{text}");
+        // What the job does not set, it has from the agent.
+        let (key, value) = std::env::vars()
+            .find(|(k, v)| {
+                // Neither the job's, nor what sh sets itself.
+                !["HOME", "PATH", "PWD", "OLDPWD", "SHLVL", "_"].contains(&k.as_str())
+                    && !v.contains('\n')
+            })
+            .expect("the test has a variable of its own");
+        assert_eq!(named(&key), [format!("{key}={value}")], "{text}");
+    }
+
+    #[tokio::test]
     async fn a_missing_program_is_not_found() {
         let env = BTreeMap::new();
         assert!(matches!(
@@ -517,7 +594,7 @@ mod tests {
             .into_string()
             .expect("UTF-8");
         let env = BTreeMap::from([("PATH".to_string(), path)]);
-        let code = |started: Result<(Spawned, OwnedFd, OwnedFd), SpawnError>| async move {
+        let code = |started: Result<(Spawned, Output, Output), SpawnError>| async move {
             let Ok((mut child, _out, _err)) = started else {
                 panic!("did not start");
             };
