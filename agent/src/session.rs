@@ -45,6 +45,8 @@ struct Entry {
     token: String,
     /// Its named outputs (name, a folder?), uploaded when it ends.
     outputs: Vec<(String, bool)>,
+    /// An MPI job's (its `run/` folder, if made, is removed when it ends).
+    mpi: bool,
 }
 
 impl Entry {
@@ -57,6 +59,7 @@ impl Entry {
             usage: Usage::default(),
             token,
             outputs: Vec::new(),
+            mpi: false,
         }
     }
 }

@@ -186,10 +186,11 @@ impl Agent {
 /// outputs' folders in `dir/named-outputs` (blocking).
 pub(super) fn lay_out(
     dir: &Path,
-    launch: &pb::Launch,
+    inputs: &[pb::LaunchInput],
+    outputs: &[pb::LaunchOutput],
     fetched: Vec<Fetched>,
 ) -> Result<(), String> {
-    for (input, data) in launch.inputs.iter().zip(fetched) {
+    for (input, data) in inputs.iter().zip(fetched) {
         let at = dir.join("inputs").join(&input.name);
         std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
         let file = at.join(&input.file_name);
@@ -205,10 +206,10 @@ pub(super) fn lay_out(
             }
         }
     }
-    let outputs = dir.join("named-outputs");
-    std::fs::create_dir_all(&outputs).map_err(|e| format!("{}: {e}", outputs.display()))?;
-    for output in launch.outputs.iter().filter(|o| o.folder) {
-        let at = outputs.join(&output.name);
+    // `named-outputs` itself is made with the folder (`WorkDirs::make`).
+    let named = dir.join("named-outputs");
+    for output in outputs.iter().filter(|o| o.folder) {
+        let at = named.join(&output.name);
         std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
     }
     Ok(())

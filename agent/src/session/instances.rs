@@ -115,6 +115,7 @@ impl Agent {
                 .iter()
                 .map(|o| (o.name.clone(), o.folder))
                 .collect();
+            entry.mpi = launch.mpi;
             if self.config.zero_work && gpus.is_some() {
                 self.complete_at_once(slot, entry, &mut attempts);
                 return;
@@ -519,12 +520,19 @@ impl Agent {
         {
             outcome.message = format!("mpirun: {line}");
         }
+        let (token, named, mpi) = {
+            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+            attempts
+                .get(&slot)
+                .map(|e| (e.token.clone(), e.outputs.clone(), e.mpi))
+                .unwrap_or_default()
+        };
         let run = self
             .config
             .work_dir
             .join("run")
             .join(format!("{}-{}", slot.attempt_id, slot.instance));
-        if run.exists() {
+        if mpi && run.exists() {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(run)).await;
         }
         let dir = self
@@ -532,18 +540,15 @@ impl Agent {
             .work_dir
             .join("attempts")
             .join(format!("{}-{}", slot.attempt_id, slot.instance));
-        if let Err(why) = self.upload_outputs(&slot, &dir.join("outputs")).await {
-            warn!(attempt = %slot.attempt_id, %why, "outputs not uploaded");
-            outcome.message = format!("{} (outputs not uploaded: {why})", outcome.message)
-                .trim()
-                .to_string();
-        }
-        let (token, named) = {
-            let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-            attempts
-                .get(&slot)
-                .map(|e| (e.token.clone(), e.outputs.clone()))
-                .unwrap_or_default()
+        let outputs_empty = match self.upload_outputs(&slot, &dir.join("outputs")).await {
+            Ok(uploaded) => !uploaded,
+            Err(why) => {
+                warn!(attempt = %slot.attempt_id, %why, "outputs not uploaded");
+                outcome.message = format!("{} (outputs not uploaded: {why})", outcome.message)
+                    .trim()
+                    .to_string();
+                false
+            }
         };
         if let Err(why) = self.upload_named(&slot, &token, &dir, &named).await {
             warn!(attempt = %slot.attempt_id, %why, "named outputs not uploaded");
@@ -588,7 +593,7 @@ impl Agent {
         // The report leaves first: checking the folder and putting it aside
         // (three folder reads and a rename) is no part of the job's end.
         tokio::task::yield_now().await;
-        if !self.workdirs.keep(&dir) {
+        if !self.workdirs.keep(&dir, outputs_empty) {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
     }
@@ -636,7 +641,7 @@ impl Agent {
             None
         };
         let inputs = self.fetch_inputs(launch).await?;
-        let layout = launch.clone();
+        let layout = (launch.inputs.clone(), launch.outputs.clone());
         let dir = dir.to_path_buf();
         // Containers keep their own user; process jobs may run as an unprivileged one.
         let run_as = if launch.image.is_empty() {
@@ -650,10 +655,12 @@ impl Agent {
         let workdirs = self.workdirs.clone();
         // With nothing to unpack or copy, laying out is a few folder operations:
         // done here, with no hand-off to a thread.
-        let small =
-            code.is_none() && previous.is_none() && launch.inputs.is_empty() && !dir.exists();
+        let existed = dir.exists();
+        let small = code.is_none() && previous.is_none() && launch.inputs.is_empty() && !existed;
         let lay_out = move || -> Result<(), String> {
-            let _ = std::fs::remove_dir_all(&dir);
+            if existed {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             workdirs
                 .make(&dir, reuse)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -665,7 +672,7 @@ impl Agent {
                 archive::unpack(&outputs, &dir.join("outputs"))
                     .map_err(|e| format!("cannot restore the last attempt's outputs: {e}"))?;
             }
-            data::lay_out(&dir, &layout, inputs)?;
+            data::lay_out(&dir, &layout.0, &layout.1, inputs)?;
             if let Some(user) = &run_as {
                 user.own(&dir)
                     .map_err(|e| format!("cannot give {} to {}: {e}", dir.display(), user.name))?;
@@ -680,14 +687,15 @@ impl Agent {
             .map_err(|e| format!("preparing the working dir failed: {e}"))?
     }
 
+    /// Uploads what the job left in `outputs`; whether it held anything.
     pub(super) async fn upload_outputs(
         &self,
         slot: &Slot,
         outputs: &std::path::Path,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         // Most small jobs write nothing: one read here, no hand-off to a thread.
         if !archive::has_entries(outputs).map_err(|e| format!("cannot read outputs: {e}"))? {
-            return Ok(());
+            return Ok(false);
         }
         let outputs = outputs.to_path_buf();
         let packed = tokio::task::spawn_blocking(move || archive::pack_dir(&outputs))
@@ -695,7 +703,7 @@ impl Agent {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot pack outputs: {e}"))?;
         let Some(data) = packed else {
-            return Ok(());
+            return Ok(true);
         };
         let token = {
             let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
@@ -716,7 +724,7 @@ impl Agent {
             async move { client.upload_outputs(upload).await }
         })
         .await
-        .map(|_| ())
+        .map(|_| true)
         .map_err(|status| status.message().to_string())
     }
 }

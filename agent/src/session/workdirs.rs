@@ -6,8 +6,10 @@
 //! `shoal-bench arrays`: `rmdir` evicting and truncating each folder's inode),
 //! about a third of all it spends on a `true` job. So a folder that ends
 //! exactly as it was made (the same entries, all empty, the same modes and
-//! owner) is kept under `spare/` and renamed into place for the next job;
-//! anything else is removed as before.
+//! owner) is kept as a spare and renamed into place for the next job; anything
+//! else is removed as before. Spares wait beside the jobs' folders, as
+//! `.spare-<n>`: a folder renamed within its parent is cheaper than one moved to
+//! another (ext4 rewrites a moved folder's `..` and both parents' link counts).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,9 +20,12 @@ use std::sync::{Mutex, OnceLock};
 const MADE: [&str; 2] = ["outputs", "named-outputs"];
 /// Spares kept at most (more than a node runs at once is of no use).
 const KEEP: usize = 256;
+/// How a spare's name starts.
+const SPARE: &str = ".spare-";
 
 pub(super) struct WorkDirs {
-    spare_root: PathBuf,
+    /// Where the jobs' folders are made, and spares kept.
+    root: PathBuf,
     spares: Mutex<Vec<PathBuf>>,
     next: AtomicU64,
     /// Owner (uid, gid) of a made folder once ready: the run-as user's, or the agent's.
@@ -30,14 +35,20 @@ pub(super) struct WorkDirs {
 }
 
 impl WorkDirs {
-    /// Spares live in `work_dir/spare`; any left by an earlier agent are removed.
-    pub(super) fn new(work_dir: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<Self> {
-        let spare_root = work_dir.join("spare");
-        match std::fs::remove_dir_all(&spare_root) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+    /// Jobs' folders are made in `root`; spares an earlier agent left there are
+    /// removed.
+    pub(super) fn new(root: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        for entry in std::fs::read_dir(root)? {
+            let entry = entry?;
+            if entry
+                .file_name()
+                .as_encoded_bytes()
+                .starts_with(SPARE.as_bytes())
+            {
+                std::fs::remove_dir_all(entry.path())?;
+            }
         }
-        std::fs::create_dir_all(&spare_root)?;
         let owner = run_as.unwrap_or_else(|| {
             (
                 nix::unistd::geteuid().as_raw(),
@@ -45,7 +56,7 @@ impl WorkDirs {
             )
         });
         Ok(WorkDirs {
-            spare_root,
+            root: root.to_path_buf(),
             spares: Mutex::default(),
             next: AtomicU64::new(0),
             owner,
@@ -53,9 +64,9 @@ impl WorkDirs {
         })
     }
 
-    /// A fresh working folder at `dir` (which must not exist): a spare moved
-    /// there where `reuse` (the folder is to have the owner spares have), or one
-    /// made.
+    /// A fresh working folder at `dir` (in the root, and not there yet): a spare
+    /// renamed there where `reuse` (the folder is to have the owner spares have),
+    /// or one made.
     pub(super) fn make(&self, dir: &Path, reuse: bool) -> std::io::Result<()> {
         let spare = reuse
             .then(|| self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop())
@@ -80,19 +91,19 @@ impl WorkDirs {
     }
 
     /// Done with `dir`: kept as a spare if it is exactly as made (true), or
-    /// left for the caller to remove (false). Reads at most a few entries, so it
-    /// is cheap enough to call on the runtime.
-    pub(super) fn keep(&self, dir: &Path) -> bool {
-        if !self.as_made(dir) {
+    /// left for the caller to remove (false). `outputs_empty`: the caller has
+    /// just read `outputs/` and found it empty, so it is not read again. Reads at
+    /// most a few entries, so it is cheap enough to call on the runtime.
+    pub(super) fn keep(&self, dir: &Path, outputs_empty: bool) -> bool {
+        if !self.as_made(dir, outputs_empty) {
             return false;
         }
         let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
         if spares.len() >= KEEP {
             return false;
         }
-        let spare = self
-            .spare_root
-            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let spare = self.root.join(format!("{SPARE}{n}"));
         if std::fs::rename(dir, &spare).is_err() {
             return false;
         }
@@ -100,7 +111,7 @@ impl WorkDirs {
         true
     }
 
-    fn as_made(&self, dir: &Path) -> bool {
+    fn as_made(&self, dir: &Path, outputs_empty: bool) -> bool {
         let Some(&(top_mode, sub_mode)) = self.modes.get() else {
             return false;
         };
@@ -127,7 +138,7 @@ impl WorkDirs {
             && holds(dir, &MADE)
             && MADE.iter().all(|made| {
                 let sub = dir.join(made);
-                is(&sub, sub_mode) && holds(&sub, &[])
+                is(&sub, sub_mode) && ((outputs_empty && *made == MADE[0]) || holds(&sub, &[]))
             })
     }
 }
@@ -149,7 +160,7 @@ mod tests {
         let first = root.path().join("a-0");
         dirs.make(&first, true).unwrap();
         let inode = std::fs::metadata(&first).unwrap().ino();
-        assert!(dirs.keep(&first));
+        assert!(dirs.keep(&first, false));
         assert!(!first.exists());
         let second = root.path().join("b-0");
         dirs.make(&second, true).unwrap();
@@ -186,22 +197,40 @@ mod tests {
             let dir = root.path().join(format!("j{i}"));
             dirs.make(&dir, true).unwrap();
             change(&dir);
-            assert!(!dirs.keep(&dir), "kept with {what}");
+            assert!(!dirs.keep(&dir, false), "kept with {what}");
             assert!(dir.exists(), "{what}: left for the caller to remove");
         }
     }
 
     #[test]
+    fn a_spare_waits_beside_the_jobs_folders() {
+        let (root, dirs) = dirs();
+        let first = root.path().join("a-0");
+        dirs.make(&first, true).unwrap();
+        assert!(dirs.keep(&first, true));
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [".spare-0"]);
+        // Told outputs/ was found empty, it still checks the rest.
+        let second = root.path().join("b-0");
+        dirs.make(&second, true).unwrap();
+        std::fs::write(second.join("named-outputs/x"), "x").unwrap();
+        assert!(!dirs.keep(&second, true));
+    }
+
+    #[test]
     fn spares_of_an_earlier_agent_are_removed() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join("spare/7/outputs")).unwrap();
+        std::fs::create_dir_all(root.path().join(".spare-7/outputs")).unwrap();
+        std::fs::create_dir_all(root.path().join("job-1.1-0/outputs")).unwrap();
         let dirs = WorkDirs::new(root.path(), None).unwrap();
-        assert_eq!(
-            std::fs::read_dir(root.path().join("spare"))
-                .unwrap()
-                .count(),
-            0
-        );
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["job-1.1-0"], "a job's folder stays");
         let dir = root.path().join("a-0");
         dirs.make(&dir, true).unwrap();
         assert!(dir.join("outputs").is_dir());
