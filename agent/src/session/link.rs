@@ -69,10 +69,8 @@ pub async fn run(
         docker.clone().ok(),
         run_as.clone(),
     );
-    // Agents before 2026-12-08 kept their spare folders in `spare/`.
-    let _ = std::fs::remove_dir_all(config.work_dir.join("spare"));
     let workdirs = workdirs::WorkDirs::new(
-        &config.work_dir.join("attempts"),
+        &config.work_dir,
         run_as.as_ref().map(|user| (user.uid, user.gid)),
     )
     .map_err(|e| AgentError::WorkDir(config.work_dir.clone(), e))?;

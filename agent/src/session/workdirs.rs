@@ -6,10 +6,8 @@
 //! `shoal-bench arrays`: `rmdir` evicting and truncating each folder's inode),
 //! about a third of all it spends on a `true` job. So a folder that ends
 //! exactly as it was made (the same entries, all empty, the same modes and
-//! owner) is kept as a spare and renamed into place for the next job; anything
-//! else is removed as before. Spares wait beside the jobs' folders, as
-//! `.spare-<n>`: a folder renamed within its parent is cheaper than one moved to
-//! another (ext4 rewrites a moved folder's `..` and both parents' link counts).
+//! owner) is kept under `spare/` and renamed into place for the next job;
+//! anything else is removed as before.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,12 +18,9 @@ use std::sync::{Mutex, OnceLock};
 const MADE: [&str; 2] = ["outputs", "named-outputs"];
 /// Spares kept at most (more than a node runs at once is of no use).
 const KEEP: usize = 256;
-/// How a spare's name starts.
-const SPARE: &str = ".spare-";
 
 pub(super) struct WorkDirs {
-    /// Where the jobs' folders are made, and spares kept.
-    root: PathBuf,
+    spare_root: PathBuf,
     spares: Mutex<Vec<PathBuf>>,
     next: AtomicU64,
     /// Owner (uid, gid) of a made folder once ready: the run-as user's, or the agent's.
@@ -35,20 +30,14 @@ pub(super) struct WorkDirs {
 }
 
 impl WorkDirs {
-    /// Jobs' folders are made in `root`; spares an earlier agent left there are
-    /// removed.
-    pub(super) fn new(root: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
-        for entry in std::fs::read_dir(root)? {
-            let entry = entry?;
-            if entry
-                .file_name()
-                .as_encoded_bytes()
-                .starts_with(SPARE.as_bytes())
-            {
-                std::fs::remove_dir_all(entry.path())?;
-            }
+    /// Spares live in `work_dir/spare`; any left by an earlier agent are removed.
+    pub(super) fn new(work_dir: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<Self> {
+        let spare_root = work_dir.join("spare");
+        match std::fs::remove_dir_all(&spare_root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
+        std::fs::create_dir_all(&spare_root)?;
         let owner = run_as.unwrap_or_else(|| {
             (
                 nix::unistd::geteuid().as_raw(),
@@ -56,7 +45,7 @@ impl WorkDirs {
             )
         });
         Ok(WorkDirs {
-            root: root.to_path_buf(),
+            spare_root,
             spares: Mutex::default(),
             next: AtomicU64::new(0),
             owner,
@@ -64,9 +53,9 @@ impl WorkDirs {
         })
     }
 
-    /// A fresh working folder at `dir` (in the root, and not there yet): a spare
-    /// renamed there where `reuse` (the folder is to have the owner spares have),
-    /// or one made.
+    /// A fresh working folder at `dir` (which must not exist): a spare moved
+    /// there where `reuse` (the folder is to have the owner spares have), or one
+    /// made.
     pub(super) fn make(&self, dir: &Path, reuse: bool) -> std::io::Result<()> {
         let spare = reuse
             .then(|| self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop())
@@ -102,8 +91,9 @@ impl WorkDirs {
         if spares.len() >= KEEP {
             return false;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let spare = self.root.join(format!("{SPARE}{n}"));
+        let spare = self
+            .spare_root
+            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
         if std::fs::rename(dir, &spare).is_err() {
             return false;
         }
@@ -138,7 +128,7 @@ impl WorkDirs {
             && holds(dir, &MADE)
             && MADE.iter().all(|made| {
                 let sub = dir.join(made);
-                is(&sub, sub_mode) && ((outputs_empty && *made == MADE[0]) || holds(&sub, &[]))
+                is(&sub, sub_mode) && ((outputs_empty && *made == "outputs") || holds(&sub, &[]))
             })
     }
 }
@@ -203,34 +193,37 @@ mod tests {
     }
 
     #[test]
-    fn a_spare_waits_beside_the_jobs_folders() {
+    fn outputs_found_empty_are_taken_as_such_and_the_rest_still_read() {
         let (root, dirs) = dirs();
         let first = root.path().join("a-0");
         dirs.make(&first, true).unwrap();
         assert!(dirs.keep(&first, true));
-        let names: Vec<_> = std::fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, [".spare-0"]);
-        // Told outputs/ was found empty, it still checks the rest.
         let second = root.path().join("b-0");
         dirs.make(&second, true).unwrap();
         std::fs::write(second.join("named-outputs/x"), "x").unwrap();
         assert!(!dirs.keep(&second, true));
+        // A mode changed on outputs/ is seen without reading it.
+        let third = root.path().join("c-0");
+        dirs.make(&third, true).unwrap();
+        std::fs::set_permissions(
+            third.join("outputs"),
+            std::fs::Permissions::from_mode(0o710),
+        )
+        .unwrap();
+        assert!(!dirs.keep(&third, true));
     }
 
     #[test]
     fn spares_of_an_earlier_agent_are_removed() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(root.path().join(".spare-7/outputs")).unwrap();
-        std::fs::create_dir_all(root.path().join("job-1.1-0/outputs")).unwrap();
+        std::fs::create_dir_all(root.path().join("spare/7/outputs")).unwrap();
         let dirs = WorkDirs::new(root.path(), None).unwrap();
-        let names: Vec<_> = std::fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, ["job-1.1-0"], "a job's folder stays");
+        assert_eq!(
+            std::fs::read_dir(root.path().join("spare"))
+                .unwrap()
+                .count(),
+            0
+        );
         let dir = root.path().join("a-0");
         dirs.make(&dir, true).unwrap();
         assert!(dir.join("outputs").is_dir());

@@ -33,10 +33,11 @@ use super::*;
 pub const QUICK_TASK_MS: Millis = 1_000;
 
 /// The most successors booked on one node, over all its chains: a node that
-/// runs many tasks at once has its round trips hidden by them already. Half of
-/// it is what one booking (one commit) tells a node: at 16, the commits a
-/// booking every 8 tasks made were a quarter of the coordinator's CPU in
-/// `shoal-bench arrays`; `chain_length` still keeps a chain within about a second.
+/// runs many tasks at once has its round trips hidden by them already. A node
+/// is topped up once half of it has started, so one booking (one commit) tells
+/// it half of it at least: at 16, the commits of a booking every 8 tasks were a
+/// quarter of the coordinator's CPU in `shoal-bench arrays`. `chain_length`
+/// still keeps a chain within about a second.
 pub const MAX_CHAIN: usize = 64;
 
 /// How long an alike family's last run is remembered without another: the
