@@ -528,3 +528,52 @@ async fn single_jobs_alike_are_told_ahead_and_each_runs_once() {
     want.sort_unstable();
     assert_eq!(ran, want, "each job ran once");
 }
+
+/// A node reports the end of an array task whose successor starts at once a moment
+/// later, with what follows it (`link.rs`, `WAIT_AT_MOST`): that moment is
+/// bounded even when nothing follows it for long. The last task here starts
+/// behind a quick one and then runs for minutes; the end before it must show
+/// long before the next heartbeat (every 5 s) would carry it.
+#[tokio::test]
+async fn the_end_of_a_task_before_a_long_successor_is_reported_at_once() {
+    let tc = TestCluster::start().await;
+    four_core_cluster(&tc);
+    let started = tc.scratch("last-started");
+    let script = format!(
+        "if [ $SHOAL_ARRAY_INDEX = 59 ]; then touch {}; exec sleep 300; fi",
+        started.display()
+    );
+    // One task at a time on the node: each follows the one before it.
+    let array = submit(
+        &tc,
+        &[
+            "--cluster",
+            "pack",
+            "--cpus",
+            "4",
+            "--array",
+            "0-59",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("the last task started", LIMIT, || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let since = std::time::Instant::now();
+    eventually("59 tasks completed and the last running", LIMIT, || async {
+        let counts = tc.job(&array).await.array?.counts;
+        (counts.get("completed") == Some(&59) && counts.get("running") == Some(&1)).then_some(())
+    })
+    .await;
+    let took = since.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the end before the last task was reported {took:?} after the last started"
+    );
+    assert!(successors_booked(&tc).await > 0, "tasks were told ahead");
+    tc.shoal_json(&["job", "cancel", &array]);
+}

@@ -61,7 +61,7 @@ struct State {
 #[derive(Clone)]
 pub struct Execs {
     node_id: String,
-    events: mpsc::UnboundedSender<pb::AgentMessage>,
+    events: mpsc::UnboundedSender<crate::runtime::Outgoing>,
     docker: Option<DockerRuntime>,
     run_as: Option<crate::runtime::RunAs>,
     next: Arc<AtomicU64>,
@@ -78,7 +78,7 @@ fn frame(id: &str, kind: Kind) -> pb::ExecFrame {
 impl Execs {
     pub fn new(
         node_id: &str,
-        events: mpsc::UnboundedSender<pb::AgentMessage>,
+        events: mpsc::UnboundedSender<crate::runtime::Outgoing>,
         docker: Option<DockerRuntime>,
         run_as: Option<crate::runtime::RunAs>,
     ) -> Self {
@@ -97,9 +97,12 @@ impl Execs {
     }
 
     fn send(&self, frame: pb::ExecFrame) {
-        let _ = self.events.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Exec(frame)),
-        });
+        let _ = self.events.send(
+            pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Exec(frame)),
+            }
+            .into(),
+        );
     }
 
     /// The instance is up: other nodes' launchers may run commands in it.

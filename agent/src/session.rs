@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::coordinators::Coordinators;
 use crate::gpu::{GpuAllocator, Usage};
 use crate::runtime::docker::{self, DockerRuntime};
-use crate::runtime::{EventSink, Outcome, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
+use crate::runtime::{EventSink, Outcome, Outgoing, ProcessRuntime, RunSpec, Runtime, Slot, Stop};
 use crate::telemetry::{self, Telemetry};
 use crate::{AgentConfig, AgentError, archive};
 
@@ -47,6 +47,9 @@ struct Entry {
     outputs: Vec<(String, bool)>,
     /// An MPI job's (its `run/` folder, if made, is removed when it ends).
     mpi: bool,
+    /// `Launch.end_may_wait`: its end, when its successor starts at once, may
+    /// wait a moment to leave with what follows.
+    end_may_wait: bool,
 }
 
 impl Entry {
@@ -60,6 +63,7 @@ impl Entry {
             token,
             outputs: Vec::new(),
             mpi: false,
+            end_may_wait: false,
         }
     }
 }
@@ -116,7 +120,7 @@ struct Agent {
     /// Successors (`Launch.after`) by the instance each follows, started when
     /// it ends. Locked inside `attempts`, never the other way round.
     held: Arc<Mutex<HashMap<Slot, pb::Launch>>>,
-    events: mpsc::UnboundedSender<pb::AgentMessage>,
+    events: mpsc::UnboundedSender<Outgoing>,
     telemetry: Telemetry,
     gpu_allocator: Arc<Mutex<GpuAllocator>>,
     execs: crate::exec::Execs,

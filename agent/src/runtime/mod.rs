@@ -115,11 +115,30 @@ impl Outcome {
     }
 }
 
+/// A message for the coordinator, and whether it must leave at once.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub message: pb::AgentMessage,
+    /// It may wait a moment (the session's `WAIT_AT_MOST`) to leave with what
+    /// follows it: a start, or an array task's end whose successor starts now. The
+    /// first message that may not wait takes the waiting ones with it, in order.
+    pub may_wait: bool,
+}
+
+impl From<pb::AgentMessage> for Outgoing {
+    fn from(message: pb::AgentMessage) -> Self {
+        Outgoing {
+            message,
+            may_wait: false,
+        }
+    }
+}
+
 /// Where a runtime sends what happens (it ends up on the agent's session).
 #[derive(Clone)]
 pub struct EventSink {
     pub slot: Slot,
-    pub tx: mpsc::UnboundedSender<pb::AgentMessage>,
+    pub tx: mpsc::UnboundedSender<Outgoing>,
     /// The GPUs the instance holds (reported with its start).
     pub gpus: Vec<u32>,
     /// An MPI launcher's output is watched for mpirun's word on a failed rank.
@@ -127,26 +146,32 @@ pub struct EventSink {
 }
 
 impl EventSink {
+    /// A start may wait for the next message: nothing waits on it.
     pub fn started(&self, pid: u32) {
-        self.event(pb::attempt_event::Kind::Started(pb::Started {
+        let started = pb::Started {
             pid,
             gpus: self.gpus.clone(),
-        }));
+        };
+        self.event(pb::attempt_event::Kind::Started(started), true);
     }
 
-    pub fn exited(&self, exited: pb::Exited) {
-        self.event(pb::attempt_event::Kind::Exited(exited));
+    /// An end leaves at once, unless it `may_wait` (an array task's whose
+    /// successor starts at once): a node running a chain of short tasks then
+    /// reports their ends a few at a time.
+    pub fn exited(&self, exited: pb::Exited, may_wait: bool) {
+        self.event(pb::attempt_event::Kind::Exited(exited), may_wait);
     }
 
-    fn event(&self, kind: pb::attempt_event::Kind) {
+    fn event(&self, kind: pb::attempt_event::Kind, may_wait: bool) {
         let event = pb::AttemptEvent {
             attempt_id: self.slot.attempt_id.clone(),
             instance: self.slot.instance,
             kind: Some(kind),
         };
-        let _ = self.tx.send(pb::AgentMessage {
+        let message = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Event(event)),
-        });
+        };
+        let _ = self.tx.send(Outgoing { message, may_wait });
     }
 
     pub fn log(&self, stream: &str, data: Vec<u8>) {
@@ -159,9 +184,12 @@ impl EventSink {
             stream: stream.to_string(),
             data,
         };
-        let _ = self.tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Log(log)),
-        });
+        let _ = self.tx.send(
+            pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Log(log)),
+            }
+            .into(),
+        );
     }
 }
 

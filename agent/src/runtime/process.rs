@@ -312,7 +312,7 @@ mod tests {
         }
     }
 
-    fn sink() -> (EventSink, mpsc::UnboundedReceiver<pb::AgentMessage>) {
+    fn sink() -> (EventSink, mpsc::UnboundedReceiver<crate::runtime::Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let slot = Slot {
             attempt_id: "job-1.1".into(),
@@ -329,10 +329,10 @@ mod tests {
         )
     }
 
-    fn output(rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>) -> String {
+    fn output(rx: &mut mpsc::UnboundedReceiver<crate::runtime::Outgoing>) -> String {
         let mut text = Vec::new();
-        while let Ok(message) = rx.try_recv() {
-            if let Some(pb::agent_message::Msg::Log(log)) = message.msg {
+        while let Ok(sent) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Log(log)) = sent.message.msg {
                 text.extend(log.data);
             }
         }

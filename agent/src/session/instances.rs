@@ -116,6 +116,7 @@ impl Agent {
                 .map(|o| (o.name.clone(), o.folder))
                 .collect();
             entry.mpi = launch.mpi;
+            entry.end_may_wait = launch.end_may_wait;
             if self.config.zero_work && gpus.is_some() {
                 self.complete_at_once(slot, entry, &mut attempts);
                 return;
@@ -172,7 +173,7 @@ impl Agent {
             gpus: Vec::new(),
             rank_failure: None,
         };
-        sink.exited(exited);
+        sink.exited(exited, false);
     }
 
     /// `--zero-work`: the instance is reported started and completed, with
@@ -197,7 +198,7 @@ impl Agent {
             .release(&std::mem::take(&mut entry.gpus));
         entry.exited = Some((exited.clone(), Instant::now()));
         attempts.insert(slot, entry);
-        sink.exited(exited);
+        sink.exited(exited, false);
     }
 
     pub(super) async fn run_instance(
@@ -520,11 +521,11 @@ impl Agent {
         {
             outcome.message = format!("mpirun: {line}");
         }
-        let (token, named, mpi) = {
+        let (token, named, mpi, end_may_wait) = {
             let attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
             attempts
                 .get(&slot)
-                .map(|e| (e.token.clone(), e.outputs.clone(), e.mpi))
+                .map(|e| (e.token.clone(), e.outputs.clone(), e.mpi, e.end_may_wait))
                 .unwrap_or_default()
         };
         let run = self
@@ -586,7 +587,10 @@ impl Agent {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&slot)
         };
-        sink.exited(exited);
+        // A completed task whose successor starts now is no news yet: its end
+        // goes with the successor's start, and with the ends that follow.
+        let may_wait = end_may_wait && successor.is_some() && exited.outcome == "completed";
+        sink.exited(exited, may_wait);
         if let Some(launch) = successor {
             self.launch(launch);
         }

@@ -4,6 +4,48 @@
 
 use super::*;
 
+/// How long a message that may wait (a start, or the end of an array task whose
+/// successor starts at once) is held for the next; and how many are held at
+/// most. A node running a chain of short tasks reports them a batch at a time:
+/// one frame to write and one pass of the coordinator's loop for each batch,
+/// not for each task. An array's progress reads up to this late.
+const WAIT_AT_MOST: Duration = Duration::from_millis(5);
+const WAIT_FOR_AT_MOST: usize = 64;
+
+/// Messages held to leave together (`Outgoing::may_wait`), in the order sent.
+#[derive(Default)]
+struct Outbox {
+    held: Vec<pb::AgentMessage>,
+}
+
+impl Outbox {
+    /// Holds `sent`; true if it and all held before it must leave now: it may
+    /// not wait, or `WAIT_FOR_AT_MOST` are held.
+    fn hold(&mut self, sent: Outgoing) -> bool {
+        self.held.push(sent.message);
+        !sent.may_wait || self.held.len() >= WAIT_FOR_AT_MOST
+    }
+
+    /// Whether the message just held is the only one (its wait starts).
+    fn first(&self) -> bool {
+        self.held.len() == 1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Sends all it holds, in order; false if the session's stream is closed.
+    async fn send(&mut self, out: &mpsc::Sender<pb::AgentMessage>) -> bool {
+        for message in self.held.drain(..) {
+            if out.send(message).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Runs the agent until it is told to stop, `shutdown` resolves, or it gives up.
 pub async fn run(
     config: AgentConfig,
@@ -367,7 +409,7 @@ impl Agent {
     /// One session; returns how it ended and whether it got as far as registering.
     pub(super) async fn session(
         &self,
-        events_rx: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
+        events_rx: &mut mpsc::UnboundedReceiver<Outgoing>,
         shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send + '_>>,
     ) -> (SessionEnd, bool) {
         use pb::coordinator_message::Msg;
@@ -402,6 +444,10 @@ impl Agent {
         let mut stopping: Option<(String, Instant)> = None;
         let mut check = tokio::time::interval(Duration::from_millis(50));
         let mut alone = tokio::time::interval(Duration::from_millis(250));
+        // Messages that may wait, and when they must leave at the latest.
+        let mut outbox = Outbox::default();
+        let send_by = tokio::time::sleep(WAIT_AT_MOST);
+        tokio::pin!(send_by);
         self.contact.heard();
         loop {
             tokio::select! {
@@ -440,14 +486,26 @@ impl Agent {
                         None => {}
                     }
                 }
-                Some(event) = events_rx.recv() => {
-                    self.note_start(&event);
-                    if out_tx.send(event).await.is_err() {
+                Some(sent) = events_rx.recv() => {
+                    self.note_start(&sent.message);
+                    if !outbox.hold(sent) {
+                        if outbox.first() {
+                            send_by.as_mut().reset(tokio::time::Instant::now() + WAIT_AT_MOST);
+                        }
+                        continue;
+                    }
+                    if !outbox.send(&out_tx).await {
+                        return (SessionEnd::Lost("the session's stream closed".into()), true);
+                    }
+                }
+                _ = send_by.as_mut(), if !outbox.is_empty() => {
+                    if !outbox.send(&out_tx).await {
                         return (SessionEnd::Lost("the session's stream closed".into()), true);
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if out_tx.send(self.heartbeat()).await.is_err() {
+                    outbox.hold(self.heartbeat().into());
+                    if !outbox.send(&out_tx).await {
                         return (SessionEnd::Lost("the session's stream closed".into()), true);
                     }
                 }
@@ -460,7 +518,8 @@ impl Agent {
                             reason: "it got a stop signal (its machine or allocation is ending)".into(),
                         })),
                     };
-                    let _ = out_tx.send(leaving).await;
+                    outbox.hold(leaving.into());
+                    outbox.send(&out_tx).await;
                     self.cancel_all("the agent is stopping");
                     stopping = Some(("signal".into(), Instant::now()));
                 }
@@ -477,6 +536,7 @@ impl Agent {
                     let waited = stopping.as_ref().map(|(_, at)| at.elapsed()).unwrap_or_default();
                     if (all_exited && events_rx.is_empty()) || waited > self.config.stop_grace * 2 {
                         // Let the last events reach the wire before the process ends.
+                        outbox.send(&out_tx).await;
                         drop(out_tx);
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         let reason = stopping.map(|(r, _)| r).unwrap_or_default();
@@ -485,5 +545,64 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(n: u8, may_wait: bool) -> Outgoing {
+        let message = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Log(pb::LogUp {
+                data: vec![n],
+                ..Default::default()
+            })),
+        };
+        Outgoing { message, may_wait }
+    }
+
+    fn data(message: pb::AgentMessage) -> u8 {
+        match message.msg {
+            Some(pb::agent_message::Msg::Log(log)) => log.data[0],
+            other => panic!("not a log: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_that_may_wait_leave_with_the_first_that_may_not_in_order() {
+        let mut outbox = Outbox::default();
+        assert!(!outbox.hold(log(1, true)));
+        assert!(outbox.first(), "the first held starts the wait");
+        assert!(!outbox.hold(log(2, true)));
+        assert!(!outbox.first());
+        assert!(
+            outbox.hold(log(3, false)),
+            "one that may not wait sends all"
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        assert!(outbox.send(&tx).await);
+        assert!(outbox.is_empty());
+        drop(tx);
+        let mut sent = Vec::new();
+        while let Some(message) = rx.recv().await {
+            sent.push(data(message));
+        }
+        assert_eq!(sent, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn no_more_than_wait_for_at_most_are_held() {
+        let mut outbox = Outbox::default();
+        for n in 1..WAIT_FOR_AT_MOST {
+            assert!(!outbox.hold(log(n as u8, true)), "message {n} may wait");
+        }
+        assert!(outbox.hold(log(0, true)), "the last that fits sends all");
+        let (tx, rx) = mpsc::channel(WAIT_FOR_AT_MOST);
+        assert!(outbox.send(&tx).await);
+        assert_eq!(rx.len(), WAIT_FOR_AT_MOST);
+        drop(rx);
+        assert!(outbox.hold(log(1, false)));
+        assert!(!outbox.send(&tx).await, "a closed stream is said");
     }
 }

@@ -492,8 +492,8 @@ impl Agent {
             let rows = rows.clone();
             let sink = sink.clone();
             tokio::spawn(async move {
-                while let Some(message) = rx.recv().await {
-                    if let Some(pb::agent_message::Msg::Log(log)) = message.msg {
+                while let Some(sent) = rx.recv().await {
+                    if let Some(pb::agent_message::Msg::Log(log)) = sent.message.msg {
                         if log.stream == "stdout" {
                             rows.lock()
                                 .unwrap_or_else(|p| p.into_inner())

@@ -765,6 +765,7 @@ pub fn to_agent(message: ToAgent) -> pb::CoordinatorMessage {
         }),
         ToAgent::Pong => Msg::Pong(pb::Pong {}),
         ToAgent::Launch(order) => Msg::Launch(pb::Launch {
+            end_may_wait: order.end_may_wait(),
             env: order.env.into_vars(&order.job_id, &order.slot),
             attempt_id: order.slot.attempt_id,
             job_id: order.job_id,

@@ -1189,6 +1189,7 @@ fn an_array_runs_each_index_once_at_most_max_concurrent_at_a_time_and_cancels_wh
             for order in launches(agent) {
                 let env = order.environment();
                 seen.push(env["SHOAL_ARRAY_INDEX"].clone());
+                assert!(order.end_may_wait(), "no one waits on one task's end");
                 assert_eq!(env["SLURM_ARRAY_TASK_ID"], env["SHOAL_ARRAY_INDEX"]);
                 assert_eq!(env["SHOAL_ARRAY_JOB_ID"], array);
                 m.started(node, &order);
@@ -1419,6 +1420,10 @@ fn quick_single_jobs_alike_are_booked_behind_each_other_and_an_unlike_one_is_not
     for pair in orders.windows(2) {
         assert_eq!(pair[1].after.as_ref(), Some(&pair[0].slot), "{orders:?}");
     }
+    assert!(
+        orders.iter().all(|o| !o.end_may_wait()),
+        "someone may wait on a single job's end: its node sends it at once"
+    );
     let violations = m.control.invariant_violations();
     assert!(violations.is_empty(), "{violations:?}");
     // Each ends in turn, the agent starting the next itself; the unlike one

@@ -66,6 +66,15 @@ pub struct LaunchOrder {
     pub after: Option<Slot>,
 }
 
+impl LaunchOrder {
+    /// No one waits on one array task's end (an array's progress may read a
+    /// moment late): when its successor starts at once, its node may hold the
+    /// end back to send it with what follows. A single job's end leaves at once.
+    pub fn end_may_wait(&self) -> bool {
+        self.env.task.is_some()
+    }
+}
+
 #[cfg(test)]
 impl LaunchOrder {
     /// The instance's variables, as its node is sent them (for the machine tests).
