@@ -26,11 +26,6 @@ impl Outbox {
         !sent.may_wait || self.held.len() >= WAIT_FOR_AT_MOST
     }
 
-    /// Whether the message just held is the only one (its wait starts).
-    fn first(&self) -> bool {
-        self.held.len() == 1
-    }
-
     fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
@@ -487,9 +482,19 @@ impl Agent {
                     }
                 }
                 Some(sent) = events_rx.recv() => {
-                    self.note_start(&sent.message);
-                    if !outbox.hold(sent) {
-                        if outbox.first() {
+                    // What is queued already is taken too: a start followed at
+                    // once by its end (or by anything that may not wait) goes
+                    // without a timer set.
+                    let was_empty = outbox.is_empty();
+                    let mut must_send = false;
+                    let mut next = Some(sent);
+                    while let Some(sent) = next {
+                        self.note_start(&sent.message);
+                        must_send |= outbox.hold(sent);
+                        next = events_rx.try_recv().ok();
+                    }
+                    if !must_send {
+                        if was_empty {
                             send_by.as_mut().reset(tokio::time::Instant::now() + WAIT_AT_MOST);
                         }
                         continue;
@@ -573,9 +578,7 @@ mod tests {
     async fn messages_that_may_wait_leave_with_the_first_that_may_not_in_order() {
         let mut outbox = Outbox::default();
         assert!(!outbox.hold(log(1, true)));
-        assert!(outbox.first(), "the first held starts the wait");
         assert!(!outbox.hold(log(2, true)));
-        assert!(!outbox.first());
         assert!(
             outbox.hold(log(3, false)),
             "one that may not wait sends all"
