@@ -529,11 +529,12 @@ async fn single_jobs_alike_are_told_ahead_and_each_runs_once() {
     assert_eq!(ran, want, "each job ran once");
 }
 
-/// A node reports the end of an array task whose successor starts at once a moment
-/// later, with what follows it (`link.rs`, `WAIT_AT_MOST`): that moment is
-/// bounded even when nothing follows it for long. The last task here starts
-/// behind a quick one and then runs for minutes; the end before it must show
-/// long before the next heartbeat (every 5 s) would carry it.
+/// A node holds a start, and the end of an array task whose successor starts at
+/// once, a moment to send them with what follows (`link.rs`, `WAIT_AT_MOST`):
+/// that moment is bounded even when nothing follows for long. The last task
+/// here starts behind a quick one and then runs for minutes; its start, and the
+/// end before it, must show long before the next heartbeat (every 5 s) would
+/// carry them.
 #[tokio::test]
 async fn the_end_of_a_task_before_a_long_successor_is_reported_at_once() {
     let tc = TestCluster::start().await;

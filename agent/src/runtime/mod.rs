@@ -155,9 +155,9 @@ impl EventSink {
         self.event(pb::attempt_event::Kind::Started(started), true);
     }
 
-    /// An end leaves at once, unless it `may_wait` (an array task's whose
-    /// successor starts at once): a node running a chain of short tasks then
-    /// reports their ends a few at a time.
+    /// An end leaves at once unless it `may_wait` (the end of an array task
+    /// whose successor starts at once): a node running a chain of short tasks
+    /// then reports their ends a few at a time.
     pub fn exited(&self, exited: pb::Exited, may_wait: bool) {
         self.event(pb::attempt_event::Kind::Exited(exited), may_wait);
     }
